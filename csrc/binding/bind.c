@@ -1,0 +1,142 @@
+/* bind.c — argument validation and error translation shared by every binding file. */
+#include "bind.h"
+
+#include <string.h>
+
+void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape) {
+    size_t used = 0;
+    used += (size_t)snprintf(buf + used, n - used, "(");
+    for (int i = 0; i < ndim && used < n; i++) {
+        if (shape[i] == RD_ANY)
+            used += (size_t)snprintf(buf + used, n - used, "%s*", i ? ", " : "");
+        else
+            used += (size_t)snprintf(buf + used, n - used, "%s%lld", i ? ", " : "",
+                                     (long long)shape[i]);
+    }
+    if (used < n) snprintf(buf + used, n - used, ndim == 1 ? ",)" : ")");
+}
+
+static int check_shape(PyArrayObject *a, const char *name, int ndim, const npy_intp *shape) {
+    char exp[160], got[160];
+    if (PyArray_NDIM(a) != ndim) {
+        rd_shape_str(got, sizeof got, PyArray_NDIM(a), PyArray_DIMS(a));
+        PyErr_Format(PyExc_ValueError, "%s: expected a %d-d array, got ndim=%d with shape %s",
+                     name, ndim, PyArray_NDIM(a), got);
+        return -1;
+    }
+    if (!shape) return 0;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] != RD_ANY && shape[i] != PyArray_DIM(a, i)) {
+            rd_shape_str(exp, sizeof exp, ndim, shape);
+            rd_shape_str(got, sizeof got, ndim, PyArray_DIMS(a));
+            PyErr_Format(PyExc_ValueError, "%s: expected shape %s, got %s", name, exp, got);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static const char *type_name(int typenum) {
+    PyArray_Descr *d = PyArray_DescrFromType(typenum);
+    const char *s = d ? d->typeobj->tp_name : "?";
+    Py_XDECREF(d);
+    return s;
+}
+
+PyArrayObject *rd_in_array(PyObject *obj, const char *name, int typenum, int ndim,
+                           const npy_intp *shape) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray of dtype %s, got %s",
+                     name, type_name(typenum), Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    int t = PyArray_TYPE(a);
+    int ok = t == typenum ||
+             (typenum == NPY_FLOAT32 && (t == NPY_FLOAT64 || t == NPY_FLOAT16)) ||
+             (typenum == NPY_INT64 && (t == NPY_INT32 || t == NPY_INT16 || t == NPY_INT8 ||
+                                       t == NPY_UINT8 || t == NPY_UINT16 || t == NPY_UINT32));
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %s", name,
+                     type_name(typenum), PyArray_DESCR(a)->typeobj->tp_name);
+        return NULL;
+    }
+    if (check_shape(a, name, ndim, shape) < 0) return NULL;
+    return (PyArrayObject *)PyArray_FromAny(obj, PyArray_DescrFromType(typenum), 0, 0,
+                                            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
+                                                NPY_ARRAY_FORCECAST,
+                                            NULL);
+}
+
+PyArrayObject *rd_out_array(PyObject *obj, const char *name, int typenum, int ndim,
+                            const npy_intp *shape) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray of dtype %s, got %s",
+                     name, type_name(typenum), Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %s (not converted: it is written to)",
+                     name, type_name(typenum), PyArray_DESCR(a)->typeobj->tp_name);
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous, aligned, writeable array", name);
+        return NULL;
+    }
+    if (check_shape(a, name, ndim, shape) < 0) return NULL;
+    return a;
+}
+
+PyArrayObject *rd_new_array(int ndim, const npy_intp *shape, int typenum) {
+    return (PyArrayObject *)PyArray_ZEROS(ndim, (npy_intp *)shape, typenum, 0);
+}
+
+PyObject *rd_raise(rd_status s) {
+    const char *msg = rd_last_error();
+    if (!msg || !*msg) msg = "racedit: unknown error";
+    switch (s) {
+    case RD_EINVAL: PyErr_SetString(PyExc_ValueError, msg); break;
+    case RD_ENOMEM: PyErr_SetString(PyExc_MemoryError, msg); break;
+    default: PyErr_SetString(PyExc_RuntimeError, msg); break;
+    }
+    return NULL;
+}
+
+static int parse_name(PyObject *obj, const char *argname, const char *const *names, int n,
+                      int *out) {
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a str, got %s", argname, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *s = PyUnicode_AsUTF8(obj);
+    if (!s) return -1;
+    for (int i = 0; i < n; i++)
+        if (strcmp(s, names[i]) == 0) { *out = i; return 0; }
+    char opts[256] = "";
+    for (int i = 0; i < n; i++) {
+        strncat(opts, i ? ", " : "", sizeof opts - strlen(opts) - 1);
+        strncat(opts, names[i], sizeof opts - strlen(opts) - 1);
+    }
+    PyErr_Format(PyExc_ValueError, "%s: expected one of %s, got %R", argname, opts, obj);
+    return -1;
+}
+
+int rd_parse_strategy(PyObject *obj, const char *argname, rd_strategy *out) {
+    const char *names[RD_NUM_STRATEGIES];
+    for (int i = 0; i < RD_NUM_STRATEGIES; i++) names[i] = rd_strategy_name((rd_strategy)i);
+    int v;
+    if (parse_name(obj, argname, names, RD_NUM_STRATEGIES, &v) < 0) return -1;
+    *out = (rd_strategy)v;
+    return 0;
+}
+
+int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out) {
+    const char *names[3];
+    for (int i = 0; i < 3; i++) names[i] = rd_gating_name((rd_gating)i);
+    int v;
+    if (parse_name(obj, argname, names, 3, &v) < 0) return -1;
+    *out = (rd_gating)v;
+    return 0;
+}

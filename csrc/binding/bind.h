@@ -1,0 +1,50 @@
+/* bind.h — shared helpers of the CPython/NumPy binding (the only code that includes
+ * Python.h). A binding function parses, validates with messages that name the
+ * argument and give expected vs actual, allocates outputs with the GIL held, releases
+ * the GIL around the C kernel only, and cleans up from one label. */
+#ifndef RACEDIT_BIND_H
+#define RACEDIT_BIND_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
+#define PY_ARRAY_UNIQUE_SYMBOL racedit_ARRAY_API
+#ifndef RD_BIND_MAIN
+#define NO_IMPORT_ARRAY
+#endif
+#include <numpy/arrayobject.h>
+
+#include "../racedit.h"
+
+/* Wildcard for one dimension of an expected shape. */
+#define RD_ANY (-1)
+
+/* An input array: returns a new reference to a C-contiguous array of `typenum`
+ * (float32 inputs of another float dtype or layout are converted; bool/int inputs
+ * must already have the right dtype), or NULL with TypeError/ValueError naming
+ * `name` and the expected vs actual ndim/shape/dtype. `shape` may hold RD_ANY. */
+PyArrayObject *rd_in_array(PyObject *obj, const char *name, int typenum, int ndim,
+                           const npy_intp *shape);
+/* An array the kernel writes into (a parameter/gradient buffer): must already be
+ * C-contiguous, writeable and of `typenum` — never converted, so writes are not lost.
+ * Returns a borrowed pointer (cast) or NULL with an exception. */
+PyArrayObject *rd_out_array(PyObject *obj, const char *name, int typenum, int ndim,
+                            const npy_intp *shape);
+/* A new zero-filled C-contiguous array. */
+PyArrayObject *rd_new_array(int ndim, const npy_intp *shape, int typenum);
+/* Raise the Python exception for a C-core status (message from rd_last_error()). */
+PyObject *rd_raise(rd_status s);
+/* Parse a strategy / gating given by name ("race", ...) or raise ValueError. */
+int rd_parse_strategy(PyObject *obj, const char *argname, rd_strategy *out);
+int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out);
+/* Format a shape like "(2, 3, 4)" into buf. */
+void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape);
+
+/* Each area registers its functions on the module. */
+int rd_bind_route(PyObject *m);
+int rd_bind_moe(PyObject *m);
+int rd_bind_losses(PyObject *m);
+int rd_bind_model(PyObject *m);
+int rd_bind_train(PyObject *m);
+
+#endif

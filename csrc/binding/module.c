@@ -1,0 +1,88 @@
+/* module.c — racedit._C: module init. Registers SciPy's BLAS sgemm with the C core,
+ * then the functions of each area (route, moe, losses, model, train). */
+#define RD_BIND_MAIN
+#include "bind.h"
+
+#ifdef RD_HAVE_CUDA
+int rd_cuda_device_count(void);
+const char *rd_cuda_runtime_version(void);
+#endif
+
+/* Take the Fortran sgemm from scipy.linalg.cython_blas.__pyx_capi__ (SciPy's supported
+ * Cython BLAS API): whatever BLAS SciPy ships (OpenBLAS, MKL, Accelerate) is used. */
+static int register_sgemm(void) {
+    PyObject *mod = PyImport_ImportModule("scipy.linalg.cython_blas");
+    if (!mod) return -1;
+    PyObject *capi = PyObject_GetAttrString(mod, "__pyx_capi__");
+    Py_DECREF(mod);
+    if (!capi) return -1;
+    PyObject *cap = PyDict_GetItemString(capi, "sgemm"); /* borrowed */
+    if (!cap || !PyCapsule_CheckExact(cap)) {
+        Py_DECREF(capi);
+        PyErr_SetString(PyExc_ImportError,
+                        "racedit: scipy.linalg.cython_blas has no 'sgemm' capsule");
+        return -1;
+    }
+    void *fn = PyCapsule_GetPointer(cap, PyCapsule_GetName(cap));
+    Py_DECREF(capi);
+    if (!fn) return -1;
+    rd_set_sgemm((rd_sgemm_fn)fn);
+    return 0;
+}
+
+static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    PyObject *v;
+#ifdef _OPENMP
+    PyDict_SetItemString(d, "openmp", Py_True);
+    v = PyLong_FromLong(_OPENMP);
+    PyDict_SetItemString(d, "openmp_version", v); Py_XDECREF(v);
+#else
+    PyDict_SetItemString(d, "openmp", Py_False);
+#endif
+    v = PyLong_FromLong(rd_num_threads());
+    PyDict_SetItemString(d, "num_threads", v); Py_XDECREF(v);
+    PyDict_SetItemString(d, "sgemm_registered", rd_have_sgemm() ? Py_True : Py_False);
+#ifdef RD_HAVE_CUDA
+    PyDict_SetItemString(d, "cuda", Py_True);
+    v = PyUnicode_FromString(rd_cuda_runtime_version());
+    PyDict_SetItemString(d, "cuda_runtime", v); Py_XDECREF(v);
+#else
+    PyDict_SetItemString(d, "cuda", Py_False);
+#endif
+    return d;
+}
+
+static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+#ifdef RD_HAVE_CUDA
+    return PyLong_FromLong(rd_cuda_device_count());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
+static PyMethodDef core_methods[] = {
+    {"build_info", py_build_info, METH_NOARGS, "What the C core was built with."},
+    {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
+     "Number of CUDA devices usable by the compiled CUDA code (0 when none or not built)."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "racedit._C",
+                                       "racedit's C core (CPU) and CUDA kernels.", -1,
+                                       core_methods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    if (register_sgemm() < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    if (rd_bind_route(m) < 0 || rd_bind_moe(m) < 0 || rd_bind_losses(m) < 0 ||
+        rd_bind_model(m) < 0 || rd_bind_train(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

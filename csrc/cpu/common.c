@@ -1,0 +1,81 @@
+/* common.c — what every CPU op shares: the error channel, the BLAS entry point
+ * (a Fortran sgemm handed over by the binding), a row-major matmul on top of it,
+ * and the GELU variants. */
+#include "../racedit.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <limits.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static _Thread_local char rd_err[512];
+
+const char *rd_last_error(void) { return rd_err; }
+
+rd_status rd_fail(rd_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(rd_err, sizeof rd_err, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+static rd_sgemm_fn rd_sgemm = NULL;
+void rd_set_sgemm(rd_sgemm_fn f) { rd_sgemm = f; }
+int rd_have_sgemm(void) { return rd_sgemm != NULL; }
+
+int rd_num_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* Row-major C = alpha op(A) op(B) + beta C, as the column-major product
+ * C^T = op(B)^T op(A)^T, so no data is ever transposed. */
+rd_status rd_matmul(float *C, int ldc, const float *A, int lda, int transA,
+                    const float *B, int ldb, int transB,
+                    int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+    if (!rd_sgemm) return rd_fail(RD_EBLAS, "no BLAS sgemm registered (import racedit first)");
+    if (M < 0 || N < 0 || K < 0) return rd_fail(RD_EINVAL, "matmul: negative size");
+    if (M > INT_MAX || N > INT_MAX || K > INT_MAX)
+        return rd_fail(RD_EINVAL, "matmul: size %lld x %lld x %lld exceeds 32-bit BLAS",
+                       (long long)M, (long long)N, (long long)K);
+    if (M == 0 || N == 0) return RD_OK;
+    if (K == 0) { /* BLAS quick-returns differently across vendors: do it here */
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < N; j++)
+                C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+        return RD_OK;
+    }
+    char ta = transB ? 'T' : 'N', tb = transA ? 'T' : 'N';
+    int m = (int)N, n = (int)M, k = (int)K;
+    int la = ldb > 0 ? ldb : 1, lb = lda > 0 ? lda : 1, lc = ldc > 0 ? ldc : 1;
+    rd_sgemm(&ta, &tb, &m, &n, &k, &alpha, (float *)B, &la, (float *)A, &lb, &beta, C, &lc);
+    return RD_OK;
+}
+
+/* GELU with the tanh approximation (the experts' nonlinearity, as DiT's MLP). */
+#define RD_SQRT_2_OVER_PI 0.7978845608028654f
+#define RD_GELU_C 0.044715f
+float rd_gelu_tanh(float x) {
+    float u = RD_SQRT_2_OVER_PI * (x + RD_GELU_C * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+float rd_gelu_tanh_grad(float x) {
+    float u = RD_SQRT_2_OVER_PI * (x + RD_GELU_C * x * x * x);
+    float t = tanhf(u);
+    float du = RD_SQRT_2_OVER_PI * (1.0f + 3.0f * RD_GELU_C * x * x);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+}
+/* Exact GELU (the router's nonlinearity). */
+float rd_gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f)); }
+float rd_gelu_erf_grad(float x) {
+    return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) +
+           x * 0.3989422804014327f * expf(-0.5f * x * x);
+}

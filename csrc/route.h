@@ -1,0 +1,34 @@
+/* route.h — selection of (token, expert) pairs: the six strategies of SPEC §2.
+ * Included by racedit.h; see there for conventions. */
+#ifndef RACEDIT_ROUTE_H
+#define RACEDIT_ROUTE_H
+
+typedef enum {
+    RD_ROUTE_TOKEN = 0,   /* groups B*L, top-K over E,     K = k        */
+    RD_ROUTE_EXPERT = 1,  /* groups B*E, top-K over L,     K = k*L/E    */
+    RD_ROUTE_BL = 2,      /* groups E,   top-K over B*L,   K = B*L*k/E  */
+    RD_ROUTE_BE = 3,      /* groups L,   top-K over B*E,   K = B*k      */
+    RD_ROUTE_LE = 4,      /* groups B,   top-K over L*E,   K = L*k      */
+    RD_ROUTE_RACE = 5     /* 1 group,    top-K over B*L*E, K = B*L*k    */
+} rd_strategy;
+#define RD_NUM_STRATEGIES 6
+
+const char *rd_strategy_name(rd_strategy s);   /* "token", "expert", "bl", "be", "le", "race" */
+
+/* Number of groups and K per group for a (B,L,E) score tensor with k experts per token
+ * on average. RD_EINVAL (message names k and the group) when K is not an integer or
+ * not in [0, group size]. */
+rd_status rd_route_plan(int64_t *ngroups, int64_t *K, int64_t B, int64_t L, int64_t E,
+                        int64_t k, rd_strategy s);
+
+/* mask (B,L,E) <- 1 on exactly K pairs of every group, the K largest scores;
+ * ties broken towards the lower flat index (deterministic). Linear-time selection.
+ * tau_b (may be NULL) <- mean over groups of each group's K-th largest score
+ * (the batch threshold of SPEC §2). NaN in scores -> RD_EINVAL. */
+rd_status rd_route(uint8_t *mask, float *tau_b, const float *scores /* B,L,E */,
+                   int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s);
+
+/* mask (n) <- scores >= tau, per pair (eval-mode selection). */
+rd_status rd_route_threshold(uint8_t *mask, const float *scores, int64_t n, float tau);
+
+#endif

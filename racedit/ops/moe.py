@@ -1,0 +1,2 @@
+"""moe ops (filled by the moe area)."""
+__all__ = []

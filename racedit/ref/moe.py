@@ -1,0 +1,2 @@
+"""NumPy float64 twins of the moe ops."""
+__all__ = []

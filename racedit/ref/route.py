@@ -1,0 +1,2 @@
+"""NumPy float64 twins of the route ops."""
+__all__ = []
