@@ -61,6 +61,9 @@ float rd_gelu_erf_grad(float x);
 
 #include "route.h"
 #include "moe.h"
+#include "losses.h"
+#include "model.h"
+#include "optim.h"
 
 #ifdef __cplusplus
 }
