@@ -172,8 +172,8 @@ static int expert_inputs(PyArrayObject **in, PyObject *ox, PyObject *omask, PyOb
     *E = PyArray_DIM(in[1], 0);
     *He = PyArray_DIM(in[1], 2);
     if (*D < 1 || *E < 1 || *He < 1) {
-        PyErr_Format(PyExc_ValueError, "expected D, E, He >= 1, got D=%zd (x) E=%zd He=%zd (w1)",
-                     *D, *E, *He);
+        PyErr_Format(PyExc_ValueError, "w1: expected shape (E, D, He) with D, E, He >= 1, got "
+                     "D=%zd (from x) E=%zd He=%zd", *D, *E, *He);
         return -1;
     }
     npy_intp sNE[2] = {*N, *E}, sb1[2] = {*E, *He}, sw2[3] = {*E, *He, *D}, sb2[2] = {*E, *D};
