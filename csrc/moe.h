@@ -60,12 +60,35 @@ rd_status rd_experts_backward(rd_experts *ex, float *dx, float *dG, float *dW1, 
 /* Selected pairs of the last forward (0 before any), and per-expert counts (E) (NULL before). */
 int64_t rd_experts_pairs(const rd_experts *ex);
 const int64_t *rd_experts_counts(const rd_experts *ex);
-/* How the per-expert GEMMs are threaded (process-wide):
- * 0 (default): experts one after another, each sgemm threaded by the BLAS itself;
- * 1: OpenMP over experts, each sgemm called from one OpenMP thread (pair it with a
- *    single-threaded BLAS, e.g. threadpoolctl's threadpool_limits(1, "blas")). */
-void rd_experts_set_threading(int mode);
-int rd_experts_get_threading(void);
+/* How the MoE block's GEMMs are threaded (process-wide):
+ * RD_THREADS_BLAS: one product after another (experts in turn), each threaded by the BLAS;
+ * RD_THREADS_OMP: OpenMP tasks over (expert, row block), each a single-threaded sgemm;
+ *   the router's products are split over OpenMP threads by rows likewise. The BLAS is
+ *   made single-threaded for the duration of each call when its thread count can be
+ *   controlled (rd_set_blas_thread_control); otherwise the caller must do it (e.g.
+ *   threadpoolctl's threadpool_limits(1, "blas")), or OpenMP and BLAS threads compete.
+ * The default is RD_THREADS_OMP when the BLAS thread count can be controlled, else
+ * RD_THREADS_BLAS (benchmarks/bench_moe.py measures both). */
+typedef enum { RD_THREADS_BLAS = 0, RD_THREADS_OMP = 1 } rd_threading;
+void rd_set_threading(rd_threading mode);
+rd_threading rd_get_threading(void);
+
+/* The BLAS's thread-count functions (OpenBLAS's openblas_set/get_num_threads), handed
+ * over by the binding when the BLAS exports them; NULL, NULL: unknown. */
+typedef void (*rd_blas_set_threads_fn)(int);
+typedef int (*rd_blas_get_threads_fn)(void);
+void rd_set_blas_thread_control(rd_blas_set_threads_fn set, rd_blas_get_threads_fn get);
+int rd_have_blas_thread_control(void);
+/* In RD_THREADS_OMP mode with thread control: make the BLAS single-threaded and return the
+ * previous count, to hand back to rd_blas_threads_restore(); otherwise a no-op (returns 0). */
+int rd_blas_threads_enter(void);
+void rd_blas_threads_restore(int prev);
+/* Row-major C = alpha op(A) op(B) + beta C as rd_matmul, threaded as rd_get_threading()
+ * says: in RD_THREADS_OMP mode the M rows are split over OpenMP threads, each block a
+ * single-threaded sgemm (call between rd_blas_threads_enter/restore). */
+rd_status rd_matmul_par(float *C, int ldc, const float *A, int lda, int transA,
+                        const float *B, int ldb, int transB,
+                        int64_t M, int64_t N, int64_t K, float alpha, float beta);
 
 /* ---- the composite layer ----------------------------------------------------- */
 typedef struct {

@@ -194,6 +194,7 @@ def check_experts(mask, rng, D, He, G=None):
     (10, 13, 4, 11, 1.0),     # every expert on every token (k = E)
     (23, 13, 5, 9, 0.35),     # D not a multiple of 8
     (150, 24, 8, 40, 0.25),   # many rows per expert
+    (120, 70, 3, 100, 0.5),   # row blocks split inside an expert (omp threading)
 ])
 def test_experts_match_ref(N, D, E, He, p):
     rng = np.random.default_rng(N * 7 + E)
@@ -232,17 +233,18 @@ def test_experts_deterministic_and_threading_modes():
     b = ops.experts_backward(dy, x, mask, G, *w)
     for u, v in zip(a, b):
         assert np.array_equal(u, v)
-    old = ops.experts_threading(1)
+    old = ops.moe_threading()
     try:
-        assert ops.experts_threading() == 1
-        y1 = ops.experts_forward(x, mask, G, *w)
-        c = ops.experts_backward(dy, x, mask, G, *w)
+        for mode in ["blas", "omp"]:
+            ops.moe_threading(mode)
+            assert ops.moe_threading() == mode
+            assert_close(ops.experts_forward(x, mask, G, *w), ref.experts_forward(x, mask, G, *w))
+            for u, v in zip(ops.experts_backward(dy, x, mask, G, *w),
+                            ref.experts_backward(dy, x, mask, G, *w)):
+                assert_close(u, v)
     finally:
-        ops.experts_threading(old)
-    assert ops.experts_threading() == old
-    assert_close(y1, ref.experts_forward(x, mask, G, *w))
-    for u, v in zip(c, ref.experts_backward(dy, x, mask, G, *w)):
-        assert_close(u, v)
+        ops.moe_threading(old)
+    assert ops.moe_threading() == old
 
 
 def test_converted_inputs_give_the_same_result():
@@ -372,8 +374,10 @@ def test_experts_bad_inputs(fn):
             ops.experts_backward(good[0].astype(np.int8), *good)
 
 
-def test_experts_threading_bad_mode():
+def test_moe_threading_bad_mode():
+    old = ops.moe_threading()
     with pytest.raises(ValueError, match="^mode:"):
-        ops.experts_threading(2)
-    with pytest.raises(TypeError):
-        ops.experts_threading("fast")
+        ops.moe_threading("fast")
+    with pytest.raises(TypeError, match="^mode:"):
+        ops.moe_threading(1)
+    assert ops.moe_threading() == old

@@ -253,23 +253,68 @@ done:
     return ret;
 }
 
-static PyObject *py_experts_threading(PyObject *self, PyObject *args) {
+static PyObject *py_moe_threading(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *omode = Py_None;
-    if (!PyArg_ParseTuple(args, "|O:experts_threading", &omode)) return NULL;
-    int old = rd_experts_get_threading();
+    if (!PyArg_ParseTuple(args, "|O:moe_threading", &omode)) return NULL;
+    const char *old = rd_get_threading() == RD_THREADS_OMP ? "omp" : "blas";
     if (omode != Py_None) {
-        long m = PyLong_AsLong(omode);
-        if (m == -1 && PyErr_Occurred()) return NULL;
-        if (m != 0 && m != 1) {
-            PyErr_Format(PyExc_ValueError, "mode: expected 0 (experts in turn, BLAS threads) or 1 "
-                         "(OpenMP over experts), got %ld", m);
+        const char *m = PyUnicode_Check(omode) ? PyUnicode_AsUTF8(omode) : NULL;
+        if (!m) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_TypeError, "mode: expected 'blas', 'omp' or None, got %s",
+                             Py_TYPE(omode)->tp_name);
             return NULL;
         }
-        rd_experts_set_threading((int)m);
+        if (strcmp(m, "blas") && strcmp(m, "omp")) {
+            PyErr_Format(PyExc_ValueError, "mode: expected 'blas' or 'omp', got %R", omode);
+            return NULL;
+        }
+        rd_set_threading(strcmp(m, "omp") == 0 ? RD_THREADS_OMP : RD_THREADS_BLAS);
     }
-    return PyLong_FromLong(old);
+    return PyUnicode_FromString(old);
 }
+
+static PyObject *py_blas_thread_control(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyBool_FromLong(rd_have_blas_thread_control());
+}
+
+/* Find the thread-count functions of the BLAS whose sgemm SciPy hands out (the library
+ * that holds that function: OpenBLAS exports openblas_set/get_num_threads, under SciPy's
+ * symbol prefix/suffix when it is scipy-openblas). Silently absent elsewhere. */
+#if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
+static void find_blas_thread_control(void) {
+    PyObject *mod = PyImport_ImportModule("scipy.linalg.cython_blas"), *capi = NULL;
+    if (mod) capi = PyObject_GetAttrString(mod, "__pyx_capi__");
+    PyObject *cap = capi ? PyDict_GetItemString(capi, "sgemm") : NULL;
+    void *fn = cap && PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, PyCapsule_GetName(cap)) : NULL;
+    PyErr_Clear();
+    Py_XDECREF(capi);
+    Py_XDECREF(mod);
+    Dl_info info;
+    if (!fn || !dladdr(fn, &info) || !info.dli_fname) return;
+    void *lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (!lib) return;
+    static const char *const names[][2] = {
+        {"scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"},
+        {"scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"},
+        {"openblas_set_num_threads", "openblas_get_num_threads"},
+        {"openblas_set_num_threads64_", "openblas_get_num_threads64_"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        void *set = dlsym(lib, names[i][0]), *get = dlsym(lib, names[i][1]);
+        if (set && get) {
+            rd_set_blas_thread_control((rd_blas_set_threads_fn)set, (rd_blas_get_threads_fn)get);
+            break;
+        }
+    }
+    dlclose(lib); /* RTLD_NOLOAD took a reference; SciPy keeps the library loaded */
+}
+#else
+static void find_blas_thread_control(void) {}
+#endif
 
 /* ---- the layer state -------------------------------------------------------- */
 
@@ -560,8 +605,10 @@ static PyMethodDef moe_methods[] = {
      "experts_forward(x, mask, G, w1, b1, w2, b2) -> y (N,D)."},
     {"experts_backward", (PyCFunction)(void (*)(void))py_experts_backward, METH_VARARGS | METH_KEYWORDS,
      "experts_backward(dy, x, mask, G, w1, b1, w2, b2) -> (dx, dG, dw1, db1, dw2, db2)."},
-    {"experts_threading", py_experts_threading, METH_VARARGS,
-     "experts_threading(mode=None) -> previous mode; 0: experts in turn, 1: OpenMP over experts."},
+    {"moe_threading", py_moe_threading, METH_VARARGS,
+     "moe_threading(mode=None) -> previous mode, 'blas' or 'omp'."},
+    {"blas_thread_control", py_blas_thread_control, METH_NOARGS,
+     "True when racedit can set the BLAS thread count (for the 'omp' threading mode)."},
     {"moe_new", (PyCFunction)(void (*)(void))py_moe_new, METH_VARARGS | METH_KEYWORDS,
      "moe_new(**settings) -> state capsule."},
     {"moe_configure", (PyCFunction)(void (*)(void))py_moe_configure, METH_VARARGS | METH_KEYWORDS,
@@ -575,4 +622,8 @@ static PyMethodDef moe_methods[] = {
     {"moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "moe_set_threshold(state, tau or None)."},
     {NULL, NULL, 0, NULL}};
 
-int rd_bind_moe(PyObject *m) { return PyModule_AddFunctions(m, moe_methods); }
+int rd_bind_moe(PyObject *m) {
+    find_blas_thread_control();
+    rd_set_threading(rd_have_blas_thread_control() ? RD_THREADS_OMP : RD_THREADS_BLAS);
+    return PyModule_AddFunctions(m, moe_methods);
+}

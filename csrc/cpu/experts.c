@@ -52,10 +52,6 @@ struct rd_experts {
     rd_buf dhid_b;           /* (P,He) backward: dhdn, then da */
 };
 
-static int g_threading = 0;
-void rd_experts_set_threading(int mode) { g_threading = mode ? 1 : 0; }
-int rd_experts_get_threading(void) { return g_threading; }
-
 rd_experts *rd_experts_new(void) { return (rd_experts *)calloc(1, sizeof(rd_experts)); }
 
 void rd_experts_free(rd_experts *ex) {
@@ -154,45 +150,156 @@ void rd_colsum_segments(float *out /* S,cols */, const float *in /* rows,cols */
     }
 }
 
-/* C_e (n_e, ncol) = op(A_e) op(B_e) + beta C_e for every expert with rows, where the
- * row blocks of A (or C) follow offsets. `which` selects the product:
- *   0: a   = xg W1[e]            1: o  += hdn W2[e]           2: dW2[e] += hdn^T do
- *   3: dhid = do W2[e]^T         4: dW1[e] += xg^T da         5: dxg = da W1[e]^T */
+/* ---- threading ------------------------------------------------------------- */
+
+static rd_threading g_threading = RD_THREADS_BLAS;
+static rd_blas_set_threads_fn g_blas_set = NULL;
+static rd_blas_get_threads_fn g_blas_get = NULL;
+
+void rd_set_threading(rd_threading mode) { g_threading = mode == RD_THREADS_OMP ? RD_THREADS_OMP : RD_THREADS_BLAS; }
+rd_threading rd_get_threading(void) { return g_threading; }
+
+void rd_set_blas_thread_control(rd_blas_set_threads_fn set, rd_blas_get_threads_fn get) {
+    g_blas_set = set && get ? set : NULL;
+    g_blas_get = set && get ? get : NULL;
+}
+int rd_have_blas_thread_control(void) { return g_blas_set != NULL; }
+
+int rd_blas_threads_enter(void) {
+    if (g_threading != RD_THREADS_OMP || !g_blas_set) return 0;
+    int prev = g_blas_get();
+    if (prev != 1) g_blas_set(1);
+    return prev;
+}
+void rd_blas_threads_restore(int prev) {
+    if (prev > 1 && g_blas_set) g_blas_set(prev);
+}
+
+/* Smallest row block worth a separate sgemm call. */
+#define RD_MIN_ROWS 32
+
+/* Rows per block so that `total` rows give about 4 blocks per thread, at least RD_MIN_ROWS. */
+static int64_t block_rows(int64_t total) {
+    int64_t T = rd_num_threads(), b = (total + 4 * T - 1) / (4 * T);
+    b = (b + 7) / 8 * 8;
+    return b < RD_MIN_ROWS ? RD_MIN_ROWS : b;
+}
+
+rd_status rd_matmul_par(float *C, int ldc, const float *A, int lda, int transA,
+                        const float *B, int ldb, int transB,
+                        int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+    int T = rd_num_threads();
+    if (g_threading != RD_THREADS_OMP || T == 1 || M < 2 * RD_MIN_ROWS)
+        return rd_matmul(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, alpha, beta);
+    /* validate here: a failure inside a worker thread would leave its message there */
+    if (!rd_have_sgemm()) return rd_fail(RD_EBLAS, "no BLAS sgemm registered (import racedit first)");
+    if (N < 0 || K < 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX)
+        return rd_fail(RD_EINVAL, "matmul: size %lld x %lld x %lld out of range of the 32-bit BLAS",
+                       (long long)M, (long long)N, (long long)K);
+    int64_t rows = (M + T - 1) / T;
+    rows = rows < RD_MIN_ROWS ? RD_MIN_ROWS : rows;
+    int64_t nblk = (M + rows - 1) / rows;
+#pragma omp parallel for schedule(static, 1)
+    for (int64_t i = 0; i < nblk; i++) {
+        int64_t m0 = i * rows, m = M - m0 < rows ? M - m0 : rows;
+        rd_matmul(C + m0 * ldc, ldc, transA ? A + m0 : A + m0 * lda, lda, transA, B, ldb, transB,
+                  m, N, K, alpha, beta);
+    }
+    return RD_OK;
+}
+
+/* ---- the per-expert products ------------------------------------------------- */
+
+/* The six products, for rows [m0, m1) of the output of expert e (rows of its block of
+ * the P rows for the row products, rows of its weight gradient for 2 and 4):
+ *   0: a = xg W1[e]          1: o += hdn W2[e]         2: dW2[e] += hdn^T do
+ *   3: dhid = do W2[e]^T     4: dW1[e] += xg^T da      5: dxg = da W1[e]^T          */
 typedef struct {
     const int64_t *offsets;
     int64_t D, He;
 } gemm_plan;
 
-static void expert_gemm(const gemm_plan *pl, int which, int64_t e, float *C, const float *A,
-                        const float *W) {
+static int64_t product_rows(const gemm_plan *pl, int which, int64_t e) {
+    int64_t n = pl->offsets[e + 1] - pl->offsets[e];
+    if (n == 0) return 0;
+    return which == 2 ? pl->He : which == 4 ? pl->D : n;
+}
+
+static void expert_gemm(const gemm_plan *pl, int which, int64_t e, int64_t m0, int64_t m1,
+                        float *C, const float *A, const float *W) {
     int64_t off = pl->offsets[e], n = pl->offsets[e + 1] - off, D = pl->D, He = pl->He;
-    if (n == 0) return;
+    int64_t r = off + m0, m = m1 - m0;
+    int iD = (int)D, iH = (int)He;
     switch (which) {
-    case 0: rd_matmul(C + off * He, (int)He, A + off * D, (int)D, 0, W + e * D * He, (int)He, 0,
-                      n, He, D, 1.0f, 0.0f); break;
-    case 1: rd_matmul(C + off * D, (int)D, A + off * He, (int)He, 0, W + e * He * D, (int)D, 0,
-                      n, D, He, 1.0f, 1.0f); break;
-    case 2: rd_matmul(C + e * He * D, (int)D, A + off * He, (int)He, 1, W + off * D, (int)D, 0,
-                      He, D, n, 1.0f, 1.0f); break;
-    case 3: rd_matmul(C + off * He, (int)He, A + off * D, (int)D, 0, W + e * He * D, (int)D, 1,
-                      n, He, D, 1.0f, 0.0f); break;
-    case 4: rd_matmul(C + e * D * He, (int)He, A + off * D, (int)D, 1, W + off * He, (int)He, 0,
-                      D, He, n, 1.0f, 1.0f); break;
-    case 5: rd_matmul(C + off * D, (int)D, A + off * He, (int)He, 0, W + e * D * He, (int)He, 1,
-                      n, D, He, 1.0f, 0.0f); break;
+    case 0: rd_matmul(C + r * He, iH, A + r * D, iD, 0, W + e * D * He, iH, 0, m, He, D, 1.0f, 0.0f); break;
+    case 1: rd_matmul(C + r * D, iD, A + r * He, iH, 0, W + e * He * D, iD, 0, m, D, He, 1.0f, 1.0f); break;
+    case 2: rd_matmul(C + (e * He + m0) * D, iD, A + off * He + m0, iH, 1, W + off * D, iD, 0,
+                      m, D, n, 1.0f, 1.0f); break;
+    case 3: rd_matmul(C + r * He, iH, A + r * D, iD, 0, W + e * He * D, iD, 1, m, He, D, 1.0f, 0.0f); break;
+    case 4: rd_matmul(C + (e * D + m0) * He, iH, A + off * D + m0, iD, 1, W + off * He, iH, 0,
+                      m, He, n, 1.0f, 1.0f); break;
+    case 5: rd_matmul(C + r * D, iD, A + r * He, iH, 0, W + e * D * He, iH, 1, m, D, He, 1.0f, 0.0f); break;
     }
 }
 
-/* Run one product for every expert, threaded as rd_experts_set_threading says. Sizes
- * were checked by the caller, so rd_matmul cannot fail here. */
+/* One product for every expert. RD_THREADS_BLAS: experts in turn, whole blocks, BLAS
+ * threads. RD_THREADS_OMP: dynamic OpenMP tasks over (expert, row block), so uneven
+ * expert loads (expert race) and few experts still spread over every thread. Sizes were
+ * checked by the caller, so rd_matmul cannot fail here. */
 static void all_experts(const gemm_plan *pl, int which, int64_t E, float *C, const float *A,
                         const float *W) {
-    if (g_threading) {
-#pragma omp parallel for schedule(dynamic, 1)
-        for (int64_t e = 0; e < E; e++) expert_gemm(pl, which, e, C, A, W);
-    } else {
-        for (int64_t e = 0; e < E; e++) expert_gemm(pl, which, e, C, A, W);
+    if (g_threading != RD_THREADS_OMP) {
+        for (int64_t e = 0; e < E; e++) expert_gemm(pl, which, e, 0, product_rows(pl, which, e), C, A, W);
+        return;
     }
+    int64_t total = 0, most = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t m = product_rows(pl, which, e);
+        total += m;
+        most = m > most ? m : most;
+    }
+    int64_t rows = block_rows(total), nb = (most + rows - 1) / rows;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t m = product_rows(pl, which, e), m0 = b * rows;
+            if (m0 < m) expert_gemm(pl, which, e, m0, m0 + rows < m ? m0 + rows : m, C, A, W);
+        }
+}
+
+/* ---- GELU_tanh, vectorisable ---------------------------------------------------
+ * libm's tanhf does not vectorise and dominated the elementwise passes, so tanh is
+ * computed from exp(-2|u|) with a Cody-Waite range reduction and a degree-7 Taylor
+ * polynomial on |r| <= ln2/2 (relative error < 1e-7), the power of two built from the
+ * exponent bits. Absolute error of tanh < 1e-7, like tanhf. */
+typedef union { float f; int32_t i; } rd_fbits;
+
+static inline float exp_nonpos(float z) { /* exp(z), z <= 0 */
+    z = z < -87.0f ? -87.0f : z;
+    float n = (z * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = z - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
+              r * (8.3333338e-3f + r * (1.3888889e-3f + r * 1.9841270e-4f))))));
+    rd_fbits b;
+    b.i = ((int32_t)n + 127) << 23;
+    return p * b.f;
+}
+
+static inline float tanh_vec(float u) {
+    float e = exp_nonpos(-2.0f * fabsf(u));
+    return copysignf((1.0f - e) / (1.0f + e), u);
+}
+
+#define GELU_C0 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_C1 0.044715f
+
+static inline float gelu_tanh_vec(float x) {
+    return 0.5f * x * (1.0f + tanh_vec(GELU_C0 * (x + GELU_C1 * x * x * x)));
+}
+
+static inline float gelu_tanh_grad_vec(float x) {
+    float t = tanh_vec(GELU_C0 * (x + GELU_C1 * x * x * x));
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_C0 * (1.0f + 3.0f * GELU_C1 * x * x);
 }
 
 rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, const float *G,
@@ -216,6 +323,7 @@ rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, cons
     const int32_t *row_exp = ex->row_exp_b.p;
     const float *row_gate = ex->row_gate_b.p;
     gemm_plan pl = {ex->offsets_b.p, D, He};
+    int blas_prev = rd_blas_threads_enter();
 
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < P; r++) memcpy(xg + r * D, x + row_tok[r] * D, (size_t)D * sizeof(float));
@@ -225,10 +333,11 @@ rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, cons
     for (int64_t r = 0; r < P; r++) {                          /* a += b1; hdn = GELU(a) */
         const float *bb = b1 + (int64_t)row_exp[r] * He;
         float *ar = a + r * He, *hr = hdn + r * He;
+#pragma omp simd
         for (int64_t j = 0; j < He; j++) {
             float v = ar[j] + bb[j];
             ar[j] = v;
-            hr[j] = rd_gelu_tanh(v);
+            hr[j] = gelu_tanh_vec(v);
         }
     }
 #pragma omp parallel for schedule(static)
@@ -248,6 +357,7 @@ rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, cons
             for (int64_t c = 0; c < D; c++) yt[c] += g * orow[c];
         }
     }
+    rd_blas_threads_restore(blas_prev);
     ex->N = N; ex->D = D; ex->E = E; ex->He = He;
     ex->valid = 1;
     return RD_OK;
@@ -276,6 +386,7 @@ rd_status rd_experts_backward(rd_experts *ex, float *dx, float *dG, float *dW1, 
     const float *row_gate = ex->row_gate_b.p;
     const float *xg = ex->xg_b.p, *a = ex->a_b.p, *hdn = ex->hdn_b.p, *o = ex->o_b.p;
     gemm_plan pl = {offsets, D, He};
+    int blas_prev = rd_blas_threads_enter();
 
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < N; t++) {          /* dG[t,e] = <dy_t, o_r>; do_r = g_r dy_t */
@@ -301,7 +412,8 @@ rd_status rd_experts_backward(rd_experts *ex, float *dx, float *dG, float *dW1, 
     for (int64_t r = 0; r < P; r++) {                          /* da = dhdn GELU'(a) */
         float *dr = dhid + r * He;
         const float *ar = a + r * He;
-        for (int64_t j = 0; j < He; j++) dr[j] *= rd_gelu_tanh_grad(ar[j]);
+#pragma omp simd
+        for (int64_t j = 0; j < He; j++) dr[j] *= gelu_tanh_grad_vec(ar[j]);
     }
     rd_colsum_segments(db1, dhid, offsets, E, He);               /* db1 += sum da */
     all_experts(&pl, 4, E, dW1, xg, dhid);                     /* dW1 += xg^T da */
@@ -317,5 +429,6 @@ rd_status rd_experts_backward(rd_experts *ex, float *dx, float *dG, float *dW1, 
             for (int64_t c = 0; c < D; c++) dxt[c] += dr[c];
         }
     }
+    rd_blas_threads_restore(blas_prev);
     return RD_OK;
 }

@@ -84,12 +84,11 @@ static rd_status check_router(const char *fn, int64_t N, int64_t D, int64_t E) {
     return RD_OK;
 }
 
-rd_status rd_router_forward(float *hpre, float *h, float *R, const float *x,
-                            const float *Wr, const float *br, const float *Wg, const float *bg,
-                            int64_t N, int64_t D, int64_t E) {
-    rd_status s = check_router("router_forward", N, D, E);
-    if (s) return s;
-    if ((s = rd_matmul(hpre, (int)D, x, (int)D, 0, Wr, (int)D, 0, N, D, D, 1.0f, 0.0f))) return s;
+static rd_status router_forward(float *hpre, float *h, float *R, const float *x,
+                                const float *Wr, const float *br, const float *Wg,
+                                const float *bg, int64_t N, int64_t D, int64_t E) {
+    rd_status s;
+    if ((s = rd_matmul_par(hpre, (int)D, x, (int)D, 0, Wr, (int)D, 0, N, D, D, 1.0f, 0.0f))) return s;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < N; t++) {
         float *hp = hpre + t * D, *ht = h + t * D;
@@ -99,11 +98,45 @@ rd_status rd_router_forward(float *hpre, float *h, float *R, const float *x,
             ht[c] = rd_gelu_erf(v);
         }
     }
-    if ((s = rd_matmul(R, (int)E, h, (int)D, 0, Wg, (int)E, 0, N, E, D, 1.0f, 0.0f))) return s;
+    if ((s = rd_matmul_par(R, (int)E, h, (int)D, 0, Wg, (int)E, 0, N, E, D, 1.0f, 0.0f))) return s;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < N; t++)
         for (int64_t e = 0; e < E; e++) R[t * E + e] += bg[e];
     return RD_OK;
+}
+
+static rd_status router_backward(float *dx_acc, float *dWr, float *dbr, float *dWg, float *dbg,
+                                 float *dh, const float *dR, const float *dh_extra,
+                                 const float *hpre, const float *h, const float *x,
+                                 const float *Wr, const float *Wg,
+                                 int64_t N, int64_t D, int64_t E) {
+    rd_status s;
+    int64_t all[2] = {0, N};
+    /* dh = dR Wg^T (+ dh_extra); dhpre = dh GELU'(hpre), in place */
+    if ((s = rd_matmul_par(dh, (int)D, dR, (int)E, 0, Wg, (int)E, 1, N, D, E, 1.0f, 0.0f))) return s;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        float *d = dh + t * D;
+        const float *hp = hpre + t * D, *ex = dh_extra ? dh_extra + t * D : NULL;
+        for (int64_t c = 0; c < D; c++)
+            d[c] = (ex ? d[c] + ex[c] : d[c]) * rd_gelu_erf_grad(hp[c]);
+    }
+    if ((s = rd_matmul_par(dWg, (int)E, h, (int)D, 1, dR, (int)E, 0, D, E, N, 1.0f, 1.0f))) return s;
+    rd_colsum_segments(dbg, dR, all, 1, E);
+    if ((s = rd_matmul_par(dWr, (int)D, x, (int)D, 1, dh, (int)D, 0, D, D, N, 1.0f, 1.0f))) return s;
+    rd_colsum_segments(dbr, dh, all, 1, D);
+    return rd_matmul_par(dx_acc, (int)D, dh, (int)D, 0, Wr, (int)D, 1, N, D, D, 1.0f, 1.0f);
+}
+
+rd_status rd_router_forward(float *hpre, float *h, float *R, const float *x,
+                            const float *Wr, const float *br, const float *Wg, const float *bg,
+                            int64_t N, int64_t D, int64_t E) {
+    rd_status s = check_router("router_forward", N, D, E);
+    if (s) return s;
+    int prev = rd_blas_threads_enter();
+    s = router_forward(hpre, h, R, x, Wr, br, Wg, bg, N, D, E);
+    rd_blas_threads_restore(prev);
+    return s;
 }
 
 rd_status rd_router_backward(float *dx_acc, float *dWr, float *dbr, float *dWg, float *dbg,
@@ -113,21 +146,10 @@ rd_status rd_router_backward(float *dx_acc, float *dWr, float *dbr, float *dWg, 
                              int64_t N, int64_t D, int64_t E) {
     rd_status s = check_router("router_backward", N, D, E);
     if (s) return s;
-    int64_t all[2] = {0, N};
-    /* dh = dR Wg^T (+ dh_extra); dhpre = dh GELU'(hpre), in place */
-    if ((s = rd_matmul(dh, (int)D, dR, (int)E, 0, Wg, (int)E, 1, N, D, E, 1.0f, 0.0f))) return s;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++) {
-        float *d = dh + t * D;
-        const float *hp = hpre + t * D, *ex = dh_extra ? dh_extra + t * D : NULL;
-        for (int64_t c = 0; c < D; c++)
-            d[c] = (ex ? d[c] + ex[c] : d[c]) * rd_gelu_erf_grad(hp[c]);
-    }
-    if ((s = rd_matmul(dWg, (int)E, h, (int)D, 1, dR, (int)E, 0, D, E, N, 1.0f, 1.0f))) return s;
-    rd_colsum_segments(dbg, dR, all, 1, E);
-    if ((s = rd_matmul(dWr, (int)D, x, (int)D, 1, dh, (int)D, 0, D, D, N, 1.0f, 1.0f))) return s;
-    rd_colsum_segments(dbr, dh, all, 1, D);
-    return rd_matmul(dx_acc, (int)D, dh, (int)D, 0, Wr, (int)D, 1, N, D, D, 1.0f, 1.0f);
+    int prev = rd_blas_threads_enter();
+    s = router_backward(dx_acc, dWr, dbr, dWg, dbg, dh, dR, dh_extra, hpre, h, x, Wr, Wg, N, D, E);
+    rd_blas_threads_restore(prev);
+    return s;
 }
 
 /* ---- parameters and configuration -------------------------------------------- */
@@ -252,9 +274,9 @@ static rd_status select_pairs(rd_moe_state *st, float *tau_b, const rd_moe_cfg *
     return rd_route_threshold(st->mask, st->G, N * E, st->tau);
 }
 
-rd_status rd_moe_forward(rd_moe_state *st, float *y, const float *x,
-                         const rd_moe_cfg *cfg, const rd_moe_params *p,
-                         int64_t B, int64_t L, int training, const float *plr_target) {
+static rd_status moe_forward(rd_moe_state *st, float *y, const float *x,
+                             const rd_moe_cfg *cfg, const rd_moe_params *p,
+                             int64_t B, int64_t L, int training, const float *plr_target) {
     (void)plr_target; /* aux losses: see losses.c */
     if (!st) return rd_fail(RD_EINVAL, "moe_forward: NULL state");
     rd_status s = rd_moe_cfg_check(cfg);
@@ -285,9 +307,9 @@ rd_status rd_moe_forward(rd_moe_state *st, float *y, const float *x,
     return RD_OK;
 }
 
-rd_status rd_moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *grad,
-                          const float *dy, const float *x,
-                          const rd_moe_cfg *cfg, const rd_moe_params *p) {
+static rd_status moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *grad,
+                              const float *dy, const float *x,
+                              const rd_moe_cfg *cfg, const rd_moe_params *p) {
     if (!st) return rd_fail(RD_EINVAL, "moe_backward: NULL state");
     rd_status s = rd_moe_cfg_check(cfg);
     if (s) return s;
@@ -310,6 +332,25 @@ rd_status rd_moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *grad
                               grad->p[RD_MOE_GATE_W], grad->p[RD_MOE_GATE_B], st->dh, st->dR,
                               dh_extra, st->hpre, st->h, x, p->p[RD_MOE_ROUTER_W],
                               p->p[RD_MOE_GATE_W], N, D, E);
+}
+
+/* The BLAS is made single-threaded once for the whole layer (RD_THREADS_OMP mode). */
+rd_status rd_moe_forward(rd_moe_state *st, float *y, const float *x,
+                         const rd_moe_cfg *cfg, const rd_moe_params *p,
+                         int64_t B, int64_t L, int training, const float *plr_target) {
+    int prev = rd_blas_threads_enter();
+    rd_status s = moe_forward(st, y, x, cfg, p, B, L, training, plr_target);
+    rd_blas_threads_restore(prev);
+    return s;
+}
+
+rd_status rd_moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *grad,
+                          const float *dy, const float *x,
+                          const rd_moe_cfg *cfg, const rd_moe_params *p) {
+    int prev = rd_blas_threads_enter();
+    rd_status s = moe_backward(st, dx, grad, dy, x, cfg, p);
+    rd_blas_threads_restore(prev);
+    return s;
 }
 
 void rd_moe_state_view(const rd_moe_state *st, rd_moe_view *v) {

@@ -11,7 +11,7 @@ from .. import _C
 
 __all__ = [
     "gate_forward", "gate_backward", "router_forward", "router_backward",
-    "experts_forward", "experts_backward", "experts_threading",
+    "experts_forward", "experts_backward", "moe_threading",
 ]
 
 
@@ -67,12 +67,16 @@ def experts_backward(dy, x, mask, G, w1, b1, w2, b2):
     return _C.experts_backward(dy, x, mask, G, w1, b1, w2, b2)
 
 
-def experts_threading(mode=None):
-    """How the per-expert GEMMs are threaded, process-wide; returns the previous mode.
+def moe_threading(mode=None):
+    """How the MoE block's matrix products are threaded, process-wide; returns the
+    previous mode (``"blas"`` or ``"omp"``). ``None`` only reads it.
 
-    0 (default): experts one after another, each sgemm threaded by the BLAS.
-    1: OpenMP over experts, each sgemm from one thread; pair it with a single-threaded
-    BLAS (``threadpoolctl.threadpool_limits(1, "blas")``) to avoid oversubscription.
-    ``None`` only reads the mode. Other values raise ValueError.
+    ``"omp"``: OpenMP tasks over (expert, block of rows), each a single-threaded sgemm
+    (the router's products split over OpenMP threads by rows); the BLAS is set to one
+    thread for the duration of each call when racedit can control its thread count
+    (``racedit._C.blas_thread_control()``: SciPy's OpenBLAS), otherwise limit it yourself
+    (``threadpoolctl.threadpool_limits(1, "blas")``). ``"blas"``: experts in turn, each
+    sgemm threaded by the BLAS. The default is ``"omp"`` when the BLAS thread count can be
+    controlled, else ``"blas"``. Raises ValueError/TypeError for another mode.
     """
-    return _C.experts_threading(mode)
+    return _C.moe_threading(mode)
