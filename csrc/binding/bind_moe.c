@@ -160,6 +160,25 @@ done:
 
 /* ---- experts --------------------------------------------------------------- */
 
+/* One workspace kept for the op-level calls so that repeated calls (notebooks,
+ * benchmarks) do not reallocate; a call made while another thread uses it gets a fresh
+ * one. Both decisions happen with the GIL held. */
+static rd_experts *g_ws = NULL;
+static int g_ws_busy = 0;
+
+static rd_experts *ws_take(void) {
+    if (!g_ws_busy) {
+        if (!g_ws) g_ws = rd_experts_new();
+        if (g_ws) { g_ws_busy = 1; return g_ws; }
+    }
+    return rd_experts_new();
+}
+
+static void ws_give(rd_experts *ex) {
+    if (ex && ex == g_ws) g_ws_busy = 0;
+    else rd_experts_free(ex);
+}
+
 /* x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D). */
 static int expert_inputs(PyArrayObject **in, PyObject *ox, PyObject *omask, PyObject *oG,
                          PyObject *ow1, PyObject *ob1, PyObject *ow2, PyObject *ob2,
@@ -198,7 +217,7 @@ static PyObject *py_experts_forward(PyObject *self, PyObject *args, PyObject *kw
     if (expert_inputs(in, o[0], o[1], o[2], o[3], o[4], o[5], o[6], &N, &D, &E, &He) < 0) goto done;
     npy_intp sND[2] = {N, D};
     if (!(y = rd_new_array(2, sND, NPY_FLOAT32))) goto done;
-    if (!(ex = rd_experts_new())) { PyErr_NoMemory(); goto done; }
+    if (!(ex = ws_take())) { PyErr_NoMemory(); goto done; }
     rd_status s;
     Py_BEGIN_ALLOW_THREADS
     s = rd_experts_forward(ex, F32(y), U8(in[2]), F32(in[3]), F32(in[0]), F32(in[1]), F32(in[4]),
@@ -207,7 +226,7 @@ static PyObject *py_experts_forward(PyObject *self, PyObject *args, PyObject *kw
     if (s) { rd_raise(s); goto done; }
     ret = (PyObject *)y; y = NULL;
 done:
-    rd_experts_free(ex);
+    ws_give(ex);
     Py_XDECREF(y);
     release(in);
     return ret;
@@ -232,7 +251,7 @@ static PyObject *py_experts_backward(PyObject *self, PyObject *args, PyObject *k
         !(out[4] = rd_new_array(3, sw2, NPY_FLOAT32)) || !(out[5] = rd_new_array(2, sb2, NPY_FLOAT32)) ||
         !(y = rd_new_array(2, sND, NPY_FLOAT32)))
         goto done;
-    if (!(ex = rd_experts_new())) { PyErr_NoMemory(); goto done; }
+    if (!(ex = ws_take())) { PyErr_NoMemory(); goto done; }
     rd_status s;
     Py_BEGIN_ALLOW_THREADS
     s = rd_experts_forward(ex, F32(y), U8(in[2]), F32(in[3]), F32(in[0]), F32(in[1]), F32(in[4]),
@@ -246,7 +265,7 @@ static PyObject *py_experts_backward(PyObject *self, PyObject *args, PyObject *k
     ret = Py_BuildValue("(NNNNNN)", out[0], out[1], out[2], out[3], out[4], out[5]);
     if (ret) memset(out, 0, sizeof out);
 done:
-    rd_experts_free(ex);
+    ws_give(ex);
     for (int i = 0; i < 6; i++) Py_XDECREF(out[i]);
     Py_XDECREF(y);
     release(in);

@@ -6,6 +6,7 @@
 
 #include <limits.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -292,7 +293,12 @@ static rd_status moe_forward(rd_moe_state *st, float *y, const float *x,
     if (s) return s;
     if ((s = rd_gate_forward(st->G, st->R, N, E, cfg->gating))) return s;
     float tau_b = NAN;
-    if ((s = select_pairs(st, &tau_b, cfg, B, L, training))) return s;
+    if ((s = select_pairs(st, &tau_b, cfg, B, L, training))) {
+        char msg[400];
+        snprintf(msg, sizeof msg, "%s", rd_last_error());
+        return rd_fail(s, "moe_forward: selecting pairs by the gates G (%s, strategy %s): %s",
+                       training ? "training" : "eval", rd_strategy_name(cfg->strategy), msg);
+    }
     /* aux losses: see losses.c (router similarity / balance on R and mask, PLR head on h) */
     s = rd_experts_forward(st->ex, y, st->mask, st->G, x, p->p[RD_MOE_W1], p->p[RD_MOE_B1],
                            p->p[RD_MOE_W2], p->p[RD_MOE_B2], N, D, E, He);
