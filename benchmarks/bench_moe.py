@@ -18,9 +18,19 @@ What is measured, per case (B, L, D, E, k; He = 4D/k):
   backward), torch.set_num_threads equal to racedit's OpenMP threads.
 Timings are the minimum over --repeat runs after one warm-up; racedit and the baselines
 alternate run by run so that machine load hits both alike.
+
+OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set here before racedit and torch
+load their OpenMP runtimes, unless already set or --spin is given): on a machine shared
+with other work, spinning threads steal the cores that the thread they wait for needs.
+Both racedit and torch run under the same policy.
 """
 import argparse
+import os
+import sys
 import time
+
+if "--spin" not in sys.argv:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 from scipy.linalg.blas import sgemm
@@ -199,6 +209,7 @@ def main():
     ap.add_argument("--case", choices=["small", "large", "all"], default="all")
     ap.add_argument("--modes", default="omp,blas", help="racedit threading modes to time")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--spin", action="store_true", help="leave OMP_WAIT_POLICY unset")
     args = ap.parse_args()
     args.modes = args.modes.split(",")
     try:
@@ -210,7 +221,8 @@ def main():
     info = racedit.build_info()
     T = info["num_threads"]
     limit = limit_blas(T)   # the dense reference and 'blas' mode use T BLAS threads
-    print(f"racedit: OpenMP {info['openmp']} with {T} threads; BLAS {info['blas']}")
+    print(f"racedit: OpenMP {info['openmp']} with {T} threads "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); BLAS {info['blas']}")
     print(f"BLAS threads (threadpoolctl): {blas_threads()}")
     print(f"racedit can set the BLAS thread count: {racedit._C.blas_thread_control()} "
           f"(mode 'omp' runs the BLAS single-threaded inside OpenMP tasks; 'blas' lets it thread)")

@@ -15,6 +15,7 @@
  * with OpenMP over experts calling a single-threaded BLAS (mode 1, for many small
  * experts). benchmarks/bench_moe.py measures both. */
 #include "../racedit.h"
+#include "moe_math.h"
 
 #include <limits.h>
 #include <math.h>
@@ -267,41 +268,6 @@ static void all_experts(const gemm_plan *pl, int which, int64_t E, float *C, con
         }
 }
 
-/* ---- GELU_tanh, vectorisable ---------------------------------------------------
- * libm's tanhf does not vectorise and dominated the elementwise passes, so tanh is
- * computed from exp(-2|u|) with a Cody-Waite range reduction and a degree-7 Taylor
- * polynomial on |r| <= ln2/2 (relative error < 1e-7), the power of two built from the
- * exponent bits. Absolute error of tanh < 1e-7, like tanhf. */
-typedef union { float f; int32_t i; } rd_fbits;
-
-static inline float exp_nonpos(float z) { /* exp(z), z <= 0 */
-    z = z < -87.0f ? -87.0f : z;
-    float n = (z * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    float r = z - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f +
-              r * (8.3333338e-3f + r * (1.3888889e-3f + r * 1.9841270e-4f))))));
-    rd_fbits b;
-    b.i = ((int32_t)n + 127) << 23;
-    return p * b.f;
-}
-
-static inline float tanh_vec(float u) {
-    float e = exp_nonpos(-2.0f * fabsf(u));
-    return copysignf((1.0f - e) / (1.0f + e), u);
-}
-
-#define GELU_C0 0.7978845608028654f /* sqrt(2/pi) */
-#define GELU_C1 0.044715f
-
-static inline float gelu_tanh_vec(float x) {
-    return 0.5f * x * (1.0f + tanh_vec(GELU_C0 * (x + GELU_C1 * x * x * x)));
-}
-
-static inline float gelu_tanh_grad_vec(float x) {
-    float t = tanh_vec(GELU_C0 * (x + GELU_C1 * x * x * x));
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_C0 * (1.0f + 3.0f * GELU_C1 * x * x);
-}
-
 rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, const float *G,
                              const float *x, const float *W1, const float *b1,
                              const float *W2, const float *b2,
@@ -337,7 +303,7 @@ rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, cons
         for (int64_t j = 0; j < He; j++) {
             float v = ar[j] + bb[j];
             ar[j] = v;
-            hr[j] = gelu_tanh_vec(v);
+            hr[j] = rd_gelu_tanh_v(v);
         }
     }
 #pragma omp parallel for schedule(static)
@@ -413,7 +379,7 @@ rd_status rd_experts_backward(rd_experts *ex, float *dx, float *dG, float *dW1, 
         float *dr = dhid + r * He;
         const float *ar = a + r * He;
 #pragma omp simd
-        for (int64_t j = 0; j < He; j++) dr[j] *= gelu_tanh_grad_vec(ar[j]);
+        for (int64_t j = 0; j < He; j++) dr[j] *= rd_gelu_tanh_grad_v(ar[j]);
     }
     rd_colsum_segments(db1, dhid, offsets, E, He);               /* db1 += sum da */
     all_experts(&pl, 4, E, dW1, xg, dhid);                     /* dW1 += xg^T da */

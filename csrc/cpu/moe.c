@@ -3,6 +3,7 @@
  * with its learnable threshold tau, forward and backward. The per-layer state keeps the
  * saved activations of the last forward and grows its buffers on demand. */
 #include "../racedit.h"
+#include "moe_math.h"
 
 #include <limits.h>
 #include <math.h>
@@ -93,10 +94,11 @@ static rd_status router_forward(float *hpre, float *h, float *R, const float *x,
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < N; t++) {
         float *hp = hpre + t * D, *ht = h + t * D;
+#pragma omp simd
         for (int64_t c = 0; c < D; c++) {
             float v = hp[c] + br[c];
             hp[c] = v;
-            ht[c] = rd_gelu_erf(v);
+            ht[c] = rd_gelu_erf_v(v);
         }
     }
     if ((s = rd_matmul_par(R, (int)E, h, (int)D, 0, Wg, (int)E, 0, N, E, D, 1.0f, 0.0f))) return s;
@@ -118,9 +120,15 @@ static rd_status router_backward(float *dx_acc, float *dWr, float *dbr, float *d
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < N; t++) {
         float *d = dh + t * D;
-        const float *hp = hpre + t * D, *ex = dh_extra ? dh_extra + t * D : NULL;
-        for (int64_t c = 0; c < D; c++)
-            d[c] = (ex ? d[c] + ex[c] : d[c]) * rd_gelu_erf_grad(hp[c]);
+        const float *hp = hpre + t * D;
+        if (dh_extra) {
+            const float *ex = dh_extra + t * D;
+#pragma omp simd
+            for (int64_t c = 0; c < D; c++) d[c] = (d[c] + ex[c]) * rd_gelu_erf_grad_v(hp[c]);
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < D; c++) d[c] *= rd_gelu_erf_grad_v(hp[c]);
+        }
     }
     if ((s = rd_matmul_par(dWg, (int)E, h, (int)D, 1, dR, (int)E, 0, D, E, N, 1.0f, 1.0f))) return s;
     rd_colsum_segments(dbg, dR, all, 1, E);

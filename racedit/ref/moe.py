@@ -7,7 +7,7 @@ E experts, He expert hidden width. Every function takes and returns float64 arra
 (inputs are converted with ``np.asarray(..., float64)``).
 """
 import numpy as np
-from scipy.special import erf
+from scipy.special import erfc, expit
 
 # The GELU helpers stay module-level (racedit.ref.moe.gelu_tanh ...), out of __all__.
 __all__ = [
@@ -24,24 +24,27 @@ def _f64(*arrays):
 
 
 def gelu_tanh(x):
-    """GELU with the tanh approximation (the experts' nonlinearity)."""
-    return 0.5 * x * (1.0 + np.tanh(_C0 * (x + _C1 * x**3)))
+    """GELU with the tanh approximation (the experts' nonlinearity):
+    0.5 x (1 + tanh u) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), written with
+    the sigmoid so that the negative tail does not cancel."""
+    return x * expit(2.0 * _C0 * (x + _C1 * x**3))
 
 
 def gelu_tanh_grad(x):
-    """d/dx of :func:`gelu_tanh`."""
-    t = np.tanh(_C0 * (x + _C1 * x**3))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _C0 * (1.0 + 3.0 * _C1 * x * x)
+    """d/dx of :func:`gelu_tanh`: sigmoid(2u) + x (1 - tanh^2 u) u'(x) / 2."""
+    u2 = 2.0 * _C0 * (x + _C1 * x**3)
+    s, sm = expit(u2), expit(-u2)
+    return s + 2.0 * x * s * sm * _C0 * (1.0 + 3.0 * _C1 * x * x)
 
 
 def gelu_erf(x):
-    """Exact GELU (the router's nonlinearity)."""
-    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    """Exact GELU (the router's nonlinearity): x Phi(x) = 0.5 x erfc(-x / sqrt 2)."""
+    return 0.5 * x * erfc(-x / np.sqrt(2.0))
 
 
 def gelu_erf_grad(x):
-    """d/dx of :func:`gelu_erf`."""
-    return 0.5 * (1.0 + erf(x / np.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+    """d/dx of :func:`gelu_erf`: Phi(x) + x phi(x)."""
+    return 0.5 * erfc(-x / np.sqrt(2.0)) + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
 
 
 def gate_forward(R, gating="identity"):
