@@ -322,3 +322,145 @@ def test_binding_state_checks():
         C.moe_configure(m._state, k=6)
     with pytest.raises(TypeError, match="keyword"):
         C.moe_new(13)
+
+
+# ---- training: batch top-K selection for every strategy ----------------------------------
+
+STRATEGIES = ["token", "expert", "bl", "be", "le", "race"]
+
+
+def valid(B, L, E, k, strategy):
+    try:
+        ref.route_plan(B, L, E, k, strategy)
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("gating", GATINGS)
+def test_training_matches_ref(strategy, gating):
+    B, L, D, E, k = 2, 6, 13, 4, 2
+    m = make(D, E, k, strategy=strategy, gating=gating, hidden=9)
+    x = x_like(m, B, L)
+    check_against_ref(m, x)
+    G = m.gates
+    mask, tau_b = ref.route(G, k, strategy, return_tau=True)
+    assert np.array_equal(m.mask, mask), "selection differs from ref.route on the same gates"
+    _, K = ref.route_plan(B, L, E, k, strategy)
+    assert m.mask.sum() == B * L * k
+    assert m.batch_threshold == pytest.approx(tau_b, rel=1e-6, abs=1e-7)
+    assert m.threshold == m.batch_threshold                 # first training forward
+
+
+@pytest.mark.parametrize("B,L,E,k", [(3, 5, 1, 1), (2, 4, 3, 3), (4, 1, 4, 2), (1, 8, 8, 1)])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_odd_sizes(B, L, E, k, strategy):
+    m = make(13, E, k, strategy=strategy, hidden=5)
+    x = x_like(m, B, L)
+    if not valid(B, L, E, k, strategy):
+        with pytest.raises(ValueError, match="integer"):
+            m.forward(x)
+        return
+    check_against_ref(m, x)
+    assert np.array_equal(m.mask, ref.route(m.gates, k, strategy))
+    if k == E:
+        assert m.mask.all()
+
+
+def test_training_ties_deterministic():
+    """Identical tokens give tied gates; the lower flat index wins, run after run."""
+    m = make(13, 4, 2, strategy="race")
+    x = np.repeat(x_like(m, 1, 1), 6, axis=1).reshape(2, 3, 13)
+    y = check_against_ref(m, x)
+    assert np.array_equal(m.mask, ref.route(m.gates, 2, "race"))
+    assert np.array_equal(m.forward(x), y)
+
+
+def test_training_idle_experts_and_tokens():
+    m = make(13, 5, 2, strategy="race")
+    m.params["gate_b"][[0, 3]] = -30.0                  # experts 0 and 3 lose every race
+    m.params["gate_b"][1] = 30.0                        # expert 1 wins every token
+    check_against_ref(m, x_like(m, 2, 8))
+    mask = m.mask
+    assert not mask[..., [0, 3]].any() and mask[..., 1].all()
+
+
+def test_k_zero_selects_nothing():
+    m = make(13, 4, 0, hidden=5)
+    x = x_like(m, 2, 3)
+    y = m.forward(x)
+    assert not y.any() and not m.mask.any() and m.threshold == float("inf")
+    assert not m.backward(np.ones_like(y)).any() and not m.grad_buffer.any()
+
+
+def test_threshold_update_arithmetic():
+    beta = 0.9
+    m = make(beta=beta)
+    m.forward(x_like(m, 2, 5, seed=1))
+    tau1 = m.threshold
+    assert tau1 == m.batch_threshold
+    m.forward(x_like(m, 2, 5, seed=2))
+    tb2 = m.batch_threshold
+    assert tb2 != tau1
+    assert m.threshold == pytest.approx(beta * tau1 + (1 - beta) * tb2, rel=1e-6)
+    tau2 = m.threshold
+    m.eval().forward(x_like(m, 2, 5, seed=3))            # eval leaves tau alone
+    assert m.threshold == tau2 and m.batch_threshold == tb2
+    m.train()
+    m.threshold = None                                   # forget: restart from tau_b
+    m.forward(x_like(m, 2, 5, seed=4))
+    assert m.threshold == m.batch_threshold
+    m.threshold = 5.0
+    m.beta = 0.0                                         # beta = 0: tau follows tau_b
+    m.forward(x_like(m, 2, 5, seed=5))
+    assert m.threshold == m.batch_threshold
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_eval_selection(strategy):
+    """Eval: G >= tau per pair; eval_topk keeps the batch top-K; token choice is per token."""
+    B, L, D, E, k = 2, 6, 13, 4, 2
+    m = make(D, E, k, strategy=strategy)
+    m.forward(x_like(m, B, L, seed=1))
+    tau = m.threshold
+    x = x_like(m, B, L, seed=2)
+    m.eval()
+    check_against_ref(m, x)
+    if strategy == "token":
+        assert np.array_equal(m.mask, ref.route(m.gates, k, "token"))
+    else:
+        assert np.array_equal(m.mask, m.gates >= np.float32(tau))
+    m.eval_topk = True
+    check_against_ref(m, x)
+    assert np.array_equal(m.mask, ref.route(m.gates, k, strategy))
+    assert m.threshold == tau
+
+
+def test_token_choice_eval_needs_no_threshold():
+    m = make(strategy="token").eval()
+    x = x_like(m, 2, 3)
+    check_against_ref(m, x)
+    assert m.threshold is None and (m.mask.sum(-1) == 2).all()
+
+
+def test_nan_input_raises():
+    m = make()
+    x = x_like(m, 2, 3)
+    x[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        m.forward(x)
+    with pytest.raises(RuntimeError, match="forward first"):
+        m.backward(np.zeros_like(x))
+    m.eval()
+    m.threshold = 0.0
+    with pytest.raises(ValueError, match="NaN"):
+        m.forward(x)
+
+
+def test_k_not_an_integer_for_the_strategy():
+    m = make(13, 4, 1, strategy="expert")               # K = k*L/E = 3/4
+    with pytest.raises(ValueError, match=r"K = k\*L/E .* 3/4"):
+        m.forward(x_like(m, 2, 3))
+    m = make(13, 4, 2, strategy="expert")
+    m.forward(x_like(m, 2, 2))                           # K = 2*2/4 = 1: fine

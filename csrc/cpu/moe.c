@@ -389,15 +389,3 @@ rd_status rd_moe_set_threshold(rd_moe_state *st, const float *tau) {
     st->have_tau = 1;
     return RD_OK;
 }
-
-/* TEMPORARY until route.c lands: weak placeholders so the module links. */
-__attribute__((weak)) rd_status rd_route(uint8_t *mask, float *tau_b, const float *scores,
-                                         int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s) {
-    (void)mask; (void)tau_b; (void)scores; (void)B; (void)L; (void)E; (void)k; (void)s;
-    return rd_fail(RD_ESTATE, "routing is not built yet");
-}
-__attribute__((weak)) rd_status rd_route_threshold(uint8_t *mask, const float *scores, int64_t n,
-                                                   float tau) {
-    for (int64_t i = 0; i < n; i++) mask[i] = scores[i] >= tau;
-    return RD_OK;
-}
