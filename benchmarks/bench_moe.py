@@ -60,8 +60,8 @@ def blas_threads():
         from threadpoolctl import threadpool_info
     except ImportError:
         return "threadpoolctl not installed"
-    libs = [f"{i['internal_api']} {i['num_threads']} threads ({i['filepath'].rsplit('/', 1)[-1]})"
-            for i in threadpool_info() if i["user_api"] == "blas"]
+    libs = [f"{i['internal_api']} {i.get('architecture', '?')} kernels, {i['num_threads']} threads "
+            f"({i['filepath'].rsplit('/', 1)[-1]})" for i in threadpool_info() if i["user_api"] == "blas"]
     return "; ".join(libs) or "none found"
 
 

@@ -347,6 +347,7 @@ def test_training_matches_ref(strategy, gating):
     G = m.gates
     mask, tau_b = ref.route(G, k, strategy, return_tau=True)
     assert np.array_equal(m.mask, mask), "selection differs from ref.route on the same gates"
+    assert np.array_equal(m.mask, ref.moe_select(k, strategy)(G))
     _, K = ref.route_plan(B, L, E, k, strategy)
     assert m.mask.sum() == B * L * k
     assert m.batch_threshold == pytest.approx(tau_b, rel=1e-6, abs=1e-7)
@@ -431,6 +432,7 @@ def test_eval_selection(strategy):
         assert np.array_equal(m.mask, ref.route(m.gates, k, "token"))
     else:
         assert np.array_equal(m.mask, m.gates >= np.float32(tau))
+    assert np.array_equal(m.mask, ref.moe_select(k, strategy, tau=np.float32(tau))(m.gates))
     m.eval_topk = True
     check_against_ref(m, x)
     assert np.array_equal(m.mask, ref.route(m.gates, k, strategy))

@@ -12,7 +12,7 @@ from scipy.special import erfc, expit
 # The GELU helpers stay module-level (racedit.ref.moe.gelu_tanh ...), out of __all__.
 __all__ = [
     "gate_forward", "gate_backward", "router_forward", "router_backward",
-    "experts_forward", "experts_backward", "moe_forward", "moe_backward",
+    "experts_forward", "experts_backward", "moe_select", "moe_forward", "moe_backward",
 ]
 
 _C0 = np.sqrt(2.0 / np.pi)
@@ -121,11 +121,24 @@ def experts_backward(dy, x, mask, G, w1, b1, w2, b2):
     return dx, dG, dw1, da.sum(0), dw2, do.sum(0)
 
 
+def moe_select(k, strategy="race", tau=None, eval_topk=False):
+    """The layer's selection rule as a function G (B,L,E) -> mask (B,L,E) bool: batch
+    top-K by racedit.ref.route (training, ``eval_topk``, token choice, or ``tau`` None),
+    else ``G >= tau`` per pair (eval mode)."""
+    from .route import route
+
+    def select(G):
+        if tau is None or eval_topk or strategy == "token":
+            return route(G, k, strategy)
+        return np.asarray(G) >= tau
+    return select
+
+
 def moe_forward(x, params, select, gating="identity"):
     """The composite layer: router -> gate -> select -> experts -> combine.
 
     x (B,L,D); params a dict with router_w, router_b, gate_w, gate_b, w1, b1, w2, b2;
-    select(G (B,L,E) float64) -> mask (B,L,E) bool. Returns (y (B,L,D), cache) where
+    select(G (B,L,E) float64) -> mask (B,L,E) bool (e.g. :func:`moe_select`). Returns (y (B,L,D), cache) where
     cache holds what :func:`moe_backward` needs (and ``mask``, ``G``, ``R``, ``h``)."""
     (x,) = _f64(x)
     B, L, D = x.shape
