@@ -113,6 +113,21 @@ rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *out);
 /* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
 rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
 
+/* ---- benchmark ----------------------------------------------------------------------
+ * Device-resident timings (CUDA events, mean ms per call over `iters` after a warm-up)
+ * of the layer on HOST inputs x (B,L,D), params (flat, rd_moe_params layout), dy
+ * (B,L,D), uploaded once: routing alone, layer forward (training), layer forward +
+ * backward, experts forward + backward alone, and dense cuBLAS GEMMs of the experts'
+ * FLOPs (the same shapes with all P rows in one expert: 2 GEMMs forward, 6 in all). Uses
+ * the current TF32 / expert-GEMM settings. */
+typedef struct {
+    double route_ms, fwd_ms, fwdbwd_ms, experts_fwdbwd_ms, dense_fwd_ms, dense_fwdbwd_ms;
+    int64_t P;
+} rd_cuda_bench_result;
+rd_status rd_cuda_bench_moe(rd_cuda_bench_result *r, const float *x, const float *params,
+                            const float *dy, const rd_moe_cfg *cfg, int64_t B, int64_t L,
+                            int iters);
+
 #ifdef __cplusplus
 }
 #endif
