@@ -14,6 +14,8 @@ exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 T0=$(date +%s)
 step() { echo; echo "=== $* ($(( $(date +%s) - T0 )) s)"; }
 
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
+
 step "machine"
 nvidia-smi || echo "gpu_check: nvidia-smi failed"
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
