@@ -39,11 +39,11 @@ def test_without_gpu_every_entry_raises_runtime_error():
 
 # ---- routing ---------------------------------------------------------------------------
 def valid(B, L, E, k, s):
-    try:
-        ops.route_plan(B, L, E, k, s)
-        return True
-    except ValueError:
-        return False
+    """K of SPEC §2 is a whole number in [0, group size] (the rule of route_plan)."""
+    num, den, size = {"token": (k, 1, E), "expert": (k * L, E, L), "bl": (B * L * k, E, B * L),
+                      "be": (B * k, 1, B * E), "le": (L * k, 1, L * E),
+                      "race": (B * L * k, 1, B * L * E)}[s]
+    return 0 <= k <= E and num % den == 0 and num // den <= size
 
 
 # (B, L, E, k): odd sizes, E=1, L=1, k=E, k=0; groups both <= 256 (warp ranking) and
