@@ -112,20 +112,30 @@ rd_status rd_dbuf_get(rd_dbuf *b, size_t bytes, void **out) {
     return RD_OK;
 }
 
+/* Stream-ordered allocation where the device has memory pools; plain cudaMalloc (and a
+ * synchronising free) where it does not. */
+static int g_no_pools = 0;
+
 rd_status rd_scratch_alloc(void **p, size_t bytes) {
     *p = NULL;
-    cudaError_t e = cudaMallocAsync(p, bytes ? bytes : 16, RD_STREAM);
-    if (e != cudaSuccess) {
+    if (bytes == 0) bytes = 16;
+    if (!g_no_pools) {
+        cudaError_t e = cudaMallocAsync(p, bytes, RD_STREAM);
+        if (e == cudaSuccess) return RD_OK;
         cudaGetLastError();
         *p = NULL;
-        return rd_fail(e == cudaErrorMemoryAllocation ? RD_ENOMEM : RD_ECUDA,
-                       "CUDA: cannot allocate %zu bytes of scratch: %s", bytes, cudaGetErrorString(e));
+        if (e != cudaErrorNotSupported)
+            return rd_fail(e == cudaErrorMemoryAllocation ? RD_ENOMEM : RD_ECUDA,
+                           "CUDA: cannot allocate %zu bytes of scratch: %s", bytes, cudaGetErrorString(e));
+        g_no_pools = 1;
     }
-    return RD_OK;
+    return rd_cuda_malloc(p, bytes);
 }
 
 void rd_scratch_free(void *p) {
-    if (p) cudaFreeAsync(p, RD_STREAM);
+    if (!p) return;
+    if (g_no_pools) cudaFree(p);
+    else cudaFreeAsync(p, RD_STREAM);
 }
 
 void rd_dbuf_free(rd_dbuf *b) {
