@@ -50,12 +50,52 @@ python -c "import racedit; assert racedit.build_info()['cuda'], 'built WITHOUT C
     echo "gpu_check: racedit was built without CUDA; see $OUT/build.log"; exit 1; }
 
 step "tests (tests/test_cuda_ops.py, tests/test_build.py)"
-timeout 300 python -m pytest -ra -q tests/test_cuda_ops.py tests/test_build.py -p no:cacheprovider \
+timeout 240 python -m pytest -ra -q tests/test_cuda_ops.py tests/test_build.py -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest.log"
 TEST_RC=${PIPESTATUS[0]}
 
 step "benchmark"
-timeout 180 python benchmarks/bench_cuda_moe.py --iters 10 2>&1 | tee "$OUT/bench.log"
+timeout 150 python benchmarks/bench_cuda_moe.py --iters 10 2>&1 | tee "$OUT/bench.log"
+
+step "compute-sanitizer memcheck on small cases (out-of-bounds / misaligned accesses)"
+SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [ -x "$SAN" ]; then
+    timeout 150 "$SAN" --tool memcheck --leak-check no --error-exitcode 3 python - <<'PYEOF' 2>&1 | tail -40 | tee "$OUT/memcheck.log"
+import numpy as np, racedit
+from racedit import cuda as rc
+rng = np.random.default_rng(0)
+for shape, k in (((2, 6, 4), 2), ((4, 300, 8), 2), ((1, 4100, 3), 1)):
+    x = rng.standard_normal(shape).astype(np.float32)
+    for s in ("token", "expert", "bl", "be", "le", "race"):
+        try:
+            rc.route(x, k, s, return_tau=True)
+        except ValueError:
+            pass
+rc.route_threshold(x, 0.1)
+N, D, E, He = 37, 12, 5, 9
+args = [rng.standard_normal((N, D)).astype(np.float32), rng.random((N, E)) < 0.4,
+        rng.standard_normal((N, E)).astype(np.float32),
+        rng.standard_normal((E, D, He)).astype(np.float32), rng.standard_normal((E, He)).astype(np.float32),
+        rng.standard_normal((E, He, D)).astype(np.float32), rng.standard_normal((E, D)).astype(np.float32)]
+args[1][:, 1] = False
+for mode in ([0, 1] if rc.info()["grouped_gemm"] else [0]):
+    rc.expert_gemm(mode)
+    rc.experts_backward(rng.standard_normal((N, D)).astype(np.float32), *args)
+for g in ("identity", "sigmoid", "softmax"):
+    G = rc.gate_forward(args[2], g)
+    rc.gate_backward(args[2], G, g)
+cpu = racedit.MoE(16, 4, 2, strategy="race")
+st = rc.MoEState(16, 4, 2, hidden=cpu.hidden)
+x = rng.standard_normal((2, 9, 16)).astype(np.float32)
+rc.moe_forward(st, x, cpu.param_buffer)
+rc.moe_backward(st, x, x, cpu.param_buffer)
+rc.moe_forward(st, x, cpu.param_buffer, training=False)
+print("memcheck script done")
+PYEOF
+    echo "memcheck exit code ${PIPESTATUS[0]}"
+else
+    echo "compute-sanitizer not found; skipped"
+fi
 
 step "done: tests exit code $TEST_RC"
 exit "$TEST_RC"
