@@ -112,20 +112,35 @@ __global__ void count_kernel(int *tile_cnt /* ntiles,E */, int *tile_tok /* ntil
     }
 }
 
-/* One block: tile counts -> exclusive per-expert tile bases; expert counts -> offsets;
- * tile pair counts -> exclusive tile token bases. info = counts, P, NaN flag. */
+/* Exclusive scan of v[i*stride], i < n, in place, by one warp (32 tiles per step);
+ * returns the total. */
+__device__ int warp_exclusive_scan(int *v, int64_t n, int64_t stride) {
+    int lane = threadIdx.x % 32, run = 0;
+    for (int64_t base = 0; base < n; base += 32) {
+        int64_t i = base + lane;
+        int x = i < n ? v[i * stride] : 0, incl = x;
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        if (i < n) v[i * stride] = run + incl - x;
+        run += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    return run;
+}
+
+/* One block: tile counts -> exclusive per-expert tile bases (a warp per expert); expert
+ * counts -> offsets; tile pair counts -> exclusive tile token bases. info = counts, P,
+ * and the routing's NaN flag. */
 __global__ void scan_kernel(int *tile_cnt, int *tile_tok, int *offsets, int *tok_ptr,
                             unsigned long long *info, const unsigned long long *nan_dev,
                             int64_t ntiles, int64_t N, int64_t E) {
-    for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
-        int run = 0;
-        for (int64_t tl = 0; tl < ntiles; tl++) {
-            int v = tile_cnt[tl * E + e];
-            tile_cnt[tl * E + e] = run;
-            run += v;
-        }
-        info[e] = (unsigned long long)run;
+    int w = threadIdx.x / 32, nw = blockDim.x / 32;
+    for (int64_t e = w; e < E; e += nw) {
+        int total = warp_exclusive_scan(tile_cnt + e, ntiles, E);
+        if (threadIdx.x % 32 == 0) info[e] = (unsigned long long)total;
     }
+    if (w == nw - 1) warp_exclusive_scan(tile_tok, ntiles, 1); /* read by assign only */
     __syncthreads();
     if (threadIdx.x == 0) {
         int run = 0;
@@ -137,13 +152,6 @@ __global__ void scan_kernel(int *tile_cnt, int *tile_tok, int *offsets, int *tok
         info[E] = (unsigned long long)run;
         info[E + 1] = nan_dev ? *nan_dev : ~0ULL;
         tok_ptr[N] = run;
-    } else if (threadIdx.x == 32) {
-        int run = 0;
-        for (int64_t tl = 0; tl < ntiles; tl++) {
-            int v = tile_tok[tl];
-            tile_tok[tl] = run;
-            run += v;
-        }
     }
 }
 
