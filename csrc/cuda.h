@@ -1,6 +1,6 @@
 /* cuda.h — the CUDA backend's C API: the ops of route.h and moe.h as `rd_<op>_cuda`, with
  * the same argument order as the CPU ops but DEVICE pointers, plus the device-memory
- * helpers the binding and benchmarks need. Included by racedit.h under RD_HAVE_CUDA.
+ * functions the binding and benchmarks need. Included by racedit.h under RD_HAVE_CUDA.
  *
  * Every function runs on one stream (the legacy default stream, which cuBLAS also uses),
  * never exits or prints, checks every cudaError_t / cublasStatus_t and returns an

@@ -1,5 +1,5 @@
 /* common.cu — the CUDA backend's shared pieces: the cuBLAS handle and math knobs, device
- * memory helpers, the row-major GEMM on cuBLAS, and the deterministic segmented column
+ * memory functions, the row-major GEMM on cuBLAS, and the deterministic segmented column
  * sum used for every bias gradient. */
 #include <mutex>
 
