@@ -78,25 +78,29 @@ void rd_scratch_free(void *p);
 /* Blocks for n items of `per` items each, at least 1 (callers skip n == 0). */
 static inline unsigned rd_blocks(int64_t n, int64_t per) { return (unsigned)((n + per - 1) / per); }
 
-/* ---- device math written as the CPU's (csrc/cpu/common.c) -------------------------- */
-#define RD_SQRT_2_OVER_PI_F 0.7978845608028654f
-#define RD_GELU_C_F 0.044715f
+/* ---- device math: the GELUs in forms without cancellation in the negative tail (as
+ * the CPU's csrc/cpu/moe_math.h), on CUDA's own expf / erfcf ------------------------ */
+#define RD_GELU_T0_F 0.7978845608028654f /* sqrt(2/pi) */
+#define RD_GELU_T1_F 0.044715f
+/* GELU_tanh(x) = 0.5 x (1 + tanh u) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). */
 __device__ __forceinline__ float d_gelu_tanh(float x) {
-    float u = RD_SQRT_2_OVER_PI_F * (x + RD_GELU_C_F * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(u));
+    float u = RD_GELU_T0_F * (x + RD_GELU_T1_F * x * x * x);
+    float e = expf(-2.0f * fabsf(u)), r = 1.0f / (1.0f + e);
+    return x * (u >= 0.0f ? r : e * r);
 }
+/* 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u'(x). */
 __device__ __forceinline__ float d_gelu_tanh_grad(float x) {
-    float u = RD_SQRT_2_OVER_PI_F * (x + RD_GELU_C_F * x * x * x);
-    float t = tanhf(u);
-    float du = RD_SQRT_2_OVER_PI_F * (1.0f + 3.0f * RD_GELU_C_F * x * x);
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+    float u = RD_GELU_T0_F * (x + RD_GELU_T1_F * x * x * x);
+    float e = expf(-2.0f * fabsf(u)), r = 1.0f / (1.0f + e);
+    float half_1pt = u >= 0.0f ? r : e * r;
+    float sech2 = 4.0f * e * r * r;
+    return half_1pt + 0.5f * x * sech2 * RD_GELU_T0_F * (1.0f + 3.0f * RD_GELU_T1_F * x * x);
 }
-__device__ __forceinline__ float d_gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-}
+/* GELU_erf(x) = x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2; derivative Phi(x) + x phi(x). */
+__device__ __forceinline__ float d_phi_cdf(float x) { return 0.5f * erfcf(-x * 0.70710678118654752f); }
+__device__ __forceinline__ float d_gelu_erf(float x) { return x * d_phi_cdf(x); }
 __device__ __forceinline__ float d_gelu_erf_grad(float x) {
-    return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) +
-           x * 0.3989422804014327f * expf(-0.5f * x * x);
+    return d_phi_cdf(x) + x * 0.39894228040143268f * expf(-0.5f * x * x);
 }
 
 /* Order-preserving key of a float (as csrc/cpu/route.c): a > b <=> key(a) > key(b) for
