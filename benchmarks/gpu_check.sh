@@ -25,6 +25,7 @@ NVCC_MAJOR=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
 PY=$(command -v python3.12 || command -v python3)
 echo "python: $PY ($($PY --version 2>&1)), nvcc major $NVCC_MAJOR, wheels: $(ls .whl 2>/dev/null | tr '\n' ' ')"
 
+if [ -d .whl ]; then
 step "venv + wheels from .whl/"
 rm -rf .venv-gpu
 "$PY" -m venv .venv-gpu || { echo "gpu_check: venv failed"; exit 1; }
@@ -39,6 +40,14 @@ else
     echo "cuBLAS: not in the toolkit; installing the $CUBLAS wheel"
     $PIP "$CUBLAS" 2>&1 | tee -a "$OUT/pip.log" || $PIP --no-deps "$CUBLAS" 2>&1 | tee -a "$OUT/pip.log" \
         || echo "gpu_check: no $CUBLAS wheel in .whl/ (the build will say it has no cuBLAS)"
+fi
+else
+step "no .whl/: using $PY as it is (it must have numpy, scipy, pytest, setuptools)"
+"$PY" -c "import numpy, scipy, pytest, setuptools; print('numpy', numpy.__version__, 'scipy', scipy.__version__)" \
+    || { echo "gpu_check: $PY lacks numpy/scipy/pytest/setuptools; provide .whl/"; exit 1; }
+mkdir -p /tmp/rd-pybin   # `python` (also under timeout/compute-sanitizer) runs $PY
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" > /tmp/rd-pybin/python && chmod +x /tmp/rd-pybin/python
+export PATH="/tmp/rd-pybin:$PATH"
 fi
 
 step "build (in place, with CUDA)"
