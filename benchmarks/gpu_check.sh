@@ -22,7 +22,7 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 nvcc --version || { echo "gpu_check: no nvcc under $CUDA_HOME"; exit 1; }
 NVCC_MAJOR=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
-PY=$(command -v python3.12 || command -v python3)
+PY=${PY:-$(command -v python3)}
 echo "python: $PY ($($PY --version 2>&1)), nvcc major $NVCC_MAJOR, wheels: $(ls .whl 2>/dev/null | tr '\n' ' ')"
 
 if [ -d .whl ]; then
