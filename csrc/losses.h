@@ -37,6 +37,12 @@ rd_status rd_coselect_counts(int64_t *C, const uint8_t *mask /* N,E */, int64_t 
 rd_status rd_router_similarity_forward(float *loss, float *P, float *W,
                                        const float *R /* N,E */, const uint8_t *mask /* N,E */,
                                        int64_t N, int64_t E);
+/* The two steps after the softmax, for callers that already hold P and the counts:
+ * W (E,E) from co-selection counts C (E,E) (rd_coselect_counts), and
+ * loss = (1/N) sum W o (P^T P) for P (N,E). */
+void rd_similarity_weights(float *W, const int64_t *C, int64_t E);
+rd_status rd_router_similarity_value(float *loss, const float *P, const float *W, int64_t N,
+                                     int64_t E);
 /* dR (N,E) = dloss * d(loss)/dR = softmax backward of (dloss/N) P (W + W^T). ASSIGNS. */
 rd_status rd_router_similarity_backward(float *dR, float dloss, const float *P /* N,E */,
                                         const float *W /* E,E */, int64_t N, int64_t E);
@@ -48,6 +54,9 @@ rd_status rd_router_similarity_backward(float *dR, float dloss, const float *P /
 rd_status rd_balance_forward(float *loss, float *P, float *f,
                              const float *R /* N,E */, const uint8_t *mask /* N,E */,
                              int64_t N, int64_t E);
+/* The step after the softmax: f (E) from load (E), and the loss, for P (N,E). */
+rd_status rd_balance_value(float *loss, float *f, const float *P, const int64_t *load,
+                           int64_t N, int64_t E);
 /* dR (N,E) = softmax backward of dP[t,i] = dloss E f_i / N (f is constant). ASSIGNS. */
 rd_status rd_balance_backward(float *dR, float dloss, const float *P /* N,E */,
                               const float *f /* E */, int64_t N, int64_t E);
@@ -85,7 +94,8 @@ rd_status rd_combination_usage(double *out, const int64_t *C /* E,E */, int64_t 
                                double coverage);
 /* For each key bucket b: count[b] = number of samples with keys[s] == b and
  * mean[b] = (selected pairs of those samples) / (count[b] * L), the mean number of
- * experts per token; mean[b] = NaN when count[b] == 0. keys must lie in [0, NB). */
+ * experts per token; mean[b] = NaN when count[b] == 0 (or L == 0). keys must lie in
+ * [0, NB). */
 rd_status rd_allocation_by_key(double *mean /* NB */, int64_t *count /* NB */,
                                const uint8_t *mask /* B,L,E */, const int64_t *keys /* B */,
                                int64_t B, int64_t L, int64_t E, int64_t NB);

@@ -92,19 +92,35 @@ rd_status rd_coselect_counts(int64_t *C, const uint8_t *mask, int64_t N, int64_t
 
 /* ---- router-similarity loss ---------------------------------------------------- */
 
-/* W (E,E) from the co-selection counts C (E,E); zero blocks for empty sums. */
-static void similarity_weights(float *W, const int64_t *C, int64_t E) {
+void rd_similarity_weights(float *W, const int64_t *C, int64_t E) {
     int64_t sdiag = 0, soff = 0;
     for (int64_t i = 0; i < E; i++)
         for (int64_t j = 0; j < E; j++) {
             if (i == j) sdiag += C[i * E + j];
             else soff += C[i * E + j];
         }
+    /* an empty block (nothing selected / no token with two experts) gets weight 0 */
     double wd = sdiag > 0 ? (double)E / (double)sdiag : 0.0;
     double wo = soff > 0 ? (double)(E * E - E) / (double)soff : 0.0;
     for (int64_t i = 0; i < E; i++)
         for (int64_t j = 0; j < E; j++)
             W[i * E + j] = (float)((i == j ? wd : wo) * (double)C[i * E + j]);
+}
+
+rd_status rd_router_similarity_value(float *loss, const float *P, const float *W, int64_t N,
+                                     int64_t E) {
+    rd_status st = check_sizes("router_similarity", N, E);
+    if (st != RD_OK) return st;
+    float *Pp = malloc((size_t)(E * E) * sizeof *Pp);   /* P' = P^T P (E,E) */
+    if (!Pp) return rd_fail(RD_ENOMEM, "router_similarity: out of memory (E=%lld)", (long long)E);
+    st = rd_matmul(Pp, (int)E, P, (int)E, 1, P, (int)E, 0, E, E, N, 1.0f, 0.0f);
+    if (st == RD_OK) {
+        double acc = 0.0;
+        for (int64_t i = 0; i < E * E; i++) acc += (double)W[i] * (double)Pp[i];
+        *loss = (float)(acc / (double)N);
+    }
+    free(Pp);
+    return st;
 }
 
 rd_status rd_router_similarity_forward(float *loss, float *P, float *W, const float *R,
@@ -114,19 +130,13 @@ rd_status rd_router_similarity_forward(float *loss, float *P, float *W, const fl
     st = rd_softmax_forward(P, R, N, E);
     if (st != RD_OK) return st;
     int64_t *C = malloc((size_t)(E * E) * sizeof *C);
-    float *Pp = malloc((size_t)(E * E) * sizeof *Pp);   /* P' = P^T P (E,E) */
-    if (!C || !Pp) { st = rd_fail(RD_ENOMEM, "router_similarity: out of memory (E=%lld)", (long long)E); goto done; }
+    if (!C) return rd_fail(RD_ENOMEM, "router_similarity: out of memory (E=%lld)", (long long)E);
     st = rd_coselect_counts(C, mask, N, E);
-    if (st != RD_OK) goto done;
-    similarity_weights(W, C, E);
-    st = rd_matmul(Pp, (int)E, P, (int)E, 1, P, (int)E, 0, E, E, N, 1.0f, 0.0f);
-    if (st != RD_OK) goto done;
-    double acc = 0.0;
-    for (int64_t i = 0; i < E * E; i++) acc += (double)W[i] * (double)Pp[i];
-    *loss = (float)(acc / (double)N);
-done:
+    if (st == RD_OK) {
+        rd_similarity_weights(W, C, E);
+        st = rd_router_similarity_value(loss, P, W, N, E);
+    }
     free(C);
-    free(Pp);
     return st;
 }
 
@@ -147,16 +157,12 @@ rd_status rd_router_similarity_backward(float *dR, float dloss, const float *P, 
 
 /* ---- balance loss ------------------------------------------------------------- */
 
-rd_status rd_balance_forward(float *loss, float *P, float *f, const float *R,
-                             const uint8_t *mask, int64_t N, int64_t E) {
+rd_status rd_balance_value(float *loss, float *f, const float *P, const int64_t *load,
+                           int64_t N, int64_t E) {
     rd_status st = check_sizes("balance", N, E);
     if (st != RD_OK) return st;
-    st = rd_softmax_forward(P, R, N, E);
-    if (st != RD_OK) return st;
-    int64_t *load = malloc((size_t)E * sizeof *load);
-    double *pbar = calloc((size_t)E, sizeof *pbar);
-    if (!load || !pbar) { st = rd_fail(RD_ENOMEM, "balance: out of memory (E=%lld)", (long long)E); goto done; }
-    rd_expert_load(load, mask, N, E);
+    double *pbar = calloc((size_t)E, sizeof *pbar);   /* sum_t P[t,i] (E) */
+    if (!pbar) return rd_fail(RD_ENOMEM, "balance: out of memory (E=%lld)", (long long)E);
     int64_t total = 0;
     for (int64_t e = 0; e < E; e++) total += load[e];
     for (int64_t e = 0; e < E; e++) f[e] = total > 0 ? (float)((double)load[e] / (double)total) : 0.0f;
@@ -165,9 +171,21 @@ rd_status rd_balance_forward(float *loss, float *P, float *f, const float *R,
     double acc = 0.0;
     for (int64_t e = 0; e < E; e++) acc += (double)f[e] * pbar[e] / (double)N;
     *loss = (float)((double)E * acc);
-done:
-    free(load);
     free(pbar);
+    return RD_OK;
+}
+
+rd_status rd_balance_forward(float *loss, float *P, float *f, const float *R,
+                             const uint8_t *mask, int64_t N, int64_t E) {
+    rd_status st = check_sizes("balance", N, E);
+    if (st != RD_OK) return st;
+    st = rd_softmax_forward(P, R, N, E);
+    if (st != RD_OK) return st;
+    int64_t *load = malloc((size_t)E * sizeof *load);
+    if (!load) return rd_fail(RD_ENOMEM, "balance: out of memory (E=%lld)", (long long)E);
+    rd_expert_load(load, mask, N, E);
+    st = rd_balance_value(loss, f, P, load, N, E);
+    free(load);
     return st;
 }
 
