@@ -100,4 +100,50 @@ rd_status rd_allocation_by_key(double *mean /* NB */, int64_t *count /* NB */,
                                const uint8_t *mask /* B,L,E */, const int64_t *keys /* B */,
                                int64_t B, int64_t L, int64_t E, int64_t NB);
 
+/* ---- the MoE layer's aux losses and diagnostics --------------------------------
+ * rd_moe_forward / rd_moe_backward (moe.c) call these hooks; the aux state lives in the
+ * layer's state. In a training forward: L_sim (cfg->sim_weight > 0), L_bal
+ * (cfg->balance_weight > 0), the PLR head's prediction T = h Wt + bt (cfg->plr_dim > 0)
+ * and, given a target, L_PLR = mean((T - target)^2). Eval forwards skip all of these
+ * (the head costs nothing at inference). The diagnostics are computed on every forward.
+ * Backward adds sim_weight * dL_sim/dR + balance_weight * dL_bal/dR into dR and
+ * plr_weight * dL_PLR/dh as dh_extra (plus dWt, dbt). L_PLR is this layer's: a model
+ * averaging over its layers sets plr_weight = lambda_PLR / layers. */
+typedef struct {
+    int64_t N, E, plr_dim;     /* sizes of the last forward (0 before any)                */
+    int training;              /* 1 if the last forward was a training forward            */
+    int has_sim, has_balance, has_plr;   /* which losses the last forward computed         */
+    float sim_loss;            /* L_sim, unweighted (0 when not computed)                 */
+    float balance_loss;        /* L_bal, unweighted                                       */
+    float plr_loss;            /* L_PLR, unweighted                                       */
+    double max_violation;      /* MaxVio of the last selection                            */
+    double combination_usage;  /* at coverage 0.95                                        */
+    double experts_per_token;  /* selected pairs / N                                      */
+    int64_t dead_experts;      /* experts with load 0                                     */
+    float tau, tau_b;          /* the layer's threshold and its last batch threshold      */
+    const int64_t *load;       /* (E) tokens per expert; owned by the state               */
+    const float *plr_pred;     /* (N,plr_dim) T of the last training forward, or NULL     */
+} rd_moe_aux;
+
+typedef struct rd_moe_aux_state rd_moe_aux_state;
+rd_moe_aux_state *rd_moe_aux_new(void);
+void rd_moe_aux_free(rd_moe_aux_state *a);
+/* Hook of rd_moe_forward, after the selection. R (N,E) logits, h (N,D) router hidden,
+ * mask (N,E), plr_target (N,plr_dim) or NULL. RD_EINVAL: sim/balance weight > 0 with
+ * E < 2, a non-finite logit or target. */
+rd_status rd_moe_aux_forward(rd_moe_aux_state *a, const float *R, const float *h,
+                             const uint8_t *mask, const float *plr_target,
+                             const rd_moe_cfg *cfg, const rd_moe_params *p, int64_t N,
+                             int training);
+/* Hook of rd_moe_backward, before the router's backward: dR_acc (N,E) ACCUMULATES the
+ * weighted sim/balance gradients; *dh_extra <- the PLR head's weighted gradient on h
+ * (N,D, owned by the aux state) or NULL; grad's PLR_W / PLR_B ACCUMULATE. */
+rd_status rd_moe_aux_backward(rd_moe_aux_state *a, float *dR_acc, const float **dh_extra,
+                              const rd_moe_params *grad, const float *h,
+                              const rd_moe_cfg *cfg, const rd_moe_params *p);
+/* The aux values of the last forward (tau and tau_b left 0: rd_moe_get_aux fills them). */
+void rd_moe_aux_read(const rd_moe_aux_state *a, rd_moe_aux *out);
+/* Aux losses and diagnostics of the layer's last forward (moe.c). */
+rd_status rd_moe_get_aux(const rd_moe_state *st, rd_moe_aux *out);
+
 #endif

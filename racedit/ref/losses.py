@@ -16,6 +16,8 @@ __all__ = [
     "max_violation",
     "combination_usage",
     "allocation_by_key",
+    "moe_aux_forward",
+    "moe_aux_backward",
 ]
 
 
@@ -147,3 +149,49 @@ def allocation_by_key(mask, keys, num_buckets):
         if count[b]:
             mean[b] = per_sample[sel].mean()
     return mean, count
+
+
+def moe_aux_forward(cache, params, plr_target=None, sim_weight=0.0, balance_weight=0.0,
+                    plr_weight=1.0):
+    """The MoE layer's aux losses from a :func:`racedit.ref.moe.moe_forward` cache.
+
+    params: the layer's dict, with ``plr_w`` (D, plr_dim) and ``plr_b`` (plr_dim,) when
+    the PLR head is on; plr_target (B, L, plr_dim) or None. Returns (weighted total,
+    values dict with ``sim_loss``, ``balance_loss``, ``plr_loss`` (None when off) and
+    ``plr_pred`` (N, plr_dim), aux cache for :func:`moe_aux_backward`)."""
+    R, mask, h = cache["R"], cache["mask"], cache["h"]            # (N,E), (N,E), (N,D)
+    vals = dict(sim_loss=None, balance_loss=None, plr_loss=None, plr_pred=None)
+    grads = dict(dR=np.zeros_like(R), dT=None)
+    total = 0.0
+    if sim_weight > 0:
+        vals["sim_loss"], dR = router_similarity_loss(R, mask)
+        total += sim_weight * vals["sim_loss"]
+        grads["dR"] += sim_weight * dR
+    if balance_weight > 0:
+        vals["balance_loss"], dR = balance_loss(R, mask)
+        total += balance_weight * vals["balance_loss"]
+        grads["dR"] += balance_weight * dR
+    if "plr_w" in params and np.size(params["plr_w"]) > 0:
+        T = plr_head_forward(h, params["plr_w"], params["plr_b"])  # (N, plr_dim)
+        vals["plr_pred"] = T
+        if plr_target is not None:
+            vals["plr_loss"], dT = plr_loss(T, np.asarray(plr_target, np.float64).reshape(T.shape))
+            total += plr_weight * vals["plr_loss"]
+            grads["dT"] = plr_weight * dT
+    return total, vals, grads
+
+
+def moe_aux_backward(aux_cache, cache, params):
+    """Gradients of the weighted aux total of :func:`moe_aux_forward`: returns (dx (B,L,D),
+    grads dict over router_w, router_b, gate_w, gate_b and, with the head, plr_w, plr_b)."""
+    from .moe import router_backward
+
+    B, L, D = cache["shape"]
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    dh_extra, out = None, {}
+    if aux_cache["dT"] is not None:
+        dh_extra, out["plr_w"], out["plr_b"] = plr_head_backward(aux_cache["dT"], cache["h"], p["plr_w"])
+    dx, out["router_w"], out["router_b"], out["gate_w"], out["gate_b"] = router_backward(
+        aux_cache["dR"], cache["hpre"], cache["h"], cache["x"], p["router_w"], p["gate_w"],
+        dh_extra=dh_extra)
+    return dx.reshape(B, L, D), out
