@@ -30,3 +30,4 @@ def cuda_available():
 
 
 from . import ops, ref  # noqa: E402
+from .moe import MoE  # noqa: E402,F401
