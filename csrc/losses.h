@@ -116,6 +116,7 @@ typedef struct {
     float sim_loss;            /* L_sim, unweighted (0 when not computed)                 */
     float balance_loss;        /* L_bal, unweighted                                       */
     float plr_loss;            /* L_PLR, unweighted                                       */
+    float aux_loss;            /* sim_w L_sim + balance_w L_bal + plr_w L_PLR (computed)  */
     double max_violation;      /* MaxVio of the last selection                            */
     double combination_usage;  /* at coverage 0.95                                        */
     double experts_per_token;  /* selected pairs / N                                      */
@@ -135,12 +136,12 @@ rd_status rd_moe_aux_forward(rd_moe_aux_state *a, const float *R, const float *h
                              const uint8_t *mask, const float *plr_target,
                              const rd_moe_cfg *cfg, const rd_moe_params *p, int64_t N,
                              int training);
-/* Hook of rd_moe_backward, before the router's backward: dR_acc (N,E) ACCUMULATES the
- * weighted sim/balance gradients; *dh_extra <- the PLR head's weighted gradient on h
- * (N,D, owned by the aux state) or NULL; grad's PLR_W / PLR_B ACCUMULATE. */
+/* Hook of rd_moe_backward, before the router's backward, for the last forward (with the
+ * weights that forward saw): dR_acc (N,E) ACCUMULATES the weighted sim/balance
+ * gradients; *dh_extra <- the PLR head's weighted gradient on h (N,D, owned by the aux
+ * state) or NULL; grad's PLR_W / PLR_B ACCUMULATE. h (N,D) is the router hidden. */
 rd_status rd_moe_aux_backward(rd_moe_aux_state *a, float *dR_acc, const float **dh_extra,
-                              const rd_moe_params *grad, const float *h,
-                              const rd_moe_cfg *cfg, const rd_moe_params *p);
+                              const rd_moe_params *grad, const float *h, const rd_moe_params *p);
 /* The aux values of the last forward (tau and tau_b left 0: rd_moe_get_aux fills them). */
 void rd_moe_aux_read(const rd_moe_aux_state *a, rd_moe_aux *out);
 /* Aux losses and diagnostics of the layer's last forward (moe.c). */

@@ -291,3 +291,196 @@ def test_plr_bad_input():
         ops.plr_loss([1.0], np.zeros(1, np.float32))
     with pytest.raises(ValueError, match="T: expected an array with ndim >= 1"):
         ops.plr_loss(np.array(1.0, np.float32), np.zeros(1, np.float32))
+
+
+# ---- the MoE layer with its aux losses ---------------------------------------------
+
+import racedit  # noqa: E402
+
+AUX_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2", "plr_w", "plr_b")
+
+
+def make_aux_layer(D=6, E=5, k=2, plr_dim=3, strategy="race", gating="identity", **kw):
+    kw.setdefault("sim_weight", 0.3)
+    kw.setdefault("balance_weight", 0.2)
+    kw.setdefault("plr_weight", 0.7)
+    m = racedit.MoE(D, E, k, strategy=strategy, gating=gating, hidden=4, plr_dim=plr_dim, seed=3, **kw)
+    rng = np.random.default_rng(11)
+    for v in m.params.values():                      # nonzero biases everywhere
+        v += 0.1 * rng.standard_normal(v.shape).astype(np.float32)
+    return m
+
+
+def twin_layer(x, params, mask, target, gating, weights, dy):
+    """Whole-layer float64 twin with the aux losses and a fixed selection: returns
+    (objective sum(y*dy) + aux total, values, dx, grads)."""
+    y, cache = ref.moe_forward(x, params, lambda G: mask, gating)
+    total, vals, aux_cache = ref.moe_aux_forward(cache, params, target, **weights)
+    dx, grads = ref.moe_backward(dy, cache, params)
+    dxa, grads_a = ref.moe_aux_backward(aux_cache, cache, params)
+    for k_, v in grads_a.items():
+        grads[k_] = grads.get(k_, 0.0) + v
+    return float((y * dy).sum()) + total, vals, dx + dxa, grads
+
+
+WEIGHTS = dict(sim_weight=0.3, balance_weight=0.2, plr_weight=0.7)
+
+
+@pytest.mark.parametrize("strategy,gating", [("race", "identity"), ("token", "softmax"),
+                                             ("be", "sigmoid")])
+def test_moe_aux_layer_vs_twin(strategy, gating):
+    m = make_aux_layer(strategy=strategy, gating=gating)
+    rng = np.random.default_rng(12)
+    B, L = 2, 5
+    x = rng.standard_normal((B, L, m.dim)).astype(np.float32)
+    target = rng.standard_normal((B, L, m.plr_dim)).astype(np.float32)
+    dy = rng.standard_normal((B, L, m.dim)).astype(np.float32)
+    m.zero_grad()
+    m.forward(x, plr_target=target)
+    aux = m.aux
+    dx = m.backward(dy)
+    mask = m.mask.reshape(B * L, -1)
+    _, vals, rdx, rgrads = twin_layer(x, m.params, mask, target, gating, WEIGHTS, dy)
+    for name in ("sim_loss", "balance_loss", "plr_loss"):
+        assert aux[name] == pytest.approx(vals[name], rel=1e-5)
+    want = (WEIGHTS["sim_weight"] * vals["sim_loss"] + WEIGHTS["balance_weight"] * vals["balance_loss"]
+            + WEIGHTS["plr_weight"] * vals["plr_loss"])
+    assert aux["aux_loss"] == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(aux["plr_pred"].reshape(B * L, -1), vals["plr_pred"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5)
+    for name in AUX_NAMES:
+        np.testing.assert_allclose(m.grads[name], rgrads[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    # diagnostics of the layer's own selection agree with the standalone ops
+    assert aux["max_violation"] == pytest.approx(ops.max_violation(m.mask))
+    assert aux["combination_usage"] == pytest.approx(ops.combination_usage(m.mask))
+    assert aux["dead_experts"] == ops.dead_experts(m.mask)
+    np.testing.assert_array_equal(aux["expert_load"], ops.expert_load(m.mask))
+    assert aux["experts_per_token"] == pytest.approx(m.mask.sum() / (B * L))
+    assert aux["threshold"] == m.threshold and aux["training"] is True
+
+
+def test_moe_aux_twin_fd():
+    """Finite differences of the whole-layer twin (aux losses on, selection fixed)."""
+    rng = np.random.default_rng(13)
+    B, L, D, E, He, Pd = 2, 3, 3, 4, 2, 2
+    shapes = dict(router_w=(D, D), router_b=(D,), gate_w=(D, E), gate_b=(E,), w1=(E, D, He),
+                  b1=(E, He), w2=(E, He, D), b2=(E, D), plr_w=(D, Pd), plr_b=(Pd,))
+    params = {n: 0.5 * rng.standard_normal(s) for n, s in shapes.items()}
+    x = rng.standard_normal((B, L, D))
+    target = rng.standard_normal((B, L, Pd))
+    dy = rng.standard_normal((B, L, D))
+    mask = rng.random((B * L, E)) < 0.5
+    mask[0, :2] = True                                  # at least one co-selected pair
+    for gating in ("identity", "softmax"):
+        _, _, dx, grads = twin_layer(x, params, mask, target, gating, WEIGHTS, dy)
+
+        def J(p=params, x_=x):
+            return twin_layer(x_, p, mask, target, gating, WEIGHTS, dy)[0]
+
+        np.testing.assert_allclose(dx, fd_grad(lambda v: J(x_=v), x.copy()), rtol=1e-5, atol=1e-8)
+        for name in ("router_w", "router_b", "gate_w", "gate_b", "plr_w", "plr_b", "w1"):
+            def Jp(v, name=name):
+                return J(p={**params, name: v})
+            np.testing.assert_allclose(grads[name], fd_grad(Jp, params[name].copy()),
+                                       rtol=1e-5, atol=1e-8, err_msg=f"{gating} {name}")
+
+
+def test_moe_aux_gradient_is_additive():
+    # the aux losses add exactly their twin gradient on top of the plain layer's
+    rng = np.random.default_rng(14)
+    plain = make_aux_layer(sim_weight=0.0, balance_weight=0.0)
+    full = make_aux_layer()
+    np.testing.assert_array_equal(plain.param_buffer, full.param_buffer)
+    x = rng.standard_normal((3, 4, plain.dim)).astype(np.float32)
+    target = rng.standard_normal((3, 4, plain.plr_dim)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for m in (plain, full):
+        m.zero_grad()
+        m.forward(x)                 # no target: no PLR loss; plain has no aux loss at all
+    np.testing.assert_array_equal(plain.mask, full.mask)
+    dx_plain, dx_full = plain.backward(dy), full.backward(dy)
+    assert plain.aux["sim_loss"] is None and plain.aux["plr_loss"] is None
+    assert plain.aux["plr_pred"] is not None            # the head still predicts
+    assert full.aux["plr_loss"] is None and full.aux["sim_loss"] is not None
+    assert not plain.grads["plr_w"].any() and not full.grads["plr_w"].any()
+    assert np.abs(dx_full - dx_plain).max() > 1e-6       # sim + balance reach x
+    # a zero-weight head contributes nothing even with a target
+    plain.plr_weight = 0.0
+    plain.zero_grad()
+    plain.forward(x, plr_target=target)
+    dx0 = plain.backward(dy)
+    np.testing.assert_allclose(dx0, dx_plain, rtol=1e-6, atol=1e-7)
+    assert plain.aux["plr_loss"] > 0 and plain.aux["aux_loss"] == 0.0
+    assert not plain.grads["plr_w"].any()
+
+
+def test_moe_aux_eval_mode_skips_losses_and_head():
+    m = make_aux_layer()
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 4, m.dim)).astype(np.float32)
+    target = rng.standard_normal((2, 4, m.plr_dim)).astype(np.float32)
+    assert m.aux is None
+    m.forward(x, plr_target=target)
+    tau = m.threshold
+    m.eval()
+    m.forward(x, plr_target=target)
+    aux = m.aux
+    assert aux["training"] is False
+    assert aux["sim_loss"] is None and aux["balance_loss"] is None and aux["plr_loss"] is None
+    assert aux["plr_pred"] is None and aux["aux_loss"] == 0.0
+    assert aux["threshold"] == tau
+    np.testing.assert_array_equal(aux["expert_load"], ops.expert_load(m.mask))
+    m.zero_grad()
+    m.backward(np.ones_like(x))
+    assert not m.grads["plr_w"].any() and not m.grads["plr_b"].any()
+
+
+def test_moe_aux_collapsed_router_pays_similarity():
+    # the layer-level loss sees the same Fig. 4 effect as the op: same balance, more
+    # similarity when every token's pair is duplicated
+    m = make_aux_layer(D=4, E=4, k=2, plr_dim=0, strategy="token")
+    m.params["router_w"][...] = np.eye(4, dtype=np.float32)
+    m.params["router_b"][...] = 0.0
+    m.params["gate_b"][...] = 0.0
+    m.params["gate_w"][...] = 4.0 * np.array([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]],
+                                             np.float32)
+    x = np.zeros((1, 8, 4), np.float32)
+    x[0, ::2, 0] = 2.0
+    x[0, 1::2, 1] = 2.0
+    m.forward(x)
+    collapsed = m.aux
+    assert collapsed["max_violation"] == pytest.approx(0.0)
+    assert collapsed["combination_usage"] == pytest.approx(2 / 6)
+    assert collapsed["sim_loss"] > 1.0
+
+
+def test_moe_aux_bad_input():
+    m = make_aux_layer()
+    x = np.zeros((2, 3, m.dim), np.float32)
+    with pytest.raises(ValueError, match="plr_target: expected shape"):
+        m.forward(x, plr_target=np.zeros((2, 3, m.plr_dim + 1), np.float32))
+    with pytest.raises(TypeError, match="plr_target: expected a numpy.ndarray"):
+        m.forward(x, plr_target=[[0.0]])
+    bad = np.zeros((2, 3, m.plr_dim), np.float32)
+    bad[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="target: non-finite"):
+        m.forward(x, plr_target=bad)
+    with pytest.raises(ValueError, match="no PLR head"):
+        make_aux_layer(plr_dim=0).forward(x, plr_target=np.zeros((2, 3, 1), np.float32))
+    with pytest.raises(ValueError, match="sim_weight: expected a finite float >= 0"):
+        make_aux_layer(sim_weight=-0.1)
+    with pytest.raises(ValueError, match="balance_weight: expected a finite float >= 0"):
+        make_aux_layer(balance_weight=float("nan"))
+    with pytest.raises(TypeError, match="plr_weight: expected a float"):
+        make_aux_layer(plr_weight="1")
+    with pytest.raises(ValueError, match="num_experts >= 2"):
+        racedit.MoE(4, 1, 1, sim_weight=0.01)
+    with pytest.raises(ValueError, match="plr_dim: expected >= 0"):
+        make_aux_layer(plr_dim=-1)
+    one = racedit.MoE(4, 1, 1)
+    with pytest.raises(ValueError, match="num_experts >= 2"):
+        one.balance_weight = 0.5
+    with pytest.raises(ValueError, match="sim_weight: expected a finite float >= 0"):
+        m.sim_weight = -1.0
+    m.sim_weight = 0.05
+    assert m.sim_weight == pytest.approx(0.05)

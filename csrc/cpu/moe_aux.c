@@ -12,6 +12,7 @@
 struct rd_moe_aux_state {
     rd_moe_aux v;               /* values of the last forward (pointers into the buffers) */
     int64_t D;
+    float w_sim, w_bal, w_plr;  /* the weights of the last forward, used by its backward  */
     int64_t cap_NE, cap_ND, cap_NP, cap_EE, cap_E;   /* elements */
     float *P, *S;               /* (N,E) router softmax; backward scratch                 */
     float *T, *dT;              /* (N,plr_dim) PLR prediction; plr_weight * dL_PLR/dT     */
@@ -94,6 +95,7 @@ rd_status rd_moe_aux_forward(rd_moe_aux_state *a, const float *R, const float *h
     if ((st = reserve(a, cfg, N, sim || bal))) return st;
     a->v.N = N; a->v.E = E; a->v.plr_dim = Pd; a->v.training = training;
     a->D = D;
+    a->w_sim = cfg->sim_weight; a->w_bal = cfg->balance_weight; a->w_plr = cfg->plr_weight;
     a->v.load = a->load;
     if ((st = diagnose(a, mask, N, E))) return st;
     if (sim || bal) {
@@ -114,11 +116,13 @@ rd_status rd_moe_aux_forward(rd_moe_aux_state *a, const float *R, const float *h
         a->v.plr_pred = a->T;
         if (plr_target) {
             if ((st = rd_plr_loss_forward(&a->v.plr_loss, a->T, plr_target, N * Pd))) return st;
-            st = rd_plr_loss_backward(a->dT, cfg->plr_weight, a->T, plr_target, N * Pd);
+            st = rd_plr_loss_backward(a->dT, a->w_plr, a->T, plr_target, N * Pd);
             if (st) return st;
             a->v.has_plr = 1;
         }
     }
+    a->v.aux_loss = a->w_sim * a->v.sim_loss + a->w_bal * a->v.balance_loss +
+                    (a->v.has_plr ? a->w_plr * a->v.plr_loss : 0.0f);
     return RD_OK;
 }
 
@@ -128,21 +132,20 @@ static void add_into(float *dst, const float *src, int64_t n) {
 }
 
 rd_status rd_moe_aux_backward(rd_moe_aux_state *a, float *dR_acc, const float **dh_extra,
-                              const rd_moe_params *grad, const float *h,
-                              const rd_moe_cfg *cfg, const rd_moe_params *p) {
+                              const rd_moe_params *grad, const float *h, const rd_moe_params *p) {
     *dh_extra = NULL;
     if (!a) return rd_fail(RD_EINVAL, "moe aux: NULL state");
     int64_t N = a->v.N, E = a->v.E, Pd = a->v.plr_dim, D = a->D;
     rd_status st;
-    if (a->v.has_sim && cfg->sim_weight > 0.0f) {
-        if ((st = rd_router_similarity_backward(a->S, cfg->sim_weight, a->P, a->W, N, E))) return st;
+    if (a->v.has_sim) {
+        if ((st = rd_router_similarity_backward(a->S, a->w_sim, a->P, a->W, N, E))) return st;
         add_into(dR_acc, a->S, N * E);
     }
-    if (a->v.has_balance && cfg->balance_weight > 0.0f) {
-        if ((st = rd_balance_backward(a->S, cfg->balance_weight, a->P, a->f, N, E))) return st;
+    if (a->v.has_balance) {
+        if ((st = rd_balance_backward(a->S, a->w_bal, a->P, a->f, N, E))) return st;
         add_into(dR_acc, a->S, N * E);
     }
-    if (a->v.has_plr && cfg->plr_weight > 0.0f) {
+    if (a->v.has_plr && a->w_plr > 0.0f) {
         st = rd_plr_backward(a->dh, grad->p[RD_MOE_PLR_W], grad->p[RD_MOE_PLR_B], a->dT, h,
                              p->p[RD_MOE_PLR_W], N, D, Pd);
         if (st) return st;
