@@ -122,26 +122,35 @@ static PyObject *py_balance_loss(PyObject *self, PyObject *args) {
 
 /* ---- PLR head ----------------------------------------------------------------- */
 
+/* h (N,D) and wt (D,Pd) with D, Pd >= 1; on failure both are released. */
+static int in_head(PyObject *o_h, PyObject *o_wt, PyArrayObject **h, PyArrayObject **wt,
+                   int64_t *N, int64_t *D, int64_t *Pd) {
+    *wt = NULL;
+    if (!(*h = rd_in_array(o_h, "h", NPY_FLOAT32, 2, NULL))) return -1;
+    *N = PyArray_DIM(*h, 0);
+    *D = PyArray_DIM(*h, 1);
+    npy_intp wshape[2] = {(npy_intp)*D, RD_ANY};
+    if (!(*wt = rd_in_array(o_wt, "wt", NPY_FLOAT32, 2, wshape))) goto fail;
+    *Pd = PyArray_DIM(*wt, 1);
+    if (*D >= 1 && *Pd >= 1) return 0;
+    PyErr_Format(PyExc_ValueError, "wt: expected a (D, plr_dim) array with D, plr_dim >= 1, got (%lld, %lld)",
+                 (long long)*D, (long long)*Pd);
+fail:
+    Py_CLEAR(*h);
+    Py_CLEAR(*wt);
+    return -1;
+}
+
 static PyObject *py_plr_head_forward(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o_h, *o_wt, *o_bt;
     PyArrayObject *h = NULL, *wt = NULL, *bt = NULL, *T = NULL;
+    int64_t N, D, Pd;
     if (!PyArg_ParseTuple(args, "OOO:plr_head_forward", &o_h, &o_wt, &o_bt)) return NULL;
-    h = rd_in_array(o_h, "h", NPY_FLOAT32, 2, NULL);
-    if (!h) goto fail;
-    int64_t N = PyArray_DIM(h, 0), D = PyArray_DIM(h, 1);
-    npy_intp wshape[2] = {(npy_intp)D, RD_ANY};
-    wt = rd_in_array(o_wt, "wt", NPY_FLOAT32, 2, wshape);
-    if (!wt) goto fail;
-    int64_t Pd = PyArray_DIM(wt, 1);
+    if (in_head(o_h, o_wt, &h, &wt, &N, &D, &Pd) < 0) return NULL;
     npy_intp bshape[1] = {(npy_intp)Pd};
     bt = rd_in_array(o_bt, "bt", NPY_FLOAT32, 1, bshape);
     if (!bt) goto fail;
-    if (D < 1 || Pd < 1) {
-        PyErr_Format(PyExc_ValueError, "wt: expected a (D, plr_dim) array with D, plr_dim >= 1, got (%lld, %lld)",
-                     (long long)D, (long long)Pd);
-        goto fail;
-    }
     npy_intp tshape[2] = {(npy_intp)N, (npy_intp)Pd};
     T = rd_new_array(2, tshape, NPY_FLOAT32);
     if (!T) goto fail;
@@ -162,22 +171,12 @@ static PyObject *py_plr_head_backward(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o_dT, *o_h, *o_wt, *ret = NULL;
     PyArrayObject *dT = NULL, *h = NULL, *wt = NULL, *dh = NULL, *dwt = NULL, *dbt = NULL;
+    int64_t N, D, Pd;
     if (!PyArg_ParseTuple(args, "OOO:plr_head_backward", &o_dT, &o_h, &o_wt)) return NULL;
-    h = rd_in_array(o_h, "h", NPY_FLOAT32, 2, NULL);
-    if (!h) goto fail;
-    int64_t N = PyArray_DIM(h, 0), D = PyArray_DIM(h, 1);
-    npy_intp wshape[2] = {(npy_intp)D, RD_ANY};
-    wt = rd_in_array(o_wt, "wt", NPY_FLOAT32, 2, wshape);
-    if (!wt) goto fail;
-    int64_t Pd = PyArray_DIM(wt, 1);
+    if (in_head(o_h, o_wt, &h, &wt, &N, &D, &Pd) < 0) return NULL;
     npy_intp tshape[2] = {(npy_intp)N, (npy_intp)Pd};
     dT = rd_in_array(o_dT, "dT", NPY_FLOAT32, 2, tshape);
     if (!dT) goto fail;
-    if (D < 1 || Pd < 1) {
-        PyErr_Format(PyExc_ValueError, "wt: expected a (D, plr_dim) array with D, plr_dim >= 1, got (%lld, %lld)",
-                     (long long)D, (long long)Pd);
-        goto fail;
-    }
     npy_intp pshape[1] = {(npy_intp)Pd};
     dh = rd_new_array(2, PyArray_DIMS(h), NPY_FLOAT32);
     dwt = rd_new_array(2, PyArray_DIMS(wt), NPY_FLOAT32);
