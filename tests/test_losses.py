@@ -75,7 +75,7 @@ def check_router_loss(name, R, mask, atol=2e-6):
 
 
 @pytest.mark.parametrize("name", ROUTER_LOSSES)
-@pytest.mark.parametrize("shape", [(1, 2), (7, 3), (13, 5), (2, 9, 7), (3, 1, 33), (3000, 8)])
+@pytest.mark.parametrize("shape", [(1, 2), (7, 3), (13, 5), (2, 9, 7), (3, 1, 33), (33000, 8)])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_router_loss_vs_twin_random(name, shape, p):
     rng = np.random.default_rng(zlib.crc32(repr((name, shape, p)).encode()))
@@ -225,7 +225,7 @@ def test_plr_vs_twin(shape):
 
 def test_plr_loss_large_and_any_shape():
     rng = np.random.default_rng(10)
-    T = rng.standard_normal((3, 50, 160)).astype(np.float32)      # past the parallel cut-off
+    T = rng.standard_normal((3, 300, 300)).astype(np.float32)     # past the parallel cut-off
     target = rng.standard_normal(T.shape).astype(np.float32)
     loss, dT = ops.plr_loss(T, target)
     rloss, rdT = ref.plr_loss(T, target)

@@ -10,7 +10,7 @@
 #include <string.h>
 
 /* Below this many elements a parallel region costs more than it saves. */
-#define RD_LOSS_PAR_MIN 16384
+#define RD_LOSS_PAR_MIN (1 << 18)
 
 static rd_status check_sizes(const char *op, int64_t N, int64_t E) {
     if (N < 1) return rd_fail(RD_EINVAL, "%s: N must be >= 1, got %lld", op, (long long)N);

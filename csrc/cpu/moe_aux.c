@@ -127,7 +127,7 @@ rd_status rd_moe_aux_forward(rd_moe_aux_state *a, const float *R, const float *h
 }
 
 static void add_into(float *dst, const float *src, int64_t n) {
-#pragma omp parallel for schedule(static) if (n > 16384)
+#pragma omp parallel for schedule(static) if (n > (1 << 18))
     for (int64_t i = 0; i < n; i++) dst[i] += src[i];
 }
 
