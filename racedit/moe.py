@@ -60,7 +60,7 @@ class MoE:
         eval_topk: in eval mode keep the batch top-K selection instead of ``G >= tau``.
         plr_dim: width of the per-layer regularization head ``T = h plr_w + plr_b`` on the
             router hidden h (SPEC §3; p·p·C_out in a DiT); 0 (default) means no head.
-        sim_weight: weight of the router-similarity loss (SPEC §4; the paper's 0.01); 0: off.
+        sim_weight: weight of the router-similarity loss (SPEC §4 uses 0.01); 0 (default): off.
         balance_weight: weight of the Switch/GShard balance loss; 0 (default): off.
         plr_weight: weight of this layer's PLR loss (default 1.0). A model averaging L_PLR
             over its layers passes lambda_PLR / num_layers here.
