@@ -33,9 +33,19 @@ rd_status rd_cuda_sync(void);              /* wait for the stream; reports async
 void rd_cuda_set_tf32(int on);
 int rd_cuda_get_tf32(void);
 /* Expert GEMMs: 0 = a loop of cublasGemmEx over experts (default), 1 = one
- * cublasGemmGroupedBatchedEx per product (falls back to 0 when not compiled in). */
+ * cublasGemmGroupedBatchedEx per product (falls back to 0 when not compiled in; a type
+ * combination the grouped call refuses runs as the loop), 2 = the loop spread over
+ * RD_SIDE_STREAMS side streams (fork/join events; small expert GEMMs run concurrently). */
 void rd_cuda_set_expert_gemm(int mode);
 int rd_cuda_get_expert_gemm(void);
+
+/* Precision of the expert GEMMs of a device MoE layer / experts handle:
+ *  FP32  exact fp32 products (TF32 when rd_cuda_set_tf32(1) is on, as every fp32 GEMM);
+ *  TF32  TF32 tensor cores, fp32 storage;
+ *  BF16  bf16 copies of the activations and expert weights feed the GEMMs (fp32
+ *        accumulation, CUBLAS_COMPUTE_32F); weights stay fp32 masters (converted on each
+ *        forward), gradients, biases, the combine, router, gate and routing are fp32. */
+typedef enum { RD_PREC_FP32 = 0, RD_PREC_TF32 = 1, RD_PREC_BF16 = 2 } rd_precision;
 
 /* Row-major C (M,N) = alpha op(A) op(B) + beta C on device, exactly as rd_matmul. */
 rd_status rd_matmul_cuda(float *C, int ldc, const float *A, int lda, int transA,
@@ -80,6 +90,14 @@ rd_status rd_experts_backward_cuda(rd_experts_cuda *ex, float *dx, float *dG, fl
                                    float *db1, float *dW2, float *db2, const float *dy,
                                    const float *W1, const float *W2,
                                    int64_t N, int64_t D, int64_t E, int64_t He);
+/* Precision of the handle's GEMMs (rd_precision; default RD_PREC_FP32). bf16: each
+ * forward converts W1, W2 to bf16 copies that its backward uses. Changing it drops the
+ * last forward (backward then needs a new forward). RD_EINVAL for an unknown value. */
+rd_status rd_experts_cuda_set_precision(rd_experts_cuda *ex, int prec);
+int rd_experts_cuda_get_precision(const rd_experts_cuda *ex);
+/* How many type combinations cublasGemmGroupedBatchedEx refused so far (they run as the
+ * GEMM loop instead). */
+int rd_cuda_grouped_fallbacks(void);
 /* Selected pairs of the last forward, and its per-expert counts (HOST array of E). */
 int64_t rd_experts_cuda_pairs(const rd_experts_cuda *ex);
 const int64_t *rd_experts_cuda_counts(const rd_experts_cuda *ex);
@@ -110,6 +128,11 @@ typedef struct {
     const int64_t *counts;    /* (E) host */
 } rd_moe_cuda_view;
 rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *out);
+/* Precision of the layer's expert GEMMs (rd_precision, default fp32); the router, gate
+ * and routing stay fp32 (TF32 router GEMMs only under rd_cuda_set_tf32(1)), so the masks
+ * do not depend on it. A change drops the last forward. RD_EINVAL for an unknown value. */
+rd_status rd_moe_cuda_set_precision(rd_moe_cuda_state *st, int prec);
+int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st);
 /* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
 rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
 
@@ -118,15 +141,16 @@ rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
  * of the layer on HOST inputs x (B,L,D), params (flat, rd_moe_params layout), dy
  * (B,L,D), uploaded once: routing alone, layer forward (training), layer forward +
  * backward, experts forward + backward alone, and dense cuBLAS GEMMs of the experts'
- * FLOPs (the same shapes with all P rows in one expert: 2 GEMMs forward, 6 in all). Uses
- * the current TF32 / expert-GEMM settings. */
+ * FLOPs (the same shapes with all P rows in one expert: 2 GEMMs forward, 6 in all, with
+ * the experts' operand and result types). Uses the current TF32 / expert-GEMM settings
+ * and the expert precision `prec` (rd_precision). */
 typedef struct {
     double route_ms, fwd_ms, fwdbwd_ms, experts_fwdbwd_ms, dense_fwd_ms, dense_fwdbwd_ms;
     int64_t P;
 } rd_cuda_bench_result;
 rd_status rd_cuda_bench_moe(rd_cuda_bench_result *r, const float *x, const float *params,
                             const float *dy, const rd_moe_cfg *cfg, int64_t B, int64_t L,
-                            int iters);
+                            int iters, int prec);
 
 #ifdef __cplusplus
 }

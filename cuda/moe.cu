@@ -319,6 +319,18 @@ extern "C" rd_status rd_moe_backward_cuda(rd_moe_cuda_state *st, float *dx,
                                    p->p[RD_MOE_ROUTER_W], p->p[RD_MOE_GATE_W], N, D, E);
 }
 
+extern "C" rd_status rd_moe_cuda_set_precision(rd_moe_cuda_state *st, int prec) {
+    if (!st) return rd_fail(RD_EINVAL, "moe_cuda_set_precision: NULL state");
+    int old = rd_experts_cuda_get_precision(st->ex);
+    RD_TRY(rd_experts_cuda_set_precision(st->ex, prec));
+    if (prec != old) st->have_forward = 0; /* the saved expert activations are of the old type */
+    return RD_OK;
+}
+
+extern "C" int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st) {
+    return st ? rd_experts_cuda_get_precision(st->ex) : 0;
+}
+
 extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *v) {
     memset(v, 0, sizeof *v);
     if (!st) return rd_fail(RD_EINVAL, "moe_cuda_state_view: NULL state");

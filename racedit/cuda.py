@@ -9,7 +9,10 @@ C-contiguous float32 copy; masks must be bool). Results are float32 (bool for ma
 
 Without a usable GPU (racedit built without CUDA, or no device) every function raises
 ``RuntimeError("CUDA not available: ...")``; check :func:`racedit.cuda_available` first.
-Precision: fp32 GEMMs by default; :func:`tf32` opts in to TF32 tensor cores.
+Precision: fp32 GEMMs by default; :func:`tf32` opts in to TF32 tensor cores everywhere.
+The expert GEMMs also take a per-call / per-layer ``precision``: ``"fp32"``, ``"tf32"``, or
+``"bf16"`` (bf16 copies of the activations and expert weights feed the GEMMs with fp32
+accumulation; fp32 master weights, gradients, biases, combine, router, gate and routing).
 """
 import numpy as np
 
@@ -18,8 +21,17 @@ from . import _C
 __all__ = [
     "route", "route_threshold", "gate_forward", "gate_backward", "router_forward",
     "router_backward", "experts_forward", "experts_backward", "MoEState", "moe_forward",
-    "moe_backward", "tf32", "expert_gemm", "info", "bench_moe",
+    "moe_backward", "tf32", "expert_gemm", "info", "bench_moe", "PRECISIONS",
 ]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def _prec(precision):
+    """'fp32' | 'tf32' | 'bf16' -> 0 | 1 | 2; ValueError otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return PRECISIONS.index(precision)
 
 PARAM_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2")
 
@@ -82,21 +94,22 @@ def router_backward(dR, hpre, h, x, Wr, Wg, dh_extra=None):
     return _C.cuda_router_backward(dR, hpre, h, x, Wr, Wg, dh_extra)
 
 
-def experts_forward(x, mask, G, w1, b1, w2, b2):
+def experts_forward(x, mask, G, w1, b1, w2, b2, precision="fp32"):
     """Dropless experts + gated combine on the GPU: y (N,D) with
     ``y_t = sum_e mask[t,e] G[t,e] (GELU_tanh(x_t w1[e] + b1[e]) w2[e] + b2[e])``.
 
-    x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D)."""
+    x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D);
+    precision of the expert GEMMs: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``."""
     _require()
-    return _C.cuda_experts_forward(x, mask, G, w1, b1, w2, b2)
+    return _C.cuda_experts_forward(x, mask, G, w1, b1, w2, b2, _prec(precision))
 
 
-def experts_backward(dy, x, mask, G, w1, b1, w2, b2):
+def experts_backward(dy, x, mask, G, w1, b1, w2, b2, precision="fp32"):
     """Backward of :func:`experts_forward` (forward recomputed on the device, mask held
     constant): ``(dx (N,D), dG (N,E), dw1, db1, dw2, db2)``; dG is 0 off the mask.
-    Bitwise reproducible run to run (no float atomics)."""
+    Bitwise reproducible run to run (no float atomics). precision as in experts_forward."""
     _require()
-    return _C.cuda_experts_backward(dy, x, mask, G, w1, b1, w2, b2)
+    return _C.cuda_experts_backward(dy, x, mask, G, w1, b1, w2, b2, _prec(precision))
 
 
 def _flat(params, total, name):
@@ -125,7 +138,9 @@ class MoEState:
         dim (D), num_experts (E), k (experts per token on average), hidden (He; default
         4*dim/k), strategy (``"race"``, ``"token"``, ``"expert"``, ``"bl"``, ``"be"``,
         ``"le"``), gating (``"identity"``, ``"sigmoid"``, ``"softmax"``), beta (threshold
-        EMA in [0, 1)), eval_topk (eval mode keeps batch top-K).
+        EMA in [0, 1)), eval_topk (eval mode keeps batch top-K), precision of the expert
+        GEMMs (``"fp32"``, ``"tf32"``, ``"bf16"``; the router, gate and routing stay fp32, so
+        the masks do not depend on it).
 
     The parameter layout is racedit.MoE's (``param_buffer``): pass that buffer, or a dict
     with its names, to :func:`moe_forward` / :func:`moe_backward`. The aux losses (router
@@ -134,8 +149,9 @@ class MoEState:
     """
 
     def __init__(self, dim, num_experts, k, hidden=None, strategy="race", gating="identity",
-                 beta=0.99, eval_topk=False):
+                 beta=0.99, eval_topk=False, precision="fp32"):
         _require()
+        prec = _prec(precision)
         if hidden is None:
             if not k or (4 * dim) % k:
                 raise ValueError(f"hidden: 4*dim/k = {4 * dim}/{k} is not an integer; pass hidden=")
@@ -145,6 +161,16 @@ class MoEState:
         D, E, He = dim, num_experts, hidden
         self.num_params = D * D + D + D * E + E + 2 * E * D * He + E * He + E * D
         self._cap = _C.cuda_moe_state()
+        _C.cuda_moe_precision(self._cap, prec)
+
+    @property
+    def precision(self):
+        """The expert GEMMs' precision (str); settable (a change drops the last forward)."""
+        return PRECISIONS[_C.cuda_moe_precision(self._cap)]
+
+    @precision.setter
+    def precision(self, precision):
+        _C.cuda_moe_precision(self._cap, _prec(precision))
 
     def view(self):
         """What the last forward left: dict with ``mask`` (N,E) bool, ``G``, ``R`` (N,E),
@@ -191,23 +217,25 @@ def tf32(on=None):
 
 def expert_gemm(mode=None):
     """Read (None) or set how the per-expert GEMMs run: 0 a loop of cublasGemmEx (default),
-    1 one cublasGemmGroupedBatchedEx per product. Returns the previous mode; ValueError
-    when grouped GEMMs are not in the linked cuBLAS."""
+    1 one cublasGemmGroupedBatchedEx per product (a type combination cuBLAS refuses runs
+    as the loop; ``info()["grouped_fallbacks"]`` counts them), 2 the loop spread over
+    side streams. Returns the previous mode; ValueError for another value or when grouped
+    GEMMs are not in the linked cuBLAS."""
     _require()
     return _C.cuda_expert_gemm(mode)
 
 
 def info():
     """Dict: ``cublas_version``, ``grouped_gemm`` (bool), ``runtime`` (CUDA runtime version),
-    ``devices`` (count)."""
+    ``devices`` (count), ``grouped_fallbacks`` (type combinations grouped GEMMs refused)."""
     _require()
     return _C.cuda_info()
 
 
-def bench_moe(state_cfg, x, params, dy, iters=20):
+def bench_moe(state_cfg, x, params, dy, iters=20, precision="fp32"):
     """Device-resident timings (ms per call) of the layer described by ``state_cfg`` (a
     :class:`MoEState`'s ``cfg`` dict) on x, dy (B,L,D) and ``params`` (flat): routing,
-    forward, forward+backward, experts alone, and dense GEMMs of equal FLOPs. Returns a
-    dict of ms and ``P``."""
+    forward, forward+backward, experts alone, and dense GEMMs of equal FLOPs, all with the
+    expert ``precision``. Returns a dict of ms and ``P``."""
     _require()
-    return _C.cuda_bench_moe(x, params, dy, state_cfg, int(iters))
+    return _C.cuda_bench_moe(x, params, dy, state_cfg, int(iters), _prec(precision))

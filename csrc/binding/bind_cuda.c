@@ -297,6 +297,15 @@ done:
 }
 
 /* ---- experts ---------------------------------------------------------------------- */
+/* prec: 0 fp32, 1 tf32, 2 bf16 (racedit.cuda maps the names). */
+static int check_precision(int prec) {
+    if (prec < RD_PREC_FP32 || prec > RD_PREC_BF16) {
+        PyErr_Format(PyExc_ValueError, "precision: expected 0 (fp32), 1 (tf32) or 2 (bf16), got %d", prec);
+        return -1;
+    }
+    return 0;
+}
+
 /* x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D). */
 static int experts_inputs(PyObject **o, PyArrayObject **a, int64_t *N, int64_t *D, int64_t *E,
                           int64_t *He) {
@@ -328,14 +337,16 @@ static PyObject *py_experts_forward(PyObject *self, PyObject *args) {
     PyArrayObject *a[7] = {0}, *y = NULL;
     dlist L = {{0}, 0};
     int64_t N, D, E, He;
-    if (!PyArg_ParseTuple(args, "OOOOOOO:cuda_experts_forward", &o[0], &o[1], &o[2], &o[3], &o[4],
-                          &o[5], &o[6]))
+    int prec = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOO|i:cuda_experts_forward", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &prec))
         return NULL;
+    if (check_precision(prec) < 0) return NULL;
     if (experts_inputs(o, a, &N, &D, &E, &He) < 0 || need_device() < 0) goto done;
     if (!(y = rd_new_array(2, PyArray_DIMS(a[0]), NPY_FLOAT32))) goto done;
     rd_experts_cuda *ex = rd_experts_cuda_new();
     if (!ex) { PyErr_NoMemory(); Py_CLEAR(y); goto done; }
-    rd_status st = RD_OK;
+    rd_status st = rd_experts_cuda_set_precision(ex, prec);
     Py_BEGIN_ALLOW_THREADS
     void *d[7], *dy;
     for (int i = 0; i < 7 && st == RD_OK; i++) st = dl_up(&L, &d[i], a[i]);
@@ -357,9 +368,11 @@ static PyObject *py_experts_backward(PyObject *self, PyObject *args) {
     PyArrayObject *a[7] = {0}, *dyin = NULL, *out[6] = {0};
     dlist L = {{0}, 0};
     int64_t N, D, E, He;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO:cuda_experts_backward", &o[7], &o[0], &o[1], &o[2], &o[3],
-                          &o[4], &o[5], &o[6]))
+    int prec = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO|i:cuda_experts_backward", &o[7], &o[0], &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &prec))
         return NULL;
+    if (check_precision(prec) < 0) return NULL;
     if (experts_inputs(o, a, &N, &D, &E, &He) < 0) goto done;
     if (!(dyin = rd_in_array(o[7], "dy", NPY_FLOAT32, 2, PyArray_DIMS(a[0])))) goto done;
     if (need_device() < 0) goto done;
@@ -370,7 +383,7 @@ static PyObject *py_experts_backward(PyObject *self, PyObject *args) {
     }
     rd_experts_cuda *ex = rd_experts_cuda_new();
     if (!ex) { PyErr_NoMemory(); goto done; }
-    rd_status st = RD_OK;
+    rd_status st = rd_experts_cuda_set_precision(ex, prec);
     Py_BEGIN_ALLOW_THREADS
     void *d[7], *ddy, *dy_scratch, *g[6];
     for (int i = 0; i < 7 && st == RD_OK; i++) st = dl_up(&L, &d[i], a[i]);
@@ -608,6 +621,23 @@ static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* cuda_moe_precision(state[, prec]) -> the previous precision (int); sets it when given. */
+static PyObject *py_moe_precision(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o_st;
+    int prec = -1;
+    if (!PyArg_ParseTuple(args, "O|i:cuda_moe_precision", &o_st, &prec)) return NULL;
+    rd_moe_cuda_state *st = get_state(o_st);
+    if (!st) return NULL;
+    int prev = rd_moe_cuda_get_precision(st);
+    if (prec != -1) {
+        if (check_precision(prec) < 0) return NULL;
+        rd_status s = rd_moe_cuda_set_precision(st, prec);
+        if (s != RD_OK) return rd_raise(s);
+    }
+    return PyLong_FromLong(prev);
+}
+
 /* ---- knobs, info, benchmark --------------------------------------------------------- */
 static PyObject *py_set_tf32(PyObject *self, PyObject *args) {
     (void)self;
@@ -630,8 +660,9 @@ static PyObject *py_set_expert_gemm(PyObject *self, PyObject *args) {
     if (o != Py_None) {
         int64_t m;
         if (parse_int(o, "mode", &m) < 0) return NULL;
-        if (m != 0 && m != 1) {
-            PyErr_Format(PyExc_ValueError, "mode: expected 0 (GEMM loop) or 1 (grouped), got %lld", (long long)m);
+        if (m < 0 || m > 2) {
+            PyErr_Format(PyExc_ValueError, "mode: expected 0 (GEMM loop), 1 (grouped) or 2 (loop on "
+                         "side streams), got %lld", (long long)m);
             return NULL;
         }
         if (m == 1 && !rd_cuda_have_grouped_gemm()) {
@@ -646,19 +677,22 @@ static PyObject *py_set_expert_gemm(PyObject *self, PyObject *args) {
 
 static PyObject *py_cuda_info(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
-    return Py_BuildValue("{s:i,s:O,s:s,s:i}", "cublas_version", rd_cuda_cublas_version(),
+    return Py_BuildValue("{s:i,s:O,s:s,s:i,s:i}", "cublas_version", rd_cuda_cublas_version(),
                          "grouped_gemm", rd_cuda_have_grouped_gemm() ? Py_True : Py_False,
-                         "runtime", rd_cuda_runtime_version(), "devices", rd_cuda_device_count());
+                         "runtime", rd_cuda_runtime_version(), "devices", rd_cuda_device_count(),
+                         "grouped_fallbacks", rd_cuda_grouped_fallbacks());
 }
 
 static PyObject *py_bench_moe(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o_x, *o_p, *o_dy, *o_cfg;
-    int iters;
+    int iters, prec = 0;
     PyArrayObject *x = NULL, *params = NULL, *dyin = NULL;
     PyObject *ret = NULL;
     rd_moe_cfg cfg;
-    if (!PyArg_ParseTuple(args, "OOOOi:cuda_bench_moe", &o_x, &o_p, &o_dy, &o_cfg, &iters)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOi|i:cuda_bench_moe", &o_x, &o_p, &o_dy, &o_cfg, &iters, &prec))
+        return NULL;
+    if (check_precision(prec) < 0) return NULL;
     if (parse_cfg(o_cfg, &cfg) < 0) return NULL;
     if (iters < 1) {
         PyErr_Format(PyExc_ValueError, "iters: expected >= 1, got %d", iters);
@@ -675,7 +709,7 @@ static PyObject *py_bench_moe(PyObject *self, PyObject *args) {
     rd_status s;
     Py_BEGIN_ALLOW_THREADS
     s = rd_cuda_bench_moe(&r, PyArray_DATA(x), PyArray_DATA(params), PyArray_DATA(dyin), &cfg,
-                          PyArray_DIM(x, 0), PyArray_DIM(x, 1), iters);
+                          PyArray_DIM(x, 0), PyArray_DIM(x, 1), iters, prec);
     Py_END_ALLOW_THREADS
     if (s != RD_OK) { rd_raise(s); goto done; }
     ret = Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:L}", "route_ms", r.route_ms, "fwd_ms", r.fwd_ms,
@@ -703,6 +737,7 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_moe_backward", py_moe_backward, METH_VARARGS, "dx; grads accumulate in place."},
     {"cuda_moe_view", py_moe_view, METH_VARARGS, "What the last device forward left (dict)."},
     {"cuda_moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "Set (float) or forget (None) tau."},
+    {"cuda_moe_precision", py_moe_precision, METH_VARARGS, "Read / set a state's expert precision (0 fp32, 1 tf32, 2 bf16)."},
     {"cuda_tf32", py_set_tf32, METH_VARARGS, "Read / set TF32 GEMMs; returns the previous value."},
     {"cuda_expert_gemm", py_set_expert_gemm, METH_VARARGS, "Read / set the expert GEMM mode."},
     {"cuda_info", py_cuda_info, METH_NOARGS, "cuBLAS version, grouped GEMM, runtime, devices."},
