@@ -113,6 +113,16 @@ rc.moe_forward(st, x, cpu.param_buffer, training=False)
 st.precision = "bf16"
 rc.moe_forward(st, x, cpu.param_buffer)
 rc.moe_backward(st, x, x, cpu.param_buffer)
+# aux losses: similarity, balance, PLR head (odd plr_dim) in training, then eval
+kw = dict(plr_dim=3, sim_weight=0.1, balance_weight=0.1, plr_weight=1.0)
+cpu = racedit.MoE(16, 4, 2, strategy="race", **kw)
+st = rc.MoEState(16, 4, 2, hidden=cpu.hidden, **kw)
+tgt = rng.standard_normal((2, 9, 3)).astype(np.float32)
+rc.moe_forward(st, x, cpu.param_buffer, plr_target=tgt)
+rc.moe_backward(st, x, x, cpu.param_buffer)
+st.aux
+rc.moe_forward(st, x, cpu.param_buffer, training=False)
+st.aux
 print("memcheck script done")
 PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"

@@ -133,6 +133,10 @@ rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *out);
  * do not depend on it. A change drops the last forward. RD_EINVAL for an unknown value. */
 rd_status rd_moe_cuda_set_precision(rd_moe_cuda_state *st, int prec);
 int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st);
+/* The aux losses and diagnostics of the last forward (zeros before any), as rd_moe_get_aux:
+ * load is a HOST array (E) owned by the state, plr_pred a DEVICE pointer (N,plr_dim) or
+ * NULL; tau / tau_b read back from the device (NaN when unset). Synchronises. */
+rd_status rd_moe_cuda_get_aux(rd_moe_cuda_state *st, rd_moe_aux *out);
 /* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
 rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
 

@@ -112,14 +112,15 @@ def experts_backward(dy, x, mask, G, w1, b1, w2, b2, precision="fp32"):
     return _C.cuda_experts_backward(dy, x, mask, G, w1, b1, w2, b2, _prec(precision))
 
 
-def _flat(params, total, name):
+def _flat(params, total, name, plr=False):
     """A dict of the layer's parameters (names of racedit.MoE.params) or a flat float32
     buffer (racedit.MoE.param_buffer) -> the flat float32 buffer."""
     if isinstance(params, dict):
-        missing = [n for n in PARAM_NAMES if n not in params]
+        names = PARAM_NAMES + (("plr_w", "plr_b") if plr else ())
+        missing = [n for n in names if n not in params]
         if missing:
             raise ValueError(f"{name}: missing entries {missing}")
-        flat = np.concatenate([np.asarray(params[n], np.float32).ravel() for n in PARAM_NAMES])
+        flat = np.concatenate([np.asarray(params[n], np.float32).ravel() for n in names])
     else:
         flat = params
     if not isinstance(flat, np.ndarray):
@@ -142,14 +143,20 @@ class MoEState:
         GEMMs (``"fp32"``, ``"tf32"``, ``"bf16"``; the router, gate and routing stay fp32, so
         the masks do not depend on it).
 
+    Aux losses, as racedit.MoE: plr_dim (width of the PLR head on the router hidden, 0:
+    none), sim_weight, balance_weight (0: off) and plr_weight (default 1.0). In training
+    forwards they are computed on the GPU (the PLR loss when :func:`moe_forward` gets a
+    ``plr_target``) and their weighted gradients enter :func:`moe_backward`; :attr:`aux`
+    holds their values and the routing diagnostics of every forward.
+
     The parameter layout is racedit.MoE's (``param_buffer``): pass that buffer, or a dict
-    with its names, to :func:`moe_forward` / :func:`moe_backward`. The aux losses (router
-    similarity, balance, PLR) are not on the GPU yet. Raises RuntimeError without a GPU,
-    ValueError for a bad configuration.
+    with its names, to :func:`moe_forward` / :func:`moe_backward`. Raises RuntimeError
+    without a GPU, ValueError for a bad configuration.
     """
 
     def __init__(self, dim, num_experts, k, hidden=None, strategy="race", gating="identity",
-                 beta=0.99, eval_topk=False, precision="fp32"):
+                 beta=0.99, eval_topk=False, precision="fp32", plr_dim=0, sim_weight=0.0,
+                 balance_weight=0.0, plr_weight=1.0):
         _require()
         prec = _prec(precision)
         if hidden is None:
@@ -157,9 +164,20 @@ class MoEState:
                 raise ValueError(f"hidden: 4*dim/k = {4 * dim}/{k} is not an integer; pass hidden=")
             hidden = 4 * dim // k
         self.cfg = dict(D=dim, E=num_experts, He=hidden, k=k, strategy=strategy, gating=gating,
-                        beta=float(beta), eval_topk=bool(eval_topk))
-        D, E, He = dim, num_experts, hidden
-        self.num_params = D * D + D + D * E + E + 2 * E * D * He + E * He + E * D
+                        beta=float(beta), eval_topk=bool(eval_topk), plr_dim=int(plr_dim),
+                        sim_weight=float(sim_weight), balance_weight=float(balance_weight),
+                        plr_weight=float(plr_weight))
+        if self.cfg["plr_dim"] < 0:
+            raise ValueError(f"plr_dim: expected >= 0, got {plr_dim}")
+        for n in ("sim_weight", "balance_weight", "plr_weight"):
+            w = self.cfg[n]
+            if not (w >= 0.0 and np.isfinite(w)):
+                raise ValueError(f"{n}: expected a finite number >= 0, got {w}")
+        if num_experts < 2 and (self.cfg["sim_weight"] > 0 or self.cfg["balance_weight"] > 0):
+            raise ValueError(f"sim_weight / balance_weight > 0 need num_experts >= 2, got {num_experts}")
+        D, E, He, Pd = dim, num_experts, hidden, self.cfg["plr_dim"]
+        self.num_params = (D * D + D + D * E + E + 2 * E * D * He + E * He + E * D
+                           + D * Pd + Pd)
         self._cap = _C.cuda_moe_state()
         _C.cuda_moe_precision(self._cap, prec)
 
@@ -179,6 +197,15 @@ class MoEState:
         return _C.cuda_moe_view(self._cap)
 
     @property
+    def aux(self):
+        """The aux losses and diagnostics of the last forward (None before any): the dict of
+        racedit.MoE.aux (``sim_loss``, ``balance_loss``, ``plr_loss`` (None when not
+        computed), ``aux_loss``, ``max_violation``, ``combination_usage``, ``dead_experts``,
+        ``experts_per_token``, ``expert_load``, ``threshold``, ``batch_threshold``,
+        ``plr_pred`` (B,L,plr_dim) or None, ``training``)."""
+        return _C.cuda_moe_aux(self._cap, self.cfg["plr_dim"])
+
+    @property
     def threshold(self):
         """tau (float) or None before the first training forward; settable (None forgets)."""
         return self.view()["tau"]
@@ -188,20 +215,22 @@ class MoEState:
         _C.cuda_moe_set_threshold(self._cap, None if tau is None else float(tau))
 
 
-def moe_forward(state, x, params, training=True):
+def moe_forward(state, x, params, training=True, plr_target=None):
     """y (B,L,D) float32 = MoE(x (B,L,D)) on the GPU with the layer state ``state``
-    (:class:`MoEState`) and ``params`` (flat buffer or dict). training: batch top-K and a
-    tau update; else ``G >= tau`` (or top-K with eval_topk / token choice). Raises
-    ValueError (shapes, NaN gate scores), RuntimeError (eval before any tau)."""
-    flat = _flat(params, state.num_params, "params")
-    return _C.cuda_moe_forward(state._cap, x, flat, state.cfg, bool(training))
+    (:class:`MoEState`) and ``params`` (flat buffer or dict). training: batch top-K, a
+    tau update and the aux losses; else ``G >= tau`` (or top-K with eval_topk / token
+    choice). plr_target (B,L,plr_dim): the PLR head's regression target (training only).
+    Raises ValueError (shapes, NaN gate scores, non-finite target or logits under an aux
+    loss, plr_target without a head), RuntimeError (eval before any tau)."""
+    flat = _flat(params, state.num_params, "params", state.cfg["plr_dim"] > 0)
+    return _C.cuda_moe_forward(state._cap, x, flat, state.cfg, bool(training), plr_target)
 
 
 def moe_backward(state, dy, x, params, grads=None):
     """dx (B,L,D) of the last :func:`moe_forward` on ``state`` (same x, params). Parameter
     gradients ACCUMULATE into ``grads`` (a flat float32 buffer of the params' layout,
     modified in place) or into a new zero buffer. Returns ``(dx, grads)``."""
-    flat = _flat(params, state.num_params, "params")
+    flat = _flat(params, state.num_params, "params", state.cfg["plr_dim"] > 0)
     if grads is None:
         grads = np.zeros(state.num_params, np.float32)
     dx = _C.cuda_moe_backward(state._cap, dy, x, flat, grads, state.cfg)

@@ -434,7 +434,9 @@ static PyObject *py_moe_state(PyObject *self, PyObject *noargs) {
     return cap;
 }
 
-/* cfg: a dict with D, E, He, k (int), strategy, gating (str), beta (float), eval_topk (bool). */
+/* cfg: a dict with D, E, He, k (int), strategy, gating (str), beta (float), eval_topk (bool),
+ * and optionally plr_dim (int, default 0), sim_weight, balance_weight (default 0) and
+ * plr_weight (default 1). */
 static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
     if (!PyDict_Check(d)) {
         PyErr_Format(PyExc_TypeError, "cfg: expected a dict, got %s", Py_TYPE(d)->tp_name);
@@ -462,6 +464,26 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
     int t = PyObject_IsTrue(et);
     if (t < 0) return -1;
     c->eval_topk = t;
+    PyObject *pd = PyDict_GetItemString(d, "plr_dim");
+    if (pd && parse_int(pd, "plr_dim", &c->plr_dim) < 0) return -1;
+    const char *fl[3] = {"sim_weight", "balance_weight", "plr_weight"};
+    float *fdst[3] = {&c->sim_weight, &c->balance_weight, &c->plr_weight};
+    c->plr_weight = 1.0f;
+    for (int i = 0; i < 3; i++) {
+        PyObject *v = PyDict_GetItemString(d, fl[i]);
+        double w;
+        if (!v) continue;
+        if (parse_float(v, fl[i], &w) < 0) return -1;
+        if (!(w >= 0.0) || isinf(w)) {
+            PyErr_Format(PyExc_ValueError, "%s: expected a finite number >= 0, got %g", fl[i], w);
+            return -1;
+        }
+        *fdst[i] = (float)w;
+    }
+    if (c->plr_dim < 0) {
+        PyErr_Format(PyExc_ValueError, "plr_dim: expected >= 0, got %lld", (long long)c->plr_dim);
+        return -1;
+    }
     rd_status st = rd_moe_cfg_check(c);
     if (st != RD_OK) { rd_raise(st); return -1; }
     return 0;
@@ -469,12 +491,13 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
 
 static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *o_st, *o_x, *o_p, *o_cfg;
+    PyObject *o_st, *o_x, *o_p, *o_cfg, *o_t = Py_None;
     int training;
-    PyArrayObject *x = NULL, *params = NULL, *y = NULL;
+    PyArrayObject *x = NULL, *params = NULL, *y = NULL, *target = NULL;
     dlist L = {{0}, 0};
     rd_moe_cfg cfg;
-    if (!PyArg_ParseTuple(args, "OOOOp:cuda_moe_forward", &o_st, &o_x, &o_p, &o_cfg, &training)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOp|O:cuda_moe_forward", &o_st, &o_x, &o_p, &o_cfg, &training, &o_t))
+        return NULL;
     rd_moe_cuda_state *st = get_state(o_st);
     if (!st || parse_cfg(o_cfg, &cfg) < 0) return NULL;
     int64_t sizes[RD_MOE_NPARAM];
@@ -488,17 +511,26 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
                      (long long)B, (long long)Ls, (long long)cfg.D);
         goto done;
     }
+    if (o_t != Py_None) {
+        if (cfg.plr_dim == 0) {
+            PyErr_SetString(PyExc_ValueError, "plr_target: given, but the layer has no PLR head (plr_dim=0)");
+            goto done;
+        }
+        npy_intp st3[3] = {B, Ls, cfg.plr_dim};
+        if (!(target = rd_in_array(o_t, "plr_target", NPY_FLOAT32, 3, st3))) goto done;
+    }
     if (!(y = rd_new_array(3, PyArray_DIMS(x), NPY_FLOAT32))) goto done;
     rd_status s = RD_OK;
     Py_BEGIN_ALLOW_THREADS
-    void *dx, *dp, *dy;
+    void *dx, *dp, *dy, *dt = NULL;
     rd_moe_params p;
     s = dl_up(&L, &dx, x);
     if (s == RD_OK) s = dl_up(&L, &dp, params);
+    if (s == RD_OK && target) s = dl_up(&L, &dt, target);
     if (s == RD_OK) s = dl_alloc(&L, &dy, (size_t)PyArray_NBYTES(y));
     if (s == RD_OK) {
         rd_moe_params_point(&p, dp, &cfg);
-        s = rd_moe_forward_cuda(st, dy, dx, &cfg, &p, B, Ls, training, NULL);
+        s = rd_moe_forward_cuda(st, dy, dx, &cfg, &p, B, Ls, training, (const float *)dt);
     }
     if (s == RD_OK) s = dl_down(y, dy);
     dl_free(&L);
@@ -507,6 +539,7 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
 done:
     Py_XDECREF(x);
     Py_XDECREF(params);
+    Py_XDECREF(target);
     return (PyObject *)y;
 }
 
@@ -619,6 +652,70 @@ static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
     }
     if (s != RD_OK) return rd_raise(s);
     Py_RETURN_NONE;
+}
+
+static int dict_put(PyObject *d, const char *k, PyObject *v) {
+    if (!v) return -1;
+    int r = PyDict_SetItemString(d, k, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *loss_value(int has, float v) {
+    if (has) return PyFloat_FromDouble((double)v);
+    Py_RETURN_NONE;
+}
+
+/* cuda_moe_aux(state, plr_dim) -> the dict of racedit.MoE.aux for the last device forward
+ * (None before any). */
+static PyObject *py_moe_aux(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o_st;
+    long long plr_dim;
+    if (!PyArg_ParseTuple(args, "OL:cuda_moe_aux", &o_st, &plr_dim)) return NULL;
+    rd_moe_cuda_state *st = get_state(o_st);
+    if (!st) return NULL;
+    rd_moe_cuda_view v;
+    rd_moe_aux a;
+    rd_status s = rd_moe_cuda_state_view(st, &v);
+    if (s == RD_OK) s = rd_moe_cuda_get_aux(st, &a);
+    if (s != RD_OK) return rd_raise(s);
+    if (!v.have_forward) Py_RETURN_NONE;
+    npy_intp se[1] = {(npy_intp)a.E}, sp[3] = {v.B, v.L, (npy_intp)plr_dim};
+    PyArrayObject *load = rd_new_array(1, se, NPY_INT64), *pred = NULL;
+    PyObject *d = PyDict_New();
+    if (!load || !d) goto fail;
+    if (a.E) memcpy(PyArray_DATA(load), a.load, (size_t)a.E * sizeof(int64_t));
+    if (a.plr_pred && a.plr_dim == plr_dim && plr_dim > 0) {
+        if (!(pred = rd_new_array(3, sp, NPY_FLOAT32))) goto fail;
+        rd_status s2;
+        Py_BEGIN_ALLOW_THREADS
+        s2 = rd_cuda_d2h(PyArray_DATA(pred), a.plr_pred, (size_t)PyArray_NBYTES(pred));
+        Py_END_ALLOW_THREADS
+        if (s2 != RD_OK) { rd_raise(s2); goto fail; }
+    }
+    if (dict_put(d, "sim_loss", loss_value(a.has_sim, a.sim_loss)) ||
+        dict_put(d, "balance_loss", loss_value(a.has_balance, a.balance_loss)) ||
+        dict_put(d, "plr_loss", loss_value(a.has_plr, a.plr_loss)) ||
+        dict_put(d, "aux_loss", PyFloat_FromDouble((double)a.aux_loss)) ||
+        dict_put(d, "max_violation", PyFloat_FromDouble(a.max_violation)) ||
+        dict_put(d, "combination_usage", PyFloat_FromDouble(a.combination_usage)) ||
+        dict_put(d, "dead_experts", PyLong_FromLongLong((long long)a.dead_experts)) ||
+        dict_put(d, "experts_per_token", PyFloat_FromDouble(a.experts_per_token)) ||
+        dict_put(d, "expert_load", Py_NewRef((PyObject *)load)) ||
+        dict_put(d, "threshold", v.have_tau ? PyFloat_FromDouble((double)a.tau) : Py_NewRef(Py_None)) ||
+        dict_put(d, "batch_threshold", v.have_tau ? PyFloat_FromDouble((double)a.tau_b) : Py_NewRef(Py_None)) ||
+        dict_put(d, "plr_pred", pred ? Py_NewRef((PyObject *)pred) : Py_NewRef(Py_None)) ||
+        dict_put(d, "training", PyBool_FromLong(a.training)))
+        goto fail;
+    Py_DECREF(load);
+    Py_XDECREF(pred);
+    return d;
+fail:
+    Py_XDECREF(load);
+    Py_XDECREF(pred);
+    Py_XDECREF(d);
+    return NULL;
 }
 
 /* cuda_moe_precision(state[, prec]) -> the previous precision (int); sets it when given. */
@@ -737,6 +834,7 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_moe_backward", py_moe_backward, METH_VARARGS, "dx; grads accumulate in place."},
     {"cuda_moe_view", py_moe_view, METH_VARARGS, "What the last device forward left (dict)."},
     {"cuda_moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "Set (float) or forget (None) tau."},
+    {"cuda_moe_aux", py_moe_aux, METH_VARARGS, "Aux losses and diagnostics of the last device forward (dict)."},
     {"cuda_moe_precision", py_moe_precision, METH_VARARGS, "Read / set a state's expert precision (0 fp32, 1 tf32, 2 bf16)."},
     {"cuda_tf32", py_set_tf32, METH_VARARGS, "Read / set TF32 GEMMs; returns the previous value."},
     {"cuda_expert_gemm", py_set_expert_gemm, METH_VARARGS, "Read / set the expert GEMM mode."},
