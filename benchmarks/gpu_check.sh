@@ -123,6 +123,19 @@ rc.moe_backward(st, x, x, cpu.param_buffer)
 st.aux
 rc.moe_forward(st, x, cpu.param_buffer, training=False)
 st.aux
+# DiT layers and the optimiser, odd sizes
+z = rng.standard_normal((2, 5, 7)).astype(np.float32)
+rows = rng.standard_normal((2, 9)).astype(np.float32)
+out, r = rc.layernorm_forward(z.reshape(10, 7))
+rc.layernorm_backward(z.reshape(10, 7), out, r, z.reshape(10, 7))
+rc.modulate_backward(z, z, rows); rc.gated_residual_backward(z, z, rows)
+rc.silu_backward(z, z); rc.timestep_embedding(np.arange(3, dtype=np.float32), 6)
+qkv = rng.standard_normal((2, 5, 12)).astype(np.float32)
+o, att = rc.attention_forward(qkv, 2)
+rc.attention_backward(o, qkv, att, 2)
+p = rng.standard_normal(9001).astype(np.float32)
+rc.adamw_step(p, p.copy(), np.zeros_like(p), np.zeros_like(p), 1, ema=p.copy())
+rc.grad_norm(p); rc.nonfinite_index(p)
 print("memcheck script done")
 PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"

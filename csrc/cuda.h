@@ -140,6 +140,49 @@ rd_status rd_moe_cuda_get_aux(rd_moe_cuda_state *st, rd_moe_aux *out);
 /* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
 rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
 
+/* ---- DiT layers (layers.cu, attention.cu): the CPU's csrc/model.h ops on device pointers,
+ * same arguments and semantics (LayerNorm eps 1e-6 without affine, two-pass variance;
+ * modulate / gated residual with per-sample rows of stride S >= D; attention with qkv
+ * (B,L,3D) = [q | k | v] and saved probabilities att (B,NH,L,L)). Results agree with the
+ * CPU within fp32 rounding (other summation orders), bitwise reproducible run to run. */
+rd_status rd_layernorm_forward_cuda(float *out, float *rstd, const float *inp, int64_t N, int64_t D);
+rd_status rd_layernorm_backward_cuda(float *dinp_acc, const float *dout, const float *out,
+                                     const float *rstd, int64_t N, int64_t D);
+rd_status rd_modulate_forward_cuda(float *out, const float *inp, const float *shift,
+                                   const float *scale, int64_t B, int64_t L, int64_t D, int64_t S);
+rd_status rd_modulate_backward_cuda(float *dinp, float *dshift, float *dscale, const float *dout,
+                                    const float *inp, const float *scale, int64_t B, int64_t L,
+                                    int64_t D, int64_t S);
+rd_status rd_gated_residual_forward_cuda(float *out, const float *inp, const float *h,
+                                         const float *gate, int64_t B, int64_t L, int64_t D,
+                                         int64_t S);
+rd_status rd_gated_residual_backward_cuda(float *dh, float *dgate, const float *dout,
+                                          const float *h, const float *gate, int64_t B, int64_t L,
+                                          int64_t D, int64_t S);
+rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n);
+rd_status rd_silu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n);
+rd_status rd_timestep_embedding_forward_cuda(float *emb, const float *t, int64_t B, int64_t F,
+                                             float max_period);
+rd_status rd_attention_forward_cuda(float *out, float *att, const float *qkv, int64_t B,
+                                    int64_t L, int64_t D, int64_t NH);
+rd_status rd_attention_backward_cuda(float *dqkv, float *datt, const float *dout,
+                                     const float *qkv, const float *att, int64_t B, int64_t L,
+                                     int64_t D, int64_t NH);
+
+/* ---- optimiser (optim.cu): the CPU optimiser's arithmetic, bit for bit -------------
+ * One AdamW step (torch.optim.AdamW, as rd_adamw_step) fused with the EMA of the updated
+ * weights, ema <- ema_decay*ema + (1-ema_decay)*params (skipped when ema is NULL). */
+rd_status rd_adamw_ema_step_cuda(float *params, const float *grads, float *m, float *v,
+                                 float *ema, int64_t n, double lr, double beta1, double beta2,
+                                 double eps, double weight_decay, int64_t step,
+                                 double grad_scale, double ema_decay);
+rd_status rd_ema_update_cuda(float *ema, const float *params, int64_t n, double decay);
+/* *out_dev (a DEVICE double) = sqrt(sum grads^2): double sums over chunks of 8192 elements
+ * added in order (deterministic; not bitwise the CPU's, whose chunks sum sequentially). */
+rd_status rd_grad_norm_cuda(double *out_dev, const float *grads, int64_t n);
+/* *index = the first i with x[i] NaN or +-Inf, or -1. Synchronises. */
+rd_status rd_nonfinite_index_cuda(int64_t *index, const float *x, int64_t n);
+
 /* ---- benchmark ----------------------------------------------------------------------
  * Device-resident timings (CUDA events, mean ms per call over `iters` after a warm-up)
  * of the layer on HOST inputs x (B,L,D), params (flat, rd_moe_params layout), dy

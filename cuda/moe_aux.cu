@@ -41,6 +41,7 @@ struct rd_moe_aux_cuda {
     size_t hres_cap;
     float *hup;                     /* pinned host S, f */
     size_t hup_cap;
+    cudaEvent_t copied;             /* recorded after the copy of res into hres */
     int64_t cap_E;
     int64_t *C, *load;              /* host (E,E), (E) */
     float *W;                       /* host (E,E) */
@@ -75,6 +76,7 @@ void rd_moe_aux_cuda_free(rd_moe_aux_cuda *a) {
     cudaStreamSynchronize(RD_STREAM);
     rd_dbuf *bufs[] = {&a->P, &a->dPs, &a->T, &a->dT, &a->dhx, &a->res, &a->up, &a->partial};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rd_dbuf_free(bufs[i]);
+    if (a->copied) cudaEventDestroy(a->copied);
     if (a->hres) cudaFreeHost(a->hres);
     if (a->hup) cudaFreeHost(a->hup);
     free(a->C);
@@ -301,13 +303,17 @@ rd_status rd_moe_aux_cuda_launch(rd_moe_aux_cuda *a, const float *R, const float
     }
     /* one copy back, completed by the layer's next synchronising read-back */
     CU_TRY(cudaMemcpyAsync(a->hres, res, l.total, cudaMemcpyDeviceToHost, RD_STREAM));
+    if (!a->copied) CU_TRY(cudaEventCreateWithFlags(&a->copied, cudaEventDisableTiming));
+    CU_TRY(cudaEventRecord(a->copied, RD_STREAM));
     a->pending = 1;
     return RD_OK;
 }
 
 rd_status rd_moe_aux_cuda_finish(rd_moe_aux_cuda *a) {
     if (!a || !a->pending) return rd_fail(RD_ESTATE, "moe aux: finish without a launch");
-    CU_TRY(cudaStreamSynchronize(RD_STREAM)); /* normally a no-op: the experts' read-back drained it */
+    /* done already when the experts' read-back (queued after it) returned: waits for the
+     * copy only, not for the expert GEMMs queued since */
+    CU_TRY(cudaEventSynchronize(a->copied));
     a->pending = 0;
     int64_t N = a->N, E = a->E;
     res_layout l = layout_of(E);

@@ -22,6 +22,10 @@ __all__ = [
     "route", "route_threshold", "gate_forward", "gate_backward", "router_forward",
     "router_backward", "experts_forward", "experts_backward", "MoEState", "moe_forward",
     "moe_backward", "tf32", "expert_gemm", "info", "bench_moe", "PRECISIONS",
+    "layernorm_forward", "layernorm_backward", "modulate_forward", "modulate_backward",
+    "gated_residual_forward", "gated_residual_backward", "silu_forward", "silu_backward",
+    "timestep_embedding", "attention_forward", "attention_backward", "adamw_step",
+    "grad_norm", "nonfinite_index",
 ]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -268,3 +272,105 @@ def bench_moe(state_cfg, x, params, dy, iters=20, precision="fp32"):
     expert ``precision``. Returns a dict of ms and ``P``."""
     _require()
     return _C.cuda_bench_moe(x, params, dy, state_cfg, int(iters), _prec(precision))
+
+
+# ---- DiT layers and the optimiser (the CPU model / optimiser ops, on the GPU) -------------
+def layernorm_forward(inp):
+    """LayerNorm without affine over the last dim (eps 1e-6, biased variance) of inp (N,D)
+    -> ``(out (N,D), rstd (N,))`` float32."""
+    _require()
+    return _C.cuda_layernorm_forward(inp)
+
+
+def layernorm_backward(dout, out, rstd, dinp_acc=None):
+    """d(inp) (N,D) of :func:`layernorm_forward` from dout (N,D), its out (N,D) and rstd (N,),
+    added to ``dinp_acc`` (N,D; not modified) when given."""
+    _require()
+    return _C.cuda_layernorm_backward(dout, out, rstd, dinp_acc)
+
+
+def modulate_forward(inp, shift, scale):
+    """adaLN modulate: out (B,L,D) = inp * (1 + scale[b]) + shift[b] for inp (B,L,D) and
+    shift, scale (B,S) with S >= D (rows of a wider adaLN output; the first D columns used)."""
+    _require()
+    return _C.cuda_modulate_forward(inp, shift, scale)
+
+
+def modulate_backward(dout, inp, scale):
+    """``(dinp (B,L,D), dshift (B,S), dscale (B,S))`` of :func:`modulate_forward` (columns
+    past D of dshift / dscale are 0)."""
+    _require()
+    return _C.cuda_modulate_backward(dout, inp, scale)
+
+
+def gated_residual_forward(inp, h, gate):
+    """out (B,L,D) = inp + gate[b] * h for inp, h (B,L,D) and gate (B,S), S >= D."""
+    _require()
+    return _C.cuda_gated_residual_forward(inp, h, gate)
+
+
+def gated_residual_backward(dout, h, gate):
+    """``(dh (B,L,D), dgate (B,S))`` of :func:`gated_residual_forward` (d(inp) = dout)."""
+    _require()
+    return _C.cuda_gated_residual_backward(dout, h, gate)
+
+
+def silu_forward(inp):
+    """SiLU(inp) = inp * sigmoid(inp), float32 of inp's shape."""
+    _require()
+    a = np.ascontiguousarray(inp, np.float32)
+    return _C.cuda_silu(a.reshape(-1)).reshape(a.shape)
+
+
+def silu_backward(dout, inp):
+    """d(inp) of :func:`silu_forward` given dout (same shape as inp)."""
+    _require()
+    a = np.ascontiguousarray(inp, np.float32)
+    g = np.ascontiguousarray(dout, np.float32)
+    if g.shape != a.shape:
+        raise ValueError(f"dout: expected shape {a.shape} like inp, got {g.shape}")
+    return _C.cuda_silu(g.reshape(-1), a.reshape(-1)).reshape(a.shape)
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """DiT's sinusoidal embedding: (B, dim) float32, [cos(t f) | sin(t f)] with
+    f_k = max_period^(-k/(dim/2)); t (B,) float32, dim even."""
+    _require()
+    return _C.cuda_timestep_embedding(t, int(dim), float(max_period))
+
+
+def attention_forward(qkv, num_heads):
+    """Multi-head softmax attention of qkv (B,L,3D) = [q | k | v] -> ``(out (B,L,D),
+    att (B,NH,L,L))``, scores scaled by 1/sqrt(D/NH)."""
+    _require()
+    return _C.cuda_attention_forward(qkv, int(num_heads))
+
+
+def attention_backward(dout, qkv, att, num_heads):
+    """dqkv (B,L,3D) of :func:`attention_forward` from dout (B,L,D), qkv and its att."""
+    _require()
+    return _C.cuda_attention_backward(dout, qkv, att, int(num_heads))
+
+
+def adamw_step(params, grads, m, v, step, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+               weight_decay=0.0, grad_scale=1.0, ema=None, ema_decay=0.9999):
+    """One AdamW step (torch.optim.AdamW arithmetic, bit for bit the CPU optimiser's) on
+    1-d float32 buffers, IN PLACE: params, m, v (and ``ema`` <- ema_decay*ema +
+    (1-ema_decay)*params with the updated params, in the same pass, when given). step is
+    1-based. Raises ValueError for bad hyper-parameters, TypeError for non-float32 buffers."""
+    _require()
+    _C.cuda_adamw_step(params, grads, m, v, ema, float(lr), float(betas[0]), float(betas[1]),
+                       float(eps), float(weight_decay), int(step), float(grad_scale),
+                       float(ema_decay))
+
+
+def grad_norm(grads):
+    """sqrt(sum grads^2) (float) of a 1-d float32 buffer, accumulated in double."""
+    _require()
+    return _C.cuda_grad_norm(grads)
+
+
+def nonfinite_index(x):
+    """The first index of a NaN / inf in the 1-d float32 x, or -1."""
+    _require()
+    return _C.cuda_nonfinite_index(x)

@@ -735,6 +735,420 @@ static PyObject *py_moe_precision(PyObject *self, PyObject *args) {
     return PyLong_FromLong(prev);
 }
 
+/* ---- DiT layers and the optimiser ----------------------------------------------------
+ * One runner: upload the inputs, allocate the outputs on the device (zeros, or the
+ * output's own contents when `keep` says so), run the op, download the outputs. */
+typedef rd_status (*op_fn)(void **in, void **out, const int64_t *z, const double *f);
+
+static PyObject *run_op(PyArrayObject **in, int nin, PyArrayObject **out, const int *keep, int nout,
+                        op_fn fn, const int64_t *z, const double *f) {
+    dlist L = {{0}, 0};
+    rd_status s = RD_OK;
+    Py_BEGIN_ALLOW_THREADS
+    void *din[8], *dout[8];
+    for (int i = 0; i < nin && s == RD_OK; i++) s = dl_up(&L, &din[i], in[i]);
+    for (int i = 0; i < nout && s == RD_OK; i++) {
+        if (keep && keep[i]) {
+            s = dl_up(&L, &dout[i], out[i]);
+        } else {
+            s = dl_alloc(&L, &dout[i], (size_t)PyArray_NBYTES(out[i]));
+            if (s == RD_OK) s = rd_cuda_memset(dout[i], 0, (size_t)PyArray_NBYTES(out[i]));
+        }
+    }
+    if (s == RD_OK) s = fn(din, dout, z, f);
+    for (int i = 0; i < nout && s == RD_OK; i++) s = dl_down(out[i], dout[i]);
+    dl_free(&L);
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) return rd_raise(s);
+    Py_RETURN_NONE;
+}
+
+/* The result: one array or a tuple; takes over the references of out[]. */
+static PyObject *result_of(PyObject *ran, PyArrayObject **out, int nout) {
+    if (!ran) {
+        for (int i = 0; i < nout; i++) Py_XDECREF(out[i]);
+        return NULL;
+    }
+    Py_DECREF(ran);
+    if (nout == 1) return (PyObject *)out[0];
+    PyObject *t = PyTuple_New(nout);
+    if (!t) {
+        for (int i = 0; i < nout; i++) Py_XDECREF(out[i]);
+        return NULL;
+    }
+    for (int i = 0; i < nout; i++) PyTuple_SET_ITEM(t, i, (PyObject *)out[i]);
+    return t;
+}
+
+static void decref_all(PyArrayObject **a, int n) {
+    for (int i = 0; i < n; i++) Py_XDECREF(a[i]);
+}
+
+static rd_status op_ln_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_layernorm_forward_cuda(out[0], out[1], in[0], z[0], z[1]);
+}
+static rd_status op_ln_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_layernorm_backward_cuda(out[0], in[0], in[1], in[2], z[0], z[1]);
+}
+static rd_status op_mod_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_modulate_forward_cuda(out[0], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_mod_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_modulate_backward_cuda(out[0], out[1], out[2], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_gr_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_gated_residual_forward_cuda(out[0], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_gr_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_gated_residual_backward_cuda(out[0], out[1], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_silu_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_silu_forward_cuda(out[0], in[0], z[0]);
+}
+static rd_status op_silu_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_silu_backward_cuda(out[0], in[0], in[1], z[0]);
+}
+static rd_status op_temb(void **in, void **out, const int64_t *z, const double *f) {
+    return rd_timestep_embedding_forward_cuda(out[0], in[0], z[0], z[1], (float)f[0]);
+}
+static rd_status op_att_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_attention_forward_cuda(out[0], out[1], in[0], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_att_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f; /* out[1] is the scratch datt */
+    return rd_attention_backward_cuda(out[0], out[1], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_adamw(void **in, void **out, const int64_t *z, const double *f) {
+    /* out: params, m, v[, ema]; in: grads */
+    return rd_adamw_ema_step_cuda(out[0], in[0], out[1], out[2], z[1] ? out[3] : NULL, z[0], f[0],
+                                  f[1], f[2], f[3], f[4], z[2], f[5], f[6]);
+}
+static rd_status op_norm(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_grad_norm_cuda(out[0], in[0], z[0]);
+}
+
+static PyObject *py_layernorm_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:cuda_layernorm_forward", &o)) return NULL;
+    npy_intp sh[2] = {RD_ANY, RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "inp", NPY_FLOAT32, 2, sh)}, *out[2] = {0};
+    if (!in[0] || need_device() < 0) { decref_all(in, 1); return NULL; }
+    int64_t z[2] = {PyArray_DIM(in[0], 0), PyArray_DIM(in[0], 1)};
+    if (z[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "inp: expected D >= 1 columns");
+        decref_all(in, 1);
+        return NULL;
+    }
+    npy_intp sr[1] = {(npy_intp)z[0]};
+    out[0] = rd_new_array(2, PyArray_DIMS(in[0]), NPY_FLOAT32);
+    out[1] = rd_new_array(1, sr, NPY_FLOAT32);
+    PyObject *ran = (out[0] && out[1]) ? run_op(in, 1, out, NULL, 2, op_ln_f, z, NULL) : NULL;
+    decref_all(in, 1);
+    return result_of(ran, out, 2);
+}
+
+static PyObject *py_layernorm_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[3], *oacc = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|O:cuda_layernorm_backward", &o[0], &o[1], &o[2], &oacc)) return NULL;
+    npy_intp sh[2] = {RD_ANY, RD_ANY};
+    PyArrayObject *in[3] = {0}, *out[1] = {0};
+    int keep[1] = {0};
+    if (!(in[0] = rd_in_array(o[0], "dout", NPY_FLOAT32, 2, sh))) goto fail;
+    if (!(in[1] = rd_in_array(o[1], "out", NPY_FLOAT32, 2, PyArray_DIMS(in[0])))) goto fail;
+    npy_intp sr[1] = {PyArray_DIM(in[0], 0)};
+    if (!(in[2] = rd_in_array(o[2], "rstd", NPY_FLOAT32, 1, sr))) goto fail;
+    if (PyArray_DIM(in[0], 1) < 1) {
+        PyErr_SetString(PyExc_ValueError, "dout: expected D >= 1 columns");
+        goto fail;
+    }
+    if (need_device() < 0) goto fail;
+    if (oacc != Py_None) {
+        PyArrayObject *acc = rd_in_array(oacc, "dinp_acc", NPY_FLOAT32, 2, PyArray_DIMS(in[0]));
+        if (!acc) goto fail;
+        out[0] = (PyArrayObject *)PyArray_NewCopy(acc, NPY_CORDER);
+        Py_DECREF(acc);
+        keep[0] = 1;
+    } else {
+        out[0] = rd_new_array(2, PyArray_DIMS(in[0]), NPY_FLOAT32);
+    }
+    if (!out[0]) goto fail;
+    int64_t z[2] = {PyArray_DIM(in[0], 0), PyArray_DIM(in[0], 1)};
+    PyObject *ran = run_op(in, 3, out, keep, 1, op_ln_b, z, NULL);
+    decref_all(in, 3);
+    return result_of(ran, out, 1);
+fail:
+    decref_all(in, 3);
+    decref_all(out, 1);
+    return NULL;
+}
+
+/* x-like arrays (B,L,D) first, then per-sample rows (B,S) with S >= D; z = B, L, D, S. */
+static int bld_inputs(PyObject **o, const char **names, PyArrayObject **in, int n3, int nrows,
+                      int64_t *z) {
+    npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
+    if (!(in[0] = rd_in_array(o[0], names[0], NPY_FLOAT32, 3, s3))) return -1;
+    for (int i = 1; i < n3; i++)
+        if (!(in[i] = rd_in_array(o[i], names[i], NPY_FLOAT32, 3, PyArray_DIMS(in[0])))) return -1;
+    z[0] = PyArray_DIM(in[0], 0); z[1] = PyArray_DIM(in[0], 1); z[2] = PyArray_DIM(in[0], 2);
+    z[3] = 0;
+    npy_intp sr[2] = {(npy_intp)z[0], RD_ANY};
+    for (int i = n3; i < n3 + nrows; i++) {
+        if (!(in[i] = rd_in_array(o[i], names[i], NPY_FLOAT32, 2, sr))) return -1;
+        if (i == n3) {
+            z[3] = PyArray_DIM(in[i], 1);
+        } else if (PyArray_DIM(in[i], 1) != z[3]) {
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld) like %s, got (%lld, %lld)",
+                         names[i], (long long)z[0], (long long)z[3], names[n3], (long long)z[0],
+                         (long long)PyArray_DIM(in[i], 1));
+            return -1;
+        }
+    }
+    if (z[0] < 1 || z[1] < 1 || z[2] < 1 || z[3] < z[2] || z[0] > 65535) {
+        PyErr_Format(PyExc_ValueError, "%s, %s: expected B (<= 65535), L, D >= 1 and a row stride "
+                     "S >= D, got B=%lld L=%lld D=%lld S=%lld", names[0], names[n3], (long long)z[0],
+                     (long long)z[1], (long long)z[2], (long long)z[3]);
+        return -1;
+    }
+    return need_device();
+}
+
+static PyObject *bld_op(PyObject *args, const char *fmt, const char **names, int n3, int nrows,
+                        int nout3, int noutrows, op_fn fn) {
+    PyObject *o[3] = {0};
+    PyArrayObject *in[3] = {0}, *out[3] = {0};
+    int nin = n3 + nrows, nout = nout3 + noutrows;
+    int64_t z[4];
+    if (!PyArg_ParseTuple(args, fmt, &o[0], &o[1], &o[2])) return NULL;
+    if (bld_inputs(o, names, in, n3, nrows, z) < 0) goto fail;
+    npy_intp sr[2] = {(npy_intp)z[0], (npy_intp)z[3]};
+    for (int i = 0; i < nout; i++)
+        if (!(out[i] = i < nout3 ? rd_new_array(3, PyArray_DIMS(in[0]), NPY_FLOAT32)
+                                 : rd_new_array(2, sr, NPY_FLOAT32)))
+            goto fail;
+    PyObject *ran = run_op(in, nin, out, NULL, nout, fn, z, NULL);
+    decref_all(in, 3);
+    return result_of(ran, out, nout);
+fail:
+    decref_all(in, 3);
+    decref_all(out, 3);
+    return NULL;
+}
+
+static PyObject *py_modulate_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"inp", "shift", "scale"};
+    return bld_op(args, "OOO:cuda_modulate_forward", names, 1, 2, 1, 0, op_mod_f);
+}
+static PyObject *py_modulate_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"dout", "inp", "scale"};
+    return bld_op(args, "OOO:cuda_modulate_backward", names, 2, 1, 1, 2, op_mod_b);
+}
+static PyObject *py_gated_residual_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"inp", "h", "gate"};
+    return bld_op(args, "OOO:cuda_gated_residual_forward", names, 2, 1, 1, 0, op_gr_f);
+}
+static PyObject *py_gated_residual_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"dout", "h", "gate"};
+    return bld_op(args, "OOO:cuda_gated_residual_backward", names, 2, 1, 1, 1, op_gr_b);
+}
+
+/* SiLU (inp) or its backward (dout, inp) on 1-d float32 arrays (racedit.cuda reshapes). */
+static PyObject *py_silu(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o0, *o1 = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O:cuda_silu", &o0, &o1)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    int back = o1 != Py_None;
+    PyArrayObject *in[2] = {0}, *out[1] = {0};
+    if (!(in[0] = rd_in_array(o0, back ? "dout" : "inp", NPY_FLOAT32, 1, s1))) return NULL;
+    if (back && !(in[1] = rd_in_array(o1, "inp", NPY_FLOAT32, 1, PyArray_DIMS(in[0])))) goto fail;
+    if (need_device() < 0) goto fail;
+    if (!(out[0] = rd_new_array(1, PyArray_DIMS(in[0]), NPY_FLOAT32))) goto fail;
+    int64_t z[1] = {PyArray_DIM(in[0], 0)};
+    PyObject *ran = run_op(in, back ? 2 : 1, out, NULL, 1, back ? op_silu_b : op_silu_f, z, NULL);
+    decref_all(in, 2);
+    return result_of(ran, out, 1);
+fail:
+    decref_all(in, 2);
+    decref_all(out, 1);
+    return NULL;
+}
+
+static PyObject *py_timestep_embedding(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    long long F;
+    double maxp;
+    if (!PyArg_ParseTuple(args, "OLd:cuda_timestep_embedding", &o, &F, &maxp)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "t", NPY_FLOAT32, 1, s1)}, *out[1] = {0};
+    if (!in[0]) return NULL;
+    int64_t z[2] = {PyArray_DIM(in[0], 0), F};
+    if (z[0] < 1 || F < 2 || F % 2 || !(maxp > 0.0)) {
+        PyErr_Format(PyExc_ValueError, "t, dim, max_period: expected B >= 1, an even dim >= 2 and "
+                     "max_period > 0, got B=%lld dim=%lld max_period=%g", (long long)z[0], F, maxp);
+        decref_all(in, 1);
+        return NULL;
+    }
+    if (need_device() < 0) { decref_all(in, 1); return NULL; }
+    npy_intp so[2] = {(npy_intp)z[0], (npy_intp)F};
+    double f[1] = {maxp};
+    if (!(out[0] = rd_new_array(2, so, NPY_FLOAT32))) { decref_all(in, 1); return NULL; }
+    PyObject *ran = run_op(in, 1, out, NULL, 1, op_temb, z, f);
+    decref_all(in, 1);
+    return result_of(ran, out, 1);
+}
+
+/* qkv (B,L,3D) with D divisible by NH; z = B, L, D, NH. */
+static int qkv_sizes(PyArrayObject *qkv, long long NH, int64_t *z) {
+    int64_t B = PyArray_DIM(qkv, 0), L = PyArray_DIM(qkv, 1), D3 = PyArray_DIM(qkv, 2);
+    if (B < 1 || L < 1 || D3 < 3 || D3 % 3 || NH < 1 || (D3 / 3) % NH) {
+        PyErr_Format(PyExc_ValueError, "qkv, num_heads: expected qkv (B, L, 3D) with B, L >= 1 and D "
+                     "divisible by num_heads >= 1, got (%lld, %lld, %lld) and %lld", (long long)B,
+                     (long long)L, (long long)D3, NH);
+        return -1;
+    }
+    z[0] = B; z[1] = L; z[2] = D3 / 3; z[3] = NH;
+    return need_device();
+}
+
+static PyObject *py_attention_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    long long NH;
+    if (!PyArg_ParseTuple(args, "OL:cuda_attention_forward", &o, &NH)) return NULL;
+    npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "qkv", NPY_FLOAT32, 3, s3)}, *out[2] = {0};
+    int64_t z[4];
+    if (!in[0] || qkv_sizes(in[0], NH, z) < 0) { decref_all(in, 1); return NULL; }
+    npy_intp so[3] = {(npy_intp)z[0], (npy_intp)z[1], (npy_intp)z[2]},
+             sa[4] = {(npy_intp)z[0], (npy_intp)NH, (npy_intp)z[1], (npy_intp)z[1]};
+    out[0] = rd_new_array(3, so, NPY_FLOAT32);
+    out[1] = rd_new_array(4, sa, NPY_FLOAT32);
+    PyObject *ran = (out[0] && out[1]) ? run_op(in, 1, out, NULL, 2, op_att_f, z, NULL) : NULL;
+    decref_all(in, 1);
+    return result_of(ran, out, 2);
+}
+
+static PyObject *py_attention_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[3];
+    long long NH;
+    if (!PyArg_ParseTuple(args, "OOOL:cuda_attention_backward", &o[0], &o[1], &o[2], &NH)) return NULL;
+    npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
+    PyArrayObject *in[3] = {0}, *out[2] = {0};
+    int64_t z[4];
+    if (!(in[1] = rd_in_array(o[1], "qkv", NPY_FLOAT32, 3, s3)) || qkv_sizes(in[1], NH, z) < 0) goto fail;
+    npy_intp so[3] = {(npy_intp)z[0], (npy_intp)z[1], (npy_intp)z[2]},
+             sa[4] = {(npy_intp)z[0], (npy_intp)NH, (npy_intp)z[1], (npy_intp)z[1]};
+    if (!(in[0] = rd_in_array(o[0], "dout", NPY_FLOAT32, 3, so))) goto fail;
+    if (!(in[2] = rd_in_array(o[2], "att", NPY_FLOAT32, 4, sa))) goto fail;
+    out[0] = rd_new_array(3, PyArray_DIMS(in[1]), NPY_FLOAT32);
+    out[1] = rd_new_array(4, sa, NPY_FLOAT32);
+    if (!out[0] || !out[1]) goto fail;
+    PyObject *ran = run_op(in, 3, out, NULL, 2, op_att_b, z, NULL);
+    decref_all(in, 3);
+    if (!ran) { decref_all(out, 2); return NULL; }
+    Py_DECREF(ran);
+    Py_DECREF(out[1]); /* the scratch */
+    return (PyObject *)out[0];
+fail:
+    decref_all(in, 3);
+    decref_all(out, 2);
+    return NULL;
+}
+
+/* cuda_adamw_step(params, grads, m, v, ema|None, lr, beta1, beta2, eps, weight_decay, step,
+ * grad_scale, ema_decay): params, m, v (and ema), 1-d float32, are updated IN PLACE. */
+static PyObject *py_adamw_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *op, *og, *om, *ov, *oe;
+    double f[7];
+    long long step;
+    if (!PyArg_ParseTuple(args, "OOOOOdddddLdd:cuda_adamw_step", &op, &og, &om, &ov, &oe, &f[0],
+                          &f[1], &f[2], &f[3], &f[4], &step, &f[5], &f[6]))
+        return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *out[4] = {0}, *in[1] = {0};
+    int nout = oe == Py_None ? 3 : 4, keep[4] = {1, 1, 1, 1};
+    if (!(out[0] = rd_out_array(op, "params", NPY_FLOAT32, 1, s1))) goto fail;
+    Py_INCREF(out[0]);
+    if (!(in[0] = rd_in_array(og, "grads", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+    if (!(out[1] = rd_out_array(om, "m", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+    Py_INCREF(out[1]);
+    if (!(out[2] = rd_out_array(ov, "v", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+    Py_INCREF(out[2]);
+    if (nout == 4) {
+        if (!(out[3] = rd_out_array(oe, "ema", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+        Py_INCREF(out[3]);
+    }
+    if (need_device() < 0) goto fail;
+    int64_t z[3] = {PyArray_DIM(out[0], 0), nout == 4, step};
+    PyObject *ran = run_op(in, 1, out, keep, nout, op_adamw, z, f);
+    decref_all(in, 1);
+    decref_all(out, 4);
+    return ran;
+fail:
+    decref_all(in, 1);
+    decref_all(out, 4);
+    return NULL;
+}
+
+static PyObject *py_grad_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:cuda_grad_norm", &o)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "grads", NPY_FLOAT32, 1, s1)}, *out[1] = {0};
+    if (!in[0] || need_device() < 0) { decref_all(in, 1); return NULL; }
+    npy_intp so[1] = {1};
+    if (!(out[0] = rd_new_array(1, so, NPY_FLOAT64))) { decref_all(in, 1); return NULL; }
+    int64_t z[1] = {PyArray_DIM(in[0], 0)};
+    PyObject *ran = run_op(in, 1, out, NULL, 1, op_norm, z, NULL);
+    decref_all(in, 1);
+    PyObject *arr = result_of(ran, out, 1);
+    if (!arr) return NULL;
+    PyObject *r = PyFloat_FromDouble(*(double *)PyArray_DATA((PyArrayObject *)arr));
+    Py_DECREF(arr);
+    return r;
+}
+
+static PyObject *py_nonfinite_index(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:cuda_nonfinite_index", &o)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *x = rd_in_array(o, "x", NPY_FLOAT32, 1, s1);
+    if (!x || need_device() < 0) { Py_XDECREF(x); return NULL; }
+    dlist L = {{0}, 0};
+    int64_t idx = -1;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    void *d;
+    s = dl_up(&L, &d, x);
+    if (s == RD_OK) s = rd_nonfinite_index_cuda(&idx, d, PyArray_DIM(x, 0));
+    dl_free(&L);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(x);
+    if (s != RD_OK) return rd_raise(s);
+    return PyLong_FromLongLong((long long)idx);
+}
+
 /* ---- knobs, info, benchmark --------------------------------------------------------- */
 static PyObject *py_set_tf32(PyObject *self, PyObject *args) {
     (void)self;
@@ -834,6 +1248,19 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_moe_backward", py_moe_backward, METH_VARARGS, "dx; grads accumulate in place."},
     {"cuda_moe_view", py_moe_view, METH_VARARGS, "What the last device forward left (dict)."},
     {"cuda_moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "Set (float) or forget (None) tau."},
+    {"cuda_layernorm_forward", py_layernorm_forward, METH_VARARGS, "(out, rstd) = LayerNorm of inp (N,D) on the GPU."},
+    {"cuda_layernorm_backward", py_layernorm_backward, METH_VARARGS, "dinp (+= dinp_acc) of LayerNorm on the GPU."},
+    {"cuda_modulate_forward", py_modulate_forward, METH_VARARGS, "adaLN modulate on the GPU."},
+    {"cuda_modulate_backward", py_modulate_backward, METH_VARARGS, "(dinp, dshift, dscale) on the GPU."},
+    {"cuda_gated_residual_forward", py_gated_residual_forward, METH_VARARGS, "inp + gate * h on the GPU."},
+    {"cuda_gated_residual_backward", py_gated_residual_backward, METH_VARARGS, "(dh, dgate) on the GPU."},
+    {"cuda_silu", py_silu, METH_VARARGS, "SiLU (inp) or its backward (dout, inp) on 1-d arrays on the GPU."},
+    {"cuda_timestep_embedding", py_timestep_embedding, METH_VARARGS, "Sinusoidal timestep embedding on the GPU."},
+    {"cuda_attention_forward", py_attention_forward, METH_VARARGS, "(out, att) of multi-head attention on the GPU."},
+    {"cuda_attention_backward", py_attention_backward, METH_VARARGS, "dqkv of multi-head attention on the GPU."},
+    {"cuda_adamw_step", py_adamw_step, METH_VARARGS, "AdamW (+ EMA) step in place on the GPU."},
+    {"cuda_grad_norm", py_grad_norm, METH_VARARGS, "sqrt(sum grads^2) on the GPU."},
+    {"cuda_nonfinite_index", py_nonfinite_index, METH_VARARGS, "First non-finite index or -1, on the GPU."},
     {"cuda_moe_aux", py_moe_aux, METH_VARARGS, "Aux losses and diagnostics of the last device forward (dict)."},
     {"cuda_moe_precision", py_moe_precision, METH_VARARGS, "Read / set a state's expert precision (0 fp32, 1 tf32, 2 bf16)."},
     {"cuda_tf32", py_set_tf32, METH_VARARGS, "Read / set TF32 GEMMs; returns the previous value."},
