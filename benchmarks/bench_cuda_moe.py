@@ -13,6 +13,8 @@ with a TF32 router, "bf16+r32t"):
            experts' operand / result types (bf16 operands for the bf16 rows)
   ratio    dense / exp f+b: the fraction of the dense GEMM rate the experts reach
   blk      dense / fwd+bwd: the same for the whole block (router GEMMs included)
+  blk*     blk with the router's GEMM FLOPs (6 N D (D + E)) credited at the dense rate:
+           (dense * (F_experts + F_router) / F_experts) / fwd+bwd
   TFLOP/s  routed expert FLOPs (6 * 2 * P * D * He per fwd+bwd) / exp f+b time
 The ratio target of the design is >= 0.60.
 
@@ -66,7 +68,7 @@ def main():
                       ("bf16+r32t", True, "bf16")]
     rng = np.random.default_rng(0)
     hdr = (f"{'config':16} {'strategy':8} {'gemm':7} {'prec':9} {'route':>7} {'fwd':>8} "
-           f"{'fwd+bwd':>8} {'exp f+b':>8} {'dense':>8} {'ratio':>6} {'blk':>5} {'TFLOP/s':>8}")
+           f"{'fwd+bwd':>8} {'exp f+b':>8} {'dense':>8} {'ratio':>6} {'blk':>5} {'blk*':>5} {'TFLOP/s':>8}")
     print(hdr)
     print("-" * len(hdr))
     t0 = time.time()
@@ -84,12 +86,14 @@ def main():
                     rc.tf32(tf32)
                     r = rc.bench_moe(cfg, x, p, dy, iters=args.iters, precision=prec)
                     flops = 6 * 2 * r["P"] * D * cfg["He"]
+                    router = 6 * B * L * D * (D + E)
                     print(f"{name:16} {s:8} {('loop', 'grouped', 'streams')[mode]:7} "
                           f"{label:9} {r['route_ms']:7.3f} {r['fwd_ms']:8.3f} "
                           f"{r['fwdbwd_ms']:8.3f} {r['experts_fwdbwd_ms']:8.3f} "
                           f"{r['dense_fwdbwd_ms']:8.3f} "
                           f"{r['dense_fwdbwd_ms'] / r['experts_fwdbwd_ms']:6.2f} "
                           f"{r['dense_fwdbwd_ms'] / r['fwdbwd_ms']:5.2f} "
+                          f"{r['dense_fwdbwd_ms'] * (flops + router) / flops / r['fwdbwd_ms']:5.2f} "
                           f"{flops / r['experts_fwdbwd_ms'] / 1e9:8.2f}", flush=True)
     rc.expert_gemm(0)
     rc.tf32(False)

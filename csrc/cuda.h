@@ -7,7 +7,9 @@
  * rd_status with the message in rd_last_error(). Calls are asynchronous unless said:
  * a call that must read something back (a NaN flag, the per-expert counts) synchronises.
  * Shapes and conventions are those of racedit.h (params ACCUMULATE, activations ASSIGN).
- * fp32 throughout; TF32 tensor-core GEMMs only after rd_cuda_set_tf32(1).
+ * fp32 by default; TF32 tensor-core GEMMs after rd_cuda_set_tf32(1); the expert GEMMs of a
+ * layer / experts handle also take a precision of their own (rd_precision: fp32, tf32,
+ * bf16 operands with fp32 accumulation).
  */
 #ifndef RACEDIT_CUDA_H
 #define RACEDIT_CUDA_H
