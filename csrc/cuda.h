@@ -108,7 +108,9 @@ const int64_t *rd_experts_cuda_counts(const rd_experts_cuda *ex);
  * Parameters and gradients are rd_moe_params whose pointers are DEVICE pointers (one
  * device buffer laid out by rd_moe_params_point). The threshold tau lives on the device
  * and is updated there: no host round trip for it. The aux losses (router similarity,
- * balance, PLR) are not on the device yet: a cfg asking for them is RD_EINVAL. */
+ * balance, PLR head; plr_target (N,plr_dim) is a DEVICE pointer) and the diagnostics are
+ * those of rd_moe_forward / rd_moe_backward (moe_aux.c), computed on the device; the
+ * forward still makes one synchronising read-back in all. */
 typedef struct rd_moe_cuda_state rd_moe_cuda_state;
 rd_moe_cuda_state *rd_moe_cuda_state_new(void);
 void rd_moe_cuda_state_free(rd_moe_cuda_state *st);
