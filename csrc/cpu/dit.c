@@ -303,9 +303,10 @@ static rd_status check_attention(int64_t B, int64_t L, int64_t D, int64_t NH, co
     return RD_OK;
 }
 
-/* Softmax of each of the L rows of a (L,L) block, in place, max subtracted. */
-static void softmax_rows(float *a, int64_t L) {
-    for (int64_t i = 0; i < L; i++) {
+/* Row-wise softmax of R rows of length L, in place, max subtracted. */
+static void softmax_rows(float *a, int64_t R, int64_t L) {
+#pragma omp parallel for if (R * L > 16384)
+    for (int64_t i = 0; i < R; i++) {
         float *r = a + i * L;
         float mx = r[0];
         for (int64_t j = 1; j < L; j++) mx = r[j] > mx ? r[j] : mx;
@@ -319,27 +320,27 @@ static void softmax_rows(float *a, int64_t L) {
     }
 }
 
-/* The (b, h) pairs run in an OpenMP loop, each with single small sgemm calls. Measured
- * (2 cores, OpenBLAS from SciPy, B=8 NH=6 L=256 hd=64): this beats calling the
- * BLAS sequentially and letting it thread each L x L x hd product, whose size is too
- * small to split well; see benchmarks/bench_model.py. The sizes were checked before the
- * loop, so rd_matmul cannot fail inside it. */
+/* Each step runs over all (b, h) pairs: the products as sequential sgemm calls (each
+ * threaded by the BLAS as it sees fit), the softmax as one OpenMP loop over all rows.
+ * Measured against an OpenMP loop over (b, h) with the sgemm calls inside, on 2 cores
+ * with SciPy's OpenBLAS (B=8, NH=6, hd=64): the OpenMP loop was 3-10x slower at L=64
+ * and L=256 (concurrent callers contend in OpenBLAS's threaded path, and even with one
+ * BLAS thread the loop lost), so the BLAS calls stay outside OpenMP regions. */
 rd_status rd_attention_forward(float *out, float *att, const float *qkv, int64_t B, int64_t L,
                                int64_t D, int64_t NH) {
     rd_status s = check_attention(B, L, D, NH, "attention");
     if (s) return s;
     const int64_t hd = D / NH, D3 = 3 * D;
     const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < NH; h++) {
-            const float *q = qkv + b * L * D3 + h * hd, *k = q + D, *v = q + 2 * D;
-            float *a = att + (b * NH + h) * L * L;
-            float *o = out + b * L * D + h * hd;
-            rd_matmul(a, (int)L, q, (int)D3, 0, k, (int)D3, 1, L, L, hd, scale, 0.0f);
-            softmax_rows(a, L);
-            rd_matmul(o, (int)D, a, (int)L, 0, v, (int)D3, 0, L, hd, L, 1.0f, 0.0f);
-        }
+    for (int64_t bh = 0; bh < B * NH; bh++) { /* scores (L,L) = q k^T / sqrt(hd) */
+        const float *q = qkv + (bh / NH) * L * D3 + (bh % NH) * hd;
+        rd_matmul(att + bh * L * L, (int)L, q, (int)D3, 0, q + D, (int)D3, 1, L, L, hd, scale, 0.0f);
+    }
+    softmax_rows(att, B * NH * L, L);
+    for (int64_t bh = 0; bh < B * NH; bh++) { /* out (L,hd) = att v */
+        const float *v = qkv + (bh / NH) * L * D3 + (bh % NH) * hd + 2 * D;
+        float *o = out + (bh / NH) * L * D + (bh % NH) * hd;
+        rd_matmul(o, (int)D, att + bh * L * L, (int)L, 0, v, (int)D3, 0, L, hd, L, 1.0f, 0.0f);
     }
     return RD_OK;
 }
@@ -350,26 +351,29 @@ rd_status rd_attention_backward(float *dqkv, float *datt, const float *dout, con
     if (s) return s;
     const int64_t hd = D / NH, D3 = 3 * D;
     const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < NH; h++) {
-            const float *q = qkv + b * L * D3 + h * hd, *k = q + D, *v = q + 2 * D;
-            const float *a = att + (b * NH + h) * L * L;
-            const float *g = dout + b * L * D + h * hd;
-            float *da = datt + (b * NH + h) * L * L;
-            float *dq = dqkv + b * L * D3 + h * hd, *dk = dq + D, *dv = dq + 2 * D;
-            rd_matmul(da, (int)L, g, (int)D, 0, v, (int)D3, 1, L, L, hd, 1.0f, 0.0f);
-            rd_matmul(dv, (int)D3, a, (int)L, 1, g, (int)D, 0, L, hd, L, 1.0f, 0.0f);
-            for (int64_t i = 0; i < L; i++) { /* softmax backward, in place on da */
-                const float *ar = a + i * L;
-                float *dr = da + i * L;
-                float dot = 0.0f;
-                for (int64_t j = 0; j < L; j++) dot += ar[j] * dr[j];
-                for (int64_t j = 0; j < L; j++) dr[j] = ar[j] * (dr[j] - dot);
-            }
-            rd_matmul(dq, (int)D3, da, (int)L, 0, k, (int)D3, 0, L, hd, L, scale, 0.0f);
-            rd_matmul(dk, (int)D3, da, (int)L, 1, q, (int)D3, 0, L, hd, L, scale, 0.0f);
-        }
+    for (int64_t bh = 0; bh < B * NH; bh++) { /* datt = dout v^T; dv = att^T dout */
+        const int64_t b = bh / NH, h = bh % NH;
+        const float *v = qkv + b * L * D3 + h * hd + 2 * D;
+        const float *g = dout + b * L * D + h * hd;
+        float *dv = dqkv + b * L * D3 + h * hd + 2 * D;
+        rd_matmul(datt + bh * L * L, (int)L, g, (int)D, 0, v, (int)D3, 1, L, L, hd, 1.0f, 0.0f);
+        rd_matmul(dv, (int)D3, att + bh * L * L, (int)L, 1, g, (int)D, 0, L, hd, L, 1.0f, 0.0f);
+    }
+#pragma omp parallel for if (B * NH * L * L > 16384)
+    for (int64_t i = 0; i < B * NH * L; i++) { /* softmax backward, in place on datt */
+        const float *ar = att + i * L;
+        float *dr = datt + i * L;
+        float dot = 0.0f;
+        for (int64_t j = 0; j < L; j++) dot += ar[j] * dr[j];
+        for (int64_t j = 0; j < L; j++) dr[j] = ar[j] * (dr[j] - dot);
+    }
+    for (int64_t bh = 0; bh < B * NH; bh++) { /* dq = dS k / sqrt(hd); dk = dS^T q / sqrt(hd) */
+        const int64_t b = bh / NH, h = bh % NH;
+        const float *q = qkv + b * L * D3 + h * hd, *k = q + D;
+        const float *ds = datt + bh * L * L;
+        float *dq = dqkv + b * L * D3 + h * hd, *dk = dq + D;
+        rd_matmul(dq, (int)D3, ds, (int)L, 0, k, (int)D3, 0, L, hd, L, scale, 0.0f);
+        rd_matmul(dk, (int)D3, ds, (int)L, 1, q, (int)D3, 0, L, hd, L, scale, 0.0f);
     }
     return RD_OK;
 }
