@@ -30,4 +30,5 @@ def cuda_available():
 
 
 from . import configs, ops, ref  # noqa: E402
-from .model import RaceDiT  # noqa: E402
+from .model import RaceDiT  # noqa: E402,F401
+from .moe import MoE  # noqa: E402,F401
