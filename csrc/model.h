@@ -111,7 +111,10 @@ typedef struct {
     rd_moe_cfg moe;                /* moe.E == 0: dense blocks with a 4D GELU-tanh MLP;    */
                                    /* else moe.D must equal D; rd_model_new sets           */
                                    /* moe.plr_dim = p*p*in_channels (heads always present, */
-                                   /* so the layout does not depend on plr_weight)         */
+                                   /* so the layout does not depend on plr_weight). The    */
+                                   /* loss weights are the model's lambdas: each aux loss  */
+                                   /* is the mean over the MoE layers, so every layer gets */
+                                   /* weight / depth.                                      */
 } rd_model_cfg;
 
 /* One tensor of the parameter buffer: DiT's module names (facebookresearch/DiT

@@ -101,6 +101,8 @@ class RaceDiT:
         self.learn_sigma = bool(learn_sigma)
         self.class_dropout_prob = float(class_dropout_prob)
         self.routing, self.gating = routing, gating
+        self.plr_weight, self.sim_weight = float(plr_weight), float(sim_weight)
+        self.balance_weight, self.beta, self.eval_topk = float(balance_weight), float(beta), bool(eval_topk)
         self._model = _C.model_new(
             cfg.depth, cfg.hidden, cfg.heads, cfg.patch, self.input_size, self.in_channels,
             self.out_channels, self.num_classes, num_experts=cfg.num_experts, k=max(cfg.k, 1),
@@ -195,34 +197,77 @@ class RaceDiT:
         self.grad_buffer.fill(0.0)
 
     # ---- MoE losses and diagnostics ------------------------------------------------------
+    @property
+    def num_moe_layers(self):
+        """Number of MoE blocks (depth for MoE configs, 0 for dense)."""
+        return self.config.depth if self.config.is_moe else 0
+
+    def _views(self):
+        return [_C.model_moe_view(self._model, l) for l in range(self.num_moe_layers)]
+
     def aux(self):
-        """Unweighted aux losses of the last forward averaged over MoE layers:
-        {"plr", "sim", "balance"} (all 0.0 for a dense model)."""
-        return {"plr": 0.0, "sim": 0.0, "balance": 0.0}
+        """Unweighted aux losses of the last forward, each the mean over MoE layers:
+        {"plr": L_PLR, "sim": L_sim, "balance": L_bal} as floats. A loss the last forward
+        did not compute (eval mode, weight 0, no plr_target, dense model) is NaN."""
+        views = [v for v in self._views() if v["have_forward"]]
+        return {k: float(np.mean([v[k] for v in views])) if views else float("nan")
+                for k in ("plr", "sim", "balance")}
 
     def aux_loss(self):
-        """Weighted sum of the aux losses of the last forward (0.0 for a dense model)."""
-        return 0.0
+        """plr_weight*L_PLR + sim_weight*L_sim + balance_weight*L_bal of the last forward
+        (the losses averaged over MoE layers, only those computed; 0.0 when none). This is
+        what backward() adds the gradient of."""
+        return float(sum(v["aux_loss"] for v in self._views() if v["have_forward"]))
+
+    def routing_masks(self):
+        """list (one per MoE layer) of the (B, L, E) bool selection of the last forward
+        (copies); [] for a dense model or before any forward."""
+        return [v["mask"] for v in self._views() if v["have_forward"]]
 
     def layer_stats(self):
-        """Per MoE layer diagnostics of the last forward ([] for a dense model)."""
-        return []
+        """Per MoE layer diagnostics of the last forward: a list of dicts with ``load``
+        (E,) int64 tokens per expert, ``dead_experts``, ``max_violation`` ((max - mean) /
+        mean load), ``combination_usage`` (fraction of expert pairs holding 95 % of the
+        co-selections), ``experts_per_token`` (selected pairs / tokens), ``tau`` (NaN
+        before it is set), ``tau_b`` (batch threshold of the last training forward) and the
+        layer's unweighted ``plr``, ``sim``, ``balance`` losses (NaN if not computed).
+        [] for a dense model or before any forward."""
+        keys = ("load", "dead_experts", "max_violation", "combination_usage",
+                "experts_per_token", "tau_b", "plr", "sim", "balance")
+        stats = []
+        for v in self._views():
+            if not v["have_forward"]:
+                return []
+            d = {k: v[k] for k in keys}
+            d["tau"] = v["tau"] if v["have_tau"] else float("nan")
+            stats.append(d)
+        return stats
 
     def experts_per_token_by_sample(self):
-        """(B,) float: mean over MoE layers of experts per token, per sample of the last
-        forward (zeros for a dense model)."""
-        return np.zeros(self._batch()[1], dtype=np.float64)
+        """(B,) float64: for each sample of the last forward, the mean over MoE layers of
+        its experts per token (zeros for a dense model)."""
+        masks = self.routing_masks()
+        if not masks:
+            return np.zeros(self._batch()[1], dtype=np.float64)
+        L = masks[0].shape[1]
+        return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
 
     @property
     def thresholds(self):
-        """(n_moe_layers,) float32 thresholds tau of the MoE layers (settable)."""
-        return np.zeros(0, dtype=np.float32)
+        """(num_moe_layers,) float32 thresholds tau of the MoE layers, NaN where not yet
+        set (before the first training forward). Settable with an array of that shape
+        (e.g. from a checkpoint); NaN entries forget the layer's threshold, so its next
+        training forward initialises it again."""
+        return np.array([v["tau"] if v["have_tau"] else np.nan for v in self._views()],
+                        dtype=np.float32)
 
     @thresholds.setter
     def thresholds(self, value):
         value = np.asarray(value, dtype=np.float32)
-        if value.shape != (0,):
-            raise ValueError(f"thresholds: expected shape (0,), got {value.shape}")
+        if value.shape != (self.num_moe_layers,):
+            raise ValueError(f"thresholds: expected shape ({self.num_moe_layers},), got {value.shape}")
+        for l, tau in enumerate(value):
+            _C.model_set_threshold(self._model, l, None if np.isnan(tau) else float(tau))
 
     # ---- sizes and state ------------------------------------------------------------------
     def _batch(self):

@@ -27,11 +27,83 @@ def batch(B, seed=1, channels=C, size=S):
     return x, t, y
 
 
-def compare_with_ref(m, B=3, seed=0, rtol=2e-4):
+MOE_KEYS = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2", "plr_w", "plr_b")
+
+
+class RefMoE:
+    """The MoE blocks of the float64 reference model: racedit.ref.moe_forward/backward and,
+    in training, racedit.ref.moe_aux_forward/backward with each loss weight divided by the
+    depth (the model's aux losses are means over layers). The selection is the C model's
+    (float32 and float64 gates may order near-ties differently); `check_selection` then
+    verifies it against the twin's own rule (racedit.ref.moe_select)."""
+
+    def __init__(self, model):
+        self.m = model
+        self.masks = model.routing_masks()
+        self.caches = {}
+        self.aux = {}
+
+    def forward(self, i, x, plr):
+        m = self.m
+        p = {k: np.asarray(m.params[f"blocks.{i}.moe.{k}"], np.float64) for k in MOE_KEYS}
+        y, cache = ref.moe_forward(x, p, lambda G: self.masks[i], m.gating)
+        aux = None
+        if m.training:
+            n = m.config.depth
+            aux = ref.moe_aux_forward(cache, p, plr, sim_weight=m.sim_weight / n,
+                                      balance_weight=m.balance_weight / n, plr_weight=m.plr_weight / n)
+        self.caches[i] = (cache, p, aux)
+        return y
+
+    def backward(self, i, dy):
+        cache, p, aux = self.caches[i]
+        dx, g = ref.moe_backward(dy, cache, p)
+        g["plr_w"], g["plr_b"] = np.zeros_like(p["plr_w"]), np.zeros_like(p["plr_b"])
+        if aux is not None:
+            dxa, ga = ref.moe_aux_backward(aux[2], cache, p)
+            dx = dx + dxa
+            for k, v in ga.items():
+                g[k] = g[k] + v
+        return dx, g
+
+    def check_selection(self):
+        m, c = self.m, self.m.config
+        for i, (cache, _, _) in sorted(self.caches.items()):
+            B, L, _ = cache["shape"]
+            G = cache["G"].reshape(B, L, c.num_experts)
+            tau = None if m.training else m.thresholds[i]
+            want = ref.moe_select(c.k, m.routing, tau, m.eval_topk)(G)
+            np.testing.assert_array_equal(self.masks[i], want, err_msg=f"layer {i}")
+
+    def check_aux(self):
+        """C's aux() and aux_loss() against the twin's values."""
+        if not self.m.training:
+            assert all(np.isnan(v) for v in self.m.aux().values())
+            assert self.m.aux_loss() == 0.0
+            return
+        vals = [self.caches[i][2][1] for i in sorted(self.caches)]
+        got = self.m.aux()
+        for key, name in (("plr", "plr_loss"), ("sim", "sim_loss"), ("balance", "balance_loss")):
+            v = [d[name] for d in vals]
+            if v[0] is None:
+                assert np.isnan(got[key]), key
+            else:
+                assert got[key] == pytest.approx(np.mean(v), rel=1e-4, abs=1e-6), key
+        total = sum(self.caches[i][2][0] for i in self.caches)
+        assert self.m.aux_loss() == pytest.approx(total, rel=1e-4, abs=1e-7)
+
+
+def compare_with_ref(m, B=3, seed=0, rtol=2e-4, plr=False):
     randomise(m, seed)
     x, t, y = batch(B, seed + 1)
-    out = m.forward(x, t, y)
-    rout, cache = ref.dit_model_forward(m.params, x, t, y, heads=m.config.heads, patch=m.config.patch)
+    target = np.random.default_rng(seed + 3).normal(size=x.shape).astype(np.float32) if plr else None
+    out = m.forward(x, t, y, plr_target=target)
+    moe = RefMoE(m) if m.config.is_moe else None
+    rout, cache = ref.dit_model_forward(m.params, x, t, y, heads=m.config.heads, patch=m.config.patch,
+                                        moe=moe, plr_target=target)
+    if moe:
+        moe.check_selection()
+        moe.check_aux()
     scale = np.abs(rout).max()
     np.testing.assert_allclose(out, rout, rtol=0, atol=rtol * scale)
     dout = np.random.default_rng(seed + 2).normal(size=out.shape).astype(np.float32)
@@ -42,7 +114,8 @@ def compare_with_ref(m, B=3, seed=0, rtol=2e-4):
     for name, g in m.grads.items():
         gs = np.abs(G[name]).max()
         np.testing.assert_allclose(g, G[name], rtol=0, atol=rtol * max(gs, 1e-3), err_msg=name)
-        assert gs > 0, name                           # every parameter is reached
+        assert gs > 0 or (".moe.plr_" in name and not (plr and m.training)), name  # every parameter is reached
+    return m
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
@@ -50,6 +123,132 @@ def test_dense_matches_reference(learn_sigma):
     m = RaceDiT("DiT-T/2", input_size=S, in_channels=C, num_classes=NCLS, learn_sigma=learn_sigma,
                 class_dropout_prob=0.0)
     compare_with_ref(m)
+
+
+STRATEGIES = ["token", "expert", "bl", "be", "le", "race"]
+
+
+@pytest.mark.parametrize("routing", STRATEGIES)
+def test_moe_matches_reference_every_strategy(routing):
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS, routing=routing,
+                class_dropout_prob=0.0)
+    compare_with_ref(m, B=4)
+    epts = m.experts_per_token_by_sample()
+    assert epts.shape == (4,) and np.isclose(epts.mean(), 2.0)   # k on average, every strategy
+    if routing == "token":
+        np.testing.assert_allclose(epts, 2.0)
+
+
+@pytest.mark.parametrize("gating", ["sigmoid", "softmax"])
+def test_moe_matches_reference_gatings(gating):
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS, gating=gating,
+                class_dropout_prob=0.0)
+    compare_with_ref(m, B=2, seed=3)
+
+
+@pytest.mark.parametrize("routing", ["race", "token"])
+def test_moe_aux_losses_match_reference(routing):
+    # PLR target given, similarity and balance on, weights large enough to matter
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS, routing=routing,
+                plr_weight=2.0, sim_weight=0.5, balance_weight=0.3, class_dropout_prob=0.0)
+    compare_with_ref(m, B=2, seed=11, plr=True)
+    aux = m.aux()
+    assert all(np.isfinite(v) and v > 0 for v in aux.values())
+    assert m.aux_loss() == pytest.approx(2.0 * aux["plr"] + 0.5 * aux["sim"] + 0.3 * aux["balance"], rel=1e-5)
+    for st in m.layer_stats():
+        assert np.isfinite(st["plr"]) and 0 < st["combination_usage"] <= 1
+
+
+def test_moe_aux_off():
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, num_classes=NCLS, plr_weight=0.0, sim_weight=0.0,
+                class_dropout_prob=0.0)
+    randomise(m, 12)
+    x, t, y = batch(2)
+    m.forward(x, t, y, plr_target=x)                 # plr_weight 0: the target is not used
+    assert all(np.isnan(v) for v in m.aux().values()) and m.aux_loss() == 0.0
+    d = RaceDiT("DiT-T/2", input_size=S, num_classes=NCLS)
+    d.forward(x, t, y)
+    assert all(np.isnan(v) for v in d.aux().values()) and d.aux_loss() == 0.0
+    assert d.layer_stats() == [] and d.routing_masks() == [] and d.thresholds.shape == (0,)
+    np.testing.assert_array_equal(d.experts_per_token_by_sample(), np.zeros(2))
+
+
+def test_moe_learn_sigma_and_k1():
+    m = RaceDiT("RaceDiT-T/2-1in4", input_size=S, in_channels=C, num_classes=NCLS, learn_sigma=True,
+                class_dropout_prob=0.0)
+    compare_with_ref(m, B=2, seed=4)
+
+
+def test_moe_eval_mode_uses_thresholds():
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS, class_dropout_prob=0.0)
+    assert np.isnan(m.thresholds).all() and m.thresholds.shape == (2,)
+    x, t, y = batch(3)
+    m.eval()
+    with pytest.raises(RuntimeError, match="threshold"):
+        m.forward(x, t, y)                            # no tau before a training forward
+    m.train()
+    randomise(m, 7)
+    m.forward(x, t, y)
+    taus = m.thresholds
+    assert np.isfinite(taus).all()
+    stats = m.layer_stats()
+    assert [s["tau"] for s in stats] == pytest.approx(taus.tolist())
+    m.eval()
+    compare_with_ref(m, B=3, seed=7)                  # eval: G >= tau, checked against the twin
+    m.thresholds = taus + 100.0                       # nothing passes: the MoE branch is zero
+    m.forward(x, t, y)
+    assert not any(mk.any() for mk in m.routing_masks())
+    np.testing.assert_allclose(m.experts_per_token_by_sample(), 0.0)
+    m.thresholds = np.array([np.nan, taus[1]])
+    assert np.isnan(m.thresholds[0]) and m.thresholds[1] == taus[1]
+    with pytest.raises(ValueError, match=r"thresholds: expected shape \(2,\)"):
+        m.thresholds = np.zeros(3)
+
+
+def test_moe_threshold_ema():
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, num_classes=NCLS, beta=0.5, class_dropout_prob=0.0)
+    randomise(m, 8)
+    x, t, y = batch(2)
+    m.forward(x, t, y)
+    tau0 = m.thresholds.copy()
+    np.testing.assert_allclose(tau0, [s["tau_b"] for s in m.layer_stats()])   # first batch sets tau
+    m.forward(x[::-1].copy(), t, y)
+    tb = np.array([s["tau_b"] for s in m.layer_stats()])
+    np.testing.assert_allclose(m.thresholds, 0.5 * tau0 + 0.5 * tb, rtol=1e-6)
+
+
+def test_moe_layer_stats_and_views():
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, num_classes=NCLS, class_dropout_prob=0.0)
+    assert m.layer_stats() == [] and m.routing_masks() == []
+    randomise(m, 9)
+    x, t, y = batch(4)
+    m.forward(x, t, y)
+    for st, mask in zip(m.layer_stats(), m.routing_masks()):
+        assert mask.shape == (4, 16, 4) and mask.sum() == 4 * 16 * 2
+        np.testing.assert_array_equal(st["load"], mask.sum(axis=(0, 1)))
+        assert st["dead_experts"] == int((st["load"] == 0).sum())
+        assert st["experts_per_token"] == pytest.approx(2.0)
+        lo = st["load"]
+        assert st["max_violation"] == pytest.approx((lo.max() - lo.mean()) / lo.mean())
+    assert m.num_moe_layers == 2
+
+
+def test_moe_init_and_counts():
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS, seed=1)
+    D = 32
+    bound = np.sqrt(6 / (D + 4 * D))                  # the dense MLP's fans
+    for k in ("w1", "w2"):
+        w = m.params[f"blocks.0.moe.{k}"]
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    for k in ("router_b", "gate_b", "b1", "b2", "plr_b"):
+        assert not m.params[f"blocks.1.moe.{k}"].any()
+    assert m.params["blocks.0.moe.plr_w"].shape == (D, 2 * 2 * C)
+    c = racedit.configs.count_params("RaceDiT-T/2-2in4", S, C, NCLS)
+    assert m.num_params() == c["total"] and m.num_activated_params() == c["activated"]
+    x, t, y = batch(2)
+    assert not m.forward(x, t, y).any()               # adaLN-Zero: starts at zero like the dense DiT
+    with pytest.raises(ValueError, match="MoE model"):
+        m.load_dit_state_dict(m.state_dict())
 
 
 def test_dense_odd_shapes_match_reference():

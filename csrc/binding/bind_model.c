@@ -647,6 +647,82 @@ done:
     return ret;
 }
 
+static int get_layer(PyObject *cap, long long l, model_box **box, rd_moe_state **st) {
+    if (!(*box = get_box(cap))) return -1;
+    const int64_t n = rd_model_num_moe((*box)->m);
+    if (l < 0 || l >= n) {
+        PyErr_Format(PyExc_IndexError, "layer: expected 0 <= layer < %lld (MoE layers), got %lld",
+                     (long long)n, l);
+        return -1;
+    }
+    *st = rd_model_moe_state((*box)->m, l);
+    return 0;
+}
+
+/* A float, or NaN when the loss was not computed by the last forward. */
+static double loss_or_nan(int has, float v) { return has ? (double)v : Py_NAN; }
+
+/* dict of MoE layer l's last forward: have_forward, have_tau, tau, tau_b, pairs,
+ * mask (B,L,E) bool and load (E,) int64 (copies, None before any forward), the unweighted
+ * losses sim, balance, plr (NaN when not computed), aux_loss (this layer's weighted sum),
+ * max_violation, combination_usage, experts_per_token, dead_experts. */
+static PyObject *py_model_moe_view(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *mask = NULL, *load = NULL, *ret = NULL;
+    long long l;
+    model_box *box;
+    rd_moe_state *st;
+    if (!PyArg_ParseTuple(args, "OL", &cap, &l) || get_layer(cap, l, &box, &st) < 0) return NULL;
+    rd_moe_view v;
+    rd_moe_aux a;
+    rd_moe_state_view(st, &v);
+    rd_status s = rd_moe_get_aux(st, &a);
+    if (s) return rd_raise(s);
+    if (v.have_forward) {
+        npy_intp ms[] = {v.B, v.L, v.E}, cs[] = {v.E};
+        if (!(mask = PyArray_SimpleNew(3, ms, NPY_BOOL))) goto done;
+        memcpy(PyArray_DATA((PyArrayObject *)mask), v.mask, (size_t)(v.N * v.E));
+        if (!(load = PyArray_SimpleNew(1, cs, NPY_INT64))) goto done;
+        memcpy(PyArray_DATA((PyArrayObject *)load), v.counts, (size_t)v.E * sizeof(int64_t));
+    }
+    ret = Py_BuildValue(
+        "{s:O,s:O,s:d,s:d,s:L,s:O,s:O,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L}",
+        "have_forward", v.have_forward ? Py_True : Py_False,
+        "have_tau", v.have_tau ? Py_True : Py_False, "tau", (double)v.tau,
+        "tau_b", (double)v.tau_b, "pairs", (long long)v.P, "mask", mask ? mask : Py_None,
+        "load", load ? load : Py_None, "sim", loss_or_nan(a.has_sim, a.sim_loss),
+        "balance", loss_or_nan(a.has_balance, a.balance_loss),
+        "plr", loss_or_nan(a.has_plr, a.plr_loss), "aux_loss", (double)a.aux_loss,
+        "max_violation", a.max_violation, "combination_usage", a.combination_usage,
+        "experts_per_token", a.experts_per_token, "dead_experts", (long long)a.dead_experts);
+done:
+    Py_XDECREF(mask);
+    Py_XDECREF(load);
+    return ret;
+}
+
+/* Set MoE layer l's threshold to tau, or forget it when tau is None. */
+static PyObject *py_model_set_threshold(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *otau;
+    long long l;
+    model_box *box;
+    rd_moe_state *st;
+    if (!PyArg_ParseTuple(args, "OLO", &cap, &l, &otau) || get_layer(cap, l, &box, &st) < 0)
+        return NULL;
+    rd_status s;
+    if (otau == Py_None) {
+        s = rd_moe_set_threshold(st, NULL);
+    } else {
+        const double d = PyFloat_AsDouble(otau);
+        if (d == -1.0 && PyErr_Occurred()) return NULL;
+        const float tau = (float)d;
+        s = rd_moe_set_threshold(st, &tau);
+    }
+    if (s) return rd_raise(s);
+    Py_RETURN_NONE;
+}
+
 #define KW (PyCFunction)(void (*)(void))
 static PyMethodDef model_methods[] = {
     {"dit_patchify", KW py_patchify, METH_VARARGS | METH_KEYWORDS,
@@ -696,6 +772,10 @@ static PyMethodDef model_methods[] = {
      "model_forward(model, params, x, t, y, plr_target=None, training=True) -> out"},
     {"model_backward", py_model_backward, METH_VARARGS,
      "model_backward(model, params, grads, dout): grads accumulate in place"},
+    {"model_moe_view", py_model_moe_view, METH_VARARGS,
+     "model_moe_view(model, layer) -> dict of MoE layer `layer`'s last forward"},
+    {"model_set_threshold", py_model_set_threshold, METH_VARARGS,
+     "model_set_threshold(model, layer, tau or None)"},
     {NULL, NULL, 0, NULL}};
 
 int rd_bind_model(PyObject *m) { return PyModule_AddFunctions(m, model_methods); }

@@ -2,8 +2,9 @@
  * and timestep embeddings, linear, LayerNorm without affine, adaLN modulate, gated
  * residual, multi-head attention, SiLU/GELU and the label embedding. Each is a
  * forward/backward pair in llm.c's argument order (outputs, saved activations, inputs,
- * parameters, sizes). Matrix products go through rd_matmul (BLAS); the elementwise
- * loops are OpenMP-parallel over rows. The model (model.c) composes them. */
+ * parameters, sizes). Matrix products go through rd_matmul / rd_matmul_par (BLAS),
+ * threaded as rd_get_threading() says (moe.h); the elementwise loops are OpenMP-parallel
+ * over rows. The model (model.c) composes them. */
 #include "../racedit.h"
 
 #include <limits.h>
@@ -130,8 +131,11 @@ rd_status rd_linear_forward(float *out, const float *inp, const float *W, const 
 #pragma omp parallel for
         for (int64_t n = 0; n < N; n++) memcpy(out + n * OC, b, (size_t)OC * sizeof(float));
     }
-    return rd_matmul(out, (int)OC, inp, (int)IC, 0, W, (int)IC, 1, N, OC, IC, 1.0f,
-                     b ? 1.0f : 0.0f);
+    const int prev = rd_blas_threads_enter();
+    s = rd_matmul_par(out, (int)OC, inp, (int)IC, 0, W, (int)IC, 1, N, OC, IC, 1.0f,
+                      b ? 1.0f : 0.0f);
+    rd_blas_threads_restore(prev);
+    return s;
 }
 
 /* db (OC) += column sums of dout (N,OC), each column summed in row order (deterministic). */
@@ -153,14 +157,12 @@ rd_status rd_linear_backward(float *dinp, float *dW, float *db, const float *dou
                              const float *inp, const float *W, int64_t N, int64_t IC, int64_t OC) {
     rd_status s = check_linear(N, IC, OC, "linear_backward");
     if (s) return s;
-    if (dinp) {
-        s = rd_matmul(dinp, (int)IC, dout, (int)OC, 0, W, (int)IC, 0, N, IC, OC, 1.0f, 0.0f);
-        if (s) return s;
-    }
-    s = rd_matmul(dW, (int)IC, dout, (int)OC, 1, inp, (int)IC, 0, OC, IC, N, 1.0f, 1.0f);
-    if (s) return s;
-    if (db) colsum_acc(db, dout, N, OC);
-    return RD_OK;
+    const int prev = rd_blas_threads_enter();
+    if (dinp) s = rd_matmul_par(dinp, (int)IC, dout, (int)OC, 0, W, (int)IC, 0, N, IC, OC, 1.0f, 0.0f);
+    if (!s) s = rd_matmul_par(dW, (int)IC, dout, (int)OC, 1, inp, (int)IC, 0, OC, IC, N, 1.0f, 1.0f);
+    rd_blas_threads_restore(prev);
+    if (!s && db) colsum_acc(db, dout, N, OC);
+    return s;
 }
 
 /* ---- LayerNorm (no affine) ------------------------------------------------------- */
@@ -303,11 +305,14 @@ static rd_status check_attention(int64_t B, int64_t L, int64_t D, int64_t NH, co
     return RD_OK;
 }
 
-/* Row-wise softmax of R rows of length L, in place, max subtracted. */
-static void softmax_rows(float *a, int64_t R, int64_t L) {
-#pragma omp parallel for if (R * L > 16384)
-    for (int64_t i = 0; i < R; i++) {
-        float *r = a + i * L;
+/* One (b, h) pair: att (L,L) = softmax(q k^T / sqrt(hd)), o (L,hd) = att v, where q, k, v
+ * are (L,hd) blocks of qkv (row stride 3D) and o a block of out (row stride D). */
+static void head_forward(float *o, float *att, const float *q, int64_t L, int64_t D, int64_t hd,
+                         float scale) {
+    const int D3 = (int)(3 * D);
+    rd_matmul(att, (int)L, q, D3, 0, q + D, D3, 1, L, L, hd, scale, 0.0f);
+    for (int64_t i = 0; i < L; i++) { /* softmax, max subtracted, in float32 */
+        float *r = att + i * L;
         float mx = r[0];
         for (int64_t j = 1; j < L; j++) mx = r[j] > mx ? r[j] : mx;
         float sum = 0.0f;
@@ -318,30 +323,48 @@ static void softmax_rows(float *a, int64_t R, int64_t L) {
         const float inv = 1.0f / sum;
         for (int64_t j = 0; j < L; j++) r[j] *= inv;
     }
+    rd_matmul(o, (int)D, att, (int)L, 0, q + 2 * D, D3, 0, L, hd, L, 1.0f, 0.0f);
 }
 
-/* Each step runs over all (b, h) pairs: the products as sequential sgemm calls (each
- * threaded by the BLAS as it sees fit), the softmax as one OpenMP loop over all rows.
- * Measured against an OpenMP loop over (b, h) with the sgemm calls inside, on 2 cores
- * with SciPy's OpenBLAS (B=8, NH=6, hd=64): the OpenMP loop was 3-10x slower at L=64
- * and L=256 (concurrent callers contend in OpenBLAS's threaded path, and even with one
- * BLAS thread the loop lost), so the BLAS calls stay outside OpenMP regions. */
+/* Backward of head_forward: dq, dk, dv blocks of dqkv from g (block of dout); da (L,L)
+ * scratch. */
+static void head_backward(float *dq, float *da, const float *g, const float *q, const float *att,
+                          int64_t L, int64_t D, int64_t hd, float scale) {
+    const int D3 = (int)(3 * D);
+    rd_matmul(da, (int)L, g, (int)D, 0, q + 2 * D, D3, 1, L, L, hd, 1.0f, 0.0f);  /* g v^T */
+    rd_matmul(dq + 2 * D, D3, att, (int)L, 1, g, (int)D, 0, L, hd, L, 1.0f, 0.0f); /* dv */
+    for (int64_t i = 0; i < L; i++) { /* softmax backward, in place */
+        const float *ar = att + i * L;
+        float *dr = da + i * L;
+        float dot = 0.0f;
+        for (int64_t j = 0; j < L; j++) dot += ar[j] * dr[j];
+        for (int64_t j = 0; j < L; j++) dr[j] = ar[j] * (dr[j] - dot);
+    }
+    rd_matmul(dq, D3, da, (int)L, 0, q + D, D3, 0, L, hd, L, scale, 0.0f);        /* dS k */
+    rd_matmul(dq + D, D3, da, (int)L, 1, q, D3, 0, L, hd, L, scale, 0.0f);        /* dS^T q */
+}
+
+/* Threading follows rd_get_threading(): with RD_THREADS_OMP the (b, h) pairs run in an
+ * OpenMP loop with a single-threaded BLAS; with RD_THREADS_BLAS one pair after another,
+ * each product threaded by the BLAS. Measured in benchmarks/bench_model.py (see the
+ * report there): on 2 cores the OpenMP loop wins at L=64 and L=256, as the L x L x hd
+ * products are too small for the BLAS to split well. The sizes were checked before the
+ * loop, so rd_matmul cannot fail inside it. */
 rd_status rd_attention_forward(float *out, float *att, const float *qkv, int64_t B, int64_t L,
                                int64_t D, int64_t NH) {
     rd_status s = check_attention(B, L, D, NH, "attention");
     if (s) return s;
-    const int64_t hd = D / NH, D3 = 3 * D;
+    const int64_t hd = D / NH;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t bh = 0; bh < B * NH; bh++) { /* scores (L,L) = q k^T / sqrt(hd) */
-        const float *q = qkv + (bh / NH) * L * D3 + (bh % NH) * hd;
-        rd_matmul(att + bh * L * L, (int)L, q, (int)D3, 0, q + D, (int)D3, 1, L, L, hd, scale, 0.0f);
+    const int par = rd_get_threading() == RD_THREADS_OMP;
+    const int prev = rd_blas_threads_enter();
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int64_t bh = 0; bh < B * NH; bh++) {
+        const int64_t b = bh / NH, h = bh % NH;
+        head_forward(out + b * L * D + h * hd, att + bh * L * L, qkv + b * L * 3 * D + h * hd, L, D,
+                     hd, scale);
     }
-    softmax_rows(att, B * NH * L, L);
-    for (int64_t bh = 0; bh < B * NH; bh++) { /* out (L,hd) = att v */
-        const float *v = qkv + (bh / NH) * L * D3 + (bh % NH) * hd + 2 * D;
-        float *o = out + (bh / NH) * L * D + (bh % NH) * hd;
-        rd_matmul(o, (int)D, att + bh * L * L, (int)L, 0, v, (int)D3, 0, L, hd, L, 1.0f, 0.0f);
-    }
+    rd_blas_threads_restore(prev);
     return RD_OK;
 }
 
@@ -349,32 +372,17 @@ rd_status rd_attention_backward(float *dqkv, float *datt, const float *dout, con
                                 const float *att, int64_t B, int64_t L, int64_t D, int64_t NH) {
     rd_status s = check_attention(B, L, D, NH, "attention_backward");
     if (s) return s;
-    const int64_t hd = D / NH, D3 = 3 * D;
+    const int64_t hd = D / NH;
     const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t bh = 0; bh < B * NH; bh++) { /* datt = dout v^T; dv = att^T dout */
-        const int64_t b = bh / NH, h = bh % NH;
-        const float *v = qkv + b * L * D3 + h * hd + 2 * D;
-        const float *g = dout + b * L * D + h * hd;
-        float *dv = dqkv + b * L * D3 + h * hd + 2 * D;
-        rd_matmul(datt + bh * L * L, (int)L, g, (int)D, 0, v, (int)D3, 1, L, L, hd, 1.0f, 0.0f);
-        rd_matmul(dv, (int)D3, att + bh * L * L, (int)L, 1, g, (int)D, 0, L, hd, L, 1.0f, 0.0f);
+    const int par = rd_get_threading() == RD_THREADS_OMP;
+    const int prev = rd_blas_threads_enter();
+#pragma omp parallel for schedule(dynamic, 1) if (par)
+    for (int64_t bh = 0; bh < B * NH; bh++) {
+        const int64_t b = bh / NH, h = bh % NH, o = b * L * 3 * D + h * hd;
+        head_backward(dqkv + o, datt + bh * L * L, dout + b * L * D + h * hd, qkv + o,
+                      att + bh * L * L, L, D, hd, scale);
     }
-#pragma omp parallel for if (B * NH * L * L > 16384)
-    for (int64_t i = 0; i < B * NH * L; i++) { /* softmax backward, in place on datt */
-        const float *ar = att + i * L;
-        float *dr = datt + i * L;
-        float dot = 0.0f;
-        for (int64_t j = 0; j < L; j++) dot += ar[j] * dr[j];
-        for (int64_t j = 0; j < L; j++) dr[j] = ar[j] * (dr[j] - dot);
-    }
-    for (int64_t bh = 0; bh < B * NH; bh++) { /* dq = dS k / sqrt(hd); dk = dS^T q / sqrt(hd) */
-        const int64_t b = bh / NH, h = bh % NH;
-        const float *q = qkv + b * L * D3 + h * hd, *k = q + D;
-        const float *ds = datt + bh * L * L;
-        float *dq = dqkv + b * L * D3 + h * hd, *dk = dq + D;
-        rd_matmul(dq, (int)D3, ds, (int)L, 0, k, (int)D3, 0, L, hd, L, scale, 0.0f);
-        rd_matmul(dk, (int)D3, ds, (int)L, 1, q, (int)D3, 0, L, hd, L, scale, 0.0f);
-    }
+    rd_blas_threads_restore(prev);
     return RD_OK;
 }
 

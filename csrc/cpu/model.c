@@ -40,6 +40,7 @@ typedef struct {
 
 struct rd_model {
     rd_model_cfg cfg;
+    rd_moe_cfg layer;          /* what each MoE block gets: cfg.moe with the loss weights /depth */
     int64_t H, gh, gw, L;      /* image side, patch grid, tokens per image */
     int64_t Pin, Pout;         /* p*p*C, p*p*Co */
     rd_tensor_info *tensors;
@@ -67,55 +68,6 @@ struct rd_model {
     int have_forward, last_plr;
 };
 
-
-/* The MoE composite of moe.c, reached only through these wrappers. Until it is linked
- * into the build (RD_MODEL_MOE), configurations with experts are refused. */
-#ifndef RD_MODEL_MOE
-#define RD_MODEL_MOE 0
-#endif
-#if RD_MODEL_MOE
-static int64_t moe_param_sizes(int64_t *sizes, const rd_moe_cfg *c) { return moe_param_sizes(sizes, c); }
-static rd_status moe_cfg_check(const rd_moe_cfg *c) { return rd_moe_cfg_check(c); }
-static rd_moe_state *moe_state_new(void) { return rd_moe_state_new(); }
-static void moe_state_free(rd_moe_state *st) { rd_moe_state_free(st); }
-static void moe_params_point(rd_moe_params *mp, float *buf, const rd_moe_cfg *c) {
-    moe_params_point(mp, buf, c);
-}
-static rd_status moe_forward(rd_moe_state *st, float *y, const float *x, const rd_moe_cfg *c,
-                             const rd_moe_params *p, int64_t B, int64_t L, int training,
-                             const float *plr) {
-    return rd_moe_forward(st, y, x, c, p, B, L, training, plr);
-}
-static rd_status moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *g,
-                              const float *dy, const float *x, const rd_moe_cfg *c,
-                              const rd_moe_params *p) {
-    return rd_moe_backward(st, dx, g, dy, x, c, p);
-}
-#else
-static int64_t moe_param_sizes(int64_t *sizes, const rd_moe_cfg *c) { (void)sizes; (void)c; return -1; }
-static rd_status moe_cfg_check(const rd_moe_cfg *c) {
-    (void)c;
-    return rd_fail(RD_EINVAL, "model: MoE blocks are not available in this build");
-}
-static rd_moe_state *moe_state_new(void) { return NULL; }
-static void moe_state_free(rd_moe_state *st) { (void)st; }
-static void moe_params_point(rd_moe_params *mp, float *buf, const rd_moe_cfg *c) {
-    (void)buf; (void)c;
-    memset(mp, 0, sizeof *mp);
-}
-static rd_status moe_forward(rd_moe_state *st, float *y, const float *x, const rd_moe_cfg *c,
-                             const rd_moe_params *p, int64_t B, int64_t L, int training,
-                             const float *plr) {
-    (void)st; (void)y; (void)x; (void)c; (void)p; (void)B; (void)L; (void)training; (void)plr;
-    return rd_fail(RD_EINVAL, "model: MoE blocks are not available in this build");
-}
-static rd_status moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *g,
-                              const float *dy, const float *x, const rd_moe_cfg *c,
-                              const rd_moe_params *p) {
-    (void)st; (void)dx; (void)g; (void)dy; (void)x; (void)c; (void)p;
-    return rd_fail(RD_EINVAL, "model: MoE blocks are not available in this build");
-}
-#endif
 
 /* ---- layout ---------------------------------------------------------------------- */
 
@@ -159,7 +111,7 @@ static const char *const moe_names[RD_MOE_NPARAM] = {
 
 /* The MoE tensors of block i, in moe.h order with its shapes. */
 static int add_moe_tensors(rd_model *m, int64_t i) {
-    const rd_moe_cfg *c = &m->cfg.moe;
+    const rd_moe_cfg *c = &m->layer;
     const int64_t D = c->D, E = c->E, He = c->He, P = c->plr_dim;
     const int64_t shapes[RD_MOE_NPARAM][3] = {{D, D}, {D}, {D, E}, {E}, {E, D, He},
                                               {E, He}, {E, He, D}, {E, D}, {D, P}, {P}};
@@ -169,7 +121,7 @@ static int add_moe_tensors(rd_model *m, int64_t i) {
         if (add_tensor(m, nd[j], shapes[j], "blocks.%lld.moe.%s", (long long)i, moe_names[j]) < 0)
             return -1;
     int64_t sizes[RD_MOE_NPARAM];
-    if (moe_param_sizes(sizes, c) != m->nparams - m->blk[i].moe) return -2;
+    if (rd_moe_param_sizes(sizes, c) != m->nparams - m->blk[i].moe) return -2;
     return 0;
 }
 
@@ -254,7 +206,12 @@ rd_status rd_model_new(rd_model **out, const rd_model_cfg *cfg) {
     m->Pout = p * p * cfg->out_channels;
     if (cfg->moe.E > 0) {
         m->cfg.moe.plr_dim = m->Pin;
-        s = moe_cfg_check(&m->cfg.moe);
+        /* each aux loss of the model is the mean over its layers (SPEC §3): per-layer weights */
+        m->layer = m->cfg.moe;
+        m->layer.plr_weight /= (float)cfg->depth;
+        m->layer.sim_weight /= (float)cfg->depth;
+        m->layer.balance_weight /= (float)cfg->depth;
+        s = rd_moe_cfg_check(&m->layer);
         if (s) goto fail;
     }
     m->blk = calloc((size_t)cfg->depth, sizeof *m->blk);
@@ -273,7 +230,7 @@ rd_status rd_model_new(rd_model **out, const rd_model_cfg *cfg) {
             goto fail;
         }
         for (int64_t i = 0; i < cfg->depth; i++)
-            if (!(m->moe[i] = moe_state_new())) {
+            if (!(m->moe[i] = rd_moe_state_new())) {
                 s = rd_fail(RD_ENOMEM, "model: out of memory for the MoE states");
                 goto fail;
             }
@@ -288,7 +245,7 @@ fail:
 void rd_model_free(rd_model *m) {
     if (!m) return;
     if (m->moe)
-        for (int64_t i = 0; i < m->cfg.depth; i++) moe_state_free(m->moe[i]);
+        for (int64_t i = 0; i < m->cfg.depth; i++) rd_moe_state_free(m->moe[i]);
     free(m->moe);
     free(m->tensors);
     free(m->blk);
@@ -405,7 +362,7 @@ rd_status rd_model_reserve(rd_model *m, int64_t max_batch, int fixed) {
     } while (0)
 
 static void point_moe(rd_model *m, rd_moe_params *mp, const float *buf, int64_t i) {
-    moe_params_point(mp, (float *)buf + m->blk[i].moe, &m->cfg.moe);
+    rd_moe_params_point(mp, (float *)buf + m->blk[i].moe, &m->layer);
 }
 
 static rd_status block_forward(rd_model *m, const float *P, int64_t i, int64_t B, int training) {
@@ -427,7 +384,7 @@ static rd_status block_forward(rd_model *m, const float *P, int64_t i, int64_t B
     if (m->moe) {
         rd_moe_params mp;
         point_moe(m, &mp, P, i);
-        TRY(moe_forward(m->moe[i], a->ffn, a->m2, &c->moe, &mp, B, L, training,
+        TRY(rd_moe_forward(m->moe[i], a->ffn, a->m2, &m->layer, &mp, B, L, training,
                            m->last_plr ? m->plr : NULL));
     } else {
         TRY(rd_linear_forward(a->fc1, a->m2, P + o->fc1_w, P + o->fc1_b, N, D, 4 * D));
@@ -446,9 +403,9 @@ static rd_status check_inputs(const rd_model *m, const float *t, int64_t B) {
     return RD_OK;
 }
 
-rd_status rd_model_forward(rd_model *m, float *out, const float *params, const float *x,
-                           const float *t, const int64_t *y, const float *plr_target,
-                           int64_t B, int training) {
+static rd_status model_forward(rd_model *m, float *out, const float *params, const float *x,
+                               const float *t, const int64_t *y, const float *plr_target,
+                               int64_t B, int training) {
     const rd_model_cfg *c = &m->cfg;
     const int64_t D = c->D, L = m->L, N = B * L, p = c->patch, H = m->H, V = c->num_classes + 1;
     if (B < 1) return rd_fail(RD_EINVAL, "batch must be >= 1, got %lld", (long long)B);
@@ -470,7 +427,7 @@ rd_status rd_model_forward(rd_model *m, float *out, const float *params, const f
             const float *pe = m->pe + l * D, *bias = P + m->xe_b;
             for (int64_t d = 0; d < D; d++) row[d] = bias[d] + pe[d];
         }
-    TRY(rd_matmul(m->x, (int)D, m->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1, N, D,
+    TRY(rd_matmul_par(m->x, (int)D, m->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1, N, D,
                   m->Pin, 1.0f, 1.0f));
     /* c = t_embedder(t) + y_embedder(y); every adaLN reads SiLU(c) */
     TRY(rd_timestep_embedding_forward(m->tfreq, t, B, RD_FREQ_DIM, RD_MAX_PERIOD));
@@ -520,7 +477,7 @@ static rd_status block_backward(rd_model *m, float *G, const float *P, int64_t i
         rd_moe_params mp, mg;
         point_moe(m, &mp, P, i);
         point_moe(m, &mg, G, i);
-        TRY(moe_backward(m->moe[i], m->db, &mg, m->da, a->m2, &c->moe, &mp));
+        TRY(rd_moe_backward(m->moe[i], m->db, &mg, m->da, a->m2, &m->layer, &mp));
     } else {
         TRY(rd_linear_backward(m->dfc, G + o->fc2_w, G + o->fc2_b, m->da, a->gel, P + o->fc2_w,
                                N, 4 * D, D));
@@ -544,7 +501,7 @@ static rd_status block_backward(rd_model *m, float *G, const float *P, int64_t i
     return adaln_backward(m, G, P, o->ada_w, o->ada_b, dmod, B, 6 * D);
 }
 
-rd_status rd_model_backward(rd_model *m, float *grads, const float *dout, const float *params) {
+static rd_status model_backward(rd_model *m, float *grads, const float *dout, const float *params) {
     if (!m->have_forward)
         return rd_fail(RD_ESTATE, "backward called before forward");
     const rd_model_cfg *c = &m->cfg;
@@ -572,4 +529,22 @@ rd_status rd_model_backward(rd_model *m, float *grads, const float *dout, const 
     TRY(rd_silu_backward(m->dt1, m->dt1, m->th, B * D));
     return rd_linear_backward(NULL, G + m->t0_w, G + m->t0_b, m->dt1, m->tfreq, P + m->t0_w, B,
                               RD_FREQ_DIM, D);
+}
+
+/* The BLAS is made single-threaded once for the whole pass in RD_THREADS_OMP mode (moe.h),
+ * so OpenMP and BLAS threads never compete; every layer inside follows the same mode. */
+rd_status rd_model_forward(rd_model *m, float *out, const float *params, const float *x,
+                           const float *t, const int64_t *y, const float *plr_target,
+                           int64_t B, int training) {
+    const int prev = rd_blas_threads_enter();
+    rd_status s = model_forward(m, out, params, x, t, y, plr_target, B, training);
+    rd_blas_threads_restore(prev);
+    return s;
+}
+
+rd_status rd_model_backward(rd_model *m, float *grads, const float *dout, const float *params) {
+    const int prev = rd_blas_threads_enter();
+    rd_status s = model_backward(m, grads, dout, params);
+    rd_blas_threads_restore(prev);
+    return s;
 }
