@@ -291,6 +291,66 @@ def test_reference_model_finite_differences():
             assert abs(fd - G[name][i]) <= 1e-6 + 1e-4 * abs(fd), (name, i, fd, G[name][i])
 
 
+class FixedSelectionMoE:
+    """Reference MoE blocks (with aux losses) whose selection is frozen after the first
+    forward, so the objective is smooth for finite differences."""
+
+    def __init__(self, P, k, strategy, weights):
+        self.P, self.k, self.strategy, self.w = P, k, strategy, weights
+        self.masks, self.caches = {}, {}
+
+    def forward(self, i, x, plr):
+        p = {key: self.P[f"blocks.{i}.moe.{key}"] for key in MOE_KEYS}
+        if i in self.masks:
+            y, cache = ref.moe_forward(x, p, lambda G: self.masks[i])
+        else:
+            y, cache = ref.moe_forward(x, p, ref.moe_select(self.k, self.strategy))
+            self.masks[i] = cache["mask"].reshape(x.shape[0], x.shape[1], -1)
+        aux = ref.moe_aux_forward(cache, p, plr, **self.w)
+        self.caches[i] = (cache, p, aux)
+        return y
+
+    def backward(self, i, dy):
+        cache, p, aux = self.caches[i]
+        dx, g = ref.moe_backward(dy, cache, p)
+        dxa, ga = ref.moe_aux_backward(aux[2], cache, p)
+        for key, v in ga.items():
+            g[key] = g.get(key, 0.0) + v
+        return dx + dxa, g
+
+    def aux_total(self):
+        return sum(c[2][0] for c in self.caches.values())
+
+
+def test_reference_moe_model_finite_differences():
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=4, in_channels=2, num_classes=3)
+    rng = np.random.default_rng(13)
+    P = {k: rng.normal(0, 0.3, v.shape) for k, v in m.params.items()}
+    x, target = rng.normal(size=(2, 2, 4, 4)), rng.normal(size=(2, 2, 4, 4))
+    t, y = np.array([3.0, 700.0]), np.array([1, 3])
+    w = dict(sim_weight=0.3, balance_weight=0.2, plr_weight=0.5)
+    moe = FixedSelectionMoE(P, 2, "race", w)
+    out, cache = ref.dit_model_forward(P, x, t, y, heads=2, patch=2, moe=moe, plr_target=target)
+    d = rng.normal(size=out.shape)
+    G = ref.dit_model_backward(d, cache)
+
+    def objective():
+        o, _ = ref.dit_model_forward(P, x, t, y, heads=2, patch=2, moe=moe, plr_target=target)
+        return np.sum(o * d) + moe.aux_total()
+    h = 1e-6
+    for name in P:
+        for _ in range(2):
+            i = tuple(rng.integers(0, s) for s in P[name].shape)
+            old = P[name][i]
+            P[name][i] = old + h
+            fp = objective()
+            P[name][i] = old - h
+            fm = objective()
+            P[name][i] = old
+            fd = (fp - fm) / (2 * h)
+            assert abs(fd - G[name][i]) <= 1e-6 + 1e-4 * abs(fd), (name, i, fd, G[name][i])
+
+
 # ---- buffers, views, init ---------------------------------------------------------------------
 
 def test_views_share_the_buffers():
@@ -466,6 +526,15 @@ def test_wrong_dtypes(model):
     model.forward(x, t, y)
     with pytest.raises(TypeError, match="dout"):
         model.backward(np.zeros((2, C, S, S), np.int64))
+
+
+def test_bad_plr_target(model):
+    x, t, y = batch(2)
+    with pytest.raises(ValueError, match=r"plr_target: expected shape \(2, 4, 8, 8\)"):
+        model.forward(x, t, y, plr_target=x[:1].copy())
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, num_classes=NCLS)
+    with pytest.raises(ValueError, match="plr_target"):
+        m.forward(x, t, y, plr_target=np.full(x.shape, np.nan, np.float32))
 
 
 def test_backward_before_forward(model):

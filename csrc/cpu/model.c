@@ -10,6 +10,7 @@
  * saves its normalised output, so the block inputs themselves are not kept. */
 #include "../racedit.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -439,6 +440,13 @@ static rd_status model_forward(rd_model *m, float *out, const float *params, con
     TRY(rd_silu_forward(m->sc, m->c, B * D));
     memcpy(m->labels, y, (size_t)B * sizeof(int64_t));
     m->last_plr = m->moe && plr_target && training && c->moe.plr_weight != 0.0f;
+    if (m->last_plr) {
+        const int64_t n = B * c->in_channels * H * H;
+        for (int64_t i = 0; i < n; i++)
+            if (!isfinite(plr_target[i]))
+                return rd_fail(RD_EINVAL, "plr_target: non-finite value %g at flat index %lld "
+                               "of (B,C,H,W)", (double)plr_target[i], (long long)i);
+    }
     if (m->last_plr)
         TRY(rd_patchify_forward(m->plr, plr_target, B, c->in_channels, H, H, p, RD_PATCH_IJC));
     for (int64_t i = 0; i < c->depth; i++) TRY(block_forward(m, P, i, B, training));
