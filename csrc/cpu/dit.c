@@ -6,6 +6,7 @@
  * threaded as rd_get_threading() says (moe.h); the elementwise loops are OpenMP-parallel
  * over rows. The model (model.c) composes them. */
 #include "../racedit.h"
+#include "moe_math.h"
 
 #include <limits.h>
 #include <math.h>
@@ -174,9 +175,11 @@ rd_status rd_layernorm_forward(float *out, float *rstd, const float *inp, int64_
         const float *x = inp + n * D;
         float *o = out + n * D;
         float m = 0.0f;
+#pragma omp simd reduction(+ : m)
         for (int64_t d = 0; d < D; d++) m += x[d];
         m /= (float)D;
         float v = 0.0f; /* two passes: no cancellation when |mean| >> std */
+#pragma omp simd reduction(+ : v)
         for (int64_t d = 0; d < D; d++) v += (x[d] - m) * (x[d] - m);
         v /= (float)D;
         const float r = 1.0f / sqrtf(v + LN_EPS);
@@ -194,6 +197,7 @@ rd_status rd_layernorm_backward(float *dinp_acc, const float *dout, const float 
         const float *g = dout + n * D, *xh = out + n * D;
         float *dx = dinp_acc + n * D;
         float mg = 0.0f, mgx = 0.0f;
+#pragma omp simd reduction(+ : mg, mgx)
         for (int64_t d = 0; d < D; d++) {
             mg += g[d];
             mgx += g[d] * xh[d];
@@ -316,8 +320,9 @@ static void head_forward(float *o, float *att, const float *q, int64_t L, int64_
         float mx = r[0];
         for (int64_t j = 1; j < L; j++) mx = r[j] > mx ? r[j] : mx;
         float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < L; j++) {
-            r[j] = expf(r[j] - mx);
+            r[j] = rd_exp_nonpos(r[j] - mx); /* argument <= 0 */
             sum += r[j];
         }
         const float inv = 1.0f / sum;
@@ -337,6 +342,7 @@ static void head_backward(float *dq, float *da, const float *g, const float *q, 
         const float *ar = att + i * L;
         float *dr = da + i * L;
         float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < L; j++) dot += ar[j] * dr[j];
         for (int64_t j = 0; j < L; j++) dr[j] = ar[j] * (dr[j] - dot);
     }
@@ -403,15 +409,16 @@ rd_status rd_silu_backward(float *dinp, const float *dout, const float *inp, int
     return RD_OK;
 }
 
+/* The vectorisable GELU of moe_math.h (the experts' own), so dense and MoE blocks agree. */
 rd_status rd_gelu_forward(float *out, const float *inp, int64_t n) {
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; i++) out[i] = rd_gelu_tanh(inp[i]);
+#pragma omp parallel for simd if (n > 65536)
+    for (int64_t i = 0; i < n; i++) out[i] = rd_gelu_tanh_v(inp[i]);
     return RD_OK;
 }
 
 rd_status rd_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n) {
-#pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; i++) dinp[i] = dout[i] * rd_gelu_tanh_grad(inp[i]);
+#pragma omp parallel for simd if (n > 65536)
+    for (int64_t i = 0; i < n; i++) dinp[i] = dout[i] * rd_gelu_tanh_grad_v(inp[i]);
     return RD_OK;
 }
 
