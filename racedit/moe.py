@@ -89,8 +89,7 @@ class MoE:
         self._state = _C.moe_new(dim=dim, num_experts=num_experts, hidden=hidden, k=k,
                                  strategy=strategy, gating=gating, beta=float(beta),
                                  eval_topk=bool(eval_topk))
-        self.dim, self.num_experts, self.k, self.hidden = dim, num_experts, k, hidden
-        self.strategy, self.gating = strategy, gating
+        self._dims = (dim, num_experts, k, hidden, strategy, gating)
         D, E, He = dim, num_experts, hidden
         shapes = dict(router_w=(D, D), router_b=(D,), gate_w=(D, E), gate_b=(E,),
                       w1=(E, D, He), b1=(E, He), w2=(E, He, D), b2=(E, D))
@@ -114,6 +113,13 @@ class MoE:
         self._x = None
 
     # ---- configuration --------------------------------------------------------
+    dim = property(lambda self: self._dims[0], doc="Model width D (read-only).")
+    num_experts = property(lambda self: self._dims[1], doc="Number of experts E (read-only).")
+    k = property(lambda self: self._dims[2], doc="Experts per token on average (read-only).")
+    hidden = property(lambda self: self._dims[3], doc="Expert hidden width He (read-only).")
+    strategy = property(lambda self: self._dims[4], doc="Routing strategy (read-only).")
+    gating = property(lambda self: self._dims[5], doc="Gate function (read-only).")
+
     @property
     def beta(self):
         """Threshold EMA factor in [0, 1) (settable)."""
