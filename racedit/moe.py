@@ -11,7 +11,7 @@ from . import _C
 
 __all__ = ["MoE"]
 
-_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2")
+_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2", "plr_w", "plr_b")
 _STRATEGIES = ("token", "expert", "bl", "be", "le", "race")
 _GATINGS = ("identity", "sigmoid", "softmax")
 
@@ -22,6 +22,14 @@ def _int_arg(name, v, lo):
     if v < lo:
         raise ValueError(f"{name}: expected >= {lo}, got {v}")
     return int(v)
+
+
+def _weight_arg(name, v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name}: expected a finite float >= 0, got {v}")
+    return float(v)
 
 
 def _xavier(rng, shape, fan_in, fan_out):
@@ -50,6 +58,21 @@ class MoE:
         beta: threshold EMA factor in [0, 1): tau <- beta·tau + (1-beta)·tau_b each
             training forward (tau = tau_b on the first).
         eval_topk: in eval mode keep the batch top-K selection instead of ``G >= tau``.
+        plr_dim: width of the per-layer regularization head ``T = h plr_w + plr_b`` on the
+            router hidden h (SPEC §3; p·p·C_out in a DiT); 0 (default) means no head.
+        sim_weight: weight of the router-similarity loss (SPEC §4 uses 0.01); 0 (default): off.
+        balance_weight: weight of the Switch/GShard balance loss; 0 (default): off.
+        plr_weight: weight of this layer's PLR loss (default 1.0). A model averaging L_PLR
+            over its layers passes lambda_PLR / num_layers here.
+
+    Aux losses (training mode only): ``forward(x, plr_target=...)`` with a target
+    (B,L,plr_dim) for the head (the patchified diffusion target: eps or velocity)
+    computes ``L_PLR = mean((T - plr_target)^2)``; with sim_weight / balance_weight > 0 it
+    computes L_sim / L_bal on the router logits and the selection. ``backward(dy)`` then
+    adds ``weight * d(loss)/d(params, x)`` of each, so a trainer adds ``moe.aux["aux_loss"]``
+    to its logged loss and needs nothing else. ``moe.aux`` also holds the diagnostics
+    (MaxVio, combination usage, load, dead experts, experts per token) of every forward.
+    In eval mode the head and the losses are skipped.
 
     Initialisation: biases are zero; router_w (D,D) and gate_w (D,E) are xavier-uniform;
     every expert's w1 (D,He) and w2 (He,D) are xavier-uniform with the fan sizes of a
@@ -61,8 +84,9 @@ class MoE:
 
     Attributes:
         params, grads: dicts name -> float32 array view (router_w (D,D), router_b (D,),
-            gate_w (D,E), gate_b (E,), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D)) into
-            ``param_buffer`` / ``grad_buffer`` (1-d float32, one each). Update them in place.
+            gate_w (D,E), gate_b (E,), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D), and
+            with plr_dim > 0 plr_w (D,plr_dim), plr_b (plr_dim,)) into ``param_buffer`` /
+            ``grad_buffer`` (1-d float32, one each). Update them in place.
         training: True after ``train()`` (the default), False after ``eval()``.
 
     Raises:
@@ -70,7 +94,8 @@ class MoE:
     """
 
     def __init__(self, dim, num_experts, k, strategy="race", gating="identity", seed=0,
-                 hidden=None, beta=0.99, eval_topk=False):
+                 hidden=None, beta=0.99, eval_topk=False, plr_dim=0, sim_weight=0.0,
+                 balance_weight=0.0, plr_weight=1.0):
         dim = _int_arg("dim", dim, 1)
         num_experts = _int_arg("num_experts", num_experts, 1)
         k = _int_arg("k", k, 0)
@@ -82,17 +107,23 @@ class MoE:
                                  f"hidden= (the expert width) explicitly")
             hidden = 4 * dim // k
         hidden = _int_arg("hidden", hidden, 1)
+        plr_dim = _int_arg("plr_dim", plr_dim, 0)
+        weights = {n: _weight_arg(n, v) for n, v in (("sim_weight", sim_weight),
+                   ("balance_weight", balance_weight), ("plr_weight", plr_weight))}
+        if num_experts < 2 and (weights["sim_weight"] > 0 or weights["balance_weight"] > 0):
+            raise ValueError(f"sim_weight / balance_weight > 0 need num_experts >= 2, got {num_experts}")
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy: expected one of {', '.join(_STRATEGIES)}, got {strategy!r}")
         if gating not in _GATINGS:
             raise ValueError(f"gating: expected one of {', '.join(_GATINGS)}, got {gating!r}")
         self._state = _C.moe_new(dim=dim, num_experts=num_experts, hidden=hidden, k=k,
                                  strategy=strategy, gating=gating, beta=float(beta),
-                                 eval_topk=bool(eval_topk))
-        self._dims = (dim, num_experts, k, hidden, strategy, gating)
+                                 eval_topk=bool(eval_topk), plr_dim=plr_dim, **weights)
+        self._dims = (dim, num_experts, k, hidden, strategy, gating, plr_dim)
         D, E, He = dim, num_experts, hidden
         shapes = dict(router_w=(D, D), router_b=(D,), gate_w=(D, E), gate_b=(E,),
-                      w1=(E, D, He), b1=(E, He), w2=(E, He, D), b2=(E, D))
+                      w1=(E, D, He), b1=(E, He), w2=(E, He, D), b2=(E, D),
+                      plr_w=(D, plr_dim), plr_b=(plr_dim,))
         sizes = _C.moe_param_sizes(self._state)
         total = int(sum(sizes))
         self.param_buffer = np.zeros(total, np.float32)
@@ -100,6 +131,8 @@ class MoE:
         self.params, self.grads = {}, {}
         off = 0
         for name, size in zip(_NAMES, sizes):
+            if name.startswith("plr_") and plr_dim == 0:
+                continue
             self.params[name] = self.param_buffer[off:off + size].reshape(shapes[name])
             self.grads[name] = self.grad_buffer[off:off + size].reshape(shapes[name])
             off += size
@@ -109,6 +142,8 @@ class MoE:
         p["gate_w"][...] = _xavier(rng, (D, E), D, E)
         p["w1"][...] = _xavier(rng, (E, D, He), D, 4 * D)
         p["w2"][...] = _xavier(rng, (E, He, D), 4 * D, D)
+        if plr_dim:  # drawn last: layers without a head keep the same initial weights
+            p["plr_w"][...] = _xavier(rng, (D, plr_dim), D, plr_dim)
         self.training = True
         self._x = None
 
@@ -119,6 +154,7 @@ class MoE:
     hidden = property(lambda self: self._dims[3], doc="Expert hidden width He (read-only).")
     strategy = property(lambda self: self._dims[4], doc="Routing strategy (read-only).")
     gating = property(lambda self: self._dims[5], doc="Gate function (read-only).")
+    plr_dim = property(lambda self: self._dims[6], doc="Width of the PLR head, 0: none (read-only).")
 
     @property
     def beta(self):
@@ -138,6 +174,23 @@ class MoE:
     def eval_topk(self, v):
         _C.moe_configure(self._state, eval_topk=bool(v))
 
+    def _weight(name):
+        def get(self):
+            return _C.moe_configure(self._state)[name]
+
+        def set(self, v):
+            v = _weight_arg(name, v)
+            if self.num_experts < 2 and v > 0 and name != "plr_weight":
+                raise ValueError(f"{name} > 0 needs num_experts >= 2, got {self.num_experts}")
+            _C.moe_configure(self._state, **{name: v})
+
+        return property(get, set, doc=f"{name} (float >= 0, settable; used by the next forward).")
+
+    sim_weight = _weight("sim_weight")
+    balance_weight = _weight("balance_weight")
+    plr_weight = _weight("plr_weight")
+    del _weight
+
     def train(self, mode=True):
         """Training mode (batch top-K selection, tau updated each forward). Returns self."""
         self.training = bool(mode)
@@ -149,8 +202,12 @@ class MoE:
         return self.train(False)
 
     # ---- forward / backward -----------------------------------------------------
-    def forward(self, x):
+    def forward(self, x, plr_target=None):
         """y (B,L,D) float32 = MoE(x (B,L,D)).
+
+        plr_target: None, or the PLR head's regression target (B,L,plr_dim) (floating,
+        converted to float32; the layer must have plr_dim > 0). In training mode it makes
+        the forward compute L_PLR, which ``backward`` then includes; see ``aux``.
 
         x must be a floating ndarray; float64/float16 or non-contiguous input is copied to
         C-contiguous float32 (a private copy is always kept for backward). In training
@@ -166,7 +223,7 @@ class MoE:
             raise ValueError(f"x: expected shape (B, L, {self.dim}), got {x.shape}")
         x = np.array(x, dtype=np.float32, order="C", copy=True)
         self._x = None
-        y = _C.moe_forward(self._state, x, self.param_buffer, self.training)
+        y = _C.moe_forward(self._state, x, self.param_buffer, self.training, plr_target)
         self._x = x
         return y
 
@@ -185,6 +242,23 @@ class MoE:
         self.grad_buffer[...] = 0.0
 
     # ---- what the last forward left ---------------------------------------------
+    @property
+    def aux(self):
+        """The aux losses and diagnostics of the last forward (None before any), a dict:
+
+        - ``sim_loss``, ``balance_loss``, ``plr_loss``: unweighted float, or None when that
+          loss was not computed (eval mode, weight 0, no head or no ``plr_target``);
+        - ``aux_loss``: their weighted sum (what ``backward`` differentiates besides dy);
+        - ``max_violation``, ``combination_usage`` (coverage 0.95), ``dead_experts``,
+          ``experts_per_token``, ``expert_load`` (int64 (E,)): of the selection;
+        - ``threshold``, ``batch_threshold``: tau and the last training tau_b (None
+          before the first training forward);
+        - ``plr_pred``: the head's prediction T (B,L,plr_dim) float32 of a training
+          forward with plr_dim > 0, else None;
+        - ``training``: whether that forward was a training forward.
+        See racedit.ops.losses for the definitions and degenerate cases."""
+        return _C.moe_get(self._state, "aux")
+
     @property
     def mask(self):
         """bool (B,L,E): the selected (token, expert) pairs of the last forward (None before)."""
@@ -232,5 +306,7 @@ class MoE:
     def __repr__(self):
         return (f"MoE(dim={self.dim}, num_experts={self.num_experts}, k={self.k}, "
                 f"hidden={self.hidden}, strategy={self.strategy!r}, gating={self.gating!r}, "
-                f"beta={self.beta:g}, eval_topk={self.eval_topk}, training={self.training}, "
+                f"beta={self.beta:g}, eval_topk={self.eval_topk}, plr_dim={self.plr_dim}, "
+                f"sim_weight={self.sim_weight:g}, balance_weight={self.balance_weight:g}, "
+                f"plr_weight={self.plr_weight:g}, training={self.training}, "
                 f"params={self.param_buffer.size})")

@@ -479,11 +479,12 @@ static int64_t total_params(const rd_moe_cfg *c) {
 
 static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kws[] = {"state", "x", "params", "training", NULL};
-    PyObject *cap, *ox, *op, *ret = NULL;
+    static char *kws[] = {"state", "x", "params", "training", "plr_target", NULL};
+    PyObject *cap, *ox, *op, *ot = Py_None, *ret = NULL;
     int training = 1;
     PyArrayObject *in[NIN] = {0}, *y = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|p:moe_forward", kws, &cap, &ox, &op, &training))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pO:moe_forward", kws, &cap, &ox, &op, &training,
+                                     &ot))
         return NULL;
     moe_holder *hd = get_holder(cap);
     if (!hd) return NULL;
@@ -496,13 +497,22 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
                      (npy_intp)hd->cfg.D);
         goto done;
     }
+    if (ot != Py_None) {  /* the PLR head's target (B,L,plr_dim) */
+        if (hd->cfg.plr_dim == 0) {
+            PyErr_SetString(PyExc_ValueError, "plr_target: given, but the layer has no PLR head (plr_dim=0)");
+            goto done;
+        }
+        npy_intp st3[3] = {B, L, hd->cfg.plr_dim};
+        if (!(in[2] = rd_in_array(ot, "plr_target", NPY_FLOAT32, 3, st3))) goto done;
+    }
     if (!(y = rd_new_array(3, PyArray_DIMS(in[0]), NPY_FLOAT32))) goto done;
     rd_moe_params p;
     rd_moe_params_point(&p, F32(in[1]), &hd->cfg);
+    const float *target = in[2] ? F32(in[2]) : NULL;
     rd_status s;
     hd->busy = 1;
     Py_BEGIN_ALLOW_THREADS
-    s = rd_moe_forward(hd->st, F32(y), F32(in[0]), &hd->cfg, &p, B, L, training, NULL);
+    s = rd_moe_forward(hd->st, F32(y), F32(in[0]), &hd->cfg, &p, B, L, training, target);
     Py_END_ALLOW_THREADS
     hd->busy = 0;
     if (s) { rd_raise(s); goto done; }
@@ -569,12 +579,13 @@ static PyObject *py_moe_get(PyObject *self, PyObject *args) {
     rd_moe_view v;
     rd_moe_state_view(hd->st, &v);
     if (!strcmp(name, "threshold")) return v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
+    if (!strcmp(name, "aux")) return rd_moe_aux_dict(hd->st, &hd->cfg);
     int known = !strcmp(name, "batch_threshold") || !strcmp(name, "mask") ||
                 !strcmp(name, "gates") || !strcmp(name, "logits") || !strcmp(name, "hidden") ||
                 !strcmp(name, "counts") || !strcmp(name, "pairs");
     if (!known) {
         PyErr_Format(PyExc_ValueError, "name: expected one of threshold, batch_threshold, mask, "
-                     "gates, logits, hidden, counts, pairs; got '%s'", name);
+                     "gates, logits, hidden, counts, pairs, aux; got '%s'", name);
         return NULL;
     }
     if (!v.have_forward) Py_RETURN_NONE;
@@ -634,7 +645,7 @@ static PyMethodDef moe_methods[] = {
      "moe_configure(state, **settings) -> dict of all settings."},
     {"moe_param_sizes", py_moe_param_sizes, METH_O, "moe_param_sizes(state) -> sizes of the parameters."},
     {"moe_forward", (PyCFunction)(void (*)(void))py_moe_forward, METH_VARARGS | METH_KEYWORDS,
-     "moe_forward(state, x, params, training=True) -> y (B,L,D)."},
+     "moe_forward(state, x, params, training=True, plr_target=None) -> y (B,L,D)."},
     {"moe_backward", (PyCFunction)(void (*)(void))py_moe_backward, METH_VARARGS | METH_KEYWORDS,
      "moe_backward(state, dy, x, params, grads) -> dx (B,L,D); grads accumulate."},
     {"moe_get", py_moe_get, METH_VARARGS, "moe_get(state, name) -> a copy of what the last forward left."},

@@ -222,13 +222,15 @@ struct rd_moe_state {
     float *R, *G, *dG, *dR;     /* (N,E) logits, gates and their gradients */
     uint8_t *mask;              /* (N,E) selection */
     rd_experts *ex;             /* dispatch + expert activations */
+    rd_moe_aux_state *aux;      /* aux losses and diagnostics (moe_aux.c) */
 };
 
 rd_moe_state *rd_moe_state_new(void) {
     rd_moe_state *st = (rd_moe_state *)calloc(1, sizeof(rd_moe_state));
     if (!st) return NULL;
     st->ex = rd_experts_new();
-    if (!st->ex) { free(st); return NULL; }
+    st->aux = rd_moe_aux_new();
+    if (!st->ex || !st->aux) { rd_experts_free(st->ex); rd_moe_aux_free(st->aux); free(st); return NULL; }
     return st;
 }
 
@@ -237,6 +239,7 @@ void rd_moe_state_free(rd_moe_state *st) {
     free(st->hpre); free(st->h); free(st->dh);
     free(st->R); free(st->G); free(st->dG); free(st->dR); free(st->mask);
     rd_experts_free(st->ex);
+    rd_moe_aux_free(st->aux);
     free(st);
 }
 
@@ -286,7 +289,6 @@ static rd_status select_pairs(rd_moe_state *st, float *tau_b, const rd_moe_cfg *
 static rd_status moe_forward(rd_moe_state *st, float *y, const float *x,
                              const rd_moe_cfg *cfg, const rd_moe_params *p,
                              int64_t B, int64_t L, int training, const float *plr_target) {
-    (void)plr_target; /* aux losses: see losses.c */
     if (!st) return rd_fail(RD_EINVAL, "moe_forward: NULL state");
     rd_status s = rd_moe_cfg_check(cfg);
     if (s) return s;
@@ -307,7 +309,9 @@ static rd_status moe_forward(rd_moe_state *st, float *y, const float *x,
         return rd_fail(s, "moe_forward: selecting pairs by the gates G (%s, strategy %s): %s",
                        training ? "training" : "eval", rd_strategy_name(cfg->strategy), msg);
     }
-    /* aux losses: see losses.c (router similarity / balance on R and mask, PLR head on h) */
+    /* aux losses (training) and diagnostics on R, h and the selection: moe_aux.c */
+    s = rd_moe_aux_forward(st->aux, st->R, st->h, st->mask, plr_target, cfg, p, N, training);
+    if (s) return s;
     s = rd_experts_forward(st->ex, y, st->mask, st->G, x, p->p[RD_MOE_W1], p->p[RD_MOE_B1],
                            p->p[RD_MOE_W2], p->p[RD_MOE_B2], N, D, E, He);
     if (s) return s;
@@ -339,9 +343,8 @@ static rd_status moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *
                             p->p[RD_MOE_W2], N, D, E, He);
     if (s) return s;
     if ((s = rd_gate_backward(st->dR, st->dG, st->G, N, E, cfg->gating))) return s;
-    const float *dh_extra = NULL;
-    /* aux losses: see losses.c (their weighted gradients add into dR; the PLR head's into
-     * dh_extra) */
+    const float *dh_extra = NULL;   /* aux losses: weighted grads into dR, PLR head's on h */
+    if ((s = rd_moe_aux_backward(st->aux, st->dR, &dh_extra, grad, st->h, p))) return s;
     return rd_router_backward(dx, grad->p[RD_MOE_ROUTER_W], grad->p[RD_MOE_ROUTER_B],
                               grad->p[RD_MOE_GATE_W], grad->p[RD_MOE_GATE_B], st->dh, st->dR,
                               dh_extra, st->hpre, st->h, x, p->p[RD_MOE_ROUTER_W],
@@ -379,6 +382,14 @@ void rd_moe_state_view(const rd_moe_state *st, rd_moe_view *v) {
     v->P = rd_experts_pairs(st->ex);
     v->mask = st->mask; v->G = st->G; v->R = st->R; v->h = st->h;
     v->counts = rd_experts_counts(st->ex);
+}
+
+rd_status rd_moe_get_aux(const rd_moe_state *st, rd_moe_aux *out) {
+    if (!st) return rd_fail(RD_EINVAL, "moe_get_aux: NULL state");
+    rd_moe_aux_read(st->have_forward ? st->aux : NULL, out);
+    out->tau = st->tau;
+    out->tau_b = st->tau_b;
+    return RD_OK;
 }
 
 rd_status rd_moe_set_threshold(rd_moe_state *st, const float *tau) {
