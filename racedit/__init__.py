@@ -29,5 +29,6 @@ def cuda_available():
     return bool(_C.build_info()["cuda"]) and _C.cuda_device_count() > 0
 
 
-from . import ops, ref  # noqa: E402
+from . import configs, ops, ref  # noqa: E402
+from .model import RaceDiT  # noqa: E402,F401
 from .moe import MoE  # noqa: E402,F401
