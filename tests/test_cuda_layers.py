@@ -279,3 +279,41 @@ def test_layers_bad_input():
         rc.adamw_step(p, p.copy(), p.copy(), p.copy(), 0)
     with pytest.raises(ValueError, match="grads"):
         rc.adamw_step(p, np.zeros(3, np.float32), p.copy(), p.copy(), 1)
+
+
+@gpu
+def test_layers_match_cpu_ops():
+    """The same inputs through the CPU model ops (racedit._C.dit_*) and the GPU ops."""
+    from racedit import _C
+
+    rng = np.random.default_rng(11)
+    B, L, D, NH = 2, 16, 24, 4
+    x = rng.standard_normal((B * L, D)).astype(np.float32)
+    out_c, r_c = _C.dit_layernorm_forward(x)
+    out_g, r_g = rc.layernorm_forward(x)
+    close(out_g, out_c, what="layernorm out")
+    close(r_g, r_c, what="rstd")
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    acc = np.zeros_like(x)
+    _C.dit_layernorm_backward(acc, g, out_c, r_c)
+    close(rc.layernorm_backward(g, out_c, r_c), acc, what="layernorm dinp")
+    x3, g3, h3 = (rng.standard_normal((B, L, D)).astype(np.float32) for _ in range(3))
+    sh, sc = (rng.standard_normal((B, D)).astype(np.float32) for _ in range(2))
+    close(rc.modulate_forward(x3, sh, sc), _C.dit_modulate_forward(x3, sh, sc), what="modulate")
+    for a, b in zip(rc.modulate_backward(g3, x3, sc), _C.dit_modulate_backward(g3, x3, sc)):
+        close(a, b, what="modulate backward")
+    close(rc.gated_residual_forward(x3, h3, sc), _C.dit_gated_residual_forward(x3, h3, sc), what="gated")
+    for a, b in zip(rc.gated_residual_backward(g3, h3, sc), _C.dit_gated_residual_backward(g3, h3, sc)):
+        close(a, b, what="gated backward")
+    qkv = rng.standard_normal((B, L, 3 * D)).astype(np.float32)
+    o_c, a_c = _C.dit_attention_forward(qkv, NH)
+    o_g, a_g = rc.attention_forward(qkv, NH)
+    close(o_g, o_c, what="attention out")
+    close(a_g, a_c, what="attention att")
+    close(rc.attention_backward(g3, qkv, a_c, NH), _C.dit_attention_backward(g3, qkv, a_c, NH),
+          what="attention dqkv")
+    s = (4 * rng.standard_normal(1000)).astype(np.float32)
+    close(rc.silu_forward(s), _C.dit_silu_forward(s), what="silu")
+    close(rc.silu_backward(s, s), _C.dit_silu_backward(s, s), what="silu backward")
+    t = np.array([0.0, 3.0, 999.0], np.float32)
+    close(rc.timestep_embedding(t, 256), _C.dit_timestep_embedding(t, 256), 1e-6, 1e-6, "temb")
