@@ -63,7 +63,8 @@ def check_aux(a, c, what):
 @pytest.mark.parametrize("strategy,gating", [("race", "identity"), ("token", "softmax"),
                                              ("expert", "sigmoid"), ("le", "identity")])
 def test_aux_losses_and_grads_match_cpu(strategy, gating):
-    cpu, st, x, dy, tgt = pair(strategy, gating)
+    # expert choice needs K = k*L/E whole: L=16, k=2 -> E=8
+    cpu, st, x, dy, tgt = pair(strategy, gating, E=8 if strategy == "expert" else 6)
     y_cpu = cpu.forward(x, plr_target=tgt)
     y = rc.moe_forward(st, x, cpu.param_buffer, training=True, plr_target=tgt)
     if not same_masks(st, cpu):

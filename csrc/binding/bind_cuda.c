@@ -475,7 +475,7 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
         if (!v) continue;
         if (parse_float(v, fl[i], &w) < 0) return -1;
         if (!(w >= 0.0) || isinf(w)) {
-            PyErr_Format(PyExc_ValueError, "%s: expected a finite number >= 0, got %g", fl[i], w);
+            PyErr_Format(PyExc_ValueError, "%s: expected a finite number >= 0, got %R", fl[i], v);
             return -1;
         }
         *fdst[i] = (float)w;
@@ -1000,8 +1000,10 @@ static PyObject *py_timestep_embedding(PyObject *self, PyObject *args) {
     if (!in[0]) return NULL;
     int64_t z[2] = {PyArray_DIM(in[0], 0), F};
     if (z[0] < 1 || F < 2 || F % 2 || !(maxp > 0.0)) {
+        char mp[64]; /* PyErr_Format has no %g */
+        snprintf(mp, sizeof mp, "%g", maxp);
         PyErr_Format(PyExc_ValueError, "t, dim, max_period: expected B >= 1, an even dim >= 2 and "
-                     "max_period > 0, got B=%lld dim=%lld max_period=%g", (long long)z[0], F, maxp);
+                     "max_period > 0, got B=%lld dim=%lld max_period=%s", (long long)z[0], (long long)F, mp);
         decref_all(in, 1);
         return NULL;
     }
