@@ -187,15 +187,17 @@ def _offset(model, view):
     return (view.__array_interface__["data"][0] - base) // 4
 
 
-def _param_at(model, index):
-    """The parameter name holding flat index ``index`` of the buffer."""
-    best, best_off = None, -1
+def _nonfinite_tensors(model, buf):
+    """Names of the parameters whose slice of ``buf`` holds NaN/Inf, in buffer order (a
+    Python loop over tensors, taken only on the error path)."""
+    if optim.nonfinite_index(buf) < 0:
+        return []
+    hits = []
     for name, view in model.params.items():
         off = _offset(model, view)
-        if off <= index < off + view.size and off > best_off:
-            best, best_off = name, off
-    return f"{best}[{np.unravel_index(index - best_off, model.params[best].shape)}]" if best \
-        else f"flat index {index}"
+        if optim.nonfinite_index(buf[off:off + view.size]) >= 0:
+            hits.append((off, name))
+    return [n for _, n in sorted(hits)]
 
 
 # ---- run folders ----------------------------------------------------------------------
@@ -276,12 +278,19 @@ class _Trainer:
         return rec
 
     def _where(self, step, what):
+        """The diverged message: a non-finite parameter is the cause when there is one;
+        otherwise the tensors whose gradients are non-finite, first and last in buffer
+        (= forward) order: NaN entering in the forward pass spreads to every later layer,
+        one born in the backward pass to every earlier one."""
         m = self.m
-        for label, buf in (("gradient", m.grad_buffer), ("parameter", m.param_buffer)):
-            i = optim.nonfinite_index(buf)
-            if i >= 0:
-                return (f"training diverged at step {step}: {what}; first non-finite {label} "
-                        f"in {_param_at(m, i)}")
+        bad = _nonfinite_tensors(m, m.param_buffer)
+        if bad:
+            return (f"training diverged at step {step}: {what}; first non-finite parameter in "
+                    f"{bad[0]}")
+        bad = _nonfinite_tensors(m, m.grad_buffer)
+        if bad:
+            return (f"training diverged at step {step}: {what}; first non-finite gradient in "
+                    f"{bad[0]} ({len(bad)} tensors, the last being {bad[-1]})")
         return (f"training diverged at step {step}: {what}; parameters and gradients are "
                 "finite (the loss overflowed; lower the learning rate or clip gradients)")
 
