@@ -30,3 +30,5 @@ def cuda_available():
 
 
 from . import ops, ref  # noqa: E402
+from .train import TrainConfig, train  # noqa: E402
+from .sample import sample  # noqa: E402  (the function; the module stays racedit.sample in sys.modules)

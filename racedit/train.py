@@ -407,6 +407,9 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
         seed=cfg.seed, n=cfg.num_samples)
     if not isinstance(ds, ArrayDataset):
         raise TypeError(f"dataset: expected a racedit.data.ArrayDataset, got {type(ds).__name__}")
+    if len(ds) < cfg.global_batch_size:
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} exceeds the {len(ds)} "
+                         "samples of the data set")
     total = _total_steps(cfg, len(ds))
     m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes)
     if resume is not None:
