@@ -8,11 +8,16 @@ import sys
 
 import pytest
 
+import racedit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the folder holding the racedit that the tests import (the source tree after an in-place
+# build, site-packages after pip install): subprocesses must import the same one
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(racedit.__file__)))
 
 
 def _cli(*args, cwd, check=True):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-m", "racedit", *args], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
@@ -73,3 +78,18 @@ def test_errors_are_one_line(tmp_path):
     assert p.returncode == 2 and "checkpoint not found" in p.stderr
     p = _cli("train", "--objective", "edm", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("PYTHONPATH", PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb = nbformat.read(os.path.join(ROOT, "examples", "quickstart.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 4  # data, loss, samples, routing plots inline
