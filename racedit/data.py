@@ -151,7 +151,7 @@ def make_shapes(n, seed=0, image_size=32, supersample=2):
     rng = np.random.default_rng(seed)
     S, ss = int(image_size), int(supersample)
     y = rng.permutation(np.arange(n) % len(SHAPE_CLASSES)).astype(np.int64)
-    half = rng.uniform(0.22, 0.36, n) * S                    # (n,) half-size in pixels
+    half = rng.uniform(0.28, 0.42, n) * S                    # (n,) half-size in pixels
     cx = rng.uniform(half + 0.5, S - 0.5 - half)             # centre, shape stays inside
     cy = rng.uniform(half + 0.5, S - 0.5 - half)
     fg = _hsv_to_rgb(rng.random(n), rng.uniform(0.55, 1.0, n), rng.uniform(0.75, 1.0, n))
