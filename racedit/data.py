@@ -152,8 +152,9 @@ def make_shapes(n, seed=0, image_size=32, supersample=2):
     S, ss = int(image_size), int(supersample)
     y = rng.permutation(np.arange(n) % len(SHAPE_CLASSES)).astype(np.int64)
     half = rng.uniform(0.28, 0.42, n) * S                    # (n,) half-size in pixels
-    cx = rng.uniform(half + 0.5, S - 0.5 - half)             # centre, shape stays inside
-    cy = rng.uniform(half + 0.5, S - 0.5 - half)
+    room = np.minimum(S / 2 - 0.5 - half, S / 8)             # centre jitter: inside, <= S/8
+    cx = S / 2 + rng.uniform(-1, 1, n) * room
+    cy = S / 2 + rng.uniform(-1, 1, n) * room
     fg = _hsv_to_rgb(rng.random(n), rng.uniform(0.55, 1.0, n), rng.uniform(0.75, 1.0, n))
     bg = _hsv_to_rgb(rng.random(n), rng.uniform(0.0, 0.5, n), rng.uniform(0.0, 0.25, n))
     P = S * ss
