@@ -151,8 +151,7 @@ def model_from_checkpoint(path, use_ema=True):
     m = build_model(cfg, d["channels"], d["image_size"], d["num_classes"])
     prefix = "ema." if use_ema else "model."
     _unpack(m, tensors, prefix, m.param_buffer, path)
-    if "thresholds" in tensors:
-        m.thresholds = tensors["thresholds"]
+    _set_thresholds(m, tensors)
     return m, meta
 
 
@@ -318,7 +317,7 @@ class _Trainer:
         _unpack(m, tensors, "ema.", self.ema, path)
         _unpack(m, tensors, "opt.m.", self.adam_m, path)
         _unpack(m, tensors, "opt.v.", self.adam_v, path)
-        m.thresholds = tensors["thresholds"]
+        _set_thresholds(m, tensors)
         self.step = int(meta["step"])
         self.rng = rng_from_state(meta["rng"])
 
@@ -378,29 +377,7 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     """
     out = out or sys.stdout
     t_start = time.time()
-    if resume is not None:
-        _, meta = load_checkpoint(resume)
-        fields = dict(meta["config"])
-        for k in ("steps", "epochs", "log_every", "ckpt_every", "sample_every"):
-            if kwargs.get(k) is not None:
-                fields[k] = kwargs[k]
-        if kwargs.get("steps") is not None:
-            fields["epochs"] = None
-        cfg = _config_from_dict(fields)
-    else:
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-        fields = dict(PRESETS[preset]) if preset else {}
-        if model is not None:
-            if model != fields.get("model"):
-                fields.pop("model_config", None)  # the preset's sizes belong to its model
-            fields["model"] = model
-        fields.update({k: v for k, v in kwargs.items() if v is not None})
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(fields) - names)
-        if unknown:
-            raise TypeError(f"train: unknown settings {unknown}; see racedit.TrainConfig")
-        cfg = TrainConfig(**fields)
+    cfg = _resolve_config(model, preset, resume, kwargs)
     _validate(cfg)
     ds = dataset if dataset is not None else load_data(
         cfg.data, cfg.data_path, image_size=cfg.image_size, num_classes=cfg.num_classes,
@@ -417,28 +394,72 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     else:
         run_dir = _new_run_dir(cfg.results_dir, m.config.name)
     tr = _Trainer(cfg, ds, m, run_dir, progress, out)
-    if init_from is not None and resume is None:
-        tensors, _ = load_checkpoint(init_from)
-        _unpack(m, tensors, "model.", m.param_buffer, init_from)
-        if "thresholds" in tensors:
-            m.thresholds = tensors["thresholds"]
-        tr.ema[...] = m.param_buffer
     log_path = os.path.join(run_dir, "log.jsonl")
     if resume is not None:
         tensors, meta = load_checkpoint(resume)
         tr.restore(tensors, meta, resume)
         _truncate_log(log_path, tr.step)
         print(f"racedit: resumed {run_dir} at step {tr.step}", file=out)
+    elif init_from is not None:
+        tensors, _ = load_checkpoint(init_from)
+        _unpack(m, tensors, "model.", m.param_buffer, init_from)
+        _set_thresholds(m, tensors)
+        tr.ema[...] = m.param_buffer
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     print(f"racedit: {m.config.name}, {m.num_params():,} parameters "
           f"({m.num_activated_params():,} activated), data {ds!r}, {total} steps of "
           f"{cfg.global_batch_size} -> {run_dir}", file=out)
     records = _read_log(log_path)
-    bar = _bar(progress, total, tr.step)
-    last_ckpt = resume
+    _loop(tr, total, records, log_path)
+    last_ckpt = tr.ckpt_path(tr.step)
+    tr.save(last_ckpt)
+    print(f"racedit: saved {last_ckpt}", file=out)
+    if final_samples:
+        p = os.path.join(run_dir, "samples", f"{tr.step:07d}.png")
+        _sample_grid(tr, p, 8, progress=progress)
+        print(f"racedit: sample grid {p}", file=out)
+    if report and m.config.is_moe:
+        from .report import routing_report
+
+        rep = routing_report(m, tr.ema, tr.obj, ds, records, run_dir, seed=cfg.seed)
+        print(f"racedit: routing report {rep['json']} and {rep['png']}", file=out)
+    return TrainResult(run_dir, last_ckpt, records, m, tr.ema, cfg, ds, time.time() - t_start)
+
+
+def _resolve_config(model, preset, resume, kwargs):
+    """The TrainConfig of a new run (preset, then model, then explicit settings) or of a
+    resumed one (the checkpoint's, with steps/epochs and the cadences overridable)."""
+    if resume is not None:
+        _, meta = load_checkpoint(resume)
+        fields = dict(meta["config"])
+        for k in ("steps", "epochs", "log_every", "ckpt_every", "sample_every"):
+            if kwargs.get(k) is not None:
+                fields[k] = kwargs[k]
+        if kwargs.get("steps") is not None:
+            fields["epochs"] = None
+        return _config_from_dict(fields)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    fields = dict(PRESETS[preset]) if preset else {}
+    if model is not None:
+        if model != fields.get("model"):
+            fields.pop("model_config", None)  # the preset's sizes belong to its model
+        fields["model"] = model
+    fields.update({k: v for k, v in kwargs.items() if v is not None})
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"train: unknown settings {unknown}; see racedit.TrainConfig")
+    return TrainConfig(**fields)
+
+
+def _loop(tr, total, records, log_path):
+    """Steps until ``total``: a JSONL record per step, a summary every log_every steps
+    (the tqdm bar's postfix, or a printed line), checkpoints and sample grids on cadence."""
+    cfg = tr.cfg
+    bar = _bar(tr.progress, total, tr.step)
+    window = []
     with open(log_path, "a") as log:
-        window = []
         while tr.step < total:
             t0 = time.perf_counter()
             rec = tr.train_step()
@@ -454,28 +475,22 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
                 if bar is not None:
                     bar.set_postfix_str(msg)
                 else:
-                    print(f"step {tr.step:7d} {msg}", file=out)
+                    print(f"step {tr.step:7d} {msg}", file=tr.out)
                 log.flush()
             if cfg.ckpt_every and tr.step % cfg.ckpt_every == 0 and tr.step < total:
-                last_ckpt = tr.ckpt_path(tr.step)
-                tr.save(last_ckpt)
+                tr.save(tr.ckpt_path(tr.step))
             if cfg.sample_every and tr.step % cfg.sample_every == 0 and tr.step < total:
-                _sample_grid(tr, os.path.join(run_dir, "samples", f"{tr.step:07d}.png"), 4)
+                _sample_grid(tr, os.path.join(tr.run_dir, "samples", f"{tr.step:07d}.png"), 4)
     if bar is not None:
         bar.close()
-    last_ckpt = tr.ckpt_path(tr.step)
-    tr.save(last_ckpt)
-    print(f"racedit: saved {last_ckpt}", file=out)
-    if final_samples:
-        p = os.path.join(run_dir, "samples", f"{tr.step:07d}.png")
-        _sample_grid(tr, p, 8, progress=progress)
-        print(f"racedit: sample grid {p}", file=out)
-    if report and m.config.is_moe:
-        from .report import routing_report
 
-        rep = routing_report(m, tr.ema, tr.obj, ds, records, run_dir, seed=cfg.seed)
-        print(f"racedit: routing report {rep['json']} and {rep['png']}", file=out)
-    return TrainResult(run_dir, last_ckpt, records, m, tr.ema, cfg, ds, time.time() - t_start)
+
+def _set_thresholds(m, tensors):
+    """Restore the routing thresholds unless they were never set (NaN: the run saved
+    before its first step), in which case the next training forward initialises them."""
+    th = tensors.get("thresholds")
+    if th is not None and th.size and np.all(np.isfinite(th)):
+        m.thresholds = th
 
 
 def _validate(cfg):
