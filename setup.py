@@ -56,20 +56,62 @@ def find_nvcc():
     return None, "nvcc not found"
 
 
-def find_cublas(cuda_home):
-    """cuBLAS headers + library: the toolkit's own, else the nvidia-cublas wheel."""
-    inc = os.path.join(cuda_home, "include")
-    for libdir in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")):
-        if glob.glob(os.path.join(libdir, "libcublas.so*")) and os.path.isfile(os.path.join(inc, "cublas_v2.h")):
-            return inc, libdir
+def nvcc_major(nvcc):
     try:
-        import nvidia.cublas as nc  # pip install nvidia-cublas
-        base = list(nc.__path__)[0]
-        if glob.glob(os.path.join(base, "lib", "libcublas.so*")):
-            return os.path.join(base, "include"), os.path.join(base, "lib")
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        return int(out.split("release ")[1].split(".")[0])
+    except Exception:
+        return None
+
+
+def site_dirs():
+    """Where pip may have put the nvidia-cublas wheel: this interpreter's path, and (to see
+    through pip's build isolation, which hides the environment's site-packages) the path
+    of the same interpreter started without the isolation's variables."""
+    dirs = [d for d in sys.path if d and os.path.isdir(d)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    try:
+        out = subprocess.run([sys.executable, "-c", "import sys; print(chr(10).join(sys.path))"],
+                             capture_output=True, text=True, env=env, timeout=60).stdout
+        dirs += [d for d in out.splitlines() if d and os.path.isdir(d)]
     except Exception:
         pass
-    return None, None
+    seen, uniq = set(), []
+    for d in dirs:
+        if d not in seen:
+            seen.add(d)
+            uniq.append(d)
+    return uniq
+
+
+def cublas_lib(libdir):
+    """The file to link: libcublas.so, else the highest versioned libcublas.so.N (wheels
+    carry no unversioned symlink)."""
+    if os.path.exists(os.path.join(libdir, "libcublas.so")):
+        return "libcublas.so"
+    libs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(libdir, "libcublas.so.*")))
+    return libs[-1] if libs else None
+
+
+def find_cublas(cuda_home, major):
+    """cuBLAS headers + library: the toolkit's own, else the nvidia-cublas wheel (layout
+    nvidia/cu13/ for CUDA 13, nvidia/cublas/ for CUDA 12), preferring the wheel that
+    matches nvcc's major version. Returns (include_dir, lib_dir, lib_file) or Nones."""
+    inc = os.path.join(cuda_home, "include")
+    for libdir in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")):
+        lib = cublas_lib(libdir) if os.path.isdir(libdir) else None
+        if lib and os.path.isfile(os.path.join(inc, "cublas_v2.h")):
+            return inc, libdir, lib
+    subs = [f"nvidia/cu{major}"] if major else []
+    subs += ["nvidia/cublas"] if major in (None, 12) else []
+    subs += ["nvidia/cu13", "nvidia/cublas", "nvidia/cu12"]
+    for sub in dict.fromkeys(subs):
+        for d in site_dirs():
+            base = os.path.join(d, sub)
+            lib = cublas_lib(os.path.join(base, "lib")) if os.path.isdir(os.path.join(base, "lib")) else None
+            if lib and os.path.isfile(os.path.join(base, "include", "cublas_v2.h")):
+                return os.path.join(base, "include"), os.path.join(base, "lib"), lib
+    return None, None, None
 
 
 class BuildExt(build_ext):
@@ -95,14 +137,25 @@ class BuildExt(build_ext):
             ldflags.append("-fopenmp")
             info["openmp"] = True
         nvcc, why = find_nvcc()
+        cublas = (None, None, None)
         if nvcc:
             cuda_home = os.path.dirname(os.path.dirname(nvcc))
-            objs = self.compile_cuda(nvcc, cuda_home, ext)
+            cublas = find_cublas(cuda_home, nvcc_major(nvcc))
+            if cublas[0] is None:
+                why = (f"nvcc found ({nvcc}) but cuBLAS not found (neither in {cuda_home}/lib64 "
+                       "nor an nvidia-cublas wheel: pip install nvidia-cublas)")
+                print("racedit build: WARNING: " + why + "; building WITHOUT CUDA", flush=True)
+                nvcc = None
+        if nvcc:
+            cub_inc, cub_dir, cub_lib = cublas
+            objs = self.compile_cuda(nvcc, cuda_home, ext, cub_inc)
             ext.extra_objects += objs
             ext.define_macros.append(("RD_HAVE_CUDA", "1"))
             ext.library_dirs.append(os.path.join(cuda_home, "lib64"))
             ext.libraries += ["cudart_static", "stdc++", "rt", "dl", "pthread"]
+            ldflags += ["-L" + cub_dir, "-l:" + cub_lib, "-Wl,-rpath," + cub_dir]
             info["cuda"] = True
+            info["cublas"] = os.path.join(cub_dir, cub_lib)
             info["cuda_home"] = cuda_home
             info["cuda_archs"] = CUDA_ARCHS
         else:
@@ -120,7 +173,7 @@ class BuildExt(build_ext):
                 f.write(text)
         super().build_extensions()
 
-    def compile_cuda(self, nvcc, cuda_home, ext):
+    def compile_cuda(self, nvcc, cuda_home, ext, cublas_inc):
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
         objs = []
@@ -129,8 +182,8 @@ class BuildExt(build_ext):
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         for src in sorted(glob.glob(os.path.join(HERE, "cuda", "*.cu"))):
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                   "-I" + os.path.join(HERE, "csrc")] + ext_include(ext) + gencode
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-Wall",
+                   "-I" + os.path.join(HERE, "csrc"), "-I" + cublas_inc] + ext_include(ext) + gencode
             print(" ".join(cmd), flush=True)
             subprocess.check_call(cmd)
             objs.append(obj)

@@ -1,5 +1,163 @@
-/* model.h — declared by the model area. Included by racedit.h. */
+/* model.h — the DiT backbone of SPEC §1: its layers (csrc/cpu/dit.c) and the whole
+ * model with MoE or dense blocks (csrc/cpu/model.c). Included by racedit.h; see there
+ * for the conventions (row-major float32, parameter grads +=, activation grads =
+ * unless named *_acc).
+ *
+ * Extra shape letters: C image channels (Co output channels), H W image size, p patch,
+ * NH heads, hd = D/NH head width, F frequency width of the timestep embedding (256),
+ * OC/IC output/input features of a linear, S row stride of a modulation buffer.
+ *
+ * Linear weights are stored (OC, IC) like torch.nn.Linear, out = inp @ W^T + b, so a
+ * facebookresearch/DiT state dict loads without transposes. The MoE tensors keep the
+ * (in, out) layout of moe.h. */
 #ifndef RACEDIT_MODEL_H
 #define RACEDIT_MODEL_H
+
+/* ---- layers ------------------------------------------------------------------ */
+
+/* Order of the p*p*C features of one patch. The patch embedding (a Conv2d(C, D, p,
+ * stride p) whose weight is (D, C, p, p)) reads patches in (c, i, j) order; the final
+ * layer writes them in (i, j, c) order, as DiT's unpatchify reads them. Token
+ * l = hi*(W/p) + wi, row-major over the patch grid (timm's PatchEmbed). */
+typedef enum { RD_PATCH_CIJ = 0, RD_PATCH_IJC = 1 } rd_patch_order;
+
+/* tok (B,L,p*p*C) <- img (B,C,H,W); H and W multiples of p. */
+rd_status rd_patchify_forward(float *tok, const float *img, int64_t B, int64_t C, int64_t H,
+                              int64_t W, int64_t p, rd_patch_order order);
+/* dimg (B,C,H,W) = dtok (B,L,p*p*C) put back (the adjoint is the inverse permutation). */
+rd_status rd_patchify_backward(float *dimg, const float *dtok, int64_t B, int64_t C, int64_t H,
+                               int64_t W, int64_t p, rd_patch_order order);
+/* img (B,C,H,W) <- tok (B,L,p*p*C), and its backward (= patchify of dimg). */
+rd_status rd_unpatchify_forward(float *img, const float *tok, int64_t B, int64_t C, int64_t H,
+                                int64_t W, int64_t p, rd_patch_order order);
+rd_status rd_unpatchify_backward(float *dtok, const float *dimg, int64_t B, int64_t C,
+                                 int64_t H, int64_t W, int64_t p, rd_patch_order order);
+
+/* pe (gh*gw, D): DiT's fixed 2-D sin-cos embedding (MAE's get_2d_sincos_pos_embed):
+ * token (r, s) gets [sin(s w), cos(s w), sin(r w), cos(r w)], w_k = 10000^(-k/(D/4)),
+ * k < D/4 (the first half encodes the column s). D a multiple of 4. Computed in double. */
+rd_status rd_pos_embed_2d(float *pe, int64_t gh, int64_t gw, int64_t D);
+
+/* emb (B,F) = [cos(t f), sin(t f)], f_k = max_period^(-k/(F/2)), k < F/2 (F even);
+ * DiT's timestep_embedding. No backward: t is data. */
+rd_status rd_timestep_embedding_forward(float *emb, const float *t, int64_t B, int64_t F,
+                                        float max_period);
+
+/* out (N,OC) = inp (N,IC) @ W (OC,IC)^T + b (OC, may be NULL). */
+rd_status rd_linear_forward(float *out, const float *inp, const float *W, const float *b,
+                            int64_t N, int64_t IC, int64_t OC);
+/* dinp (N,IC, may be NULL) = dout W; dW (OC,IC) += dout^T inp; db (OC, may be NULL) += sum_n dout. */
+rd_status rd_linear_backward(float *dinp, float *dW, float *db, const float *dout,
+                             const float *inp, const float *W, int64_t N, int64_t IC, int64_t OC);
+
+/* LayerNorm without affine over the last dim, eps 1e-6 (biased variance):
+ * out (N,D) = (inp - mean) * rstd, rstd (N) saved. */
+rd_status rd_layernorm_forward(float *out, float *rstd, const float *inp, int64_t N, int64_t D);
+/* dinp_acc (N,D) += d(inp) from dout (N,D), the saved normalised out (N,D) and rstd (N).
+ * dinp_acc ACCUMULATES: LayerNorm always reads the residual stream. */
+rd_status rd_layernorm_backward(float *dinp_acc, const float *dout, const float *out,
+                                const float *rstd, int64_t N, int64_t D);
+
+/* out (B,L,D) = inp * (1 + scale[b]) + shift[b]; shift, scale rows (B, stride S). */
+rd_status rd_modulate_forward(float *out, const float *inp, const float *shift,
+                              const float *scale, int64_t B, int64_t L, int64_t D, int64_t S);
+/* dinp (B,L,D) = dout * (1 + scale); dshift, dscale (B, stride S) = sums over L. */
+rd_status rd_modulate_backward(float *dinp, float *dshift, float *dscale, const float *dout,
+                               const float *inp, const float *scale, int64_t B, int64_t L,
+                               int64_t D, int64_t S);
+
+/* out (B,L,D) = inp + gate[b] * h; gate rows (B, stride S); out may alias inp. */
+rd_status rd_gated_residual_forward(float *out, const float *inp, const float *h,
+                                    const float *gate, int64_t B, int64_t L, int64_t D, int64_t S);
+/* dh (B,L,D) = gate * dout; dgate (B, stride S) = sum_l dout * h. d(inp) = dout (not written). */
+rd_status rd_gated_residual_backward(float *dh, float *dgate, const float *dout, const float *h,
+                                     const float *gate, int64_t B, int64_t L, int64_t D,
+                                     int64_t S);
+
+/* Multi-head softmax attention. qkv (B,L,3D) holds [q | k | v], head h at columns
+ * h*hd..h*hd+hd-1 of each; att (B,NH,L,L) the saved probabilities; out (B,L,D) heads
+ * concatenated. Scores are scaled by 1/sqrt(hd), softmax in float32 with the row max
+ * subtracted. Memory is O(B*NH*L^2): fine on CPU for L <= 256 (8x8 ... 32x32 latents
+ * at p=2), a flash-style kernel is the CUDA issue's business. */
+rd_status rd_attention_forward(float *out, float *att, const float *qkv, int64_t B, int64_t L,
+                               int64_t D, int64_t NH);
+/* dqkv (B,L,3D) from dout (B,L,D); datt (B,NH,L,L) is scratch owned by the caller. */
+rd_status rd_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
+                                const float *att, int64_t B, int64_t L, int64_t D, int64_t NH);
+
+/* Elementwise: out (n) = SiLU(inp) = inp*sigmoid(inp); GELU with the tanh approximation. */
+rd_status rd_silu_forward(float *out, const float *inp, int64_t n);
+rd_status rd_silu_backward(float *dinp, const float *dout, const float *inp, int64_t n);
+rd_status rd_gelu_forward(float *out, const float *inp, int64_t n);
+rd_status rd_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n);
+
+/* Label embedding: out (B,D) = table[y[b]] for table (V,D); y outside [0,V) -> RD_EINVAL. */
+rd_status rd_embedding_forward(float *out, const int64_t *y, const float *table, int64_t B,
+                               int64_t V, int64_t D);
+/* dtable (V,D) += scatter of dout (B,D) by y. */
+rd_status rd_embedding_backward(float *dtable, const float *dout, const int64_t *y, int64_t B,
+                                int64_t V, int64_t D);
+
+/* ---- the model ----------------------------------------------------------------- */
+
+#define RD_FREQ_DIM 256        /* F: sinusoidal timestep features, as DiT */
+#define RD_MAX_PERIOD 10000.0f
+#define RD_T_MAX 1000.0f       /* t must lie in [0, RD_T_MAX] */
+
+typedef struct {
+    int64_t depth, D, NH;          /* blocks, width, heads (D % NH == 0, D % 4 == 0)       */
+    int64_t patch, input_size;     /* p; the image is input_size x input_size             */
+    int64_t in_channels, out_channels, num_classes; /* labels 0..num_classes (null class) */
+    rd_moe_cfg moe;                /* moe.E == 0: dense blocks with a 4D GELU-tanh MLP;    */
+                                   /* else moe.D must equal D; rd_model_new sets           */
+                                   /* moe.plr_dim = p*p*in_channels (heads always present, */
+                                   /* so the layout does not depend on plr_weight). The    */
+                                   /* loss weights are the model's lambdas: each aux loss  */
+                                   /* is the mean over the MoE layers, so every layer gets */
+                                   /* weight / depth.                                      */
+} rd_model_cfg;
+
+/* One tensor of the parameter buffer: DiT's module names (facebookresearch/DiT
+ * models.py) for the backbone, "blocks.<i>.moe.<name>" for the MoE tensors (moe.h
+ * order: router_w, router_b, gate_w, gate_b, w1, b1, w2, b2, plr_w, plr_b). */
+#define RD_NAME_MAX 64
+typedef struct {
+    char name[RD_NAME_MAX];
+    int64_t offset, numel;       /* in floats, into the parameter (and gradient) buffer */
+    int ndim;
+    int64_t shape[4];
+} rd_tensor_info;
+
+typedef struct rd_model rd_model;
+
+/* Validates the configuration and builds the layout; no activation memory yet. */
+rd_status rd_model_new(rd_model **out, const rd_model_cfg *cfg);
+void rd_model_free(rd_model *m);
+const rd_model_cfg *rd_model_config(const rd_model *m);
+int64_t rd_model_num_params(const rd_model *m);     /* floats in the parameter buffer */
+int rd_model_num_tensors(const rd_model *m);
+const rd_tensor_info *rd_model_tensor(const rd_model *m, int i);
+/* Number of MoE blocks (depth, or 0 when dense) and the state of MoE block l. */
+int64_t rd_model_num_moe(const rd_model *m);
+rd_moe_state *rd_model_moe_state(rd_model *m, int64_t l);
+
+/* Allocate activations for batches up to max_batch. fixed=1: a larger batch is an error
+ * naming max_batch; fixed=0: the buffers grow when a larger batch arrives. */
+rd_status rd_model_reserve(rd_model *m, int64_t max_batch, int fixed);
+int64_t rd_model_max_batch(const rd_model *m);       /* 0 before any allocation */
+
+/* out (B,Co,H,W) = model(x (B,C,H,W), t (B) in [0,1000], y (B) in [0,num_classes]).
+ * params: the flat parameter buffer, read on every call (never cached).
+ * plr_target (B,C,H,W, may be NULL): the diffusion regression target, patchified here
+ * for the MoE blocks' PLR heads. training selects the MoE routing mode. */
+rd_status rd_model_forward(rd_model *m, float *out, const float *params, const float *x,
+                           const float *t, const int64_t *y, const float *plr_target,
+                           int64_t B, int training);
+/* Backward of the last forward: grads (flat, the parameters' layout) ACCUMULATE the
+ * gradient of <dout (B,Co,H,W), out> plus the MoE blocks' weighted aux losses.
+ * params must hold the values the forward used. RD_ESTATE before any forward. */
+rd_status rd_model_backward(rd_model *m, float *grads, const float *dout, const float *params);
+/* Batch size of the last forward (0 before any). */
+int64_t rd_model_last_batch(const rd_model *m);
 
 #endif

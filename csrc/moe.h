@@ -26,6 +26,71 @@ rd_status rd_router_backward(float *dx_acc, float *dWr, float *dbr, float *dWg, 
                              const float *Wr, const float *Wg,
                              int64_t N, int64_t D, int64_t E);
 
+/* out[s,c] += sum over rows r in [offsets[s], offsets[s+1]) of in[r,c], for every segment
+ * s < S and column c < cols: the bias gradients (one segment: a plain column sum; one
+ * segment per expert: per-expert sums). Rows summed in order: bitwise deterministic. */
+void rd_colsum_segments(float *out /* S,cols */, const float *in /* rows,cols */,
+                        const int64_t *offsets /* S+1 */, int64_t S, int64_t cols);
+
+/* ---- dropless experts ---------------------------------------------------------
+ * The selected pairs (P of them, P = number of ones in mask) are laid out expert-major:
+ * rows of expert e are offsets[e]..offsets[e+1]-1, tokens ascending inside an expert.
+ * A per-token index (rows of token t in ascending expert order) makes the combine
+ * deterministic and parallel over tokens. Buffers are proportional to P and N, grow
+ * with realloc on demand and are reused across calls; never N*E*He. */
+typedef struct rd_experts rd_experts;
+rd_experts *rd_experts_new(void);
+void rd_experts_free(rd_experts *ex);
+/* y (N,D) = sum over t's selected experts e of G[t,e] * FFN_e(x_t), FFN_e(z) =
+ * GELU_tanh(z W1[e] + b1[e]) W2[e] + b2[e]; a token with no expert gets y_t = 0.
+ * Saves into `ex` what backward needs (the dispatch, gathered x, pre-activation,
+ * hidden, expert outputs, row gates). mask (N,E) is 0/1. W1 (E,D,He), b1 (E,He),
+ * W2 (E,He,D), b2 (E,D). */
+rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, const float *G,
+                             const float *x, const float *W1, const float *b1,
+                             const float *W2, const float *b2,
+                             int64_t N, int64_t D, int64_t E, int64_t He);
+/* Backward of the last rd_experts_forward on `ex` (mask held constant):
+ * dx (N,D) and dG (N,E) ASSIGN (dG is 0 on unselected pairs); dW1, db1, dW2, db2
+ * ACCUMULATE. RD_ESTATE if `ex` holds no forward of these sizes. */
+rd_status rd_experts_backward(rd_experts *ex, float *dx, float *dG, float *dW1, float *db1,
+                              float *dW2, float *db2, const float *dy,
+                              const float *W1, const float *W2,
+                              int64_t N, int64_t D, int64_t E, int64_t He);
+/* Selected pairs of the last forward (0 before any), and per-expert counts (E) (NULL before). */
+int64_t rd_experts_pairs(const rd_experts *ex);
+const int64_t *rd_experts_counts(const rd_experts *ex);
+/* How the MoE block's GEMMs are threaded (process-wide):
+ * RD_THREADS_BLAS: one product after another (experts in turn), each threaded by the BLAS;
+ * RD_THREADS_OMP: OpenMP tasks over (expert, row block), each a single-threaded sgemm;
+ *   the router's products are split over OpenMP threads by rows likewise. The BLAS is
+ *   made single-threaded for the duration of each call when its thread count can be
+ *   controlled (rd_set_blas_thread_control); otherwise the caller must do it (e.g.
+ *   threadpoolctl's threadpool_limits(1, "blas")), or OpenMP and BLAS threads compete.
+ * The default is RD_THREADS_OMP when the BLAS thread count can be controlled, else
+ * RD_THREADS_BLAS (benchmarks/bench_moe.py measures both). Built without OpenMP, the
+ * mode is always RD_THREADS_BLAS. */
+typedef enum { RD_THREADS_BLAS = 0, RD_THREADS_OMP = 1 } rd_threading;
+void rd_set_threading(rd_threading mode);
+rd_threading rd_get_threading(void);
+
+/* The BLAS's thread-count functions (OpenBLAS's openblas_set/get_num_threads), handed
+ * over by the binding when the BLAS exports them; NULL, NULL: unknown. */
+typedef void (*rd_blas_set_threads_fn)(int);
+typedef int (*rd_blas_get_threads_fn)(void);
+void rd_set_blas_thread_control(rd_blas_set_threads_fn set, rd_blas_get_threads_fn get);
+int rd_have_blas_thread_control(void);
+/* In RD_THREADS_OMP mode with thread control: make the BLAS single-threaded and return the
+ * previous count, to hand back to rd_blas_threads_restore(); otherwise a no-op (returns 0). */
+int rd_blas_threads_enter(void);
+void rd_blas_threads_restore(int prev);
+/* Row-major C = alpha op(A) op(B) + beta C as rd_matmul, threaded as rd_get_threading()
+ * says: in RD_THREADS_OMP mode the M rows are split over OpenMP threads, each block a
+ * single-threaded sgemm (call between rd_blas_threads_enter/restore). */
+rd_status rd_matmul_par(float *C, int ldc, const float *A, int lda, int transA,
+                        const float *B, int ldb, int transB,
+                        int64_t M, int64_t N, int64_t K, float alpha, float beta);
+
 /* ---- the composite layer ----------------------------------------------------- */
 typedef struct {
     int64_t D, E, He, k;     /* He = 4*D/k by default (hidden split = k) */
@@ -80,5 +145,26 @@ rd_status rd_moe_forward(rd_moe_state *st, float *y, const float *x,
 rd_status rd_moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *grad,
                           const float *dy, const float *x,
                           const rd_moe_cfg *cfg, const rd_moe_params *p);
+
+/* What the last forward left in the state, for the binding and diagnostics. Pointers
+ * are owned by the state and valid until its next forward or free; NULL / 0 before the
+ * first forward. */
+typedef struct {
+    int64_t B, L, N, D, E, He;   /* sizes of the last forward (N = B*L)               */
+    int64_t P;                   /* selected pairs of the last forward                */
+    int have_forward;            /* 1 after a successful forward                      */
+    int have_tau;                /* 1 once tau is set (first training forward / set)  */
+    float tau;                   /* the threshold (eval-mode selection G >= tau)      */
+    float tau_b;                 /* batch threshold of the last training forward      */
+    const uint8_t *mask;         /* (N,E) 0/1 selection                               */
+    const float *G;              /* (N,E) gates                                       */
+    const float *R;              /* (N,E) router logits                               */
+    const float *h;              /* (N,D) router hidden                               */
+    const int64_t *counts;       /* (E)   tokens per expert                           */
+} rd_moe_view;
+void rd_moe_state_view(const rd_moe_state *st, rd_moe_view *out);
+/* Set the threshold (tau != NULL; NaN -> RD_EINVAL) or forget it (tau == NULL: the next
+ * training forward initialises it from its batch threshold). */
+rd_status rd_moe_set_threshold(rd_moe_state *st, const float *tau);
 
 #endif

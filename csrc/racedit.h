@@ -64,6 +64,9 @@ float rd_gelu_erf_grad(float x);
 #include "losses.h"
 #include "model.h"
 #include "optim.h"
+#ifdef RD_HAVE_CUDA
+#include "cuda.h"
+#endif
 
 #ifdef __cplusplus
 }

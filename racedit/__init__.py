@@ -29,6 +29,8 @@ def cuda_available():
     return bool(_C.build_info()["cuda"]) and _C.cuda_device_count() > 0
 
 
-from . import ops, ref  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
-from .sample import sample  # noqa: E402  (the function; the module stays racedit.sample in sys.modules)
+from . import configs, ops, ref  # noqa: E402
+from .model import RaceDiT  # noqa: E402,F401
+from .moe import MoE  # noqa: E402,F401
+from .train import TrainConfig, train  # noqa: E402,F401
+from .sample import sample  # noqa: E402,F401  (the function; the module stays racedit.sample in sys.modules)

@@ -40,6 +40,9 @@ int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out);
 /* Format a shape like "(2, 3, 4)" into buf. */
 void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape);
 
+/* The aux losses and diagnostics of a MoE layer's last forward as a dict (bind_losses.c). */
+PyObject *rd_moe_aux_dict(const rd_moe_state *st, const rd_moe_cfg *cfg);
+
 /* Each area registers its functions on the module. */
 int rd_bind_route(PyObject *m);
 int rd_bind_moe(PyObject *m);

@@ -6,6 +6,7 @@
 #ifdef RD_HAVE_CUDA
 int rd_cuda_device_count(void);
 const char *rd_cuda_runtime_version(void);
+int rd_bind_cuda(PyObject *m);
 #endif
 
 /* Take the Fortran sgemm from scipy.linalg.cython_blas.__pyx_capi__ (SciPy's supported
@@ -84,5 +85,8 @@ PyMODINIT_FUNC PyInit__C(void) {
         Py_DECREF(m);
         return NULL;
     }
+#ifdef RD_HAVE_CUDA
+    if (rd_bind_cuda(m) < 0) { Py_DECREF(m); return NULL; }
+#endif
     return m;
 }

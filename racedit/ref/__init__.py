@@ -3,3 +3,4 @@ the C and CUDA kernels against; each twin is itself checked by finite difference
 from .route import *  # noqa: F401,F403
 from .moe import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
+from .dit import *  # noqa: F401,F403

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# GPU check of racedit's CUDA backend on a fresh machine with an NVIDIA GPU, nvcc under
+# /usr/local/cuda and Python 3 with pip, but no package index: every Python package comes
+# from the wheels in .whl/ at the repository root (numpy, scipy, pytest and its
+# dependencies, setuptools; nvidia-cublas (+ nvidia-cuda-nvrtc) for CUDA 13 or
+# nvidia-cublas-cu12 for CUDA 12, needed only when the toolkit has no libcublas).
+# Steps: venv, install, build in place with CUDA, the CUDA tests, the benchmark.
+# Every log goes to $OUT/. Runs in well under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+T0=$(date +%s)
+step() { echo; echo "=== $* ($(( $(date +%s) - T0 )) s)"; }
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
+
+step "machine"
+nvidia-smi || echo "gpu_check: nvidia-smi failed"
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+nvcc --version || { echo "gpu_check: no nvcc under $CUDA_HOME"; exit 1; }
+NVCC_MAJOR=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+PY=${PY:-$(command -v python3)}
+echo "python: $PY ($($PY --version 2>&1)), nvcc major $NVCC_MAJOR, wheels: $(ls .whl 2>/dev/null | tr '\n' ' ')"
+
+if [ -d .whl ]; then
+step "venv + wheels from .whl/"
+rm -rf .venv-gpu
+"$PY" -m venv .venv-gpu || { echo "gpu_check: venv failed"; exit 1; }
+. .venv-gpu/bin/activate
+PIP="python -m pip install --no-index --find-links .whl --disable-pip-version-check -q"
+$PIP numpy scipy pytest setuptools 2>&1 | tee "$OUT/pip.log" || { echo "gpu_check: pip install failed"; exit 1; }
+if ls "$CUDA_HOME"/lib64/libcublas.so* >/dev/null 2>&1 && [ -f "$CUDA_HOME/include/cublas_v2.h" ]; then
+    echo "cuBLAS: the toolkit's ($CUDA_HOME/lib64)"
+else
+    CUBLAS=nvidia-cublas
+    [ "$NVCC_MAJOR" = "12" ] && CUBLAS=nvidia-cublas-cu12
+    echo "cuBLAS: not in the toolkit; installing the $CUBLAS wheel"
+    $PIP "$CUBLAS" 2>&1 | tee -a "$OUT/pip.log" || $PIP --no-deps "$CUBLAS" 2>&1 | tee -a "$OUT/pip.log" \
+        || echo "gpu_check: no $CUBLAS wheel in .whl/ (the build will say it has no cuBLAS)"
+fi
+else
+step "no .whl/: using $PY as it is (it must have numpy, scipy, pytest, setuptools)"
+"$PY" -c "import numpy, scipy, pytest, setuptools; print('numpy', numpy.__version__, 'scipy', scipy.__version__)" \
+    || { echo "gpu_check: $PY lacks numpy/scipy/pytest/setuptools; provide .whl/"; exit 1; }
+mkdir -p /tmp/rd-pybin   # `python` (also under timeout/compute-sanitizer) runs $PY
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" > /tmp/rd-pybin/python && chmod +x /tmp/rd-pybin/python
+export PATH="/tmp/rd-pybin:$PATH"
+fi
+
+step "build (in place, with CUDA)"
+rm -rf build racedit/_C*.so
+python setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | grep -E "racedit build|error|warning|nvcc" | head -40
+python -c "import racedit, json; print(json.dumps(racedit.build_info(), default=str)); print('cuda_available:', racedit.cuda_available())" \
+    2>&1 | tee "$OUT/build_info.txt"
+python -c "import racedit; assert racedit.build_info()['cuda'], 'built WITHOUT CUDA'" || {
+    echo "gpu_check: racedit was built without CUDA; see $OUT/build.log"; exit 1; }
+
+step "tests (tests/test_cuda_ops.py, tests/test_build.py)"
+timeout 240 python -m pytest -ra -q tests/test_cuda_ops.py tests/test_build.py -p no:cacheprovider \
+    2>&1 | tee "$OUT/pytest.log"
+TEST_RC=${PIPESTATUS[0]}
+
+step "benchmark"
+timeout 150 python benchmarks/bench_cuda_moe.py --iters 10 2>&1 | tee "$OUT/bench.log"
+
+step "compute-sanitizer memcheck on small cases (out-of-bounds / misaligned accesses)"
+SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [ -x "$SAN" ]; then
+    timeout 150 "$SAN" --tool memcheck --leak-check no --error-exitcode 3 python - <<'PYEOF' 2>&1 | tail -40 | tee "$OUT/memcheck.log"
+import numpy as np, racedit
+from racedit import cuda as rc
+rng = np.random.default_rng(0)
+for shape, k in (((2, 6, 4), 2), ((4, 300, 8), 2), ((1, 4100, 3), 1)):
+    x = rng.standard_normal(shape).astype(np.float32)
+    for s in ("token", "expert", "bl", "be", "le", "race"):
+        try:
+            rc.route(x, k, s, return_tau=True)
+        except ValueError:
+            pass
+rc.route_threshold(x, 0.1)
+N, D, E, He = 37, 12, 5, 9
+args = [rng.standard_normal((N, D)).astype(np.float32), rng.random((N, E)) < 0.4,
+        rng.standard_normal((N, E)).astype(np.float32),
+        rng.standard_normal((E, D, He)).astype(np.float32), rng.standard_normal((E, He)).astype(np.float32),
+        rng.standard_normal((E, He, D)).astype(np.float32), rng.standard_normal((E, D)).astype(np.float32)]
+args[1][:, 1] = False
+for mode in ([0, 1] if rc.info()["grouped_gemm"] else [0]):
+    rc.expert_gemm(mode)
+    rc.experts_backward(rng.standard_normal((N, D)).astype(np.float32), *args)
+for g in ("identity", "sigmoid", "softmax"):
+    G = rc.gate_forward(args[2], g)
+    rc.gate_backward(args[2], G, g)
+cpu = racedit.MoE(16, 4, 2, strategy="race")
+st = rc.MoEState(16, 4, 2, hidden=cpu.hidden)
+x = rng.standard_normal((2, 9, 16)).astype(np.float32)
+rc.moe_forward(st, x, cpu.param_buffer)
+rc.moe_backward(st, x, x, cpu.param_buffer)
+rc.moe_forward(st, x, cpu.param_buffer, training=False)
+print("memcheck script done")
+PYEOF
+    echo "memcheck exit code ${PIPESTATUS[0]}"
+else
+    echo "compute-sanitizer not found; skipped"
+fi
+
+step "done: tests exit code $TEST_RC"
+exit "$TEST_RC"

@@ -1,0 +1,134 @@
+/* cuda.h — the CUDA backend's C API: the ops of route.h and moe.h as `rd_<op>_cuda`, with
+ * the same argument order as the CPU ops but DEVICE pointers, plus the device-memory
+ * functions the binding and benchmarks need. Included by racedit.h under RD_HAVE_CUDA.
+ *
+ * Every function runs on one stream (the legacy default stream, which cuBLAS also uses),
+ * never exits or prints, checks every cudaError_t / cublasStatus_t and returns an
+ * rd_status with the message in rd_last_error(). Calls are asynchronous unless said:
+ * a call that must read something back (a NaN flag, the per-expert counts) synchronises.
+ * Shapes and conventions are those of racedit.h (params ACCUMULATE, activations ASSIGN).
+ * fp32 throughout; TF32 tensor-core GEMMs only after rd_cuda_set_tf32(1).
+ */
+#ifndef RACEDIT_CUDA_H
+#define RACEDIT_CUDA_H
+
+#include "racedit.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- device and memory ---------------------------------------------------------- */
+int rd_cuda_device_count(void);            /* 0 when no driver / device */
+const char *rd_cuda_runtime_version(void); /* "13.0" */
+int rd_cuda_cublas_version(void);          /* CUBLAS_VERSION compiled against, e.g. 131000 */
+int rd_cuda_have_grouped_gemm(void);       /* 1 if cublasGemmGroupedBatchedEx was compiled in */
+rd_status rd_cuda_malloc(void **p, size_t bytes);     /* *p = NULL when bytes == 0 */
+void rd_cuda_free(void *p);                           /* NULL is fine; errors ignored */
+rd_status rd_cuda_h2d(void *dst, const void *src, size_t bytes);   /* synchronous */
+rd_status rd_cuda_d2h(void *dst, const void *src, size_t bytes);   /* synchronous */
+rd_status rd_cuda_memset(void *p, int byte, size_t bytes);
+rd_status rd_cuda_sync(void);              /* wait for the stream; reports async errors */
+/* TF32 tensor cores for fp32 GEMMs (process-wide, default 0: exact fp32 products). */
+void rd_cuda_set_tf32(int on);
+int rd_cuda_get_tf32(void);
+/* Expert GEMMs: 0 = a loop of cublasGemmEx over experts (default), 1 = one
+ * cublasGemmGroupedBatchedEx per product (falls back to 0 when not compiled in). */
+void rd_cuda_set_expert_gemm(int mode);
+int rd_cuda_get_expert_gemm(void);
+
+/* Row-major C (M,N) = alpha op(A) op(B) + beta C on device, exactly as rd_matmul. */
+rd_status rd_matmul_cuda(float *C, int ldc, const float *A, int lda, int transA,
+                         const float *B, int ldb, int transB,
+                         int64_t M, int64_t N, int64_t K, float alpha, float beta);
+
+/* ---- routing (route.h) ------------------------------------------------------------
+ * mask (B,L,E) uint8 and tau_b (one float, may be NULL) are device pointers. Masks are
+ * bit-identical to rd_route's for the same scores; tau_b likewise. Synchronises once
+ * (to report NaN in scores as RD_EINVAL). */
+rd_status rd_route_cuda(uint8_t *mask, float *tau_b, const float *scores /* B,L,E */,
+                        int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s);
+/* mask (n) <- scores >= tau. Synchronises once (NaN check). */
+rd_status rd_route_threshold_cuda(uint8_t *mask, const float *scores, int64_t n, float tau);
+
+/* ---- gating and router MLP (moe.h) ------------------------------------------------ */
+rd_status rd_gate_forward_cuda(float *G, const float *R, int64_t N, int64_t E, rd_gating g);
+rd_status rd_gate_backward_cuda(float *dR, const float *dG, const float *G, int64_t N,
+                                int64_t E, rd_gating g);
+rd_status rd_router_forward_cuda(float *hpre, float *h, float *R, const float *x,
+                                 const float *Wr, const float *br, const float *Wg,
+                                 const float *bg, int64_t N, int64_t D, int64_t E);
+rd_status rd_router_backward_cuda(float *dx_acc, float *dWr, float *dbr, float *dWg, float *dbg,
+                                  float *dh, const float *dR, const float *dh_extra,
+                                  const float *hpre, const float *h, const float *x,
+                                  const float *Wr, const float *Wg,
+                                  int64_t N, int64_t D, int64_t E);
+
+/* ---- dropless experts (moe.h's rd_experts_*) --------------------------------------
+ * Same layout and determinism as the CPU: rows expert-major, tokens ascending; the
+ * combine and dx sum each token's rows in ascending expert order (no atomics on floats);
+ * bias gradients are fixed-order reductions. Forward synchronises once to read the
+ * per-expert counts (the GEMM sizes). Buffers are device memory owned by the handle. */
+typedef struct rd_experts_cuda rd_experts_cuda;
+rd_experts_cuda *rd_experts_cuda_new(void);
+void rd_experts_cuda_free(rd_experts_cuda *ex);
+rd_status rd_experts_forward_cuda(rd_experts_cuda *ex, float *y, const uint8_t *mask,
+                                  const float *G, const float *x, const float *W1,
+                                  const float *b1, const float *W2, const float *b2,
+                                  int64_t N, int64_t D, int64_t E, int64_t He);
+rd_status rd_experts_backward_cuda(rd_experts_cuda *ex, float *dx, float *dG, float *dW1,
+                                   float *db1, float *dW2, float *db2, const float *dy,
+                                   const float *W1, const float *W2,
+                                   int64_t N, int64_t D, int64_t E, int64_t He);
+/* Selected pairs of the last forward, and its per-expert counts (HOST array of E). */
+int64_t rd_experts_cuda_pairs(const rd_experts_cuda *ex);
+const int64_t *rd_experts_cuda_counts(const rd_experts_cuda *ex);
+
+/* ---- the composite layer (moe.h's rd_moe_*) ---------------------------------------
+ * Parameters and gradients are rd_moe_params whose pointers are DEVICE pointers (one
+ * device buffer laid out by rd_moe_params_point). The threshold tau lives on the device
+ * and is updated there: no host round trip for it. The aux losses (router similarity,
+ * balance, PLR) are not on the device yet: a cfg asking for them is RD_EINVAL. */
+typedef struct rd_moe_cuda_state rd_moe_cuda_state;
+rd_moe_cuda_state *rd_moe_cuda_state_new(void);
+void rd_moe_cuda_state_free(rd_moe_cuda_state *st);
+rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const float *x,
+                              const rd_moe_cfg *cfg, const rd_moe_params *p,
+                              int64_t B, int64_t L, int training, const float *plr_target);
+rd_status rd_moe_backward_cuda(rd_moe_cuda_state *st, float *dx, const rd_moe_params *grad,
+                               const float *dy, const float *x,
+                               const rd_moe_cfg *cfg, const rd_moe_params *p);
+/* What the last forward left in the state: sizes, DEVICE pointers (mask, G, R, h, valid
+ * until the next forward or free), the per-expert counts as a HOST array, and tau/tau_b
+ * read back from the device (synchronises). NULL / 0 before the first forward. */
+typedef struct {
+    int64_t B, L, N, D, E, He, P;
+    int have_forward, have_tau;
+    float tau, tau_b;
+    const uint8_t *mask;      /* (N,E) device */
+    const float *G, *R, *h;   /* (N,E), (N,E), (N,D) device */
+    const int64_t *counts;    /* (E) host */
+} rd_moe_cuda_view;
+rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *out);
+/* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
+rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
+
+/* ---- benchmark ----------------------------------------------------------------------
+ * Device-resident timings (CUDA events, mean ms per call over `iters` after a warm-up)
+ * of the layer on HOST inputs x (B,L,D), params (flat, rd_moe_params layout), dy
+ * (B,L,D), uploaded once: routing alone, layer forward (training), layer forward +
+ * backward, experts forward + backward alone, and dense cuBLAS GEMMs of the experts'
+ * FLOPs (the same shapes with all P rows in one expert: 2 GEMMs forward, 6 in all). Uses
+ * the current TF32 / expert-GEMM settings. */
+typedef struct {
+    double route_ms, fwd_ms, fwdbwd_ms, experts_fwdbwd_ms, dense_fwd_ms, dense_fwdbwd_ms;
+    int64_t P;
+} rd_cuda_bench_result;
+rd_status rd_cuda_bench_moe(rd_cuda_bench_result *r, const float *x, const float *params,
+                            const float *dy, const rd_moe_cfg *cfg, int64_t B, int64_t L,
+                            int iters);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

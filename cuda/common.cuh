@@ -1,0 +1,118 @@
+/* common.cuh — what every CUDA file of racedit shares: the error channel (every
+ * cudaError_t / cublasStatus_t becomes an rd_status with a message, never an exit),
+ * growable device buffers, the process-wide cuBLAS handle, the GELU variants written
+ * exactly as the CPU's, and the order-preserving float key of the routing.
+ * Internal to the .cu files; the public API is csrc/cuda.h. */
+#ifndef RACEDIT_CUDA_COMMON_CUH
+#define RACEDIT_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "racedit.h"
+#include "cuda.h"
+
+/* Return RD_ECUDA with the failing call and CUDA's message. */
+#define CU_TRY(call)                                                                       \
+    do {                                                                                   \
+        cudaError_t e_ = (call);                                                           \
+        if (e_ != cudaSuccess)                                                             \
+            return rd_fail(RD_ECUDA, "CUDA error in %s (%s:%d): %s", #call, __FILE__,      \
+                           __LINE__, cudaGetErrorString(e_));                              \
+    } while (0)
+
+/* After a kernel launch: launch-configuration errors and earlier asynchronous faults. */
+#define CU_LAUNCHED(what)                                                                  \
+    do {                                                                                   \
+        cudaError_t e_ = cudaGetLastError();                                               \
+        if (e_ != cudaSuccess)                                                             \
+            return rd_fail(RD_ECUDA, "CUDA error launching %s (%s:%d): %s", what, __FILE__, \
+                           __LINE__, cudaGetErrorString(e_));                              \
+    } while (0)
+
+#define CB_TRY(call)                                                                       \
+    do {                                                                                   \
+        cublasStatus_t b_ = (call);                                                        \
+        if (b_ != CUBLAS_STATUS_SUCCESS)                                                   \
+            return rd_fail(RD_ECUDA, "cuBLAS error in %s (%s:%d): %s", #call, __FILE__,    \
+                           __LINE__, cublasGetStatusString(b_));                           \
+    } while (0)
+
+#define RD_TRY(expr)                                                                       \
+    do {                                                                                   \
+        rd_status s_ = (expr);                                                             \
+        if (s_ != RD_OK) return s_;                                                        \
+    } while (0)
+
+/* The one stream every op runs on (cuBLAS is bound to it too). */
+#define RD_STREAM ((cudaStream_t)0)
+
+/* The process-wide cuBLAS handle, created on first use. */
+rd_status rd_cublas(cublasHandle_t *h);
+/* cuBLAS compute type for fp32 GEMMs: exact fp32, or TF32 when opted in. */
+cublasComputeType_t rd_cublas_compute(void);
+
+/* A device buffer that grows on demand (contents are not kept when it grows). */
+typedef struct {
+    void *p;
+    size_t cap;
+} rd_dbuf;
+rd_status rd_dbuf_get(rd_dbuf *b, size_t bytes, void **out);
+void rd_dbuf_free(rd_dbuf *b);
+#define DBUF(b, T, count, ptr) rd_dbuf_get(&(b), (size_t)(count) * sizeof(T), (void **)&(ptr))
+
+/* out[s,c] += sum of in[r,c] over rows r of segment s, for s < S, c < cols. Segments
+ * are given by offsets (S+1, DEVICE), or with offsets == NULL there is one segment of
+ * `rows` rows. Fixed-order two-stage reduction: bitwise deterministic. partial is
+ * device scratch of rd_colsum_scratch(S, cols) floats. */
+int64_t rd_colsum_scratch(int64_t S, int64_t cols);
+rd_status rd_colsum_segments_cuda(float *out /* S,cols */, const float *in /* rows,cols */,
+                                  const int *offsets /* S+1, device */, int64_t rows,
+                                  int64_t S, int64_t cols, float *partial);
+
+/* Stream-ordered scratch for the stateless ops (no synchronisation to free it). */
+rd_status rd_scratch_alloc(void **p, size_t bytes);
+void rd_scratch_free(void *p);
+
+/* Blocks for n items of `per` items each, at least 1 (callers skip n == 0). */
+static inline unsigned rd_blocks(int64_t n, int64_t per) { return (unsigned)((n + per - 1) / per); }
+
+/* ---- device math: the GELUs in forms without cancellation in the negative tail (as
+ * the CPU's csrc/cpu/moe_math.h), on CUDA's own expf / erfcf ------------------------ */
+#define RD_GELU_T0_F 0.7978845608028654f /* sqrt(2/pi) */
+#define RD_GELU_T1_F 0.044715f
+/* GELU_tanh(x) = 0.5 x (1 + tanh u) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). */
+__device__ __forceinline__ float d_gelu_tanh(float x) {
+    float u = RD_GELU_T0_F * (x + RD_GELU_T1_F * x * x * x);
+    float e = expf(-2.0f * fabsf(u)), r = 1.0f / (1.0f + e);
+    return x * (u >= 0.0f ? r : e * r);
+}
+/* 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u'(x). */
+__device__ __forceinline__ float d_gelu_tanh_grad(float x) {
+    float u = RD_GELU_T0_F * (x + RD_GELU_T1_F * x * x * x);
+    float e = expf(-2.0f * fabsf(u)), r = 1.0f / (1.0f + e);
+    float half_1pt = u >= 0.0f ? r : e * r;
+    float sech2 = 4.0f * e * r * r;
+    return half_1pt + 0.5f * x * sech2 * RD_GELU_T0_F * (1.0f + 3.0f * RD_GELU_T1_F * x * x);
+}
+/* GELU_erf(x) = x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2; derivative Phi(x) + x phi(x). */
+__device__ __forceinline__ float d_phi_cdf(float x) { return 0.5f * erfcf(-x * 0.70710678118654752f); }
+__device__ __forceinline__ float d_gelu_erf(float x) { return x * d_phi_cdf(x); }
+__device__ __forceinline__ float d_gelu_erf_grad(float x) {
+    return d_phi_cdf(x) + x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+
+/* Order-preserving key of a float (as csrc/cpu/route.c): a > b <=> key(a) > key(b) for
+ * non-NaN floats; -0.0 takes +0.0's key since they compare equal. */
+__device__ __forceinline__ uint32_t d_f2key(float f) {
+    uint32_t u = __float_as_uint(f);
+    if ((u << 1) == 0) u = 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float d_key2f(uint32_t k) {
+    uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    return __uint_as_float(u);
+}
+
+#endif

@@ -1,0 +1,354 @@
+/* moe.cu — the MoE block of SPEC §2 on the device, minus the experts (experts.cu): the
+ * gate functions, the router MLP (cuBLAS GEMMs with fused bias + GELU_erf kernels), and
+ * the composite layer router -> gate -> route / threshold -> experts with its threshold
+ * tau, forward and backward, mirroring rd_moe_forward / rd_moe_backward of csrc/moe.h.
+ *
+ * The layer makes one device->host copy per forward (the experts' per-expert counts,
+ * which carry the routing's NaN flag along) and none in backward; tau is updated on
+ * the device. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+#include "internal.cuh"
+
+#define MO_THREADS 256
+
+/* ---- gating ------------------------------------------------------------------------ */
+static rd_status check_gate(const char *fn, int64_t N, int64_t E, rd_gating g) {
+    if (N < 0 || E <= 0)
+        return rd_fail(RD_EINVAL, "%s: expected N >= 0 and E > 0, got N=%lld E=%lld", fn,
+                       (long long)N, (long long)E);
+    if ((unsigned)g > RD_GATE_SOFTMAX)
+        return rd_fail(RD_EINVAL, "%s: unknown gating %d (identity=0, sigmoid=1, softmax=2)", fn, (int)g);
+    if (N * E > INT32_MAX * 64LL)
+        return rd_fail(RD_EINVAL, "%s: N*E=%lld too large", fn, (long long)(N * E));
+    return RD_OK;
+}
+
+__global__ void sigmoid_kernel(float *G, const float *R, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float r = R[i]; /* exp of a non-positive number only: no overflow */
+        if (r >= 0.0f) G[i] = 1.0f / (1.0f + expf(-r));
+        else { float z = expf(r); G[i] = z / (1.0f + z); }
+    }
+}
+
+__global__ void sigmoid_grad_kernel(float *dR, const float *dG, const float *G, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dR[i] = dG[i] * G[i] * (1.0f - G[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* One warp per row: softmax over E with the max subtracted. */
+__global__ void softmax_kernel(float *G, const float *R, int64_t N, int64_t E) {
+    int64_t t = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (t >= N) return;
+    const float *r = R + t * E;
+    float m = -INFINITY;
+    for (int64_t e = lane; e < E; e += 32) m = fmaxf(m, r[e]);
+    for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float s = 0.0f;
+    for (int64_t e = lane; e < E; e += 32) {
+        float v = expf(r[e] - m);
+        G[t * E + e] = v;
+        s += v;
+    }
+    float inv = 1.0f / warp_sum(s);
+    for (int64_t e = lane; e < E; e += 32) G[t * E + e] *= inv;
+}
+
+/* dR = G (dG - <dG, G>) per row. */
+__global__ void softmax_grad_kernel(float *dR, const float *dG, const float *G, int64_t N, int64_t E) {
+    int64_t t = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (t >= N) return;
+    float d = 0.0f;
+    for (int64_t e = lane; e < E; e += 32) d += dG[t * E + e] * G[t * E + e];
+    d = warp_sum(d);
+    for (int64_t e = lane; e < E; e += 32) dR[t * E + e] = G[t * E + e] * (dG[t * E + e] - d);
+}
+
+static unsigned grid_stride_blocks(int64_t n) {
+    int64_t b = rd_blocks(n, MO_THREADS * 4);
+    return (unsigned)(b > 65535 ? 65535 : (b < 1 ? 1 : b));
+}
+
+extern "C" rd_status rd_gate_forward_cuda(float *G, const float *R, int64_t N, int64_t E, rd_gating g) {
+    RD_TRY(check_gate("gate_forward_cuda", N, E, g));
+    int64_t n = N * E;
+    if (n == 0) return RD_OK;
+    if (g == RD_GATE_IDENTITY) {
+        if (G != R) CU_TRY(cudaMemcpyAsync(G, R, (size_t)n * sizeof(float), cudaMemcpyDeviceToDevice, RD_STREAM));
+    } else if (g == RD_GATE_SIGMOID) {
+        sigmoid_kernel<<<grid_stride_blocks(n), MO_THREADS, 0, RD_STREAM>>>(G, R, n);
+        CU_LAUNCHED("sigmoid_kernel");
+    } else {
+        softmax_kernel<<<rd_blocks(N, MO_THREADS / 32), MO_THREADS, 0, RD_STREAM>>>(G, R, N, E);
+        CU_LAUNCHED("softmax_kernel");
+    }
+    return RD_OK;
+}
+
+extern "C" rd_status rd_gate_backward_cuda(float *dR, const float *dG, const float *G, int64_t N,
+                                           int64_t E, rd_gating g) {
+    RD_TRY(check_gate("gate_backward_cuda", N, E, g));
+    int64_t n = N * E;
+    if (n == 0) return RD_OK;
+    if (g == RD_GATE_IDENTITY) {
+        if (dR != dG) CU_TRY(cudaMemcpyAsync(dR, dG, (size_t)n * sizeof(float), cudaMemcpyDeviceToDevice, RD_STREAM));
+    } else if (g == RD_GATE_SIGMOID) {
+        sigmoid_grad_kernel<<<grid_stride_blocks(n), MO_THREADS, 0, RD_STREAM>>>(dR, dG, G, n);
+        CU_LAUNCHED("sigmoid_grad_kernel");
+    } else {
+        softmax_grad_kernel<<<rd_blocks(N, MO_THREADS / 32), MO_THREADS, 0, RD_STREAM>>>(dR, dG, G, N, E);
+        CU_LAUNCHED("softmax_grad_kernel");
+    }
+    return RD_OK;
+}
+
+/* ---- router MLP -------------------------------------------------------------------- */
+static rd_status check_router(const char *fn, int64_t N, int64_t D, int64_t E) {
+    if (N < 0 || D <= 0 || E <= 0)
+        return rd_fail(RD_EINVAL, "%s: expected N >= 0 and D, E > 0, got N=%lld D=%lld E=%lld",
+                       fn, (long long)N, (long long)D, (long long)E);
+    if (N > INT32_MAX || D > INT32_MAX || E > INT32_MAX)
+        return rd_fail(RD_EINVAL, "%s: N=%lld, D=%lld or E=%lld exceeds the 32-bit cuBLAS interface",
+                       fn, (long long)N, (long long)D, (long long)E);
+    return RD_OK;
+}
+
+/* hpre += br; h = GELU_erf(hpre). One row per block. */
+__global__ void bias_gelu_erf_kernel(float *hpre, float *h, const float *br, int64_t D) {
+    int64_t t = blockIdx.x;
+    for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+        float v = hpre[t * D + c] + br[c];
+        hpre[t * D + c] = v;
+        h[t * D + c] = d_gelu_erf(v);
+    }
+}
+
+__global__ void add_bias_kernel(float *R, const float *b, int64_t N, int64_t E) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < N * E;
+         i += (int64_t)gridDim.x * blockDim.x)
+        R[i] += b[i % E];
+}
+
+/* dh = (dh + dh_extra) * GELU_erf'(hpre). */
+__global__ void gelu_erf_back_kernel(float *dh, const float *extra, const float *hpre, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float d = extra ? dh[i] + extra[i] : dh[i];
+        dh[i] = d * d_gelu_erf_grad(hpre[i]);
+    }
+}
+
+extern "C" rd_status rd_router_forward_cuda(float *hpre, float *h, float *R, const float *x,
+                                            const float *Wr, const float *br, const float *Wg,
+                                            const float *bg, int64_t N, int64_t D, int64_t E) {
+    RD_TRY(check_router("router_forward_cuda", N, D, E));
+    if (N == 0) return RD_OK;
+    RD_TRY(rd_matmul_cuda(hpre, (int)D, x, (int)D, 0, Wr, (int)D, 0, N, D, D, 1.0f, 0.0f));
+    bias_gelu_erf_kernel<<<(unsigned)N, MO_THREADS, 0, RD_STREAM>>>(hpre, h, br, D);
+    CU_LAUNCHED("bias_gelu_erf_kernel");
+    RD_TRY(rd_matmul_cuda(R, (int)E, h, (int)D, 0, Wg, (int)E, 0, N, E, D, 1.0f, 0.0f));
+    add_bias_kernel<<<grid_stride_blocks(N * E), MO_THREADS, 0, RD_STREAM>>>(R, bg, N, E);
+    CU_LAUNCHED("add_bias_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_router_backward_cuda(float *dx_acc, float *dWr, float *dbr, float *dWg,
+                                             float *dbg, float *dh, const float *dR,
+                                             const float *dh_extra, const float *hpre,
+                                             const float *h, const float *x, const float *Wr,
+                                             const float *Wg, int64_t N, int64_t D, int64_t E) {
+    RD_TRY(check_router("router_backward_cuda", N, D, E));
+    if (N == 0) return RD_OK;
+    float *partial;
+    int64_t wide = D > E ? D : E;
+    RD_TRY(rd_scratch_alloc((void **)&partial, (size_t)rd_colsum_scratch(1, wide) * sizeof(float)));
+    rd_status s = rd_matmul_cuda(dh, (int)D, dR, (int)E, 0, Wg, (int)E, 1, N, D, E, 1.0f, 0.0f);
+    if (s == RD_OK) {
+        gelu_erf_back_kernel<<<grid_stride_blocks(N * D), MO_THREADS, 0, RD_STREAM>>>(dh, dh_extra, hpre, N * D);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            s = rd_fail(RD_ECUDA, "CUDA error launching gelu_erf_back_kernel: %s", cudaGetErrorString(e));
+    }
+    if (s == RD_OK) s = rd_matmul_cuda(dWg, (int)E, h, (int)D, 1, dR, (int)E, 0, D, E, N, 1.0f, 1.0f);
+    if (s == RD_OK) s = rd_colsum_segments_cuda(dbg, dR, NULL, N, 1, E, partial);
+    if (s == RD_OK) s = rd_matmul_cuda(dWr, (int)D, x, (int)D, 1, dh, (int)D, 0, D, D, N, 1.0f, 1.0f);
+    if (s == RD_OK) s = rd_colsum_segments_cuda(dbr, dh, NULL, N, 1, D, partial);
+    if (s == RD_OK) s = rd_matmul_cuda(dx_acc, (int)D, dh, (int)D, 0, Wr, (int)D, 1, N, D, D, 1.0f, 1.0f);
+    rd_scratch_free(partial);
+    return s;
+}
+
+/* ---- the composite layer ----------------------------------------------------------- */
+struct rd_moe_cuda_state {
+    int64_t B, L, N, D, E, He;
+    int have_forward, have_tau;
+    rd_dbuf hpre, h, dh;       /* (N,D) */
+    rd_dbuf R, G, dG, dR;      /* (N,E) */
+    rd_dbuf mask;              /* (N,E) uint8 */
+    rd_dbuf scal;              /* [0] tau, [1] tau_b (device floats) */
+    rd_dbuf nan;               /* first NaN index of the gate scores (device) */
+    rd_route_ws rws;
+    rd_experts_cuda *ex;
+};
+
+extern "C" rd_moe_cuda_state *rd_moe_cuda_state_new(void) {
+    rd_moe_cuda_state *st = (rd_moe_cuda_state *)calloc(1, sizeof(rd_moe_cuda_state));
+    if (!st) return NULL;
+    st->ex = rd_experts_cuda_new();
+    if (!st->ex) { free(st); return NULL; }
+    return st;
+}
+
+extern "C" void rd_moe_cuda_state_free(rd_moe_cuda_state *st) {
+    if (!st) return;
+    cudaStreamSynchronize(RD_STREAM);
+    rd_dbuf *bufs[] = {&st->hpre, &st->h, &st->dh, &st->R, &st->G, &st->dG, &st->dR,
+                       &st->mask, &st->scal, &st->nan};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rd_dbuf_free(bufs[i]);
+    rd_route_ws_free(&st->rws);
+    rd_experts_cuda_free(st->ex);
+    free(st);
+}
+
+/* tau <- beta tau + (1 - beta) tau_b, or tau_b the first time; rounded op by op (no
+ * FMA contraction) like the CPU's expression. */
+__global__ void tau_update_kernel(float *scal, float beta, int have_tau) {
+    float tau_b = scal[1];
+    scal[0] = have_tau ? __fadd_rn(__fmul_rn(beta, scal[0]), __fmul_rn(1.0f - beta, tau_b)) : tau_b;
+}
+
+static rd_status check_aux(const rd_moe_cfg *c, int training, const float *plr_target) {
+    if (c->sim_weight != 0.0f || c->balance_weight != 0.0f ||
+        (training && plr_target && c->plr_dim > 0 && c->plr_weight != 0.0f))
+        return rd_fail(RD_EINVAL, "moe_cuda: the aux losses (sim_weight=%g, balance_weight=%g, "
+                       "PLR) are not implemented on CUDA yet; set their weights to 0",
+                       (double)c->sim_weight, (double)c->balance_weight);
+    return RD_OK;
+}
+
+extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const float *x,
+                                         const rd_moe_cfg *cfg, const rd_moe_params *p,
+                                         int64_t B, int64_t L, int training,
+                                         const float *plr_target) {
+    if (!st) return rd_fail(RD_EINVAL, "moe_forward_cuda: NULL state");
+    RD_TRY(rd_moe_cfg_check(cfg));
+    RD_TRY(check_aux(cfg, training, plr_target));
+    if (B <= 0 || L <= 0 || B * L > INT32_MAX)
+        return rd_fail(RD_EINVAL, "moe_forward_cuda: expected B, L >= 1 and B*L <= %d, got B=%lld L=%lld",
+                       INT32_MAX, (long long)B, (long long)L);
+    int64_t N = B * L, D = cfg->D, E = cfg->E, He = cfg->He;
+    int token = cfg->strategy == RD_ROUTE_TOKEN;
+    if (!training && !cfg->eval_topk && !token && !st->have_tau)
+        return rd_fail(RD_ESTATE, "moe: eval-mode selection needs the threshold tau, which is set "
+                       "by the first training forward: run one in training mode, set tau, or "
+                       "use eval_topk (batch top-K at inference)");
+    st->have_forward = 0;
+    float *hpre, *h, *R, *G, *scal;
+    uint8_t *mask;
+    unsigned long long *nan;
+    RD_TRY(DBUF(st->hpre, float, N * D, hpre));
+    RD_TRY(DBUF(st->h, float, N * D, h));
+    RD_TRY(DBUF(st->R, float, N * E, R));
+    RD_TRY(DBUF(st->G, float, N * E, G));
+    RD_TRY(DBUF(st->mask, uint8_t, N * E, mask));
+    RD_TRY(DBUF(st->scal, float, 2, scal));
+    RD_TRY(DBUF(st->nan, unsigned long long, 1, nan));
+    RD_TRY(rd_router_forward_cuda(hpre, h, R, x, p->p[RD_MOE_ROUTER_W], p->p[RD_MOE_ROUTER_B],
+                                  p->p[RD_MOE_GATE_W], p->p[RD_MOE_GATE_B], N, D, E));
+    RD_TRY(rd_gate_forward_cuda(G, R, N, E, cfg->gating));
+    CU_TRY(cudaMemsetAsync(nan, 0xff, sizeof *nan, RD_STREAM));
+    if (training)
+        RD_TRY(rd_route_launch(&st->rws, mask, scal + 1, G, B, L, E, cfg->k, cfg->strategy, nan));
+    else if (cfg->eval_topk || token)
+        RD_TRY(rd_route_launch(&st->rws, mask, NULL, G, B, L, E, cfg->k, cfg->strategy, nan));
+    else
+        RD_TRY(rd_route_threshold_launch(mask, G, N * E, scal, 0.0f, nan));
+    unsigned long long first_nan = ~0ULL;
+    RD_TRY(rd_experts_forward_impl(st->ex, y, mask, G, x, p->p[RD_MOE_W1], p->p[RD_MOE_B1],
+                                   p->p[RD_MOE_W2], p->p[RD_MOE_B2], N, D, E, He, nan, &first_nan));
+    if (first_nan != ~0ULL)
+        return rd_fail(RD_EINVAL, "moe_forward_cuda: gate scores contain NaN at flat index %llu "
+                       "(NaN or inf in x or the router parameters?)", first_nan);
+    if (training) {
+        tau_update_kernel<<<1, 1, 0, RD_STREAM>>>(scal, cfg->beta, st->have_tau);
+        CU_LAUNCHED("tau_update_kernel");
+        st->have_tau = 1;
+    }
+    st->B = B; st->L = L; st->N = N; st->D = D; st->E = E; st->He = He;
+    st->have_forward = 1;
+    return RD_OK;
+}
+
+extern "C" rd_status rd_moe_backward_cuda(rd_moe_cuda_state *st, float *dx,
+                                          const rd_moe_params *grad, const float *dy,
+                                          const float *x, const rd_moe_cfg *cfg,
+                                          const rd_moe_params *p) {
+    if (!st) return rd_fail(RD_EINVAL, "moe_backward_cuda: NULL state");
+    RD_TRY(rd_moe_cfg_check(cfg));
+    if (!st->have_forward)
+        return rd_fail(RD_ESTATE, "moe_backward_cuda: no forward to differentiate (call forward first)");
+    if (cfg->D != st->D || cfg->E != st->E || cfg->He != st->He)
+        return rd_fail(RD_ESTATE, "moe_backward_cuda: config D=%lld E=%lld He=%lld differs from the "
+                       "last forward's D=%lld E=%lld He=%lld", (long long)cfg->D, (long long)cfg->E,
+                       (long long)cfg->He, (long long)st->D, (long long)st->E, (long long)st->He);
+    int64_t N = st->N, D = st->D, E = st->E, He = st->He;
+    float *dh, *dG, *dR;
+    RD_TRY(DBUF(st->dh, float, N * D, dh));
+    RD_TRY(DBUF(st->dG, float, N * E, dG));
+    RD_TRY(DBUF(st->dR, float, N * E, dR));
+    RD_TRY(rd_experts_backward_cuda(st->ex, dx, dG, grad->p[RD_MOE_W1], grad->p[RD_MOE_B1],
+                                    grad->p[RD_MOE_W2], grad->p[RD_MOE_B2], dy, p->p[RD_MOE_W1],
+                                    p->p[RD_MOE_W2], N, D, E, He));
+    RD_TRY(rd_gate_backward_cuda(dR, dG, (const float *)st->G.p, N, E, cfg->gating));
+    return rd_router_backward_cuda(dx, grad->p[RD_MOE_ROUTER_W], grad->p[RD_MOE_ROUTER_B],
+                                   grad->p[RD_MOE_GATE_W], grad->p[RD_MOE_GATE_B], dh, dR, NULL,
+                                   (const float *)st->hpre.p, (const float *)st->h.p, x,
+                                   p->p[RD_MOE_ROUTER_W], p->p[RD_MOE_GATE_W], N, D, E);
+}
+
+extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *v) {
+    memset(v, 0, sizeof *v);
+    if (!st) return rd_fail(RD_EINVAL, "moe_cuda_state_view: NULL state");
+    v->have_tau = st->have_tau;
+    v->tau = v->tau_b = NAN;
+    if (st->scal.p) {
+        float s[2];
+        RD_TRY(rd_cuda_d2h(s, st->scal.p, sizeof s));
+        if (st->have_tau) v->tau = s[0];
+        if (st->have_forward) v->tau_b = s[1];
+    }
+    if (!st->have_forward) return RD_OK;
+    v->have_forward = 1;
+    v->B = st->B; v->L = st->L; v->N = st->N; v->D = st->D; v->E = st->E; v->He = st->He;
+    v->P = rd_experts_cuda_pairs(st->ex);
+    v->mask = (const uint8_t *)st->mask.p;
+    v->G = (const float *)st->G.p;
+    v->R = (const float *)st->R.p;
+    v->h = (const float *)st->h.p;
+    v->counts = rd_experts_cuda_counts(st->ex);
+    return RD_OK;
+}
+
+extern "C" rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau) {
+    if (!st) return rd_fail(RD_EINVAL, "moe_set_threshold_cuda: NULL state");
+    if (!tau) { st->have_tau = 0; return RD_OK; }
+    if (isnan(*tau)) return rd_fail(RD_EINVAL, "moe_set_threshold_cuda: tau is NaN");
+    float *scal;
+    RD_TRY(DBUF(st->scal, float, 2, scal));
+    RD_TRY(rd_cuda_h2d(scal, tau, sizeof(float)));
+    st->have_tau = 1;
+    return RD_OK;
+}
