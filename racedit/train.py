@@ -248,14 +248,20 @@ class _Trainer:
         y = np.where(drop, m.num_classes, y)
         x_t, target = obj.make_batch(x0, t, noise)
         m.zero_grad()
-        out = m.forward(x_t, obj.model_time(t), y, plr_target=target if self.is_moe else None)
+        step = self.step + 1
+        try:
+            out = m.forward(x_t, obj.model_time(t), y, plr_target=target if self.is_moe else None)
+        except ValueError as e:  # the MoE router refuses NaN scores
+            if "NaN" not in str(e):
+                raise
+            raise TrainingDiverged(self._where(step, f"the forward pass failed ({e})", x_t)) from None
         diff, parts, dout = obj.loss(out, target, x0=x0, x_t=x_t, t=t)
         m.backward(dout)
         aux_total = float(m.aux_loss())
         loss = diff + aux_total
-        step = self.step + 1
         if not math.isfinite(loss):
-            raise TrainingDiverged(self._where(step, f"loss is {loss} (diffusion {diff}, aux {aux_total})"))
+            raise TrainingDiverged(self._where(step, f"loss is {loss} (diffusion {diff}, "
+                                                     f"aux {aux_total})", x_t))
         gnorm = optim.grad_norm(m.grad_buffer)
         if not math.isfinite(gnorm):
             raise TrainingDiverged(self._where(step, f"gradient norm is {gnorm}"))
@@ -268,24 +274,28 @@ class _Trainer:
         self.step = step
         rec = {"step": step, "loss": loss, "diffusion": diff}
         rec.update({k: v for k, v in parts.items()})
-        if self.is_moe:
-            rec.update({k: float(v) for k, v in m.aux().items()})
+        if self.is_moe:  # unweighted, averaged over layers; None where not computed
+            rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in m.aux().items()})
             rec["aux"] = aux_total
         rec.update({"grad_norm": gnorm, "lr": lr})
         if self.is_moe:
             rec.update(_routing_record(m, obj.time_fraction(t)))
         return rec
 
-    def _where(self, step, what):
-        """The diverged message: a non-finite parameter is the cause when there is one;
-        otherwise the tensors whose gradients are non-finite, first and last in buffer
-        (= forward) order: NaN entering in the forward pass spreads to every later layer,
-        one born in the backward pass to every earlier one."""
+    def _where(self, step, what, x_t=None):
+        """The diverged message: a non-finite parameter is the cause when there is one, then
+        a non-finite input batch (the data); otherwise the tensors whose gradients are
+        non-finite, first and last in buffer (= forward) order: NaN entering in the forward
+        pass spreads to every later layer, one born in the backward pass to every earlier
+        one."""
         m = self.m
         bad = _nonfinite_tensors(m, m.param_buffer)
         if bad:
             return (f"training diverged at step {step}: {what}; first non-finite parameter in "
                     f"{bad[0]}")
+        if x_t is not None and not np.all(np.isfinite(x_t)):
+            return (f"training diverged at step {step}: {what}; the input batch holds NaN/Inf "
+                    f"before the first layer (x_embedder): check the data ({self.ds.source})")
         bad = _nonfinite_tensors(m, m.grad_buffer)
         if bad:
             return (f"training diverged at step {step}: {what}; first non-finite gradient in "
@@ -486,10 +496,10 @@ def _loop(tr, total, records, log_path):
 
 
 def _set_thresholds(m, tensors):
-    """Restore the routing thresholds unless they were never set (NaN: the run saved
-    before its first step), in which case the next training forward initialises them."""
+    """Restore the routing thresholds (NaN entries, saved before a layer's first training
+    forward, leave that layer to initialise its threshold from its next batch)."""
     th = tensors.get("thresholds")
-    if th is not None and th.size and np.all(np.isfinite(th)):
+    if th is not None and th.size:
         m.thresholds = th
 
 
@@ -520,7 +530,8 @@ def _validate(cfg):
 
 def _summary(window):
     keys = ("loss", "diffusion", "plr", "sim", "balance")
-    parts = [f"{k} {np.mean([r[k] for r in window]):.4f}" for k in keys if k in window[-1]]
+    parts = [f"{k} {np.mean([r[k] for r in window]):.4f}" for k in keys
+             if window[-1].get(k) is not None]
     if "max_violation" in window[-1]:
         parts.append(f"maxvio {np.mean(window[-1]['max_violation']):.2f}")
     parts.append(f"{np.mean([r['images_per_s'] for r in window]):.1f} img/s")

@@ -80,8 +80,11 @@ def test_nan_stops_with_step_and_layer(tmp_path):
     xf = x.astype(np.float32) / 127.5 - 1
     xf[3, 0, 5, 5] = np.nan
     ds = data.ArrayDataset(xf, y, 10, data.SHAPE_CLASSES)
-    with pytest.raises(TrainingDiverged, match=r"step 1: .*first non-finite gradient in x_embedder"):
+    with pytest.raises(TrainingDiverged, match=r"step 1: .*input batch holds NaN.*x_embedder"):
         _run(tmp_path, 3, dataset=ds, global_batch_size=16)
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss is nan.*input batch holds NaN"):
+        _run(tmp_path / "dense", 3, dataset=ds, global_batch_size=16, model="DiT-tiny/4",
+             mc=TINY_DENSE)
 
 
 def test_nan_in_parameters_is_named(tmp_path):
