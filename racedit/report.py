@@ -84,19 +84,22 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
     return rep
 
 
-def plot_routing_report(rep, path=None, fig=None):
+def plot_routing_report(rep, path=None):
     """Draw the report: experts per token by timestep (inference and training) and the
-    per-layer, per-expert load share. Saves to ``path`` when given; returns the figure."""
-    import matplotlib
-
-    if path is not None and fig is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    per-layer, per-expert load share. With ``path`` the figure is drawn off-screen (no
+    pyplot state is touched) and saved there; without, it is a pyplot figure (shown inline
+    in a notebook). Returns the figure."""
     ev = rep["eval"]
     has_load = "load_share" in ev
-    if fig is None:
-        fig = plt.figure(figsize=(11 if has_load else 5.5, 4))
+    size = (11 if has_load else 5.5, 4)
+    if path is not None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size)
+    else:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=size)
     ax = fig.add_subplot(1, 2 if has_load else 1, 1)
     c = np.asarray(rep["t_bucket_centers"])
     ax.plot(c, ev["experts_per_token"], "o-", label="inference (threshold, EMA)")
