@@ -115,6 +115,8 @@ def plot_routing_report(rep, path=None):
         ax2 = fig.add_subplot(1, 2, 2)
         share = np.asarray(ev["load_share"])
         im = ax2.imshow(share * share.shape[1], aspect="auto", cmap="viridis")
+        ax2.set_xticks(range(0, share.shape[1], max(1, share.shape[1] // 16)))
+        ax2.set_yticks(range(share.shape[0]))
         ax2.set_xlabel("expert")
         ax2.set_ylabel("layer")
         ax2.set_title("load / mean load (inference)")
