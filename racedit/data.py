@@ -119,7 +119,7 @@ def _shape_mask(c, u, v):
     if c == 2:  # triangle, apex up
         return (v <= 0.75) & (au <= 0.95 * (v + 0.95) / 1.7)
     if c == 3:  # cross (plus)
-        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+        return ((au <= 0.34) & (av <= 0.95)) | ((av <= 0.34) & (au <= 0.95))
     if c == 4:  # ring
         return (r >= 0.58) & (r <= 1.0)
     if c == 5:  # horizontal bars: 3 bars of 5 bands
@@ -128,12 +128,11 @@ def _shape_mask(c, u, v):
         return inside & (np.floor((u + 0.9) / 0.36).astype(np.int64) % 2 == 0)
     if c == 7:  # diamond
         return au + av <= 1.0
-    if c == 8:  # checker, 3x3
-        k = np.floor((u + 0.9) / 0.6).astype(np.int64) + np.floor((v + 0.9) / 0.6).astype(np.int64)
-        return inside & (k % 2 == 0)
+    if c == 8:  # checker, 2x2
+        return inside & ((u < 0) == (v < 0))
     if c == 9:  # five-pointed star, a point up
         theta = np.arctan2(u, -v)
-        return r <= 0.38 + 0.62 * np.abs(np.cos(2.5 * theta)) ** 3
+        return r <= 0.45 + 0.6 * np.abs(np.cos(2.5 * theta)) ** 4
     raise ValueError(c)
 
 

@@ -93,8 +93,8 @@ PRESETS = {
         model="RaceDiT-quick/4-2in8",
         model_config=dict(depth=4, hidden=128, heads=4, patch=4, num_experts=8, k=2,
                           expert_hidden=256),
-        objective="flow", global_batch_size=32, steps=1500, lr=1e-3, warmup_steps=100,
-        grad_clip=1.0, ema_decay=0.995, log_every=50, ckpt_every=500, sample_every=0,
+        objective="flow", global_batch_size=32, steps=3000, lr=2e-3, warmup_steps=100,
+        grad_clip=1.0, ema_decay=0.995, log_every=50, ckpt_every=1000, sample_every=0,
         num_samples=10000, cfg_scale=3.0, sampler="heun", num_sampling_steps=20),
     "tiny": dict(
         model="RaceDiT-tiny/4-2in4",
