@@ -161,29 +161,21 @@ def _config_from_dict(d):
 
 
 def _pack(model, buf, prefix):
-    """Named views of a flat buffer laid out like model.param_buffer."""
-    out = {}
-    for name, view in model.params.items():
-        off = _offset(model, view)
-        out[prefix + name] = buf[off:off + view.size].reshape(view.shape)
-    return out
+    """Named views of a flat buffer laid out like model.param_buffer (model.layout)."""
+    return {prefix + name: buf[off:off + int(np.prod(shape))].reshape(shape)
+            for name, off, shape in model.layout}
 
 
 def _unpack(model, tensors, prefix, buf, path):
-    for name, view in model.params.items():
+    """Fill flat ``buf`` from the checkpoint's ``<prefix><name>`` tensors."""
+    for name, off, shape in model.layout:
         key = prefix + name
         if key not in tensors:
             raise ValueError(f"{path}: checkpoint has no tensor {key!r} (another model?)")
         a = tensors[key]
-        if a.shape != view.shape:
-            raise ValueError(f"{path}: {key} has shape {a.shape}, the model expects {view.shape}")
-        off = _offset(model, view)
-        buf[off:off + view.size] = a.reshape(-1)
-
-
-def _offset(model, view):
-    base = model.param_buffer.__array_interface__["data"][0]
-    return (view.__array_interface__["data"][0] - base) // 4
+        if a.shape != tuple(shape):
+            raise ValueError(f"{path}: {key} has shape {a.shape}, the model expects {tuple(shape)}")
+        buf[off:off + a.size] = a.reshape(-1)
 
 
 def _nonfinite_tensors(model, buf):
@@ -191,12 +183,8 @@ def _nonfinite_tensors(model, buf):
     Python loop over tensors, taken only on the error path)."""
     if optim.nonfinite_index(buf) < 0:
         return []
-    hits = []
-    for name, view in model.params.items():
-        off = _offset(model, view)
-        if optim.nonfinite_index(buf[off:off + view.size]) >= 0:
-            hits.append((off, name))
-    return [n for _, n in sorted(hits)]
+    return [name for name, off, shape in sorted(model.layout, key=lambda e: e[1])
+            if optim.nonfinite_index(buf[off:off + int(np.prod(shape))]) >= 0]
 
 
 # ---- run folders ----------------------------------------------------------------------
