@@ -75,6 +75,37 @@ def bench_torch(name, size, B, repeat):
     return timeit(step, repeat)
 
 
+def bench_attention(B, L, repeat):
+    """Attention forward+backward (B, NH=6, D=384) in both threading modes: OpenMP over
+    the (b, h) pairs with a single-threaded BLAS, or pairs in turn with a threaded BLAS."""
+    from racedit import _C
+    rng = np.random.default_rng(0)
+    qkv = rng.normal(size=(B, L, 3 * 384)).astype(np.float32)
+    out, att = _C.dit_attention_forward(qkv, 6)
+
+    def step():
+        _C.dit_attention_forward(qkv, 6)
+        _C.dit_attention_backward(out, qkv, att, 6)
+    res = {}
+    prev = _C.moe_threading()
+    try:
+        for mode in ("omp", "blas"):
+            _C.moe_threading(mode)
+            if mode == "omp":
+                try:
+                    from threadpoolctl import threadpool_limits
+                except ImportError:
+                    res[mode] = float("nan")
+                    continue
+                with threadpool_limits(1, "blas"):
+                    res[mode] = timeit(step, 4 * repeat)
+            else:
+                res[mode] = timeit(step, 4 * repeat)
+    finally:
+        _C.moe_threading(prev)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -97,6 +128,11 @@ def main():
     print(f"racedit: OpenMP {info['openmp']} ({info['num_threads']} threads), {info['blas']}; BLAS pools: {blas}")
     if have_torch:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for L in (64, 256):
+        r = bench_attention(args.batch, L, args.repeat)
+        print(f"attention fwd+bwd B={args.batch} NH=6 D=384 L={L}: OpenMP over (b,h) "
+              f"{r['omp'] * 1e3:.1f} ms, BLAS-threaded products {r['blas'] * 1e3:.1f} ms")
+    print(f"threading mode of the model: {racedit._C.moe_threading()}")
     print(f"batch {args.batch}, median of {args.repeat}, forward+backward, seconds")
     print(f"{'model':20s} {'latent':>9s} {'L':>4s} {'racedit':>9s} {'torch':>9s} {'ratio':>7s}")
     for name in args.configs.split(","):
