@@ -19,6 +19,10 @@ What is measured, per case (B, L, D, E, k; He = 4D/k):
 Timings are the minimum over --repeat runs after one warm-up; racedit and the baselines
 alternate run by run so that machine load hits both alike.
 
+The BLAS kernels are whatever SciPy's OpenBLAS picks for the CPU (printed below); it can
+be overridden with OPENBLAS_CORETYPE (e.g. SkylakeX on an AVX-512 CPU that OpenBLAS maps
+to Haswell kernels), which changes racedit and the dense reference alike.
+
 OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set here before racedit and torch
 load their OpenMP runtimes, unless already set or --spin is given): on a machine shared
 with other work, spinning threads steal the cores that the thread they wait for needs.
@@ -176,30 +180,39 @@ def run_case(name, c, args, torch):
         print(f"  [{mode:4}] experts {t_exp * 1e3:7.1f} ms = {r_exp:6.1f} GFLOP/s | dense "
               f"{t_dense * 1e3:7.1f} ms = {r_dense:6.1f} GFLOP/s | ratio {r_exp / r_dense:.2f}")
 
-    # the whole layer per strategy, and PyTorch
-    head = f"  {'strategy':8} " + " ".join(f"{'racedit ' + md + ' ms':>16}" for md in args.modes)
+    # the whole layer per strategy, against PyTorch, in the first mode; the other modes
+    # in their own pass (a mode's leftover BLAS threads must not spin during another's run)
+    print(f"layer forward+backward (training), racedit threading '{args.modes[0]}':")
+    head = f"  {'strategy':8} {'racedit ms':>11}"
     if torch is not None:
         head += f" {'torch ms':>10} {'torch/racedit':>14}"
-    print("layer forward+backward (training):")
     print(head)
+    layers = {s: racedit.MoE(D, E, k, strategy=s, seed=0) for s in STRATEGIES}
+
+    def step(m):
+        m.forward(x)
+        m.backward(dy)
+        m.zero_grad()
+    ops.moe_threading(args.modes[0])
     for s in STRATEGIES:
-        m = racedit.MoE(D, E, k, strategy=s, seed=0)
-        fns, labels = [], []
-        for mode in args.modes:
-            def f(mode=mode, m=m):
-                ops.moe_threading(mode)
-                m.forward(x)
-                m.backward(dy)
-                m.zero_grad()
-            fns.append(f)
+        fns = [lambda m=layers[s]: step(m)]
         if torch is not None:
-            step, _ = torch_block(m, s, torch)
-            fns.append(lambda: step(x, dy))
+            tstep, tforward = torch_block(layers[s], s, torch)
+            fns.append(lambda: tstep(x, dy))
+            with torch.no_grad():   # the two compute the same block
+                yt = tforward(torch.from_numpy(x)).numpy()
+            y = layers[s].forward(x)
+            diff = np.abs(yt - y).max() / np.abs(y).max()
         ts = interleaved(fns, args.repeat)
-        line = f"  {s:8} " + " ".join(f"{t * 1e3:16.1f}" for t in ts[:len(args.modes)])
+        line = f"  {s:8} {ts[0] * 1e3:11.1f}"
         if torch is not None:
-            line += f" {ts[-1] * 1e3:10.1f} {ts[-1] / min(ts[:len(args.modes)]):14.2f}"
+            line += f" {ts[1] * 1e3:10.1f} {ts[1] / ts[0]:14.2f}   (max |y_torch - y| / max |y| = {diff:.1e})"
         print(line)
+    for mode in args.modes[1:]:
+        ops.moe_threading(mode)
+        ts = interleaved([lambda m=layers[s]: step(m) for s in STRATEGIES], args.repeat)
+        print(f"  threading '{mode}': " + ", ".join(f"{s} {t * 1e3:.1f}" for s, t in zip(STRATEGIES, ts))
+              + " ms")
     ops.moe_threading(args.modes[0])
 
 
