@@ -13,9 +13,11 @@ What is measured, per case (B, L, D, E, k; He = 4D/k):
   included, against the rate of the six GEMMs of a dense MLP of equal FLOPs (N tokens,
   width P*He/N = 4D) run with scipy.linalg.blas.sgemm: the same SciPy OpenBLAS racedit
   calls, threaded by the BLAS itself with the same number of threads.
-- torch: the same block in PyTorch eager mode (nn-style router MLP, torch.topk selection,
-  tokens sorted by expert, one addmm pair per expert, index_add_ combine, autograd
-  backward), torch.set_num_threads equal to racedit's OpenMP threads.
+- torch: the same block in PyTorch eager mode (router MLP, torch.topk selection, tokens
+  sorted by expert, index_select gathers, one addmm pair per expert on per-expert leaf
+  weights as an nn.ModuleList holds them, index_add_ combine, autograd backward),
+  torch.set_num_threads equal to racedit's OpenMP threads; its output is checked
+  against racedit's.
 Timings are the minimum over --repeat runs after one warm-up; racedit and the baselines
 alternate run by run so that machine load hits both alike.
 
@@ -99,7 +101,12 @@ def dense_mlp_gemms(N, D, H, rng):
 def torch_block(m, strategy, torch):
     """The same layer as m (same parameter values) in PyTorch eager mode."""
     F = torch.nn.functional
-    P = {n: torch.tensor(v, requires_grad=True) for n, v in m.params.items()}
+    P = {n: torch.tensor(v, requires_grad=True) for n, v in m.params.items()
+         if n in ("router_w", "router_b", "gate_w", "gate_b")}
+    # one leaf tensor per expert, as an nn.ModuleList of experts holds them: indexing a
+    # stacked (E, ...) weight would make autograd build a full zero gradient per expert
+    X = {n: [torch.tensor(v[e], requires_grad=True) for e in range(m.num_experts)]
+         for n, v in m.params.items() if n in ("w1", "b1", "w2", "b2")}
     E, k = m.num_experts, m.k
     axes = {"token": (2,), "expert": (1,), "bl": (0, 1), "be": (0, 2), "le": (1, 2),
             "race": (0, 1, 2)}[strategy]
@@ -130,21 +137,19 @@ def torch_block(m, strategy, torch):
             order = torch.argsort(exp, stable=True)
             tok, exp = tok[order], exp[order]
             counts = torch.bincount(exp, minlength=E).tolist()
-        xg, g = xf[tok], G[tok, exp]
-        outs, start = [], 0
-        for e in range(E):
-            n = counts[e]
-            if n:
-                hdn = F.gelu(torch.addmm(P["b1"][e], xg[start:start + n], P["w1"][e]),
-                             approximate="tanh")
-                outs.append(torch.addmm(P["b2"][e], hdn, P["w2"][e]))
-            start += n
+        xg = xf.index_select(0, tok)                                  # (P,D)
+        g = G.reshape(-1).index_select(0, tok * E + exp)              # (P,)
+        outs = []
+        for e, xe in enumerate(torch.split(xg, counts)):
+            if counts[e]:
+                hdn = F.gelu(torch.addmm(X["b1"][e], xe, X["w1"][e]), approximate="tanh")
+                outs.append(torch.addmm(X["b2"][e], hdn, X["w2"][e]))
         o = torch.cat(outs) * g[:, None]
         y = torch.zeros_like(xf).index_add_(0, tok, o)
         return y.reshape(B, L, D)
 
     def step(x, dy):
-        for p in P.values():
+        for p in list(P.values()) + [t for ts in X.values() for t in ts]:
             p.grad = None
         xt = torch.from_numpy(x).requires_grad_(True)
         forward(xt).backward(torch.from_numpy(dy))
