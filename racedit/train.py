@@ -87,7 +87,11 @@ class TrainConfig:
     num_sampling_steps: int = None
 
 
-# Sizes between the configs table's T and S, for CPU-scale runs.
+# Sizes between the configs table's T and S, for CPU-scale runs. "quick": a 4-block
+# RaceDiT (D=128, patch 4, 8 experts, 2 per token on average, 1.35M activated parameters)
+# trained with rectified flow for 3000 steps of 32 built-in shapes: about 470 s of CPU time
+# on one core (2 OpenMP threads shorten the wall time), after which the sample grid shows
+# the classes. "tiny": seconds, for smoke tests and the notebook.
 PRESETS = {
     "quick": dict(
         model="RaceDiT-quick/4-2in8",
