@@ -4,8 +4,9 @@
 # from the wheels in .whl/ at the repository root (numpy, scipy, pytest and its
 # dependencies, setuptools; nvidia-cublas (+ nvidia-cuda-nvrtc) for CUDA 13 or
 # nvidia-cublas-cu12 for CUDA 12, needed only when the toolkit has no libcublas).
-# Steps: venv, install, build in place with CUDA, the CUDA tests, the benchmark.
-# Every log goes to $OUT/. Runs in well under 8 minutes.
+# Steps: venv, install, build in place with CUDA, every tests/test_cuda_*.py, the benchmarks
+# (racedit's block in fp32 / TF32 / bf16 per GEMM mode; PyTorch eager bf16 when torch has
+# CUDA), a compute-sanitizer memcheck. Every log goes to $OUT/. Runs in under 7 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -58,18 +59,21 @@ python -c "import racedit, json; print(json.dumps(racedit.build_info(), default=
 python -c "import racedit; assert racedit.build_info()['cuda'], 'built WITHOUT CUDA'" || {
     echo "gpu_check: racedit was built without CUDA; see $OUT/build.log"; exit 1; }
 
-step "tests (tests/test_cuda_ops.py, tests/test_build.py)"
-timeout 240 python -m pytest -ra -q tests/test_cuda_ops.py tests/test_build.py -p no:cacheprovider \
+step "tests (tests/test_cuda_*.py, tests/test_build.py)"
+timeout 150 python -m pytest -ra -q tests/test_cuda_*.py tests/test_build.py -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest.log"
 TEST_RC=${PIPESTATUS[0]}
 
-step "benchmark"
-timeout 150 python benchmarks/bench_cuda_moe.py --iters 10 2>&1 | tee "$OUT/bench.log"
+step "benchmark: racedit's CUDA block"
+timeout 120 python benchmarks/bench_cuda_moe.py --iters 10 2>&1 | tee "$OUT/bench.log"
+
+step "benchmark: PyTorch eager bf16 block vs racedit bf16"
+timeout 90 python benchmarks/bench_cuda_torch.py --iters 10 2>&1 | tee "$OUT/bench_torch.log"
 
 step "compute-sanitizer memcheck on small cases (out-of-bounds / misaligned accesses)"
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 if [ -x "$SAN" ]; then
-    timeout 150 "$SAN" --tool memcheck --leak-check no --error-exitcode 3 python - <<'PYEOF' 2>&1 | tail -40 | tee "$OUT/memcheck.log"
+    timeout 100 "$SAN" --tool memcheck --leak-check no --error-exitcode 3 python - <<'PYEOF' 2>&1 | tail -40 | tee "$OUT/memcheck.log"
 import numpy as np, racedit
 from racedit import cuda as rc
 rng = np.random.default_rng(0)
@@ -87,9 +91,16 @@ args = [rng.standard_normal((N, D)).astype(np.float32), rng.random((N, E)) < 0.4
         rng.standard_normal((E, D, He)).astype(np.float32), rng.standard_normal((E, He)).astype(np.float32),
         rng.standard_normal((E, He, D)).astype(np.float32), rng.standard_normal((E, D)).astype(np.float32)]
 args[1][:, 1] = False
-for mode in ([0, 1] if rc.info()["grouped_gemm"] else [0]):
+for mode in ([0, 1, 2] if rc.info()["grouped_gemm"] else [0, 2]):
     rc.expert_gemm(mode)
-    rc.experts_backward(rng.standard_normal((N, D)).astype(np.float32), *args)
+    for prec in ("fp32", "bf16"):
+        rc.experts_backward(rng.standard_normal((N, D)).astype(np.float32), *args, precision=prec)
+        # widths divisible by 4: the vectorised row kernels
+        a4 = [rng.standard_normal((N, 16)).astype(np.float32), args[1], args[2],
+              rng.standard_normal((E, 16, 8)).astype(np.float32), rng.standard_normal((E, 8)).astype(np.float32),
+              rng.standard_normal((E, 8, 16)).astype(np.float32), rng.standard_normal((E, 16)).astype(np.float32)]
+        rc.experts_backward(rng.standard_normal((N, 16)).astype(np.float32), *a4, precision=prec)
+rc.expert_gemm(0)
 for g in ("identity", "sigmoid", "softmax"):
     G = rc.gate_forward(args[2], g)
     rc.gate_backward(args[2], G, g)
@@ -99,6 +110,32 @@ x = rng.standard_normal((2, 9, 16)).astype(np.float32)
 rc.moe_forward(st, x, cpu.param_buffer)
 rc.moe_backward(st, x, x, cpu.param_buffer)
 rc.moe_forward(st, x, cpu.param_buffer, training=False)
+st.precision = "bf16"
+rc.moe_forward(st, x, cpu.param_buffer)
+rc.moe_backward(st, x, x, cpu.param_buffer)
+# aux losses: similarity, balance, PLR head (odd plr_dim) in training, then eval
+kw = dict(plr_dim=3, sim_weight=0.1, balance_weight=0.1, plr_weight=1.0)
+cpu = racedit.MoE(16, 4, 2, strategy="race", **kw)
+st = rc.MoEState(16, 4, 2, hidden=cpu.hidden, **kw)
+tgt = rng.standard_normal((2, 9, 3)).astype(np.float32)
+rc.moe_forward(st, x, cpu.param_buffer, plr_target=tgt)
+rc.moe_backward(st, x, x, cpu.param_buffer)
+st.aux
+rc.moe_forward(st, x, cpu.param_buffer, training=False)
+st.aux
+# DiT layers and the optimiser, odd sizes
+z = rng.standard_normal((2, 5, 7)).astype(np.float32)
+rows = rng.standard_normal((2, 9)).astype(np.float32)
+out, r = rc.layernorm_forward(z.reshape(10, 7))
+rc.layernorm_backward(z.reshape(10, 7), out, r, z.reshape(10, 7))
+rc.modulate_backward(z, z, rows); rc.gated_residual_backward(z, z, rows)
+rc.silu_backward(z, z); rc.timestep_embedding(np.arange(3, dtype=np.float32), 6)
+qkv = rng.standard_normal((2, 5, 12)).astype(np.float32)
+o, att = rc.attention_forward(qkv, 2)
+rc.attention_backward(o, qkv, att, 2)
+p = rng.standard_normal(9001).astype(np.float32)
+rc.adamw_step(p, p.copy(), np.zeros_like(p), np.zeros_like(p), 1, ema=p.copy())
+rc.grad_norm(p); rc.nonfinite_index(p)
 print("memcheck script done")
 PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"

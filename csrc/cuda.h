@@ -7,7 +7,9 @@
  * rd_status with the message in rd_last_error(). Calls are asynchronous unless said:
  * a call that must read something back (a NaN flag, the per-expert counts) synchronises.
  * Shapes and conventions are those of racedit.h (params ACCUMULATE, activations ASSIGN).
- * fp32 throughout; TF32 tensor-core GEMMs only after rd_cuda_set_tf32(1).
+ * fp32 by default; TF32 tensor-core GEMMs after rd_cuda_set_tf32(1); the expert GEMMs of a
+ * layer / experts handle also take a precision of their own (rd_precision: fp32, tf32,
+ * bf16 operands with fp32 accumulation).
  */
 #ifndef RACEDIT_CUDA_H
 #define RACEDIT_CUDA_H
@@ -33,9 +35,19 @@ rd_status rd_cuda_sync(void);              /* wait for the stream; reports async
 void rd_cuda_set_tf32(int on);
 int rd_cuda_get_tf32(void);
 /* Expert GEMMs: 0 = a loop of cublasGemmEx over experts (default), 1 = one
- * cublasGemmGroupedBatchedEx per product (falls back to 0 when not compiled in). */
+ * cublasGemmGroupedBatchedEx per product (falls back to 0 when not compiled in; a type
+ * combination the grouped call refuses runs as the loop), 2 = the loop spread over
+ * RD_SIDE_STREAMS side streams (fork/join events; small expert GEMMs run concurrently). */
 void rd_cuda_set_expert_gemm(int mode);
 int rd_cuda_get_expert_gemm(void);
+
+/* Precision of the expert GEMMs of a device MoE layer / experts handle:
+ *  FP32  exact fp32 products (TF32 when rd_cuda_set_tf32(1) is on, as every fp32 GEMM);
+ *  TF32  TF32 tensor cores, fp32 storage;
+ *  BF16  bf16 copies of the activations and expert weights feed the GEMMs (fp32
+ *        accumulation, CUBLAS_COMPUTE_32F); weights stay fp32 masters (converted on each
+ *        forward), gradients, biases, the combine, router, gate and routing are fp32. */
+typedef enum { RD_PREC_FP32 = 0, RD_PREC_TF32 = 1, RD_PREC_BF16 = 2 } rd_precision;
 
 /* Row-major C (M,N) = alpha op(A) op(B) + beta C on device, exactly as rd_matmul. */
 rd_status rd_matmul_cuda(float *C, int ldc, const float *A, int lda, int transA,
@@ -80,6 +92,14 @@ rd_status rd_experts_backward_cuda(rd_experts_cuda *ex, float *dx, float *dG, fl
                                    float *db1, float *dW2, float *db2, const float *dy,
                                    const float *W1, const float *W2,
                                    int64_t N, int64_t D, int64_t E, int64_t He);
+/* Precision of the handle's GEMMs (rd_precision; default RD_PREC_FP32). bf16: each
+ * forward converts W1, W2 to bf16 copies that its backward uses. Changing it drops the
+ * last forward (backward then needs a new forward). RD_EINVAL for an unknown value. */
+rd_status rd_experts_cuda_set_precision(rd_experts_cuda *ex, int prec);
+int rd_experts_cuda_get_precision(const rd_experts_cuda *ex);
+/* How many type combinations cublasGemmGroupedBatchedEx refused so far (they run as the
+ * GEMM loop instead). */
+int rd_cuda_grouped_fallbacks(void);
 /* Selected pairs of the last forward, and its per-expert counts (HOST array of E). */
 int64_t rd_experts_cuda_pairs(const rd_experts_cuda *ex);
 const int64_t *rd_experts_cuda_counts(const rd_experts_cuda *ex);
@@ -88,7 +108,9 @@ const int64_t *rd_experts_cuda_counts(const rd_experts_cuda *ex);
  * Parameters and gradients are rd_moe_params whose pointers are DEVICE pointers (one
  * device buffer laid out by rd_moe_params_point). The threshold tau lives on the device
  * and is updated there: no host round trip for it. The aux losses (router similarity,
- * balance, PLR) are not on the device yet: a cfg asking for them is RD_EINVAL. */
+ * balance, PLR head; plr_target (N,plr_dim) is a DEVICE pointer) and the diagnostics are
+ * those of rd_moe_forward / rd_moe_backward (moe_aux.c), computed on the device; the
+ * forward still makes one synchronising read-back in all. */
 typedef struct rd_moe_cuda_state rd_moe_cuda_state;
 rd_moe_cuda_state *rd_moe_cuda_state_new(void);
 void rd_moe_cuda_state_free(rd_moe_cuda_state *st);
@@ -110,23 +132,76 @@ typedef struct {
     const int64_t *counts;    /* (E) host */
 } rd_moe_cuda_view;
 rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *out);
+/* Precision of the layer's expert GEMMs (rd_precision, default fp32); the router, gate
+ * and routing stay fp32 (TF32 router GEMMs only under rd_cuda_set_tf32(1)), so the masks
+ * do not depend on it. A change drops the last forward. RD_EINVAL for an unknown value. */
+rd_status rd_moe_cuda_set_precision(rd_moe_cuda_state *st, int prec);
+int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st);
+/* The aux losses and diagnostics of the last forward (zeros before any), as rd_moe_get_aux:
+ * load is a HOST array (E) owned by the state, plr_pred a DEVICE pointer (N,plr_dim) or
+ * NULL; tau / tau_b read back from the device (NaN when unset). Synchronises. */
+rd_status rd_moe_cuda_get_aux(rd_moe_cuda_state *st, rd_moe_aux *out);
 /* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
 rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
+
+/* ---- DiT layers (layers.cu, attention.cu): the CPU's csrc/model.h ops on device pointers,
+ * same arguments and semantics (LayerNorm eps 1e-6 without affine, two-pass variance;
+ * modulate / gated residual with per-sample rows of stride S >= D; attention with qkv
+ * (B,L,3D) = [q | k | v] and saved probabilities att (B,NH,L,L)). Results agree with the
+ * CPU within fp32 rounding (other summation orders), bitwise reproducible run to run. */
+rd_status rd_layernorm_forward_cuda(float *out, float *rstd, const float *inp, int64_t N, int64_t D);
+rd_status rd_layernorm_backward_cuda(float *dinp_acc, const float *dout, const float *out,
+                                     const float *rstd, int64_t N, int64_t D);
+rd_status rd_modulate_forward_cuda(float *out, const float *inp, const float *shift,
+                                   const float *scale, int64_t B, int64_t L, int64_t D, int64_t S);
+rd_status rd_modulate_backward_cuda(float *dinp, float *dshift, float *dscale, const float *dout,
+                                    const float *inp, const float *scale, int64_t B, int64_t L,
+                                    int64_t D, int64_t S);
+rd_status rd_gated_residual_forward_cuda(float *out, const float *inp, const float *h,
+                                         const float *gate, int64_t B, int64_t L, int64_t D,
+                                         int64_t S);
+rd_status rd_gated_residual_backward_cuda(float *dh, float *dgate, const float *dout,
+                                          const float *h, const float *gate, int64_t B, int64_t L,
+                                          int64_t D, int64_t S);
+rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n);
+rd_status rd_silu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n);
+rd_status rd_timestep_embedding_forward_cuda(float *emb, const float *t, int64_t B, int64_t F,
+                                             float max_period);
+rd_status rd_attention_forward_cuda(float *out, float *att, const float *qkv, int64_t B,
+                                    int64_t L, int64_t D, int64_t NH);
+rd_status rd_attention_backward_cuda(float *dqkv, float *datt, const float *dout,
+                                     const float *qkv, const float *att, int64_t B, int64_t L,
+                                     int64_t D, int64_t NH);
+
+/* ---- optimiser (optim.cu): the CPU optimiser's arithmetic, bit for bit -------------
+ * One AdamW step (torch.optim.AdamW, as rd_adamw_step) fused with the EMA of the updated
+ * weights, ema <- ema_decay*ema + (1-ema_decay)*params (skipped when ema is NULL). */
+rd_status rd_adamw_ema_step_cuda(float *params, const float *grads, float *m, float *v,
+                                 float *ema, int64_t n, double lr, double beta1, double beta2,
+                                 double eps, double weight_decay, int64_t step,
+                                 double grad_scale, double ema_decay);
+rd_status rd_ema_update_cuda(float *ema, const float *params, int64_t n, double decay);
+/* *out_dev (a DEVICE double) = sqrt(sum grads^2): double sums over chunks of 8192 elements
+ * added in order (deterministic; not bitwise the CPU's, whose chunks sum sequentially). */
+rd_status rd_grad_norm_cuda(double *out_dev, const float *grads, int64_t n);
+/* *index = the first i with x[i] NaN or +-Inf, or -1. Synchronises. */
+rd_status rd_nonfinite_index_cuda(int64_t *index, const float *x, int64_t n);
 
 /* ---- benchmark ----------------------------------------------------------------------
  * Device-resident timings (CUDA events, mean ms per call over `iters` after a warm-up)
  * of the layer on HOST inputs x (B,L,D), params (flat, rd_moe_params layout), dy
  * (B,L,D), uploaded once: routing alone, layer forward (training), layer forward +
  * backward, experts forward + backward alone, and dense cuBLAS GEMMs of the experts'
- * FLOPs (the same shapes with all P rows in one expert: 2 GEMMs forward, 6 in all). Uses
- * the current TF32 / expert-GEMM settings. */
+ * FLOPs (the same shapes with all P rows in one expert: 2 GEMMs forward, 6 in all, with
+ * the experts' operand and result types). Uses the current TF32 / expert-GEMM settings
+ * and the expert precision `prec` (rd_precision). */
 typedef struct {
     double route_ms, fwd_ms, fwdbwd_ms, experts_fwdbwd_ms, dense_fwd_ms, dense_fwdbwd_ms;
     int64_t P;
 } rd_cuda_bench_result;
 rd_status rd_cuda_bench_moe(rd_cuda_bench_result *r, const float *x, const float *params,
                             const float *dy, const rd_moe_cfg *cfg, int64_t B, int64_t L,
-                            int iters);
+                            int iters, int prec);
 
 #ifdef __cplusplus
 }

@@ -68,7 +68,8 @@ const int64_t *rd_experts_counts(const rd_experts *ex);
  *   controlled (rd_set_blas_thread_control); otherwise the caller must do it (e.g.
  *   threadpoolctl's threadpool_limits(1, "blas")), or OpenMP and BLAS threads compete.
  * The default is RD_THREADS_OMP when the BLAS thread count can be controlled, else
- * RD_THREADS_BLAS (benchmarks/bench_moe.py measures both). */
+ * RD_THREADS_BLAS (benchmarks/bench_moe.py measures both). Built without OpenMP, the
+ * mode is always RD_THREADS_BLAS. */
 typedef enum { RD_THREADS_BLAS = 0, RD_THREADS_OMP = 1 } rd_threading;
 void rd_set_threading(rd_threading mode);
 rd_threading rd_get_threading(void);

@@ -27,7 +27,7 @@ static rd_status timer_stop(timer_t_ *t, int iters, double *ms) {
 
 /* The state of one benchmark: device buffers freed together. */
 typedef struct {
-    void *d[24];
+    void *d[32];
     int n;
 } blist;
 
@@ -39,23 +39,30 @@ static rd_status balloc(blist *L, void **p, size_t bytes, const void *host) {
     return RD_OK;
 }
 
-static rd_status dense_gemms(float *xg, float *a, float *hdn, float *o, float *dW1, float *dW2,
-                             const float *W1, const float *W2, int64_t P, int64_t D, int64_t He,
-                             int backward) {
+/* The experts' six products on P rows in one expert, with the experts' types: T operands
+ * (xg, a, hdn, dout, W1t, W2t), fp32 o / dxg / weight gradients. */
+static rd_status dense_gemms(void *xg, void *a, void *hdn, void *dout, float *o, float *dW1,
+                             float *dW2, const void *W1, const void *W2, int64_t P, int64_t D,
+                             int64_t He, int prec, int backward) {
+    cublasHandle_t h;
+    RD_TRY(rd_cublas(&h));
     int iD = (int)D, iH = (int)He;
-    RD_TRY(rd_matmul_cuda(a, iH, xg, iD, 0, W1, iH, 0, P, He, D, 1.0f, 0.0f));
-    RD_TRY(rd_matmul_cuda(o, iD, hdn, iH, 0, W2, iD, 0, P, D, He, 1.0f, 0.0f));
+    cudaDataType T = prec == RD_PREC_BF16 ? CUDA_R_16BF : CUDA_R_32F, F = CUDA_R_32F;
+    cublasComputeType_t c = prec == RD_PREC_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32
+                          : prec == RD_PREC_BF16 ? CUBLAS_COMPUTE_32F : rd_cublas_compute();
+    RD_TRY(rd_gemm_typed(h, a, T, iH, xg, iD, 0, W1, iH, 0, T, P, He, D, 1.0f, 0.0f, c));
+    RD_TRY(rd_gemm_typed(h, o, F, iD, hdn, iH, 0, W2, iD, 0, T, P, D, He, 1.0f, 0.0f, c));
     if (!backward) return RD_OK;
-    RD_TRY(rd_matmul_cuda(dW2, iD, hdn, iH, 1, o, iD, 0, He, D, P, 1.0f, 1.0f));
-    RD_TRY(rd_matmul_cuda(a, iH, o, iD, 0, W2, iD, 1, P, He, D, 1.0f, 0.0f));
-    RD_TRY(rd_matmul_cuda(dW1, iH, xg, iD, 1, a, iH, 0, D, He, P, 1.0f, 1.0f));
-    return rd_matmul_cuda(xg, iD, a, iH, 0, W1, iH, 1, P, D, He, 1.0f, 0.0f);
+    RD_TRY(rd_gemm_typed(h, dW2, F, iD, hdn, iH, 1, dout, iD, 0, T, He, D, P, 1.0f, 1.0f, c));
+    RD_TRY(rd_gemm_typed(h, a, T, iH, dout, iD, 0, W2, iD, 1, T, P, He, D, 1.0f, 0.0f, c));
+    RD_TRY(rd_gemm_typed(h, dW1, F, iH, xg, iD, 1, a, iH, 0, T, D, He, P, 1.0f, 1.0f, c));
+    return rd_gemm_typed(h, o, F, iD, a, iH, 0, W1, iH, 1, T, P, D, He, 1.0f, 0.0f, c);
 }
 
 static rd_status run(rd_cuda_bench_result *r, blist *L, rd_moe_cuda_state *st,
                      rd_experts_cuda *ex, rd_route_ws *ws, timer_t_ *tm, const float *xh,
                      const float *ph, const float *dyh, const rd_moe_cfg *c, int64_t B,
-                     int64_t Ls, int iters) {
+                     int64_t Ls, int iters, int prec) {
     int64_t N = B * Ls, D = c->D, E = c->E, He = c->He, sizes[RD_MOE_NPARAM];
     int64_t np = rd_moe_param_sizes(sizes, c);
     void *x, *pb, *gb, *dy, *y, *dx, *hpre, *h, *R, *G, *mask, *dG, *nan;
@@ -75,6 +82,8 @@ static rd_status run(rd_cuda_bench_result *r, blist *L, rd_moe_cuda_state *st,
     rd_moe_params p, g;
     rd_moe_params_point(&p, (float *)pb, c);
     rd_moe_params_point(&g, (float *)gb, c);
+    RD_TRY(rd_moe_cuda_set_precision(st, prec));
+    RD_TRY(rd_experts_cuda_set_precision(ex, prec));
 
     /* the layer: warm-up (buffers grow), then forward alone and forward + backward */
     for (int i = 0; i < 2; i++) {
@@ -123,17 +132,25 @@ static rd_status run(rd_cuda_bench_result *r, blist *L, rd_moe_cuda_state *st,
 
     /* dense GEMMs of the same FLOPs: all P rows through one expert's weights */
     int64_t P = r->P > 0 ? r->P : 1;
-    void *xg, *a, *hdn, *o;
-    RD_TRY(balloc(L, &xg, (size_t)(P * D) * 4, NULL));
-    RD_TRY(balloc(L, &a, (size_t)(P * He) * 4, NULL));
-    RD_TRY(balloc(L, &hdn, (size_t)(P * He) * 4, NULL));
+    size_t es = prec == RD_PREC_BF16 ? 2 : 4;
+    void *xg, *a, *hdn, *dout, *o, *W1t = p.p[RD_MOE_W1], *W2t = p.p[RD_MOE_W2];
+    RD_TRY(balloc(L, &xg, (size_t)(P * D) * es, NULL));
+    RD_TRY(balloc(L, &a, (size_t)(P * He) * es, NULL));
+    RD_TRY(balloc(L, &hdn, (size_t)(P * He) * es, NULL));
+    RD_TRY(balloc(L, &dout, (size_t)(P * D) * es, NULL));
     RD_TRY(balloc(L, &o, (size_t)(P * D) * 4, NULL));
-    float *W1 = p.p[RD_MOE_W1], *W2 = p.p[RD_MOE_W2], *dW1 = g.p[RD_MOE_W1], *dW2 = g.p[RD_MOE_W2];
+    if (prec == RD_PREC_BF16) {
+        RD_TRY(balloc(L, &W1t, (size_t)(D * He) * 2, NULL));
+        RD_TRY(balloc(L, &W2t, (size_t)(He * D) * 2, NULL));
+        RD_TRY(rd_f32_to_bf16_launch((bf16 *)W1t, p.p[RD_MOE_W1], D * He));
+        RD_TRY(rd_f32_to_bf16_launch((bf16 *)W2t, p.p[RD_MOE_W2], He * D));
+    }
+    float *dW1 = g.p[RD_MOE_W1], *dW2 = g.p[RD_MOE_W2];
     for (int bw = 0; bw < 2; bw++) {
-        RD_TRY(dense_gemms((float *)xg, (float *)a, (float *)hdn, (float *)o, dW1, dW2, W1, W2, P, D, He, bw));
+        RD_TRY(dense_gemms(xg, a, hdn, dout, (float *)o, dW1, dW2, W1t, W2t, P, D, He, prec, bw));
         RD_TRY(timer_start(tm));
         for (int i = 0; i < iters; i++)
-            RD_TRY(dense_gemms((float *)xg, (float *)a, (float *)hdn, (float *)o, dW1, dW2, W1, W2, P, D, He, bw));
+            RD_TRY(dense_gemms(xg, a, hdn, dout, (float *)o, dW1, dW2, W1t, W2t, P, D, He, prec, bw));
         RD_TRY(timer_stop(tm, iters, bw ? &r->dense_fwdbwd_ms : &r->dense_fwd_ms));
     }
     return rd_cuda_sync();
@@ -141,7 +158,7 @@ static rd_status run(rd_cuda_bench_result *r, blist *L, rd_moe_cuda_state *st,
 
 extern "C" rd_status rd_cuda_bench_moe(rd_cuda_bench_result *r, const float *x, const float *params,
                                        const float *dy, const rd_moe_cfg *cfg, int64_t B, int64_t L,
-                                       int iters) {
+                                       int iters, int prec) {
     RD_TRY(rd_moe_cfg_check(cfg));
     if (B < 1 || L < 1 || iters < 1)
         return rd_fail(RD_EINVAL, "bench_moe: expected B, L, iters >= 1, got %lld %lld %d",
@@ -155,7 +172,7 @@ extern "C" rd_status rd_cuda_bench_moe(rd_cuda_bench_result *r, const float *x, 
     rd_status s = (st && ex) ? RD_OK : rd_fail(RD_ENOMEM, "bench_moe: out of host memory");
     if (s == RD_OK && cudaEventCreate(&tm.a) != cudaSuccess) s = rd_fail(RD_ECUDA, "bench_moe: cudaEventCreate failed");
     if (s == RD_OK && cudaEventCreate(&tm.b) != cudaSuccess) s = rd_fail(RD_ECUDA, "bench_moe: cudaEventCreate failed");
-    if (s == RD_OK) s = run(r, &bl, st, ex, &ws, &tm, x, params, dy, cfg, B, L, iters);
+    if (s == RD_OK) s = run(r, &bl, st, ex, &ws, &tm, x, params, dy, cfg, B, L, iters, prec);
     cudaStreamSynchronize(RD_STREAM);
     if (tm.a) cudaEventDestroy(tm.a);
     if (tm.b) cudaEventDestroy(tm.b);

@@ -38,7 +38,8 @@ cublasComputeType_t rd_cublas_compute(void) {
 extern "C" void rd_cuda_set_tf32(int on) { g_tf32 = on ? 1 : 0; }
 extern "C" int rd_cuda_get_tf32(void) { return g_tf32; }
 extern "C" void rd_cuda_set_expert_gemm(int mode) {
-    g_expert_gemm = (mode && rd_cuda_have_grouped_gemm()) ? 1 : 0;
+    if (mode == 1 && !rd_cuda_have_grouped_gemm()) mode = 0;
+    g_expert_gemm = (mode == 1 || mode == 2) ? mode : 0;
 }
 extern "C" int rd_cuda_get_expert_gemm(void) { return g_expert_gemm; }
 extern "C" int rd_cuda_cublas_version(void) { return CUBLAS_VERSION; }
@@ -144,7 +145,84 @@ void rd_dbuf_free(rd_dbuf *b) {
     b->cap = 0;
 }
 
+/* ---- side streams ----------------------------------------------------------------- */
+static cudaStream_t g_side[RD_SIDE_STREAMS];
+static cublasHandle_t g_side_h[RD_SIDE_STREAMS];
+static cudaEvent_t g_fork, g_join[RD_SIDE_STREAMS];
+static int g_side_ready = 0;
+
+static rd_status side_init(void) {
+    std::lock_guard<std::mutex> lock(g_cublas_mu);
+    if (g_side_ready) return RD_OK;
+    CU_TRY(cudaEventCreateWithFlags(&g_fork, cudaEventDisableTiming));
+    for (int i = 0; i < RD_SIDE_STREAMS; i++) {
+        CU_TRY(cudaStreamCreateWithFlags(&g_side[i], cudaStreamNonBlocking));
+        CU_TRY(cudaEventCreateWithFlags(&g_join[i], cudaEventDisableTiming));
+        CB_TRY(cublasCreate(&g_side_h[i]));
+        CB_TRY(cublasSetStream(g_side_h[i], g_side[i]));
+        CB_TRY(cublasSetPointerMode(g_side_h[i], CUBLAS_POINTER_MODE_HOST));
+    }
+    g_side_ready = 1;
+    return RD_OK;
+}
+
+rd_status rd_side_get(int i, cudaStream_t *s, cublasHandle_t *h) {
+    RD_TRY(side_init());
+    i %= RD_SIDE_STREAMS;
+    *s = g_side[i];
+    *h = g_side_h[i];
+    return RD_OK;
+}
+
+rd_status rd_side_fork(void) {
+    RD_TRY(side_init());
+    CU_TRY(cudaEventRecord(g_fork, RD_STREAM));
+    for (int i = 0; i < RD_SIDE_STREAMS; i++) CU_TRY(cudaStreamWaitEvent(g_side[i], g_fork, 0));
+    return RD_OK;
+}
+
+rd_status rd_side_join(void) {
+    RD_TRY(side_init());
+    for (int i = 0; i < RD_SIDE_STREAMS; i++) {
+        CU_TRY(cudaEventRecord(g_join[i], g_side[i]));
+        CU_TRY(cudaStreamWaitEvent(RD_STREAM, g_join[i], 0));
+    }
+    return RD_OK;
+}
+
+__global__ void f32_to_bf16_kernel(bf16 *dst, const float *src, int64_t n, int vec) {
+    int64_t n4 = vec ? n / 4 : 0, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += stride)
+        st4(dst + 4 * i, ld4(src + 4 * i));
+    for (int64_t i = 4 * n4 + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+rd_status rd_f32_to_bf16_launch(bf16 *dst, const float *src, int64_t n) {
+    if (n <= 0) return RD_OK;
+    int vec = ((uintptr_t)dst % 8) == 0 && ((uintptr_t)src % 16) == 0;
+    f32_to_bf16_kernel<<<rd_grid(vec ? n / 4 + 1 : n, 256), 256, 0, RD_STREAM>>>(dst, src, n, vec);
+    CU_LAUNCHED("f32_to_bf16_kernel");
+    return RD_OK;
+}
+
 /* ---- GEMM ------------------------------------------------------------------------- */
+rd_status rd_gemm_typed(cublasHandle_t h, void *C, cudaDataType ct, int ldc, const void *A,
+                        int lda, int transA, const void *B, int ldb, int transB, cudaDataType ab,
+                        int64_t M, int64_t N, int64_t K, float alpha, float beta,
+                        cublasComputeType_t comp) {
+    if (M < 0 || N < 0 || K < 0) return rd_fail(RD_EINVAL, "gemm_cuda: negative size");
+    if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX)
+        return rd_fail(RD_EINVAL, "gemm_cuda: size %lld x %lld x %lld exceeds 32-bit cuBLAS",
+                       (long long)M, (long long)N, (long long)K);
+    if (M == 0 || N == 0) return RD_OK;
+    CB_TRY(cublasGemmEx(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
+                        (int)N, (int)M, (int)K, &alpha, B, ab, ldb > 0 ? ldb : 1, A, ab,
+                        lda > 0 ? lda : 1, &beta, C, ct, ldc > 0 ? ldc : 1, comp,
+                        CUBLAS_GEMM_DEFAULT));
+    return RD_OK;
+}
+
 /* Row-major C = alpha op(A) op(B) + beta C is the column-major C^T = op(B)^T op(A)^T:
  * the row-major buffers are already those transposes, so nothing moves. */
 extern "C" rd_status rd_matmul_cuda(float *C, int ldc, const float *A, int lda, int transA,
@@ -171,7 +249,8 @@ extern "C" rd_status rd_matmul_cuda(float *C, int ldc, const float *A, int lda, 
 #define CS_CHUNKS 16 /* row chunks per segment: partial sums, then summed in chunk order */
 
 /* partial[(s*CS_CHUNKS + ch), c] = sum of in[r,c] over chunk ch of segment s. */
-__global__ void colsum_partial_kernel(float *partial, const float *in, const int *offsets,
+template <typename T>
+__global__ void colsum_partial_kernel(float *partial, const T *in, const int *offsets,
                                       int64_t rows, int64_t cols) {
     __shared__ float acc[CS_LANES][CS_COLS];
     int s = blockIdx.y, ch = blockIdx.z;
@@ -180,7 +259,7 @@ __global__ void colsum_partial_kernel(float *partial, const float *in, const int
     int64_t r0 = lo + n * ch / CS_CHUNKS, r1 = lo + n * (ch + 1) / CS_CHUNKS;
     float a = 0.0f;
     if (c < cols)
-        for (int64_t r = r0 + threadIdx.y; r < r1; r += CS_LANES) a += in[r * cols + c];
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += CS_LANES) a += ld1(in + r * cols + c);
     acc[threadIdx.y][threadIdx.x] = a;
     __syncthreads();
     if (threadIdx.y == 0 && c < cols) {
@@ -201,14 +280,25 @@ __global__ void colsum_finish_kernel(float *out, const float *partial, int64_t S
 
 int64_t rd_colsum_scratch(int64_t S, int64_t cols) { return S * CS_CHUNKS * cols; }
 
-rd_status rd_colsum_segments_cuda(float *out, const float *in, const int *offsets, int64_t rows,
-                                  int64_t S, int64_t cols, float *partial) {
+template <typename T>
+static rd_status colsum_segments(float *out, const T *in, const int *offsets, int64_t rows,
+                                 int64_t S, int64_t cols, float *partial) {
     if (S <= 0 || cols <= 0) return RD_OK;
     if (S > 65535) return rd_fail(RD_EINVAL, "colsum_segments_cuda: %lld segments > 65535", (long long)S);
     dim3 grid(rd_blocks(cols, CS_COLS), (unsigned)S, CS_CHUNKS), block(CS_COLS, CS_LANES);
-    colsum_partial_kernel<<<grid, block, 0, RD_STREAM>>>(partial, in, offsets, rows, cols);
+    colsum_partial_kernel<T><<<grid, block, 0, RD_STREAM>>>(partial, in, offsets, rows, cols);
     CU_LAUNCHED("colsum_partial_kernel");
     colsum_finish_kernel<<<rd_blocks(S * cols, 256), 256, 0, RD_STREAM>>>(out, partial, S, cols);
     CU_LAUNCHED("colsum_finish_kernel");
     return RD_OK;
+}
+
+rd_status rd_colsum_segments_cuda(float *out, const float *in, const int *offsets, int64_t rows,
+                                  int64_t S, int64_t cols, float *partial) {
+    return colsum_segments<float>(out, in, offsets, rows, S, cols, partial);
+}
+
+rd_status rd_colsum_segments_bf16_cuda(float *out, const bf16 *in, const int *offsets,
+                                       int64_t rows, int64_t S, int64_t cols, float *partial) {
+    return colsum_segments<bf16>(out, in, offsets, rows, S, cols, partial);
 }

@@ -7,6 +7,7 @@
 #define RACEDIT_CUDA_COMMON_CUH
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -53,6 +54,27 @@ rd_status rd_cublas(cublasHandle_t *h);
 /* cuBLAS compute type for fp32 GEMMs: exact fp32, or TF32 when opted in. */
 cublasComputeType_t rd_cublas_compute(void);
 
+typedef __nv_bfloat16 bf16;
+
+/* Row-major C (M,N) = alpha op(A) op(B) + beta C on handle h with element types: A and B
+ * of type ab (CUDA_R_32F or CUDA_R_16BF), C of type ct, accumulation `comp`. */
+rd_status rd_gemm_typed(cublasHandle_t h, void *C, cudaDataType ct, int ldc, const void *A,
+                        int lda, int transA, const void *B, int ldb, int transB, cudaDataType ab,
+                        int64_t M, int64_t N, int64_t K, float alpha, float beta,
+                        cublasComputeType_t comp);
+
+/* Side streams for concurrent per-expert GEMMs, each with its own cuBLAS handle (a handle's
+ * workspace must not be shared by concurrent streams). rd_side_fork makes every side
+ * stream wait for the work queued so far on RD_STREAM; rd_side_join makes RD_STREAM wait
+ * for everything queued on the side streams. Created on first use, never destroyed. */
+#define RD_SIDE_STREAMS 4
+rd_status rd_side_get(int i, cudaStream_t *s, cublasHandle_t *h);
+rd_status rd_side_fork(void);
+rd_status rd_side_join(void);
+
+/* dst (n) bf16 = src (n) fp32, round to nearest even. */
+rd_status rd_f32_to_bf16_launch(bf16 *dst, const float *src, int64_t n);
+
 /* A device buffer that grows on demand (contents are not kept when it grows). */
 typedef struct {
     void *p;
@@ -70,10 +92,41 @@ int64_t rd_colsum_scratch(int64_t S, int64_t cols);
 rd_status rd_colsum_segments_cuda(float *out /* S,cols */, const float *in /* rows,cols */,
                                   const int *offsets /* S+1, device */, int64_t rows,
                                   int64_t S, int64_t cols, float *partial);
+/* The same over a bf16 input (sums in fp32). */
+rd_status rd_colsum_segments_bf16_cuda(float *out, const bf16 *in, const int *offsets,
+                                       int64_t rows, int64_t S, int64_t cols, float *partial);
 
 /* Stream-ordered scratch for the stateless ops (no synchronisation to free it). */
 rd_status rd_scratch_alloc(void **p, size_t bytes);
 void rd_scratch_free(void *p);
+
+/* Loads and stores of one or four consecutive elements as floats (float or bf16 storage;
+ * four-element accesses need 16-byte (float) / 8-byte (bf16) alignment). */
+__device__ __forceinline__ float ld1(const float *p) { return *p; }
+__device__ __forceinline__ float ld1(const bf16 *p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void st1(float *p, float v) { *p = v; }
+__device__ __forceinline__ void st1(bf16 *p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float4 ld4(const float *p) { return *(const float4 *)p; }
+__device__ __forceinline__ float4 ld4(const bf16 *p) {
+    uint2 u = *(const uint2 *)p;
+    float2 a = __bfloat1622float2(*(const __nv_bfloat162 *)&u.x);
+    float2 b = __bfloat1622float2(*(const __nv_bfloat162 *)&u.y);
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ void st4(float *p, float4 v) { *(float4 *)p = v; }
+__device__ __forceinline__ void st4(bf16 *p, float4 v) {
+    __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+    uint2 u;
+    u.x = *(const unsigned *)&a;
+    u.y = *(const unsigned *)&b;
+    *(uint2 *)p = u;
+}
+
+/* Grid of a grid-stride loop over n items: enough blocks to fill the device, capped. */
+static inline unsigned rd_grid(int64_t n, int threads) {
+    int64_t b = (n + threads - 1) / threads;
+    return (unsigned)(b < 1 ? 1 : (b > 8192 ? 8192 : b));
+}
 
 /* Blocks for n items of `per` items each, at least 1 (callers skip n == 0). */
 static inline unsigned rd_blocks(int64_t n, int64_t per) { return (unsigned)((n + per - 1) / per); }

@@ -33,4 +33,22 @@ rd_status rd_experts_forward_impl(rd_experts_cuda *ex, float *y, const uint8_t *
                                   const unsigned long long *nan_dev,
                                   unsigned long long *nan_host);
 
+/* The layer's aux losses and diagnostics (moe_aux.cu). launch queues the device work and
+ * an async copy of its results after the selection; finish (after the layer's
+ * synchronising read-back) computes the values on the host; backward ACCUMULATES the
+ * weighted sim / balance gradients into dR_acc and sets *dh_extra to the PLR head's
+ * gradient on h (device, owned by the aux state) or NULL; grad's PLR_W / PLR_B accumulate. */
+typedef struct rd_moe_aux_cuda rd_moe_aux_cuda;
+rd_moe_aux_cuda *rd_moe_aux_cuda_new(void);
+void rd_moe_aux_cuda_free(rd_moe_aux_cuda *a);
+rd_status rd_moe_aux_cuda_launch(rd_moe_aux_cuda *a, const float *R, const float *h,
+                                 const uint8_t *mask, const float *plr_target,
+                                 const rd_moe_cfg *cfg, const rd_moe_params *p, int64_t N,
+                                 int training);
+rd_status rd_moe_aux_cuda_finish(rd_moe_aux_cuda *a);
+rd_status rd_moe_aux_cuda_backward(rd_moe_aux_cuda *a, float *dR_acc, const float **dh_extra,
+                                   const rd_moe_params *grad, const float *h,
+                                   const rd_moe_params *p);
+void rd_moe_aux_cuda_read(const rd_moe_aux_cuda *a, rd_moe_aux *out);
+
 #endif

@@ -3,9 +3,9 @@
  * the composite layer router -> gate -> route / threshold -> experts with its threshold
  * tau, forward and backward, mirroring rd_moe_forward / rd_moe_backward of csrc/moe.h.
  *
- * The layer makes one device->host copy per forward (the experts' per-expert counts,
- * which carry the routing's NaN flag along) and none in backward; tau is updated on
- * the device. */
+ * The layer makes one synchronising device->host copy per forward (the experts' per-expert
+ * counts, which carry the routing's NaN flag along; the aux terms' results ride on it, see
+ * moe_aux.cu) and none in backward; tau is updated on the device. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,13 +202,20 @@ struct rd_moe_cuda_state {
     rd_dbuf nan;               /* first NaN index of the gate scores (device) */
     rd_route_ws rws;
     rd_experts_cuda *ex;
+    rd_moe_aux_cuda *aux;
 };
 
 extern "C" rd_moe_cuda_state *rd_moe_cuda_state_new(void) {
     rd_moe_cuda_state *st = (rd_moe_cuda_state *)calloc(1, sizeof(rd_moe_cuda_state));
     if (!st) return NULL;
     st->ex = rd_experts_cuda_new();
-    if (!st->ex) { free(st); return NULL; }
+    st->aux = rd_moe_aux_cuda_new();
+    if (!st->ex || !st->aux) {
+        rd_experts_cuda_free(st->ex);
+        rd_moe_aux_cuda_free(st->aux);
+        free(st);
+        return NULL;
+    }
     return st;
 }
 
@@ -220,6 +227,7 @@ extern "C" void rd_moe_cuda_state_free(rd_moe_cuda_state *st) {
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rd_dbuf_free(bufs[i]);
     rd_route_ws_free(&st->rws);
     rd_experts_cuda_free(st->ex);
+    rd_moe_aux_cuda_free(st->aux);
     free(st);
 }
 
@@ -230,22 +238,12 @@ __global__ void tau_update_kernel(float *scal, float beta, int have_tau) {
     scal[0] = have_tau ? __fadd_rn(__fmul_rn(beta, scal[0]), __fmul_rn(1.0f - beta, tau_b)) : tau_b;
 }
 
-static rd_status check_aux(const rd_moe_cfg *c, int training, const float *plr_target) {
-    if (c->sim_weight != 0.0f || c->balance_weight != 0.0f ||
-        (training && plr_target && c->plr_dim > 0 && c->plr_weight != 0.0f))
-        return rd_fail(RD_EINVAL, "moe_cuda: the aux losses (sim_weight=%g, balance_weight=%g, "
-                       "PLR) are not implemented on CUDA yet; set their weights to 0",
-                       (double)c->sim_weight, (double)c->balance_weight);
-    return RD_OK;
-}
-
 extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const float *x,
                                          const rd_moe_cfg *cfg, const rd_moe_params *p,
                                          int64_t B, int64_t L, int training,
                                          const float *plr_target) {
     if (!st) return rd_fail(RD_EINVAL, "moe_forward_cuda: NULL state");
     RD_TRY(rd_moe_cfg_check(cfg));
-    RD_TRY(check_aux(cfg, training, plr_target));
     if (B <= 0 || L <= 0 || B * L > INT32_MAX)
         return rd_fail(RD_EINVAL, "moe_forward_cuda: expected B, L >= 1 and B*L <= %d, got B=%lld L=%lld",
                        INT32_MAX, (long long)B, (long long)L);
@@ -276,12 +274,15 @@ extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const 
         RD_TRY(rd_route_launch(&st->rws, mask, NULL, G, B, L, E, cfg->k, cfg->strategy, nan));
     else
         RD_TRY(rd_route_threshold_launch(mask, G, N * E, scal, 0.0f, nan));
+    /* aux losses (training) and diagnostics: queued now, finished after the read-back */
+    RD_TRY(rd_moe_aux_cuda_launch(st->aux, R, h, mask, plr_target, cfg, p, N, training));
     unsigned long long first_nan = ~0ULL;
     RD_TRY(rd_experts_forward_impl(st->ex, y, mask, G, x, p->p[RD_MOE_W1], p->p[RD_MOE_B1],
                                    p->p[RD_MOE_W2], p->p[RD_MOE_B2], N, D, E, He, nan, &first_nan));
     if (first_nan != ~0ULL)
         return rd_fail(RD_EINVAL, "moe_forward_cuda: gate scores contain NaN at flat index %llu "
                        "(NaN or inf in x or the router parameters?)", first_nan);
+    RD_TRY(rd_moe_aux_cuda_finish(st->aux));
     if (training) {
         tau_update_kernel<<<1, 1, 0, RD_STREAM>>>(scal, cfg->beta, st->have_tau);
         CU_LAUNCHED("tau_update_kernel");
@@ -313,10 +314,24 @@ extern "C" rd_status rd_moe_backward_cuda(rd_moe_cuda_state *st, float *dx,
                                     grad->p[RD_MOE_W2], grad->p[RD_MOE_B2], dy, p->p[RD_MOE_W1],
                                     p->p[RD_MOE_W2], N, D, E, He));
     RD_TRY(rd_gate_backward_cuda(dR, dG, (const float *)st->G.p, N, E, cfg->gating));
+    const float *dh_extra = NULL; /* aux losses: weighted grads into dR, PLR head's on h */
+    RD_TRY(rd_moe_aux_cuda_backward(st->aux, dR, &dh_extra, grad, (const float *)st->h.p, p));
     return rd_router_backward_cuda(dx, grad->p[RD_MOE_ROUTER_W], grad->p[RD_MOE_ROUTER_B],
-                                   grad->p[RD_MOE_GATE_W], grad->p[RD_MOE_GATE_B], dh, dR, NULL,
+                                   grad->p[RD_MOE_GATE_W], grad->p[RD_MOE_GATE_B], dh, dR, dh_extra,
                                    (const float *)st->hpre.p, (const float *)st->h.p, x,
                                    p->p[RD_MOE_ROUTER_W], p->p[RD_MOE_GATE_W], N, D, E);
+}
+
+extern "C" rd_status rd_moe_cuda_set_precision(rd_moe_cuda_state *st, int prec) {
+    if (!st) return rd_fail(RD_EINVAL, "moe_cuda_set_precision: NULL state");
+    int old = rd_experts_cuda_get_precision(st->ex);
+    RD_TRY(rd_experts_cuda_set_precision(st->ex, prec));
+    if (prec != old) st->have_forward = 0; /* the saved expert activations are of the old type */
+    return RD_OK;
+}
+
+extern "C" int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st) {
+    return st ? rd_experts_cuda_get_precision(st->ex) : 0;
 }
 
 extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *v) {
@@ -339,6 +354,21 @@ extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_v
     v->R = (const float *)st->R.p;
     v->h = (const float *)st->h.p;
     v->counts = rd_experts_cuda_counts(st->ex);
+    return RD_OK;
+}
+
+extern "C" rd_status rd_moe_cuda_get_aux(rd_moe_cuda_state *st, rd_moe_aux *out) {
+    memset(out, 0, sizeof *out);
+    if (!st) return rd_fail(RD_EINVAL, "moe_cuda_get_aux: NULL state");
+    if (!st->have_forward) return RD_OK;
+    rd_moe_aux_cuda_read(st->aux, out);
+    out->tau = out->tau_b = NAN;
+    if (st->scal.p) {
+        float s[2];
+        RD_TRY(rd_cuda_d2h(s, st->scal.p, sizeof s));
+        if (st->have_tau) out->tau = s[0];
+        out->tau_b = s[1];
+    }
     return RD_OK;
 }
 

@@ -9,7 +9,10 @@ C-contiguous float32 copy; masks must be bool). Results are float32 (bool for ma
 
 Without a usable GPU (racedit built without CUDA, or no device) every function raises
 ``RuntimeError("CUDA not available: ...")``; check :func:`racedit.cuda_available` first.
-Precision: fp32 GEMMs by default; :func:`tf32` opts in to TF32 tensor cores.
+Precision: fp32 GEMMs by default; :func:`tf32` opts in to TF32 tensor cores everywhere.
+The expert GEMMs also take a per-call / per-layer ``precision``: ``"fp32"``, ``"tf32"``, or
+``"bf16"`` (bf16 copies of the activations and expert weights feed the GEMMs with fp32
+accumulation; fp32 master weights, gradients, biases, combine, router, gate and routing).
 """
 import numpy as np
 
@@ -18,8 +21,21 @@ from . import _C
 __all__ = [
     "route", "route_threshold", "gate_forward", "gate_backward", "router_forward",
     "router_backward", "experts_forward", "experts_backward", "MoEState", "moe_forward",
-    "moe_backward", "tf32", "expert_gemm", "info", "bench_moe",
+    "moe_backward", "tf32", "expert_gemm", "info", "bench_moe", "PRECISIONS",
+    "layernorm_forward", "layernorm_backward", "modulate_forward", "modulate_backward",
+    "gated_residual_forward", "gated_residual_backward", "silu_forward", "silu_backward",
+    "timestep_embedding", "attention_forward", "attention_backward", "adamw_step",
+    "grad_norm", "nonfinite_index",
 ]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def _prec(precision):
+    """'fp32' | 'tf32' | 'bf16' -> 0 | 1 | 2; ValueError otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return PRECISIONS.index(precision)
 
 PARAM_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2")
 
@@ -82,31 +98,33 @@ def router_backward(dR, hpre, h, x, Wr, Wg, dh_extra=None):
     return _C.cuda_router_backward(dR, hpre, h, x, Wr, Wg, dh_extra)
 
 
-def experts_forward(x, mask, G, w1, b1, w2, b2):
+def experts_forward(x, mask, G, w1, b1, w2, b2, precision="fp32"):
     """Dropless experts + gated combine on the GPU: y (N,D) with
     ``y_t = sum_e mask[t,e] G[t,e] (GELU_tanh(x_t w1[e] + b1[e]) w2[e] + b2[e])``.
 
-    x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D)."""
+    x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D);
+    precision of the expert GEMMs: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``."""
     _require()
-    return _C.cuda_experts_forward(x, mask, G, w1, b1, w2, b2)
+    return _C.cuda_experts_forward(x, mask, G, w1, b1, w2, b2, _prec(precision))
 
 
-def experts_backward(dy, x, mask, G, w1, b1, w2, b2):
+def experts_backward(dy, x, mask, G, w1, b1, w2, b2, precision="fp32"):
     """Backward of :func:`experts_forward` (forward recomputed on the device, mask held
     constant): ``(dx (N,D), dG (N,E), dw1, db1, dw2, db2)``; dG is 0 off the mask.
-    Bitwise reproducible run to run (no float atomics)."""
+    Bitwise reproducible run to run (no float atomics). precision as in experts_forward."""
     _require()
-    return _C.cuda_experts_backward(dy, x, mask, G, w1, b1, w2, b2)
+    return _C.cuda_experts_backward(dy, x, mask, G, w1, b1, w2, b2, _prec(precision))
 
 
-def _flat(params, total, name):
+def _flat(params, total, name, plr=False):
     """A dict of the layer's parameters (names of racedit.MoE.params) or a flat float32
     buffer (racedit.MoE.param_buffer) -> the flat float32 buffer."""
     if isinstance(params, dict):
-        missing = [n for n in PARAM_NAMES if n not in params]
+        names = PARAM_NAMES + (("plr_w", "plr_b") if plr else ())
+        missing = [n for n in names if n not in params]
         if missing:
             raise ValueError(f"{name}: missing entries {missing}")
-        flat = np.concatenate([np.asarray(params[n], np.float32).ravel() for n in PARAM_NAMES])
+        flat = np.concatenate([np.asarray(params[n], np.float32).ravel() for n in names])
     else:
         flat = params
     if not isinstance(flat, np.ndarray):
@@ -125,32 +143,71 @@ class MoEState:
         dim (D), num_experts (E), k (experts per token on average), hidden (He; default
         4*dim/k), strategy (``"race"``, ``"token"``, ``"expert"``, ``"bl"``, ``"be"``,
         ``"le"``), gating (``"identity"``, ``"sigmoid"``, ``"softmax"``), beta (threshold
-        EMA in [0, 1)), eval_topk (eval mode keeps batch top-K).
+        EMA in [0, 1)), eval_topk (eval mode keeps batch top-K), precision of the expert
+        GEMMs (``"fp32"``, ``"tf32"``, ``"bf16"``; the router, gate and routing stay fp32, so
+        the masks do not depend on it).
+
+    Aux losses, as racedit.MoE: plr_dim (width of the PLR head on the router hidden, 0:
+    none), sim_weight, balance_weight (0: off) and plr_weight (default 1.0). In training
+    forwards they are computed on the GPU (the PLR loss when :func:`moe_forward` gets a
+    ``plr_target``) and their weighted gradients enter :func:`moe_backward`; :attr:`aux`
+    holds their values and the routing diagnostics of every forward.
 
     The parameter layout is racedit.MoE's (``param_buffer``): pass that buffer, or a dict
-    with its names, to :func:`moe_forward` / :func:`moe_backward`. The aux losses (router
-    similarity, balance, PLR) are not on the GPU yet. Raises RuntimeError without a GPU,
-    ValueError for a bad configuration.
+    with its names, to :func:`moe_forward` / :func:`moe_backward`. Raises RuntimeError
+    without a GPU, ValueError for a bad configuration.
     """
 
     def __init__(self, dim, num_experts, k, hidden=None, strategy="race", gating="identity",
-                 beta=0.99, eval_topk=False):
+                 beta=0.99, eval_topk=False, precision="fp32", plr_dim=0, sim_weight=0.0,
+                 balance_weight=0.0, plr_weight=1.0):
         _require()
+        prec = _prec(precision)
         if hidden is None:
             if not k or (4 * dim) % k:
                 raise ValueError(f"hidden: 4*dim/k = {4 * dim}/{k} is not an integer; pass hidden=")
             hidden = 4 * dim // k
         self.cfg = dict(D=dim, E=num_experts, He=hidden, k=k, strategy=strategy, gating=gating,
-                        beta=float(beta), eval_topk=bool(eval_topk))
-        D, E, He = dim, num_experts, hidden
-        self.num_params = D * D + D + D * E + E + 2 * E * D * He + E * He + E * D
+                        beta=float(beta), eval_topk=bool(eval_topk), plr_dim=int(plr_dim),
+                        sim_weight=float(sim_weight), balance_weight=float(balance_weight),
+                        plr_weight=float(plr_weight))
+        if self.cfg["plr_dim"] < 0:
+            raise ValueError(f"plr_dim: expected >= 0, got {plr_dim}")
+        for n in ("sim_weight", "balance_weight", "plr_weight"):
+            w = self.cfg[n]
+            if not (w >= 0.0 and np.isfinite(w)):
+                raise ValueError(f"{n}: expected a finite number >= 0, got {w}")
+        if num_experts < 2 and (self.cfg["sim_weight"] > 0 or self.cfg["balance_weight"] > 0):
+            raise ValueError(f"sim_weight / balance_weight > 0 need num_experts >= 2, got {num_experts}")
+        D, E, He, Pd = dim, num_experts, hidden, self.cfg["plr_dim"]
+        self.num_params = (D * D + D + D * E + E + 2 * E * D * He + E * He + E * D
+                           + D * Pd + Pd)
         self._cap = _C.cuda_moe_state()
+        _C.cuda_moe_precision(self._cap, prec)
+
+    @property
+    def precision(self):
+        """The expert GEMMs' precision (str); settable (a change drops the last forward)."""
+        return PRECISIONS[_C.cuda_moe_precision(self._cap)]
+
+    @precision.setter
+    def precision(self, precision):
+        _C.cuda_moe_precision(self._cap, _prec(precision))
 
     def view(self):
         """What the last forward left: dict with ``mask`` (N,E) bool, ``G``, ``R`` (N,E),
         ``h`` (N,D) float32, ``counts`` (E,) int64, ``P`` (selected pairs), ``tau`` and
         ``tau_b`` (float or None), ``have_forward``."""
         return _C.cuda_moe_view(self._cap)
+
+    @property
+    def aux(self):
+        """The aux losses and diagnostics of the last forward (None before any): the dict of
+        racedit.MoE.aux (``sim_loss``, ``balance_loss``, ``plr_loss`` (None when not
+        computed), ``aux_loss``, ``max_violation``, ``combination_usage``, ``dead_experts``,
+        ``experts_per_token``, ``expert_load``, ``threshold``, ``batch_threshold``,
+        ``plr_pred`` (B,L,plr_dim) or None, ``training``)."""
+        return _C.cuda_moe_aux(self._cap, self.cfg["plr_dim"])
 
     @property
     def threshold(self):
@@ -162,20 +219,22 @@ class MoEState:
         _C.cuda_moe_set_threshold(self._cap, None if tau is None else float(tau))
 
 
-def moe_forward(state, x, params, training=True):
+def moe_forward(state, x, params, training=True, plr_target=None):
     """y (B,L,D) float32 = MoE(x (B,L,D)) on the GPU with the layer state ``state``
-    (:class:`MoEState`) and ``params`` (flat buffer or dict). training: batch top-K and a
-    tau update; else ``G >= tau`` (or top-K with eval_topk / token choice). Raises
-    ValueError (shapes, NaN gate scores), RuntimeError (eval before any tau)."""
-    flat = _flat(params, state.num_params, "params")
-    return _C.cuda_moe_forward(state._cap, x, flat, state.cfg, bool(training))
+    (:class:`MoEState`) and ``params`` (flat buffer or dict). training: batch top-K, a
+    tau update and the aux losses; else ``G >= tau`` (or top-K with eval_topk / token
+    choice). plr_target (B,L,plr_dim): the PLR head's regression target (training only).
+    Raises ValueError (shapes, NaN gate scores, non-finite target or logits under an aux
+    loss, plr_target without a head), RuntimeError (eval before any tau)."""
+    flat = _flat(params, state.num_params, "params", state.cfg["plr_dim"] > 0)
+    return _C.cuda_moe_forward(state._cap, x, flat, state.cfg, bool(training), plr_target)
 
 
 def moe_backward(state, dy, x, params, grads=None):
     """dx (B,L,D) of the last :func:`moe_forward` on ``state`` (same x, params). Parameter
     gradients ACCUMULATE into ``grads`` (a flat float32 buffer of the params' layout,
     modified in place) or into a new zero buffer. Returns ``(dx, grads)``."""
-    flat = _flat(params, state.num_params, "params")
+    flat = _flat(params, state.num_params, "params", state.cfg["plr_dim"] > 0)
     if grads is None:
         grads = np.zeros(state.num_params, np.float32)
     dx = _C.cuda_moe_backward(state._cap, dy, x, flat, grads, state.cfg)
@@ -191,23 +250,127 @@ def tf32(on=None):
 
 def expert_gemm(mode=None):
     """Read (None) or set how the per-expert GEMMs run: 0 a loop of cublasGemmEx (default),
-    1 one cublasGemmGroupedBatchedEx per product. Returns the previous mode; ValueError
-    when grouped GEMMs are not in the linked cuBLAS."""
+    1 one cublasGemmGroupedBatchedEx per product (a type combination cuBLAS refuses runs
+    as the loop; ``info()["grouped_fallbacks"]`` counts them), 2 the loop spread over
+    side streams. Returns the previous mode; ValueError for another value or when grouped
+    GEMMs are not in the linked cuBLAS."""
     _require()
     return _C.cuda_expert_gemm(mode)
 
 
 def info():
     """Dict: ``cublas_version``, ``grouped_gemm`` (bool), ``runtime`` (CUDA runtime version),
-    ``devices`` (count)."""
+    ``devices`` (count), ``grouped_fallbacks`` (type combinations grouped GEMMs refused)."""
     _require()
     return _C.cuda_info()
 
 
-def bench_moe(state_cfg, x, params, dy, iters=20):
+def bench_moe(state_cfg, x, params, dy, iters=20, precision="fp32"):
     """Device-resident timings (ms per call) of the layer described by ``state_cfg`` (a
     :class:`MoEState`'s ``cfg`` dict) on x, dy (B,L,D) and ``params`` (flat): routing,
-    forward, forward+backward, experts alone, and dense GEMMs of equal FLOPs. Returns a
-    dict of ms and ``P``."""
+    forward, forward+backward, experts alone, and dense GEMMs of equal FLOPs, all with the
+    expert ``precision``. Returns a dict of ms and ``P``."""
     _require()
-    return _C.cuda_bench_moe(x, params, dy, state_cfg, int(iters))
+    return _C.cuda_bench_moe(x, params, dy, state_cfg, int(iters), _prec(precision))
+
+
+# ---- DiT layers and the optimiser (the CPU model / optimiser ops, on the GPU) -------------
+def layernorm_forward(inp):
+    """LayerNorm without affine over the last dim (eps 1e-6, biased variance) of inp (N,D)
+    -> ``(out (N,D), rstd (N,))`` float32."""
+    _require()
+    return _C.cuda_layernorm_forward(inp)
+
+
+def layernorm_backward(dout, out, rstd, dinp_acc=None):
+    """d(inp) (N,D) of :func:`layernorm_forward` from dout (N,D), its out (N,D) and rstd (N,),
+    added to ``dinp_acc`` (N,D; not modified) when given."""
+    _require()
+    return _C.cuda_layernorm_backward(dout, out, rstd, dinp_acc)
+
+
+def modulate_forward(inp, shift, scale):
+    """adaLN modulate: out (B,L,D) = inp * (1 + scale[b]) + shift[b] for inp (B,L,D) and
+    shift, scale (B,S) with S >= D (rows of a wider adaLN output; the first D columns used)."""
+    _require()
+    return _C.cuda_modulate_forward(inp, shift, scale)
+
+
+def modulate_backward(dout, inp, scale):
+    """``(dinp (B,L,D), dshift (B,S), dscale (B,S))`` of :func:`modulate_forward` (columns
+    past D of dshift / dscale are 0)."""
+    _require()
+    return _C.cuda_modulate_backward(dout, inp, scale)
+
+
+def gated_residual_forward(inp, h, gate):
+    """out (B,L,D) = inp + gate[b] * h for inp, h (B,L,D) and gate (B,S), S >= D."""
+    _require()
+    return _C.cuda_gated_residual_forward(inp, h, gate)
+
+
+def gated_residual_backward(dout, h, gate):
+    """``(dh (B,L,D), dgate (B,S))`` of :func:`gated_residual_forward` (d(inp) = dout)."""
+    _require()
+    return _C.cuda_gated_residual_backward(dout, h, gate)
+
+
+def silu_forward(inp):
+    """SiLU(inp) = inp * sigmoid(inp), float32 of inp's shape."""
+    _require()
+    a = np.ascontiguousarray(inp, np.float32)
+    return _C.cuda_silu(a.reshape(-1)).reshape(a.shape)
+
+
+def silu_backward(dout, inp):
+    """d(inp) of :func:`silu_forward` given dout (same shape as inp)."""
+    _require()
+    a = np.ascontiguousarray(inp, np.float32)
+    g = np.ascontiguousarray(dout, np.float32)
+    if g.shape != a.shape:
+        raise ValueError(f"dout: expected shape {a.shape} like inp, got {g.shape}")
+    return _C.cuda_silu(g.reshape(-1), a.reshape(-1)).reshape(a.shape)
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """DiT's sinusoidal embedding: (B, dim) float32, [cos(t f) | sin(t f)] with
+    f_k = max_period^(-k/(dim/2)); t (B,) float32, dim even."""
+    _require()
+    return _C.cuda_timestep_embedding(t, int(dim), float(max_period))
+
+
+def attention_forward(qkv, num_heads):
+    """Multi-head softmax attention of qkv (B,L,3D) = [q | k | v] -> ``(out (B,L,D),
+    att (B,NH,L,L))``, scores scaled by 1/sqrt(D/NH)."""
+    _require()
+    return _C.cuda_attention_forward(qkv, int(num_heads))
+
+
+def attention_backward(dout, qkv, att, num_heads):
+    """dqkv (B,L,3D) of :func:`attention_forward` from dout (B,L,D), qkv and its att."""
+    _require()
+    return _C.cuda_attention_backward(dout, qkv, att, int(num_heads))
+
+
+def adamw_step(params, grads, m, v, step, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+               weight_decay=0.0, grad_scale=1.0, ema=None, ema_decay=0.9999):
+    """One AdamW step (torch.optim.AdamW arithmetic, bit for bit the CPU optimiser's) on
+    1-d float32 buffers, IN PLACE: params, m, v (and ``ema`` <- ema_decay*ema +
+    (1-ema_decay)*params with the updated params, in the same pass, when given). step is
+    1-based. Raises ValueError for bad hyper-parameters, TypeError for non-float32 buffers."""
+    _require()
+    _C.cuda_adamw_step(params, grads, m, v, ema, float(lr), float(betas[0]), float(betas[1]),
+                       float(eps), float(weight_decay), int(step), float(grad_scale),
+                       float(ema_decay))
+
+
+def grad_norm(grads):
+    """sqrt(sum grads^2) (float) of a 1-d float32 buffer, accumulated in double."""
+    _require()
+    return _C.cuda_grad_norm(grads)
+
+
+def nonfinite_index(x):
+    """The first index of a NaN / inf in the 1-d float32 x, or -1."""
+    _require()
+    return _C.cuda_nonfinite_index(x)

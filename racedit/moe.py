@@ -119,9 +119,7 @@ class MoE:
         self._state = _C.moe_new(dim=dim, num_experts=num_experts, hidden=hidden, k=k,
                                  strategy=strategy, gating=gating, beta=float(beta),
                                  eval_topk=bool(eval_topk), plr_dim=plr_dim, **weights)
-        self.dim, self.num_experts, self.k, self.hidden = dim, num_experts, k, hidden
-        self.plr_dim = plr_dim
-        self.strategy, self.gating = strategy, gating
+        self._dims = (dim, num_experts, k, hidden, strategy, gating, plr_dim)
         D, E, He = dim, num_experts, hidden
         shapes = dict(router_w=(D, D), router_b=(D,), gate_w=(D, E), gate_b=(E,),
                       w1=(E, D, He), b1=(E, He), w2=(E, He, D), b2=(E, D),
@@ -150,6 +148,14 @@ class MoE:
         self._x = None
 
     # ---- configuration --------------------------------------------------------
+    dim = property(lambda self: self._dims[0], doc="Model width D (read-only).")
+    num_experts = property(lambda self: self._dims[1], doc="Number of experts E (read-only).")
+    k = property(lambda self: self._dims[2], doc="Experts per token on average (read-only).")
+    hidden = property(lambda self: self._dims[3], doc="Expert hidden width He (read-only).")
+    strategy = property(lambda self: self._dims[4], doc="Routing strategy (read-only).")
+    gating = property(lambda self: self._dims[5], doc="Gate function (read-only).")
+    plr_dim = property(lambda self: self._dims[6], doc="Width of the PLR head, 0: none (read-only).")
+
     @property
     def beta(self):
         """Threshold EMA factor in [0, 1) (settable)."""

@@ -204,7 +204,7 @@ def experts_case(N, D, E, He, seed, density=0.4):
 EXPERT_SHAPES = [(1, 1, 1, 1), (5, 3, 1, 2), (17, 13, 5, 7), (300, 24, 8, 40), (520, 64, 6, 96)]
 
 
-@pytest.fixture(params=[0, 1], ids=["gemm_loop", "grouped"])
+@pytest.fixture(params=[0, 1, 2], ids=["gemm_loop", "grouped", "side_streams"])
 def gemm_mode(request):
     if request.param == 1 and not rc.info()["grouped_gemm"]:
         pytest.skip("cublasGemmGroupedBatchedEx is not in the linked cuBLAS")
@@ -277,7 +277,9 @@ def test_experts_bad_input():
     with pytest.raises(ValueError, match="dy"):
         rc.experts_backward(dy[:5], x, mask, G, w1, b1, w2, b2)
     with pytest.raises(ValueError, match="mode"):
-        rc.expert_gemm(2)
+        rc.expert_gemm(3)
+    with pytest.raises(ValueError, match="precision"):
+        rc.experts_forward(x, mask, G, w1, b1, w2, b2, precision="fp16")
 
 
 # ---- the composite layer -----------------------------------------------------------------

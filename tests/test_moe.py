@@ -133,6 +133,8 @@ def test_hidden_default_and_override():
 
 def test_settings_repr_and_modes():
     m = make(beta=0.9, eval_topk=True)
+    with pytest.raises(AttributeError):
+        m.strategy = "token"                            # fixed at construction
     assert m.beta == pytest.approx(0.9) and m.eval_topk is True
     m.beta, m.eval_topk = 0.5, False
     assert m.beta == 0.5 and m.eval_topk is False

@@ -297,6 +297,15 @@ done:
 }
 
 /* ---- experts ---------------------------------------------------------------------- */
+/* prec: 0 fp32, 1 tf32, 2 bf16 (racedit.cuda maps the names). */
+static int check_precision(int prec) {
+    if (prec < RD_PREC_FP32 || prec > RD_PREC_BF16) {
+        PyErr_Format(PyExc_ValueError, "precision: expected 0 (fp32), 1 (tf32) or 2 (bf16), got %d", prec);
+        return -1;
+    }
+    return 0;
+}
+
 /* x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D). */
 static int experts_inputs(PyObject **o, PyArrayObject **a, int64_t *N, int64_t *D, int64_t *E,
                           int64_t *He) {
@@ -328,14 +337,16 @@ static PyObject *py_experts_forward(PyObject *self, PyObject *args) {
     PyArrayObject *a[7] = {0}, *y = NULL;
     dlist L = {{0}, 0};
     int64_t N, D, E, He;
-    if (!PyArg_ParseTuple(args, "OOOOOOO:cuda_experts_forward", &o[0], &o[1], &o[2], &o[3], &o[4],
-                          &o[5], &o[6]))
+    int prec = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOO|i:cuda_experts_forward", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &prec))
         return NULL;
+    if (check_precision(prec) < 0) return NULL;
     if (experts_inputs(o, a, &N, &D, &E, &He) < 0 || need_device() < 0) goto done;
     if (!(y = rd_new_array(2, PyArray_DIMS(a[0]), NPY_FLOAT32))) goto done;
     rd_experts_cuda *ex = rd_experts_cuda_new();
     if (!ex) { PyErr_NoMemory(); Py_CLEAR(y); goto done; }
-    rd_status st = RD_OK;
+    rd_status st = rd_experts_cuda_set_precision(ex, prec);
     Py_BEGIN_ALLOW_THREADS
     void *d[7], *dy;
     for (int i = 0; i < 7 && st == RD_OK; i++) st = dl_up(&L, &d[i], a[i]);
@@ -357,9 +368,11 @@ static PyObject *py_experts_backward(PyObject *self, PyObject *args) {
     PyArrayObject *a[7] = {0}, *dyin = NULL, *out[6] = {0};
     dlist L = {{0}, 0};
     int64_t N, D, E, He;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO:cuda_experts_backward", &o[7], &o[0], &o[1], &o[2], &o[3],
-                          &o[4], &o[5], &o[6]))
+    int prec = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO|i:cuda_experts_backward", &o[7], &o[0], &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &prec))
         return NULL;
+    if (check_precision(prec) < 0) return NULL;
     if (experts_inputs(o, a, &N, &D, &E, &He) < 0) goto done;
     if (!(dyin = rd_in_array(o[7], "dy", NPY_FLOAT32, 2, PyArray_DIMS(a[0])))) goto done;
     if (need_device() < 0) goto done;
@@ -370,7 +383,7 @@ static PyObject *py_experts_backward(PyObject *self, PyObject *args) {
     }
     rd_experts_cuda *ex = rd_experts_cuda_new();
     if (!ex) { PyErr_NoMemory(); goto done; }
-    rd_status st = RD_OK;
+    rd_status st = rd_experts_cuda_set_precision(ex, prec);
     Py_BEGIN_ALLOW_THREADS
     void *d[7], *ddy, *dy_scratch, *g[6];
     for (int i = 0; i < 7 && st == RD_OK; i++) st = dl_up(&L, &d[i], a[i]);
@@ -421,7 +434,9 @@ static PyObject *py_moe_state(PyObject *self, PyObject *noargs) {
     return cap;
 }
 
-/* cfg: a dict with D, E, He, k (int), strategy, gating (str), beta (float), eval_topk (bool). */
+/* cfg: a dict with D, E, He, k (int), strategy, gating (str), beta (float), eval_topk (bool),
+ * and optionally plr_dim (int, default 0), sim_weight, balance_weight (default 0) and
+ * plr_weight (default 1). */
 static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
     if (!PyDict_Check(d)) {
         PyErr_Format(PyExc_TypeError, "cfg: expected a dict, got %s", Py_TYPE(d)->tp_name);
@@ -449,6 +464,26 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
     int t = PyObject_IsTrue(et);
     if (t < 0) return -1;
     c->eval_topk = t;
+    PyObject *pd = PyDict_GetItemString(d, "plr_dim");
+    if (pd && parse_int(pd, "plr_dim", &c->plr_dim) < 0) return -1;
+    const char *fl[3] = {"sim_weight", "balance_weight", "plr_weight"};
+    float *fdst[3] = {&c->sim_weight, &c->balance_weight, &c->plr_weight};
+    c->plr_weight = 1.0f;
+    for (int i = 0; i < 3; i++) {
+        PyObject *v = PyDict_GetItemString(d, fl[i]);
+        double w;
+        if (!v) continue;
+        if (parse_float(v, fl[i], &w) < 0) return -1;
+        if (!(w >= 0.0) || isinf(w)) {
+            PyErr_Format(PyExc_ValueError, "%s: expected a finite number >= 0, got %R", fl[i], v);
+            return -1;
+        }
+        *fdst[i] = (float)w;
+    }
+    if (c->plr_dim < 0) {
+        PyErr_Format(PyExc_ValueError, "plr_dim: expected >= 0, got %lld", (long long)c->plr_dim);
+        return -1;
+    }
     rd_status st = rd_moe_cfg_check(c);
     if (st != RD_OK) { rd_raise(st); return -1; }
     return 0;
@@ -456,12 +491,13 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
 
 static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *o_st, *o_x, *o_p, *o_cfg;
+    PyObject *o_st, *o_x, *o_p, *o_cfg, *o_t = Py_None;
     int training;
-    PyArrayObject *x = NULL, *params = NULL, *y = NULL;
+    PyArrayObject *x = NULL, *params = NULL, *y = NULL, *target = NULL;
     dlist L = {{0}, 0};
     rd_moe_cfg cfg;
-    if (!PyArg_ParseTuple(args, "OOOOp:cuda_moe_forward", &o_st, &o_x, &o_p, &o_cfg, &training)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOp|O:cuda_moe_forward", &o_st, &o_x, &o_p, &o_cfg, &training, &o_t))
+        return NULL;
     rd_moe_cuda_state *st = get_state(o_st);
     if (!st || parse_cfg(o_cfg, &cfg) < 0) return NULL;
     int64_t sizes[RD_MOE_NPARAM];
@@ -475,17 +511,26 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
                      (long long)B, (long long)Ls, (long long)cfg.D);
         goto done;
     }
+    if (o_t != Py_None) {
+        if (cfg.plr_dim == 0) {
+            PyErr_SetString(PyExc_ValueError, "plr_target: given, but the layer has no PLR head (plr_dim=0)");
+            goto done;
+        }
+        npy_intp st3[3] = {B, Ls, cfg.plr_dim};
+        if (!(target = rd_in_array(o_t, "plr_target", NPY_FLOAT32, 3, st3))) goto done;
+    }
     if (!(y = rd_new_array(3, PyArray_DIMS(x), NPY_FLOAT32))) goto done;
     rd_status s = RD_OK;
     Py_BEGIN_ALLOW_THREADS
-    void *dx, *dp, *dy;
+    void *dx, *dp, *dy, *dt = NULL;
     rd_moe_params p;
     s = dl_up(&L, &dx, x);
     if (s == RD_OK) s = dl_up(&L, &dp, params);
+    if (s == RD_OK && target) s = dl_up(&L, &dt, target);
     if (s == RD_OK) s = dl_alloc(&L, &dy, (size_t)PyArray_NBYTES(y));
     if (s == RD_OK) {
         rd_moe_params_point(&p, dp, &cfg);
-        s = rd_moe_forward_cuda(st, dy, dx, &cfg, &p, B, Ls, training, NULL);
+        s = rd_moe_forward_cuda(st, dy, dx, &cfg, &p, B, Ls, training, (const float *)dt);
     }
     if (s == RD_OK) s = dl_down(y, dy);
     dl_free(&L);
@@ -494,6 +539,7 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
 done:
     Py_XDECREF(x);
     Py_XDECREF(params);
+    Py_XDECREF(target);
     return (PyObject *)y;
 }
 
@@ -608,6 +654,503 @@ static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static int dict_put(PyObject *d, const char *k, PyObject *v) {
+    if (!v) return -1;
+    int r = PyDict_SetItemString(d, k, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *loss_value(int has, float v) {
+    if (has) return PyFloat_FromDouble((double)v);
+    Py_RETURN_NONE;
+}
+
+/* cuda_moe_aux(state, plr_dim) -> the dict of racedit.MoE.aux for the last device forward
+ * (None before any). */
+static PyObject *py_moe_aux(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o_st;
+    long long plr_dim;
+    if (!PyArg_ParseTuple(args, "OL:cuda_moe_aux", &o_st, &plr_dim)) return NULL;
+    rd_moe_cuda_state *st = get_state(o_st);
+    if (!st) return NULL;
+    rd_moe_cuda_view v;
+    rd_moe_aux a;
+    rd_status s = rd_moe_cuda_state_view(st, &v);
+    if (s == RD_OK) s = rd_moe_cuda_get_aux(st, &a);
+    if (s != RD_OK) return rd_raise(s);
+    if (!v.have_forward) Py_RETURN_NONE;
+    npy_intp se[1] = {(npy_intp)a.E}, sp[3] = {v.B, v.L, (npy_intp)plr_dim};
+    PyArrayObject *load = rd_new_array(1, se, NPY_INT64), *pred = NULL;
+    PyObject *d = PyDict_New();
+    if (!load || !d) goto fail;
+    if (a.E) memcpy(PyArray_DATA(load), a.load, (size_t)a.E * sizeof(int64_t));
+    if (a.plr_pred && a.plr_dim == plr_dim && plr_dim > 0) {
+        if (!(pred = rd_new_array(3, sp, NPY_FLOAT32))) goto fail;
+        rd_status s2;
+        Py_BEGIN_ALLOW_THREADS
+        s2 = rd_cuda_d2h(PyArray_DATA(pred), a.plr_pred, (size_t)PyArray_NBYTES(pred));
+        Py_END_ALLOW_THREADS
+        if (s2 != RD_OK) { rd_raise(s2); goto fail; }
+    }
+    if (dict_put(d, "sim_loss", loss_value(a.has_sim, a.sim_loss)) ||
+        dict_put(d, "balance_loss", loss_value(a.has_balance, a.balance_loss)) ||
+        dict_put(d, "plr_loss", loss_value(a.has_plr, a.plr_loss)) ||
+        dict_put(d, "aux_loss", PyFloat_FromDouble((double)a.aux_loss)) ||
+        dict_put(d, "max_violation", PyFloat_FromDouble(a.max_violation)) ||
+        dict_put(d, "combination_usage", PyFloat_FromDouble(a.combination_usage)) ||
+        dict_put(d, "dead_experts", PyLong_FromLongLong((long long)a.dead_experts)) ||
+        dict_put(d, "experts_per_token", PyFloat_FromDouble(a.experts_per_token)) ||
+        dict_put(d, "expert_load", Py_NewRef((PyObject *)load)) ||
+        dict_put(d, "threshold", v.have_tau ? PyFloat_FromDouble((double)a.tau) : Py_NewRef(Py_None)) ||
+        dict_put(d, "batch_threshold", v.have_tau ? PyFloat_FromDouble((double)a.tau_b) : Py_NewRef(Py_None)) ||
+        dict_put(d, "plr_pred", pred ? Py_NewRef((PyObject *)pred) : Py_NewRef(Py_None)) ||
+        dict_put(d, "training", PyBool_FromLong(a.training)))
+        goto fail;
+    Py_DECREF(load);
+    Py_XDECREF(pred);
+    return d;
+fail:
+    Py_XDECREF(load);
+    Py_XDECREF(pred);
+    Py_XDECREF(d);
+    return NULL;
+}
+
+/* cuda_moe_precision(state[, prec]) -> the previous precision (int); sets it when given. */
+static PyObject *py_moe_precision(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o_st;
+    int prec = -1;
+    if (!PyArg_ParseTuple(args, "O|i:cuda_moe_precision", &o_st, &prec)) return NULL;
+    rd_moe_cuda_state *st = get_state(o_st);
+    if (!st) return NULL;
+    int prev = rd_moe_cuda_get_precision(st);
+    if (prec != -1) {
+        if (check_precision(prec) < 0) return NULL;
+        rd_status s = rd_moe_cuda_set_precision(st, prec);
+        if (s != RD_OK) return rd_raise(s);
+    }
+    return PyLong_FromLong(prev);
+}
+
+/* ---- DiT layers and the optimiser ----------------------------------------------------
+ * One runner: upload the inputs, allocate the outputs on the device (zeros, or the
+ * output's own contents when `keep` says so), run the op, download the outputs. */
+typedef rd_status (*op_fn)(void **in, void **out, const int64_t *z, const double *f);
+
+static PyObject *run_op(PyArrayObject **in, int nin, PyArrayObject **out, const int *keep, int nout,
+                        op_fn fn, const int64_t *z, const double *f) {
+    dlist L = {{0}, 0};
+    rd_status s = RD_OK;
+    Py_BEGIN_ALLOW_THREADS
+    void *din[8], *dout[8];
+    for (int i = 0; i < nin && s == RD_OK; i++) s = dl_up(&L, &din[i], in[i]);
+    for (int i = 0; i < nout && s == RD_OK; i++) {
+        if (keep && keep[i]) {
+            s = dl_up(&L, &dout[i], out[i]);
+        } else {
+            s = dl_alloc(&L, &dout[i], (size_t)PyArray_NBYTES(out[i]));
+            if (s == RD_OK) s = rd_cuda_memset(dout[i], 0, (size_t)PyArray_NBYTES(out[i]));
+        }
+    }
+    if (s == RD_OK) s = fn(din, dout, z, f);
+    for (int i = 0; i < nout && s == RD_OK; i++) s = dl_down(out[i], dout[i]);
+    dl_free(&L);
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) return rd_raise(s);
+    Py_RETURN_NONE;
+}
+
+/* The result: one array or a tuple; takes over the references of out[]. */
+static PyObject *result_of(PyObject *ran, PyArrayObject **out, int nout) {
+    if (!ran) {
+        for (int i = 0; i < nout; i++) Py_XDECREF(out[i]);
+        return NULL;
+    }
+    Py_DECREF(ran);
+    if (nout == 1) return (PyObject *)out[0];
+    PyObject *t = PyTuple_New(nout);
+    if (!t) {
+        for (int i = 0; i < nout; i++) Py_XDECREF(out[i]);
+        return NULL;
+    }
+    for (int i = 0; i < nout; i++) PyTuple_SET_ITEM(t, i, (PyObject *)out[i]);
+    return t;
+}
+
+static void decref_all(PyArrayObject **a, int n) {
+    for (int i = 0; i < n; i++) Py_XDECREF(a[i]);
+}
+
+static rd_status op_ln_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_layernorm_forward_cuda(out[0], out[1], in[0], z[0], z[1]);
+}
+static rd_status op_ln_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_layernorm_backward_cuda(out[0], in[0], in[1], in[2], z[0], z[1]);
+}
+static rd_status op_mod_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_modulate_forward_cuda(out[0], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_mod_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_modulate_backward_cuda(out[0], out[1], out[2], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_gr_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_gated_residual_forward_cuda(out[0], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_gr_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_gated_residual_backward_cuda(out[0], out[1], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_silu_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_silu_forward_cuda(out[0], in[0], z[0]);
+}
+static rd_status op_silu_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_silu_backward_cuda(out[0], in[0], in[1], z[0]);
+}
+static rd_status op_temb(void **in, void **out, const int64_t *z, const double *f) {
+    return rd_timestep_embedding_forward_cuda(out[0], in[0], z[0], z[1], (float)f[0]);
+}
+static rd_status op_att_f(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_attention_forward_cuda(out[0], out[1], in[0], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_att_b(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f; /* out[1] is the scratch datt */
+    return rd_attention_backward_cuda(out[0], out[1], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+}
+static rd_status op_adamw(void **in, void **out, const int64_t *z, const double *f) {
+    /* out: params, m, v[, ema]; in: grads */
+    return rd_adamw_ema_step_cuda(out[0], in[0], out[1], out[2], z[1] ? out[3] : NULL, z[0], f[0],
+                                  f[1], f[2], f[3], f[4], z[2], f[5], f[6]);
+}
+static rd_status op_norm(void **in, void **out, const int64_t *z, const double *f) {
+    (void)f;
+    return rd_grad_norm_cuda(out[0], in[0], z[0]);
+}
+
+static PyObject *py_layernorm_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:cuda_layernorm_forward", &o)) return NULL;
+    npy_intp sh[2] = {RD_ANY, RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "inp", NPY_FLOAT32, 2, sh)}, *out[2] = {0};
+    if (!in[0] || need_device() < 0) { decref_all(in, 1); return NULL; }
+    int64_t z[2] = {PyArray_DIM(in[0], 0), PyArray_DIM(in[0], 1)};
+    if (z[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "inp: expected D >= 1 columns");
+        decref_all(in, 1);
+        return NULL;
+    }
+    npy_intp sr[1] = {(npy_intp)z[0]};
+    out[0] = rd_new_array(2, PyArray_DIMS(in[0]), NPY_FLOAT32);
+    out[1] = rd_new_array(1, sr, NPY_FLOAT32);
+    PyObject *ran = (out[0] && out[1]) ? run_op(in, 1, out, NULL, 2, op_ln_f, z, NULL) : NULL;
+    decref_all(in, 1);
+    return result_of(ran, out, 2);
+}
+
+static PyObject *py_layernorm_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[3], *oacc = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|O:cuda_layernorm_backward", &o[0], &o[1], &o[2], &oacc)) return NULL;
+    npy_intp sh[2] = {RD_ANY, RD_ANY};
+    PyArrayObject *in[3] = {0}, *out[1] = {0};
+    int keep[1] = {0};
+    if (!(in[0] = rd_in_array(o[0], "dout", NPY_FLOAT32, 2, sh))) goto fail;
+    if (!(in[1] = rd_in_array(o[1], "out", NPY_FLOAT32, 2, PyArray_DIMS(in[0])))) goto fail;
+    npy_intp sr[1] = {PyArray_DIM(in[0], 0)};
+    if (!(in[2] = rd_in_array(o[2], "rstd", NPY_FLOAT32, 1, sr))) goto fail;
+    if (PyArray_DIM(in[0], 1) < 1) {
+        PyErr_SetString(PyExc_ValueError, "dout: expected D >= 1 columns");
+        goto fail;
+    }
+    if (need_device() < 0) goto fail;
+    if (oacc != Py_None) {
+        PyArrayObject *acc = rd_in_array(oacc, "dinp_acc", NPY_FLOAT32, 2, PyArray_DIMS(in[0]));
+        if (!acc) goto fail;
+        out[0] = (PyArrayObject *)PyArray_NewCopy(acc, NPY_CORDER);
+        Py_DECREF(acc);
+        keep[0] = 1;
+    } else {
+        out[0] = rd_new_array(2, PyArray_DIMS(in[0]), NPY_FLOAT32);
+    }
+    if (!out[0]) goto fail;
+    int64_t z[2] = {PyArray_DIM(in[0], 0), PyArray_DIM(in[0], 1)};
+    PyObject *ran = run_op(in, 3, out, keep, 1, op_ln_b, z, NULL);
+    decref_all(in, 3);
+    return result_of(ran, out, 1);
+fail:
+    decref_all(in, 3);
+    decref_all(out, 1);
+    return NULL;
+}
+
+/* x-like arrays (B,L,D) first, then per-sample rows (B,S) with S >= D; z = B, L, D, S. */
+static int bld_inputs(PyObject **o, const char **names, PyArrayObject **in, int n3, int nrows,
+                      int64_t *z) {
+    npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
+    if (!(in[0] = rd_in_array(o[0], names[0], NPY_FLOAT32, 3, s3))) return -1;
+    for (int i = 1; i < n3; i++)
+        if (!(in[i] = rd_in_array(o[i], names[i], NPY_FLOAT32, 3, PyArray_DIMS(in[0])))) return -1;
+    z[0] = PyArray_DIM(in[0], 0); z[1] = PyArray_DIM(in[0], 1); z[2] = PyArray_DIM(in[0], 2);
+    z[3] = 0;
+    npy_intp sr[2] = {(npy_intp)z[0], RD_ANY};
+    for (int i = n3; i < n3 + nrows; i++) {
+        if (!(in[i] = rd_in_array(o[i], names[i], NPY_FLOAT32, 2, sr))) return -1;
+        if (i == n3) {
+            z[3] = PyArray_DIM(in[i], 1);
+        } else if (PyArray_DIM(in[i], 1) != z[3]) {
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld) like %s, got (%lld, %lld)",
+                         names[i], (long long)z[0], (long long)z[3], names[n3], (long long)z[0],
+                         (long long)PyArray_DIM(in[i], 1));
+            return -1;
+        }
+    }
+    if (z[0] < 1 || z[1] < 1 || z[2] < 1 || z[3] < z[2] || z[0] > 65535) {
+        PyErr_Format(PyExc_ValueError, "%s, %s: expected B (<= 65535), L, D >= 1 and a row stride "
+                     "S >= D, got B=%lld L=%lld D=%lld S=%lld", names[0], names[n3], (long long)z[0],
+                     (long long)z[1], (long long)z[2], (long long)z[3]);
+        return -1;
+    }
+    return need_device();
+}
+
+static PyObject *bld_op(PyObject *args, const char *fmt, const char **names, int n3, int nrows,
+                        int nout3, int noutrows, op_fn fn) {
+    PyObject *o[3] = {0};
+    PyArrayObject *in[3] = {0}, *out[3] = {0};
+    int nin = n3 + nrows, nout = nout3 + noutrows;
+    int64_t z[4];
+    if (!PyArg_ParseTuple(args, fmt, &o[0], &o[1], &o[2])) return NULL;
+    if (bld_inputs(o, names, in, n3, nrows, z) < 0) goto fail;
+    npy_intp sr[2] = {(npy_intp)z[0], (npy_intp)z[3]};
+    for (int i = 0; i < nout; i++)
+        if (!(out[i] = i < nout3 ? rd_new_array(3, PyArray_DIMS(in[0]), NPY_FLOAT32)
+                                 : rd_new_array(2, sr, NPY_FLOAT32)))
+            goto fail;
+    PyObject *ran = run_op(in, nin, out, NULL, nout, fn, z, NULL);
+    decref_all(in, 3);
+    return result_of(ran, out, nout);
+fail:
+    decref_all(in, 3);
+    decref_all(out, 3);
+    return NULL;
+}
+
+static PyObject *py_modulate_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"inp", "shift", "scale"};
+    return bld_op(args, "OOO:cuda_modulate_forward", names, 1, 2, 1, 0, op_mod_f);
+}
+static PyObject *py_modulate_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"dout", "inp", "scale"};
+    return bld_op(args, "OOO:cuda_modulate_backward", names, 2, 1, 1, 2, op_mod_b);
+}
+static PyObject *py_gated_residual_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"inp", "h", "gate"};
+    return bld_op(args, "OOO:cuda_gated_residual_forward", names, 2, 1, 1, 0, op_gr_f);
+}
+static PyObject *py_gated_residual_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *names[3] = {"dout", "h", "gate"};
+    return bld_op(args, "OOO:cuda_gated_residual_backward", names, 2, 1, 1, 1, op_gr_b);
+}
+
+/* SiLU (inp) or its backward (dout, inp) on 1-d float32 arrays (racedit.cuda reshapes). */
+static PyObject *py_silu(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o0, *o1 = Py_None;
+    if (!PyArg_ParseTuple(args, "O|O:cuda_silu", &o0, &o1)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    int back = o1 != Py_None;
+    PyArrayObject *in[2] = {0}, *out[1] = {0};
+    if (!(in[0] = rd_in_array(o0, back ? "dout" : "inp", NPY_FLOAT32, 1, s1))) return NULL;
+    if (back && !(in[1] = rd_in_array(o1, "inp", NPY_FLOAT32, 1, PyArray_DIMS(in[0])))) goto fail;
+    if (need_device() < 0) goto fail;
+    if (!(out[0] = rd_new_array(1, PyArray_DIMS(in[0]), NPY_FLOAT32))) goto fail;
+    int64_t z[1] = {PyArray_DIM(in[0], 0)};
+    PyObject *ran = run_op(in, back ? 2 : 1, out, NULL, 1, back ? op_silu_b : op_silu_f, z, NULL);
+    decref_all(in, 2);
+    return result_of(ran, out, 1);
+fail:
+    decref_all(in, 2);
+    decref_all(out, 1);
+    return NULL;
+}
+
+static PyObject *py_timestep_embedding(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    long long F;
+    double maxp;
+    if (!PyArg_ParseTuple(args, "OLd:cuda_timestep_embedding", &o, &F, &maxp)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "t", NPY_FLOAT32, 1, s1)}, *out[1] = {0};
+    if (!in[0]) return NULL;
+    int64_t z[2] = {PyArray_DIM(in[0], 0), F};
+    if (z[0] < 1 || F < 2 || F % 2 || !(maxp > 0.0)) {
+        char mp[64]; /* PyErr_Format has no %g */
+        snprintf(mp, sizeof mp, "%g", maxp);
+        PyErr_Format(PyExc_ValueError, "t, dim, max_period: expected B >= 1, an even dim >= 2 and "
+                     "max_period > 0, got B=%lld dim=%lld max_period=%s", (long long)z[0], (long long)F, mp);
+        decref_all(in, 1);
+        return NULL;
+    }
+    if (need_device() < 0) { decref_all(in, 1); return NULL; }
+    npy_intp so[2] = {(npy_intp)z[0], (npy_intp)F};
+    double f[1] = {maxp};
+    if (!(out[0] = rd_new_array(2, so, NPY_FLOAT32))) { decref_all(in, 1); return NULL; }
+    PyObject *ran = run_op(in, 1, out, NULL, 1, op_temb, z, f);
+    decref_all(in, 1);
+    return result_of(ran, out, 1);
+}
+
+/* qkv (B,L,3D) with D divisible by NH; z = B, L, D, NH. */
+static int qkv_sizes(PyArrayObject *qkv, long long NH, int64_t *z) {
+    int64_t B = PyArray_DIM(qkv, 0), L = PyArray_DIM(qkv, 1), D3 = PyArray_DIM(qkv, 2);
+    if (B < 1 || L < 1 || D3 < 3 || D3 % 3 || NH < 1 || (D3 / 3) % NH) {
+        PyErr_Format(PyExc_ValueError, "qkv, num_heads: expected qkv (B, L, 3D) with B, L >= 1 and D "
+                     "divisible by num_heads >= 1, got (%lld, %lld, %lld) and %lld", (long long)B,
+                     (long long)L, (long long)D3, NH);
+        return -1;
+    }
+    z[0] = B; z[1] = L; z[2] = D3 / 3; z[3] = NH;
+    return need_device();
+}
+
+static PyObject *py_attention_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    long long NH;
+    if (!PyArg_ParseTuple(args, "OL:cuda_attention_forward", &o, &NH)) return NULL;
+    npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "qkv", NPY_FLOAT32, 3, s3)}, *out[2] = {0};
+    int64_t z[4];
+    if (!in[0] || qkv_sizes(in[0], NH, z) < 0) { decref_all(in, 1); return NULL; }
+    npy_intp so[3] = {(npy_intp)z[0], (npy_intp)z[1], (npy_intp)z[2]},
+             sa[4] = {(npy_intp)z[0], (npy_intp)NH, (npy_intp)z[1], (npy_intp)z[1]};
+    out[0] = rd_new_array(3, so, NPY_FLOAT32);
+    out[1] = rd_new_array(4, sa, NPY_FLOAT32);
+    PyObject *ran = (out[0] && out[1]) ? run_op(in, 1, out, NULL, 2, op_att_f, z, NULL) : NULL;
+    decref_all(in, 1);
+    return result_of(ran, out, 2);
+}
+
+static PyObject *py_attention_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[3];
+    long long NH;
+    if (!PyArg_ParseTuple(args, "OOOL:cuda_attention_backward", &o[0], &o[1], &o[2], &NH)) return NULL;
+    npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
+    PyArrayObject *in[3] = {0}, *out[2] = {0};
+    int64_t z[4];
+    if (!(in[1] = rd_in_array(o[1], "qkv", NPY_FLOAT32, 3, s3)) || qkv_sizes(in[1], NH, z) < 0) goto fail;
+    npy_intp so[3] = {(npy_intp)z[0], (npy_intp)z[1], (npy_intp)z[2]},
+             sa[4] = {(npy_intp)z[0], (npy_intp)NH, (npy_intp)z[1], (npy_intp)z[1]};
+    if (!(in[0] = rd_in_array(o[0], "dout", NPY_FLOAT32, 3, so))) goto fail;
+    if (!(in[2] = rd_in_array(o[2], "att", NPY_FLOAT32, 4, sa))) goto fail;
+    out[0] = rd_new_array(3, PyArray_DIMS(in[1]), NPY_FLOAT32);
+    out[1] = rd_new_array(4, sa, NPY_FLOAT32);
+    if (!out[0] || !out[1]) goto fail;
+    PyObject *ran = run_op(in, 3, out, NULL, 2, op_att_b, z, NULL);
+    decref_all(in, 3);
+    if (!ran) { decref_all(out, 2); return NULL; }
+    Py_DECREF(ran);
+    Py_DECREF(out[1]); /* the scratch */
+    return (PyObject *)out[0];
+fail:
+    decref_all(in, 3);
+    decref_all(out, 2);
+    return NULL;
+}
+
+/* cuda_adamw_step(params, grads, m, v, ema|None, lr, beta1, beta2, eps, weight_decay, step,
+ * grad_scale, ema_decay): params, m, v (and ema), 1-d float32, are updated IN PLACE. */
+static PyObject *py_adamw_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *op, *og, *om, *ov, *oe;
+    double f[7];
+    long long step;
+    if (!PyArg_ParseTuple(args, "OOOOOdddddLdd:cuda_adamw_step", &op, &og, &om, &ov, &oe, &f[0],
+                          &f[1], &f[2], &f[3], &f[4], &step, &f[5], &f[6]))
+        return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *out[4] = {0}, *in[1] = {0};
+    int nout = oe == Py_None ? 3 : 4, keep[4] = {1, 1, 1, 1};
+    if (!(out[0] = rd_out_array(op, "params", NPY_FLOAT32, 1, s1))) goto fail;
+    Py_INCREF(out[0]);
+    if (!(in[0] = rd_in_array(og, "grads", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+    if (!(out[1] = rd_out_array(om, "m", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+    Py_INCREF(out[1]);
+    if (!(out[2] = rd_out_array(ov, "v", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+    Py_INCREF(out[2]);
+    if (nout == 4) {
+        if (!(out[3] = rd_out_array(oe, "ema", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
+        Py_INCREF(out[3]);
+    }
+    if (need_device() < 0) goto fail;
+    int64_t z[3] = {PyArray_DIM(out[0], 0), nout == 4, step};
+    PyObject *ran = run_op(in, 1, out, keep, nout, op_adamw, z, f);
+    decref_all(in, 1);
+    decref_all(out, 4);
+    return ran;
+fail:
+    decref_all(in, 1);
+    decref_all(out, 4);
+    return NULL;
+}
+
+static PyObject *py_grad_norm(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:cuda_grad_norm", &o)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *in[1] = {rd_in_array(o, "grads", NPY_FLOAT32, 1, s1)}, *out[1] = {0};
+    if (!in[0] || need_device() < 0) { decref_all(in, 1); return NULL; }
+    npy_intp so[1] = {1};
+    if (!(out[0] = rd_new_array(1, so, NPY_FLOAT64))) { decref_all(in, 1); return NULL; }
+    int64_t z[1] = {PyArray_DIM(in[0], 0)};
+    PyObject *ran = run_op(in, 1, out, NULL, 1, op_norm, z, NULL);
+    decref_all(in, 1);
+    PyObject *arr = result_of(ran, out, 1);
+    if (!arr) return NULL;
+    PyObject *r = PyFloat_FromDouble(*(double *)PyArray_DATA((PyArrayObject *)arr));
+    Py_DECREF(arr);
+    return r;
+}
+
+static PyObject *py_nonfinite_index(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:cuda_nonfinite_index", &o)) return NULL;
+    npy_intp s1[1] = {RD_ANY};
+    PyArrayObject *x = rd_in_array(o, "x", NPY_FLOAT32, 1, s1);
+    if (!x || need_device() < 0) { Py_XDECREF(x); return NULL; }
+    dlist L = {{0}, 0};
+    int64_t idx = -1;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    void *d;
+    s = dl_up(&L, &d, x);
+    if (s == RD_OK) s = rd_nonfinite_index_cuda(&idx, d, PyArray_DIM(x, 0));
+    dl_free(&L);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(x);
+    if (s != RD_OK) return rd_raise(s);
+    return PyLong_FromLongLong((long long)idx);
+}
+
 /* ---- knobs, info, benchmark --------------------------------------------------------- */
 static PyObject *py_set_tf32(PyObject *self, PyObject *args) {
     (void)self;
@@ -630,8 +1173,9 @@ static PyObject *py_set_expert_gemm(PyObject *self, PyObject *args) {
     if (o != Py_None) {
         int64_t m;
         if (parse_int(o, "mode", &m) < 0) return NULL;
-        if (m != 0 && m != 1) {
-            PyErr_Format(PyExc_ValueError, "mode: expected 0 (GEMM loop) or 1 (grouped), got %lld", (long long)m);
+        if (m < 0 || m > 2) {
+            PyErr_Format(PyExc_ValueError, "mode: expected 0 (GEMM loop), 1 (grouped) or 2 (loop on "
+                         "side streams), got %lld", (long long)m);
             return NULL;
         }
         if (m == 1 && !rd_cuda_have_grouped_gemm()) {
@@ -646,19 +1190,22 @@ static PyObject *py_set_expert_gemm(PyObject *self, PyObject *args) {
 
 static PyObject *py_cuda_info(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
-    return Py_BuildValue("{s:i,s:O,s:s,s:i}", "cublas_version", rd_cuda_cublas_version(),
+    return Py_BuildValue("{s:i,s:O,s:s,s:i,s:i}", "cublas_version", rd_cuda_cublas_version(),
                          "grouped_gemm", rd_cuda_have_grouped_gemm() ? Py_True : Py_False,
-                         "runtime", rd_cuda_runtime_version(), "devices", rd_cuda_device_count());
+                         "runtime", rd_cuda_runtime_version(), "devices", rd_cuda_device_count(),
+                         "grouped_fallbacks", rd_cuda_grouped_fallbacks());
 }
 
 static PyObject *py_bench_moe(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o_x, *o_p, *o_dy, *o_cfg;
-    int iters;
+    int iters, prec = 0;
     PyArrayObject *x = NULL, *params = NULL, *dyin = NULL;
     PyObject *ret = NULL;
     rd_moe_cfg cfg;
-    if (!PyArg_ParseTuple(args, "OOOOi:cuda_bench_moe", &o_x, &o_p, &o_dy, &o_cfg, &iters)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOi|i:cuda_bench_moe", &o_x, &o_p, &o_dy, &o_cfg, &iters, &prec))
+        return NULL;
+    if (check_precision(prec) < 0) return NULL;
     if (parse_cfg(o_cfg, &cfg) < 0) return NULL;
     if (iters < 1) {
         PyErr_Format(PyExc_ValueError, "iters: expected >= 1, got %d", iters);
@@ -675,7 +1222,7 @@ static PyObject *py_bench_moe(PyObject *self, PyObject *args) {
     rd_status s;
     Py_BEGIN_ALLOW_THREADS
     s = rd_cuda_bench_moe(&r, PyArray_DATA(x), PyArray_DATA(params), PyArray_DATA(dyin), &cfg,
-                          PyArray_DIM(x, 0), PyArray_DIM(x, 1), iters);
+                          PyArray_DIM(x, 0), PyArray_DIM(x, 1), iters, prec);
     Py_END_ALLOW_THREADS
     if (s != RD_OK) { rd_raise(s); goto done; }
     ret = Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:L}", "route_ms", r.route_ms, "fwd_ms", r.fwd_ms,
@@ -703,6 +1250,21 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_moe_backward", py_moe_backward, METH_VARARGS, "dx; grads accumulate in place."},
     {"cuda_moe_view", py_moe_view, METH_VARARGS, "What the last device forward left (dict)."},
     {"cuda_moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "Set (float) or forget (None) tau."},
+    {"cuda_layernorm_forward", py_layernorm_forward, METH_VARARGS, "(out, rstd) = LayerNorm of inp (N,D) on the GPU."},
+    {"cuda_layernorm_backward", py_layernorm_backward, METH_VARARGS, "dinp (+= dinp_acc) of LayerNorm on the GPU."},
+    {"cuda_modulate_forward", py_modulate_forward, METH_VARARGS, "adaLN modulate on the GPU."},
+    {"cuda_modulate_backward", py_modulate_backward, METH_VARARGS, "(dinp, dshift, dscale) on the GPU."},
+    {"cuda_gated_residual_forward", py_gated_residual_forward, METH_VARARGS, "inp + gate * h on the GPU."},
+    {"cuda_gated_residual_backward", py_gated_residual_backward, METH_VARARGS, "(dh, dgate) on the GPU."},
+    {"cuda_silu", py_silu, METH_VARARGS, "SiLU (inp) or its backward (dout, inp) on 1-d arrays on the GPU."},
+    {"cuda_timestep_embedding", py_timestep_embedding, METH_VARARGS, "Sinusoidal timestep embedding on the GPU."},
+    {"cuda_attention_forward", py_attention_forward, METH_VARARGS, "(out, att) of multi-head attention on the GPU."},
+    {"cuda_attention_backward", py_attention_backward, METH_VARARGS, "dqkv of multi-head attention on the GPU."},
+    {"cuda_adamw_step", py_adamw_step, METH_VARARGS, "AdamW (+ EMA) step in place on the GPU."},
+    {"cuda_grad_norm", py_grad_norm, METH_VARARGS, "sqrt(sum grads^2) on the GPU."},
+    {"cuda_nonfinite_index", py_nonfinite_index, METH_VARARGS, "First non-finite index or -1, on the GPU."},
+    {"cuda_moe_aux", py_moe_aux, METH_VARARGS, "Aux losses and diagnostics of the last device forward (dict)."},
+    {"cuda_moe_precision", py_moe_precision, METH_VARARGS, "Read / set a state's expert precision (0 fp32, 1 tf32, 2 bf16)."},
     {"cuda_tf32", py_set_tf32, METH_VARARGS, "Read / set TF32 GEMMs; returns the previous value."},
     {"cuda_expert_gemm", py_set_expert_gemm, METH_VARARGS, "Read / set the expert GEMM mode."},
     {"cuda_info", py_cuda_info, METH_NOARGS, "cuBLAS version, grouped GEMM, runtime, devices."},

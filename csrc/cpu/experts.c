@@ -157,7 +157,15 @@ static rd_threading g_threading = RD_THREADS_BLAS;
 static rd_blas_set_threads_fn g_blas_set = NULL;
 static rd_blas_get_threads_fn g_blas_get = NULL;
 
-void rd_set_threading(rd_threading mode) { g_threading = mode == RD_THREADS_OMP ? RD_THREADS_OMP : RD_THREADS_BLAS; }
+/* Without OpenMP there are no OpenMP threads to share the work: the BLAS keeps its own. */
+void rd_set_threading(rd_threading mode) {
+#ifdef _OPENMP
+    g_threading = mode == RD_THREADS_OMP ? RD_THREADS_OMP : RD_THREADS_BLAS;
+#else
+    (void)mode;
+    g_threading = RD_THREADS_BLAS;
+#endif
+}
 rd_threading rd_get_threading(void) { return g_threading; }
 
 void rd_set_blas_thread_control(rd_blas_set_threads_fn set, rd_blas_get_threads_fn get) {

@@ -77,6 +77,7 @@ def moe_threading(mode=None):
     (``racedit._C.blas_thread_control()``: SciPy's OpenBLAS), otherwise limit it yourself
     (``threadpoolctl.threadpool_limits(1, "blas")``). ``"blas"``: experts in turn, each
     sgemm threaded by the BLAS. The default is ``"omp"`` when the BLAS thread count can be
-    controlled, else ``"blas"``. Raises ValueError/TypeError for another mode.
+    controlled, else ``"blas"``; built without OpenMP it is always ``"blas"`` (a request
+    for ``"omp"`` is ignored). Raises ValueError/TypeError for another mode.
     """
     return _C.moe_threading(mode)

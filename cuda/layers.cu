@@ -1,0 +1,249 @@
+/* layers.cu — the DiT block's pointwise and row layers on the device, with the CPU's
+ * semantics and order of operations (csrc/cpu/dit.c): LayerNorm without affine (eps 1e-6,
+ * two-pass variance), adaLN modulate, gated residual, SiLU and the sinusoidal timestep
+ * embedding. Row layers use one warp per row (fixed-order shuffles); the per-sample sums of
+ * the modulate / gated-residual backward are fixed-order column reductions over L: every
+ * result is bitwise reproducible run to run. */
+#include <math.h>
+
+#include "common.cuh"
+
+#define LY_THREADS 256
+#define LY_LN_EPS 1e-6f
+
+__device__ __forceinline__ float ly_warp_sum(float v) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static rd_status check_nd(const char *op, int64_t N, int64_t D) {
+    if (N < 0 || D <= 0)
+        return rd_fail(RD_EINVAL, "%s: need N >= 0 and D > 0, got N=%lld D=%lld", op, (long long)N,
+                       (long long)D);
+    return RD_OK;
+}
+
+static rd_status check_bld(const char *op, int64_t B, int64_t L, int64_t D, int64_t S) {
+    if (B <= 0 || L <= 0 || D <= 0 || S < D || B > 65535)
+        return rd_fail(RD_EINVAL, "%s: bad sizes B=%lld L=%lld D=%lld stride=%lld (need positive "
+                       "sizes, stride >= D, B <= 65535)", op, (long long)B, (long long)L,
+                       (long long)D, (long long)S);
+    return RD_OK;
+}
+
+/* ---- LayerNorm ---------------------------------------------------------------------- */
+__global__ void layernorm_fwd_kernel(float *out, float *rstd, const float *inp, int64_t N, int64_t D) {
+    int64_t n = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float *x = inp + n * D;
+    float m = 0.0f;
+    for (int64_t d = lane; d < D; d += 32) m += x[d];
+    m = ly_warp_sum(m) / (float)D;
+    float v = 0.0f;
+    for (int64_t d = lane; d < D; d += 32) {
+        float c = x[d] - m;
+        v += c * c;
+    }
+    v = ly_warp_sum(v) / (float)D;
+    float r = 1.0f / sqrtf(v + LY_LN_EPS);
+    for (int64_t d = lane; d < D; d += 32) out[n * D + d] = (x[d] - m) * r;
+    if (lane == 0) rstd[n] = r;
+}
+
+__global__ void layernorm_bwd_kernel(float *dinp_acc, const float *dout, const float *out,
+                                     const float *rstd, int64_t N, int64_t D) {
+    int64_t n = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (n >= N) return;
+    const float *g = dout + n * D, *xh = out + n * D;
+    float mg = 0.0f, mgx = 0.0f;
+    for (int64_t d = lane; d < D; d += 32) {
+        mg += g[d];
+        mgx += g[d] * xh[d];
+    }
+    mg = ly_warp_sum(mg) / (float)D;
+    mgx = ly_warp_sum(mgx) / (float)D;
+    float r = rstd[n];
+    for (int64_t d = lane; d < D; d += 32) dinp_acc[n * D + d] += r * (g[d] - mg - xh[d] * mgx);
+}
+
+extern "C" rd_status rd_layernorm_forward_cuda(float *out, float *rstd, const float *inp,
+                                               int64_t N, int64_t D) {
+    RD_TRY(check_nd("layernorm_cuda", N, D));
+    if (N == 0) return RD_OK;
+    layernorm_fwd_kernel<<<rd_blocks(N, LY_THREADS / 32), LY_THREADS, 0, RD_STREAM>>>(out, rstd, inp, N, D);
+    CU_LAUNCHED("layernorm_fwd_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_layernorm_backward_cuda(float *dinp_acc, const float *dout, const float *out,
+                                                const float *rstd, int64_t N, int64_t D) {
+    RD_TRY(check_nd("layernorm_backward_cuda", N, D));
+    if (N == 0) return RD_OK;
+    layernorm_bwd_kernel<<<rd_blocks(N, LY_THREADS / 32), LY_THREADS, 0, RD_STREAM>>>(
+        dinp_acc, dout, out, rstd, N, D);
+    CU_LAUNCHED("layernorm_bwd_kernel");
+    return RD_OK;
+}
+
+/* ---- modulate and gated residual --------------------------------------------------- */
+__global__ void modulate_fwd_kernel(float *out, const float *inp, const float *shift,
+                                    const float *scale, int64_t L, int64_t D, int64_t S, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t b = i / (L * D), d = i % D;
+        out[i] = inp[i] * (1.0f + scale[b * S + d]) + shift[b * S + d];
+    }
+}
+
+__global__ void gated_fwd_kernel(float *out, const float *inp, const float *h, const float *gate,
+                                 int64_t L, int64_t D, int64_t S, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t b = i / (L * D), d = i % D;
+        out[i] = inp[i] + gate[b * S + d] * h[i];
+    }
+}
+
+/* The pointwise part of both backwards: dx = g * f[b,d] with f = 1 + scale (modulate) or
+ * gate (gated residual). */
+__global__ void rowscale_kernel(float *dx, const float *g, const float *f, int one_plus,
+                                int64_t L, int64_t D, int64_t S, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t b = i / (L * D), d = i % D;
+        float s = f[b * S + d];
+        dx[i] = g[i] * (one_plus ? 1.0f + s : s);
+    }
+}
+
+/* s1[b*S + d] = sum_l g[b,l,d]; s2[b*S + d] = sum_l g[b,l,d] * x[b,l,d] (s1 may be NULL).
+ * Block (32 columns, 8 lanes over l), one block per (column tile, b): fixed order. */
+__global__ void sum_over_l_kernel(float *s1, float *s2, const float *g, const float *x, int64_t L,
+                                  int64_t D, int64_t S) {
+    __shared__ float a1[8][32], a2[8][32];
+    int64_t b = blockIdx.y, d = (int64_t)blockIdx.x * 32 + threadIdx.x;
+    float t1 = 0.0f, t2 = 0.0f;
+    if (d < D)
+        for (int64_t l = threadIdx.y; l < L; l += 8) {
+            float gv = g[(b * L + l) * D + d];
+            t1 += gv;
+            t2 += gv * x[(b * L + l) * D + d];
+        }
+    a1[threadIdx.y][threadIdx.x] = t1;
+    a2[threadIdx.y][threadIdx.x] = t2;
+    __syncthreads();
+    if (threadIdx.y == 0 && d < D) {
+        float u1 = 0.0f, u2 = 0.0f;
+        for (int k = 0; k < 8; k++) {
+            u1 += a1[k][threadIdx.x];
+            u2 += a2[k][threadIdx.x];
+        }
+        if (s1) s1[b * S + d] = u1;
+        s2[b * S + d] = u2;
+    }
+}
+
+extern "C" rd_status rd_modulate_forward_cuda(float *out, const float *inp, const float *shift,
+                                              const float *scale, int64_t B, int64_t L, int64_t D,
+                                              int64_t S) {
+    RD_TRY(check_bld("modulate_cuda", B, L, D, S));
+    int64_t n = B * L * D;
+    modulate_fwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(out, inp, shift, scale, L, D, S, n);
+    CU_LAUNCHED("modulate_fwd_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_modulate_backward_cuda(float *dinp, float *dshift, float *dscale,
+                                               const float *dout, const float *inp,
+                                               const float *scale, int64_t B, int64_t L,
+                                               int64_t D, int64_t S) {
+    RD_TRY(check_bld("modulate_backward_cuda", B, L, D, S));
+    int64_t n = B * L * D;
+    rowscale_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(dinp, dout, scale, 1, L, D, S, n);
+    CU_LAUNCHED("rowscale_kernel");
+    sum_over_l_kernel<<<dim3(rd_blocks(D, 32), (unsigned)B), dim3(32, 8), 0, RD_STREAM>>>(
+        dshift, dscale, dout, inp, L, D, S);
+    CU_LAUNCHED("sum_over_l_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_gated_residual_forward_cuda(float *out, const float *inp, const float *h,
+                                                    const float *gate, int64_t B, int64_t L,
+                                                    int64_t D, int64_t S) {
+    RD_TRY(check_bld("gated_residual_cuda", B, L, D, S));
+    int64_t n = B * L * D;
+    gated_fwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(out, inp, h, gate, L, D, S, n);
+    CU_LAUNCHED("gated_fwd_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_gated_residual_backward_cuda(float *dh, float *dgate, const float *dout,
+                                                     const float *h, const float *gate, int64_t B,
+                                                     int64_t L, int64_t D, int64_t S) {
+    RD_TRY(check_bld("gated_residual_backward_cuda", B, L, D, S));
+    int64_t n = B * L * D;
+    rowscale_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(dh, dout, gate, 0, L, D, S, n);
+    CU_LAUNCHED("rowscale_kernel");
+    sum_over_l_kernel<<<dim3(rd_blocks(D, 32), (unsigned)B), dim3(32, 8), 0, RD_STREAM>>>(
+        NULL, dgate, dout, h, L, D, S);
+    CU_LAUNCHED("sum_over_l_kernel");
+    return RD_OK;
+}
+
+/* ---- SiLU ----------------------------------------------------------------------------- */
+__global__ void silu_fwd_kernel(float *out, const float *inp, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = inp[i] / (1.0f + expf(-inp[i]));
+}
+
+__global__ void silu_bwd_kernel(float *dinp, const float *dout, const float *inp, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float sg = 1.0f / (1.0f + expf(-inp[i]));
+        dinp[i] = dout[i] * sg * (1.0f + inp[i] * (1.0f - sg));
+    }
+}
+
+extern "C" rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n) {
+    if (n < 0) return rd_fail(RD_EINVAL, "silu_cuda: n must be >= 0, got %lld", (long long)n);
+    if (n == 0) return RD_OK;
+    silu_fwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(out, inp, n);
+    CU_LAUNCHED("silu_fwd_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_silu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n) {
+    if (n < 0) return rd_fail(RD_EINVAL, "silu_backward_cuda: n must be >= 0, got %lld", (long long)n);
+    if (n == 0) return RD_OK;
+    silu_bwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(dinp, dout, inp, n);
+    CU_LAUNCHED("silu_bwd_kernel");
+    return RD_OK;
+}
+
+/* ---- timestep embedding ------------------------------------------------------------- */
+/* emb[b, k] = cos(t_b f_k), emb[b, half + k] = sin(t_b f_k), f_k = exp(-ln(P) k / half),
+ * in double as the CPU, rounded to float at the end. */
+__global__ void timestep_kernel(float *emb, const float *t, int64_t B, int64_t half, double lnp) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < B * half;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t b = i / half, k = i % half;
+        double a = (double)t[b] * exp(-lnp * (double)k / (double)half);
+        emb[b * 2 * half + k] = (float)cos(a);
+        emb[b * 2 * half + half + k] = (float)sin(a);
+    }
+}
+
+extern "C" rd_status rd_timestep_embedding_forward_cuda(float *emb, const float *t, int64_t B,
+                                                        int64_t F, float max_period) {
+    if (B <= 0 || F <= 0 || F % 2)
+        return rd_fail(RD_EINVAL, "timestep_embedding_cuda: need B > 0 and an even F > 0, got "
+                       "B=%lld F=%lld", (long long)B, (long long)F);
+    if (!(max_period > 0.0f)) return rd_fail(RD_EINVAL, "timestep_embedding_cuda: max_period must be > 0");
+    timestep_kernel<<<rd_grid(B * F / 2, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(
+        emb, t, B, F / 2, log((double)max_period));
+    CU_LAUNCHED("timestep_kernel");
+    return RD_OK;
+}

@@ -1,0 +1,217 @@
+"""The CUDA backend's expert precisions against the fp32 CPU ops and the float64 twins:
+bf16 (bf16 GEMM operands, fp32 accumulation, fp32 master weights) within bf16 tolerances,
+per-call TF32, the side-stream GEMM mode, routing masks that do not depend on the expert
+precision (router, gate and routing stay fp32), precision switching and its errors.
+Skipped without a CUDA device.
+
+Tolerances for bf16 (unit roundoff 2^-9 ~ 2e-3, a few roundings deep): every output and
+gradient has a relative error norm ||got - want|| / ||want|| < 1e-2, and elementwise
+|got - want| <= 2e-2 |want| + 2e-2 max|want|."""
+import numpy as np
+import pytest
+
+import racedit
+from racedit import ops, ref
+
+HAVE_GPU = racedit.cuda_available()
+pytestmark = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or "
+                                "racedit built without CUDA")
+
+if HAVE_GPU:
+    from racedit import cuda as rc
+
+BF16_REL_NORM = 1e-2
+BF16_RTOL = 2e-2
+
+
+def rel_norm(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    den = np.linalg.norm(want)
+    return np.linalg.norm(got - want) / (den if den > 0 else 1.0)
+
+
+def bf16_close(got, want, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, what
+    assert np.isfinite(got).all(), f"{what}: non-finite values"
+    if want.size == 0 or not np.abs(want).max() > 0:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+        return
+    e = rel_norm(got, want)
+    assert e < BF16_REL_NORM, f"{what}: relative error norm {e:.3g} >= {BF16_REL_NORM}"
+    np.testing.assert_allclose(got, want, rtol=BF16_RTOL,
+                               atol=BF16_RTOL * float(np.abs(want).max()), err_msg=what)
+
+
+def experts_case(N, D, E, He, seed, density=0.4):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    mask = rng.random((N, E)) < density
+    if E > 2:
+        mask[:, 1] = False
+    if N > 2:
+        mask[2, :] = False
+    G = rng.standard_normal((N, E)).astype(np.float32)
+    w1 = (rng.standard_normal((E, D, He)) / np.sqrt(D)).astype(np.float32)
+    b1 = (0.1 * rng.standard_normal((E, He))).astype(np.float32)
+    w2 = (rng.standard_normal((E, He, D)) / np.sqrt(He)).astype(np.float32)
+    b2 = (0.1 * rng.standard_normal((E, D))).astype(np.float32)
+    dy = rng.standard_normal((N, D)).astype(np.float32)
+    return dy, x, mask, G, w1, b1, w2, b2
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["gemm_loop", "grouped", "side_streams"])
+def gemm_mode(request):
+    if request.param == 1 and not rc.info()["grouped_gemm"]:
+        pytest.skip("cublasGemmGroupedBatchedEx is not in the linked cuBLAS")
+    prev = rc.expert_gemm(request.param)
+    yield request.param
+    rc.expert_gemm(prev)
+
+
+# odd widths (scalar paths), widths divisible by 4 (vector paths), an expert with no rows
+SHAPES = [(5, 3, 1, 2), (17, 13, 5, 7), (64, 16, 4, 8), (300, 24, 8, 40), (520, 64, 6, 96)]
+
+
+@pytest.mark.parametrize("N,D,E,He", SHAPES)
+def test_experts_bf16_match_twin(N, D, E, He, gemm_mode):
+    dy, *args = experts_case(N, D, E, He, 3 * N + D + E + He)
+    bf16_close(rc.experts_forward(*args, precision="bf16"), ref.experts_forward(*args), "y")
+    got = rc.experts_backward(dy, *args, precision="bf16")
+    want = ref.experts_backward(dy, *args)
+    for name, g, w in zip(("dx", "dG", "dw1", "db1", "dw2", "db2"), got, want):
+        bf16_close(g, w, name)
+    assert (got[1][~args[1]] == 0).all()  # dG is exactly 0 off the mask
+
+
+def test_experts_bf16_is_not_fp32():
+    """The bf16 path really rounds: it differs from the fp32 result (else the test above
+    could pass on an fp32 path by accident), yet stays within the bf16 tolerances."""
+    dy, *args = experts_case(300, 64, 8, 64, 4)
+    y32 = rc.experts_forward(*args)
+    y16 = rc.experts_forward(*args, precision="bf16")
+    assert rel_norm(y16, y32) > 1e-5
+    bf16_close(y16, y32, "y bf16 vs fp32")
+
+
+def test_experts_bf16_bitwise_deterministic(gemm_mode):
+    dy, *args = experts_case(300, 24, 8, 40, 9)
+    first = rc.experts_backward(dy, *args, precision="bf16")
+    y = rc.experts_forward(*args, precision="bf16")
+    for _ in range(2):
+        np.testing.assert_array_equal(rc.experts_forward(*args, precision="bf16"), y)
+        for a, b in zip(rc.experts_backward(dy, *args, precision="bf16"), first):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_experts_tf32_precision_per_call():
+    dy, *args = experts_case(300, 64, 8, 64, 2)
+    want = ref.experts_forward(*args)
+    np.testing.assert_allclose(rc.experts_forward(*args, precision="tf32"), want, rtol=2e-2,
+                               atol=2e-3 * np.abs(want).max())
+    for g, w in zip(rc.experts_backward(dy, *args, precision="tf32"), ref.experts_backward(dy, *args)):
+        assert rel_norm(g, w) < 1e-2
+    assert rc.tf32() is False  # the per-call precision leaves the global knob alone
+
+
+def test_experts_side_streams_match_loop():
+    dy, *args = experts_case(520, 64, 6, 96, 12)
+    prev = rc.expert_gemm(0)
+    try:
+        base = rc.experts_backward(dy, *args)
+        rc.expert_gemm(2)
+        for a, b in zip(rc.experts_backward(dy, *args), base):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(b).max()))
+    finally:
+        rc.expert_gemm(prev)
+
+
+# ---- the composite layer in bf16 ---------------------------------------------------------
+def layer_pair(strategy, gating, B, L, D, E, k, seed=0, precision="bf16"):
+    cpu = racedit.MoE(D, E, k, strategy=strategy, gating=gating, seed=seed)
+    st = rc.MoEState(D, E, k, hidden=cpu.hidden, strategy=strategy, gating=gating,
+                     precision=precision)
+    rng = np.random.default_rng(seed + 1)
+    cpu.param_buffer[...] += 0.05 * rng.standard_normal(cpu.param_buffer.size).astype(np.float32)
+    x = rng.standard_normal((B, L, D)).astype(np.float32)
+    dy = rng.standard_normal((B, L, D)).astype(np.float32)
+    return cpu, st, x, dy
+
+
+def masks_identical_or_tie(m_gpu, m_cpu, G):
+    """Routing is fp32 in every precision: the masks are the CPU's unless a gate score sits
+    on the selection boundary at fp32 noise (G comes from GEMMs of other summation orders)."""
+    diff = m_gpu != m_cpu
+    if not diff.any():
+        return True
+    only_gpu, only_cpu = np.sort(G[m_gpu & ~m_cpu]), np.sort(G[m_cpu & ~m_gpu])
+    assert only_gpu.size == only_cpu.size, "selected counts differ"
+    assert np.all(np.abs(only_gpu - only_cpu) < 1e-4), f"{diff.sum()} pairs differ away from a tie"
+    return False
+
+
+@pytest.mark.parametrize("strategy", ["race", "token", "expert"])
+@pytest.mark.parametrize("gating", ["identity", "softmax"])
+def test_layer_bf16_matches_cpu(strategy, gating):
+    B, L, D, E, k = 2, 16, 24, 4, 2
+    cpu, st, x, dy = layer_pair(strategy, gating, B, L, D, E, k)
+    assert st.precision == "bf16"
+    y_cpu = cpu.forward(x)
+    y = rc.moe_forward(st, x, cpu.param_buffer, training=True)
+    v = st.view()
+    np.testing.assert_allclose(v["G"].reshape(B, L, E), cpu.gates, rtol=2e-4,
+                               atol=2e-5 * max(1.0, np.abs(cpu.gates).max()))
+    if not masks_identical_or_tie(v["mask"].reshape(B, L, E), cpu.mask, cpu.gates):
+        pytest.skip("a gate score sits on the selection boundary at fp32 noise")
+    np.testing.assert_array_equal(v["counts"], cpu.expert_counts)
+    bf16_close(y, y_cpu, "y")
+    cpu.zero_grad()
+    dx_cpu = cpu.backward(dy)
+    dx, grads = rc.moe_backward(st, dy, x, cpu.param_buffer)
+    bf16_close(dx, dx_cpu, "dx")
+    for name, g in cpu.grads.items():
+        off = g.ctypes.data - cpu.grad_buffer.ctypes.data
+        got = grads[off // 4: off // 4 + g.size].reshape(g.shape)
+        bf16_close(got, g, f"grad {name}")
+
+
+def test_layer_masks_do_not_depend_on_precision():
+    B, L, D, E, k = 2, 32, 16, 8, 2
+    cpu, st, x, _ = layer_pair("race", "identity", B, L, D, E, k, seed=7, precision="fp32")
+    rc.moe_forward(st, x, cpu.param_buffer, training=True)
+    v32 = st.view()
+    st16 = rc.MoEState(D, E, k, hidden=cpu.hidden, strategy="race", precision="bf16")
+    rc.moe_forward(st16, x, cpu.param_buffer, training=True)
+    v16 = st16.view()
+    np.testing.assert_array_equal(v16["mask"], v32["mask"])
+    np.testing.assert_array_equal(v16["G"], v32["G"])
+    assert v16["tau"] == v32["tau"]
+
+
+def test_layer_precision_switch_and_errors():
+    B, L, D, E, k = 2, 8, 8, 4, 1
+    cpu, st, x, dy = layer_pair("race", "identity", B, L, D, E, k, precision="fp32")
+    assert st.precision == "fp32"
+    rc.moe_forward(st, x, cpu.param_buffer)
+    st.precision = "bf16"
+    with pytest.raises(RuntimeError, match="forward"):  # the fp32 activations were dropped
+        rc.moe_backward(st, dy, x, cpu.param_buffer)
+    y = rc.moe_forward(st, x, cpu.param_buffer)
+    dx, _ = rc.moe_backward(st, dy, x, cpu.param_buffer)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    with pytest.raises(ValueError, match="precision"):
+        st.precision = "fp16"
+    with pytest.raises(ValueError, match="precision"):
+        rc.MoEState(D, E, k, precision="half")
+    assert st.precision == "bf16"
+
+
+def test_bench_bf16_runs():
+    cfg = dict(D=16, E=4, He=32, k=2, strategy="race", gating="identity", beta=0.99,
+               eval_topk=False)
+    rng = np.random.default_rng(0)
+    n = 16 * 16 + 16 + 16 * 4 + 4 + 2 * 4 * 16 * 32 + 4 * 32 + 4 * 16
+    p = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    x = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    r = rc.bench_moe(cfg, x, p, x, iters=2, precision="bf16")
+    assert r["P"] == 2 * 8 * 2 and r["fwdbwd_ms"] > 0 and r["dense_fwdbwd_ms"] > 0
