@@ -66,10 +66,11 @@ class RaceDiT:
     xavier-uniform linears with zero biases, the patch embedding as a linear over its
     flattened (D, C*p*p) weight, normal(0, 0.02) label table and timestep-MLP weights,
     zero adaLN modulations and final linear (adaLN-Zero: every block starts as the
-    identity). Experts: w1 and w2 are drawn xavier-uniform with the fans of the dense
-    DiT MLP (D -> 4D -> D), so each expert is a 1/k slice of that MLP's width with the
-    same weight scale and the k experts a token uses on average together have its
-    width and output variance; router, gate and PLR head are xavier-uniform.
+    identity, dense or MoE alike). Experts: w1 and w2 are drawn xavier-uniform with the
+    fans of the dense DiT MLP (D -> 4D -> D), so each expert is a 1/k slice of that MLP's
+    width with the same weight scale, and the k experts a token uses on average together
+    have its width and (before the gate values scale them) its output variance; router,
+    gate and PLR head are xavier-uniform.
 
     MoE blocks
     ----------
