@@ -84,13 +84,20 @@ class CudaRaceDiT:
         del host
         self._states = [_C.cuda_model_moe_state(self._cap, l) for l in range(self.num_moe_layers)]
         if dtype == "bf16":
-            _C.cuda_model_precision(self._cap, 2)
+            self.set_dtype(dtype)
         self._drop_rng = np.random.default_rng([seed, 1])
         self.training = True
         if max_batch is not None:
             if int(max_batch) < 1:
                 raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
             _C.cuda_model_reserve(self._cap, int(max_batch), True)
+
+    def set_dtype(self, dtype):
+        """Switch the expert GEMM precision ("fp32" | "bf16"); drops the last forward."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+        _C.cuda_model_precision(self._cap, 2 if dtype == "bf16" else 0)
+        self.dtype = dtype
 
     # ---- buffers (host copies) -------------------------------------------------------------
     def _named(self, flat):
