@@ -140,7 +140,7 @@ def test_moe_matches_cpu(routing):
         np.testing.assert_array_equal(a["load"], b["load"])
         assert a["dead_experts"] == b["dead_experts"]
         assert a["experts_per_token"] == pytest.approx(b["experts_per_token"])
-        assert a["tau_b"] == pytest.approx(b["tau_b"], rel=1e-4, abs=1e-6)
+        assert a["tau_b"] == pytest.approx(b["tau_b"], rel=1e-4, abs=1e-6, nan_ok=True)
     close(g.thresholds, m.thresholds, "tau", rtol=1e-4, atol=1e-6)
 
 
