@@ -493,7 +493,7 @@ static rd_status block_forward(rd_model_cuda *m, int64_t i, int64_t B, int train
 }
 
 static rd_status check_host_inputs(const rd_model_cuda *m, const float *t, const int64_t *y,
-                                   const float *plr, int64_t B) {
+                                   const float *plr, const char *plr_name, int64_t B) {
     for (int64_t b = 0; b < B; b++)
         if (!(t[b] >= 0.0f && t[b] <= RD_T_MAX)) /* also catches NaN */
             return rd_fail(RD_EINVAL, "t[%lld]=%g outside [0, %g]", (long long)b, (double)t[b],
@@ -507,8 +507,8 @@ static rd_status check_host_inputs(const rd_model_cuda *m, const float *t, const
         const int64_t n = B * m->cfg.in_channels * m->H * m->H;
         for (int64_t i = 0; i < n; i++)
             if (!isfinite(plr[i]))
-                return rd_fail(RD_EINVAL, "plr_target: non-finite value %g at flat index %lld "
-                               "of (B,C,H,W)", (double)plr[i], (long long)i);
+                return rd_fail(RD_EINVAL, "%s: non-finite value %g at flat index %lld of (B,C,H,W)",
+                               plr_name, (double)plr[i], (long long)i);
     }
     return RD_OK;
 }
@@ -550,7 +550,7 @@ static rd_status forward_dev(rd_model_cuda *m, int64_t B, int training, int plr)
 static rd_status stage(rd_model_cuda *m, const float *x, const float *t, const int64_t *y,
                        const float *tgt, int64_t B) {
     if (B < 1) return rd_fail(RD_EINVAL, "batch must be >= 1, got %lld", (long long)B);
-    RD_TRY(check_host_inputs(m, t, y, NULL, B));
+    RD_TRY(check_host_inputs(m, t, y, NULL, NULL, B));
     if (B > m->cap) {
         if (m->fixed)
             return rd_fail(RD_EINVAL, "batch %lld exceeds max_batch=%lld given at construction",
@@ -570,7 +570,7 @@ extern "C" rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const f
                                            const float *t, const int64_t *y,
                                            const float *plr_target, int64_t B, int training) {
     int plr = m->moe && plr_target && training && m->cfg.moe.plr_weight != 0.0f;
-    if (plr && B >= 1) RD_TRY(check_host_inputs(m, t, y, plr_target, B));
+    if (plr && B >= 1) RD_TRY(check_host_inputs(m, t, y, plr_target, "plr_target", B));
     RD_TRY(stage(m, x, t, y, plr ? plr_target : NULL, B));
     RD_TRY(forward_dev(m, B, training, plr));
     if (out)
@@ -670,7 +670,7 @@ extern "C" rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_st
                        "eps > 0");
     const rd_model_cfg *c = &m->cfg;
     int plr = m->moe && c->moe.plr_weight != 0.0f;
-    if (B >= 1) RD_TRY(check_host_inputs(m, t, y, target, B)); /* target is always checked */
+    if (B >= 1) RD_TRY(check_host_inputs(m, t, y, target, "target", B));
     RD_TRY(stage(m, x, t, y, target, B));
     RD_TRY(forward_dev(m, B, 1, plr));
     const int64_t C = c->in_channels, Co = c->out_channels, HW = m->H * m->H;
