@@ -5,9 +5,13 @@ with scaled_dot_product_attention, and an index_add_ MoE for the race blocks), r
 same process with the same number of threads. Not a test.
 
     python3 benchmarks/bench_model.py [--repeat 5] [--batch 8] [--configs DiT-S/2,...]
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_model.py     # one thread for both
 
-Aux losses are off in the comparison (sim_weight = balance_weight = 0, no PLR target) as
-the PyTorch model has none; the last rows time RaceDiT with its defaults (PLR + sim) on.
+The two implementations run alternately, step by step, so a machine shared with other
+work slows both alike; min and median over the steps are printed, the ratio is of the
+minima. Aux losses are off in the comparison (sim_weight = balance_weight = 0, no PLR
+target) as the PyTorch model has none; the last rows time RaceDiT with its defaults
+(PLR + similarity loss) on.
 """
 import argparse
 import os
@@ -21,20 +25,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
 import racedit  # noqa: E402
+from racedit import _C  # noqa: E402
 from racedit.configs import get_config  # noqa: E402
 
 
-def timeit(fn, repeat):
-    fn()                                     # warm-up (allocations, thread pools)
-    ts = []
+def alternate(steps, repeat):
+    """Run each step once (warm-up), then `repeat` rounds of all steps in turn; returns
+    [(min, median)] seconds per step."""
+    for s in steps:
+        s()
+    ts = [[] for _ in steps]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for s, t in zip(steps, ts):
+            t0 = time.perf_counter()
+            s()
+            t.append(time.perf_counter() - t0)
+    return [(min(t), statistics.median(t)) for t in ts]
 
 
-def bench_racedit(name, size, B, repeat, aux=False):
+def racedit_step(name, size, B, aux=False):
     kw = {} if aux else dict(sim_weight=0.0, balance_weight=0.0, plr_weight=0.0)
     m = racedit.RaceDiT(name, input_size=size, in_channels=4, num_classes=1000, seed=0,
                         class_dropout_prob=0.0, **kw)
@@ -49,10 +58,10 @@ def bench_racedit(name, size, B, repeat, aux=False):
     def step():
         m.forward(x, t, y, plr_target=plr)
         m.backward(dout)
-    return timeit(step, repeat)
+    return step
 
 
-def bench_torch(name, size, B, repeat):
+def torch_step(name, size, B):
     import torch
     from torch_dit import DiT
 
@@ -72,7 +81,31 @@ def bench_torch(name, size, B, repeat):
     def step():
         net.zero_grad(set_to_none=False)
         (net(x, t, y) * dout).sum().backward()
-    return timeit(step, repeat)
+    return step
+
+
+def attention_steps(B, L):
+    """Attention forward+backward (NH=6, D=384) in both threading modes: OpenMP over the
+    (b, h) pairs with a single-threaded BLAS, or the pairs in turn with a threaded BLAS."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    qkv = rng.normal(size=(B, L, 3 * 384)).astype(np.float32)
+    out, att = _C.dit_attention_forward(qkv, 6)
+
+    def run(mode):
+        prev = _C.moe_threading(mode)
+        try:
+            if mode == "omp":
+                with threadpool_limits(1, "blas"):
+                    _C.dit_attention_forward(qkv, 6)
+                    _C.dit_attention_backward(out, qkv, att, 6)
+            else:
+                _C.dit_attention_forward(qkv, 6)
+                _C.dit_attention_backward(out, qkv, att, 6)
+        finally:
+            _C.moe_threading(prev)
+    return [lambda: run("omp"), lambda: run("blas")]
 
 
 def main():
@@ -92,32 +125,39 @@ def main():
         from threadpoolctl import threadpool_info
         blas = ", ".join(f"{d['internal_api']} {d.get('num_threads')} threads"
                          for d in threadpool_info() if d["user_api"] == "blas")
+        have_tpc = True
     except ImportError:
-        blas = "threadpoolctl not installed"
-    print(f"racedit: OpenMP {info['openmp']} ({info['num_threads']} threads), {info['blas']}; BLAS pools: {blas}")
+        blas, have_tpc = "threadpoolctl not installed", False
+    print(f"racedit: OpenMP {info['openmp']} ({info['num_threads']} threads), {info['blas']}; "
+          f"BLAS pools: {blas}; threading mode {_C.moe_threading()}")
     if have_torch:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"batch {args.batch}, median of {args.repeat}, forward+backward, seconds")
-    print(f"{'model':20s} {'latent':>9s} {'L':>4s} {'racedit':>9s} {'torch':>9s} {'ratio':>7s}")
+    if have_tpc:
+        for L in (64, 256):
+            (o, _), (b, _) = alternate(attention_steps(args.batch, L), 4 * args.repeat)
+            print(f"attention fwd+bwd B={args.batch} NH=6 D=384 L={L} (min): OpenMP over (b,h) "
+                  f"{o * 1e3:.1f} ms, BLAS-threaded products {b * 1e3:.1f} ms")
+    print(f"batch {args.batch}, {args.repeat} alternating steps, forward+backward, seconds (min / median)")
+    print(f"{'model':20s} {'latent':>9s} {'L':>4s} {'racedit':>15s} {'torch':>15s} {'ratio':>6s}")
     for name in args.configs.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             L = (size // get_config(name).patch) ** 2
-            try:
-                ours = bench_racedit(name, size, args.batch, args.repeat)
-            except ValueError as e:                  # e.g. a build without the MoE composite
-                print(f"{name:20s} {size}x{size}x4 {L:4d}   n/a ({e})")
-                continue
-            theirs = bench_torch(name, size, args.batch, args.repeat) if have_torch else float("nan")
-            print(f"{name:20s} {size:>2d}x{size:<2d}x4 {L:4d} {ours:9.3f} {theirs:9.3f} {ours / theirs:7.2f}",
+            steps = [racedit_step(name, size, args.batch)]
+            if have_torch:
+                steps.append(torch_step(name, size, args.batch))
+            r = alternate(steps, args.repeat)
+            ours = f"{r[0][0]:6.3f} / {r[0][1]:6.3f}"
+            theirs, ratio = "n/a", float("nan")
+            if have_torch:
+                theirs, ratio = f"{r[1][0]:6.3f} / {r[1][1]:6.3f}", r[0][0] / r[1][0]
+            print(f"{name:20s} {size:>2d}x{size:<2d}x4 {L:4d} {ours:>15s} {theirs:>15s} {ratio:6.2f}",
                   flush=True)
     for name in args.configs.split(","):
         if get_config(name).is_moe:
             for size in (int(s) for s in args.sizes.split(",")):
-                try:
-                    ours = bench_racedit(name, size, args.batch, args.repeat, aux=True)
-                    print(f"{name + ' +PLR+sim':20s} {size:>2d}x{size:<2d}x4 {(size // 2) ** 2:4d} {ours:9.3f}")
-                except ValueError as e:
-                    print(f"{name + ' +PLR+sim':20s} n/a ({e})")
+                (mn, md), = alternate([racedit_step(name, size, args.batch, aux=True)], args.repeat)
+                print(f"{name + ' +PLR+sim':20s} {size:>2d}x{size:<2d}x4 {(size // 2) ** 2:4d} "
+                      f"{mn:6.3f} / {md:6.3f}")
 
 
 if __name__ == "__main__":

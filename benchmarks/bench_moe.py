@@ -13,11 +13,17 @@ What is measured, per case (B, L, D, E, k; He = 4D/k):
   included, against the rate of the six GEMMs of a dense MLP of equal FLOPs (N tokens,
   width P*He/N = 4D) run with scipy.linalg.blas.sgemm: the same SciPy OpenBLAS racedit
   calls, threaded by the BLAS itself with the same number of threads.
-- torch: the same block in PyTorch eager mode (nn-style router MLP, torch.topk selection,
-  tokens sorted by expert, one addmm pair per expert, index_add_ combine, autograd
-  backward), torch.set_num_threads equal to racedit's OpenMP threads.
+- torch: the same block in PyTorch eager mode (router MLP, torch.topk selection, tokens
+  sorted by expert, index_select gathers, one addmm pair per expert on per-expert leaf
+  weights as an nn.ModuleList holds them, index_add_ combine, autograd backward),
+  torch.set_num_threads equal to racedit's OpenMP threads; its output is checked
+  against racedit's.
 Timings are the minimum over --repeat runs after one warm-up; racedit and the baselines
 alternate run by run so that machine load hits both alike.
+
+The BLAS kernels are whatever SciPy's OpenBLAS picks for the CPU (printed below); it can
+be overridden with OPENBLAS_CORETYPE (e.g. SkylakeX on an AVX-512 CPU that OpenBLAS maps
+to Haswell kernels), which changes racedit and the dense reference alike.
 
 OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, set here before racedit and torch
 load their OpenMP runtimes, unless already set or --spin is given): on a machine shared
@@ -95,7 +101,12 @@ def dense_mlp_gemms(N, D, H, rng):
 def torch_block(m, strategy, torch):
     """The same layer as m (same parameter values) in PyTorch eager mode."""
     F = torch.nn.functional
-    P = {n: torch.tensor(v, requires_grad=True) for n, v in m.params.items()}
+    P = {n: torch.tensor(v, requires_grad=True) for n, v in m.params.items()
+         if n in ("router_w", "router_b", "gate_w", "gate_b")}
+    # one leaf tensor per expert, as an nn.ModuleList of experts holds them: indexing a
+    # stacked (E, ...) weight would make autograd build a full zero gradient per expert
+    X = {n: [torch.tensor(v[e], requires_grad=True) for e in range(m.num_experts)]
+         for n, v in m.params.items() if n in ("w1", "b1", "w2", "b2")}
     E, k = m.num_experts, m.k
     axes = {"token": (2,), "expert": (1,), "bl": (0, 1), "be": (0, 2), "le": (1, 2),
             "race": (0, 1, 2)}[strategy]
@@ -126,21 +137,19 @@ def torch_block(m, strategy, torch):
             order = torch.argsort(exp, stable=True)
             tok, exp = tok[order], exp[order]
             counts = torch.bincount(exp, minlength=E).tolist()
-        xg, g = xf[tok], G[tok, exp]
-        outs, start = [], 0
-        for e in range(E):
-            n = counts[e]
-            if n:
-                hdn = F.gelu(torch.addmm(P["b1"][e], xg[start:start + n], P["w1"][e]),
-                             approximate="tanh")
-                outs.append(torch.addmm(P["b2"][e], hdn, P["w2"][e]))
-            start += n
+        xg = xf.index_select(0, tok)                                  # (P,D)
+        g = G.reshape(-1).index_select(0, tok * E + exp)              # (P,)
+        outs = []
+        for e, xe in enumerate(torch.split(xg, counts)):
+            if counts[e]:
+                hdn = F.gelu(torch.addmm(X["b1"][e], xe, X["w1"][e]), approximate="tanh")
+                outs.append(torch.addmm(X["b2"][e], hdn, X["w2"][e]))
         o = torch.cat(outs) * g[:, None]
         y = torch.zeros_like(xf).index_add_(0, tok, o)
         return y.reshape(B, L, D)
 
     def step(x, dy):
-        for p in P.values():
+        for p in list(P.values()) + [t for ts in X.values() for t in ts]:
             p.grad = None
         xt = torch.from_numpy(x).requires_grad_(True)
         forward(xt).backward(torch.from_numpy(dy))
@@ -176,30 +185,39 @@ def run_case(name, c, args, torch):
         print(f"  [{mode:4}] experts {t_exp * 1e3:7.1f} ms = {r_exp:6.1f} GFLOP/s | dense "
               f"{t_dense * 1e3:7.1f} ms = {r_dense:6.1f} GFLOP/s | ratio {r_exp / r_dense:.2f}")
 
-    # the whole layer per strategy, and PyTorch
-    head = f"  {'strategy':8} " + " ".join(f"{'racedit ' + md + ' ms':>16}" for md in args.modes)
+    # the whole layer per strategy, against PyTorch, in the first mode; the other modes
+    # in their own pass (a mode's leftover BLAS threads must not spin during another's run)
+    print(f"layer forward+backward (training), racedit threading '{args.modes[0]}':")
+    head = f"  {'strategy':8} {'racedit ms':>11}"
     if torch is not None:
         head += f" {'torch ms':>10} {'torch/racedit':>14}"
-    print("layer forward+backward (training):")
     print(head)
+    layers = {s: racedit.MoE(D, E, k, strategy=s, seed=0) for s in STRATEGIES}
+
+    def step(m):
+        m.forward(x)
+        m.backward(dy)
+        m.zero_grad()
+    ops.moe_threading(args.modes[0])
     for s in STRATEGIES:
-        m = racedit.MoE(D, E, k, strategy=s, seed=0)
-        fns, labels = [], []
-        for mode in args.modes:
-            def f(mode=mode, m=m):
-                ops.moe_threading(mode)
-                m.forward(x)
-                m.backward(dy)
-                m.zero_grad()
-            fns.append(f)
+        fns = [lambda m=layers[s]: step(m)]
         if torch is not None:
-            step, _ = torch_block(m, s, torch)
-            fns.append(lambda: step(x, dy))
+            tstep, tforward = torch_block(layers[s], s, torch)
+            fns.append(lambda: tstep(x, dy))
+            with torch.no_grad():   # the two compute the same block
+                yt = tforward(torch.from_numpy(x)).numpy()
+            y = layers[s].forward(x)
+            diff = np.abs(yt - y).max() / np.abs(y).max()
         ts = interleaved(fns, args.repeat)
-        line = f"  {s:8} " + " ".join(f"{t * 1e3:16.1f}" for t in ts[:len(args.modes)])
+        line = f"  {s:8} {ts[0] * 1e3:11.1f}"
         if torch is not None:
-            line += f" {ts[-1] * 1e3:10.1f} {ts[-1] / min(ts[:len(args.modes)]):14.2f}"
+            line += f" {ts[1] * 1e3:10.1f} {ts[1] / ts[0]:14.2f}   (max |y_torch - y| / max |y| = {diff:.1e})"
         print(line)
+    for mode in args.modes[1:]:
+        ops.moe_threading(mode)
+        ts = interleaved([lambda m=layers[s]: step(m) for s in STRATEGIES], args.repeat)
+        print(f"  threading '{mode}': " + ", ".join(f"{s} {t * 1e3:.1f}" for s, t in zip(STRATEGIES, ts))
+              + " ms")
     ops.moe_threading(args.modes[0])
 
 

@@ -32,3 +32,5 @@ def cuda_available():
 from . import configs, ops, ref  # noqa: E402
 from .model import RaceDiT  # noqa: E402,F401
 from .moe import MoE  # noqa: E402,F401
+from .train import TrainConfig, train  # noqa: E402,F401
+from .sample import sample  # noqa: E402,F401  (the function; the module stays racedit.sample in sys.modules)

@@ -7,7 +7,7 @@ calls racedit._C.model_forward / model_backward, which run every layer in C.
 import numpy as np
 
 from . import _C
-from .configs import ModelConfig, count_params, get_config
+from .configs import count_params, get_config
 
 __all__ = ["RaceDiT"]
 
@@ -76,6 +76,19 @@ class RaceDiT:
     DiT MLP (D -> 4D -> D), so each expert is a 1/k slice of that MLP's width with the
     same weight scale and the k experts a token uses on average together have its
     width and output variance; router, gate and PLR head are xavier-uniform.
+
+    MoE blocks
+    ----------
+    Each block's MLP is racedit's MoE layer (SPEC §2-§4) with its PLR head predicting
+    the patchified ``plr_target`` (width p*p*in_channels, the (i, j, c) order of DiT's
+    unpatchify). Each aux loss of the model is the mean over its MoE layers, so every
+    layer gets weight/depth; ``aux()`` reports the means, ``aux_loss()`` the weighted sum
+    whose gradient ``backward()`` adds. Training mode routes by batch top-K and updates
+    each layer's threshold tau (EMA with ``beta``, initialised by the first batch); eval
+    mode selects G >= tau, so it needs one training forward (or ``thresholds`` set)
+    first, else RuntimeError (``eval_topk=True`` avoids it). Threads: OpenMP with a
+    single-threaded BLAS, or the BLAS's own threads, as ``racedit._C.moe_threading()``
+    says (process-wide; the model follows the MoE layer's mode).
 
     Loading a DiT checkpoint
     ------------------------

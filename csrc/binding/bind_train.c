@@ -1,4 +1,184 @@
-/* bind_train.c — Python functions of the train area (to be filled by that area). */
+/* bind_train.c — Python functions of the optimiser area (racedit._C.adamw_step,
+ * grad_norm, ema_update, nonfinite_index). The buffers written to are never
+ * converted (rd_out_array); the read-only ones must already be float32, 1-D,
+ * contiguous and of the same length, and no two may overlap. */
 #include "bind.h"
 
-int rd_bind_train(PyObject *m) { (void)m; return 0; }
+#include <math.h>
+#include <string.h>
+
+/* A read-only float32 1-D buffer that the kernel reads as-is (no silent conversion:
+ * a converted copy of a gradient buffer would hide a dtype bug in the caller). */
+static PyArrayObject *in_buffer(PyObject *obj, const char *name, npy_intp n) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray of dtype float32, got %s",
+                     name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype float32, got %s", name,
+                     PyArray_DESCR(a)->typeobj->tp_name);
+        return NULL;
+    }
+    if (PyArray_NDIM(a) != 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a 1-d array, got ndim=%d", name,
+                     PyArray_NDIM(a));
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a contiguous, aligned array", name);
+        return NULL;
+    }
+    if (n != RD_ANY && PyArray_DIM(a, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld,), got (%lld,)", name,
+                     (long long)n, (long long)PyArray_DIM(a, 0));
+        return NULL;
+    }
+    return a;
+}
+
+static int overlap(PyArrayObject *a, PyArrayObject *b) {
+    const char *pa = PyArray_BYTES(a), *pb = PyArray_BYTES(b);
+    npy_intp na = PyArray_NBYTES(a), nb = PyArray_NBYTES(b);
+    if (na == 0 || nb == 0) return 0;
+    return pa < pb + nb && pb < pa + na;
+}
+
+/* Raise ValueError if any two of arrs[0..k) share memory. */
+static int check_disjoint(PyArrayObject **arrs, const char **names, int k) {
+    for (int i = 0; i < k; i++)
+        for (int j = i + 1; j < k; j++)
+            if (overlap(arrs[i], arrs[j])) {
+                PyErr_Format(PyExc_ValueError, "%s and %s must not share memory", names[i],
+                             names[j]);
+                return -1;
+            }
+    return 0;
+}
+
+/* ValueError "<name>: expected <expect>, got <x>" (PyErr_Format has no %g). */
+static int bad_value(const char *name, const char *expect, double x) {
+    char buf[64];
+    snprintf(buf, sizeof buf, "%g", x);
+    PyErr_Format(PyExc_ValueError, "%s: expected %s, got %s", name, expect, buf);
+    return -1;
+}
+
+static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"params", "grads", "m", "v", "lr", "step", "beta1", "beta2",
+                             "eps", "weight_decay", "grad_scale", NULL};
+    PyObject *po, *go, *mo, *vo;
+    double lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0, grad_scale = 1.0;
+    long long step;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOdL|ddddd", kwlist, &po, &go, &mo, &vo, &lr,
+                                     &step, &beta1, &beta2, &eps, &wd, &grad_scale))
+        return NULL;
+    PyArrayObject *p = rd_out_array(po, "params", NPY_FLOAT32, 1, NULL);
+    if (!p) return NULL;
+    npy_intp n = PyArray_DIM(p, 0);
+    npy_intp shp[1] = {n};
+    PyArrayObject *g = in_buffer(go, "grads", n);
+    if (!g) return NULL;
+    PyArrayObject *m = rd_out_array(mo, "m", NPY_FLOAT32, 1, shp);
+    if (!m) return NULL;
+    PyArrayObject *v = rd_out_array(vo, "v", NPY_FLOAT32, 1, shp);
+    if (!v) return NULL;
+    PyArrayObject *all[4] = {p, g, m, v};
+    const char *names[4] = {"params", "grads", "m", "v"};
+    if (check_disjoint(all, names, 4) < 0) return NULL;
+    if (!isfinite(lr) || lr < 0) return (void)bad_value("lr", "a finite value >= 0", lr), NULL;
+    if (!(beta1 >= 0 && beta1 < 1))
+        return (void)bad_value("beta1", "a value in [0, 1)", beta1), NULL;
+    if (!(beta2 >= 0 && beta2 < 1))
+        return (void)bad_value("beta2", "a value in [0, 1)", beta2), NULL;
+    if (!isfinite(eps) || eps <= 0) return (void)bad_value("eps", "a finite value > 0", eps), NULL;
+    if (!isfinite(wd) || wd < 0)
+        return (void)bad_value("weight_decay", "a finite value >= 0", wd), NULL;
+    if (!isfinite(grad_scale) || grad_scale < 0)
+        return (void)bad_value("grad_scale", "a finite value >= 0", grad_scale), NULL;
+    if (step < 1) {
+        PyErr_Format(PyExc_ValueError, "step: expected an int >= 1 (1-based), got %lld", step);
+        return NULL;
+    }
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = rd_adamw_step((float *)PyArray_DATA(p), (const float *)PyArray_DATA(g),
+                      (float *)PyArray_DATA(m), (float *)PyArray_DATA(v), (int64_t)n,
+                      lr, beta1, beta2, eps, wd, (int64_t)step, grad_scale);
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) return rd_raise(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_grad_norm(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"grads", NULL};
+    PyObject *go;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O", kwlist, &go)) return NULL;
+    PyArrayObject *g = in_buffer(go, "grads", RD_ANY);
+    if (!g) return NULL;
+    double out = 0.0;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = rd_grad_norm(&out, (const float *)PyArray_DATA(g), (int64_t)PyArray_DIM(g, 0));
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) return rd_raise(s);
+    return PyFloat_FromDouble(out);
+}
+
+static PyObject *py_ema_update(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"ema", "params", "decay", NULL};
+    PyObject *eo, *po;
+    double decay;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOd", kwlist, &eo, &po, &decay)) return NULL;
+    PyArrayObject *e = rd_out_array(eo, "ema", NPY_FLOAT32, 1, NULL);
+    if (!e) return NULL;
+    PyArrayObject *p = in_buffer(po, "params", PyArray_DIM(e, 0));
+    if (!p) return NULL;
+    PyArrayObject *all[2] = {e, p};
+    const char *names[2] = {"ema", "params"};
+    if (check_disjoint(all, names, 2) < 0) return NULL;
+    if (!(decay >= 0 && decay <= 1))
+        return (void)bad_value("decay", "a value in [0, 1]", decay), NULL;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = rd_ema_update((float *)PyArray_DATA(e), (const float *)PyArray_DATA(p),
+                      (int64_t)PyArray_DIM(e, 0), decay);
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) return rd_raise(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_nonfinite_index(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kwlist[] = {"x", NULL};
+    PyObject *xo;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O", kwlist, &xo)) return NULL;
+    PyArrayObject *x = in_buffer(xo, "x", RD_ANY);
+    if (!x) return NULL;
+    int64_t idx = -1;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = rd_nonfinite_index(&idx, (const float *)PyArray_DATA(x), (int64_t)PyArray_DIM(x, 0));
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) return rd_raise(s);
+    return PyLong_FromLongLong((long long)idx);
+}
+
+static PyMethodDef train_methods[] = {
+    {"adamw_step", (PyCFunction)(void (*)(void))py_adamw_step, METH_VARARGS | METH_KEYWORDS,
+     "adamw_step(params, grads, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,"
+     " weight_decay=0, grad_scale=1): one fused AdamW update in place (float32 1-D buffers)."},
+    {"grad_norm", (PyCFunction)(void (*)(void))py_grad_norm, METH_VARARGS | METH_KEYWORDS,
+     "grad_norm(grads) -> float: the L2 norm, accumulated in double, thread-count independent."},
+    {"ema_update", (PyCFunction)(void (*)(void))py_ema_update, METH_VARARGS | METH_KEYWORDS,
+     "ema_update(ema, params, decay): ema <- decay*ema + (1-decay)*params in place."},
+    {"nonfinite_index", (PyCFunction)(void (*)(void))py_nonfinite_index,
+     METH_VARARGS | METH_KEYWORDS,
+     "nonfinite_index(x) -> int: the first index holding NaN/Inf, or -1."},
+    {NULL, NULL, 0, NULL}};
+
+int rd_bind_train(PyObject *m) { return PyModule_AddFunctions(m, train_methods); }

@@ -395,13 +395,25 @@ static rd_status block_forward(rd_model *m, const float *P, int64_t i, int64_t B
     return rd_gated_residual_forward(m->x, m->x, a->ffn, a->mod + 5 * D, B, L, D, S);
 }
 
-static rd_status check_inputs(const rd_model *m, const float *t, int64_t B) {
+static rd_status check_timesteps(const float *t, int64_t B) {
     for (int64_t b = 0; b < B; b++)
         if (!(t[b] >= 0.0f && t[b] <= RD_T_MAX)) /* also catches NaN */
             return rd_fail(RD_EINVAL, "t[%lld]=%g outside [0, %g]", (long long)b, (double)t[b],
                            (double)RD_T_MAX);
-    (void)m;
     return RD_OK;
+}
+
+/* The PLR heads' target (SPEC §3): (B,C,H,W) -> m->plr (N, p*p*C) in the (i,j,c) order
+ * of the final layer's output; checked first, so a bad target costs no block. */
+static rd_status patchify_target(rd_model *m, const float *target, int64_t B) {
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t n = B * c->in_channels * m->H * m->H;
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(target[i]))
+            return rd_fail(RD_EINVAL, "plr_target: non-finite value %g at flat index %lld of "
+                           "(B,C,H,W)", (double)target[i], (long long)i);
+    return rd_patchify_forward(m->plr, target, B, c->in_channels, m->H, m->H, c->patch,
+                               RD_PATCH_IJC);
 }
 
 static rd_status model_forward(rd_model *m, float *out, const float *params, const float *x,
@@ -416,7 +428,7 @@ static rd_status model_forward(rd_model *m, float *out, const float *params, con
                            (long long)B, (long long)m->cap);
         TRY(rd_model_reserve(m, B, 0));
     }
-    TRY(check_inputs(m, t, B));
+    TRY(check_timesteps(t, B));
     m->have_forward = 0;
     const float *P = params;
     /* x = x_embedder(x) + pos_embed: start each row from bias + pe, then add the product */
@@ -428,8 +440,8 @@ static rd_status model_forward(rd_model *m, float *out, const float *params, con
             const float *pe = m->pe + l * D, *bias = P + m->xe_b;
             for (int64_t d = 0; d < D; d++) row[d] = bias[d] + pe[d];
         }
-    TRY(rd_matmul_par(m->x, (int)D, m->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1, N, D,
-                  m->Pin, 1.0f, 1.0f));
+    TRY(rd_matmul_par(m->x, (int)D, m->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1, N,
+                      D, m->Pin, 1.0f, 1.0f));
     /* c = t_embedder(t) + y_embedder(y); every adaLN reads SiLU(c) */
     TRY(rd_timestep_embedding_forward(m->tfreq, t, B, RD_FREQ_DIM, RD_MAX_PERIOD));
     TRY(rd_linear_forward(m->th, m->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
@@ -440,15 +452,7 @@ static rd_status model_forward(rd_model *m, float *out, const float *params, con
     TRY(rd_silu_forward(m->sc, m->c, B * D));
     memcpy(m->labels, y, (size_t)B * sizeof(int64_t));
     m->last_plr = m->moe && plr_target && training && c->moe.plr_weight != 0.0f;
-    if (m->last_plr) {
-        const int64_t n = B * c->in_channels * H * H;
-        for (int64_t i = 0; i < n; i++)
-            if (!isfinite(plr_target[i]))
-                return rd_fail(RD_EINVAL, "plr_target: non-finite value %g at flat index %lld "
-                               "of (B,C,H,W)", (double)plr_target[i], (long long)i);
-    }
-    if (m->last_plr)
-        TRY(rd_patchify_forward(m->plr, plr_target, B, c->in_channels, H, H, p, RD_PATCH_IJC));
+    if (m->last_plr) TRY(patchify_target(m, plr_target, B));
     for (int64_t i = 0; i < c->depth; i++) TRY(block_forward(m, P, i, B, training));
     /* final layer: modulate(LN(x), shift, scale) -> Linear -> unpatchify */
     TRY(rd_linear_forward(m->modf, m->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));

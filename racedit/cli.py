@@ -1,0 +1,185 @@
+"""racedit.cli — ``python -m racedit {train,sample,report}``, flags named as DiT's
+train.py / sample.py plus Race-DiT's own (routing, gating, objective, aux-loss weights).
+
+    python -m racedit train --preset quick                  # the built-in shapes, a few minutes
+    python -m racedit train --model RaceDiT-S/2-2in8 --data folder /data/train --steps 100000
+    python -m racedit train --resume results/000-.../checkpoints/0001000.safetensors
+    python -m racedit sample --ckpt results/000-.../checkpoints/0001500.safetensors --cfg-scale 3
+"""
+import argparse
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_train(sub):
+    from .data import DATA_KINDS
+    from .diffusion import OBJECTIVES
+    from .train import PRESETS
+
+    p = sub.add_parser("train", help="train a model (DiT's train.py)",
+                       description="Train a RaceDiT or DiT. Unset flags take the preset's "
+                                   "value, then racedit.TrainConfig's default.")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a tested setting: 'quick' trains a small RaceDiT on the built-in "
+                        "shapes in minutes on 2 CPU cores")
+    p.add_argument("--model", help="config name, e.g. RaceDiT-S/2-2in8, DiT-S/2, "
+                                   "RaceDiT-B/2-4in32 (any RaceDiT-<size>/<p>-<k>in<E>)")
+    p.add_argument("--data", nargs="+", metavar="KIND [PATH]",
+                   help=f"training data: {' | '.join(k + ('' if k == 'builtin' else ' PATH') for k in DATA_KINDS)}"
+                        " (default builtin)")
+    p.add_argument("--data-path", help="image folder in ImageNet layout (same as --data folder PATH)")
+    p.add_argument("--num-samples", type=int, help="size of the built-in data set")
+    p.add_argument("--image-size", type=int, help="image side in pixels (folders, MNIST)")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: from the labels)")
+    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--steps", type=int, help="training steps (wins over --epochs)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="max gradient L2 norm (0: off)")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, help="EMA of the weights (0.9999)")
+    p.add_argument("--objective", choices=OBJECTIVES, help="ddpm (eps) or flow (velocity)")
+    p.add_argument("--learn-sigma", action="store_true", default=None,
+                   help="learn the variance (ddpm; DiT's hybrid loss)")
+    p.add_argument("--routing", choices=("race", "token", "expert", "bl", "be", "le"))
+    p.add_argument("--gating", choices=("identity", "sigmoid", "softmax"))
+    p.add_argument("--plr-weight", type=float, help="per-layer regularization weight (1.0)")
+    p.add_argument("--sim-weight", type=float, help="router similarity loss weight (0.01)")
+    p.add_argument("--balance-weight", type=float, help="balance loss weight (0)")
+    p.add_argument("--threshold-beta", type=float, dest="beta",
+                   help="EMA factor of the routing thresholds (0.99)")
+    p.add_argument("--class-dropout-prob", type=float, help="label dropout for CFG (0.1)")
+    p.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--results-dir", help="where numbered run folders go (results)")
+    p.add_argument("--ckpt", help="initialise the weights from this checkpoint (fine-tune)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: off)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale of the samples written")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"))
+    p.add_argument("--num-sampling-steps", type=int)
+    p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true", help="skip the routing report")
+    return p
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="sample from a checkpoint (DiT's sample.py)")
+    p.add_argument("--ckpt", required=True, help="a training checkpoint (.safetensors)")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--num-sampling-steps", type=int,
+                   help="default: the run's setting, else 250 ddpm / 50 ddim, euler / 25 heun")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"),
+                   help="ddpm|ddim for ddpm models, euler|heun for flow models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-labels", help="labels to sample, e.g. '0,3,3,7' "
+                                          "(default: --per-class of each of the first 10)")
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--out", help="PNG path (default: <run>/samples/sample-...png)")
+    p.add_argument("--npz", action="store_true", help="also write the samples as .npz")
+    p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
+    p.add_argument("--batch-size", type=int, help="samples per model call")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="routing report (JSON + PNG) of an MoE checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--batch", type=int, default=64)
+    return p
+
+
+def build_parser():
+    """The argparse parser of ``python -m racedit``."""
+    ap = argparse.ArgumentParser(prog="python -m racedit",
+                                 description="Race-DiT: train and sample diffusion transformers "
+                                             "with Expert Race MoE on the CPU (C core).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_report(sub)
+    return ap
+
+
+TRAIN_KEYS = ("num_samples", "image_size", "num_classes", "global_batch_size", "steps", "epochs",
+              "lr", "weight_decay", "grad_clip", "warmup_steps", "ema_decay", "objective",
+              "learn_sigma", "routing", "gating", "plr_weight", "sim_weight", "balance_weight",
+              "beta", "class_dropout_prob", "hflip", "seed", "results_dir", "ckpt_every",
+              "log_every", "sample_every", "cfg_scale", "sampler", "num_sampling_steps")
+
+
+def _train(args, ap):
+    from .train import train
+
+    kw = {k: getattr(args, k) for k in TRAIN_KEYS}
+    if args.data:
+        kind = args.data[0]
+        if kind == "builtin":
+            if len(args.data) != 1:
+                ap.error("--data builtin takes no path")
+        elif len(args.data) != 2:
+            ap.error(f"--data {kind} needs exactly one PATH")
+        kw["data"] = kind
+        kw["data_path"] = args.data[1] if len(args.data) > 1 else None
+    elif args.data_path:
+        kw["data"], kw["data_path"] = "folder", args.data_path
+    res = train(args.model, preset=args.preset, resume=args.resume, init_from=args.ckpt,
+                progress=not args.no_progress, report=not args.no_report, **kw)
+    print(f"racedit: done in {res.wall_time:.1f} s; run folder {res.run_dir}")
+    return 0
+
+
+def _sample(args):
+    from .sample import sample
+
+    sample(args.ckpt, class_labels=args.class_labels, per_class=args.per_class,
+           cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
+           sampler=args.sampler, seed=args.seed, use_ema=not args.no_ema, out=args.out,
+           npz=args.npz, progress=not args.no_progress, batch_size=args.batch_size)
+    return 0
+
+
+def _report(args):
+    import os
+
+    from .data import load_data
+    from .diffusion import make_objective
+    from .report import routing_report
+    from .train import _read_log, model_from_checkpoint
+
+    m, meta = model_from_checkpoint(args.ckpt, use_ema=True)
+    if not m.config.is_moe:
+        print(f"racedit: {m.config.name} is dense: no routing to report", file=sys.stderr)
+        return 1
+    c = meta["config"]
+    ds = load_data(c["data"], c["data_path"], image_size=c["image_size"],
+                   num_classes=c["num_classes"], seed=c["seed"], n=c["num_samples"])
+    run = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+    rep = routing_report(m, None, make_objective(c["objective"], learn_sigma=c["learn_sigma"]),
+                         ds, _read_log(os.path.join(run, "log.jsonl")), run, seed=c["seed"],
+                         batch=args.batch)
+    print(f"racedit: routing report {rep['json']} and {rep['png']}")
+    return 0
+
+
+def main(argv=None):
+    """Entry point of ``python -m racedit``; returns the exit status. Errors in the
+    settings or the data are printed as one line (exit status 2), not a traceback."""
+    from .data import DataError
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args, ap)
+        if args.command == "sample":
+            return _sample(args)
+        return _report(args)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"racedit {args.command}: error: {e}", file=sys.stderr)
+        return 2

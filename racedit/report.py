@@ -1,0 +1,127 @@
+"""racedit.report — the routing report of a trained Race-DiT (SPEC §5): how many experts a
+token gets at each diffusion timestep (the paper's Fig. 6: expert race gives more compute to
+the harder steps) and how the load spreads over experts, per layer.
+
+It is measured twice: at inference (EMA weights, eval-mode threshold routing, a fixed batch
+of training images noised to the centre of each timestep bucket) and from the training log
+(batch top-K routing, the last fifth of the steps). Written as ``routing_report.json`` and
+``routing_report.png`` (matplotlib) in the run folder.
+"""
+import json
+import os
+
+import numpy as np
+
+__all__ = ["routing_report", "plot_routing_report"]
+
+
+def _t_for_fraction(obj, frac, n):
+    if obj.name == "ddpm":
+        return np.full(n, min(int(frac * obj.num_timesteps), obj.num_timesteps - 1), np.int64)
+    return np.full(n, frac, np.float64)
+
+
+def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch=64,
+                   buckets=10, plot=True):
+    """Measure and write the report; returns its dict with the paths under "json"/"png".
+
+    model: a MoE RaceDiT; weights: the flat buffer to evaluate (EMA) or None for the live
+    weights; obj: the training objective; dataset: the training ArrayDataset; records: the
+    training log (list of dicts with "ept_by_t"). The model's weights and mode are
+    restored afterwards."""
+    rng = np.random.default_rng([seed, 7])
+    idx = rng.permutation(len(dataset))[:batch]
+    x0, y = dataset.batch(idx)
+    centers = (np.arange(buckets) + 0.5) / buckets
+    saved = model.param_buffer.copy()
+    was_training = model.training
+    ept, per_layer_ept, loads = [], [], None
+    try:
+        if weights is not None:
+            model.param_buffer[...] = weights
+        model.eval()
+        for frac in centers:
+            t = _t_for_fraction(obj, frac, x0.shape[0])
+            noise = rng.standard_normal(x0.shape, dtype=np.float32)
+            x_t, _ = obj.make_batch(x0, t, noise)
+            model.forward(x_t, obj.model_time(t), y)
+            ept.append(float(np.mean(model.experts_per_token_by_sample())))
+            stats = model.layer_stats()
+            per_layer_ept.append([float(s.get("experts_per_token", np.nan)) for s in stats])
+            ld = np.array([np.asarray(s["load"], np.float64) for s in stats]) if stats and \
+                "load" in stats[0] else None
+            if ld is not None:
+                loads = ld if loads is None else loads + ld
+    finally:
+        model.param_buffer[...] = saved
+        model.train(was_training)
+    rep = {"model": model.config.name, "objective": obj.name,
+           "t_bucket_centers": centers.tolist(),
+           "eval": {"experts_per_token": ept, "experts_per_token_per_layer": per_layer_ept,
+                    "k": model.config.k, "num_experts": model.config.num_experts}}
+    if loads is not None:
+        share = loads / np.maximum(loads.sum(axis=1, keepdims=True), 1e-12)      # (layers, E)
+        mean = loads.mean(axis=1, keepdims=True)
+        rep["eval"]["load_share"] = share.tolist()
+        rep["eval"]["max_violation"] = ((loads.max(1) - mean[:, 0]) / np.maximum(mean[:, 0], 1e-12)).tolist()
+        rep["eval"]["dead_experts"] = (loads == 0).sum(1).tolist()
+    tail = [r for r in records[-max(1, len(records) // 5):] if "ept_by_t" in r]
+    if tail:
+        sums, cnt = np.zeros(buckets), np.zeros(buckets)
+        for r in tail:
+            for k, v in r["ept_by_t"].items():
+                sums[int(k)] += v
+                cnt[int(k)] += 1
+        rep["train"] = {"experts_per_token": [float(s / c) if c else None
+                                              for s, c in zip(sums, cnt)],
+                        "steps": [tail[0]["step"], tail[-1]["step"]]}
+    rep["json"] = os.path.join(run_dir, "routing_report.json")
+    rep["png"] = os.path.join(run_dir, "routing_report.png") if plot else None
+    with open(rep["json"], "w") as f:
+        json.dump(rep, f, indent=1)
+    if plot:
+        plot_routing_report(rep, rep["png"])
+    return rep
+
+
+def plot_routing_report(rep, path=None):
+    """Draw the report: experts per token by timestep (inference and training) and the
+    per-layer, per-expert load share. With ``path`` the figure is drawn off-screen (no
+    pyplot state is touched) and saved there; without, it is a pyplot figure (shown inline
+    in a notebook). Returns the figure."""
+    ev = rep["eval"]
+    has_load = "load_share" in ev
+    size = (11 if has_load else 5.5, 4)
+    if path is not None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size)
+    else:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=size)
+    ax = fig.add_subplot(1, 2 if has_load else 1, 1)
+    c = np.asarray(rep["t_bucket_centers"])
+    ax.plot(c, ev["experts_per_token"], "o-", label="inference (threshold, EMA)")
+    if "train" in rep:
+        tr = np.array([np.nan if v is None else v for v in rep["train"]["experts_per_token"]])
+        ax.plot(c, tr, "s--", label="training (batch top-K)")
+    ax.axhline(ev["k"], color="gray", lw=0.8, ls=":", label=f"k = {ev['k']}")
+    ax.set_xlabel("timestep t / T  (0 = clean, 1 = noise)")
+    ax.set_ylabel("experts per token")
+    ax.set_title(f"{rep['model']}: allocation by timestep")
+    ax.legend(fontsize=8)
+    if has_load:
+        ax2 = fig.add_subplot(1, 2, 2)
+        share = np.asarray(ev["load_share"])
+        im = ax2.imshow(share * share.shape[1], aspect="auto", cmap="viridis")
+        ax2.set_xticks(range(0, share.shape[1], max(1, share.shape[1] // 16)))
+        ax2.set_yticks(range(share.shape[0]))
+        ax2.set_xlabel("expert")
+        ax2.set_ylabel("layer")
+        ax2.set_title("load / mean load (inference)")
+        fig.colorbar(im, ax=ax2)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
