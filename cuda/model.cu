@@ -691,7 +691,9 @@ extern "C" rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_st
         RD_TRY(rd_cuda_d2h(&norm, m->loss_part + 1, sizeof(double)));
         if (!isfinite(norm))
             return rd_fail(RD_EINVAL, "train_step: non-finite gradient norm %g (step skipped)", norm);
-        if (norm > o->max_grad_norm) scale = o->max_grad_norm / (norm + 1e-6);
+        /* racedit.optim.clip_scale (torch's clip_grad_norm_): min(1, max / (norm + 1e-6)) */
+        scale = o->max_grad_norm / (norm + 1e-6);
+        if (scale > 1.0) scale = 1.0;
     }
     RD_TRY(rd_adamw_ema_step_cuda(m->buf[RD_MODEL_CUDA_PARAMS], G, m->buf[RD_MODEL_CUDA_ADAM_M],
                                   m->buf[RD_MODEL_CUDA_ADAM_V],
