@@ -239,6 +239,10 @@ typedef struct {
 rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
                                    const float *x, const float *t, const int64_t *y,
                                    const float *target, int64_t B, const rd_model_cuda_opt *o);
+/* The optimiser part of train_step alone (clip, AdamW + EMA) on the device gradients as
+ * they are (e.g. after rd_model_cuda_backward with a host-computed dout); res->loss NaN. */
+rd_status rd_model_cuda_optimizer_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
+                                       const rd_model_cuda_opt *o);
 
 /* ---- benchmark ----------------------------------------------------------------------
  * Device-resident timings (CUDA events, mean ms per call over `iters` after a warm-up)

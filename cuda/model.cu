@@ -660,14 +660,56 @@ extern "C" rd_status rd_model_cuda_backward(rd_model_cuda *m, const float *dout)
 
 /* ---- the training step ------------------------------------------------------------------ */
 
+static rd_status check_opt(const rd_model_cuda_opt *o) {
+    if (!(o->lr >= 0.0) || !(o->weight_decay >= 0.0) || !(o->eps > 0.0) || !(o->max_grad_norm >= 0.0))
+        return rd_fail(RD_EINVAL, "train_step: lr, weight_decay, max_grad_norm must be >= 0 and "
+                       "eps > 0");
+    return RD_OK;
+}
+
+/* Clip (when asked) and one AdamW + EMA step on the device gradients. */
+static rd_status opt_step(rd_model_cuda *m, const rd_model_cuda_opt *o, double *norm_out) {
+    float *G = m->buf[RD_MODEL_CUDA_GRADS];
+    double scale = 1.0, norm = NAN;
+    *norm_out = NAN;
+    if (o->max_grad_norm > 0.0) {
+        RD_TRY(rd_grad_norm_cuda(m->loss_part + 1, G, m->nparams));
+        RD_TRY(rd_cuda_d2h(&norm, m->loss_part + 1, sizeof(double)));
+        if (!isfinite(norm))
+            return rd_fail(RD_EINVAL, "train_step: non-finite gradient norm %g (step skipped)", norm);
+        /* racedit.optim.clip_scale (torch's clip_grad_norm_): min(1, max / (norm + 1e-6)) */
+        scale = o->max_grad_norm / (norm + 1e-6);
+        if (scale > 1.0) scale = 1.0;
+    }
+    RD_TRY(rd_adamw_ema_step_cuda(m->buf[RD_MODEL_CUDA_PARAMS], G, m->buf[RD_MODEL_CUDA_ADAM_M],
+                                  m->buf[RD_MODEL_CUDA_ADAM_V],
+                                  o->ema_decay >= 0.0 ? m->buf[RD_MODEL_CUDA_EMA] : NULL,
+                                  m->nparams, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay,
+                                  m->step + 1, scale, o->ema_decay >= 0.0 ? o->ema_decay : 0.0));
+    m->step++;
+    *norm_out = norm;
+    return RD_OK;
+}
+
+extern "C" rd_status rd_model_cuda_optimizer_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
+                                                  const rd_model_cuda_opt *o) {
+    memset(res, 0, sizeof *res);
+    res->loss = NAN;
+    RD_TRY(check_opt(o));
+    double norm = NAN;
+    RD_TRY(opt_step(m, o, &norm));
+    RD_TRY(rd_cuda_sync());
+    res->grad_norm = norm;
+    res->step = m->step;
+    return RD_OK;
+}
+
 extern "C" rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
                                               const float *x, const float *t, const int64_t *y,
                                               const float *target, int64_t B,
                                               const rd_model_cuda_opt *o) {
     memset(res, 0, sizeof *res);
-    if (!(o->lr >= 0.0) || !(o->weight_decay >= 0.0) || !(o->eps > 0.0) || !(o->max_grad_norm >= 0.0))
-        return rd_fail(RD_EINVAL, "train_step: lr, weight_decay, max_grad_norm must be >= 0 and "
-                       "eps > 0");
+    RD_TRY(check_opt(o));
     const rd_model_cfg *c = &m->cfg;
     int plr = m->moe && c->moe.plr_weight != 0.0f;
     if (B >= 1) RD_TRY(check_host_inputs(m, t, y, target, "target", B));
@@ -685,22 +727,8 @@ extern "C" rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_st
     float *G = m->buf[RD_MODEL_CUDA_GRADS];
     CU_TRY(cudaMemsetAsync(G, 0, (size_t)m->nparams * sizeof(float), RD_STREAM));
     RD_TRY(backward_dev(m));
-    double scale = 1.0, norm = NAN;
-    if (o->max_grad_norm > 0.0) {
-        RD_TRY(rd_grad_norm_cuda(m->loss_part + 1, G, m->nparams));
-        RD_TRY(rd_cuda_d2h(&norm, m->loss_part + 1, sizeof(double)));
-        if (!isfinite(norm))
-            return rd_fail(RD_EINVAL, "train_step: non-finite gradient norm %g (step skipped)", norm);
-        /* racedit.optim.clip_scale (torch's clip_grad_norm_): min(1, max / (norm + 1e-6)) */
-        scale = o->max_grad_norm / (norm + 1e-6);
-        if (scale > 1.0) scale = 1.0;
-    }
-    RD_TRY(rd_adamw_ema_step_cuda(m->buf[RD_MODEL_CUDA_PARAMS], G, m->buf[RD_MODEL_CUDA_ADAM_M],
-                                  m->buf[RD_MODEL_CUDA_ADAM_V],
-                                  o->ema_decay >= 0.0 ? m->buf[RD_MODEL_CUDA_EMA] : NULL,
-                                  m->nparams, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay,
-                                  m->step + 1, scale, o->ema_decay >= 0.0 ? o->ema_decay : 0.0));
-    m->step++;
+    double norm = NAN;
+    RD_TRY(opt_step(m, o, &norm));
     double loss = 0.0;
     RD_TRY(rd_cuda_d2h(&loss, m->loss_part, sizeof(double)));
     res->loss = loss;

@@ -260,6 +260,18 @@ class CudaRaceDiT:
                 r[k] = float(np.mean(vals)) if vals else float("nan")
         return r
 
+    def optimizer_step(self, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                       max_grad_norm=0.0, ema_decay=0.9999):
+        """The optimiser part of :meth:`step` alone, on the device gradients as they are
+        (e.g. after :meth:`backward` with a dout computed on the host, such as DiT's
+        hybrid loss with learn_sigma): clip to ``max_grad_norm`` (0: off), AdamW, EMA
+        (``ema_decay`` None: off). Returns {"grad_norm" (None when not clipping), "step"}.
+        ValueError for a non-finite gradient norm (nothing updated) or bad arguments."""
+        b1, b2 = betas
+        return _C.cuda_model_optimizer_step(self._cap, float(lr), float(b1), float(b2),
+                                            float(eps), float(weight_decay), float(max_grad_norm),
+                                            -1.0 if ema_decay is None else float(ema_decay))
+
     # ---- MoE losses and diagnostics ------------------------------------------------------
     @property
     def num_moe_layers(self):

@@ -233,6 +233,17 @@ def test_step_clip_ema_and_grads():
     close(g.grad_buffer, grads, "grads", rtol=1e-5, atol=1e-6)
     st = g.optimizer_state()
     assert st["step"] == 1 and np.abs(st["m"]).max() > 0
+    # optimizer_step on these gradients from the same start repeats the step's update
+    h = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS,
+                class_dropout_prob=0.0, device="cuda")
+    h.set_param_buffer(p0, ema=True)
+    h.thresholds = [np.nan] * h.num_moe_layers
+    h.forward(x, t, y, plr_target=target)
+    h.zero_grad()
+    h.backward(2.0 * (out - target) / target.size)
+    r2 = h.optimizer_step(lr=1e-3, max_grad_norm=1e-3, ema_decay=0.5)
+    assert r2["step"] == 1 and r2["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5)
+    close(h.param_buffer, p1, "params after optimizer_step", rtol=1e-5, atol=2e-5)
 
 
 @gpu

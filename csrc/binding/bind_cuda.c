@@ -1527,6 +1527,29 @@ done:
     return ret;
 }
 
+/* cuda_model_optimizer_step(model, lr, beta1, beta2, eps, weight_decay, max_grad_norm,
+ * ema_decay) -> {"grad_norm" (None when not clipping), "step"} */
+static PyObject *py_cmodel_optimizer_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    rd_model_cuda_opt o;
+    if (!PyArg_ParseTuple(args, "Oddddddd:cuda_model_optimizer_step", &cap, &o.lr, &o.beta1,
+                          &o.beta2, &o.eps, &o.weight_decay, &o.max_grad_norm, &o.ema_decay))
+        return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    rd_model_cuda_step_out r;
+    rd_status st;
+    box->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    st = rd_model_cuda_optimizer_step(box->m, &r, &o);
+    Py_END_ALLOW_THREADS
+    box->busy = 0;
+    if (st) return rd_raise(st);
+    PyObject *gn = isnan(r.grad_norm) ? Py_NewRef(Py_None) : PyFloat_FromDouble(r.grad_norm);
+    return Py_BuildValue("{s:N,s:L}", "grad_norm", gn, "step", (long long)r.step);
+}
+
 static void borrowed_state_destructor(PyObject *cap) {
     Py_XDECREF((PyObject *)PyCapsule_GetContext(cap));
 }
@@ -1596,6 +1619,7 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_model_forward", py_cmodel_forward, METH_VARARGS, "out = model(x, t, y) on the GPU."},
     {"cuda_model_backward", py_cmodel_backward, METH_VARARGS, "Device grads += backward of dout."},
     {"cuda_model_train_step", py_cmodel_train_step, METH_VARARGS, "One device training step; the loss back."},
+    {"cuda_model_optimizer_step", py_cmodel_optimizer_step, METH_VARARGS, "Clip + AdamW + EMA on the device grads."},
     {"cuda_model_moe_state", py_cmodel_moe_state, METH_VARARGS, "The state capsule of MoE block l."},
     {"cuda_model_precision", py_cmodel_precision, METH_VARARGS, "Expert GEMM precision of every MoE block."},
     {"cuda_model_step", py_cmodel_step, METH_VARARGS, "AdamW step count (get, optionally set)."},
