@@ -148,11 +148,14 @@ for cfgname, size, ch, kw in (("RaceDiT-T/2-2in4", 6, 3, {}), ("DiT-T/2", 6, 3, 
     g.step(xx, tt, yy, xx, max_grad_norm=1.0)
     o = g.forward(xx, tt, yy, plr_target=xx)
     g.backward(o)
+    g.optimizer_step(max_grad_norm=1.0)
     g.eval()
     g.forward(xx, tt, yy)
     g.set_dtype("bf16")
     g.train()
     g.step(xx, tt, yy, xx)
+lay = racedit.MoE(16, 4, 2, plr_dim=3, sim_weight=0.1, device="cuda")
+lay.backward(lay.forward(x, plr_target=tgt))
 print("memcheck script done")
 PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"
