@@ -249,14 +249,21 @@ def test_step_clip_ema_and_grads():
 @gpu
 def test_bf16_experts_close_to_fp32():
     """bf16 expert GEMMs (8-bit mantissa operands, fp32 accumulation): the output within 3 %
-    (relative Frobenius norm) of fp32; gradients within 5 %."""
-    m, g = pair("RaceDiT-T/2-2in4", seed=2)
-    h = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS,
-                class_dropout_prob=0.0, device="cuda", dtype="bf16")
-    h.set_param_buffer(m.param_buffer)
-    x, t, y, target = batch(3, 3)
-    a = g.forward(x, t, y, plr_target=target)
-    b = h.forward(x, t, y, plr_target=target)
+    (relative Frobenius norm) of fp32, gradients within 5 %, on a seed where the bf16
+    perturbation flips no routing decision of the second block (a flip moves one token's
+    output by a whole expert, which no tolerance on the rounding covers)."""
+    for seed in range(2, 8):
+        m, g = pair("RaceDiT-T/2-2in4", seed=seed)
+        h = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS,
+                    class_dropout_prob=0.0, device="cuda", dtype="bf16")
+        h.set_param_buffer(m.param_buffer)
+        x, t, y, target = batch(3, seed + 1)
+        a = g.forward(x, t, y, plr_target=target)
+        b = h.forward(x, t, y, plr_target=target)
+        if all(np.array_equal(p, q) for p, q in zip(g.routing_masks(), h.routing_masks())):
+            break
+    else:
+        pytest.fail("bf16 flipped a routing decision for every seed")
     assert np.linalg.norm(b - a) <= 3e-2 * np.linalg.norm(a)
     dout = np.ones_like(a)
     g.zero_grad()
