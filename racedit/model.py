@@ -48,6 +48,12 @@ class RaceDiT:
         Activations are allocated for this many images and a larger batch raises
         ValueError. None: allocated at the first forward and grown when a larger batch
         arrives.
+    device : {"cpu", "cuda"}, default "cpu"
+        "cuda" returns a racedit.cuda_model.CudaRaceDiT: the same methods on the GPU, whose
+        ``params`` / ``grads`` are host copies, plus a device training ``step``.
+    dtype : {"fp32", "bf16"}, default "fp32"
+        Expert GEMM precision on CUDA ("bf16": bf16 operands, fp32 accumulation and
+        master weights); the CPU model is fp32 only.
 
     Layout
     ------
@@ -100,10 +106,21 @@ class RaceDiT:
     actual), RuntimeError for backward before forward.
     """
 
+    def __new__(cls, *args, device="cpu", dtype="fp32", **kwargs):
+        if device == "cuda":
+            from .cuda_model import CudaRaceDiT
+
+            return CudaRaceDiT(*args, dtype=dtype, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, config, input_size=32, in_channels=4, num_classes=10, seed=0,
                  learn_sigma=False, routing="race", gating="identity", plr_weight=1.0,
                  sim_weight=0.01, balance_weight=0.0, beta=0.99, eval_topk=False,
-                 class_dropout_prob=0.1, max_batch=None):
+                 class_dropout_prob=0.1, max_batch=None, device="cpu", dtype="fp32"):
+        if device != "cpu":
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if dtype != "fp32":
+            raise ValueError(f"dtype: the CPU model is fp32 only, got {dtype!r}")
         cfg = get_config(config)
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob: expected a value in [0, 1], got {class_dropout_prob}")
