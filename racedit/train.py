@@ -145,12 +145,17 @@ def check_device(device, precision):
         raise ValueError(f"precision {precision!r} (--precision) needs device 'cuda' "
                          "(--device cuda); the CPU trains in fp32")
     if device == "cuda":
-        from .cuda import _require
-
         try:
-            _require()
+            _require_cuda()
         except RuntimeError as e:
             raise ValueError(f"device 'cuda' (--device cuda): {e}") from None
+
+
+def _require_cuda():
+    """RuntimeError saying why CUDA is not available (built without it, or no device)."""
+    from .cuda import _require
+
+    _require()
 
 
 def _new_model(device, precision, *args, **kwargs):
