@@ -145,9 +145,10 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
     device: "cpu" or "cuda" (a checkpoint from either device samples on either);
     precision: "fp32", or on cuda "tf32" / "bf16". ValueError for device "cuda" when CUDA
     is not available. Returns a :class:`SampleResult`."""
-    from .train import model_from_checkpoint
+    from .train import check_device, model_from_checkpoint
 
     stream = stream or sys.stdout
+    check_device(device, precision)
     model, meta = model_from_checkpoint(ckpt, use_ema=use_ema, device=device,
                                         precision=precision)
     tf32_was = None
