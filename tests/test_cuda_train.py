@@ -4,7 +4,7 @@ the CLI; skipped without a GPU. Without one, ``--device cuda`` must fail with a 
 message (that test is skipped when a GPU is present).
 
 Tolerances: fp32 (TF32 off) starts from identical weights and batches, so the first loss
-agrees to 1e-4 and the rest, where rounding differences compound through AdamW and can
+agrees to 1e-3 and the rest, where rounding differences compound through AdamW and can
 flip a near-tied routing choice, to 2% per step; bf16 expert GEMMs (8-bit mantissas, fp32
 accumulation) to 10% per step."""
 import glob
@@ -47,7 +47,7 @@ def test_cuda_loss_curve_matches_cpu(tmp_path, precision, rtol):
     assert lc.shape == lg.shape == (20,)
     assert np.all(np.isfinite(lg))
     if precision == "fp32":
-        np.testing.assert_allclose(lg[0], lc[0], rtol=1e-4)
+        np.testing.assert_allclose(lg[0], lc[0], rtol=1e-3)
     np.testing.assert_allclose(lg, lc, rtol=rtol)
     r = dev.log[-1]
     for key in ("grad_norm", "lr", "plr", "sim", "aux", "max_violation", "ept_by_t",
