@@ -515,14 +515,20 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     t_start = time.time()
     cfg = _resolve_config(model, preset, resume, kwargs)
     _validate(cfg)
-    if resume is not None and (device is None or precision is None):
+    inherited = resume is not None and device is None
+    if inherited:
         meta = load_checkpoint(resume)[1]
-        if device is None:
-            device = meta.get("device", "cpu")
-            precision = precision or meta.get("precision", "fp32")
+        device = meta.get("device", "cpu")
+        precision = precision or meta.get("precision", "fp32")
     device = device or "cpu"
     precision = precision or "fp32"
-    check_device(device, precision)
+    try:
+        check_device(device, precision)
+    except ValueError as e:
+        if not inherited:
+            raise
+        raise ValueError(f"{e}; {resume} comes from a {device} ({precision}) run: pass "
+                         "device='cpu' (--device cpu) to resume it on the CPU") from None
     tf32_was = None
     if device == "cuda":
         from .cuda import tf32

@@ -254,3 +254,18 @@ def test_device_errors(tmp_path):
         _run(tmp_path, 1, device="tpu")
     with pytest.raises(ValueError, match="precision: expected"):
         _run(tmp_path, 1, device="cpu", precision="fp16")
+
+
+def test_cuda_checkpoint_resume_without_gpu_says_how(tmp_path, fake_cuda, monkeypatch):
+    res = _run(tmp_path, 3, device="cuda", objective="flow", ckpt_every=2)
+    ck = os.path.join(res.run_dir, "checkpoints", "0000002.safetensors")
+
+    def no_gpu():
+        raise RuntimeError("CUDA not available: racedit was built without CUDA (test)")
+
+    monkeypatch.setattr(train_mod, "_require_cuda", no_gpu)
+    with pytest.raises(ValueError, match=r"--device cuda.*CUDA not available.*--device cpu"):
+        train(resume=ck, progress=False, final_samples=False, report=False, out=io.StringIO())
+    again = train(resume=ck, device="cpu", progress=False, final_samples=False, report=False,
+                  out=io.StringIO())
+    assert _losses(again) == _losses(res)
