@@ -6,7 +6,9 @@
 # nvidia-cublas-cu12 for CUDA 12, needed only when the toolkit has no libcublas).
 # Steps: venv, install, build in place with CUDA, every tests/test_cuda_*.py, the benchmarks
 # (racedit's block in fp32 / TF32 / bf16 per GEMM mode; PyTorch eager bf16 when torch has
-# CUDA), a compute-sanitizer memcheck. Every log goes to $OUT/. Runs in under 7 minutes.
+# CUDA), the whole-model train step against PyTorch eager / torch.compile, a compute-sanitizer
+# memcheck, and 300 steps of `python -m racedit train --preset quick --device cuda` (images/s).
+# Every log goes to $OUT/. Runs in under 6 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,6 +35,9 @@ rm -rf .venv-gpu
 . .venv-gpu/bin/activate
 PIP="python -m pip install --no-index --find-links .whl --disable-pip-version-check -q"
 $PIP numpy scipy pytest setuptools 2>&1 | tee "$OUT/pip.log" || { echo "gpu_check: pip install failed"; exit 1; }
+for w in safetensors pillow matplotlib tqdm; do  # the trainer's (optional here)
+    $PIP "$w" >> "$OUT/pip.log" 2>&1 || echo "gpu_check: no $w wheel in .whl/"
+done
 if ls "$CUDA_HOME"/lib64/libcublas.so* >/dev/null 2>&1 && [ -f "$CUDA_HOME/include/cublas_v2.h" ]; then
     echo "cuBLAS: the toolkit's ($CUDA_HOME/lib64)"
 else
@@ -60,15 +65,43 @@ python -c "import racedit; assert racedit.build_info()['cuda'], 'built WITHOUT C
     echo "gpu_check: racedit was built without CUDA; see $OUT/build.log"; exit 1; }
 
 step "tests (tests/test_cuda_*.py, tests/test_build.py)"
-timeout 150 python -m pytest -ra -q tests/test_cuda_*.py tests/test_build.py -p no:cacheprovider \
+timeout 200 python -m pytest -ra -q tests/test_cuda_*.py tests/test_build.py -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest.log"
 TEST_RC=${PIPESTATUS[0]}
 
 step "benchmark: racedit's CUDA block"
-timeout 120 python benchmarks/bench_cuda_moe.py --iters 10 2>&1 | tee "$OUT/bench.log"
+timeout 120 python benchmarks/bench_cuda_moe.py --iters 10 --strategies race,token 2>&1 | tee "$OUT/bench.log"
 
 step "benchmark: PyTorch eager bf16 block vs racedit bf16"
 timeout 90 python benchmarks/bench_cuda_torch.py --iters 10 2>&1 | tee "$OUT/bench_torch.log"
+
+step "benchmark: RaceDiT-B/2-4in32 train step, racedit vs PyTorch eager / torch.compile"
+timeout 280 python benchmarks/bench_cuda_model.py --steps 5 --compile-timeout 120 2>&1 | tee "$OUT/bench_model.log"
+
+step "training: python -m racedit train --preset quick --device cuda --steps 300"
+rm -rf /tmp/rd-train
+python -c "import safetensors, PIL" 2>/dev/null || echo "gpu_check: safetensors/Pillow missing: the run stops at its checkpoint (the log is still timed)"
+NOREP=$(python -c "import matplotlib" 2>/dev/null || echo --no-report)
+timeout 150 python -m racedit train --preset quick --device cuda --steps 300 --no-progress \
+    --results-dir /tmp/rd-train $NOREP 2>&1 | tail -20 | tee "$OUT/train_quick.log"
+RUN=$(ls -d /tmp/rd-train/*/ 2>/dev/null | head -1)
+if [ -n "$RUN" ] && [ -f "$RUN/log.jsonl" ]; then
+    cp "$RUN/log.jsonl" "$OUT/train_quick_log.jsonl"
+    cp "$RUN"/samples/*.png "$RUN"/routing_report* "$OUT/" 2>/dev/null
+    python - "$RUN/log.jsonl" <<'PYEOF' 2>&1 | tee -a "$OUT/train_quick.log"
+import json, sys
+import numpy as np
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+ips = np.array([r["images_per_s"] for r in recs[10:]])   # after 10 warm-up steps
+loss = [r["loss"] for r in recs]
+print(f"quick preset on cuda: {len(recs)} steps, images/s median {np.median(ips):.0f} "
+      f"(p10 {np.percentile(ips, 10):.0f}, p90 {np.percentile(ips, 90):.0f}), "
+      f"step {1000 * 32 / np.median(ips):.2f} ms; loss first 10 {np.mean(loss[:10]):.4f} "
+      f"-> last 50 {np.mean(loss[-50:]):.4f}")
+PYEOF
+else
+    echo "gpu_check: the quick training run wrote no log"
+fi
 
 step "compute-sanitizer memcheck on small cases (out-of-bounds / misaligned accesses)"
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
@@ -136,6 +169,22 @@ rc.attention_backward(o, qkv, att, 2)
 p = rng.standard_normal(9001).astype(np.float32)
 rc.adamw_step(p, p.copy(), np.zeros_like(p), np.zeros_like(p), 1, ema=p.copy())
 rc.grad_norm(p); rc.nonfinite_index(p)
+# the whole model: MoE (odd grid 3x3 tokens) and dense learn_sigma, step / forward / backward / eval
+for cfgname, size, ch, kw in (("RaceDiT-T/2-2in4", 6, 3, {}), ("DiT-T/2", 6, 3, {"learn_sigma": True})):
+    g = racedit.RaceDiT(cfgname, input_size=size, in_channels=ch, num_classes=5, device="cuda", **kw)
+    xx = rng.standard_normal((3, ch, size, size)).astype(np.float32)
+    tt, yy = np.array([0, 500, 1000], np.float32), np.array([0, 1, 5])
+    g.step(xx, tt, yy, xx, max_grad_norm=1.0)
+    o = g.forward(xx, tt, yy, plr_target=xx)
+    g.backward(o)
+    g.optimizer_step(max_grad_norm=1.0)
+    g.eval()
+    g.forward(xx, tt, yy)
+    g.set_dtype("bf16")
+    g.train()
+    g.step(xx, tt, yy, xx)
+lay = racedit.MoE(16, 4, 2, plr_dim=3, sim_weight=0.1, device="cuda")
+lay.backward(lay.forward(x, plr_target=tgt))
 print("memcheck script done")
 PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"

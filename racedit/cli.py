@@ -62,9 +62,19 @@ def _add_train(sub):
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"))
     p.add_argument("--num-sampling-steps", type=int)
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    _add_device(p, "default cpu; on --resume, the run's")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip the routing report")
     return p
+
+
+def _add_device(p, default):
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help=f"where the model runs ({default}); cuda needs racedit built with "
+                        "CUDA and a GPU")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+                   help="fp32 (default); with --device cuda also tf32 (TF32 GEMMs) or bf16 "
+                        "(bf16 expert GEMMs, fp32 master weights)")
 
 
 def _add_sample(sub):
@@ -83,6 +93,7 @@ def _add_sample(sub):
     p.add_argument("--npz", action="store_true", help="also write the samples as .npz")
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
     p.add_argument("--batch-size", type=int, help="samples per model call")
+    _add_device(p, "default cpu")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -98,7 +109,7 @@ def build_parser():
     """The argparse parser of ``python -m racedit``."""
     ap = argparse.ArgumentParser(prog="python -m racedit",
                                  description="Race-DiT: train and sample diffusion transformers "
-                                             "with Expert Race MoE on the CPU (C core).")
+                                             "with Expert Race MoE on the CPU (C core) or a CUDA GPU.")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sample(sub)
@@ -129,7 +140,8 @@ def _train(args, ap):
     elif args.data_path:
         kw["data"], kw["data_path"] = "folder", args.data_path
     res = train(args.model, preset=args.preset, resume=args.resume, init_from=args.ckpt,
-                progress=not args.no_progress, report=not args.no_report, **kw)
+                progress=not args.no_progress, report=not args.no_report,
+                device=args.device, precision=args.precision, **kw)
     print(f"racedit: done in {res.wall_time:.1f} s; run folder {res.run_dir}")
     return 0
 
@@ -140,7 +152,8 @@ def _sample(args):
     sample(args.ckpt, class_labels=args.class_labels, per_class=args.per_class,
            cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
            sampler=args.sampler, seed=args.seed, use_ema=not args.no_ema, out=args.out,
-           npz=args.npz, progress=not args.no_progress, batch_size=args.batch_size)
+           npz=args.npz, progress=not args.no_progress, batch_size=args.batch_size,
+           device=args.device or "cpu", precision=args.precision or "fp32")
     return 0
 
 

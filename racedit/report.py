@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from .sample import set_weights
+
 __all__ = ["routing_report", "plot_routing_report"]
 
 
@@ -38,7 +40,7 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
     ept, per_layer_ept, loads = [], [], None
     try:
         if weights is not None:
-            model.param_buffer[...] = weights
+            set_weights(model, weights)
         model.eval()
         for frac in centers:
             t = _t_for_fraction(obj, frac, x0.shape[0])
@@ -53,7 +55,7 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
             if ld is not None:
                 loads = ld if loads is None else loads + ld
     finally:
-        model.param_buffer[...] = saved
+        set_weights(model, saved)
         model.train(was_training)
     rep = {"model": model.config.name, "objective": obj.name,
            "t_bucket_centers": centers.tolist(),

@@ -15,7 +15,7 @@ import numpy as np
 from .diffusion import default_sampler, default_steps, guided, make_objective
 from .diffusion import sample as run_sampler
 
-__all__ = ["sample", "generate", "save_grid", "to_uint8", "SampleResult", "VAE_HINT"]
+__all__ = ["sample", "generate", "set_weights", "save_grid", "to_uint8", "SampleResult", "VAE_HINT"]
 
 VAE_HINT = """These are SD-VAE latents times 0.18215 (the scale of fast-DiT's features).
 To decode them with a VAE you have (diffusers):
@@ -68,6 +68,16 @@ def save_grid(x, path, ncol=8, pad=2, scale=2):
     return path
 
 
+def set_weights(model, weights):
+    """Load a flat float32 buffer as ``model``'s parameters: written into
+    ``model.param_buffer`` on the CPU, uploaded with ``set_param_buffer`` for a GPU model
+    (whose ``param_buffer`` is a host copy)."""
+    if getattr(model, "device", "cpu") == "cuda":
+        model.set_param_buffer(np.ascontiguousarray(weights, np.float32))
+    else:
+        model.param_buffer[...] = weights
+
+
 def generate(model, objective, labels, weights=None, cfg_scale=4.0, sampler=None,
              num_steps=None, seed=0, clip_denoised=False, progress=True, batch_size=None):
     """Sample one image per label with ``model`` (eval mode for the duration).
@@ -96,7 +106,7 @@ def generate(model, objective, labels, weights=None, cfg_scale=4.0, sampler=None
     bs = int(batch_size or labels.size)
     try:
         if weights is not None:
-            model.param_buffer[...] = weights
+            set_weights(model, weights)
         model.eval()
         outs = []
         for lo in range(0, labels.size, bs):
@@ -108,7 +118,7 @@ def generate(model, objective, labels, weights=None, cfg_scale=4.0, sampler=None
         return np.concatenate(outs)
     finally:
         if saved is not None:
-            model.param_buffer[...] = saved
+            set_weights(model, saved)
         model.train(was_training)
 
 
@@ -123,7 +133,7 @@ def _parse_labels(class_labels, num_classes, per_class):
 
 def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_steps=None,
            sampler=None, seed=0, use_ema=True, out=None, npz=False, grid_columns=None,
-           progress=True, stream=None, batch_size=None):
+           progress=True, stream=None, batch_size=None, device="cpu", precision="fp32"):
     """Sample from a training checkpoint and write the results.
 
     class_labels: labels to draw (list or "1,2,3"); default ``per_class`` of each of the
@@ -132,11 +142,31 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
     out: the PNG path (default ``<run>/samples/sample-<sampler>-cfg<s>-seed<seed>.png``);
     npz: also write the samples as an .npz (uint8 HWC ``arr_0`` as DiT's sample_ddp, plus
     ``labels``). Latent models write ``.npy`` latents instead and print :data:`VAE_HINT`.
-    Returns a :class:`SampleResult`."""
-    from .train import model_from_checkpoint
+    device: "cpu" or "cuda" (a checkpoint from either device samples on either);
+    precision: "fp32", or on cuda "tf32" / "bf16". ValueError for device "cuda" when CUDA
+    is not available. Returns a :class:`SampleResult`."""
+    from .train import check_device, model_from_checkpoint
 
     stream = stream or sys.stdout
-    model, meta = model_from_checkpoint(ckpt, use_ema=use_ema)
+    check_device(device, precision)
+    model, meta = model_from_checkpoint(ckpt, use_ema=use_ema, device=device,
+                                        precision=precision)
+    tf32_was = None
+    if device == "cuda":
+        from .cuda import tf32
+
+        tf32_was = tf32(precision in ("tf32", "bf16"))
+    try:
+        return _sample(model, meta, ckpt, class_labels, per_class, cfg_scale,
+                       num_sampling_steps, sampler, seed, out, npz, grid_columns, progress,
+                       stream, batch_size)
+    finally:
+        if tf32_was is not None:
+            tf32(tf32_was)
+
+
+def _sample(model, meta, ckpt, class_labels, per_class, cfg_scale, num_sampling_steps,
+            sampler, seed, out, npz, grid_columns, progress, stream, batch_size):
     cfg = meta["config"]
     obj = make_objective(cfg["objective"], learn_sigma=cfg.get("learn_sigma", False))
     sampler = sampler or cfg.get("sampler") or default_sampler(obj.name)

@@ -28,7 +28,10 @@ from .data import ArrayDataset, load_data
 from .diffusion import make_objective
 
 __all__ = ["train", "TrainConfig", "TrainResult", "TrainingDiverged", "PRESETS", "build_model",
-           "model_from_checkpoint", "NUM_T_BUCKETS"]
+           "model_from_checkpoint", "NUM_T_BUCKETS", "DEVICES", "PRECISIONS"]
+
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "tf32", "bf16")  # tf32 / bf16: cuda only
 
 NUM_T_BUCKETS = 10  # experts-per-token statistics are grouped into this many timestep bins
 
@@ -134,27 +137,77 @@ def _model_config(cfg):
     return get_config(cfg.model)
 
 
-def build_model(cfg, in_channels, input_size, num_classes):
-    """The RaceDiT that TrainConfig ``cfg`` describes (labels are dropped by the trainer,
-    so the model's own dropout is off)."""
+def check_device(device, precision):
+    """Validate a (device, precision) pair: ValueError for an unknown one, a reduced
+    precision on the CPU, or ``device="cuda"`` (the ``--device cuda`` flag) when CUDA is
+    not available, saying why (racedit built without CUDA, or no usable device)."""
+    if device not in DEVICES:
+        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if device == "cpu" and precision != "fp32":
+        raise ValueError(f"precision {precision!r} (--precision) needs device 'cuda' "
+                         "(--device cuda); the CPU trains in fp32")
+    if device == "cuda":
+        try:
+            _require_cuda()
+        except RuntimeError as e:
+            raise ValueError(f"device 'cuda' (--device cuda): {e}") from None
+
+
+def _require_cuda():
+    """RuntimeError saying why CUDA is not available (built without it, or no device)."""
+    from .cuda import _require
+
+    _require()
+
+
+def _new_model(device, precision, *args, **kwargs):
+    """RaceDiT on ``device``; the CUDA model's GEMMs are bf16 for precision "bf16"."""
     from .model import RaceDiT
 
-    return RaceDiT(_model_config(cfg), input_size=input_size, in_channels=in_channels,
-                   num_classes=num_classes, seed=cfg.seed, learn_sigma=cfg.learn_sigma,
-                   routing=cfg.routing, gating=cfg.gating, plr_weight=cfg.plr_weight,
-                   sim_weight=cfg.sim_weight, balance_weight=cfg.balance_weight,
-                   beta=cfg.beta, class_dropout_prob=0.0)
+    if device == "cuda":
+        return RaceDiT(*args, device="cuda", dtype="bf16" if precision == "bf16" else "fp32",
+                       **kwargs)
+    return RaceDiT(*args, **kwargs)
 
 
-def model_from_checkpoint(path, use_ema=True):
-    """(model, meta) rebuilt from a training checkpoint; the weights are the EMA's unless
-    use_ema is False. The routing thresholds are restored too."""
+def _on_device(m):
+    return getattr(m, "device", "cpu") == "cuda"
+
+
+def build_model(cfg, in_channels, input_size, num_classes, device="cpu", precision="fp32"):
+    """The RaceDiT that TrainConfig ``cfg`` describes (labels are dropped by the trainer,
+    so the model's own dropout is off), on ``device`` ("cpu" | "cuda"; see
+    :func:`check_device`) with ``precision`` ("fp32"; on cuda also "tf32" | "bf16")."""
+    check_device(device, precision)
+    return _new_model(device, precision, _model_config(cfg), input_size=input_size,
+                      in_channels=in_channels, num_classes=num_classes, seed=cfg.seed,
+                      learn_sigma=cfg.learn_sigma, routing=cfg.routing, gating=cfg.gating,
+                      plr_weight=cfg.plr_weight, sim_weight=cfg.sim_weight,
+                      balance_weight=cfg.balance_weight, beta=cfg.beta, class_dropout_prob=0.0)
+
+
+def _load_params(m, tensors, prefix, path):
+    """Set ``m``'s parameters from the checkpoint's ``<prefix><name>`` tensors (uploaded
+    when ``m`` lives on the GPU)."""
+    if _on_device(m):
+        buf = np.empty(m.num_params(), np.float32)
+        _unpack(m, tensors, prefix, buf, path)
+        m.set_param_buffer(buf)
+    else:
+        _unpack(m, tensors, prefix, m.param_buffer, path)
+
+
+def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
+    """(model, meta) rebuilt from a training checkpoint (written on either device) on
+    ``device``; the weights are the EMA's unless use_ema is False. The routing thresholds
+    are restored too."""
     tensors, meta = load_checkpoint(path)
     cfg = _config_from_dict(meta["config"])
     d = meta["data"]
-    m = build_model(cfg, d["channels"], d["image_size"], d["num_classes"])
-    prefix = "ema." if use_ema else "model."
-    _unpack(m, tensors, prefix, m.param_buffer, path)
+    m = build_model(cfg, d["channels"], d["image_size"], d["num_classes"], device, precision)
+    _load_params(m, tensors, "ema." if use_ema else "model.", path)
     _set_thresholds(m, tensors)
     return m, meta
 
@@ -205,8 +258,9 @@ def _new_run_dir(results_dir, model_name):
 # ---- the loop -------------------------------------------------------------------------
 
 class _Trainer:
-    def __init__(self, cfg, dataset, model, run_dir, progress, out):
+    def __init__(self, cfg, dataset, model, run_dir, progress, out, precision="fp32"):
         self.cfg, self.ds, self.m, self.run_dir = cfg, dataset, model, run_dir
+        self.device, self.precision = ("cuda" if _on_device(model) else "cpu"), precision
         self.progress, self.out = progress, out
         self.obj = make_objective(cfg.objective, learn_sigma=cfg.learn_sigma)
         n = model.param_buffer.size
@@ -239,6 +293,8 @@ class _Trainer:
         drop = self.rng.random(self.B) < cfg.class_dropout_prob
         y = np.where(drop, m.num_classes, y)
         x_t, target = obj.make_batch(x0, t, noise)
+        if self.device == "cuda":
+            return self._device_step(x0, y, t, x_t, target)
         m.zero_grad()
         step = self.step + 1
         try:
@@ -274,6 +330,78 @@ class _Trainer:
             rec.update(_routing_record(m, obj.time_fraction(t)))
         return rec
 
+    def _device_step(self, x0, y, t, x_t, target):
+        """train_step on the GPU: the whole step runs on the device (CudaRaceDiT.step) and
+        only scalars come back; DiT's hybrid loss (ddpm + learn_sigma), whose VLB term is
+        computed on the host, goes forward -> loss -> backward(dout) -> optimizer_step.
+        Without clipping the step still asks the device for the gradient norm (an infinite
+        max norm: scale 1, as on the CPU) so that NaN/Inf gradients stop the run before
+        they reach the weights."""
+        cfg, m, obj = self.cfg, self.m, self.obj
+        step = self.step + 1
+        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+        opt = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                   weight_decay=cfg.weight_decay,
+                   max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
+                   ema_decay=cfg.ema_decay)
+        mt = obj.model_time(t)
+        plr_target = target if self.is_moe else None
+        try:
+            if obj.learn_sigma and obj.name == "ddpm":
+                m.zero_grad()
+                out = m.forward(x_t, mt, y, plr_target=plr_target)
+                diff, parts, dout = obj.loss(out, target, x0=x0, x_t=x_t, t=t)
+                m.backward(dout)
+                aux_total = float(m.aux_loss()) if self.is_moe else 0.0
+                aux = m.aux() if self.is_moe else {}
+                loss = diff + aux_total
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(self._where(step, f"loss is {loss} (diffusion {diff}, "
+                                                             f"aux {aux_total})", x_t))
+                r = m.optimizer_step(**opt)
+            else:
+                r = m.step(x_t, mt, y, target, return_aux=self.is_moe, **opt)
+                diff = float(r["loss"])
+                parts = {"mse": diff}
+                aux_total = float(r.get("aux_loss", 0.0))
+                aux = {k: r[k] for k in ("plr", "sim", "balance") if k in r}
+                loss = diff + aux_total
+        except ValueError as e:  # NaN routing scores, or a non-finite gradient norm
+            msg = str(e)
+            if "NaN" not in msg and "non-finite" not in msg:
+                raise
+            what = ("gradient norm is not finite" if "gradient norm" in msg
+                    else f"the forward pass failed ({msg})")
+            raise TrainingDiverged(self._where(step, f"{what} (on the device)", x_t)) from None
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._where(step, f"loss is {loss} (diffusion {diff}, "
+                                                     f"aux {aux_total}) (on the device)", x_t))
+        gnorm = r["grad_norm"]
+        self.step = step
+        rec = {"step": step, "loss": loss, "diffusion": diff}
+        rec.update(parts)
+        if self.is_moe:
+            rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in aux.items()})
+            rec["aux"] = aux_total
+        rec.update({"grad_norm": None if gnorm is None else float(gnorm), "lr": lr})
+        if self.is_moe:
+            rec.update(_routing_record(m, obj.time_fraction(t)))
+        return rec
+
+    def sync_host(self):
+        """GPU runs: copy the device EMA and AdamW moments into the host arrays (``ema``,
+        ``adam_m``, ``adam_v``) that checkpoints, sampling and the result use."""
+        if self.device == "cuda":
+            self.ema = self.m.ema_buffer
+            st = self.m.optimizer_state()
+            self.adam_m, self.adam_v = st["m"], st["v"]
+
+    def push_device(self):
+        """GPU runs: upload the host EMA, AdamW moments and step (after a restore)."""
+        if self.device == "cuda":
+            self.m.set_ema_buffer(self.ema)
+            self.m.load_optimizer_state({"m": self.adam_m, "v": self.adam_v, "step": self.step})
+
     def _where(self, step, what, x_t=None):
         """The diverged message: a non-finite parameter is the cause when there is one, then
         a non-finite input batch (the data); otherwise the tensors whose gradients are
@@ -298,6 +426,7 @@ class _Trainer:
     # checkpoints
     def save(self, path):
         m = self.m
+        self.sync_host()
         tensors = {}
         tensors.update(_pack(m, m.param_buffer, "model."))
         tensors.update(_pack(m, self.ema, "ema."))
@@ -310,18 +439,20 @@ class _Trainer:
                 "data": {"kind": self.ds.kind, "channels": self.ds.channels,
                          "image_size": self.ds.image_size, "num_classes": self.ds.num_classes,
                          "class_names": list(self.ds.class_names), "source": self.ds.source},
-                "run_dir": os.path.abspath(self.run_dir)}
+                "run_dir": os.path.abspath(self.run_dir),
+                "device": self.device, "precision": self.precision}
         save_checkpoint(path, tensors, meta)
 
     def restore(self, tensors, meta, path):
         m = self.m
-        _unpack(m, tensors, "model.", m.param_buffer, path)
+        _load_params(m, tensors, "model.", path)
         _unpack(m, tensors, "ema.", self.ema, path)
         _unpack(m, tensors, "opt.m.", self.adam_m, path)
         _unpack(m, tensors, "opt.v.", self.adam_v, path)
         _set_thresholds(m, tensors)
         self.step = int(meta["step"])
         self.rng = rng_from_state(meta["rng"])
+        self.push_device()
 
     def ckpt_path(self, step):
         return os.path.join(self.run_dir, "checkpoints", f"{step:07d}.safetensors")
@@ -358,7 +489,8 @@ def _total_steps(cfg, n):
 
 
 def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
-          progress=True, out=None, final_samples=True, report=True, **kwargs):
+          progress=True, out=None, final_samples=True, report=True, device=None,
+          precision=None, **kwargs):
     """Train a RaceDiT (or dense DiT) and return a :class:`TrainResult`.
 
     ``model``: a config name (default TrainConfig.model, ``"RaceDiT-S/2-2in8"``).
@@ -373,14 +505,49 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     loading ``data``. progress: a tqdm bar;
     out: a stream for messages (stdout). final_samples: write a sample grid at the end;
     report: write the routing report (MoE models).
+    device: "cpu" or "cuda" (the whole step on the GPU: racedit.RaceDiT(device="cuda"));
+    precision: "fp32", or on cuda "tf32" (TF32 GEMMs) or "bf16" (bf16 expert GEMMs with
+    fp32 master weights, TF32 elsewhere). Both default to "cpu"/"fp32" for a new run and to
+    the checkpoint's for ``resume``; checkpoints are the same on either device (a GPU
+    run resumes on the CPU and vice versa, bit-exactly only on the same device).
 
-    Raises ValueError for bad settings or data (racedit.data.DataError names the file)
-    before the first step, and TrainingDiverged when the loss or a gradient turns NaN/Inf.
+    Raises ValueError for bad settings or data (racedit.data.DataError names the file),
+    or for device "cuda" when CUDA is not available, before the first step, and
+    TrainingDiverged when the loss or a gradient turns NaN/Inf.
     """
     out = out or sys.stdout
     t_start = time.time()
     cfg = _resolve_config(model, preset, resume, kwargs)
     _validate(cfg)
+    inherited = resume is not None and device is None
+    if inherited:
+        meta = load_checkpoint(resume)[1]
+        device = meta.get("device", "cpu")
+        precision = precision or meta.get("precision", "fp32")
+    device = device or "cpu"
+    precision = precision or "fp32"
+    try:
+        check_device(device, precision)
+    except ValueError as e:
+        if not inherited:
+            raise
+        raise ValueError(f"{e}; {resume} comes from a {device} ({precision}) run: pass "
+                         "device='cpu' (--device cpu) to resume it on the CPU") from None
+    tf32_was = None
+    if device == "cuda":
+        from .cuda import tf32
+
+        tf32_was = tf32(precision in ("tf32", "bf16"))
+    try:
+        return _train(cfg, model, resume, init_from, dataset, progress, out, final_samples,
+                      report, device, precision, t_start)
+    finally:
+        if tf32_was is not None:
+            tf32(tf32_was)
+
+
+def _train(cfg, model, resume, init_from, dataset, progress, out, final_samples, report,
+           device, precision, t_start):
     ds = dataset if dataset is not None else load_data(
         cfg.data, cfg.data_path, image_size=cfg.image_size, num_classes=cfg.num_classes,
         seed=cfg.seed, n=cfg.num_samples)
@@ -390,12 +557,12 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
         raise ValueError(f"global_batch_size {cfg.global_batch_size} exceeds the {len(ds)} "
                          "samples of the data set")
     total = _total_steps(cfg, len(ds))
-    m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes)
+    m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes, device, precision)
     if resume is not None:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
     else:
         run_dir = _new_run_dir(cfg.results_dir, m.config.name)
-    tr = _Trainer(cfg, ds, m, run_dir, progress, out)
+    tr = _Trainer(cfg, ds, m, run_dir, progress, out, precision)
     log_path = os.path.join(run_dir, "log.jsonl")
     if resume is not None:
         tensors, meta = load_checkpoint(resume)
@@ -404,18 +571,20 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
         print(f"racedit: resumed {run_dir} at step {tr.step}", file=out)
     elif init_from is not None:
         tensors, _ = load_checkpoint(init_from)
-        _unpack(m, tensors, "model.", m.param_buffer, init_from)
+        _load_params(m, tensors, "model.", init_from)
         _set_thresholds(m, tensors)
         tr.ema[...] = m.param_buffer
+        tr.push_device()
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+    on = f" on cuda ({precision})" if device == "cuda" else ""
     print(f"racedit: {m.config.name}, {m.num_params():,} parameters "
           f"({m.num_activated_params():,} activated), data {ds!r}, {total} steps of "
-          f"{cfg.global_batch_size} -> {run_dir}", file=out)
+          f"{cfg.global_batch_size}{on} -> {run_dir}", file=out)
     records = _read_log(log_path)
     _loop(tr, total, records, log_path)
     last_ckpt = tr.ckpt_path(tr.step)
-    tr.save(last_ckpt)
+    tr.save(last_ckpt)  # also brings a GPU run's EMA to the host (tr.ema)
     print(f"racedit: saved {last_ckpt}", file=out)
     if final_samples:
         p = os.path.join(run_dir, "samples", f"{tr.step:07d}.png")
@@ -565,6 +734,7 @@ def _sample_grid(tr, path, per_class, progress=False):
     ncls = min(tr.ds.num_classes, 10)
     labels = np.repeat(np.arange(ncls), per_class)
     cfg = tr.cfg
+    tr.sync_host()
     x = generate(tr.m, tr.obj, labels, weights=tr.ema, cfg_scale=cfg.cfg_scale,
                  sampler=cfg.sampler, num_steps=cfg.num_sampling_steps, seed=cfg.seed,
                  clip_denoised=tr.ds.kind == "pixels", progress=progress)
