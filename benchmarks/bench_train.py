@@ -13,6 +13,7 @@ The PyTorch MoE has no aux losses, so the comparison turns them off in racedit t
 import argparse
 import io
 import os
+import resource
 import statistics
 import sys
 import time
@@ -28,18 +29,26 @@ from racedit.data import ArrayDataset  # noqa: E402
 from racedit.train import TrainConfig, _Trainer, build_model  # noqa: E402
 
 
+def _cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def timeit(fns, repeat):
     """Times of each step function, run alternately (so a load change on the machine hits
-    both alike) after one warm-up call each: a list of (min, median) per function."""
+    both alike) after one warm-up call each: per function (min wall, median wall, min
+    process CPU seconds). On a busy machine the CPU time is the steadier measure."""
     for fn in fns:
         fn()  # warm-up: allocations, thread pools
     ts = [[] for _ in fns]
+    cs = [[] for _ in fns]
     for _ in range(repeat):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu()
             fn()
             ts[i].append(time.perf_counter() - t0)
-    return [(min(t), statistics.median(t)) for t in ts]
+            cs[i].append(_cpu() - c0)
+    return [(min(t), statistics.median(t), min(c)) for t, c in zip(ts, cs)]
 
 
 def _latents(B, size, n_batches=4):
@@ -109,25 +118,28 @@ def main():
     B, S = args.batch, args.size
     print(f"one training step, batch {B}, {S}x{S}x4 latents, {threads} threads, "
           f"min / median of {args.repeat} (racedit and PyTorch steps alternate)")
-    print(f"{'model':26s} {'racedit s':>15s} {'img/s':>7s} {'torch s':>15s} {'img/s':>7s} "
-          f"{'ratio':>6s}")
+    print(f"{'model':26s} {'racedit wall s':>15s} {'cpu s':>6s} {'img/s':>6s} "
+          f"{'torch wall s':>15s} {'cpu s':>6s} {'img/s':>6s} {'ratio':>6s} {'cpu':>5s}")
     for name in args.configs.split(","):
         fns = [racedit_step(name, B, S, aux=False)]
         if have_torch:
             fns.append(torch_step(name, B, S))
         res = timeit(fns, args.repeat)
-        (rmin, rmed) = res[0]
-        row = f"{name:26s} {rmin:7.3f}/{rmed:7.3f} {B / rmin:7.1f}"
+        rmin, rmed, rcpu = res[0]
+        row = f"{name:26s} {rmin:7.3f}/{rmed:7.3f} {rcpu:6.2f} {B / rmin:6.1f}"
         if have_torch:
-            tmin, tmed = res[1]
-            row += f" {tmin:7.3f}/{tmed:7.3f} {B / tmin:7.1f} {rmin / tmin:6.2f}"
+            tmin, tmed, tcpu = res[1]
+            row += (f" {tmin:7.3f}/{tmed:7.3f} {tcpu:6.2f} {B / tmin:6.1f} {rmin / tmin:6.2f}"
+                    f" {rcpu / tcpu:5.2f}")
         print(row, flush=True)
     for name in args.configs.split(","):
         if get_config(name).is_moe:
-            (amin, amed), = timeit([racedit_step(name, B, S, aux=True)], args.repeat)
-            print(f"{name + ' +PLR+sim':26s} {amin:7.3f}/{amed:7.3f} {B / amin:7.1f}", flush=True)
+            (amin, amed, acpu), = timeit([racedit_step(name, B, S, aux=True)], args.repeat)
+            print(f"{name + ' +PLR+sim':26s} {amin:7.3f}/{amed:7.3f} {acpu:6.2f} {B / amin:6.1f}",
+                  flush=True)
     if have_torch:
-        print("ratio = racedit / PyTorch minimum step time (target <= 0.5)")
+        print("ratio = racedit / PyTorch minimum wall time (target <= 0.5); cpu = the same "
+              "for process CPU time")
 
 
 if __name__ == "__main__":
