@@ -30,8 +30,10 @@ each image at every one of 10 timestep buckets with fixed noise and timesteps �
 inputs for every run (paired; the set's SHA-256 fingerprint is recorded) — in eval mode,
 with the EMA weights (the headline) and the live ("raw") weights; overall (mean over
 buckets) and per bucket. Also: final training loss (mean diffusion loss of the last tenth
-of the steps), MaxVio, combination usage and experts per token by timestep bucket (Fig. 6)
-from the EMA evaluation pass. Tables give mean ± std over seeds (sample std) and, per run,
+of the steps); MaxVio and combination usage both in training (batch top-K routing, mean
+over layers and the last tenth of the steps) and from the EMA evaluation pass (the load
+and co-selection counts of the whole pass, mean over layers); experts per token by
+timestep bucket (Fig. 6) from the evaluation pass. Tables give mean ± std over seeds (sample std) and, per run,
 the paired difference to the study's reference run (mean ± std over seeds of
 run - reference); a difference within about one std of zero is seed noise.
 
@@ -62,6 +64,7 @@ metrics, written atomically last, so a restarted study skips runs that have one 
 retrains the others from scratch — then ``table.md`` (the paper's layout), ``summary.json``,
 ``loss_curves.png`` and ``allocation.png``.
 """
+import contextlib
 import dataclasses
 import io
 import json
@@ -69,7 +72,6 @@ import math
 import os
 import shutil
 import sys
-import time
 
 import numpy as np
 
@@ -188,10 +190,9 @@ def _budget(budget):
 
 
 def _reference(study, runs):
-    """The run every other is compared with (the paper's best / the baseline)."""
-    if study == "scaling":
-        return None  # compared per width with the dense model instead
-    return runs[-1].name if study != "gating" else "race-identity"
+    """The run every other is compared with: the last (the paper's best); None for
+    scaling, where each MoE is compared with the dense model of its width."""
+    return None if study == "scaling" else runs[-1].name
 
 
 def _model_args(run, b, budget):
@@ -271,6 +272,7 @@ def _run_metrics(run, seed, res, val, steps):
         "checkpoint": os.path.abspath(res.checkpoint), "steps": steps,
         "params": m.num_params(), "activated_params": m.num_activated_params(),
         "final_train_loss": float(diff[-tail:].mean()),
+        "train_routing": _tail_routing(res.log, steps),
         "train_curve": diff.tolist(), "eval": ev,
         "fingerprint": ev["ema"]["fingerprint"], "wall_time": res.wall_time}
 
@@ -291,14 +293,34 @@ def _fmt(ms, nd=4, sign=False):
 
 
 def _speedup(dense_curve, moe_curve, w):
-    """(steps for the MoE's smoothed training loss to reach the dense model's final
-    smoothed loss, speed-up = dense steps / those steps), or (None, None) if never."""
+    """(steps for the MoE's smoothed training loss (trailing mean over w steps, counted
+    from step w on) to reach the dense model's final smoothed loss, speed-up = dense
+    steps / those steps), or (None, None) if it never does."""
     d, m = _smooth(dense_curve, w), _smooth(moe_curve, w)
-    hit = np.flatnonzero(m <= d[-1])
+    start = min(w, m.size) - 1  # not before the average holds a full window
+    hit = np.flatnonzero(m[start:] <= d[-1])
     if hit.size == 0:
         return None, None
-    steps = int(hit[0]) + 1
+    steps = start + int(hit[0]) + 1
     return steps, len(d) / steps
+
+
+def _train_routing(rec):
+    """(MaxVio, combination usage) in training (batch top-K routing): means over the MoE
+    layers and the last tenth of the steps of the run's log; (None, None) when dense."""
+    if "train_routing" not in rec:  # records written before the field existed
+        from .train import _read_log
+
+        log = _read_log(os.path.join(rec["run_dir"], "log.jsonl"))
+        rec["train_routing"] = _tail_routing(log, rec["steps"])
+    return rec["train_routing"]
+
+
+def _tail_routing(log, steps):
+    tail = [r for r in log[-max(1, steps // 10):] if "max_violation" in r]
+    if not tail:
+        return [None, None]
+    return [float(np.mean([r[k] for r in tail])) for k in ("max_violation", "combination_usage")]
 
 
 def _aggregate(study, runs, results, b):
@@ -317,6 +339,8 @@ def _aggregate(study, runs, results, b):
                          ("heldout_raw", lambda r: r["eval"]["raw"]["loss"]),
                          ("final_train_loss", lambda r: r["final_train_loss"]),
                          ("max_violation", lambda r: r["eval"]["ema"].get("max_violation")),
+                         ("train_max_violation", lambda r: _train_routing(r)[0]),
+                         ("train_combination_usage", lambda r: _train_routing(r)[1]),
                          ("combination_usage",
                           lambda r: r["eval"]["ema"].get("combination_usage")),
                          ("experts_per_token",
@@ -381,21 +405,22 @@ def _table(study, budget, runs, agg, n_steps):
                          f"{_fmt(a['heldout_ema'])} | {dl} | {_fmt(a['heldout_raw'])} | "
                          f"{_fmt(a['final_train_loss'])} | {st} | {sp} |")
     else:
-        extra = study == "balance"
         head = ("| Run | held-out loss ↓ | Δ vs " + refl + " (paired) | held-out (raw) | "
-                "final train loss | MaxVio ↓ | Comb. usage | experts/token, t: low → high |")
+                "final train loss | MaxVio ↓ train / eval | Comb. usage train / eval | "
+                "experts/token, t: low → high |")
         lines += [head, "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in runs:
             a = A[r.name]
             ept = a.get("ept_by_t")
             eps = (" ".join(f"{v:.2f}" for v in ept[::max(1, len(ept) // 5)]) if ept else "–")
-            mv, cu = a["max_violation"], a["combination_usage"]
-            cu_s = (f"{100 * cu[0]:.0f} ± {100 * cu[1]:.0f} %" if cu[0] is not None else "–")
+            mv = f"{_fmt(a['train_max_violation'], 2)} / {_fmt(a['max_violation'], 2)}"
+            cu_s = " / ".join(f"{100 * c[0]:.0f} ± {100 * c[1]:.0f} %" if c[0] is not None
+                              else "–" for c in (a["train_combination_usage"],
+                                                 a["combination_usage"]))
             lines.append(f"| {a['label']} | {_fmt(a['heldout_ema'])} | "
                          f"{_fmt(a['delta_vs_ref'], 4, True) if r.name != ref else '0 (ref)'} | "
                          f"{_fmt(a['heldout_raw'])} | {_fmt(a['final_train_loss'])} | "
-                         f"{_fmt(mv, 2)} | {cu_s} | {eps} |")
-        del extra
+                         f"{mv} | {cu_s} | {eps} |")
     if study == "gating":
         lines += ["", "Held-out loss ↓ (rows: gating, columns: routing)", "",
                   "| gating | token | expert | race |", "|---|---:|---:|---:|"]
@@ -412,6 +437,17 @@ def _table(study, budget, runs, agg, n_steps):
     return "\n".join(lines) + "\n"
 
 
+def _by_t(ax, runs, A, key, ylabel, title):
+    """One line per run of A[run][key] (one value per timestep bucket)."""
+    for r in runs:
+        v = A[r.name][key]
+        ax.plot((np.arange(len(v)) + 0.5) / len(v), v, "o-", ms=3, label=A[r.name]["label"])
+    ax.set_xlabel("timestep t (0 = clean, 1 = noise)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def _plots(study, runs, results, agg, out, w):
     from matplotlib.figure import Figure
 
@@ -426,28 +462,16 @@ def _plots(study, runs, results, agg, out, w):
     ax.set_yscale("log")
     ax.set_title(f"{study}: training loss (mean over seeds)")
     ax.legend(fontsize=7)
-    ax2 = fig.add_subplot(1, 2, 2)
-    for r in runs:
-        v = A[r.name]["heldout_by_t"]
-        ax2.plot((np.arange(len(v)) + 0.5) / len(v), v, "o-", ms=3, label=A[r.name]["label"])
-    ax2.set_xlabel("timestep t (0 = clean, 1 = noise)")
-    ax2.set_ylabel("held-out loss (EMA)")
-    ax2.set_title("held-out loss by timestep")
-    ax2.legend(fontsize=7)
+    _by_t(fig.add_subplot(1, 2, 2), runs, A, "heldout_by_t", "held-out loss (EMA)",
+          "held-out loss by timestep")
     fig.tight_layout()
     paths = {"loss_curves": os.path.join(out, "loss_curves.png")}
     fig.savefig(paths["loss_curves"], dpi=100)
     moe = [r for r in runs if r.moe]
     if moe:
         fig = Figure(figsize=(11, 4))
-        ax = fig.add_subplot(1, 2, 1)
-        for r in moe:
-            v = A[r.name]["ept_by_t"]
-            ax.plot((np.arange(len(v)) + 0.5) / len(v), v, "o-", ms=3, label=A[r.name]["label"])
-        ax.set_xlabel("timestep t (0 = clean, 1 = noise)")
-        ax.set_ylabel("experts per token (eval, EMA)")
-        ax.set_title(f"{study}: allocation by timestep (Fig. 6)")
-        ax.legend(fontsize=7)
+        _by_t(fig.add_subplot(1, 2, 1), moe, A, "ept_by_t", "experts per token (eval, EMA)",
+              f"{study}: allocation by timestep (Fig. 6)")
         ax2 = fig.add_subplot(1, 2, 2)
         x = np.arange(len(moe))
         for j, (key, lab) in enumerate((("max_violation", "MaxVio"),
@@ -481,8 +505,22 @@ def _check_device(device):
                          "(medium, large) run there with --device cpu until it does")
 
 
+def _thread_limit(threads):
+    """A context limiting the OpenMP and BLAS threads (threadpoolctl) or, for None, none."""
+    if threads is None:
+        return contextlib.nullcontext()
+    if int(threads) < 1:
+        raise ValueError(f"threads: expected >= 1 or None, got {threads}")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise ValueError("threads: needs the threadpoolctl package (or set OMP_NUM_THREADS "
+                         "before starting Python)") from None
+    return threadpool_limits(int(threads))
+
+
 def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=True,
-           stream=None):
+           stream=None, threads=None):
     """Run (or finish) an ablation study and return an :class:`AblationResult`.
 
     study: one of :data:`STUDIES`; budget: a key of :data:`BUDGETS` ("toy", "small",
@@ -490,7 +528,9 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     seeds: the seed indices (each seeds the initial weights, the data order and the noise);
     device: "cpu" ("cuda" raises ValueError while the trainer is CPU-only); out: the study
     folder (default ``results/ablate-<study>-<budget>``); progress: a tqdm bar over runs;
-    stream: where one line per run is printed (default stdout).
+    stream: where one line per run is printed (default stdout); threads: limit the
+    OpenMP and BLAS threads to this many while the study runs (needs threadpoolctl; 1 is
+    fastest for the toy and small models on a shared machine), None leaves them alone.
 
     A folder with a ``result.json`` for a (run, seed) skips that run; a run folder without
     it (interrupted) is deleted and trained again. ValueError for an unknown study, budget
@@ -522,10 +562,32 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     vds = load_builtin(n=b["val_images"], seed=VAL_DATA_SEED, image_size=b["image_size"])
     val = validation_set(make_objective("flow"), vds, NUM_BUCKETS, seed=VAL_NOISE_SEED,
                          batch_size=b["eval_batch"])
+    with _thread_limit(threads):
+        results = _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress,
+                           stream)
+    fps = {r["fingerprint"] for rs in results.values() for r in rs}
+    if len(fps) != 1:
+        raise RuntimeError(f"{out}: runs were evaluated on different validation sets")
+    agg = _aggregate(study, runs, results, b)
+    table = _table(study, budget, runs, agg, b["steps"])
+    plots = _plots(study, runs, results, agg, out, agg["smoothing_window"])
+    summary = dict(settings, seeds=seeds, fingerprint=fps.pop(), aggregate=agg,
+                   train_time_s=sum(r["wall_time"] for rs in results.values() for r in rs),
+                   per_run={k: [{kk: vv for kk, vv in r.items() if kk != "train_curve"}
+                                for r in v] for k, v in results.items()},
+                   table="table.md", plots={k: os.path.basename(p) for k, p in plots.items()})
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    _atomic_json(os.path.join(out, "summary.json"), summary)
+    print(f"racedit ablate: {study} ({budget}) -> {out}", file=stream)
+    return AblationResult(out, table, summary, plots)
+
+
+def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stream):
+    """Train and evaluate every (run, seed) without a result.json; {run: [records]}."""
     jobs = [(r, s) for s in seeds for r in runs]
     bar = _bar(progress, len(jobs), study)
     results = {r.name: [] for r in runs}
-    t0 = time.time()
     for run, seed in jobs:
         rdir = os.path.join(out, "runs", run.name, f"seed{seed}")
         marker = os.path.join(rdir, "result.json")
@@ -551,22 +613,7 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
             print(msg, file=stream)
     if bar is not None:
         bar.close()
-    fps = {r["fingerprint"] for rs in results.values() for r in rs}
-    if len(fps) != 1:
-        raise RuntimeError(f"{out}: runs were evaluated on different validation sets")
-    agg = _aggregate(study, runs, results, b)
-    table = _table(study, budget, runs, agg, b["steps"])
-    plots = _plots(study, runs, results, agg, out, agg["smoothing_window"])
-    summary = dict(settings, seeds=seeds, fingerprint=fps.pop(), wall_time=time.time() - t0,
-                   aggregate=agg,
-                   per_run={k: [{kk: vv for kk, vv in r.items() if kk != "train_curve"}
-                                for r in v] for k, v in results.items()},
-                   table="table.md", plots={k: os.path.basename(p) for k, p in plots.items()})
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table)
-    _atomic_json(os.path.join(out, "summary.json"), summary)
-    print(f"racedit ablate: {study} ({budget}) -> {out}", file=stream)
-    return AblationResult(out, table, summary, plots)
+    return results
 
 
 def _bar(progress, total, study):

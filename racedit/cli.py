@@ -109,6 +109,8 @@ def _add_ablate(sub):
     p.add_argument("--seeds", default="0", help="comma-separated seed indices (0)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", help="study folder (results/ablate-<study>-<budget>)")
+    p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl); 1 is "
+                                               "fastest for toy/small on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="one line per run, no bar")
     return p
 
@@ -121,7 +123,7 @@ def _ablate(args, ap):
     except ValueError:
         ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     res = ablate(args.study, budget=args.budget, seeds=seeds, device=args.device,
-                 out=args.out, progress=not args.no_progress)
+                 out=args.out, progress=not args.no_progress, threads=args.threads)
     print(res.table)
     return 0
 

@@ -72,9 +72,9 @@ def _fingerprint(*arrays):
 def validation_set(objective, dataset, num_buckets=10, seed=0, batch_size=64, max_images=None):
     """Build the :class:`ValidationSet` of ``dataset`` (an racedit.data.ArrayDataset held
     out from training) for ``objective`` (a racedit.diffusion objective). Every image is
-    used once per bucket (``max_images`` caps the images). Samples are ordered bucket-major
-    and interleaved, so each forward batch mixes images and timesteps the same way for
-    every model. Raises ValueError for num_buckets < 1, batch_size < 1 or an empty set."""
+    used once per bucket (``max_images`` caps the images). Samples are ordered image by
+    image, each at buckets 0..nb-1, so every forward batch mixes images and timesteps, the
+    same way for every model. Raises ValueError for num_buckets < 1, batch_size < 1 or an empty set."""
     if int(num_buckets) < 1:
         raise ValueError(f"num_buckets: expected >= 1, got {num_buckets}")
     if int(batch_size) < 1:
@@ -185,11 +185,11 @@ def load_eval_model(path, eval_topk=False):
     live weights and routing thresholds; ``ema`` is the EMA buffer (float32, the model's
     buffer layout). Raises FileNotFoundError / racedit.checkpoint.CheckpointError."""
     from .model import RaceDiT
-    from .train import _model_config
+    from .train import _config_from_dict, _model_config
 
     tensors, meta = load_checkpoint(path)
     cfg, d = meta["config"], meta["data"]
-    mc = _model_config(_train_cfg(cfg))
+    mc = _model_config(_config_from_dict(cfg))
     m = RaceDiT(mc, input_size=d["image_size"], in_channels=d["channels"],
                 num_classes=d["num_classes"], seed=cfg["seed"], learn_sigma=cfg["learn_sigma"],
                 routing=cfg["routing"], gating=cfg["gating"], plr_weight=cfg["plr_weight"],
@@ -207,13 +207,6 @@ def load_eval_model(path, eval_topk=False):
     if th is not None and th.size:
         m.thresholds = th
     return m, ema, meta
-
-
-def _train_cfg(d):
-    from .train import TrainConfig
-
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in fields})
 
 
 def evaluate_checkpoint(path, val, eval_topk=False, raw=True):

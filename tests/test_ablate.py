@@ -49,7 +49,7 @@ def routing_toy(tmp_path_factory):
     mp.setattr(RaceDiT, "forward", spy)
     try:
         res = ablate("routing", budget="toy", seeds=(0,), out=out, progress=False,
-                     stream=open(os.devnull, "w"))
+                     stream=open(os.devnull, "w"), threads=1)
     finally:
         mp.undo()
     return out, res, seen
@@ -112,7 +112,7 @@ def test_restart_reruns_only_unfinished(routing_toy, monkeypatch):
 
     monkeypatch.setattr(ABLATE, "_train_one", counting)
     ablate("routing", budget="toy", seeds=(0,), out=out, progress=False,
-           stream=open(os.devnull, "w"))
+           stream=open(os.devnull, "w"), threads=1)
     assert calls == [("bl", 0)]
     after = {k: v["eval"]["ema"]["loss"] for k, v in _records(out).items()}
     assert after == before  # the retrained run is bit-identical (CPU, same seed)
@@ -123,7 +123,7 @@ def test_restart_reruns_only_unfinished(routing_toy, monkeypatch):
 
 @pytest.mark.parametrize("study", [s for s in STUDIES if s != "routing"])
 def test_study_toy_end_to_end(study, tmp_path):
-    res = ablate(study, budget="toy", seeds=(0,), out=str(tmp_path), progress=True)
+    res = ablate(study, budget="toy", seeds=(0,), out=str(tmp_path), progress=True, threads=1)
     runs = study_runs(study, "toy")
     for r in runs:
         assert f"| {r.label} |" in res.table
@@ -148,7 +148,7 @@ def test_study_toy_end_to_end(study, tmp_path):
 
 def test_two_seeds_give_std(tmp_path):
     res = ablate("balance", budget="toy", seeds=(0, 1), out=str(tmp_path), progress=False,
-                 stream=open(os.devnull, "w"))
+                 stream=open(os.devnull, "w"), threads=1)
     a = res.summary["aggregate"]["runs"]["none"]
     assert a["seeds"] == [0, 1] and a["heldout_ema"][1] > 0
     assert " ± " in res.table
@@ -161,6 +161,7 @@ def test_speedup_and_smoothing():
     steps, sp = _speedup(dense, moe, 1)
     assert steps == 51 and sp == pytest.approx(100 / 51)
     assert _speedup(moe, dense, 1) == (None, None)
+    assert _speedup(dense, np.full(100, 0.5), 10)[0] == 10  # counted once the window is full
 
 
 def test_bad_arguments(tmp_path):
@@ -176,6 +177,8 @@ def test_bad_arguments(tmp_path):
         ablate("routing", budget="toy", seeds=(), out=str(tmp_path))
     with pytest.raises(ValueError, match="seeds"):
         ablate("routing", budget="toy", seeds=(1, 1), out=str(tmp_path))
+    with pytest.raises(ValueError, match="threads"):
+        ablate("routing", budget="toy", threads=0, out=str(tmp_path / "t"))
 
 
 def test_cli(tmp_path, capsys):
@@ -188,7 +191,7 @@ def test_cli(tmp_path, capsys):
         assert f"  {b}: " in helptext
     assert "--study" in helptext and "--seeds" in helptext
     assert main(["ablate", "--study", "components", "--budget", "toy", "--out",
-                 str(tmp_path), "--no-progress"]) == 0
+                 str(tmp_path), "--no-progress", "--threads", "1"]) == 0
     assert "+ router similarity" in capsys.readouterr().out
     assert main(["ablate", "--study", "routing", "--budget", "toy", "--device", "cuda",
                  "--out", str(tmp_path / "c")]) == 2
