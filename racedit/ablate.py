@@ -33,29 +33,31 @@ buckets) and per bucket. Also: final training loss (mean diffusion loss of the l
 of the steps); MaxVio and combination usage both in training (batch top-K routing, mean
 over layers and the last tenth of the steps) and from the EMA evaluation pass (the load
 and co-selection counts of the whole pass, mean over layers); experts per token by
-timestep bucket (Fig. 6) from the evaluation pass. Tables give mean ± std over seeds (sample std) and, per run,
-the paired difference to the study's reference run (mean ± std over seeds of
-run - reference); a difference within about one std of zero is seed noise.
+timestep bucket (Fig. 6) from the evaluation pass. Tables give mean ± std over seeds
+(sample std) and, per run, the paired difference to the study's reference run (mean ± std
+over seeds of run - reference); a difference within about one std of zero is seed noise.
 
-Budgets (model: depth / width D / heads / patch on 32x32 RGB, L tokens per image):
+Budgets (model: depth / width D / heads / patch, tokens per image L; images are the
+built-in shapes; every value is in ``BUDGETS``):
 
-=========  ==============================================  =====  =====  ====================
-budget     model                                           steps  batch  meant for
-=========  ==============================================  =====  =====  ====================
-toy        1 / 16 / 2 / p4 on 16x16 (L=16), 2in4; 4in8       6      8    tests, CI (seconds)
-small      2 / 64 / 4 / p4 (L=64), 2in8; balance 4in16     800     32    2 CPU cores, <= 30
-                                                                         min per study
-                                                                         (routing, 3 seeds)
-medium     6 / 256 / 4 / p2 (L=256), 2in8; 4in32          20000     64    a GPU
-large      12 / 384 / 6 / p2 (DiT-S, L=256), 2in8; 4in32  100000   128    a GPU
-=========  ==============================================  =====  =====  ====================
+- ``toy`` (tests, CI; seconds): 1 / 16 / 2 / p4 on 16x16 (L = 16), 2in4 (balance 4in8),
+  6 steps of batch 8, 64 training images, 4 held-out images.
+- ``small`` (2 CPU cores): 2 / 64 / 4 / p4 on 32x32 (L = 64), 2in8 (balance 4in16),
+  800 steps of batch 32, 4096 training images, 64 held-out images. One run takes about
+  30 s single-threaded on a free core; the routing study with 3 seeds (18 runs) about
+  10-20 min, the balance study (9 runs, 4in16) about 5-10 min (both measured on a shared,
+  loaded 2-core machine at 30-40 min and 15-20 min when run side by side).
+- ``medium`` (a GPU): 6 / 256 / 4 / p2 on 32x32 (L = 256), 2in8 (balance 4in32),
+  20000 steps of batch 64, 50000 training images, 512 held-out images.
+- ``large`` (a GPU): 12 / 384 / 6 / p2 (DiT-S width) on 32x32 (L = 256), 2in8 (balance
+  4in32), 100000 steps of batch 128, 100000 training images, 1024 held-out images.
 
-All budgets train the ``flow`` objective with AdamW (lr 1e-3 toy/small, 3e-4 medium,
-1e-4 large), a linear warm-up, gradient clipping at 1.0 and a weight EMA (0.99 small);
-``BUDGETS`` holds every value. Scaling uses half the width for its second size. On a
-shared, loaded machine set ``OMP_NUM_THREADS=1``: OpenMP threads that wait on busy cores
-cost far more than they give at these sizes. racedit.train runs on the CPU; ``device``
-"cuda" is accepted only when the trainer can use the GPU.
+All budgets train the ``flow`` objective with AdamW (lr 1e-3 toy/small, 3e-4 medium, 1e-4
+large), linear warm-up, gradient clipping at 1.0 and a weight EMA (0.9 toy, 0.99 small,
+0.999 medium, 0.9999 large). Scaling adds a second width, half the budget's. On a shared,
+loaded machine pass ``threads=1`` (``--threads 1``) or set ``OMP_NUM_THREADS=1``: at these
+sizes OpenMP threads waiting on busy cores cost far more than they give. racedit.train
+runs on the CPU, so ``device="cuda"`` is refused until the trainer can use the GPU.
 
 Output, in ``out`` (default ``results/ablate-<study>-<budget>``): ``study.json`` (the
 settings; a folder made with other settings is refused), ``runs/<run>/seed<s>/`` with the
@@ -63,6 +65,10 @@ training run folder (config, log.jsonl, checkpoint) and ``result.json`` — the 
 metrics, written atomically last, so a restarted study skips runs that have one and
 retrains the others from scratch — then ``table.md`` (the paper's layout), ``summary.json``,
 ``loss_curves.png`` and ``allocation.png``.
+
+``racedit.ablate`` is this function once ``racedit`` is imported (as ``racedit.sample``);
+the module itself is ``sys.modules["racedit.ablate"]`` (``from racedit.ablate import
+BUDGETS`` works as usual).
 """
 import contextlib
 import dataclasses
