@@ -6,7 +6,8 @@
 # nvidia-cublas-cu12 for CUDA 12, needed only when the toolkit has no libcublas).
 # Steps: venv, install, build in place with CUDA, every tests/test_cuda_*.py, the benchmarks
 # (racedit's block in fp32 / TF32 / bf16 per GEMM mode; PyTorch eager bf16 when torch has
-# CUDA), a compute-sanitizer memcheck. Every log goes to $OUT/. Runs in under 7 minutes.
+# CUDA), the whole-model train step against PyTorch eager / torch.compile, a compute-sanitizer
+# memcheck. Every log goes to $OUT/. Runs in under 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -60,7 +61,7 @@ python -c "import racedit; assert racedit.build_info()['cuda'], 'built WITHOUT C
     echo "gpu_check: racedit was built without CUDA; see $OUT/build.log"; exit 1; }
 
 step "tests (tests/test_cuda_*.py, tests/test_build.py)"
-timeout 150 python -m pytest -ra -q tests/test_cuda_*.py tests/test_build.py -p no:cacheprovider \
+timeout 200 python -m pytest -ra -q tests/test_cuda_*.py tests/test_build.py -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest.log"
 TEST_RC=${PIPESTATUS[0]}
 
@@ -69,6 +70,9 @@ timeout 120 python benchmarks/bench_cuda_moe.py --iters 10 2>&1 | tee "$OUT/benc
 
 step "benchmark: PyTorch eager bf16 block vs racedit bf16"
 timeout 90 python benchmarks/bench_cuda_torch.py --iters 10 2>&1 | tee "$OUT/bench_torch.log"
+
+step "benchmark: RaceDiT-B/2-4in32 train step, racedit vs PyTorch eager / torch.compile"
+timeout 280 python benchmarks/bench_cuda_model.py --steps 5 --compile-timeout 120 2>&1 | tee "$OUT/bench_model.log"
 
 step "compute-sanitizer memcheck on small cases (out-of-bounds / misaligned accesses)"
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
@@ -136,6 +140,22 @@ rc.attention_backward(o, qkv, att, 2)
 p = rng.standard_normal(9001).astype(np.float32)
 rc.adamw_step(p, p.copy(), np.zeros_like(p), np.zeros_like(p), 1, ema=p.copy())
 rc.grad_norm(p); rc.nonfinite_index(p)
+# the whole model: MoE (odd grid 3x3 tokens) and dense learn_sigma, step / forward / backward / eval
+for cfgname, size, ch, kw in (("RaceDiT-T/2-2in4", 6, 3, {}), ("DiT-T/2", 6, 3, {"learn_sigma": True})):
+    g = racedit.RaceDiT(cfgname, input_size=size, in_channels=ch, num_classes=5, device="cuda", **kw)
+    xx = rng.standard_normal((3, ch, size, size)).astype(np.float32)
+    tt, yy = np.array([0, 500, 1000], np.float32), np.array([0, 1, 5])
+    g.step(xx, tt, yy, xx, max_grad_norm=1.0)
+    o = g.forward(xx, tt, yy, plr_target=xx)
+    g.backward(o)
+    g.optimizer_step(max_grad_norm=1.0)
+    g.eval()
+    g.forward(xx, tt, yy)
+    g.set_dtype("bf16")
+    g.train()
+    g.step(xx, tt, yy, xx)
+lay = racedit.MoE(16, 4, 2, plr_dim=3, sim_weight=0.1, device="cuda")
+lay.backward(lay.forward(x, plr_target=tgt))
 print("memcheck script done")
 PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"

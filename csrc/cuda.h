@@ -187,6 +187,63 @@ rd_status rd_grad_norm_cuda(double *out_dev, const float *grads, int64_t n);
 /* *index = the first i with x[i] NaN or +-Inf, or -1. Synchronises. */
 rd_status rd_nonfinite_index_cuda(int64_t *index, const float *x, int64_t n);
 
+/* ---- the whole model (model.cu) ---------------------------------------------------
+ * Race-DiT / DiT of model.h on the device. The parameter layout is rd_model_new's for the
+ * same configuration (rd_model_cuda_layout gives that CPU model: its tensor table, its
+ * config), so one flat buffer serves both backends. The handle owns five device buffers
+ * of rd_model_cuda_num_params floats (params, grads, AdamW m and v, EMA; zeros at
+ * creation) and the activations (device, carved for the largest batch as the CPU).
+ * forward / backward / train_step take HOST arrays and copy them at the boundary; t and
+ * y are validated on the host (t in [0, RD_T_MAX], y in [0, num_classes]). Grads
+ * ACCUMULATE in backward; train_step zeroes them first. */
+enum { RD_MODEL_CUDA_PARAMS = 0, RD_MODEL_CUDA_GRADS = 1, RD_MODEL_CUDA_ADAM_M = 2,
+       RD_MODEL_CUDA_ADAM_V = 3, RD_MODEL_CUDA_EMA = 4, RD_MODEL_CUDA_NBUF = 5 };
+typedef struct rd_model_cuda rd_model_cuda;
+rd_status rd_model_cuda_new(rd_model_cuda **out, const rd_model_cfg *cfg);
+void rd_model_cuda_free(rd_model_cuda *m);
+const rd_model *rd_model_cuda_layout(const rd_model_cuda *m);
+int64_t rd_model_cuda_num_params(const rd_model_cuda *m);
+/* DEVICE pointer of buffer `which` (RD_MODEL_CUDA_*), NULL for a bad index. */
+float *rd_model_cuda_buffer(rd_model_cuda *m, int which);
+int64_t rd_model_cuda_num_moe(const rd_model_cuda *m);
+rd_moe_cuda_state *rd_model_cuda_moe_state(rd_model_cuda *m, int64_t l);
+rd_status rd_model_cuda_reserve(rd_model_cuda *m, int64_t max_batch, int fixed);
+int64_t rd_model_cuda_max_batch(const rd_model_cuda *m);
+int64_t rd_model_cuda_last_batch(const rd_model_cuda *m);
+/* Precision of every MoE block's expert GEMMs (rd_precision); the rest stays fp32 (TF32
+ * under rd_cuda_set_tf32(1)). Drops the last forward. */
+rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec);
+/* AdamW steps taken (the bias correction's step count); settable for resuming. */
+int64_t rd_model_cuda_get_step(const rd_model_cuda *m);
+rd_status rd_model_cuda_set_step(rd_model_cuda *m, int64_t step);
+/* out (B,Co,H,W, HOST, may be NULL: kept on the device only) = model(x (B,C,H,W), t (B),
+ * y (B)), all HOST; plr_target (B,C,H,W, HOST, may be NULL) as rd_model_forward. */
+rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const float *x, const float *t,
+                                const int64_t *y, const float *plr_target, int64_t B,
+                                int training);
+/* grads += d<dout (B,Co,H,W, HOST), out>/d params plus the MoE aux-loss gradients. */
+rd_status rd_model_cuda_backward(rd_model_cuda *m, const float *dout);
+/* One training step on the device: forward (training; the MoE PLR heads regress `target`
+ * when plr_weight != 0), loss = mean((out[:, :C] - target)^2) over (B,C,H,W) (with
+ * learn_sigma the variance channels get no gradient), grads zeroed then backward, the
+ * optional clip to max_grad_norm (0: off; one read-back of the norm), then AdamW (step
+ * count + 1) fused with the EMA (ema_decay < 0: no EMA). x, t, y, target are HOST arrays;
+ * the loss comes back, nothing else (the MoE layers keep their aux values). */
+typedef struct {
+    double lr, beta1, beta2, eps, weight_decay, max_grad_norm, ema_decay;
+} rd_model_cuda_opt;
+typedef struct {
+    double loss, grad_norm; /* grad_norm: NaN when not clipping */
+    int64_t step;
+} rd_model_cuda_step_out;
+rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
+                                   const float *x, const float *t, const int64_t *y,
+                                   const float *target, int64_t B, const rd_model_cuda_opt *o);
+/* The optimiser part of train_step alone (clip, AdamW + EMA) on the device gradients as
+ * they are (e.g. after rd_model_cuda_backward with a host-computed dout); res->loss NaN. */
+rd_status rd_model_cuda_optimizer_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
+                                       const rd_model_cuda_opt *o);
+
 /* ---- benchmark ----------------------------------------------------------------------
  * Device-resident timings (CUDA events, mean ms per call over `iters` after a warm-up)
  * of the layer on HOST inputs x (B,L,D), params (flat, rd_moe_params layout), dy

@@ -7,6 +7,11 @@ Shapes: B batch, L tokens per image, N = B*L tokens, D width, E experts, He expe
 Inputs are converted like racedit.ops (float64/float16 or non-contiguous arrays become a
 C-contiguous float32 copy; masks must be bool). Results are float32 (bool for masks).
 
+The whole model and the layer have device classes of their own:
+``racedit.RaceDiT(..., device="cuda")`` (racedit.cuda_model.CudaRaceDiT: every layer, the
+loss and AdamW + EMA on the device, ``step`` returning only scalars) and
+``racedit.MoE(..., device="cuda")`` (racedit.cuda_moe.CudaMoE).
+
 Without a usable GPU (racedit built without CUDA, or no device) every function raises
 ``RuntimeError("CUDA not available: ...")``; check :func:`racedit.cuda_available` first.
 Precision: fp32 GEMMs by default; :func:`tf32` opts in to TF32 tensor cores everywhere.

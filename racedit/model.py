@@ -48,6 +48,12 @@ class RaceDiT:
         Activations are allocated for this many images and a larger batch raises
         ValueError. None: allocated at the first forward and grown when a larger batch
         arrives.
+    device : {"cpu", "cuda"}, default "cpu"
+        "cuda" returns a racedit.cuda_model.CudaRaceDiT: the same methods on the GPU, whose
+        ``params`` / ``grads`` are host copies, plus a device training ``step``.
+    dtype : {"fp32", "bf16"}, default "fp32"
+        Expert GEMM precision on CUDA ("bf16": bf16 operands, fp32 accumulation and
+        master weights); the CPU model is fp32 only.
 
     Layout
     ------
@@ -66,10 +72,11 @@ class RaceDiT:
     xavier-uniform linears with zero biases, the patch embedding as a linear over its
     flattened (D, C*p*p) weight, normal(0, 0.02) label table and timestep-MLP weights,
     zero adaLN modulations and final linear (adaLN-Zero: every block starts as the
-    identity). Experts: w1 and w2 are drawn xavier-uniform with the fans of the dense
-    DiT MLP (D -> 4D -> D), so each expert is a 1/k slice of that MLP's width with the
-    same weight scale and the k experts a token uses on average together have its
-    width and output variance; router, gate and PLR head are xavier-uniform.
+    identity, dense or MoE alike). Experts: w1 and w2 are drawn xavier-uniform with the
+    fans of the dense DiT MLP (D -> 4D -> D), so each expert is a 1/k slice of that MLP's
+    width with the same weight scale, and the k experts a token uses on average together
+    have its width and (before the gate values scale them) its output variance; router,
+    gate and PLR head are xavier-uniform.
 
     MoE blocks
     ----------
@@ -99,10 +106,21 @@ class RaceDiT:
     actual), RuntimeError for backward before forward.
     """
 
+    def __new__(cls, *args, device="cpu", dtype="fp32", **kwargs):
+        if device == "cuda":
+            from .cuda_model import CudaRaceDiT
+
+            return CudaRaceDiT(*args, dtype=dtype, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, config, input_size=32, in_channels=4, num_classes=10, seed=0,
                  learn_sigma=False, routing="race", gating="identity", plr_weight=1.0,
                  sim_weight=0.01, balance_weight=0.0, beta=0.99, eval_topk=False,
-                 class_dropout_prob=0.1, max_batch=None):
+                 class_dropout_prob=0.1, max_batch=None, device="cpu", dtype="fp32"):
+        if device != "cpu":
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if dtype != "fp32":
+            raise ValueError(f"dtype: the CPU model is fp32 only, got {dtype!r}")
         cfg = get_config(config)
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob: expected a value in [0, 1], got {class_dropout_prob}")

@@ -64,6 +64,8 @@ class MoE:
         balance_weight: weight of the Switch/GShard balance loss; 0 (default): off.
         plr_weight: weight of this layer's PLR loss (default 1.0). A model averaging L_PLR
             over its layers passes lambda_PLR / num_layers here.
+        device: ``"cpu"`` (default) or ``"cuda"``: a racedit.cuda_moe.CudaMoE, the same
+            layer computed on the GPU (also takes ``precision="fp32"|"tf32"|"bf16"``).
 
     Aux losses (training mode only): ``forward(x, plr_target=...)`` with a target
     (B,L,plr_dim) for the head (the patchified diffusion target: eps or velocity)
@@ -93,9 +95,18 @@ class MoE:
         TypeError / ValueError naming the argument for a bad size, strategy or gating.
     """
 
+    def __new__(cls, *args, device="cpu", **kwargs):
+        if device == "cuda" and cls is MoE:
+            from .cuda_moe import CudaMoE
+
+            return object.__new__(CudaMoE)
+        return super().__new__(cls)
+
     def __init__(self, dim, num_experts, k, strategy="race", gating="identity", seed=0,
                  hidden=None, beta=0.99, eval_topk=False, plr_dim=0, sim_weight=0.0,
-                 balance_weight=0.0, plr_weight=1.0):
+                 balance_weight=0.0, plr_weight=1.0, device="cpu"):
+        if device != "cpu":
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         dim = _int_arg("dim", dim, 1)
         num_experts = _int_arg("num_experts", num_experts, 1)
         k = _int_arg("k", k, 0)

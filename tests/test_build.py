@@ -1,5 +1,4 @@
 """The package imports, reports what it was built with, and has a working BLAS."""
-import numpy as np
 
 import racedit
 

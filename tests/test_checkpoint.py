@@ -3,7 +3,8 @@ previous checkpoint loadable."""
 import os
 import signal
 import subprocess
-import sys
+
+from _subproc import run_python
 import textwrap
 import time
 
@@ -102,8 +103,7 @@ WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("mode", ["before_rename", "mid_write"])
 def test_crash_during_save_keeps_previous(tmp_path, mode):
     path = str(tmp_path / "ckpt.safetensors")
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, path, mode], stdout=subprocess.PIPE,
-                            text=True)
+    proc = run_python(["-c", WRITER, path, mode], popen=True, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "SAVING"
         if mode == "before_rename":

@@ -3,23 +3,18 @@ in a subprocess as a user would run them."""
 import glob
 import json
 import os
-import subprocess
-import sys
+
+from _subproc import PKG_PARENT, run_python
 
 import pytest
 
-import racedit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the folder holding the racedit that the tests import (the source tree after an in-place
-# build, site-packages after pip install): subprocesses must import the same one
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(racedit.__file__)))
 
 
 def _cli(*args, cwd, check=True):
-    env = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "racedit", *args], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = run_python(["-m", "racedit", *args], cwd=cwd, capture_output=True, text=True,
+                   timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p

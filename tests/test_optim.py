@@ -1,8 +1,7 @@
 """The fused optimiser loops (AdamW, grad norm, EMA, NaN finder) against their float64
 twins, against torch.optim.AdamW when torch is installed, and on bad input."""
-import os
-import subprocess
-import sys
+
+from _subproc import run_python
 
 import numpy as np
 import pytest
@@ -115,9 +114,8 @@ def test_grad_norm_independent_of_thread_count():
             "print(repr(optim.grad_norm(g)))")
     outs = []
     for threads in ("1", "2", "3"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads)
-        outs.append(subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                                   capture_output=True, text=True).stdout.strip())
+        outs.append(run_python(["-c", code], env_extra={"OMP_NUM_THREADS": threads}, check=True,
+                               capture_output=True, text=True).stdout.strip())
     assert outs[0] == outs[1] == outs[2], outs
 
 

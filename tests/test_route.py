@@ -1,9 +1,8 @@
 """racedit.ops.route / route_threshold / route_plan against the sort-based twin in
 racedit.ref.route: exact K per group, ties to the lower flat index, tau_b, edge values,
 determinism, and the errors of bad input."""
-import os
-import subprocess
-import sys
+
+from _subproc import run_python
 
 import numpy as np
 import pytest
@@ -163,8 +162,8 @@ def test_large_race_ties_under_other_thread_counts():
         "print('ok')\n"
     )
     for n in ("1", "3", "4"):
-        env = dict(os.environ, OMP_NUM_THREADS=n)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        out = run_python(["-c", code], env_extra={"OMP_NUM_THREADS": n}, capture_output=True,
+                         text=True)
         assert out.returncode == 0 and "ok" in out.stdout, (n, out.stderr)
 
 

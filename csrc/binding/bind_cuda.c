@@ -1236,7 +1236,393 @@ done:
     return ret;
 }
 
+/* ---- the whole model ------------------------------------------------------------------
+ * A capsule owning an rd_model_cuda; HOST arrays in and out (copies at the boundary). The
+ * MoE blocks' states are handed out as capsules of the layer-state kind that keep the
+ * model capsule alive and never free the state, so every cuda_moe_* function reads them. */
+typedef struct {
+    rd_model_cuda *m;
+    int busy;
+} cmodel_box;
+
+#define CMODEL_CAPSULE "racedit.cuda_model"
+
+static void cmodel_destructor(PyObject *cap) {
+    cmodel_box *box = (cmodel_box *)PyCapsule_GetPointer(cap, CMODEL_CAPSULE);
+    if (box) {
+        rd_model_cuda_free(box->m);
+        PyMem_Free(box);
+    }
+}
+
+static cmodel_box *get_cmodel(PyObject *cap) {
+    if (!PyCapsule_IsValid(cap, CMODEL_CAPSULE)) {
+        PyErr_Format(PyExc_TypeError, "model: expected a CUDA model capsule, got %s",
+                     Py_TYPE(cap)->tp_name);
+        return NULL;
+    }
+    cmodel_box *box = (cmodel_box *)PyCapsule_GetPointer(cap, CMODEL_CAPSULE);
+    if (box && box->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "model: in use by another thread");
+        return NULL;
+    }
+    return box;
+}
+
+/* cuda_model_new(depth, hidden, heads, patch, input_size, in_channels, out_channels,
+ * num_classes, num_experts=0, k=1, expert_hidden=0, strategy, gating, beta, eval_topk,
+ * plr_weight, sim_weight, balance_weight): the arguments of racedit._C.model_new. */
+static PyObject *py_cmodel_new(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kws[] = {"depth", "hidden", "heads", "patch", "input_size", "in_channels",
+                          "out_channels", "num_classes", "num_experts", "k", "expert_hidden",
+                          "strategy", "gating", "beta", "eval_topk", "plr_weight", "sim_weight",
+                          "balance_weight", NULL};
+    long long depth, D, NH, p, S, C, Co, ncls, E = 0, k = 1, He = 0;
+    PyObject *ostrat = NULL, *ogate = NULL;
+    float beta = 0.99f, plr_w = 1.0f, sim_w = 0.01f, bal_w = 0.0f;
+    int eval_topk = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLL|LLLOOfpfff:cuda_model_new", kws, &depth,
+                                     &D, &NH, &p, &S, &C, &Co, &ncls, &E, &k, &He, &ostrat, &ogate,
+                                     &beta, &eval_topk, &plr_w, &sim_w, &bal_w))
+        return NULL;
+    if (need_device() < 0) return NULL;
+    rd_model_cfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.depth = depth, cfg.D = D, cfg.NH = NH, cfg.patch = p, cfg.input_size = S;
+    cfg.in_channels = C, cfg.out_channels = Co, cfg.num_classes = ncls;
+    cfg.moe.D = D, cfg.moe.E = E, cfg.moe.k = k, cfg.moe.He = He;
+    cfg.moe.strategy = RD_ROUTE_RACE, cfg.moe.gating = RD_GATE_IDENTITY;
+    if (ostrat && ostrat != Py_None && rd_parse_strategy(ostrat, "routing", &cfg.moe.strategy) < 0)
+        return NULL;
+    if (ogate && ogate != Py_None && rd_parse_gating(ogate, "gating", &cfg.moe.gating) < 0)
+        return NULL;
+    cfg.moe.beta = beta, cfg.moe.eval_topk = eval_topk;
+    cfg.moe.plr_weight = plr_w, cfg.moe.sim_weight = sim_w, cfg.moe.balance_weight = bal_w;
+    cmodel_box *box = (cmodel_box *)PyMem_Calloc(1, sizeof *box);
+    if (!box) return PyErr_NoMemory();
+    rd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = rd_model_cuda_new(&box->m, &cfg);
+    Py_END_ALLOW_THREADS
+    if (st) {
+        PyMem_Free(box);
+        return rd_raise(st);
+    }
+    PyObject *cap = PyCapsule_New(box, CMODEL_CAPSULE, cmodel_destructor);
+    if (!cap) {
+        rd_model_cuda_free(box->m);
+        PyMem_Free(box);
+    }
+    return cap;
+}
+
+static int parse_which(int which) {
+    if (which >= 0 && which < RD_MODEL_CUDA_NBUF) return 0;
+    PyErr_Format(PyExc_ValueError, "which: expected 0..%d (params, grads, adam_m, adam_v, ema), got %d",
+                 RD_MODEL_CUDA_NBUF - 1, which);
+    return -1;
+}
+
+/* cuda_model_get(model, which) -> a float32 (n,) copy of device buffer `which`. */
+static PyObject *py_cmodel_get(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    int which;
+    if (!PyArg_ParseTuple(args, "Oi:cuda_model_get", &cap, &which)) return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box || parse_which(which) < 0) return NULL;
+    npy_intp n[1] = {(npy_intp)rd_model_cuda_num_params(box->m)};
+    PyArrayObject *a = rd_new_array(1, n, NPY_FLOAT32);
+    if (!a) return NULL;
+    rd_status st;
+    box->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    st = dl_down(a, rd_model_cuda_buffer(box->m, which));
+    Py_END_ALLOW_THREADS
+    box->busy = 0;
+    if (st) {
+        Py_DECREF(a);
+        return rd_raise(st);
+    }
+    return (PyObject *)a;
+}
+
+/* cuda_model_set(model, which, values (n,) float32): device buffer `which` = values. */
+static PyObject *py_cmodel_set(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *ov;
+    int which;
+    if (!PyArg_ParseTuple(args, "OiO:cuda_model_set", &cap, &which, &ov)) return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box || parse_which(which) < 0) return NULL;
+    npy_intp n[1] = {(npy_intp)rd_model_cuda_num_params(box->m)};
+    PyArrayObject *a = rd_in_array(ov, "values", NPY_FLOAT32, 1, n);
+    if (!a) return NULL;
+    rd_status st;
+    box->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    st = rd_cuda_h2d(rd_model_cuda_buffer(box->m, which), PyArray_DATA(a), (size_t)PyArray_NBYTES(a));
+    Py_END_ALLOW_THREADS
+    box->busy = 0;
+    Py_DECREF(a);
+    if (st) return rd_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_cmodel_num_params(PyObject *self, PyObject *cap) {
+    (void)self;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    return PyLong_FromLongLong((long long)rd_model_cuda_num_params(box->m));
+}
+
+/* cuda_model_reserve(model, max_batch, fixed) */
+static PyObject *py_cmodel_reserve(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    long long mb;
+    int fixed;
+    if (!PyArg_ParseTuple(args, "OLp:cuda_model_reserve", &cap, &mb, &fixed)) return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    rd_status st;
+    box->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    st = rd_model_cuda_reserve(box->m, (int64_t)mb, fixed);
+    Py_END_ALLOW_THREADS
+    box->busy = 0;
+    if (st) return rd_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* cuda_model_batch(model) -> (max_batch, last_batch) */
+static PyObject *py_cmodel_batch(PyObject *self, PyObject *cap) {
+    (void)self;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    return Py_BuildValue("(LL)", (long long)rd_model_cuda_max_batch(box->m),
+                         (long long)rd_model_cuda_last_batch(box->m));
+}
+
+/* Validated inputs x (B,C,S,S) f32, t (B,) f32, y (B,) i64 and an optional (B,C,S,S) f32. */
+static int cmodel_inputs(cmodel_box *box, PyObject *ox, PyObject *ot, PyObject *oy, PyObject *oz,
+                         const char *zname, PyArrayObject **a, int64_t *B) {
+    const rd_model_cfg *c = rd_model_config(rd_model_cuda_layout(box->m));
+    const npy_intp S = (npy_intp)c->input_size, C = (npy_intp)c->in_channels;
+    npy_intp sx[4] = {RD_ANY, C, S, S};
+    if (!(a[0] = rd_in_array(ox, "x", NPY_FLOAT32, 4, sx))) return -1;
+    *B = PyArray_DIM(a[0], 0);
+    if (*B < 1) {
+        PyErr_SetString(PyExc_ValueError, "x: expected a batch of at least 1 image");
+        return -1;
+    }
+    npy_intp sb[1] = {(npy_intp)*B}, sz[4] = {(npy_intp)*B, C, S, S};
+    if (!(a[1] = rd_in_array(ot, "t", NPY_FLOAT32, 1, sb))) return -1;
+    if (!(a[2] = rd_in_array(oy, "y", NPY_INT64, 1, sb))) return -1;
+    if (oz && oz != Py_None && !(a[3] = rd_in_array(oz, zname, NPY_FLOAT32, 4, sz))) return -1;
+    return 0;
+}
+
+/* cuda_model_forward(model, x, t, y, plr_target=None, training=True) -> out (B,Co,S,S) */
+static PyObject *py_cmodel_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *ox, *ot, *oy, *oplr = Py_None, *ret = NULL;
+    int training = 1;
+    PyArrayObject *a[4] = {0}, *out = NULL;
+    int64_t B = 0;
+    if (!PyArg_ParseTuple(args, "OOOO|Op:cuda_model_forward", &cap, &ox, &ot, &oy, &oplr, &training))
+        return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    const rd_model_cfg *c = rd_model_config(rd_model_cuda_layout(box->m));
+    if (cmodel_inputs(box, ox, ot, oy, oplr, "plr_target", a, &B) < 0) goto done;
+    {
+        npy_intp so[4] = {(npy_intp)B, (npy_intp)c->out_channels, (npy_intp)c->input_size,
+                          (npy_intp)c->input_size};
+        if (!(out = rd_new_array(4, so, NPY_FLOAT32))) goto done;
+        rd_status st;
+        box->busy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        st = rd_model_cuda_forward(box->m, (float *)PyArray_DATA(out), (const float *)PyArray_DATA(a[0]),
+                                   (const float *)PyArray_DATA(a[1]), (const int64_t *)PyArray_DATA(a[2]),
+                                   a[3] ? (const float *)PyArray_DATA(a[3]) : NULL, B, training);
+        Py_END_ALLOW_THREADS
+        box->busy = 0;
+        if (st) { rd_raise(st); goto done; }
+    }
+    ret = (PyObject *)out;
+    out = NULL;
+done:
+    for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
+    Py_XDECREF(out);
+    return ret;
+}
+
+/* cuda_model_backward(model, dout (B,Co,S,S)): device grads += ... */
+static PyObject *py_cmodel_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *od;
+    if (!PyArg_ParseTuple(args, "OO:cuda_model_backward", &cap, &od)) return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    const rd_model_cfg *c = rd_model_config(rd_model_cuda_layout(box->m));
+    const int64_t B = rd_model_cuda_last_batch(box->m);
+    if (B == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "backward called before forward");
+        return NULL;
+    }
+    npy_intp sd[4] = {(npy_intp)B, (npy_intp)c->out_channels, (npy_intp)c->input_size,
+                      (npy_intp)c->input_size};
+    PyArrayObject *d = rd_in_array(od, "dout", NPY_FLOAT32, 4, sd);
+    if (!d) return NULL;
+    rd_status st;
+    box->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    st = rd_model_cuda_backward(box->m, (const float *)PyArray_DATA(d));
+    Py_END_ALLOW_THREADS
+    box->busy = 0;
+    Py_DECREF(d);
+    if (st) return rd_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* cuda_model_train_step(model, x, t, y, target, lr, beta1, beta2, eps, weight_decay,
+ * max_grad_norm, ema_decay) -> {"loss", "grad_norm" (None when not clipping), "step"} */
+static PyObject *py_cmodel_train_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *ox, *ot, *oy, *oz, *ret = NULL;
+    PyArrayObject *a[4] = {0};
+    rd_model_cuda_opt o;
+    int64_t B = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOddddddd:cuda_model_train_step", &cap, &ox, &ot, &oy, &oz,
+                          &o.lr, &o.beta1, &o.beta2, &o.eps, &o.weight_decay, &o.max_grad_norm,
+                          &o.ema_decay))
+        return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    if (oz == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "target: expected a float32 array, got None");
+        return NULL;
+    }
+    if (cmodel_inputs(box, ox, ot, oy, oz, "target", a, &B) < 0) goto done;
+    {
+        rd_model_cuda_step_out r;
+        rd_status st;
+        box->busy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        st = rd_model_cuda_train_step(box->m, &r, (const float *)PyArray_DATA(a[0]),
+                                      (const float *)PyArray_DATA(a[1]),
+                                      (const int64_t *)PyArray_DATA(a[2]),
+                                      (const float *)PyArray_DATA(a[3]), B, &o);
+        Py_END_ALLOW_THREADS
+        box->busy = 0;
+        if (st) { rd_raise(st); goto done; }
+        PyObject *gn = isnan(r.grad_norm) ? Py_NewRef(Py_None) : PyFloat_FromDouble(r.grad_norm);
+        ret = Py_BuildValue("{s:d,s:N,s:L}", "loss", r.loss, "grad_norm", gn, "step",
+                            (long long)r.step);
+    }
+done:
+    for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
+    return ret;
+}
+
+/* cuda_model_optimizer_step(model, lr, beta1, beta2, eps, weight_decay, max_grad_norm,
+ * ema_decay) -> {"grad_norm" (None when not clipping), "step"} */
+static PyObject *py_cmodel_optimizer_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    rd_model_cuda_opt o;
+    if (!PyArg_ParseTuple(args, "Oddddddd:cuda_model_optimizer_step", &cap, &o.lr, &o.beta1,
+                          &o.beta2, &o.eps, &o.weight_decay, &o.max_grad_norm, &o.ema_decay))
+        return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    rd_model_cuda_step_out r;
+    rd_status st;
+    box->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    st = rd_model_cuda_optimizer_step(box->m, &r, &o);
+    Py_END_ALLOW_THREADS
+    box->busy = 0;
+    if (st) return rd_raise(st);
+    PyObject *gn = isnan(r.grad_norm) ? Py_NewRef(Py_None) : PyFloat_FromDouble(r.grad_norm);
+    return Py_BuildValue("{s:N,s:L}", "grad_norm", gn, "step", (long long)r.step);
+}
+
+static void borrowed_state_destructor(PyObject *cap) {
+    Py_XDECREF((PyObject *)PyCapsule_GetContext(cap));
+}
+
+/* cuda_model_moe_state(model, l) -> the state capsule of MoE block l (cuda_moe_* read it). */
+static PyObject *py_cmodel_moe_state(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    long long l;
+    if (!PyArg_ParseTuple(args, "OL:cuda_model_moe_state", &cap, &l)) return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    rd_moe_cuda_state *st = rd_model_cuda_moe_state(box->m, (int64_t)l);
+    if (!st) {
+        PyErr_Format(PyExc_IndexError, "layer %lld: the model has %lld MoE blocks", l,
+                     (long long)rd_model_cuda_num_moe(box->m));
+        return NULL;
+    }
+    PyObject *sc = PyCapsule_New(st, STATE_CAPSULE, borrowed_state_destructor);
+    if (!sc) return NULL;
+    if (PyCapsule_SetContext(sc, cap) < 0) {
+        Py_DECREF(sc);
+        return NULL;
+    }
+    Py_INCREF(cap);
+    return sc;
+}
+
+/* cuda_model_precision(model, prec): every MoE block's expert GEMMs. */
+static PyObject *py_cmodel_precision(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    int prec;
+    if (!PyArg_ParseTuple(args, "Oi:cuda_model_precision", &cap, &prec)) return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box || check_precision(prec) < 0) return NULL;
+    rd_status st = rd_model_cuda_set_precision(box->m, prec);
+    if (st) return rd_raise(st);
+    Py_RETURN_NONE;
+}
+
+/* cuda_model_step(model[, step]) -> AdamW steps taken (before setting). */
+static PyObject *py_cmodel_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *os = NULL;
+    if (!PyArg_ParseTuple(args, "O|O:cuda_model_step", &cap, &os)) return NULL;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    long long prev = (long long)rd_model_cuda_get_step(box->m);
+    if (os) {
+        int64_t s;
+        if (parse_int(os, "step", &s) < 0) return NULL;
+        rd_status st = rd_model_cuda_set_step(box->m, s);
+        if (st) return rd_raise(st);
+    }
+    return PyLong_FromLongLong(prev);
+}
+
 static PyMethodDef cuda_methods[] = {
+    {"cuda_model_new", (PyCFunction)(void (*)(void))py_cmodel_new, METH_VARARGS | METH_KEYWORDS,
+     "A device RaceDiT (capsule); the arguments of model_new."},
+    {"cuda_model_get", py_cmodel_get, METH_VARARGS, "A host copy of a device buffer (0 params, 1 grads, 2 adam_m, 3 adam_v, 4 ema)."},
+    {"cuda_model_set", py_cmodel_set, METH_VARARGS, "Upload a device buffer (0 params, 1 grads, 2 adam_m, 3 adam_v, 4 ema)."},
+    {"cuda_model_num_params", py_cmodel_num_params, METH_O, "Floats in the parameter buffer."},
+    {"cuda_model_reserve", py_cmodel_reserve, METH_VARARGS, "Allocate device activations for max_batch."},
+    {"cuda_model_batch", py_cmodel_batch, METH_O, "(max_batch, last_batch)."},
+    {"cuda_model_forward", py_cmodel_forward, METH_VARARGS, "out = model(x, t, y) on the GPU."},
+    {"cuda_model_backward", py_cmodel_backward, METH_VARARGS, "Device grads += backward of dout."},
+    {"cuda_model_train_step", py_cmodel_train_step, METH_VARARGS, "One device training step; the loss back."},
+    {"cuda_model_optimizer_step", py_cmodel_optimizer_step, METH_VARARGS, "Clip + AdamW + EMA on the device grads."},
+    {"cuda_model_moe_state", py_cmodel_moe_state, METH_VARARGS, "The state capsule of MoE block l."},
+    {"cuda_model_precision", py_cmodel_precision, METH_VARARGS, "Expert GEMM precision of every MoE block."},
+    {"cuda_model_step", py_cmodel_step, METH_VARARGS, "AdamW step count (get, optionally set)."},
     {"cuda_route", py_route, METH_VARARGS, "(mask, tau_b) = route on the GPU (see racedit.cuda.route)."},
     {"cuda_route_threshold", py_route_threshold, METH_VARARGS, "scores >= tau on the GPU."},
     {"cuda_gate_forward", py_gate_forward, METH_VARARGS, "G = gate(R) on the GPU."},

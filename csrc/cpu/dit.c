@@ -350,12 +350,15 @@ static void head_backward(float *dq, float *da, const float *g, const float *q, 
     rd_matmul(dq + D, D3, da, (int)L, 1, q, D3, 0, L, hd, L, scale, 0.0f);        /* dS^T q */
 }
 
-/* Threading follows rd_get_threading(): with RD_THREADS_OMP the (b, h) pairs run in an
- * OpenMP loop with a single-threaded BLAS; with RD_THREADS_BLAS one pair after another,
- * each product threaded by the BLAS. Measured in benchmarks/bench_model.py (see the
- * report there): on 2 cores the OpenMP loop wins at L=64 and L=256, as the L x L x hd
- * products are too small for the BLAS to split well. The sizes were checked before the
- * loop, so rd_matmul cannot fail inside it. */
+/* Threading follows rd_get_threading() (process-wide, moe.h): with RD_THREADS_OMP the
+ * (b, h) pairs run in an OpenMP loop with a single-threaded BLAS; with RD_THREADS_BLAS one
+ * pair after another, each product threaded by the BLAS. Measured with
+ * benchmarks/bench_model.py (B=8, NH=6, D=384, forward+backward, 2 cores shared with
+ * other jobs, SciPy's OpenBLAS): at L=256 the OpenMP loop took 74 ms against 176 ms, the
+ * L x L x hd products being too small for the BLAS to split well; at L=64 both took
+ * 1-3 ms, within the noise. Dynamic scheduling lets one thread take over the pairs of a
+ * thread the OS has descheduled. The sizes were checked before the loop, so rd_matmul
+ * cannot fail inside it. */
 rd_status rd_attention_forward(float *out, float *att, const float *qkv, int64_t B, int64_t L,
                                int64_t D, int64_t NH) {
     rd_status s = check_attention(B, L, D, NH, "attention");

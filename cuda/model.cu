@@ -1,0 +1,738 @@
+/* model.cu — the whole Race-DiT (SPEC §1-§3) on the device: csrc/cpu/model.c step for
+ * step, with the DiT layers of layers.cu / attention.cu, the device MoE composite of
+ * moe.cu (aux losses included), cuBLAS linears, and the fused AdamW + EMA of optim.cu.
+ *
+ * Layout: the parameter buffer is the CPU model's, byte for byte (an rd_model built from
+ * the same configuration supplies the tensor table; offsets are looked up by name), so
+ * checkpoints, load_dit_state_dict and the named views are shared with the CPU class.
+ * Parameters, gradients, the AdamW moments and the EMA are five flat device buffers owned
+ * here; activations live in one device arena carved for the largest batch (as the CPU).
+ *
+ * Host boundary: forward / backward / train_step take HOST arrays (x, t, y, targets, dout)
+ * and copy them into device staging buffers; t and y are validated on the host first, so
+ * the label gather never reads out of range. Everything else stays on the device; a train
+ * step reads back only the loss (and the MoE layers' one read-back each, see moe.cu).
+ *
+ * Determinism: no float atomics. Bias gradients use the fixed-order column sums of
+ * common.cu, the label-table gradient walks the batch in order per column, and the loss
+ * is a fixed-grid two-stage reduction in double: bitwise reproducible run to run. */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+
+#define MD_THREADS 256
+#define MD_LOSS_BLOCKS 256
+
+typedef struct {
+    int64_t qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b, moe, ada_w, ada_b;
+} md_block_offsets;
+
+typedef struct {
+    float *mod, *xhat1, *rstd1, *m1, *qkv, *att, *atty, *attproj, *xhat2, *rstd2, *m2, *fc1,
+        *gel, *ffn;
+} md_block_acts;
+
+struct rd_model_cuda {
+    rd_model *host;            /* the CPU model of the same configuration: layout only */
+    rd_model_cfg cfg;          /* with moe.plr_dim set, as rd_model_config */
+    rd_moe_cfg layer;          /* each MoE block's config (loss weights / depth) */
+    int64_t H, L, Pin, Pout, nparams;
+    int64_t xe_w, xe_b, t0_w, t0_b, t2_w, t2_b, ytab, fl_w, fl_b, fa_w, fa_b;
+    md_block_offsets *blk;
+    rd_moe_cuda_state **moe;   /* depth states when MoE, else NULL */
+    float *buf[RD_MODEL_CUDA_NBUF]; /* params, grads, adam m, adam v, ema (device) */
+    float *pe;                 /* (L,D) device */
+    int64_t step;              /* AdamW steps taken */
+    /* activations (device arena) */
+    void *arena;
+    int64_t cap;
+    int fixed;
+    int64_t *labels;           /* (cap) device */
+    float *tdev;               /* (cap) device */
+    float *xin, *tgt, *outimg, *dout; /* (B,C,H,W) (B,C,H,W) (B,Co,H,W) (B,Co,H,W) */
+    float *patches, *tfreq, *th, *ths, *c, *sc, *plr, *x;
+    md_block_acts *ba;
+    float *modf, *xhatf, *rstdf, *mf, *otok;
+    float *dx, *da, *db, *dqkv, *datt, *dfc, *dmod, *dsc, *dt1, *dt2, *dotok;
+    float *partial;            /* colsum scratch */
+    double *loss_part;         /* (MD_LOSS_BLOCKS + 1) device */
+    int64_t last_B;
+    int have_forward, last_plr;
+};
+
+/* ---- kernels ------------------------------------------------------------------------ */
+
+/* Between images (B,C,H,W) and patch tokens (B,L,p*p*C): one thread per element, a
+ * bijection, so either direction writes each element once. to_tok: tok <- img. */
+__global__ void md_patch_kernel(float *tok, float *img, int to_tok, int64_t C, int64_t H,
+                                int64_t W, int64_t p, int ijc, int64_t n) {
+    const int64_t gw = W / p, L = (H / p) * gw, F = p * p * C;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t f = e % F, bl = e / F, l = bl % L, b = bl / L;
+        int64_t c, i, j;
+        if (ijc) { c = f % C; j = (f / C) % p; i = f / (C * p); }
+        else { j = f % p; i = (f / p) % p; c = f / (p * p); }
+        int64_t hi = l / gw, wi = l % gw;
+        int64_t g = ((b * C + c) * H + hi * p + i) * W + wi * p + j;
+        if (to_tok) tok[e] = img[g];
+        else img[g] = tok[e];
+    }
+}
+
+/* out (N,OC) rows = b (OC). */
+__global__ void md_bias_rows_kernel(float *out, const float *b, int64_t OC, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = b[i % OC];
+}
+
+/* x (B,L,D) = bias (D) + pe (L,D), as the CPU (bias + pe, then the product added). */
+__global__ void md_bias_pe_kernel(float *x, const float *bias, const float *pe, int64_t L,
+                                  int64_t D, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t d = i % D, l = (i / D) % L;
+        x[i] = bias[d] + pe[l * D + d];
+    }
+}
+
+/* c (B,D) = table[y[b]] + temb (B,D) (labels validated on the host). */
+__global__ void md_embed_kernel(float *c, const float *table, const int64_t *y,
+                                const float *temb, int64_t D, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t b = i / D, d = i % D;
+        c[i] = table[y[b] * D + d] + temb[i];
+    }
+}
+
+/* dtable (V,D) += scatter of dc (B,D) by y: thread d walks the batch in order, so repeated
+ * labels add in batch order (deterministic, no atomics). */
+__global__ void md_embed_bwd_kernel(float *dtable, const float *dc, const int64_t *y, int64_t B,
+                                    int64_t D) {
+    int64_t d = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= D) return;
+    for (int64_t b = 0; b < B; b++) dtable[y[b] * D + d] += dc[b * D + d];
+}
+
+__global__ void md_gelu_fwd_kernel(float *out, const float *inp, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = d_gelu_tanh(inp[i]);
+}
+
+/* dinp = dout * gelu'(inp); dinp may alias dout. */
+__global__ void md_gelu_bwd_kernel(float *dinp, const float *dout, const float *inp, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dinp[i] = dout[i] * d_gelu_tanh_grad(inp[i]);
+}
+
+/* Diffusion MSE over the first C of Co channels: part[blk] = sum of squared differences
+ * (double) over a fixed grid-stride share; dout = scale * diff there, 0 on the other
+ * channels (learned-variance outputs get no gradient). */
+__global__ void md_mse_kernel(double *part, float *dout, const float *out, const float *tgt,
+                              int64_t C, int64_t Co, int64_t HW, int64_t n, float scale) {
+    __shared__ double acc[MD_THREADS];
+    double a = 0.0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t s = i % HW, c = (i / HW) % Co, b = i / (HW * Co);
+        float g = 0.0f;
+        if (c < C) {
+            float d = out[i] - tgt[(b * C + c) * HW + s];
+            a += (double)d * (double)d;
+            g = scale * d;
+        }
+        dout[i] = g;
+    }
+    acc[threadIdx.x] = a;
+    __syncthreads();
+    for (int w = MD_THREADS / 2; w; w >>= 1) {
+        if ((int)threadIdx.x < w) acc[threadIdx.x] += acc[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) part[blockIdx.x] = acc[0];
+}
+
+__global__ void md_sum_parts_kernel(double *out, const double *part, int n, double inv) {
+    if (blockIdx.x || threadIdx.x) return;
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += part[i];
+    *out = s * inv;
+}
+
+/* ---- layer helpers ------------------------------------------------------------------ */
+
+/* out (N,OC) = inp (N,IC) @ W (OC,IC)^T + b (OC, may be NULL). */
+static rd_status lin_fwd(float *out, const float *inp, const float *W, const float *b, int64_t N,
+                         int64_t IC, int64_t OC) {
+    if (N == 0) return RD_OK;
+    if (b) {
+        md_bias_rows_kernel<<<rd_grid(N * OC, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(out, b, OC, N * OC);
+        CU_LAUNCHED("md_bias_rows_kernel");
+    }
+    return rd_matmul_cuda(out, (int)OC, inp, (int)IC, 0, W, (int)IC, 1, N, OC, IC, 1.0f,
+                          b ? 1.0f : 0.0f);
+}
+
+/* dinp (N,IC, may be NULL) = dinp_beta*dinp + dout W; dW (OC,IC) += dout^T inp;
+ * db (OC, may be NULL) += column sums of dout. */
+static rd_status lin_bwd(rd_model_cuda *m, float *dinp, float dinp_beta, float *dW, float *db,
+                         const float *dout, const float *inp, const float *W, int64_t N,
+                         int64_t IC, int64_t OC) {
+    if (dinp) RD_TRY(rd_matmul_cuda(dinp, (int)IC, dout, (int)OC, 0, W, (int)IC, 0, N, IC, OC, 1.0f, dinp_beta));
+    RD_TRY(rd_matmul_cuda(dW, (int)IC, dout, (int)OC, 1, inp, (int)IC, 0, OC, IC, N, 1.0f, 1.0f));
+    if (db) RD_TRY(rd_colsum_segments_cuda(db, dout, NULL, N, 1, OC, m->partial));
+    return RD_OK;
+}
+
+static rd_status patch_op(float *tok, float *img, int to_tok, int64_t B, int64_t C, int64_t H,
+                          int64_t p, int ijc) {
+    const int64_t n = B * C * H * H;
+    md_patch_kernel<<<rd_grid(n, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(tok, img, to_tok, C, H, H,
+                                                                         p, ijc, n);
+    CU_LAUNCHED("md_patch_kernel");
+    return RD_OK;
+}
+
+static rd_status gelu_op(float *out, const float *inp, const float *dout, int64_t n) {
+    if (dout) md_gelu_bwd_kernel<<<rd_grid(n, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(out, dout, inp, n);
+    else md_gelu_fwd_kernel<<<rd_grid(n, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(out, inp, n);
+    CU_LAUNCHED("md_gelu_kernel");
+    return RD_OK;
+}
+
+/* ---- construction --------------------------------------------------------------------- */
+
+static int64_t find_tensor(const rd_model *h, const char *fmt, ...) {
+    char name[RD_NAME_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    for (int i = 0; i < rd_model_num_tensors(h); i++) {
+        const rd_tensor_info *t = rd_model_tensor(h, i);
+        if (!strcmp(t->name, name)) return t->offset;
+    }
+    return -1;
+}
+
+static rd_status build_offsets(rd_model_cuda *m) {
+    const rd_model *h = m->host;
+    int miss = 0;
+#define F(dst, ...) miss |= ((dst) = find_tensor(h, __VA_ARGS__)) < 0
+    F(m->xe_w, "x_embedder.proj.weight");
+    F(m->xe_b, "x_embedder.proj.bias");
+    F(m->t0_w, "t_embedder.mlp.0.weight");
+    F(m->t0_b, "t_embedder.mlp.0.bias");
+    F(m->t2_w, "t_embedder.mlp.2.weight");
+    F(m->t2_b, "t_embedder.mlp.2.bias");
+    F(m->ytab, "y_embedder.embedding_table.weight");
+    F(m->fl_w, "final_layer.linear.weight");
+    F(m->fl_b, "final_layer.linear.bias");
+    F(m->fa_w, "final_layer.adaLN_modulation.1.weight");
+    F(m->fa_b, "final_layer.adaLN_modulation.1.bias");
+    for (int64_t i = 0; i < m->cfg.depth; i++) {
+        md_block_offsets *b = &m->blk[i];
+        long long li = (long long)i;
+        F(b->qkv_w, "blocks.%lld.attn.qkv.weight", li);
+        F(b->qkv_b, "blocks.%lld.attn.qkv.bias", li);
+        F(b->proj_w, "blocks.%lld.attn.proj.weight", li);
+        F(b->proj_b, "blocks.%lld.attn.proj.bias", li);
+        F(b->ada_w, "blocks.%lld.adaLN_modulation.1.weight", li);
+        F(b->ada_b, "blocks.%lld.adaLN_modulation.1.bias", li);
+        if (m->moe) {
+            F(b->moe, "blocks.%lld.moe.router_w", li);
+        } else {
+            F(b->fc1_w, "blocks.%lld.mlp.fc1.weight", li);
+            F(b->fc1_b, "blocks.%lld.mlp.fc1.bias", li);
+            F(b->fc2_w, "blocks.%lld.mlp.fc2.weight", li);
+            F(b->fc2_b, "blocks.%lld.mlp.fc2.bias", li);
+        }
+    }
+#undef F
+    return miss ? rd_fail(RD_EINVAL, "model_cuda: the CPU layout lacks an expected tensor") : RD_OK;
+}
+
+extern "C" rd_status rd_model_cuda_new(rd_model_cuda **out, const rd_model_cfg *cfg) {
+    *out = NULL;
+    rd_model_cuda *m = (rd_model_cuda *)calloc(1, sizeof *m);
+    if (!m) return rd_fail(RD_ENOMEM, "model_cuda: out of memory");
+    rd_status s = rd_model_new(&m->host, cfg);
+    if (s) {
+        free(m);
+        return s;
+    }
+    m->cfg = *rd_model_config(m->host);
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t p = c->patch, D = c->D;
+    m->H = c->input_size;
+    m->L = (m->H / p) * (m->H / p);
+    m->Pin = p * p * c->in_channels;
+    m->Pout = p * p * c->out_channels;
+    m->nparams = rd_model_num_params(m->host);
+    float *pe = NULL;
+    m->blk = (md_block_offsets *)calloc((size_t)c->depth, sizeof *m->blk);
+    m->ba = (md_block_acts *)calloc((size_t)c->depth, sizeof *m->ba);
+    if (!m->blk || !m->ba) {
+        s = rd_fail(RD_ENOMEM, "model_cuda: out of memory");
+        goto fail;
+    }
+    if (c->moe.E > 0) {
+        /* the same per-layer weights as model.c: each aux loss is the mean over layers */
+        m->layer = c->moe;
+        m->layer.plr_weight /= (float)c->depth;
+        m->layer.sim_weight /= (float)c->depth;
+        m->layer.balance_weight /= (float)c->depth;
+        m->moe = (rd_moe_cuda_state **)calloc((size_t)c->depth, sizeof *m->moe);
+        if (!m->moe) {
+            s = rd_fail(RD_ENOMEM, "model_cuda: out of memory");
+            goto fail;
+        }
+        for (int64_t i = 0; i < c->depth; i++)
+            if (!(m->moe[i] = rd_moe_cuda_state_new())) {
+                s = rd_fail(RD_ENOMEM, "model_cuda: out of memory for the MoE states");
+                goto fail;
+            }
+    }
+    if ((s = build_offsets(m))) goto fail;
+    for (int i = 0; i < RD_MODEL_CUDA_NBUF; i++) {
+        if ((s = rd_cuda_malloc((void **)&m->buf[i], (size_t)m->nparams * sizeof(float)))) goto fail;
+        if ((s = rd_cuda_memset(m->buf[i], 0, (size_t)m->nparams * sizeof(float)))) goto fail;
+    }
+    pe = (float *)malloc((size_t)(m->L * D) * sizeof(float));
+    if (!pe) {
+        s = rd_fail(RD_ENOMEM, "model_cuda: out of memory");
+        goto fail;
+    }
+    if ((s = rd_pos_embed_2d(pe, m->H / p, m->H / p, D))) goto fail;
+    if ((s = rd_cuda_malloc((void **)&m->pe, (size_t)(m->L * D) * sizeof(float)))) goto fail;
+    if ((s = rd_cuda_h2d(m->pe, pe, (size_t)(m->L * D) * sizeof(float)))) goto fail;
+    if ((s = rd_cuda_malloc((void **)&m->loss_part, (MD_LOSS_BLOCKS + 1) * sizeof(double)))) goto fail;
+    free(pe);
+    *out = m;
+    return RD_OK;
+fail:
+    free(pe);
+    rd_model_cuda_free(m);
+    return s;
+}
+
+extern "C" void rd_model_cuda_free(rd_model_cuda *m) {
+    if (!m) return;
+    if (m->moe)
+        for (int64_t i = 0; i < m->cfg.depth; i++) rd_moe_cuda_state_free(m->moe[i]);
+    free(m->moe);
+    for (int i = 0; i < RD_MODEL_CUDA_NBUF; i++) rd_cuda_free(m->buf[i]);
+    rd_cuda_free(m->pe);
+    rd_cuda_free(m->loss_part);
+    rd_cuda_free(m->arena);
+    free(m->blk);
+    free(m->ba);
+    rd_model_free(m->host);
+    free(m);
+}
+
+extern "C" const rd_model *rd_model_cuda_layout(const rd_model_cuda *m) { return m->host; }
+extern "C" int64_t rd_model_cuda_num_params(const rd_model_cuda *m) { return m->nparams; }
+extern "C" float *rd_model_cuda_buffer(rd_model_cuda *m, int which) {
+    return which >= 0 && which < RD_MODEL_CUDA_NBUF ? m->buf[which] : NULL;
+}
+extern "C" int64_t rd_model_cuda_num_moe(const rd_model_cuda *m) { return m->moe ? m->cfg.depth : 0; }
+extern "C" rd_moe_cuda_state *rd_model_cuda_moe_state(rd_model_cuda *m, int64_t l) {
+    return m->moe && l >= 0 && l < m->cfg.depth ? m->moe[l] : NULL;
+}
+extern "C" int64_t rd_model_cuda_max_batch(const rd_model_cuda *m) { return m->cap; }
+extern "C" int64_t rd_model_cuda_last_batch(const rd_model_cuda *m) {
+    return m->have_forward ? m->last_B : 0;
+}
+extern "C" int64_t rd_model_cuda_get_step(const rd_model_cuda *m) { return m->step; }
+extern "C" rd_status rd_model_cuda_set_step(rd_model_cuda *m, int64_t step) {
+    if (step < 0) return rd_fail(RD_EINVAL, "model_cuda: step must be >= 0, got %lld", (long long)step);
+    m->step = step;
+    return RD_OK;
+}
+
+extern "C" rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec) {
+    if (prec < RD_PREC_FP32 || prec > RD_PREC_BF16)
+        return rd_fail(RD_EINVAL, "model_cuda: unknown precision %d", prec);
+    for (int64_t i = 0; m->moe && i < m->cfg.depth; i++)
+        RD_TRY(rd_moe_cuda_set_precision(m->moe[i], prec));
+    m->have_forward = 0;
+    return RD_OK;
+}
+
+/* ---- activations ------------------------------------------------------------------- */
+
+static float *carve(char *base, int64_t *used, int64_t nfloats) {
+    float *p = base ? (float *)(base + *used) : NULL;
+    *used += (nfloats * 4 + 255) / 256 * 256;
+    return p;
+}
+
+static int64_t carve_all(rd_model_cuda *m, char *base, int64_t B) {
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
+    const int64_t att = B * c->NH * L * L, img = B * c->in_channels * m->H * m->H;
+    const int64_t oimg = B * c->out_channels * m->H * m->H;
+    const int dense = c->moe.E == 0;
+    int64_t u = 0;
+    m->labels = (int64_t *)carve(base, &u, 2 * B);
+    m->tdev = carve(base, &u, B);
+    m->xin = carve(base, &u, img);
+    m->tgt = carve(base, &u, img);
+    m->outimg = carve(base, &u, oimg);
+    m->dout = carve(base, &u, oimg);
+    m->patches = carve(base, &u, N * m->Pin);
+    m->tfreq = carve(base, &u, B * F);
+    m->th = carve(base, &u, B * D);
+    m->ths = carve(base, &u, B * D);
+    m->c = carve(base, &u, B * D);
+    m->sc = carve(base, &u, B * D);
+    m->plr = dense ? NULL : carve(base, &u, N * m->Pin);
+    m->x = carve(base, &u, N * D);
+    for (int64_t i = 0; i < c->depth; i++) {
+        md_block_acts *a = &m->ba[i];
+        a->mod = carve(base, &u, B * 6 * D);
+        a->xhat1 = carve(base, &u, N * D);
+        a->rstd1 = carve(base, &u, N);
+        a->m1 = carve(base, &u, N * D);
+        a->qkv = carve(base, &u, N * 3 * D);
+        a->att = carve(base, &u, att);
+        a->atty = carve(base, &u, N * D);
+        a->attproj = carve(base, &u, N * D);
+        a->xhat2 = carve(base, &u, N * D);
+        a->rstd2 = carve(base, &u, N);
+        a->m2 = carve(base, &u, N * D);
+        a->fc1 = dense ? carve(base, &u, N * 4 * D) : NULL;
+        a->gel = dense ? carve(base, &u, N * 4 * D) : NULL;
+        a->ffn = carve(base, &u, N * D);
+    }
+    m->modf = carve(base, &u, B * 2 * D);
+    m->xhatf = carve(base, &u, N * D);
+    m->rstdf = carve(base, &u, N);
+    m->mf = carve(base, &u, N * D);
+    m->otok = carve(base, &u, N * m->Pout);
+    m->dx = carve(base, &u, N * D);
+    m->da = carve(base, &u, N * D);
+    m->db = carve(base, &u, N * D);
+    m->dqkv = carve(base, &u, N * 3 * D);
+    m->datt = carve(base, &u, att);
+    m->dfc = dense ? carve(base, &u, N * 4 * D) : NULL;
+    m->dmod = carve(base, &u, B * 6 * D);
+    m->dsc = carve(base, &u, B * D);
+    m->dt1 = carve(base, &u, B * D);
+    m->dt2 = carve(base, &u, B * D);
+    m->dotok = carve(base, &u, N * m->Pout);
+    const int64_t cols = 6 * D > m->Pout ? 6 * D : m->Pout;
+    m->partial = carve(base, &u, rd_colsum_scratch(1, cols));
+    return u;
+}
+
+extern "C" rd_status rd_model_cuda_reserve(rd_model_cuda *m, int64_t max_batch, int fixed) {
+    if (max_batch < 1)
+        return rd_fail(RD_EINVAL, "max_batch must be >= 1, got %lld", (long long)max_batch);
+    if (max_batch > 65535)
+        return rd_fail(RD_EINVAL, "max_batch %lld exceeds 65535 (the device layers' limit)",
+                       (long long)max_batch);
+    const int64_t bytes = carve_all(m, NULL, max_batch);
+    void *arena = NULL;
+    rd_status s = rd_cuda_malloc(&arena, (size_t)bytes);
+    if (s) {
+        carve_all(m, (char *)m->arena, m->cap); /* keep the old carving valid */
+        return rd_fail(s, "model_cuda: no device memory for activations of batch %lld (%lld MiB)",
+                       (long long)max_batch, (long long)(bytes >> 20));
+    }
+    rd_cuda_free(m->arena);
+    m->arena = arena;
+    carve_all(m, (char *)arena, max_batch);
+    m->cap = max_batch;
+    m->fixed = fixed;
+    m->have_forward = 0;
+    return RD_OK;
+}
+
+/* ---- forward ---------------------------------------------------------------------- */
+
+static void point_moe(rd_model_cuda *m, rd_moe_params *mp, float *buf, int64_t i) {
+    rd_moe_params_point(mp, buf + m->blk[i].moe, &m->layer);
+}
+
+static rd_status block_forward(rd_model_cuda *m, int64_t i, int64_t B, int training) {
+    const rd_model_cfg *c = &m->cfg;
+    const md_block_offsets *o = &m->blk[i];
+    md_block_acts *a = &m->ba[i];
+    const float *P = m->buf[RD_MODEL_CUDA_PARAMS];
+    const int64_t D = c->D, L = m->L, N = B * L, S = 6 * D;
+    RD_TRY(lin_fwd(a->mod, m->sc, P + o->ada_w, P + o->ada_b, B, D, 6 * D));
+    RD_TRY(rd_layernorm_forward_cuda(a->xhat1, a->rstd1, m->x, N, D));
+    RD_TRY(rd_modulate_forward_cuda(a->m1, a->xhat1, a->mod, a->mod + D, B, L, D, S));
+    RD_TRY(lin_fwd(a->qkv, a->m1, P + o->qkv_w, P + o->qkv_b, N, D, 3 * D));
+    RD_TRY(rd_attention_forward_cuda(a->atty, a->att, a->qkv, B, L, D, c->NH));
+    RD_TRY(lin_fwd(a->attproj, a->atty, P + o->proj_w, P + o->proj_b, N, D, D));
+    RD_TRY(rd_gated_residual_forward_cuda(m->x, m->x, a->attproj, a->mod + 2 * D, B, L, D, S));
+    RD_TRY(rd_layernorm_forward_cuda(a->xhat2, a->rstd2, m->x, N, D));
+    RD_TRY(rd_modulate_forward_cuda(a->m2, a->xhat2, a->mod + 3 * D, a->mod + 4 * D, B, L, D, S));
+    if (m->moe) {
+        rd_moe_params mp;
+        point_moe(m, &mp, m->buf[RD_MODEL_CUDA_PARAMS], i);
+        RD_TRY(rd_moe_forward_cuda(m->moe[i], a->ffn, a->m2, &m->layer, &mp, B, L, training,
+                                   m->last_plr ? m->plr : NULL));
+    } else {
+        RD_TRY(lin_fwd(a->fc1, a->m2, P + o->fc1_w, P + o->fc1_b, N, D, 4 * D));
+        RD_TRY(gelu_op(a->gel, a->fc1, NULL, N * 4 * D));
+        RD_TRY(lin_fwd(a->ffn, a->gel, P + o->fc2_w, P + o->fc2_b, N, 4 * D, D));
+    }
+    return rd_gated_residual_forward_cuda(m->x, m->x, a->ffn, a->mod + 5 * D, B, L, D, S);
+}
+
+static rd_status check_host_inputs(const rd_model_cuda *m, const float *t, const int64_t *y,
+                                   const float *plr, const char *plr_name, int64_t B) {
+    for (int64_t b = 0; b < B; b++)
+        if (!(t[b] >= 0.0f && t[b] <= RD_T_MAX)) /* also catches NaN */
+            return rd_fail(RD_EINVAL, "t[%lld]=%g outside [0, %g]", (long long)b, (double)t[b],
+                           (double)RD_T_MAX);
+    for (int64_t b = 0; b < B; b++)
+        if (y[b] < 0 || y[b] > m->cfg.num_classes)
+            return rd_fail(RD_EINVAL, "y[%lld]=%lld outside [0, %lld] (%lld = null label)",
+                           (long long)b, (long long)y[b], (long long)m->cfg.num_classes,
+                           (long long)m->cfg.num_classes);
+    if (plr) {
+        const int64_t n = B * m->cfg.in_channels * m->H * m->H;
+        for (int64_t i = 0; i < n; i++)
+            if (!isfinite(plr[i]))
+                return rd_fail(RD_EINVAL, "%s: non-finite value %g at flat index %lld of (B,C,H,W)",
+                               plr_name, (double)plr[i], (long long)i);
+    }
+    return RD_OK;
+}
+
+/* Forward on the staged inputs (xin, tdev, labels, tgt when plr). */
+static rd_status forward_dev(rd_model_cuda *m, int64_t B, int training, int plr) {
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t D = c->D, L = m->L, N = B * L, p = c->patch, H = m->H;
+    const float *P = m->buf[RD_MODEL_CUDA_PARAMS];
+    m->have_forward = 0;
+    RD_TRY(patch_op(m->patches, m->xin, 1, B, c->in_channels, H, p, 0));
+    md_bias_pe_kernel<<<rd_grid(N * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(m->x, P + m->xe_b,
+                                                                               m->pe, L, D, N * D);
+    CU_LAUNCHED("md_bias_pe_kernel");
+    RD_TRY(rd_matmul_cuda(m->x, (int)D, m->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1,
+                          N, D, m->Pin, 1.0f, 1.0f));
+    RD_TRY(rd_timestep_embedding_forward_cuda(m->tfreq, m->tdev, B, RD_FREQ_DIM, RD_MAX_PERIOD));
+    RD_TRY(lin_fwd(m->th, m->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
+    RD_TRY(rd_silu_forward_cuda(m->ths, m->th, B * D));
+    RD_TRY(lin_fwd(m->dt1, m->ths, P + m->t2_w, P + m->t2_b, B, D, D));
+    md_embed_kernel<<<rd_grid(B * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(m->c, P + m->ytab,
+                                                                             m->labels, m->dt1, D, B * D);
+    CU_LAUNCHED("md_embed_kernel");
+    RD_TRY(rd_silu_forward_cuda(m->sc, m->c, B * D));
+    m->last_plr = m->moe && plr && training && c->moe.plr_weight != 0.0f;
+    if (m->last_plr) RD_TRY(patch_op(m->plr, m->tgt, 1, B, c->in_channels, H, p, 1));
+    for (int64_t i = 0; i < c->depth; i++) RD_TRY(block_forward(m, i, B, training));
+    RD_TRY(lin_fwd(m->modf, m->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));
+    RD_TRY(rd_layernorm_forward_cuda(m->xhatf, m->rstdf, m->x, N, D));
+    RD_TRY(rd_modulate_forward_cuda(m->mf, m->xhatf, m->modf, m->modf + D, B, L, D, 2 * D));
+    RD_TRY(lin_fwd(m->otok, m->mf, P + m->fl_w, P + m->fl_b, N, D, m->Pout));
+    RD_TRY(patch_op(m->otok, m->outimg, 0, B, c->out_channels, H, p, 1));
+    m->last_B = B;
+    m->have_forward = 1;
+    return RD_OK;
+}
+
+/* Validate and stage the host inputs (growing the arena when allowed). */
+static rd_status stage(rd_model_cuda *m, const float *x, const float *t, const int64_t *y,
+                       const float *tgt, int64_t B) {
+    if (B < 1) return rd_fail(RD_EINVAL, "batch must be >= 1, got %lld", (long long)B);
+    RD_TRY(check_host_inputs(m, t, y, NULL, NULL, B));
+    if (B > m->cap) {
+        if (m->fixed)
+            return rd_fail(RD_EINVAL, "batch %lld exceeds max_batch=%lld given at construction",
+                           (long long)B, (long long)m->cap);
+        RD_TRY(rd_model_cuda_reserve(m, B, 0));
+    }
+    const size_t img = (size_t)(B * m->cfg.in_channels * m->H * m->H) * sizeof(float);
+    m->have_forward = 0;
+    RD_TRY(rd_cuda_h2d(m->xin, x, img));
+    RD_TRY(rd_cuda_h2d(m->tdev, t, (size_t)B * sizeof(float)));
+    RD_TRY(rd_cuda_h2d(m->labels, y, (size_t)B * sizeof(int64_t)));
+    if (tgt) RD_TRY(rd_cuda_h2d(m->tgt, tgt, img));
+    return RD_OK;
+}
+
+extern "C" rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const float *x,
+                                           const float *t, const int64_t *y,
+                                           const float *plr_target, int64_t B, int training) {
+    int plr = m->moe && plr_target && training && m->cfg.moe.plr_weight != 0.0f;
+    if (plr && B >= 1) RD_TRY(check_host_inputs(m, t, y, plr_target, "plr_target", B));
+    RD_TRY(stage(m, x, t, y, plr ? plr_target : NULL, B));
+    RD_TRY(forward_dev(m, B, training, plr));
+    if (out)
+        RD_TRY(rd_cuda_d2h(out, m->outimg,
+                           (size_t)(B * m->cfg.out_channels * m->H * m->H) * sizeof(float)));
+    return RD_OK;
+}
+
+/* ---- backward ---------------------------------------------------------------------- */
+
+static rd_status block_backward(rd_model_cuda *m, int64_t i, int64_t B) {
+    const rd_model_cfg *c = &m->cfg;
+    const md_block_offsets *o = &m->blk[i];
+    const md_block_acts *a = &m->ba[i];
+    const float *P = m->buf[RD_MODEL_CUDA_PARAMS];
+    float *G = m->buf[RD_MODEL_CUDA_GRADS];
+    const int64_t D = c->D, L = m->L, N = B * L, S = 6 * D;
+    float *dmod = m->dmod;
+    RD_TRY(rd_gated_residual_backward_cuda(m->da, dmod + 5 * D, m->dx, a->ffn, a->mod + 5 * D, B,
+                                           L, D, S));
+    if (m->moe) {
+        rd_moe_params mp, mg;
+        point_moe(m, &mp, m->buf[RD_MODEL_CUDA_PARAMS], i);
+        point_moe(m, &mg, G, i);
+        RD_TRY(rd_moe_backward_cuda(m->moe[i], m->db, &mg, m->da, a->m2, &m->layer, &mp));
+    } else {
+        RD_TRY(lin_bwd(m, m->dfc, 0.0f, G + o->fc2_w, G + o->fc2_b, m->da, a->gel, P + o->fc2_w, N,
+                       4 * D, D));
+        RD_TRY(gelu_op(m->dfc, a->fc1, m->dfc, N * 4 * D));
+        RD_TRY(lin_bwd(m, m->db, 0.0f, G + o->fc1_w, G + o->fc1_b, m->dfc, a->m2, P + o->fc1_w, N,
+                       D, 4 * D));
+    }
+    RD_TRY(rd_modulate_backward_cuda(m->da, dmod + 3 * D, dmod + 4 * D, m->db, a->xhat2,
+                                     a->mod + 4 * D, B, L, D, S));
+    RD_TRY(rd_layernorm_backward_cuda(m->dx, m->da, a->xhat2, a->rstd2, N, D));
+    RD_TRY(rd_gated_residual_backward_cuda(m->da, dmod + 2 * D, m->dx, a->attproj, a->mod + 2 * D,
+                                           B, L, D, S));
+    RD_TRY(lin_bwd(m, m->db, 0.0f, G + o->proj_w, G + o->proj_b, m->da, a->atty, P + o->proj_w, N,
+                   D, D));
+    RD_TRY(rd_attention_backward_cuda(m->dqkv, m->datt, m->db, a->qkv, a->att, B, L, D, c->NH));
+    RD_TRY(lin_bwd(m, m->da, 0.0f, G + o->qkv_w, G + o->qkv_b, m->dqkv, a->m1, P + o->qkv_w, N, D,
+                   3 * D));
+    RD_TRY(rd_modulate_backward_cuda(m->db, dmod, dmod + D, m->da, a->xhat1, a->mod + D, B, L, D, S));
+    RD_TRY(rd_layernorm_backward_cuda(m->dx, m->db, a->xhat1, a->rstd1, N, D));
+    /* adaLN: dsc += dmod W; its weight and bias gradients */
+    return lin_bwd(m, m->dsc, 1.0f, G + o->ada_w, G + o->ada_b, dmod, m->sc, P + o->ada_w, B, D,
+                   6 * D);
+}
+
+/* Backward of the last forward from the device dout (B,Co,H,W) in m->dout. */
+static rd_status backward_dev(rd_model_cuda *m) {
+    if (!m->have_forward) return rd_fail(RD_ESTATE, "backward called before forward");
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t B = m->last_B, D = c->D, L = m->L, N = B * L, p = c->patch, H = m->H;
+    const float *P = m->buf[RD_MODEL_CUDA_PARAMS];
+    float *G = m->buf[RD_MODEL_CUDA_GRADS];
+    CU_TRY(cudaMemsetAsync(m->dsc, 0, (size_t)(B * D) * sizeof(float), RD_STREAM));
+    RD_TRY(patch_op(m->dotok, m->dout, 1, B, c->out_channels, H, p, 1));
+    RD_TRY(lin_bwd(m, m->da, 0.0f, G + m->fl_w, G + m->fl_b, m->dotok, m->mf, P + m->fl_w, N, D,
+                   m->Pout));
+    RD_TRY(rd_modulate_backward_cuda(m->db, m->dmod, m->dmod + D, m->da, m->xhatf, m->modf + D, B,
+                                     L, D, 2 * D));
+    CU_TRY(cudaMemsetAsync(m->dx, 0, (size_t)(N * D) * sizeof(float), RD_STREAM));
+    RD_TRY(rd_layernorm_backward_cuda(m->dx, m->db, m->xhatf, m->rstdf, N, D));
+    RD_TRY(lin_bwd(m, m->dsc, 1.0f, G + m->fa_w, G + m->fa_b, m->dmod, m->sc, P + m->fa_w, B, D,
+                   2 * D));
+    for (int64_t i = c->depth - 1; i >= 0; i--) RD_TRY(block_backward(m, i, B));
+    RD_TRY(lin_bwd(m, NULL, 0.0f, G + m->xe_w, G + m->xe_b, m->dx, m->patches, P + m->xe_w, N,
+                   m->Pin, D));
+    float *dc = m->dt2;
+    RD_TRY(rd_silu_backward_cuda(dc, m->dsc, m->c, B * D));
+    md_embed_bwd_kernel<<<rd_blocks(D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(G + m->ytab, dc,
+                                                                              m->labels, B, D);
+    CU_LAUNCHED("md_embed_bwd_kernel");
+    RD_TRY(lin_bwd(m, m->dt1, 0.0f, G + m->t2_w, G + m->t2_b, dc, m->ths, P + m->t2_w, B, D, D));
+    RD_TRY(rd_silu_backward_cuda(m->dt1, m->dt1, m->th, B * D));
+    return lin_bwd(m, NULL, 0.0f, G + m->t0_w, G + m->t0_b, m->dt1, m->tfreq, P + m->t0_w, B,
+                   RD_FREQ_DIM, D);
+}
+
+extern "C" rd_status rd_model_cuda_backward(rd_model_cuda *m, const float *dout) {
+    if (!m->have_forward) return rd_fail(RD_ESTATE, "backward called before forward");
+    const size_t n = (size_t)(m->last_B * m->cfg.out_channels * m->H * m->H);
+    RD_TRY(rd_cuda_h2d(m->dout, dout, n * sizeof(float)));
+    return backward_dev(m);
+}
+
+/* ---- the training step ------------------------------------------------------------------ */
+
+static rd_status check_opt(const rd_model_cuda_opt *o) {
+    if (!(o->lr >= 0.0) || !(o->weight_decay >= 0.0) || !(o->eps > 0.0) || !(o->max_grad_norm >= 0.0))
+        return rd_fail(RD_EINVAL, "train_step: lr, weight_decay, max_grad_norm must be >= 0 and "
+                       "eps > 0");
+    return RD_OK;
+}
+
+/* Clip (when asked) and one AdamW + EMA step on the device gradients. */
+static rd_status opt_step(rd_model_cuda *m, const rd_model_cuda_opt *o, double *norm_out) {
+    float *G = m->buf[RD_MODEL_CUDA_GRADS];
+    double scale = 1.0, norm = NAN;
+    *norm_out = NAN;
+    if (o->max_grad_norm > 0.0) {
+        RD_TRY(rd_grad_norm_cuda(m->loss_part + 1, G, m->nparams));
+        RD_TRY(rd_cuda_d2h(&norm, m->loss_part + 1, sizeof(double)));
+        if (!isfinite(norm))
+            return rd_fail(RD_EINVAL, "train_step: non-finite gradient norm %g (step skipped)", norm);
+        /* racedit.optim.clip_scale (torch's clip_grad_norm_): min(1, max / (norm + 1e-6)) */
+        scale = o->max_grad_norm / (norm + 1e-6);
+        if (scale > 1.0) scale = 1.0;
+    }
+    RD_TRY(rd_adamw_ema_step_cuda(m->buf[RD_MODEL_CUDA_PARAMS], G, m->buf[RD_MODEL_CUDA_ADAM_M],
+                                  m->buf[RD_MODEL_CUDA_ADAM_V],
+                                  o->ema_decay >= 0.0 ? m->buf[RD_MODEL_CUDA_EMA] : NULL,
+                                  m->nparams, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay,
+                                  m->step + 1, scale, o->ema_decay >= 0.0 ? o->ema_decay : 0.0));
+    m->step++;
+    *norm_out = norm;
+    return RD_OK;
+}
+
+extern "C" rd_status rd_model_cuda_optimizer_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
+                                                  const rd_model_cuda_opt *o) {
+    memset(res, 0, sizeof *res);
+    res->loss = NAN;
+    RD_TRY(check_opt(o));
+    double norm = NAN;
+    RD_TRY(opt_step(m, o, &norm));
+    RD_TRY(rd_cuda_sync());
+    res->grad_norm = norm;
+    res->step = m->step;
+    return RD_OK;
+}
+
+extern "C" rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
+                                              const float *x, const float *t, const int64_t *y,
+                                              const float *target, int64_t B,
+                                              const rd_model_cuda_opt *o) {
+    memset(res, 0, sizeof *res);
+    RD_TRY(check_opt(o));
+    const rd_model_cfg *c = &m->cfg;
+    int plr = m->moe && c->moe.plr_weight != 0.0f;
+    if (B >= 1) RD_TRY(check_host_inputs(m, t, y, target, "target", B));
+    RD_TRY(stage(m, x, t, y, target, B));
+    RD_TRY(forward_dev(m, B, 1, plr));
+    const int64_t C = c->in_channels, Co = c->out_channels, HW = m->H * m->H;
+    const int64_t n = B * Co * HW, nt = B * C * HW;
+    md_mse_kernel<<<MD_LOSS_BLOCKS, MD_THREADS, 0, RD_STREAM>>>(m->loss_part + 1, m->dout, m->outimg,
+                                                               m->tgt, C, Co, HW, n,
+                                                               (float)(2.0 / (double)nt));
+    CU_LAUNCHED("md_mse_kernel");
+    md_sum_parts_kernel<<<1, 1, 0, RD_STREAM>>>(m->loss_part, m->loss_part + 1, MD_LOSS_BLOCKS,
+                                                1.0 / (double)nt);
+    CU_LAUNCHED("md_sum_parts_kernel");
+    float *G = m->buf[RD_MODEL_CUDA_GRADS];
+    CU_TRY(cudaMemsetAsync(G, 0, (size_t)m->nparams * sizeof(float), RD_STREAM));
+    RD_TRY(backward_dev(m));
+    double norm = NAN;
+    RD_TRY(opt_step(m, o, &norm));
+    double loss = 0.0;
+    RD_TRY(rd_cuda_d2h(&loss, m->loss_part, sizeof(double)));
+    res->loss = loss;
+    res->grad_norm = norm;
+    res->step = m->step;
+    return RD_OK;
+}

@@ -1,0 +1,27 @@
+"""Running Python in a subprocess that imports the same racedit as the tests: the source
+tree after an in-place build, site-packages after `pip install`. The child runs outside the
+repository root (whose racedit/ has no compiled _C after a pip install) with PYTHONPATH
+pointing at the tested package's parent folder."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import racedit
+
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(racedit.__file__)))
+
+
+def python_env(**extra):
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return env
+
+
+def run_python(args, cwd=None, env_extra=None, popen=False, **kw):
+    """sys.executable with `args` (a list), in `cwd` (default: a temporary folder)."""
+    cwd = cwd or tempfile.gettempdir()
+    env = python_env(**(env_extra or {}))
+    if popen:
+        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, **kw)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, **kw)
