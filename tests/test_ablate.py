@@ -9,13 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from _subproc import PKG_PARENT
 
-import racedit
 from racedit.ablate import BUDGETS, STUDIES, _smooth, _speedup, ablate, study_runs
 from racedit.model import RaceDiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(racedit.__file__)))
 ABLATE = sys.modules["racedit.ablate"]
 
 
