@@ -458,17 +458,30 @@ def _plots(study, runs, results, agg, out, w):
     from matplotlib.figure import Figure
 
     A = agg["runs"]
-    fig = Figure(figsize=(11, 4))
-    ax = fig.add_subplot(1, 2, 1)
+    fig = Figure(figsize=(16, 4))
+    ax, axd = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2)
     for r in runs:
         c = np.mean([_smooth(x["train_curve"], w) for x in results[r.name]], 0)
         ax.plot(np.arange(1, c.size + 1), c, label=A[r.name]["label"])
+        ref = agg["reference"] or next(x.name for x in runs
+                                       if x.moe is None and x.hidden == r.hidden)
+        if r.name != ref:  # paired: the same seed's reference run
+            by = {x["seed"]: x["train_curve"] for x in results[ref]}
+            d = np.mean([_smooth(x["train_curve"], w) - _smooth(by[x["seed"]], w)
+                         for x in results[r.name] if x["seed"] in by], 0)
+            axd.plot(np.arange(1, d.size + 1), d, label=A[r.name]["label"])
     ax.set_xlabel("step")
     ax.set_ylabel(f"training diffusion loss (moving average {w})")
     ax.set_yscale("log")
     ax.set_title(f"{study}: training loss (mean over seeds)")
     ax.legend(fontsize=7)
-    _by_t(fig.add_subplot(1, 2, 2), runs, A, "heldout_by_t", "held-out loss (EMA)",
+    axd.axhline(0.0, color="gray", lw=0.8)
+    axd.set_xlabel("step")
+    axd.set_ylabel("run - reference (same seed)")
+    axd.set_title("training loss difference to " + (A[agg["reference"]]["label"]
+                                                    if agg["reference"] else "dense"))
+    axd.legend(fontsize=7)
+    _by_t(fig.add_subplot(1, 3, 3), runs, A, "heldout_by_t", "held-out loss (EMA)",
           "held-out loss by timestep")
     fig.tight_layout()
     paths = {"loss_curves": os.path.join(out, "loss_curves.png")}
