@@ -2,7 +2,40 @@
 Expert Race (a top-K over all token-expert pairs of a batch). The work is done by a C11
 core (CPU, BLAS sgemm from SciPy) and CUDA kernels; Python orchestrates.
 """
-from . import _C
+import os as _os
+import sys as _sys
+
+# SciPy's OpenBLAS picks its kernels by CPU model. On AVX-512 CPUs it does not recognise
+# (AMD Zen 5, for one) it falls back to its AVX2 ("Haswell") kernels: half the sgemm rate.
+# When the CPU has the AVX-512 subsets that OpenBLAS's SkylakeX kernels use, the user set no
+# OPENBLAS_CORETYPE, and SciPy's BLAS is not loaded yet (racedit._C loads it below), ask for
+# those kernels. RACEDIT_OPENBLAS_CORETYPE=0 leaves OpenBLAS's own choice alone.
+_AVX512_SUBSETS = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def _choose_openblas_coretype():
+    if _os.environ.get("RACEDIT_OPENBLAS_CORETYPE", "1") in ("0", ""):
+        return None
+    if "OPENBLAS_CORETYPE" in _os.environ or "scipy.linalg" in _sys.modules:
+        return None
+    if not _sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    if _AVX512_SUBSETS <= set(line.split(":", 1)[1].split()):
+                        _os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+                        return "SkylakeX"
+                    return None
+    except OSError:
+        pass
+    return None
+
+
+_OPENBLAS_CORETYPE_SET = _choose_openblas_coretype()
+
+from . import _C  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,6 +54,8 @@ def build_info():
     except Exception:  # pragma: no cover - SciPy without a config table
         blas = "unknown"
     info["blas"] = f"scipy.linalg.cython_blas.sgemm ({blas})"
+    info["openblas_coretype"] = _os.environ.get("OPENBLAS_CORETYPE")
+    info["openblas_coretype_set_by_racedit"] = _OPENBLAS_CORETYPE_SET is not None
     return info
 
 

@@ -95,7 +95,7 @@ PRESETS = {
                           expert_hidden=256),
         objective="flow", global_batch_size=32, steps=3000, lr=2e-3, warmup_steps=100,
         grad_clip=1.0, ema_decay=0.995, log_every=50, ckpt_every=1000, sample_every=0,
-        num_samples=10000, cfg_scale=3.0, sampler="heun", num_sampling_steps=20),
+        num_samples=10000, cfg_scale=4.0, sampler="heun", num_sampling_steps=20),
     "tiny": dict(
         model="RaceDiT-tiny/4-2in4",
         model_config=dict(depth=2, hidden=32, heads=2, patch=4, num_experts=4, k=2,

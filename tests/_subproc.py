@@ -12,16 +12,18 @@ import racedit
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(racedit.__file__)))
 
 
-def python_env(**extra):
-    env = dict(os.environ, **extra)
+def python_env(drop=(), **extra):
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
     env["PYTHONPATH"] = PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", "")
     return env
 
 
-def run_python(args, cwd=None, env_extra=None, popen=False, **kw):
-    """sys.executable with `args` (a list), in `cwd` (default: a temporary folder)."""
+def run_python(args, cwd=None, env_extra=None, env_drop=(), popen=False, **kw):
+    """sys.executable with `args` (a list), in `cwd` (default: a temporary folder), with the
+    environment less `env_drop` plus `env_extra`."""
     cwd = cwd or tempfile.gettempdir()
-    env = python_env(**(env_extra or {}))
+    env = python_env(drop=env_drop, **(env_extra or {}))
     if popen:
         return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, **kw)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, **kw)

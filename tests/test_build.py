@@ -13,3 +13,29 @@ def test_build_info_keys():
 
 def test_cuda_available_is_bool():
     assert racedit.cuda_available() in (True, False)
+
+
+def _avx512_cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= set(flags.split())
+
+
+def _coretype_in_child(**env):
+    from _subproc import run_python
+
+    code = "import racedit; print(racedit.build_info()['openblas_coretype'])"
+    return run_python(["-c", code], env_extra=env, env_drop=("OPENBLAS_CORETYPE",),
+                      capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_openblas_coretype_choice():
+    # a user's own setting always wins
+    assert _coretype_in_child(OPENBLAS_CORETYPE="Haswell") == "Haswell"
+    # opted out: racedit sets nothing
+    assert _coretype_in_child(RACEDIT_OPENBLAS_CORETYPE="0") == "None"
+    # unset: SkylakeX kernels exactly when the CPU has their AVX-512 subsets
+    assert _coretype_in_child() == ("SkylakeX" if _avx512_cpu() else "None")
