@@ -43,10 +43,10 @@ built-in shapes; every value is in ``BUDGETS``):
 - ``toy`` (tests, CI; seconds): 1 / 16 / 2 / p4 on 16x16 (L = 16), 2in4 (balance 4in8),
   6 steps of batch 8, 64 training images, 4 held-out images.
 - ``small`` (2 CPU cores): 2 / 64 / 4 / p4 on 32x32 (L = 64), 2in8 (balance 4in16),
-  800 steps of batch 32, 4096 training images, 64 held-out images. One run takes about
-  30 s single-threaded on a free core; the routing study with 3 seeds (18 runs) about
-  10-20 min, the balance study (9 runs, 4in16) about 5-10 min (both measured on a shared,
-  loaded 2-core machine at 30-40 min and 15-20 min when run side by side).
+  800 steps of batch 32, 4096 training images, 64 held-out images. One run takes 25-35 s
+  single-threaded on a free core. Measured on a shared, loaded 2-core machine, one thread
+  per study, the routing and balance studies side by side with seeds 0,1,2: routing (18
+  runs, 24-107 s each) 18.6 min, balance (9 runs of 4in16, 48-107 s each) 11 min.
 - ``medium`` (a GPU): 6 / 256 / 4 / p2 on 32x32 (L = 256), 2in8 (balance 4in32),
   20000 steps of batch 64, 50000 training images, 512 held-out images.
 - ``large`` (a GPU): 12 / 384 / 6 / p2 (DiT-S width) on 32x32 (L = 256), 2in8 (balance
