@@ -69,3 +69,4 @@ from .model import RaceDiT  # noqa: E402,F401
 from .moe import MoE  # noqa: E402,F401
 from .train import TrainConfig, train  # noqa: E402,F401
 from .sample import sample  # noqa: E402,F401  (the function; the module stays racedit.sample in sys.modules)
+from .ablate import ablate  # noqa: E402,F401

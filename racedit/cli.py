@@ -5,6 +5,7 @@ train.py / sample.py plus Race-DiT's own (routing, gating, objective, aux-loss w
     python -m racedit train --model RaceDiT-S/2-2in8 --data folder /data/train --steps 100000
     python -m racedit train --resume results/000-.../checkpoints/0001000.safetensors
     python -m racedit sample --ckpt results/000-.../checkpoints/0001500.safetensors --cfg-scale 3
+    python -m racedit ablate --study routing --budget small --seeds 0,1,2
 """
 import argparse
 import sys
@@ -105,6 +106,39 @@ def _add_report(sub):
     return p
 
 
+def _add_ablate(sub):
+    from .ablate import BUDGETS, STUDIES, budgets_help
+
+    p = sub.add_parser("ablate", help="run one of the paper's ablation studies",
+                       description="Train every run of a study (paired: same data, seeds, "
+                                   "steps and activated FLOPs), evaluate the held-out loss "
+                                   "and write a table, plots and a JSON summary. Finished "
+                                   "runs are skipped when restarted. " + budgets_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", required=True, choices=STUDIES)
+    p.add_argument("--budget", default="small", choices=tuple(BUDGETS))
+    p.add_argument("--seeds", default="0", help="comma-separated seed indices (0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", help="study folder (results/ablate-<study>-<budget>)")
+    p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl); 1 is "
+                                               "fastest for toy/small on a busy machine")
+    p.add_argument("--no-progress", action="store_true", help="one line per run, no bar")
+    return p
+
+
+def _ablate(args, ap):
+    from .ablate import ablate
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    res = ablate(args.study, budget=args.budget, seeds=seeds, device=args.device,
+                 out=args.out, progress=not args.no_progress, threads=args.threads)
+    print(res.table)
+    return 0
+
+
 def build_parser():
     """The argparse parser of ``python -m racedit``."""
     ap = argparse.ArgumentParser(prog="python -m racedit",
@@ -114,6 +148,7 @@ def build_parser():
     _add_train(sub)
     _add_sample(sub)
     _add_report(sub)
+    _add_ablate(sub)
     return ap
 
 
@@ -192,6 +227,8 @@ def main(argv=None):
             return _train(args, ap)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "ablate":
+            return _ablate(args, ap)
         return _report(args)
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"racedit {args.command}: error: {e}", file=sys.stderr)

@@ -1,0 +1,648 @@
+"""racedit.ablate — the paper's ablation studies (SPEC §7) from one command.
+
+    python -m racedit ablate --study routing --budget small --seeds 0,1,2
+    racedit.ablate("routing", budget="toy")            # in a notebook
+
+Studies (each a list of runs that differ only in the studied setting):
+
+* ``routing`` (Table 6): token, expert, BL, BE, LE choice and expert race; identity gating.
+* ``gating`` (Table 1): {token, expert, race} x {softmax, sigmoid, identity}.
+* ``components`` (Table 3): race + softmax (no PLR, no router similarity, batch top-K at
+  evaluation) -> + identity gating -> + threshold (eval-mode routing by the learned
+  threshold instead of batch top-K) -> + PLR -> + router similarity.
+* ``balance`` (Table 2, a k-in-E with more experts): no constraint vs the balance loss
+  (weight 0.01) vs router similarity (0.01): metric, MaxVio, combination usage.
+* ``scaling`` (Tables 4-5 and the "7.2x"): dense DiT vs MoE at equal activated parameters
+  at two widths, and several k-in-E at the larger width (He = 4D/k keeps the activated
+  FLOPs); the iteration speed-up of each MoE = steps the dense model of its width needed
+  for its final (smoothed) training loss / steps the MoE needed to reach it.
+
+Unless a study varies them, every run uses race routing, identity gating, PLR weight 1.0,
+router-similarity weight 0.01, no balance loss, threshold routing at evaluation. Within a
+study every run of one seed index has the same training data and data order, the same
+initial weights (the seed), the same noise/timestep/label-dropout stream, the same steps
+and batch and the same activated FLOPs (He = 4D/k); the training data are the built-in
+shapes (data seed 0) for every seed.
+
+Metric (racedit.evaluate): the held-out diffusion loss (MSE of the eps / velocity
+prediction) on a validation set of built-in images never trained on (data seed 1000003),
+each image at every one of 10 timestep buckets with fixed noise and timesteps — the same
+inputs for every run (paired; the set's SHA-256 fingerprint is recorded) — in eval mode,
+with the EMA weights (the headline) and the live ("raw") weights; overall (mean over
+buckets) and per bucket. Also: final training loss (mean diffusion loss of the last tenth
+of the steps); MaxVio and combination usage both in training (batch top-K routing, mean
+over layers and the last tenth of the steps) and from the EMA evaluation pass (the load
+and co-selection counts of the whole pass, mean over layers); experts per token by
+timestep bucket (Fig. 6) from the evaluation pass. Tables give mean ± std over seeds
+(sample std) and, per run, the paired difference to the study's reference run (mean ± std
+over seeds of run - reference); a difference within about one std of zero is seed noise.
+
+Budgets (model: depth / width D / heads / patch, tokens per image L; images are the
+built-in shapes; every value is in ``BUDGETS``):
+
+- ``toy`` (tests, CI; seconds): 1 / 16 / 2 / p4 on 16x16 (L = 16), 2in4 (balance 4in8),
+  6 steps of batch 8, 64 training images, 4 held-out images.
+- ``small`` (2 CPU cores): 2 / 64 / 4 / p4 on 32x32 (L = 64), 2in8 (balance 4in16),
+  800 steps of batch 32, 4096 training images, 64 held-out images. One run takes 25-35 s
+  single-threaded on a free core. Measured on a shared, loaded 2-core machine, one thread
+  per study, the routing and balance studies side by side with seeds 0,1,2: routing (18
+  runs, 24-107 s each) 18.6 min, balance (9 runs of 4in16, 48-107 s each) 11 min.
+- ``medium`` (a GPU): 6 / 256 / 4 / p2 on 32x32 (L = 256), 2in8 (balance 4in32),
+  20000 steps of batch 64, 50000 training images, 512 held-out images.
+- ``large`` (a GPU): 12 / 384 / 6 / p2 (DiT-S width) on 32x32 (L = 256), 2in8 (balance
+  4in32), 100000 steps of batch 128, 100000 training images, 1024 held-out images.
+
+All budgets train the ``flow`` objective with AdamW (lr 1e-3 toy/small, 3e-4 medium, 1e-4
+large), linear warm-up, gradient clipping at 1.0 and a weight EMA (0.9 toy, 0.99 small,
+0.999 medium, 0.9999 large). Scaling adds a second width, half the budget's. On a shared,
+loaded machine pass ``threads=1`` (``--threads 1``) or set ``OMP_NUM_THREADS=1``: at these
+sizes OpenMP threads waiting on busy cores cost far more than they give. With
+``device="cuda"`` every run trains on the GPU in fp32 (racedit.train's device path); the
+held-out evaluation loads each checkpoint on the CPU, so the metric is computed the same
+way whatever the device.
+
+Output, in ``out`` (default ``results/ablate-<study>-<budget>``): ``study.json`` (the
+settings; a folder made with other settings is refused), ``runs/<run>/seed<s>/`` with the
+training run folder (config, log.jsonl, checkpoint) and ``result.json`` — the run's
+metrics, written atomically last, so a restarted study skips runs that have one and
+retrains the others from scratch — then ``table.md`` (the paper's layout), ``summary.json``,
+``loss_curves.png`` and ``allocation.png``.
+
+``racedit.ablate`` is this function once ``racedit`` is imported (as ``racedit.sample``);
+the module itself is ``sys.modules["racedit.ablate"]`` (``from racedit.ablate import
+BUDGETS`` works as usual).
+"""
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+
+__all__ = ["ablate", "STUDIES", "BUDGETS", "StudyRun", "study_runs", "AblationResult",
+           "budgets_help"]
+
+STUDIES = ("routing", "gating", "components", "balance", "scaling")
+TRAIN_DATA_SEED = 0
+VAL_DATA_SEED = 1000003
+VAL_NOISE_SEED = 0
+NUM_BUCKETS = 10
+
+BUDGETS = {
+    "toy": dict(depth=1, hidden=16, heads=2, patch=4, image_size=16, moe=(2, 4),
+                moe_balance=(4, 8), scaling_k=((2, 4), (4, 8)), steps=6, batch=8,
+                num_samples=64, val_images=4, eval_batch=40, lr=1e-3, warmup=0,
+                ema=0.9, clip=1.0),
+    "small": dict(depth=2, hidden=64, heads=4, patch=4, image_size=32, moe=(2, 8),
+                  moe_balance=(4, 16), scaling_k=((1, 4), (2, 8), (4, 16)), steps=800,
+                  batch=32, num_samples=4096, val_images=64, eval_batch=64, lr=1e-3,
+                  warmup=50, ema=0.99, clip=1.0),
+    "medium": dict(depth=6, hidden=256, heads=4, patch=2, image_size=32, moe=(2, 8),
+                   moe_balance=(4, 32), scaling_k=((2, 8), (4, 16), (4, 32)), steps=20000,
+                   batch=64, num_samples=50000, val_images=512, eval_batch=128, lr=3e-4,
+                   warmup=500, ema=0.999, clip=1.0),
+    "large": dict(depth=12, hidden=384, heads=6, patch=2, image_size=32, moe=(2, 8),
+                  moe_balance=(4, 32), scaling_k=((2, 8), (4, 16), (4, 32)), steps=100000,
+                  batch=128, num_samples=100000, val_images=1024, eval_batch=128, lr=1e-4,
+                  warmup=1000, ema=0.9999, clip=1.0),
+}
+
+# every run's settings unless its study varies them
+_BASE = dict(routing="race", gating="identity", plr_weight=1.0, sim_weight=0.01,
+             balance_weight=0.0)
+
+
+@dataclasses.dataclass
+class StudyRun:
+    """One run of a study: ``name`` (folder name), ``label`` (table row), ``settings``
+    (TrainConfig fields: routing, gating, aux weights), ``moe`` ((k, E), or None for a
+    dense DiT), ``hidden`` (width), ``eval_topk`` (batch top-K routing at evaluation),
+    ``group`` (a tuple used by grid tables and the speed-up: e.g. (routing, gating))."""
+
+    name: str
+    label: str
+    settings: dict
+    moe: tuple
+    hidden: int
+    eval_topk: bool = False
+    group: tuple = ()
+
+
+def _run(name, label, moe, hidden, eval_topk=False, group=(), **settings):
+    s = dict(_BASE)
+    s.update(settings)
+    return StudyRun(name, label, s, moe, hidden, eval_topk, group)
+
+
+def study_runs(study, budget="small"):
+    """The runs of ``study`` at ``budget`` (lists of :class:`StudyRun`, the reference run
+    last). ValueError for an unknown study or budget."""
+    b = _budget(budget)
+    if study not in STUDIES:
+        raise ValueError(f"study: expected one of {STUDIES}, got {study!r}")
+    D, moe = b["hidden"], tuple(b["moe"])
+    if study == "routing":
+        names = [("token", "Token choice"), ("expert", "Expert choice"), ("bl", "BL choice"),
+                 ("be", "BE choice"), ("le", "LE choice"), ("race", "Expert race")]
+        return [_run(r, lab, moe, D, group=(r,), routing=r) for r, lab in names]
+    if study == "gating":
+        return [_run(f"{r}-{g}", f"{r} / {g}", moe, D, group=(r, g), routing=r, gating=g)
+                for g in ("softmax", "sigmoid", "identity") for r in ("token", "expert", "race")]
+    if study == "components":
+        none = dict(plr_weight=0.0, sim_weight=0.0)
+        return [
+            _run("race-softmax", "Expert race + softmax", moe, D, True, gating="softmax", **none),
+            _run("identity", "+ identity gating", moe, D, True, **none),
+            _run("threshold", "+ learnable threshold", moe, D, **none),
+            _run("plr", "+ per-layer regularization", moe, D, sim_weight=0.0),
+            _run("router-sim", "+ router similarity", moe, D)]
+    if study == "balance":
+        kb = tuple(b["moe_balance"])
+        return [_run("none", "No constraint", kb, D, sim_weight=0.0),
+                _run("balance-loss", "Balance loss", kb, D, sim_weight=0.0, balance_weight=0.01),
+                _run("router-sim", "Router similarity", kb, D)]
+    runs = []  # scaling: dense vs MoE at two widths, several k-in-E at the larger one
+    half = D // 2
+    kmax = tuple(b["scaling_k"][-1])
+    runs.append(_run(f"dense-d{half}", f"DiT (D={half})", None, half, group=(half,)))
+    runs.append(_run(f"{kmax[0]}in{kmax[1]}-d{half}", f"MoE {kmax[0]}-in-{kmax[1]} (D={half})",
+                     kmax, half, group=(half,)))
+    runs.append(_run(f"dense-d{D}", f"DiT (D={D})", None, D, group=(D,)))
+    for k, E in b["scaling_k"]:
+        runs.append(_run(f"{k}in{E}-d{D}", f"MoE {k}-in-{E} (D={D})", (k, E), D, group=(D,)))
+    return runs
+
+
+def budgets_help():
+    """One line per budget: model, steps, batch (for ``--help``)."""
+    lines = ["budgets (depth/width/heads/patch on image side; MoE k-in-E):"]
+    for name, b in BUDGETS.items():
+        L = (b["image_size"] // b["patch"]) ** 2
+        lines.append(f"  {name}: {b['depth']}/{b['hidden']}/{b['heads']}/p{b['patch']} on "
+                     f"{b['image_size']}x{b['image_size']} (L={L}), {b['moe'][0]}in{b['moe'][1]}"
+                     f" (balance {b['moe_balance'][0]}in{b['moe_balance'][1]}), "
+                     f"{b['steps']} steps of batch {b['batch']}, lr {b['lr']:g}, "
+                     f"{b['num_samples']} training images, {b['val_images']} held-out x "
+                     f"{NUM_BUCKETS} timesteps")
+    return "\n".join(lines)
+
+
+def _budget(budget):
+    if budget not in BUDGETS:
+        raise ValueError(f"budget: expected one of {tuple(BUDGETS)}, got {budget!r}")
+    return BUDGETS[budget]
+
+
+def _reference(study, runs):
+    """The run every other is compared with: the last (the paper's best); None for
+    scaling, where each MoE is compared with the dense model of its width."""
+    return None if study == "scaling" else runs[-1].name
+
+
+def _model_args(run, b, budget):
+    p = b["patch"]
+    if run.moe is None:
+        name = f"DiT-{budget}-d{run.hidden}/{p}"
+        mc = dict(depth=b["depth"], hidden=run.hidden, heads=b["heads"], patch=p)
+    else:
+        k, E = run.moe
+        if (4 * run.hidden) % k:
+            raise ValueError(f"{run.name}: 4*D = {4 * run.hidden} is not divisible by k = {k}")
+        name = f"RaceDiT-{budget}-d{run.hidden}/{p}-{k}in{E}"
+        mc = dict(depth=b["depth"], hidden=run.hidden, heads=b["heads"], patch=p,
+                  num_experts=E, k=k, expert_hidden=4 * run.hidden // k)
+    return name, mc
+
+
+@dataclasses.dataclass
+class AblationResult:
+    """What :func:`ablate` returns: the study folder, the markdown table (also in
+    ``table.md``), the summary dict (also ``summary.json``) and the plot paths."""
+
+    out: str
+    table: str
+    summary: dict
+    plots: dict
+
+    def _repr_markdown_(self):
+        return self.table
+
+
+def _atomic_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _smooth(x, w):
+    """Trailing moving average of x (n,) over w steps (shorter at the start)."""
+    x = np.asarray(x, np.float64)
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    i = np.arange(1, x.size + 1)
+    lo = np.maximum(i - w, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def _train_one(run, seed, b, budget, ds, rdir, device):
+    from .train import train
+
+    name, mc = _model_args(run, b, budget)
+    s = run.settings
+    res = train(name, model_config=mc, dataset=ds, image_size=b["image_size"],
+                num_samples=b["num_samples"], objective="flow", routing=s["routing"],
+                gating=s["gating"], plr_weight=s["plr_weight"], sim_weight=s["sim_weight"],
+                balance_weight=s["balance_weight"], global_batch_size=b["batch"],
+                steps=b["steps"], lr=b["lr"], warmup_steps=b["warmup"], grad_clip=b["clip"],
+                ema_decay=b["ema"], seed=seed, results_dir=rdir, ckpt_every=0,
+                log_every=max(1, b["steps"] // 10), progress=False, out=io.StringIO(),
+                final_samples=False, report=False, device=device)
+    return res
+
+
+def _run_metrics(run, seed, res, val, steps):
+    from .evaluate import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(res.checkpoint, val, eval_topk=run.eval_topk, raw=True)
+    diff = np.array([r["diffusion"] for r in res.log], np.float64)
+    tail = max(1, steps // 10)
+    m = res.model
+    return {
+        "run": run.name, "seed": seed, "label": run.label, "settings": run.settings,
+        "moe": list(run.moe) if run.moe else None, "hidden": run.hidden,
+        "eval_topk": run.eval_topk, "run_dir": os.path.abspath(res.run_dir),
+        "checkpoint": os.path.abspath(res.checkpoint), "steps": steps,
+        "params": m.num_params(), "activated_params": m.num_activated_params(),
+        "final_train_loss": float(diff[-tail:].mean()),
+        "train_routing": _tail_routing(res.log, steps),
+        "train_curve": diff.tolist(), "eval": ev,
+        "fingerprint": ev["ema"]["fingerprint"], "wall_time": res.wall_time}
+
+
+def _mean_std(v):
+    v = np.asarray([x for x in v if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def _fmt(ms, nd=4, sign=False):
+    m, s = ms
+    if m is None:
+        return "–"
+    f = f"{{:{'+' if sign else ''}.{nd}f}}"
+    return f"{f.format(m)} ± {s:.{nd}f}"
+
+
+def _speedup(dense_curve, moe_curve, w):
+    """(steps for the MoE's smoothed training loss (trailing mean over w steps, counted
+    from step w on) to reach the dense model's final smoothed loss, speed-up = dense
+    steps / those steps), or (None, None) if it never does."""
+    d, m = _smooth(dense_curve, w), _smooth(moe_curve, w)
+    start = min(w, m.size) - 1  # not before the average holds a full window
+    hit = np.flatnonzero(m[start:] <= d[-1])
+    if hit.size == 0:
+        return None, None
+    steps = start + int(hit[0]) + 1
+    return steps, len(d) / steps
+
+
+def _train_routing(rec):
+    """(MaxVio, combination usage) in training (batch top-K routing): means over the MoE
+    layers and the last tenth of the steps of the run's log; (None, None) when dense."""
+    if "train_routing" not in rec:  # records written before the field existed
+        from .train import _read_log
+
+        log = _read_log(os.path.join(rec["run_dir"], "log.jsonl"))
+        rec["train_routing"] = _tail_routing(log, rec["steps"])
+    return rec["train_routing"]
+
+
+def _tail_routing(log, steps):
+    tail = [r for r in log[-max(1, steps // 10):] if "max_violation" in r]
+    if not tail:
+        return [None, None]
+    return [float(np.mean([r[k] for r in tail])) for k in ("max_violation", "combination_usage")]
+
+
+def _aggregate(study, runs, results, b):
+    """Per-run means and stds over seeds, paired differences to the reference."""
+    ref = _reference(study, runs)
+    seeds = sorted({r["seed"] for rs in results.values() for r in rs})
+    agg = {}
+    w = max(5, b["steps"] // 20)
+    for run in runs:
+        rs = results[run.name]
+        a = {"label": run.label, "moe": list(run.moe) if run.moe else None,
+             "hidden": run.hidden, "settings": run.settings, "eval_topk": run.eval_topk,
+             "seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
+             "activated_params": rs[0]["activated_params"]}
+        for key, get in (("heldout_ema", lambda r: r["eval"]["ema"]["loss"]),
+                         ("heldout_raw", lambda r: r["eval"]["raw"]["loss"]),
+                         ("final_train_loss", lambda r: r["final_train_loss"]),
+                         ("max_violation", lambda r: r["eval"]["ema"].get("max_violation")),
+                         ("train_max_violation", lambda r: _train_routing(r)[0]),
+                         ("train_combination_usage", lambda r: _train_routing(r)[1]),
+                         ("combination_usage",
+                          lambda r: r["eval"]["ema"].get("combination_usage")),
+                         ("experts_per_token",
+                          lambda r: r["eval"]["ema"].get("experts_per_token"))):
+            a[key] = _mean_std([get(r) for r in rs])
+        a["heldout_by_t"] = np.mean([r["eval"]["ema"]["loss_by_t"] for r in rs], 0).tolist()
+        if run.moe:
+            a["ept_by_t"] = np.mean([r["eval"]["ema"]["ept_by_t"] for r in rs], 0).tolist()
+        if ref is not None:
+            byseed = {r["seed"]: r for r in results[ref]}
+            a["delta_vs_ref"] = _mean_std([r["eval"]["ema"]["loss"] -
+                                           byseed[r["seed"]]["eval"]["ema"]["loss"]
+                                           for r in rs if r["seed"] in byseed])
+        agg[run.name] = a
+    if study == "scaling":
+        for run in runs:
+            if run.moe is None:
+                continue
+            dense = next(r for r in runs if r.moe is None and r.hidden == run.hidden)
+            dby = {r["seed"]: r for r in results[dense.name]}
+            sp = [_speedup(dby[r["seed"]]["train_curve"], r["train_curve"], w)
+                  for r in results[run.name] if r["seed"] in dby]
+            a = agg[run.name]
+            a["steps_to_dense_loss"] = _mean_std([s for s, _ in sp])
+            a["speedup"] = _mean_std([x for _, x in sp])
+            a["reached"] = sum(s is not None for s, _ in sp)
+            a["delta_vs_dense"] = _mean_std(
+                [r["eval"]["ema"]["loss"] - dby[r["seed"]]["eval"]["ema"]["loss"]
+                 for r in results[run.name] if r["seed"] in dby])
+    return {"reference": ref, "seeds": seeds, "smoothing_window": w, "runs": agg}
+
+
+_TITLES = {
+    "routing": "Routing strategies (paper Table 6; identity gating)",
+    "gating": "Gating functions x routing strategies (paper Table 1)",
+    "components": "Components, added one at a time (paper Table 3)",
+    "balance": "Load-balancing constraints (paper Table 2)",
+    "scaling": "Dense vs MoE at equal activated parameters (paper Tables 4-5, 7.2x)",
+}
+
+
+def _table(study, budget, runs, agg, n_steps):
+    A, ref = agg["runs"], agg["reference"]
+    seeds = ",".join(map(str, agg["seeds"]))
+    lines = [f"### {_TITLES[study]}", "",
+             f"Budget `{budget}`, {n_steps} steps, seeds {seeds}; held-out diffusion loss "
+             "(flow, velocity MSE; EMA weights, eval-mode routing; same validation noise "
+             "and timesteps for every run). Mean ± std over seeds; Δ is paired (same seed).",
+             ""]
+    refl = A[ref]["label"] if ref else None
+    if study == "scaling":
+        lines += ["| Model | activated params | total params | held-out loss ↓ | Δ vs dense "
+                  "(paired) | held-out (raw) | final train loss | steps to dense loss | "
+                  "speed-up ↑ |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in runs:
+            a = A[r.name]
+            sp = (f"{_fmt(a['speedup'], 2)}× ({a['reached']}/{len(a['seeds'])} reached)"
+                  if r.moe else "1 (reference)")
+            st = _fmt(a["steps_to_dense_loss"], 0) if r.moe else str(n_steps)
+            dl = _fmt(a["delta_vs_dense"], 4, True) if r.moe else "–"
+            lines.append(f"| {a['label']} | {a['activated_params']:,} | {a['params']:,} | "
+                         f"{_fmt(a['heldout_ema'])} | {dl} | {_fmt(a['heldout_raw'])} | "
+                         f"{_fmt(a['final_train_loss'])} | {st} | {sp} |")
+    else:
+        head = ("| Run | held-out loss ↓ | Δ vs " + refl + " (paired) | held-out (raw) | "
+                "final train loss | MaxVio ↓ train / eval | Comb. usage train / eval | "
+                "experts/token, t: low → high |")
+        lines += [head, "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in runs:
+            a = A[r.name]
+            ept = a.get("ept_by_t")
+            eps = (" ".join(f"{v:.2f}" for v in ept[::max(1, len(ept) // 5)]) if ept else "–")
+            mv = f"{_fmt(a['train_max_violation'], 2)} / {_fmt(a['max_violation'], 2)}"
+            cu_s = " / ".join(f"{100 * c[0]:.0f} ± {100 * c[1]:.0f} %" if c[0] is not None
+                              else "–" for c in (a["train_combination_usage"],
+                                                 a["combination_usage"]))
+            lines.append(f"| {a['label']} | {_fmt(a['heldout_ema'])} | "
+                         f"{_fmt(a['delta_vs_ref'], 4, True) if r.name != ref else '0 (ref)'} | "
+                         f"{_fmt(a['heldout_raw'])} | {_fmt(a['final_train_loss'])} | "
+                         f"{mv} | {cu_s} | {eps} |")
+    if study == "gating":
+        lines += ["", "Held-out loss ↓ (rows: gating, columns: routing)", "",
+                  "| gating | token | expert | race |", "|---|---:|---:|---:|"]
+        for g in ("softmax", "sigmoid", "identity"):
+            cells = [_fmt(A[f"{r}-{g}"]["heldout_ema"]) for r in ("token", "expert", "race")]
+            lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    nb = len(next(iter(A.values()))["heldout_by_t"])
+    lines += ["", "Held-out loss by timestep bucket (mean over seeds; t = 0 clean → 1 noise)",
+              "", "| Run | " + " | ".join(f"{(i + .5) / nb:.2f}" for i in range(nb)) + " |",
+              "|---|" + "---:|" * nb]
+    for r in runs:
+        lines.append(f"| {A[r.name]['label']} | " +
+                     " | ".join(f"{v:.4f}" for v in A[r.name]["heldout_by_t"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_t(ax, runs, A, key, ylabel, title):
+    """One line per run of A[run][key] (one value per timestep bucket)."""
+    for r in runs:
+        v = A[r.name][key]
+        ax.plot((np.arange(len(v)) + 0.5) / len(v), v, "o-", ms=3, label=A[r.name]["label"])
+    ax.set_xlabel("timestep t (0 = clean, 1 = noise)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def _plots(study, runs, results, agg, out, w):
+    from matplotlib.figure import Figure
+
+    A = agg["runs"]
+    fig = Figure(figsize=(16, 4))
+    ax, axd = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2)
+    for r in runs:
+        c = np.mean([_smooth(x["train_curve"], w) for x in results[r.name]], 0)
+        ax.plot(np.arange(1, c.size + 1), c, label=A[r.name]["label"])
+        ref = agg["reference"] or next(x.name for x in runs
+                                       if x.moe is None and x.hidden == r.hidden)
+        if r.name != ref:  # paired: the same seed's reference run
+            by = {x["seed"]: x["train_curve"] for x in results[ref]}
+            d = np.mean([_smooth(x["train_curve"], w) - _smooth(by[x["seed"]], w)
+                         for x in results[r.name] if x["seed"] in by], 0)
+            axd.plot(np.arange(1, d.size + 1), d, label=A[r.name]["label"])
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training diffusion loss (moving average {w})")
+    ax.set_yscale("log")
+    ax.set_title(f"{study}: training loss (mean over seeds)")
+    ax.legend(fontsize=7)
+    axd.axhline(0.0, color="gray", lw=0.8)
+    axd.set_xlabel("step")
+    axd.set_ylabel("run - reference (same seed)")
+    axd.set_title("training loss difference to " + (A[agg["reference"]]["label"]
+                                                    if agg["reference"] else "dense"))
+    axd.legend(fontsize=7)
+    _by_t(fig.add_subplot(1, 3, 3), runs, A, "heldout_by_t", "held-out loss (EMA)",
+          "held-out loss by timestep")
+    fig.tight_layout()
+    paths = {"loss_curves": os.path.join(out, "loss_curves.png")}
+    fig.savefig(paths["loss_curves"], dpi=100)
+    moe = [r for r in runs if r.moe]
+    if moe:
+        fig = Figure(figsize=(11, 4))
+        _by_t(fig.add_subplot(1, 2, 1), moe, A, "ept_by_t", "experts per token (eval, EMA)",
+              f"{study}: allocation by timestep (Fig. 6)")
+        ax2 = fig.add_subplot(1, 2, 2)
+        x = np.arange(len(moe))
+        for j, (key, lab) in enumerate((("max_violation", "MaxVio"),
+                                        ("combination_usage", "combination usage"))):
+            m = [A[r.name][key][0] or 0.0 for r in moe]
+            s = [A[r.name][key][1] or 0.0 for r in moe]
+            ax2.bar(x + (j - 0.5) * 0.4, m, 0.4, yerr=s, label=lab)
+        ax2.set_xticks(x)
+        ax2.set_xticklabels([A[r.name]["label"] for r in moe], rotation=30, ha="right",
+                            fontsize=7)
+        ax2.set_title("load balance (eval pass)")
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        paths["allocation"] = os.path.join(out, "allocation.png")
+        fig.savefig(paths["allocation"], dpi=100)
+    return paths
+
+
+def _settings(study, budget, b, seeds, runs):
+    return {"study": study, "budget": budget, "budget_settings": b, "objective": "flow",
+            "train_data_seed": TRAIN_DATA_SEED, "val_data_seed": VAL_DATA_SEED,
+            "val_noise_seed": VAL_NOISE_SEED, "num_buckets": NUM_BUCKETS,
+            "runs": [dataclasses.asdict(r) for r in runs]}
+
+
+def _check_device(device):
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        from .train import check_device
+
+        check_device(device, "fp32")
+
+
+def _thread_limit(threads):
+    """A context limiting the OpenMP and BLAS threads (threadpoolctl) or, for None, none."""
+    if threads is None:
+        return contextlib.nullcontext()
+    if int(threads) < 1:
+        raise ValueError(f"threads: expected >= 1 or None, got {threads}")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise ValueError("threads: needs the threadpoolctl package (or set OMP_NUM_THREADS "
+                         "before starting Python)") from None
+    return threadpool_limits(int(threads))
+
+
+def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=True,
+           stream=None, threads=None):
+    """Run (or finish) an ablation study and return an :class:`AblationResult`.
+
+    study: one of :data:`STUDIES`; budget: a key of :data:`BUDGETS` ("toy", "small",
+    "medium", "large"; the module docstring lists each one's model, steps and batch);
+    seeds: the seed indices (each seeds the initial weights, the data order and the noise);
+    device: "cpu" or "cuda" (ValueError saying why when CUDA is not available); out: the study
+    folder (default ``results/ablate-<study>-<budget>``); progress: a tqdm bar over runs;
+    stream: where one line per run is printed (default stdout); threads: limit the
+    OpenMP and BLAS threads to this many while the study runs (needs threadpoolctl; 1 is
+    fastest for the toy and small models on a shared machine), None leaves them alone.
+
+    A folder with a ``result.json`` for a (run, seed) skips that run; a run folder without
+    it (interrupted) is deleted and trained again. ValueError for an unknown study, budget
+    or device, empty seeds, or a folder made with other settings."""
+    stream = stream or sys.stdout
+    b = _budget(budget)
+    runs = study_runs(study, budget)
+    _check_device(device)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct seed indices, got {seeds}")
+    out = os.path.abspath(out or os.path.join("results", f"ablate-{study}-{budget}"))
+    os.makedirs(out, exist_ok=True)
+    settings = _settings(study, budget, b, seeds, runs)
+    sp = os.path.join(out, "study.json")
+    if os.path.exists(sp):
+        with open(sp) as f:
+            old = json.load(f)
+        old.pop("seeds", None)
+        if old != json.loads(json.dumps(settings)):
+            raise ValueError(f"{out}: holds a study made with other settings; use another --out")
+    _atomic_json(sp, dict(settings, seeds=seeds))
+
+    from .data import load_builtin
+    from .diffusion import make_objective
+    from .evaluate import validation_set
+
+    ds = load_builtin(n=b["num_samples"], seed=TRAIN_DATA_SEED, image_size=b["image_size"])
+    vds = load_builtin(n=b["val_images"], seed=VAL_DATA_SEED, image_size=b["image_size"])
+    val = validation_set(make_objective("flow"), vds, NUM_BUCKETS, seed=VAL_NOISE_SEED,
+                         batch_size=b["eval_batch"])
+    with _thread_limit(threads):
+        results = _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress,
+                           stream)
+    fps = {r["fingerprint"] for rs in results.values() for r in rs}
+    if len(fps) != 1:
+        raise RuntimeError(f"{out}: runs were evaluated on different validation sets")
+    agg = _aggregate(study, runs, results, b)
+    table = _table(study, budget, runs, agg, b["steps"])
+    plots = _plots(study, runs, results, agg, out, agg["smoothing_window"])
+    summary = dict(settings, seeds=seeds, fingerprint=fps.pop(), aggregate=agg,
+                   train_time_s=sum(r["wall_time"] for rs in results.values() for r in rs),
+                   per_run={k: [{kk: vv for kk, vv in r.items() if kk != "train_curve"}
+                                for r in v] for k, v in results.items()},
+                   table="table.md", plots={k: os.path.basename(p) for k, p in plots.items()})
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    _atomic_json(os.path.join(out, "summary.json"), summary)
+    print(f"racedit ablate: {study} ({budget}) -> {out}", file=stream)
+    return AblationResult(out, table, summary, plots)
+
+
+def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stream):
+    """Train and evaluate every (run, seed) without a result.json; {run: [records]}."""
+    jobs = [(r, s) for s in seeds for r in runs]
+    bar = _bar(progress, len(jobs), study)
+    results = {r.name: [] for r in runs}
+    for run, seed in jobs:
+        rdir = os.path.join(out, "runs", run.name, f"seed{seed}")
+        marker = os.path.join(rdir, "result.json")
+        if os.path.exists(marker):
+            with open(marker) as f:
+                rec = json.load(f)
+            status = "done before"
+        else:
+            if os.path.isdir(rdir):
+                shutil.rmtree(rdir)  # interrupted: start that run again
+            os.makedirs(rdir)
+            res = _train_one(run, seed, b, budget, ds, rdir, device)
+            rec = _run_metrics(run, seed, res, val, b["steps"])
+            _atomic_json(marker, rec)
+            status = f"{res.wall_time:.0f} s"
+        results[run.name].append(rec)
+        msg = (f"{study}/{run.name} seed {seed}: held-out {rec['eval']['ema']['loss']:.4f}, "
+               f"train {rec['final_train_loss']:.4f} ({status})")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(msg)
+        else:
+            print(msg, file=stream)
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _bar(progress, total, study):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=f"ablate {study}", unit="run", dynamic_ncols=True)
