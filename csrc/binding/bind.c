@@ -140,3 +140,35 @@ int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out) {
     *out = (rd_gating)v;
     return 0;
 }
+
+int rd_parse_int(PyObject *obj, const char *name, int64_t *out) {
+    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *idx = PyNumber_Index(obj);
+    if (!idx) return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+    Py_DECREF(idx);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "%s: %R does not fit in a 64-bit integer", name, obj);
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+int rd_parse_real(PyObject *obj, const char *name, double *out) {
+    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool) ||
+        !(PyFloat_Check(obj) || PyLong_Check(obj) || PyArray_IsScalar(obj, Number))) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a real number, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) return -1;
+    *out = v;
+    return 0;
+}

@@ -37,6 +37,11 @@ PyObject *rd_raise(rd_status s);
 /* Parse a strategy / gating given by name ("race", ...) or raise ValueError. */
 int rd_parse_strategy(PyObject *obj, const char *argname, rd_strategy *out);
 int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out);
+/* An integer argument (Python int or NumPy integer; bool refused) or TypeError /
+ * ValueError naming `name`. */
+int rd_parse_int(PyObject *obj, const char *name, int64_t *out);
+/* A real-number argument (int, float or NumPy number; bool refused) or TypeError. */
+int rd_parse_real(PyObject *obj, const char *name, double *out);
 /* Format a shape like "(2, 3, 4)" into buf. */
 void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape);
 

@@ -47,28 +47,6 @@ static int need_device(void) {
     return -1;
 }
 
-static int parse_int(PyObject *obj, const char *name, int64_t *out) {
-    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    long long v = PyLong_AsLongLong(obj);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    *out = (int64_t)v;
-    return 0;
-}
-
-static int parse_float(PyObject *obj, const char *name, double *out) {
-    if (PyBool_Check(obj) || !PyNumber_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a real number, got %s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    double v = PyFloat_AsDouble(obj);
-    if (v == -1.0 && PyErr_Occurred()) return -1;
-    *out = v;
-    return 0;
-}
-
 /* ---- routing ---------------------------------------------------------------------- */
 static PyObject *py_route(PyObject *self, PyObject *args) {
     (void)self;
@@ -78,7 +56,7 @@ static PyObject *py_route(PyObject *self, PyObject *args) {
     rd_strategy s;
     dlist L = {{0}, 0};
     if (!PyArg_ParseTuple(args, "OOO:cuda_route", &o_scores, &o_k, &o_strategy)) return NULL;
-    if (parse_int(o_k, "k", &k) < 0 || rd_parse_strategy(o_strategy, "strategy", &s) < 0) return NULL;
+    if (rd_parse_int(o_k, "k", &k) < 0 || rd_parse_strategy(o_strategy, "strategy", &s) < 0) return NULL;
     if (!(scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, 3, NULL))) return NULL;
     npy_intp *dims = PyArray_DIMS(scores);
     int64_t B = dims[0], Ls = dims[1], E = dims[2];
@@ -117,7 +95,7 @@ static PyObject *py_route_threshold(PyObject *self, PyObject *args) {
     double tau;
     dlist L = {{0}, 0};
     if (!PyArg_ParseTuple(args, "OO:cuda_route_threshold", &o_scores, &o_tau)) return NULL;
-    if (parse_float(o_tau, "tau", &tau) < 0) return NULL;
+    if (rd_parse_real(o_tau, "tau", &tau) < 0) return NULL;
     if (tau != tau) {
         PyErr_SetString(PyExc_ValueError, "tau: expected a number, got NaN");
         return NULL;
@@ -448,7 +426,7 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
     for (int i = 0; i < 4; i++) {
         PyObject *v = PyDict_GetItemString(d, ints[i]);
         if (!v) { PyErr_Format(PyExc_ValueError, "cfg: missing key '%s'", ints[i]); return -1; }
-        if (parse_int(v, ints[i], dst[i]) < 0) return -1;
+        if (rd_parse_int(v, ints[i], dst[i]) < 0) return -1;
     }
     PyObject *s = PyDict_GetItemString(d, "strategy"), *g = PyDict_GetItemString(d, "gating");
     PyObject *b = PyDict_GetItemString(d, "beta"), *et = PyDict_GetItemString(d, "eval_topk");
@@ -459,13 +437,13 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
     if (rd_parse_strategy(s, "strategy", &c->strategy) < 0 || rd_parse_gating(g, "gating", &c->gating) < 0)
         return -1;
     double beta;
-    if (parse_float(b, "beta", &beta) < 0) return -1;
+    if (rd_parse_real(b, "beta", &beta) < 0) return -1;
     c->beta = (float)beta;
     int t = PyObject_IsTrue(et);
     if (t < 0) return -1;
     c->eval_topk = t;
     PyObject *pd = PyDict_GetItemString(d, "plr_dim");
-    if (pd && parse_int(pd, "plr_dim", &c->plr_dim) < 0) return -1;
+    if (pd && rd_parse_int(pd, "plr_dim", &c->plr_dim) < 0) return -1;
     const char *fl[3] = {"sim_weight", "balance_weight", "plr_weight"};
     float *fdst[3] = {&c->sim_weight, &c->balance_weight, &c->plr_weight};
     c->plr_weight = 1.0f;
@@ -473,7 +451,7 @@ static int parse_cfg(PyObject *d, rd_moe_cfg *c) {
         PyObject *v = PyDict_GetItemString(d, fl[i]);
         double w;
         if (!v) continue;
-        if (parse_float(v, fl[i], &w) < 0) return -1;
+        if (rd_parse_real(v, fl[i], &w) < 0) return -1;
         if (!(w >= 0.0) || isinf(w)) {
             PyErr_Format(PyExc_ValueError, "%s: expected a finite number >= 0, got %R", fl[i], v);
             return -1;
@@ -646,7 +624,7 @@ static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
         s = rd_moe_set_threshold_cuda(st, NULL);
     } else {
         double tau;
-        if (parse_float(o_tau, "tau", &tau) < 0) return NULL;
+        if (rd_parse_real(o_tau, "tau", &tau) < 0) return NULL;
         float f = (float)tau;
         s = rd_moe_set_threshold_cuda(st, &f);
     }
@@ -1172,7 +1150,7 @@ static PyObject *py_set_expert_gemm(PyObject *self, PyObject *args) {
     int prev = rd_cuda_get_expert_gemm();
     if (o != Py_None) {
         int64_t m;
-        if (parse_int(o, "mode", &m) < 0) return NULL;
+        if (rd_parse_int(o, "mode", &m) < 0) return NULL;
         if (m < 0 || m > 2) {
             PyErr_Format(PyExc_ValueError, "mode: expected 0 (GEMM loop), 1 (grouped) or 2 (loop on "
                          "side streams), got %lld", (long long)m);
@@ -1601,7 +1579,7 @@ static PyObject *py_cmodel_step(PyObject *self, PyObject *args) {
     long long prev = (long long)rd_model_cuda_get_step(box->m);
     if (os) {
         int64_t s;
-        if (parse_int(os, "step", &s) < 0) return NULL;
+        if (rd_parse_int(os, "step", &s) < 0) return NULL;
         rd_status st = rd_model_cuda_set_step(box->m, s);
         if (st) return rd_raise(st);
     }

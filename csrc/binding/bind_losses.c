@@ -5,32 +5,6 @@
 
 #include <string.h>
 
-/* An int argument: Python int or NumPy integer; bool is refused. */
-static int parse_count(PyObject *obj, const char *name, int64_t *out) {
-    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool) || !PyIndex_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    long long v = PyLong_AsLongLong(obj);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    *out = (int64_t)v;
-    return 0;
-}
-
-/* A real-number argument; bool is refused. */
-static int parse_real(PyObject *obj, const char *name, double *out) {
-    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool) ||
-        !(PyFloat_Check(obj) || PyLong_Check(obj) || PyArray_IsScalar(obj, Number))) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a real number, got %s", name,
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    double v = PyFloat_AsDouble(obj);
-    if (v == -1.0 && PyErr_Occurred()) return -1;
-    *out = v;
-    return 0;
-}
-
 /* An (N,E) or (B,L,E) array of `typenum`; N = product of the leading axes. */
 static PyArrayObject *in_rows(PyObject *obj, const char *name, int typenum, int64_t *N,
                               int64_t *E) {
@@ -308,7 +282,7 @@ static PyObject *py_combination_usage(PyObject *self, PyObject *args) {
     PyObject *o_mask, *o_cov;
     double cov, v = 0.0;
     if (!PyArg_ParseTuple(args, "OO:combination_usage", &o_mask, &o_cov)) return NULL;
-    if (parse_real(o_cov, "coverage", &cov) < 0) return NULL;
+    if (rd_parse_real(o_cov, "coverage", &cov) < 0) return NULL;
     if (!(cov > 0.0 && cov <= 1.0)) {
         PyErr_Format(PyExc_ValueError, "coverage: expected a value in (0, 1], got %R", o_cov);
         return NULL;
@@ -330,7 +304,7 @@ static PyObject *py_allocation_by_key(PyObject *self, PyObject *args) {
     PyArrayObject *mask = NULL, *keys = NULL, *mean = NULL, *count = NULL;
     int64_t NB;
     if (!PyArg_ParseTuple(args, "OOO:allocation_by_key", &o_mask, &o_keys, &o_nb)) return NULL;
-    if (parse_count(o_nb, "num_buckets", &NB) < 0) return NULL;
+    if (rd_parse_int(o_nb, "num_buckets", &NB) < 0) return NULL;
     if (NB < 1) {
         PyErr_Format(PyExc_ValueError, "num_buckets: expected an int >= 1, got %lld", (long long)NB);
         return NULL;

@@ -1,26 +1,6 @@
 /* bind_route.c — Python functions of the route area: route, route_threshold, route_plan. */
 #include "bind.h"
 
-/* An int argument: Python int or NumPy integer; bool (Python or NumPy) is refused. */
-static int parse_int(PyObject *obj, const char *name, int64_t *out) {
-    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool) || !PyIndex_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    PyObject *idx = PyNumber_Index(obj);
-    if (!idx) return -1;
-    int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
-    Py_DECREF(idx);
-    if (v == -1 && PyErr_Occurred()) return -1;
-    if (overflow) {
-        PyErr_Format(PyExc_ValueError, "%s: %R does not fit in a 64-bit integer", name, obj);
-        return -1;
-    }
-    *out = (int64_t)v;
-    return 0;
-}
-
 /* Shape and k checks with messages in Python terms, before the C core's own checks. */
 static int check_route_args(int64_t B, int64_t L, int64_t E, int64_t k) {
     if (B < 1 || L < 1 || E < 1) {
@@ -44,7 +24,7 @@ static PyObject *py_route(PyObject *self, PyObject *args) {
     int64_t k;
     rd_strategy s;
     if (!PyArg_ParseTuple(args, "OOO:route", &o_scores, &o_k, &o_strategy)) return NULL;
-    if (parse_int(o_k, "k", &k) < 0 || rd_parse_strategy(o_strategy, "strategy", &s) < 0)
+    if (rd_parse_int(o_k, "k", &k) < 0 || rd_parse_strategy(o_strategy, "strategy", &s) < 0)
         return NULL;
     scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, 3, NULL);
     if (!scores) goto fail;
@@ -119,7 +99,7 @@ static PyObject *py_route_plan(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOO:route_plan", &o[0], &o[1], &o[2], &o[3], &o_strategy))
         return NULL;
     for (int i = 0; i < 4; i++)
-        if (parse_int(o[i], names[i], &v[i]) < 0) return NULL;
+        if (rd_parse_int(o[i], names[i], &v[i]) < 0) return NULL;
     if (rd_parse_strategy(o_strategy, "strategy", &s) < 0) return NULL;
     for (int i = 0; i < 3; i++)
         if (v[i] < 1) {
