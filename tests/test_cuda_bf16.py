@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import racedit
-from racedit import ops, ref
+from racedit import ref
 
 HAVE_GPU = racedit.cuda_available()
 pytestmark = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or "
