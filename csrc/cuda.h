@@ -172,6 +172,16 @@ rd_status rd_attention_forward_cuda(float *out, float *att, const float *qkv, in
 rd_status rd_attention_backward_cuda(float *dqkv, float *datt, const float *dout,
                                      const float *qkv, const float *att, int64_t B, int64_t L,
                                      int64_t D, int64_t NH);
+/* The same with bf16 GEMM operands (fp32 accumulation; the softmax, att, out and dqkv stay
+ * fp32): qkv, dout, the probabilities and the score gradients are rounded to bf16 into ws,
+ * device scratch of rd_attention_bf16_scratch(B, L, D, NH) bytes (its contents are not
+ * kept between calls). */
+size_t rd_attention_bf16_scratch(int64_t B, int64_t L, int64_t D, int64_t NH);
+rd_status rd_attention_forward_bf16_cuda(float *out, float *att, const float *qkv, void *ws,
+                                         int64_t B, int64_t L, int64_t D, int64_t NH);
+rd_status rd_attention_backward_bf16_cuda(float *dqkv, float *datt, const float *dout,
+                                          const float *qkv, const float *att, void *ws,
+                                          int64_t B, int64_t L, int64_t D, int64_t NH);
 
 /* ---- optimiser (optim.cu): the CPU optimiser's arithmetic, bit for bit -------------
  * One AdamW step (torch.optim.AdamW, as rd_adamw_step) fused with the EMA of the updated
@@ -210,8 +220,13 @@ rd_moe_cuda_state *rd_model_cuda_moe_state(rd_model_cuda *m, int64_t l);
 rd_status rd_model_cuda_reserve(rd_model_cuda *m, int64_t max_batch, int fixed);
 int64_t rd_model_cuda_max_batch(const rd_model_cuda *m);
 int64_t rd_model_cuda_last_batch(const rd_model_cuda *m);
-/* Precision of every MoE block's expert GEMMs (rd_precision); the rest stays fp32 (TF32
- * under rd_cuda_set_tf32(1)). Drops the last forward. */
+/* Precision of the model's GEMMs (rd_precision). RD_PREC_BF16: every linear layer (the
+ * embedders, adaLN, qkv / proj, the dense FFN, the final layer), the attention products and
+ * the MoE blocks' expert GEMMs take bf16 operands with fp32 accumulation and fp32 results;
+ * the master weights, gradients, activations, softmax, layernorm, the routers and the
+ * routing stay fp32. Each forward rounds the weights it uses into a bf16 copy that its
+ * backward reads. RD_PREC_TF32 sets the expert GEMMs to TF32 (the rest follows
+ * rd_cuda_set_tf32). Drops the last forward. */
 rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec);
 /* AdamW steps taken (the bias correction's step count); settable for resuming. */
 int64_t rd_model_cuda_get_step(const rd_model_cuda *m);

@@ -62,6 +62,12 @@ struct rd_model_cuda {
     double *loss_part;         /* (MD_LOSS_BLOCKS + 1) device */
     int64_t last_B;
     int have_forward, last_plr;
+    /* bf16 (rd_model_cuda_set_precision): the forward's bf16 copies of the weights it
+     * uses, at the parameters' offsets (nparams bf16), and scratch for rounding a linear's
+     * input (xh) and output gradient (gh) and for the attention (atws) */
+    int prec;
+    bf16 *pbf;
+    rd_dbuf xh, gh, atws;
 };
 
 /* ---- kernels ------------------------------------------------------------------------ */
@@ -169,27 +175,80 @@ __global__ void md_sum_parts_kernel(double *out, const double *part, int n, doub
 
 /* ---- layer helpers ------------------------------------------------------------------ */
 
+/* out (N,OC) = beta out + inp (N,IC) @ W (OC,IC)^T, W a weight of the parameter buffer.
+ * bf16: W is rounded into its place in m->pbf (read again by lin_bwd) and inp into
+ * scratch; cuBLAS accumulates in fp32 into the fp32 out. */
+static rd_status lin_gemm(rd_model_cuda *m, float *out, float beta, const float *inp,
+                          const float *W, int64_t N, int64_t IC, int64_t OC) {
+    if (m->prec != RD_PREC_BF16)
+        return rd_matmul_cuda(out, (int)OC, inp, (int)IC, 0, W, (int)IC, 1, N, OC, IC, 1.0f, beta);
+    bf16 *wh = m->pbf + (W - m->buf[RD_MODEL_CUDA_PARAMS]), *xh;
+    RD_TRY(DBUF(m->xh, bf16, N * IC, xh));
+    RD_TRY(rd_f32_to_bf16_launch(wh, W, OC * IC));
+    RD_TRY(rd_f32_to_bf16_launch(xh, inp, N * IC));
+    cublasHandle_t h;
+    RD_TRY(rd_cublas(&h));
+    return rd_gemm_typed(h, out, CUDA_R_32F, (int)OC, xh, (int)IC, 0, wh, (int)IC, 1, CUDA_R_16BF,
+                         N, OC, IC, 1.0f, beta, CUBLAS_COMPUTE_32F);
+}
+
 /* out (N,OC) = inp (N,IC) @ W (OC,IC)^T + b (OC, may be NULL). */
-static rd_status lin_fwd(float *out, const float *inp, const float *W, const float *b, int64_t N,
-                         int64_t IC, int64_t OC) {
+static rd_status lin_fwd(rd_model_cuda *m, float *out, const float *inp, const float *W,
+                         const float *b, int64_t N, int64_t IC, int64_t OC) {
     if (N == 0) return RD_OK;
     if (b) {
         md_bias_rows_kernel<<<rd_grid(N * OC, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(out, b, OC, N * OC);
         CU_LAUNCHED("md_bias_rows_kernel");
     }
-    return rd_matmul_cuda(out, (int)OC, inp, (int)IC, 0, W, (int)IC, 1, N, OC, IC, 1.0f,
-                          b ? 1.0f : 0.0f);
+    return lin_gemm(m, out, b ? 1.0f : 0.0f, inp, W, N, IC, OC);
 }
 
 /* dinp (N,IC, may be NULL) = dinp_beta*dinp + dout W; dW (OC,IC) += dout^T inp;
- * db (OC, may be NULL) += column sums of dout. */
+ * db (OC, may be NULL) += column sums of dout (fp32 in every precision). bf16: W's copy
+ * from the forward, dout and inp rounded into scratch. */
 static rd_status lin_bwd(rd_model_cuda *m, float *dinp, float dinp_beta, float *dW, float *db,
                          const float *dout, const float *inp, const float *W, int64_t N,
                          int64_t IC, int64_t OC) {
-    if (dinp) RD_TRY(rd_matmul_cuda(dinp, (int)IC, dout, (int)OC, 0, W, (int)IC, 0, N, IC, OC, 1.0f, dinp_beta));
-    RD_TRY(rd_matmul_cuda(dW, (int)IC, dout, (int)OC, 1, inp, (int)IC, 0, OC, IC, N, 1.0f, 1.0f));
+    if (m->prec == RD_PREC_BF16 && N > 0) {
+        const bf16 *wh = m->pbf + (W - m->buf[RD_MODEL_CUDA_PARAMS]);
+        bf16 *gh, *xh;
+        RD_TRY(DBUF(m->gh, bf16, N * OC, gh));
+        RD_TRY(DBUF(m->xh, bf16, N * IC, xh));
+        RD_TRY(rd_f32_to_bf16_launch(gh, dout, N * OC));
+        RD_TRY(rd_f32_to_bf16_launch(xh, inp, N * IC));
+        cublasHandle_t h;
+        RD_TRY(rd_cublas(&h));
+        if (dinp)
+            RD_TRY(rd_gemm_typed(h, dinp, CUDA_R_32F, (int)IC, gh, (int)OC, 0, wh, (int)IC, 0,
+                                 CUDA_R_16BF, N, IC, OC, 1.0f, dinp_beta, CUBLAS_COMPUTE_32F));
+        RD_TRY(rd_gemm_typed(h, dW, CUDA_R_32F, (int)IC, gh, (int)OC, 1, xh, (int)IC, 0,
+                             CUDA_R_16BF, OC, IC, N, 1.0f, 1.0f, CUBLAS_COMPUTE_32F));
+    } else {
+        if (dinp) RD_TRY(rd_matmul_cuda(dinp, (int)IC, dout, (int)OC, 0, W, (int)IC, 0, N, IC, OC, 1.0f, dinp_beta));
+        RD_TRY(rd_matmul_cuda(dW, (int)IC, dout, (int)OC, 1, inp, (int)IC, 0, OC, IC, N, 1.0f, 1.0f));
+    }
     if (db) RD_TRY(rd_colsum_segments_cuda(db, dout, NULL, N, 1, OC, m->partial));
     return RD_OK;
+}
+
+/* The attention in the model's precision (bf16: operands rounded into m->atws). */
+static rd_status attn_fwd(rd_model_cuda *m, float *out, float *att, const float *qkv, int64_t B) {
+    const rd_model_cfg *c = &m->cfg;
+    if (m->prec != RD_PREC_BF16)
+        return rd_attention_forward_cuda(out, att, qkv, B, m->L, c->D, c->NH);
+    void *ws;
+    RD_TRY(rd_dbuf_get(&m->atws, rd_attention_bf16_scratch(B, m->L, c->D, c->NH), &ws));
+    return rd_attention_forward_bf16_cuda(out, att, qkv, ws, B, m->L, c->D, c->NH);
+}
+
+static rd_status attn_bwd(rd_model_cuda *m, float *dqkv, float *datt, const float *dout,
+                          const float *qkv, const float *att, int64_t B) {
+    const rd_model_cfg *c = &m->cfg;
+    if (m->prec != RD_PREC_BF16)
+        return rd_attention_backward_cuda(dqkv, datt, dout, qkv, att, B, m->L, c->D, c->NH);
+    void *ws;
+    RD_TRY(rd_dbuf_get(&m->atws, rd_attention_bf16_scratch(B, m->L, c->D, c->NH), &ws));
+    return rd_attention_backward_bf16_cuda(dqkv, datt, dout, qkv, att, ws, B, m->L, c->D, c->NH);
 }
 
 static rd_status patch_op(float *tok, float *img, int to_tok, int64_t B, int64_t C, int64_t H,
@@ -333,6 +392,10 @@ extern "C" void rd_model_cuda_free(rd_model_cuda *m) {
     rd_cuda_free(m->pe);
     rd_cuda_free(m->loss_part);
     rd_cuda_free(m->arena);
+    rd_cuda_free(m->pbf);
+    rd_dbuf_free(&m->xh);
+    rd_dbuf_free(&m->gh);
+    rd_dbuf_free(&m->atws);
     free(m->blk);
     free(m->ba);
     rd_model_free(m->host);
@@ -362,9 +425,17 @@ extern "C" rd_status rd_model_cuda_set_step(rd_model_cuda *m, int64_t step) {
 extern "C" rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec) {
     if (prec < RD_PREC_FP32 || prec > RD_PREC_BF16)
         return rd_fail(RD_EINVAL, "model_cuda: unknown precision %d", prec);
+    m->have_forward = 0;
+    if (prec == RD_PREC_BF16 && !m->pbf)
+        RD_TRY(rd_cuda_malloc((void **)&m->pbf, (size_t)m->nparams * sizeof(bf16)));
+    if (prec != RD_PREC_BF16 && m->pbf) { /* the copies are not needed: give the memory back */
+        RD_TRY(rd_cuda_sync());
+        rd_cuda_free(m->pbf);
+        m->pbf = NULL;
+    }
     for (int64_t i = 0; m->moe && i < m->cfg.depth; i++)
         RD_TRY(rd_moe_cuda_set_precision(m->moe[i], prec));
-    m->have_forward = 0;
+    m->prec = prec;
     return RD_OK;
 }
 
@@ -470,12 +541,12 @@ static rd_status block_forward(rd_model_cuda *m, int64_t i, int64_t B, int train
     md_block_acts *a = &m->ba[i];
     const float *P = m->buf[RD_MODEL_CUDA_PARAMS];
     const int64_t D = c->D, L = m->L, N = B * L, S = 6 * D;
-    RD_TRY(lin_fwd(a->mod, m->sc, P + o->ada_w, P + o->ada_b, B, D, 6 * D));
+    RD_TRY(lin_fwd(m, a->mod, m->sc, P + o->ada_w, P + o->ada_b, B, D, 6 * D));
     RD_TRY(rd_layernorm_forward_cuda(a->xhat1, a->rstd1, m->x, N, D));
     RD_TRY(rd_modulate_forward_cuda(a->m1, a->xhat1, a->mod, a->mod + D, B, L, D, S));
-    RD_TRY(lin_fwd(a->qkv, a->m1, P + o->qkv_w, P + o->qkv_b, N, D, 3 * D));
-    RD_TRY(rd_attention_forward_cuda(a->atty, a->att, a->qkv, B, L, D, c->NH));
-    RD_TRY(lin_fwd(a->attproj, a->atty, P + o->proj_w, P + o->proj_b, N, D, D));
+    RD_TRY(lin_fwd(m, a->qkv, a->m1, P + o->qkv_w, P + o->qkv_b, N, D, 3 * D));
+    RD_TRY(attn_fwd(m, a->atty, a->att, a->qkv, B));
+    RD_TRY(lin_fwd(m, a->attproj, a->atty, P + o->proj_w, P + o->proj_b, N, D, D));
     RD_TRY(rd_gated_residual_forward_cuda(m->x, m->x, a->attproj, a->mod + 2 * D, B, L, D, S));
     RD_TRY(rd_layernorm_forward_cuda(a->xhat2, a->rstd2, m->x, N, D));
     RD_TRY(rd_modulate_forward_cuda(a->m2, a->xhat2, a->mod + 3 * D, a->mod + 4 * D, B, L, D, S));
@@ -485,9 +556,9 @@ static rd_status block_forward(rd_model_cuda *m, int64_t i, int64_t B, int train
         RD_TRY(rd_moe_forward_cuda(m->moe[i], a->ffn, a->m2, &m->layer, &mp, B, L, training,
                                    m->last_plr ? m->plr : NULL));
     } else {
-        RD_TRY(lin_fwd(a->fc1, a->m2, P + o->fc1_w, P + o->fc1_b, N, D, 4 * D));
+        RD_TRY(lin_fwd(m, a->fc1, a->m2, P + o->fc1_w, P + o->fc1_b, N, D, 4 * D));
         RD_TRY(gelu_op(a->gel, a->fc1, NULL, N * 4 * D));
-        RD_TRY(lin_fwd(a->ffn, a->gel, P + o->fc2_w, P + o->fc2_b, N, 4 * D, D));
+        RD_TRY(lin_fwd(m, a->ffn, a->gel, P + o->fc2_w, P + o->fc2_b, N, 4 * D, D));
     }
     return rd_gated_residual_forward_cuda(m->x, m->x, a->ffn, a->mod + 5 * D, B, L, D, S);
 }
@@ -523,12 +594,11 @@ static rd_status forward_dev(rd_model_cuda *m, int64_t B, int training, int plr)
     md_bias_pe_kernel<<<rd_grid(N * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(m->x, P + m->xe_b,
                                                                                m->pe, L, D, N * D);
     CU_LAUNCHED("md_bias_pe_kernel");
-    RD_TRY(rd_matmul_cuda(m->x, (int)D, m->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1,
-                          N, D, m->Pin, 1.0f, 1.0f));
+    RD_TRY(lin_gemm(m, m->x, 1.0f, m->patches, P + m->xe_w, N, m->Pin, D));
     RD_TRY(rd_timestep_embedding_forward_cuda(m->tfreq, m->tdev, B, RD_FREQ_DIM, RD_MAX_PERIOD));
-    RD_TRY(lin_fwd(m->th, m->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
+    RD_TRY(lin_fwd(m, m->th, m->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
     RD_TRY(rd_silu_forward_cuda(m->ths, m->th, B * D));
-    RD_TRY(lin_fwd(m->dt1, m->ths, P + m->t2_w, P + m->t2_b, B, D, D));
+    RD_TRY(lin_fwd(m, m->dt1, m->ths, P + m->t2_w, P + m->t2_b, B, D, D));
     md_embed_kernel<<<rd_grid(B * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(m->c, P + m->ytab,
                                                                              m->labels, m->dt1, D, B * D);
     CU_LAUNCHED("md_embed_kernel");
@@ -536,10 +606,10 @@ static rd_status forward_dev(rd_model_cuda *m, int64_t B, int training, int plr)
     m->last_plr = m->moe && plr && training && c->moe.plr_weight != 0.0f;
     if (m->last_plr) RD_TRY(patch_op(m->plr, m->tgt, 1, B, c->in_channels, H, p, 1));
     for (int64_t i = 0; i < c->depth; i++) RD_TRY(block_forward(m, i, B, training));
-    RD_TRY(lin_fwd(m->modf, m->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));
+    RD_TRY(lin_fwd(m, m->modf, m->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));
     RD_TRY(rd_layernorm_forward_cuda(m->xhatf, m->rstdf, m->x, N, D));
     RD_TRY(rd_modulate_forward_cuda(m->mf, m->xhatf, m->modf, m->modf + D, B, L, D, 2 * D));
-    RD_TRY(lin_fwd(m->otok, m->mf, P + m->fl_w, P + m->fl_b, N, D, m->Pout));
+    RD_TRY(lin_fwd(m, m->otok, m->mf, P + m->fl_w, P + m->fl_b, N, D, m->Pout));
     RD_TRY(patch_op(m->otok, m->outimg, 0, B, c->out_channels, H, p, 1));
     m->last_B = B;
     m->have_forward = 1;
@@ -610,7 +680,7 @@ static rd_status block_backward(rd_model_cuda *m, int64_t i, int64_t B) {
                                            B, L, D, S));
     RD_TRY(lin_bwd(m, m->db, 0.0f, G + o->proj_w, G + o->proj_b, m->da, a->atty, P + o->proj_w, N,
                    D, D));
-    RD_TRY(rd_attention_backward_cuda(m->dqkv, m->datt, m->db, a->qkv, a->att, B, L, D, c->NH));
+    RD_TRY(attn_bwd(m, m->dqkv, m->datt, m->db, a->qkv, a->att, B));
     RD_TRY(lin_bwd(m, m->da, 0.0f, G + o->qkv_w, G + o->qkv_b, m->dqkv, a->m1, P + o->qkv_w, N, D,
                    3 * D));
     RD_TRY(rd_modulate_backward_cuda(m->db, dmod, dmod + D, m->da, a->xhat1, a->mod + D, B, L, D, S));

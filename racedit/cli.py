@@ -75,7 +75,7 @@ def _add_device(p, default):
                         "CUDA and a GPU")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                    help="fp32 (default); with --device cuda also tf32 (TF32 GEMMs) or bf16 "
-                        "(bf16 expert GEMMs, fp32 master weights)")
+                        "(bf16 GEMM operands with fp32 accumulation, fp32 master weights)")
 
 
 def _add_sample(sub):

@@ -344,17 +344,28 @@ def timestep_embedding(t, dim, max_period=10000.0):
     return _C.cuda_timestep_embedding(t, int(dim), float(max_period))
 
 
-def attention_forward(qkv, num_heads):
+def _attention_bf16(precision):
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+    return precision == "bf16"
+
+
+def attention_forward(qkv, num_heads, precision="fp32"):
     """Multi-head softmax attention of qkv (B,L,3D) = [q | k | v] -> ``(out (B,L,D),
-    att (B,NH,L,L))``, scores scaled by 1/sqrt(D/NH)."""
+    att (B,NH,L,L))``, scores scaled by 1/sqrt(D/NH). ``precision="bf16"`` rounds the GEMM
+    operands (q, k, v and the probabilities) to bf16 with fp32 accumulation; the softmax
+    and both results stay fp32."""
+    bf = _attention_bf16(precision)
     _require()
-    return _C.cuda_attention_forward(qkv, int(num_heads))
+    return _C.cuda_attention_forward(qkv, int(num_heads), bf)
 
 
-def attention_backward(dout, qkv, att, num_heads):
-    """dqkv (B,L,3D) of :func:`attention_forward` from dout (B,L,D), qkv and its att."""
+def attention_backward(dout, qkv, att, num_heads, precision="fp32"):
+    """dqkv (B,L,3D) of :func:`attention_forward` from dout (B,L,D), qkv and its att;
+    ``precision`` as there (bf16: dout, qkv, att and the score gradients are rounded)."""
+    bf = _attention_bf16(precision)
     _require()
-    return _C.cuda_attention_backward(dout, qkv, att, int(num_heads))
+    return _C.cuda_attention_backward(dout, qkv, att, int(num_heads), bf)
 
 
 def adamw_step(params, grads, m, v, step, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,

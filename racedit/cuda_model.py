@@ -12,7 +12,7 @@ nothing; use :meth:`set_param_buffer` (or :meth:`load_state_dict`) to upload.
 import numpy as np
 
 from . import _C
-from .configs import count_params
+from .model import ModelBase
 
 __all__ = ["CudaRaceDiT", "DTYPES"]
 
@@ -24,15 +24,20 @@ def _nan(v):
     return float("nan") if v is None else float(v)
 
 
-class CudaRaceDiT:
+class CudaRaceDiT(ModelBase):
     """RaceDiT on the GPU; the constructor arguments are those of :class:`racedit.RaceDiT`
     (the initialisation is the CPU class's, drawn on the host with the same seed, so both
     start from identical weights) plus
 
     dtype : {"fp32", "bf16"}, default "fp32"
-        "bf16": the MoE blocks' expert GEMMs take bf16 operands with fp32 accumulation
-        (fp32 master weights, gradients, router and routing); every other GEMM is fp32
-        (TF32 under ``racedit.cuda.tf32(True)``). Dense models ignore it.
+        "bf16": every GEMM of the model — the linear layers (embedders, adaLN, qkv,
+        proj, the dense FFN, the final layer), the attention products and the MoE blocks'
+        expert GEMMs — takes bf16 operands with fp32 accumulation and fp32 results. The
+        master weights, gradients, AdamW state, activations, softmax, layernorm, the
+        routers and the routing stay fp32 (so routing decisions see fp32 scores). Each
+        forward rounds the weights it uses into a bf16 copy (2 bytes per parameter of
+        device memory) read by its backward. "fp32": fp32 GEMMs (TF32 under
+        ``racedit.cuda.tf32(True)``).
 
     Methods mirror the CPU class (forward / backward / zero_grad / train / eval / aux /
     aux_loss / routing_masks / layer_stats / thresholds / state_dict /
@@ -93,7 +98,7 @@ class CudaRaceDiT:
             _C.cuda_model_reserve(self._cap, int(max_batch), True)
 
     def set_dtype(self, dtype):
-        """Switch the expert GEMM precision ("fp32" | "bf16"); drops the last forward."""
+        """Switch the GEMM precision ("fp32" | "bf16", see the class); drops the last forward."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
         _C.cuda_model_precision(self._cap, 2 if dtype == "bf16" else 0)
@@ -152,10 +157,6 @@ class CudaRaceDiT:
         _C.cuda_model_set(self._cap, _ADAM_V, state["v"])
         _C.cuda_model_step(self._cap, int(state["step"]))
 
-    def state_dict(self):
-        """dict name -> float32 copy of each parameter (DiT's names for the backbone)."""
-        return {k: v.copy() for k, v in self.params.items()}
-
     def ema_state_dict(self):
         """dict name -> float32 copy of each EMA weight."""
         return {k: v.copy() for k, v in self._named(self.ema_buffer).items()}
@@ -186,15 +187,6 @@ class CudaRaceDiT:
         self.set_param_buffer(host.param_buffer, ema=True)
 
     # ---- modes --------------------------------------------------------------------------
-    def train(self, mode=True):
-        """Training mode (labels dropped, MoE batch top-K routing, thresholds updated)."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode (no label dropout; MoE selects G >= threshold)."""
-        return self.train(False)
-
     # ---- compute ------------------------------------------------------------------------
     def _ty(self, t, y, drop):
         t = np.asarray(t)
@@ -273,20 +265,18 @@ class CudaRaceDiT:
                                             -1.0 if ema_decay is None else float(ema_decay))
 
     # ---- MoE losses and diagnostics ------------------------------------------------------
-    @property
-    def num_moe_layers(self):
-        """Number of MoE blocks (depth for MoE configs, 0 for dense)."""
-        return self.config.depth if self.config.is_moe else 0
-
-    def _views(self, full=True):
+    def _views(self, mask=False):
+        """Per MoE layer: the scalars and diagnostics of the last forward (computed on the
+        device), plus the (N, E) selection mask when ``mask`` (N*E bytes per layer come
+        back; nothing else of size N does)."""
         out = []
         for st in self._states:
-            v = _C.cuda_moe_view(st)
+            v = _C.cuda_moe_view(st, 1 if mask else 0)
             d = {"have_forward": v["have_forward"], "have_tau": v["tau"] is not None,
                  "tau": _nan(v["tau"])}
             if v["have_forward"]:
                 a = _C.cuda_moe_aux(st, 0)
-                d.update(mask=v["mask"], load=a["expert_load"], dead_experts=a["dead_experts"],
+                d.update(mask=v.get("mask"), load=a["expert_load"], dead_experts=a["dead_experts"],
                          max_violation=a["max_violation"],
                          combination_usage=a["combination_usage"],
                          experts_per_token=a["experts_per_token"], tau_b=_nan(v["tau_b"]),
@@ -311,7 +301,7 @@ class CudaRaceDiT:
         """list (one per MoE layer) of the (B, L, E) bool selection of the last forward."""
         B = self._batch()[1]
         return [v["mask"].reshape(B, -1, v["mask"].shape[-1])
-                for v in self._views() if v["have_forward"]]
+                for v in self._views(mask=True) if v["have_forward"]]
 
     def layer_stats(self):
         """Per MoE layer diagnostics of the last forward, as :meth:`racedit.RaceDiT.layer_stats`."""
@@ -326,47 +316,20 @@ class CudaRaceDiT:
             stats.append(d)
         return stats
 
-    def experts_per_token_by_sample(self):
-        """(B,) float64: per sample of the last forward, the mean over MoE layers of its
-        experts per token (zeros for a dense model)."""
-        masks = self.routing_masks()
-        if not masks:
-            return np.zeros(self._batch()[1], dtype=np.float64)
-        L = masks[0].shape[1]
-        return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
-
-    @property
-    def thresholds(self):
-        """(num_moe_layers,) float32 thresholds tau (NaN where unset); settable."""
-        return np.array([_nan(_C.cuda_moe_view(s)["tau"]) for s in self._states], dtype=np.float32)
-
-    @thresholds.setter
-    def thresholds(self, value):
-        value = np.asarray(value, dtype=np.float32)
-        if value.shape != (self.num_moe_layers,):
-            raise ValueError(f"thresholds: expected shape ({self.num_moe_layers},), got {value.shape}")
-        for s, tau in zip(self._states, value):
-            _C.cuda_moe_set_threshold(s, None if np.isnan(tau) else float(tau))
-
     # ---- sizes ----------------------------------------------------------------------------
     def _batch(self):
         return _C.cuda_model_batch(self._cap)
 
+    def _get_thresholds(self):
+        return [_C.cuda_moe_view(s, 0)["tau"] for s in self._states]
+
+    def _set_threshold(self, layer, tau):
+        _C.cuda_moe_set_threshold(self._states[layer], tau)
+
     @property
-    def max_batch(self):
-        """Batch the device activations are allocated for (0 before the first forward)."""
-        return self._batch()[0]
+    def _repr_extra(self):
+        return f", device='cuda', dtype={self.dtype!r}"
 
     def num_params(self):
         """Floats in the parameter buffer (every parameter)."""
         return int(self._n)
-
-    def num_activated_params(self):
-        """Parameters one token uses at inference (see racedit.configs.count_params)."""
-        return count_params(self.config, self.input_size, self.in_channels, self.num_classes,
-                            self.learn_sigma)["activated"]
-
-    def __repr__(self):
-        return (f"RaceDiT({self.config.name!r}, input_size={self.input_size}, "
-                f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"params={self.num_params():,}, device='cuda', dtype={self.dtype!r})")

@@ -506,8 +506,9 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     out: a stream for messages (stdout). final_samples: write a sample grid at the end;
     report: write the routing report (MoE models).
     device: "cpu" or "cuda" (the whole step on the GPU: racedit.RaceDiT(device="cuda"));
-    precision: "fp32", or on cuda "tf32" (TF32 GEMMs) or "bf16" (bf16 expert GEMMs with
-    fp32 master weights, TF32 elsewhere). Both default to "cpu"/"fp32" for a new run and to
+    precision: "fp32", or on cuda "tf32" (TF32 GEMMs) or "bf16" (bf16 operands and fp32
+    accumulation in every linear layer, the attention and the expert GEMMs, with fp32
+    master weights; the routers' small GEMMs in TF32). Both default to "cpu"/"fp32" for a new run and to
     the checkpoint's for ``resume``; checkpoints are the same on either device (a GPU
     run resumes on the CPU and vice versa, bit-exactly only on the same device).
 

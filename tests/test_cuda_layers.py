@@ -1,12 +1,14 @@
 """The CUDA DiT layers and optimiser passes (racedit.cuda) against NumPy float64 twins kept
 here (the twins themselves are checked by central finite differences, which runs without a
 GPU): LayerNorm, adaLN modulate, gated residual, SiLU, timestep embedding, multi-head
-attention forward/backward; AdamW + EMA bit for bit against a float32 replica of the CPU
-optimiser's arithmetic; the gradient norm and the NaN/Inf finder; bad input."""
+attention forward/backward (fp32, and bf16 operands against the bf16 twin
+racedit.ref.bf16_gemm_operands); AdamW + EMA bit for bit against a float32 replica of the
+CPU optimiser's arithmetic; the gradient norm and the NaN/Inf finder; bad input."""
 import numpy as np
 import pytest
 
 import racedit
+from racedit import ref
 
 HAVE_GPU = racedit.cuda_available()
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or racedit "
@@ -218,6 +220,48 @@ def test_attention(B, L, D, NH):
     close(att, want_att, what="att")
     g = rng.standard_normal((B, L, D)).astype(np.float32)
     close(rc.attention_backward(g, qkv, att, NH), att_bwd(g, qkv, NH), what="dqkv")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@gpu
+@pytest.mark.parametrize("B,L,D,NH", [(1, 1, 2, 1), (2, 5, 12, 3), (2, 64, 64, 4), (1, 256, 96, 6)])
+def test_attention_bf16(B, L, D, NH):
+    """bf16 operands (fp32 accumulation, fp32 softmax) against the float64 twin that rounds
+    the same operands (ref.bf16_gemm_operands): relative error norm < 5e-4 for out and dqkv
+    (what is left is fp32 accumulation and the rare operand whose fp32 value rounds to the
+    other bf16 neighbour), < 1e-4 for att. The bf16 twin is 2-4e-3 from the unrounded one
+    (tests/test_ref_bf16.py), so the fp32 path would fail here."""
+    rng = np.random.default_rng(L + D)
+    qkv = rng.standard_normal((B, L, 3 * D)).astype(np.float32)
+    out, att = rc.attention_forward(qkv, NH, precision="bf16")
+    with ref.bf16_gemm_operands():
+        want_out, want_att = ref.dit_attention_forward(qkv, NH)
+    assert _rel(out, want_out) < 5e-4
+    assert _rel(att, want_att) < 1e-4
+    g = rng.standard_normal((B, L, D)).astype(np.float32)
+    got = rc.attention_backward(g, qkv, att, NH, precision="bf16")
+    with ref.bf16_gemm_operands():
+        want = ref.dit_attention_backward(g, qkv, att, NH)
+    assert _rel(got, want) < 5e-4
+    if L > 1:  # not the fp32 path: farther from the unrounded twin than from the rounded one
+        f32_out, _ = rc.attention_forward(qkv, NH)
+        assert _rel(out, f32_out) > 4 * _rel(out, want_out)
+
+
+def test_attention_precision_checked_first():
+    """A bad precision is a ValueError naming it, with or without a GPU."""
+    from racedit import cuda as rcu
+
+    qkv = np.zeros((1, 2, 12), np.float32)
+    with pytest.raises(ValueError, match="precision.*'tf32'"):
+        rcu.attention_forward(qkv, 3, precision="tf32")
+    with pytest.raises(ValueError, match="precision"):
+        rcu.attention_backward(np.zeros((1, 2, 4), np.float32), qkv,
+                                        np.zeros((1, 3, 2, 2), np.float32), 3, precision="fp16")
 
 
 @gpu

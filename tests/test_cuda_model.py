@@ -3,7 +3,8 @@ weights and inputs: the output and every parameter gradient (fp32, tight), dense
 over several strategies and gatings, routing masks identical, aux losses and diagnostics;
 eval mode with the thresholds; a 20-step training loop (device step vs the CPU model with
 a NumPy AdamW) whose loss curves agree; the train step's clip / EMA / grads; bitwise
-run-to-run determinism; bf16 experts within a stated tolerance; bad input. Every GPU test
+run-to-run determinism; bf16 (every GEMM) against the bf16 twin and within a stated
+tolerance of fp32; bad input. Every GPU test
 is skipped without a CUDA device; the dispatch tests run everywhere."""
 import numpy as np
 import pytest
@@ -246,12 +247,55 @@ def test_step_clip_ema_and_grads():
     close(h.param_buffer, p1, "params after optimizer_step", rtol=1e-5, atol=2e-5)
 
 
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@gpu
+def test_bf16_dense_matches_bf16_twin():
+    """dtype="bf16" rounds the GEMM operands of every linear layer and of the attention;
+    the float64 twin inside ref.bf16_gemm_operands rounds the same ones. Output within 2e-3
+    and the whole gradient within 4e-3 (relative error norms; what is left is fp32
+    accumulation and operands whose fp32 value lands on the other bf16 neighbour) of that
+    twin. The twin itself is 0.5-3 % from the float64 model (tests/test_ref_bf16.py), so a
+    layer left in fp32 shows, and so does the fp32 model here."""
+    m = RaceDiT("DiT-T/2", input_size=S, in_channels=C, num_classes=NCLS, class_dropout_prob=0.0)
+    m.param_buffer[:] = np.random.default_rng(0).normal(0.0, 0.2, m.param_buffer.size)
+    h = RaceDiT("DiT-T/2", input_size=S, in_channels=C, num_classes=NCLS, class_dropout_prob=0.0,
+                device="cuda", dtype="bf16")
+    h.set_param_buffer(m.param_buffer)
+    x, t, y, _ = batch(3, 1)
+    got = h.forward(x, t, y)
+    dout = np.random.default_rng(5).normal(size=got.shape).astype(np.float32)
+    kw = dict(heads=m.config.heads, patch=m.config.patch)
+    with racedit.ref.bf16_gemm_operands():
+        want, cache = racedit.ref.dit_model_forward(m.params, x, t, y, **kw)
+        wg = racedit.ref.dit_model_backward(dout, cache)
+    assert _rel(got, want) < 2e-3
+    h.zero_grad()
+    h.backward(dout)
+    hg = h.grads
+    names = sorted(wg)
+    flat = lambda d: np.concatenate([np.asarray(d[k]).ravel() for k in names])  # noqa: E731
+    assert _rel(flat(hg), flat(wg)) < 4e-3
+    f32 = RaceDiT("DiT-T/2", input_size=S, in_channels=C, num_classes=NCLS,
+                  class_dropout_prob=0.0, device="cuda")
+    f32.set_param_buffer(m.param_buffer)
+    assert _rel(f32.forward(x, t, y), want) > 2 * _rel(got, want)
+    # switching back to fp32 gives the fp32 results again
+    h.set_dtype("fp32")
+    np.testing.assert_array_equal(h.forward(x, t, y), f32.forward(x, t, y))
+
+
 @gpu
 def test_bf16_experts_close_to_fp32():
-    """bf16 expert GEMMs (8-bit mantissa operands, fp32 accumulation): the output within 3 %
-    (relative Frobenius norm) of fp32, gradients within 5 %, on a seed where the bf16
-    perturbation flips no routing decision of the second block (a flip moves one token's
-    output by a whole expert, which no tolerance on the rounding covers)."""
+    """dtype="bf16" on a MoE model (bf16 operands for every GEMM, experts included; fp32
+    accumulation, router and routing): the output within 4 % (relative Frobenius norm) of
+    fp32, gradients within 8 % — the dense part alone is 1-2 % / 1-2 % from float64 in the
+    bf16 twin (tests/test_ref_bf16.py) and the experts add a few roundings more — on a seed
+    where the bf16 perturbation flips no routing decision of the second block (a flip moves
+    one token's output by a whole expert, which no tolerance on the rounding covers)."""
     for seed in range(2, 8):
         m, g = pair("RaceDiT-T/2-2in4", seed=seed)
         h = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS,
@@ -264,14 +308,43 @@ def test_bf16_experts_close_to_fp32():
             break
     else:
         pytest.fail("bf16 flipped a routing decision for every seed")
-    assert np.linalg.norm(b - a) <= 3e-2 * np.linalg.norm(a)
+    assert np.linalg.norm(b - a) <= 4e-2 * np.linalg.norm(a)
     dout = np.ones_like(a)
     g.zero_grad()
     g.backward(dout)
     h.zero_grad()
     h.backward(dout)
     ga, gb = g.grad_buffer, h.grad_buffer
-    assert np.linalg.norm(gb - ga) <= 5e-2 * np.linalg.norm(ga)
+    assert np.linalg.norm(gb - ga) <= 8e-2 * np.linalg.norm(ga)
+
+
+@gpu
+def test_diagnostics_copy_only_what_they_need():
+    """The per-step diagnostics read the device's scalars and, for experts per token, the
+    (N, E) mask only: cuda_moe_view(state, 0 | 1 | 2) brings back none / the mask / every
+    array, each the same as in the full view; layer_stats, routing_masks and
+    experts_per_token_by_sample agree with the CPU model."""
+    m, g = pair("RaceDiT-T/2-2in4", seed=3)
+    x, t, y, _ = batch(3, 4)
+    m.forward(x, t, y)
+    g.forward(x, t, y)
+    st = g._states[0]
+    full = racedit._C.cuda_moe_view(st)
+    v0, v1 = racedit._C.cuda_moe_view(st, 0), racedit._C.cuda_moe_view(st, 1)
+    assert set(full) - set(v0) == {"mask", "G", "R", "h"}
+    assert set(full) - set(v1) == {"G", "R", "h"}
+    np.testing.assert_array_equal(v1["mask"], full["mask"])
+    for v in (v0, v1):
+        np.testing.assert_array_equal(v["counts"], full["counts"])
+        assert v["P"] == full["P"] and v["tau_b"] == full["tau_b"]
+    with pytest.raises(ValueError, match="arrays"):
+        racedit._C.cuda_moe_view(st, 3)
+    if all(np.array_equal(a, b) for a, b in zip(m.routing_masks(), g.routing_masks())):
+        np.testing.assert_allclose(g.experts_per_token_by_sample(),
+                                   m.experts_per_token_by_sample(), rtol=1e-12)
+        for a, b in zip(g.layer_stats(), m.layer_stats()):
+            assert a["dead_experts"] == b["dead_experts"]
+            np.testing.assert_allclose(a["experts_per_token"], b["experts_per_token"], rtol=1e-6)
 
 
 @gpu

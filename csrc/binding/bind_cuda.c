@@ -565,13 +565,20 @@ done:
     return (PyObject *)dx;
 }
 
-/* dict: mask (N,E) bool, G, R (N,E), h (N,D), counts (E,) int64, P, tau, tau_b (None when
- * unset), have_forward. */
+/* cuda_moe_view(state[, arrays=2]) -> dict: tau, tau_b (None when unset), have_forward and,
+ * after a forward, counts (E,) int64 and P; with arrays >= 1 also mask (N,E) bool, with
+ * arrays >= 2 also G, R (N,E) and h (N,D) float32 (device copies: h alone is N*D floats,
+ * so per-step diagnostics ask for less). */
 static PyObject *py_moe_view(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o_st, *d = NULL;
     PyArrayObject *arr[5] = {0};
-    if (!PyArg_ParseTuple(args, "O:cuda_moe_view", &o_st)) return NULL;
+    int what = 2;
+    if (!PyArg_ParseTuple(args, "O|i:cuda_moe_view", &o_st, &what)) return NULL;
+    if (what < 0 || what > 2) {
+        PyErr_Format(PyExc_ValueError, "arrays: expected 0 (none), 1 (mask) or 2 (all), got %d", what);
+        return NULL;
+    }
     rd_moe_cuda_state *st = get_state(o_st);
     if (!st) return NULL;
     rd_moe_cuda_view v;
@@ -589,20 +596,24 @@ static PyObject *py_moe_view(PyObject *self, PyObject *args) {
     PyDict_SetItemString(d, "have_forward", v.have_forward ? Py_True : Py_False);
     if (!v.have_forward) return d;
     npy_intp sNE[2] = {v.N, v.E}, sND[2] = {v.N, v.D}, sE[1] = {v.E};
-    if (!(arr[0] = rd_new_array(2, sNE, NPY_BOOL)) || !(arr[1] = rd_new_array(2, sNE, NPY_FLOAT32)) ||
-        !(arr[2] = rd_new_array(2, sNE, NPY_FLOAT32)) || !(arr[3] = rd_new_array(2, sND, NPY_FLOAT32)) ||
-        !(arr[4] = rd_new_array(1, sE, NPY_INT64)))
+    if (!(arr[4] = rd_new_array(1, sE, NPY_INT64))) goto fail;
+    if (what >= 1 && !(arr[0] = rd_new_array(2, sNE, NPY_BOOL))) goto fail;
+    if (what >= 2 && (!(arr[1] = rd_new_array(2, sNE, NPY_FLOAT32)) ||
+                      !(arr[2] = rd_new_array(2, sNE, NPY_FLOAT32)) ||
+                      !(arr[3] = rd_new_array(2, sND, NPY_FLOAT32))))
         goto fail;
     Py_BEGIN_ALLOW_THREADS
-    s = dl_down(arr[0], v.mask);
-    if (s == RD_OK) s = dl_down(arr[1], v.G);
-    if (s == RD_OK) s = dl_down(arr[2], v.R);
-    if (s == RD_OK) s = dl_down(arr[3], v.h);
+    s = what >= 1 ? dl_down(arr[0], v.mask) : RD_OK;
+    if (s == RD_OK && what >= 2) s = dl_down(arr[1], v.G);
+    if (s == RD_OK && what >= 2) s = dl_down(arr[2], v.R);
+    if (s == RD_OK && what >= 2) s = dl_down(arr[3], v.h);
     Py_END_ALLOW_THREADS
     if (s != RD_OK) { rd_raise(s); goto fail; }
     if (v.counts) memcpy(PyArray_DATA(arr[4]), v.counts, (size_t)v.E * sizeof(int64_t));
+    else memset(PyArray_DATA(arr[4]), 0, (size_t)v.E * sizeof(int64_t));
     const char *names[5] = {"mask", "G", "R", "h", "counts"};
-    for (int i = 0; i < 5; i++) PyDict_SetItemString(d, names[i], (PyObject *)arr[i]);
+    for (int i = 0; i < 5; i++)
+        if (arr[i]) PyDict_SetItemString(d, names[i], (PyObject *)arr[i]);
     t = PyLong_FromLongLong((long long)v.P);
     PyDict_SetItemString(d, "P", t); Py_XDECREF(t);
     for (int i = 0; i < 5; i++) Py_XDECREF(arr[i]);
@@ -797,13 +808,28 @@ static rd_status op_silu_b(void **in, void **out, const int64_t *z, const double
 static rd_status op_temb(void **in, void **out, const int64_t *z, const double *f) {
     return rd_timestep_embedding_forward_cuda(out[0], in[0], z[0], z[1], (float)f[0]);
 }
+/* z = B, L, D, NH, bf16 (0 | 1): the bf16 variants allocate their scratch per call */
 static rd_status op_att_f(void **in, void **out, const int64_t *z, const double *f) {
     (void)f;
-    return rd_attention_forward_cuda(out[0], out[1], in[0], z[0], z[1], z[2], z[3]);
+    if (!z[4]) return rd_attention_forward_cuda(out[0], out[1], in[0], z[0], z[1], z[2], z[3]);
+    void *ws;
+    rd_status s = rd_cuda_malloc(&ws, rd_attention_bf16_scratch(z[0], z[1], z[2], z[3]));
+    if (s != RD_OK) return s;
+    s = rd_attention_forward_bf16_cuda(out[0], out[1], in[0], ws, z[0], z[1], z[2], z[3]);
+    rd_cuda_free(ws); /* cudaFree waits for the queued work */
+    return s;
 }
 static rd_status op_att_b(void **in, void **out, const int64_t *z, const double *f) {
     (void)f; /* out[1] is the scratch datt */
-    return rd_attention_backward_cuda(out[0], out[1], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+    if (!z[4])
+        return rd_attention_backward_cuda(out[0], out[1], in[0], in[1], in[2], z[0], z[1], z[2], z[3]);
+    void *ws;
+    rd_status s = rd_cuda_malloc(&ws, rd_attention_bf16_scratch(z[0], z[1], z[2], z[3]));
+    if (s != RD_OK) return s;
+    s = rd_attention_backward_bf16_cuda(out[0], out[1], in[0], in[1], in[2], ws, z[0], z[1], z[2],
+                                        z[3]);
+    rd_cuda_free(ws); /* cudaFree waits for the queued work */
+    return s;
 }
 static rd_status op_adamw(void **in, void **out, const int64_t *z, const double *f) {
     /* out: params, m, v[, ema]; in: grads */
@@ -1011,11 +1037,13 @@ static PyObject *py_attention_forward(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o;
     long long NH;
-    if (!PyArg_ParseTuple(args, "OL:cuda_attention_forward", &o, &NH)) return NULL;
+    int bf = 0;
+    if (!PyArg_ParseTuple(args, "OL|p:cuda_attention_forward", &o, &NH, &bf)) return NULL;
     npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
     PyArrayObject *in[1] = {rd_in_array(o, "qkv", NPY_FLOAT32, 3, s3)}, *out[2] = {0};
-    int64_t z[4];
+    int64_t z[5];
     if (!in[0] || qkv_sizes(in[0], NH, z) < 0) { decref_all(in, 1); return NULL; }
+    z[4] = bf;
     npy_intp so[3] = {(npy_intp)z[0], (npy_intp)z[1], (npy_intp)z[2]},
              sa[4] = {(npy_intp)z[0], (npy_intp)NH, (npy_intp)z[1], (npy_intp)z[1]};
     out[0] = rd_new_array(3, so, NPY_FLOAT32);
@@ -1029,11 +1057,14 @@ static PyObject *py_attention_backward(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o[3];
     long long NH;
-    if (!PyArg_ParseTuple(args, "OOOL:cuda_attention_backward", &o[0], &o[1], &o[2], &NH)) return NULL;
+    int bf = 0;
+    if (!PyArg_ParseTuple(args, "OOOL|p:cuda_attention_backward", &o[0], &o[1], &o[2], &NH, &bf))
+        return NULL;
     npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
     PyArrayObject *in[3] = {0}, *out[2] = {0};
-    int64_t z[4];
+    int64_t z[5];
     if (!(in[1] = rd_in_array(o[1], "qkv", NPY_FLOAT32, 3, s3)) || qkv_sizes(in[1], NH, z) < 0) goto fail;
+    z[4] = bf;
     npy_intp so[3] = {(npy_intp)z[0], (npy_intp)z[1], (npy_intp)z[2]},
              sa[4] = {(npy_intp)z[0], (npy_intp)NH, (npy_intp)z[1], (npy_intp)z[1]};
     if (!(in[0] = rd_in_array(o[0], "dout", NPY_FLOAT32, 3, so))) goto fail;
@@ -1556,7 +1587,7 @@ static PyObject *py_cmodel_moe_state(PyObject *self, PyObject *args) {
     return sc;
 }
 
-/* cuda_model_precision(model, prec): every MoE block's expert GEMMs. */
+/* cuda_model_precision(model, prec): the model's GEMM precision (rd_model_cuda_set_precision). */
 static PyObject *py_cmodel_precision(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap;
@@ -1599,7 +1630,7 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_model_train_step", py_cmodel_train_step, METH_VARARGS, "One device training step; the loss back."},
     {"cuda_model_optimizer_step", py_cmodel_optimizer_step, METH_VARARGS, "Clip + AdamW + EMA on the device grads."},
     {"cuda_model_moe_state", py_cmodel_moe_state, METH_VARARGS, "The state capsule of MoE block l."},
-    {"cuda_model_precision", py_cmodel_precision, METH_VARARGS, "Expert GEMM precision of every MoE block."},
+    {"cuda_model_precision", py_cmodel_precision, METH_VARARGS, "GEMM precision of the model."},
     {"cuda_model_step", py_cmodel_step, METH_VARARGS, "AdamW step count (get, optionally set)."},
     {"cuda_route", py_route, METH_VARARGS, "(mask, tau_b) = route on the GPU (see racedit.cuda.route)."},
     {"cuda_route_threshold", py_route_threshold, METH_VARARGS, "scores >= tau on the GPU."},
@@ -1622,8 +1653,8 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_gated_residual_backward", py_gated_residual_backward, METH_VARARGS, "(dh, dgate) on the GPU."},
     {"cuda_silu", py_silu, METH_VARARGS, "SiLU (inp) or its backward (dout, inp) on 1-d arrays on the GPU."},
     {"cuda_timestep_embedding", py_timestep_embedding, METH_VARARGS, "Sinusoidal timestep embedding on the GPU."},
-    {"cuda_attention_forward", py_attention_forward, METH_VARARGS, "(out, att) of multi-head attention on the GPU."},
-    {"cuda_attention_backward", py_attention_backward, METH_VARARGS, "dqkv of multi-head attention on the GPU."},
+    {"cuda_attention_forward", py_attention_forward, METH_VARARGS, "(out, att) of multi-head attention on the GPU (bf16 operands when the flag is true)."},
+    {"cuda_attention_backward", py_attention_backward, METH_VARARGS, "dqkv of multi-head attention on the GPU (bf16 operands when the flag is true)."},
     {"cuda_adamw_step", py_adamw_step, METH_VARARGS, "AdamW (+ EMA) step in place on the GPU."},
     {"cuda_grad_norm", py_grad_norm, METH_VARARGS, "sqrt(sum grads^2) on the GPU."},
     {"cuda_nonfinite_index", py_nonfinite_index, METH_VARARGS, "First non-finite index or -1, on the GPU."},

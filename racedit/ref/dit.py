@@ -16,7 +16,7 @@ __all__ = [
     "dit_gated_residual_forward", "dit_gated_residual_backward", "dit_attention_forward",
     "dit_attention_backward", "dit_silu_forward", "dit_silu_backward", "dit_gelu_forward",
     "dit_gelu_backward", "dit_embedding_forward", "dit_embedding_backward",
-    "dit_model_forward", "dit_model_backward",
+    "dit_model_forward", "dit_model_backward", "round_bf16", "bf16_gemm_operands",
 ]
 
 LN_EPS = 1e-6
@@ -25,6 +25,38 @@ FREQ_DIM = 256
 
 def _f64(a):
     return np.asarray(a, dtype=np.float64)
+
+
+def round_bf16(a):
+    """a rounded as the device rounds an fp32 value to bf16 (to float32 first, then to 8
+    significant bits, round to nearest even), returned as float64. NaN / inf pass."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    finite = (u & 0x7F800000) != 0x7F800000
+    r = np.where(finite, (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000, u)
+    return r.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+# The GEMM operands of the linear layers and the attention pass through _gemm_operand: the
+# identity (float64), or round_bf16 inside bf16_gemm_operands() — the twin of the CUDA
+# model's bf16 precision, where every GEMM reads bf16 operands and accumulates in fp32.
+_gemm_operand = _f64
+
+
+class bf16_gemm_operands:
+    """Context manager: inside it, the linear and attention twins (and so dit_model_forward /
+    dit_model_backward) round every GEMM operand with :func:`round_bf16`, as the CUDA
+    model's ``dtype="bf16"``; softmax, layernorm, bias gradients and everything else stay
+    float64. Not thread-safe (a module-level switch)."""
+
+    def __enter__(self):
+        global _gemm_operand
+        self._saved, _gemm_operand = _gemm_operand, round_bf16
+        return self
+
+    def __exit__(self, *exc):
+        global _gemm_operand
+        _gemm_operand = self._saved
+        return False
 
 
 # ---- patchify ---------------------------------------------------------------------------
@@ -83,14 +115,14 @@ def dit_timestep_embedding(t, dim=FREQ_DIM, max_period=10000.0):
 
 def dit_linear_forward(inp, W, b=None):
     """out (N,OC) = inp (N,IC) @ W (OC,IC)^T + b (OC)."""
-    out = _f64(inp) @ _f64(W).T
+    out = _gemm_operand(inp) @ _gemm_operand(W).T
     return out if b is None else out + _f64(b)
 
 
 def dit_linear_backward(dout, inp, W):
     """-> dinp (N,IC), dW (OC,IC), db (OC)."""
-    dout = _f64(dout)
-    return dout @ _f64(W), dout.T @ _f64(inp), dout.sum(0)
+    g = _gemm_operand(dout)
+    return g @ _gemm_operand(W), g.T @ _gemm_operand(inp), _f64(dout).sum(0)
 
 
 def dit_layernorm_forward(inp):
@@ -145,24 +177,25 @@ def _merge(a):
 
 def dit_attention_forward(qkv, NH):
     """qkv (B,L,3D) = [q | k | v] -> (out (B,L,D), att (B,NH,L,L)), softmax(q k^T/sqrt(hd)) v."""
-    qkv = _f64(qkv)
+    qkv = _gemm_operand(qkv)
     D = qkv.shape[2] // 3
     q, k, v = (_heads(qkv[..., i * D:(i + 1) * D], NH) for i in range(3))
     s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D // NH)
     s = np.exp(s - s.max(-1, keepdims=True))
     att = s / s.sum(-1, keepdims=True)
-    return _merge(att @ v), att
+    return _merge(_gemm_operand(att) @ v), att
 
 
 def dit_attention_backward(dout, qkv, att, NH):
     """-> dqkv (B,L,3D)."""
-    qkv, att = _f64(qkv), _f64(att)
+    qkv, att = _gemm_operand(qkv), _f64(att)
     D = qkv.shape[2] // 3
     q, k, v = (_heads(qkv[..., i * D:(i + 1) * D], NH) for i in range(3))
-    g = _heads(_f64(dout), NH)
+    g = _heads(_gemm_operand(dout), NH)
     datt = g @ v.transpose(0, 1, 3, 2)
-    dv = att.transpose(0, 1, 3, 2) @ g
-    ds = att * (datt - (datt * att).sum(-1, keepdims=True)) / np.sqrt(D // NH)
+    dv = _gemm_operand(att).transpose(0, 1, 3, 2) @ g
+    ds = _gemm_operand(att * (datt - (datt * att).sum(-1, keepdims=True)))
+    ds = ds / np.sqrt(D // NH)
     dq, dk = ds @ k, ds.transpose(0, 1, 3, 2) @ q
     return np.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1)
 
