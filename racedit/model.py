@@ -17,7 +17,76 @@ def _xavier(rng, shape, fan_in, fan_out):
     return rng.uniform(-bound, bound, size=shape)
 
 
-class RaceDiT:
+class ModelBase:
+    """What the CPU :class:`RaceDiT` and the GPU :class:`racedit.cuda_model.CudaRaceDiT`
+    share: the mode switches, sizes, the thresholds' shape check, per-sample experts per
+    token, state_dict and repr. A backend provides ``_batch()`` -> (max_batch, last batch),
+    ``params``, ``num_params()``, ``routing_masks()``, ``_get_thresholds()`` (list of float
+    or None per MoE layer) and ``_set_threshold(layer, tau or None)``."""
+
+    _repr_extra = ""
+
+    def train(self, mode=True):
+        """Training mode (labels dropped, MoE batch top-K routing, thresholds updated)."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (no label dropout; MoE selects G >= threshold)."""
+        return self.train(False)
+
+    @property
+    def num_moe_layers(self):
+        """Number of MoE blocks (depth for MoE configs, 0 for dense)."""
+        return self.config.depth if self.config.is_moe else 0
+
+    @property
+    def max_batch(self):
+        """Batch the activations are allocated for (0 before the first forward)."""
+        return self._batch()[0]
+
+    def num_activated_params(self):
+        """Parameters one token uses at inference (see racedit.configs.count_params)."""
+        return count_params(self.config, self.input_size, self.in_channels, self.num_classes,
+                            self.learn_sigma)["activated"]
+
+    def experts_per_token_by_sample(self):
+        """(B,) float64: for each sample of the last forward, the mean over MoE layers of
+        its experts per token (zeros for a dense model)."""
+        masks = self.routing_masks()
+        if not masks:
+            return np.zeros(self._batch()[1], dtype=np.float64)
+        L = masks[0].shape[1]
+        return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
+
+    @property
+    def thresholds(self):
+        """(num_moe_layers,) float32 thresholds tau of the MoE layers, NaN where not yet
+        set (before the first training forward). Settable with an array of that shape
+        (e.g. from a checkpoint); NaN entries forget the layer's threshold, so its next
+        training forward initialises it again."""
+        return np.array([np.nan if tau is None else tau for tau in self._get_thresholds()],
+                        dtype=np.float32)
+
+    @thresholds.setter
+    def thresholds(self, value):
+        value = np.asarray(value, dtype=np.float32)
+        if value.shape != (self.num_moe_layers,):
+            raise ValueError(f"thresholds: expected shape ({self.num_moe_layers},), got {value.shape}")
+        for l, tau in enumerate(value):
+            self._set_threshold(l, None if np.isnan(tau) else float(tau))
+
+    def state_dict(self):
+        """dict name -> float32 copy of each parameter (DiT's names for the backbone)."""
+        return {name: view.copy() for name, view in self.params.items()}
+
+    def __repr__(self):
+        return (f"RaceDiT({self.config.name!r}, input_size={self.input_size}, "
+                f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+                f"params={self.num_params():,}{self._repr_extra})")
+
+
+class RaceDiT(ModelBase):
     """Race-DiT (or a dense DiT) with forward and backward in C.
 
     Parameters
@@ -179,15 +248,6 @@ class RaceDiT:
             view[...] = w
 
     # ---- modes --------------------------------------------------------------------------
-    def train(self, mode=True):
-        """Training mode (labels dropped, MoE batch top-K routing, thresholds updated)."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode (no label dropout; MoE selects G >= threshold)."""
-        return self.train(False)
-
     # ---- compute ------------------------------------------------------------------------
     def forward(self, x, t, y, plr_target=None):
         """out (B, out_channels, H, W) float32 for x (B, in_channels, H, W) float32 (float64
@@ -228,11 +288,6 @@ class RaceDiT:
         self.grad_buffer.fill(0.0)
 
     # ---- MoE losses and diagnostics ------------------------------------------------------
-    @property
-    def num_moe_layers(self):
-        """Number of MoE blocks (depth for MoE configs, 0 for dense)."""
-        return self.config.depth if self.config.is_moe else 0
-
     def _views(self):
         return [_C.model_moe_view(self._model, l) for l in range(self.num_moe_layers)]
 
@@ -274,53 +329,19 @@ class RaceDiT:
             stats.append(d)
         return stats
 
-    def experts_per_token_by_sample(self):
-        """(B,) float64: for each sample of the last forward, the mean over MoE layers of
-        its experts per token (zeros for a dense model)."""
-        masks = self.routing_masks()
-        if not masks:
-            return np.zeros(self._batch()[1], dtype=np.float64)
-        L = masks[0].shape[1]
-        return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
-
-    @property
-    def thresholds(self):
-        """(num_moe_layers,) float32 thresholds tau of the MoE layers, NaN where not yet
-        set (before the first training forward). Settable with an array of that shape
-        (e.g. from a checkpoint); NaN entries forget the layer's threshold, so its next
-        training forward initialises it again."""
-        return np.array([v["tau"] if v["have_tau"] else np.nan for v in self._views()],
-                        dtype=np.float32)
-
-    @thresholds.setter
-    def thresholds(self, value):
-        value = np.asarray(value, dtype=np.float32)
-        if value.shape != (self.num_moe_layers,):
-            raise ValueError(f"thresholds: expected shape ({self.num_moe_layers},), got {value.shape}")
-        for l, tau in enumerate(value):
-            _C.model_set_threshold(self._model, l, None if np.isnan(tau) else float(tau))
-
     # ---- sizes and state ------------------------------------------------------------------
     def _batch(self):
         return _C.model_batch(self._model)
 
-    @property
-    def max_batch(self):
-        """Batch the activations are allocated for (0 before the first forward)."""
-        return self._batch()[0]
+    def _get_thresholds(self):
+        return [v["tau"] if v["have_tau"] else None for v in self._views()]
+
+    def _set_threshold(self, layer, tau):
+        _C.model_set_threshold(self._model, layer, tau)
 
     def num_params(self):
         """Floats in the parameter buffer (every parameter)."""
         return int(self.param_buffer.size)
-
-    def num_activated_params(self):
-        """Parameters one token uses at inference (see racedit.configs.count_params)."""
-        return count_params(self.config, self.input_size, self.in_channels, self.num_classes,
-                            self.learn_sigma)["activated"]
-
-    def state_dict(self):
-        """dict name -> float32 copy of each parameter (DiT's names for the backbone)."""
-        return {name: view.copy() for name, view in self.params.items()}
 
     def load_dit_state_dict(self, state):
         """Load a facebookresearch/DiT state dict given as a dict of NumPy arrays (see the
@@ -353,8 +374,3 @@ class RaceDiT:
                                  f"2-D sin-cos embedding of shape {want.shape}")
         for name, view in self.params.items():
             view[...] = np.asarray(state[name], dtype=np.float32)
-
-    def __repr__(self):
-        return (f"RaceDiT({self.config.name!r}, input_size={self.input_size}, "
-                f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"params={self.num_params():,})")
