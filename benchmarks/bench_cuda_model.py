@@ -5,8 +5,13 @@ of the same model with the same shapes, and against torch.compile of it when tha
 compiles within the budget (run in a subprocess under a timeout).
 
 racedit rows: "fp32" (exact fp32 GEMMs), "tf32" (every GEMM on TF32 tensor cores),
-"bf16" (bf16 expert GEMMs, TF32 elsewhere). PyTorch rows: "fp32" (TF32 off), "bf16"
-(torch.autocast bf16 with fp32 master weights, SDPA attention), "compile bf16".
+"bf16" (bf16 operands, fp32 accumulation in every linear layer, the attention products
+and the expert GEMMs; the routers' GEMMs in TF32). PyTorch rows: "fp32" (TF32 off), "bf16"
+(torch.autocast bf16 with fp32 master weights, SDPA attention), "compile bf16" (the same
+with torch.compile on every dense region: each block's adaLN + attention part and each
+router; the expert loop stays eager, its data-dependent shapes would recompile a
+whole-model graph every step). The compiled run is a subprocess under --compile-timeout;
+--warm-compile only compiles (filling the inductor cache so the timed run starts warm).
 
 The PyTorch model (defined here): DiT's embeddings (Conv2d patch embed, sin-cos position
 embedding, timestep MLP, label table), 12 adaLN-Zero blocks with qkv/proj attention
@@ -21,9 +26,10 @@ MFU counts routed FLOPs only: per token and block 2*D*3D (qkv) + 2*D*D (proj) + 
 (attention) + 2*D*D + 2*D*E (router) + 2*D*P (PLR head) + k*4*D*He (the k selected
 experts), per image 2*D*6D (adaLN), plus embeddings and the final layer; a step is 3x the
 forward. Peaks (H200 / H100 SXM, dense): bf16 989, tf32 494, fp32 67 TFLOP/s; the bf16 row
-is measured against the bf16 peak (its non-expert GEMMs run in TF32, so that is a floor).
+is measured against the bf16 peak.
 
 Usage: python benchmarks/bench_cuda_model.py [--steps 5] [--batch 64] [--no-compile]
+       [--compile-timeout 120] [--warm-compile]
        [--config RaceDiT-B/2-4in32]
 """
 import argparse
@@ -115,11 +121,13 @@ def torch_model(cfg, S, C, ncls, torch, device="cuda"):
             self.w2 = nn.Parameter(torch.randn(E, He, D) / math.sqrt(He))
             self.b2 = nn.Parameter(torch.zeros(E, D))
 
+        def scores(self, h, tgt):  # the dense part: router MLP, gate scores, PLR loss
+            r = F.gelu(self.router(h))
+            return self.gate(r), F.mse_loss(self.plr(r).float(), tgt)   # identity gating
+
         def forward(self, h, tgt):  # h (N,D), tgt (N,P)
             N = h.shape[0]
-            r = F.gelu(self.router(h))
-            G = self.gate(r)                                    # identity gating
-            plr = F.mse_loss(self.plr(r).float(), tgt)
+            G, plr = self.scores(h, tgt)
             with torch.no_grad():
                 idx = torch.topk(G.float().reshape(-1), N * k, sorted=False).indices
                 e_of, t_of = idx % E, idx // E
@@ -143,14 +151,18 @@ def torch_model(cfg, S, C, ncls, torch, device="cuda"):
             super().__init__()
             self.qkv, self.proj, self.ada, self.moe = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, 6 * D), MoE()
 
-        def forward(self, x, c, tgt):
+        def mix(self, x, c):  # the dense part: adaLN, attention, the FFN's input
             B = x.shape[0]
             s1, c1, g1, s2, c2, g2 = self.ada(c).unsqueeze(1).chunk(6, -1)
             h = F.layer_norm(x, (D,), eps=1e-6) * (1 + c1) + s1
             q, kk, v = self.qkv(h).reshape(B, L, 3, NH, D // NH).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(B, L, D)
             x = x + g1 * self.proj(a)
-            h = F.layer_norm(x, (D,), eps=1e-6) * (1 + c2) + s2
+            return x, F.layer_norm(x, (D,), eps=1e-6) * (1 + c2) + s2, g2
+
+        def forward(self, x, c, tgt):
+            B = x.shape[0]
+            x, h, g2 = self.mix(x, c)
             f, plr = self.moe(h.reshape(B * L, D), tgt)
             return x + g2 * f.reshape(B, L, D), plr
 
@@ -198,7 +210,14 @@ def bench_torch(args, cfg, modes):
         torch.backends.cudnn.allow_tf32 = mode != "fp32"
         fwd = model.forward
         if mode == "compile bf16":
-            fwd = torch.compile(model.forward)
+            # Regional compilation: every dense region (each block's adaLN + attention part,
+            # each router) is compiled; the expert loop stays eager, as its data-dependent
+            # per-expert shapes would recompile a whole-model graph on every step.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                        4 * cfg.depth)
+            for blk in model.blocks:
+                blk.mix = torch.compile(blk.mix)
+                blk.moe.scores = torch.compile(blk.moe.scores)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -234,12 +253,17 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-timeout", type=int, default=120)
+    ap.add_argument("--warm-compile", action="store_true",
+                    help="only compile the torch.compile variant (fills the inductor cache)")
     ap.add_argument("--torch-only", default=None, help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from racedit.configs import get_config
 
     cfg = get_config(args.config)
+    if args.warm_compile:
+        args.steps = 1
+        args.torch_only = "compile bf16"
     if args.torch_only:
         rows = bench_torch(args, cfg, [args.torch_only])
         print("RESULT " + json.dumps(rows[0]))

@@ -89,6 +89,58 @@ def time_cuda(fn, iters, torch):
     return a.elapsed_time(b) / iters
 
 
+def bench_config(name, B, L, D, E, k, rng, args, torch, rc):
+    """Rows of one configuration (its tensors are freed on return)."""
+    He = 4 * D // k
+    N = B * L
+    flat = params_for(D, E, He, rng)
+    x = rng.standard_normal((B, L, D)).astype(np.float32)
+    dy = rng.standard_normal((B, L, D)).astype(np.float32)
+    P = torch_params(flat, D, E, He, torch)
+    fwd = torch_block(P, k, torch)
+    xt = torch.tensor(x.reshape(N, D), device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    dyt = torch.tensor(dy.reshape(N, D), device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for p in P.values():
+            p.grad = None
+        xt.grad = None
+        fwd(xt).backward(dyt)
+
+    torch_ms = time_cuda(step, args.iters, torch)
+    # dense bf16 GEMMs of the experts' FLOPs (P = N*k rows through one expert)
+    Pn = N * k
+    a = torch.randn(Pn, D, device="cuda", dtype=torch.bfloat16)
+    hh = torch.randn(Pn, He, device="cuda", dtype=torch.bfloat16)
+    w1 = P["w1"][0].detach()
+    w2 = P["w2"][0].detach()
+
+    def dense():
+        z = a @ w1
+        o = hh @ w2
+        _ = hh.t() @ o
+        dz = o @ w2.t()
+        _ = a.t() @ dz
+        _ = dz @ w1.t()
+        return z
+
+    dense_ms = time_cuda(dense, args.iters, torch)
+    cfg = dict(D=D, E=E, He=He, k=k, strategy="race", gating="identity", beta=0.99,
+               eval_topk=False)
+    modes = [0, 1, 2] if rc.info()["grouped_gemm"] else [0, 2]
+    for label, tf32 in (("bf16", False), ("bf16+r32t", True)):
+        for mode in modes:
+            rc.expert_gemm(mode)
+            rc.tf32(tf32)
+            r = rc.bench_moe(cfg, x, flat, dy, iters=args.iters, precision="bf16")
+            ms = r["fwdbwd_ms"]
+            print(f"{name:16} {Pn:7d} {torch_ms:8.3f} {dense_ms:8.3f} {dense_ms / torch_ms:11.2f} | "
+                  f"{label:>9} {('loop', 'grouped', 'streams')[mode]:7} {ms:8.3f} "
+                  f"{r['dense_fwdbwd_ms'] / ms:8.2f} {torch_ms / ms:8.2f}", flush=True)
+    rc.expert_gemm(0)
+    rc.tf32(False)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=10)
@@ -111,55 +163,7 @@ def main():
     t0 = time.time()
     rng = np.random.default_rng(0)
     for name, B, L, D, E, k in CONFIGS:
-        He = 4 * D // k
-        N = B * L
-        flat = params_for(D, E, He, rng)
-        x = rng.standard_normal((B, L, D)).astype(np.float32)
-        dy = rng.standard_normal((B, L, D)).astype(np.float32)
-        P = torch_params(flat, D, E, He, torch)
-        fwd = torch_block(P, k, torch)
-        xt = torch.tensor(x.reshape(N, D), device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-        dyt = torch.tensor(dy.reshape(N, D), device="cuda", dtype=torch.bfloat16)
-
-        def step():
-            for p in P.values():
-                p.grad = None
-            xt.grad = None
-            fwd(xt).backward(dyt)
-
-        torch_ms = time_cuda(step, args.iters, torch)
-        # dense bf16 GEMMs of the experts' FLOPs (P = N*k rows through one expert)
-        Pn = N * k
-        a = torch.randn(Pn, D, device="cuda", dtype=torch.bfloat16)
-        hh = torch.randn(Pn, He, device="cuda", dtype=torch.bfloat16)
-        w1 = P["w1"][0].detach()
-        w2 = P["w2"][0].detach()
-
-        def dense():
-            z = a @ w1
-            o = hh @ w2
-            _ = hh.t() @ o
-            dz = o @ w2.t()
-            _ = a.t() @ dz
-            _ = dz @ w1.t()
-            return z
-
-        dense_ms = time_cuda(dense, args.iters, torch)
-        cfg = dict(D=D, E=E, He=He, k=k, strategy="race", gating="identity", beta=0.99,
-                   eval_topk=False)
-        modes = [0, 1, 2] if rc.info()["grouped_gemm"] else [0, 2]
-        for label, tf32 in (("bf16", False), ("bf16+r32t", True)):
-            for mode in modes:
-                rc.expert_gemm(mode)
-                rc.tf32(tf32)
-                r = rc.bench_moe(cfg, x, flat, dy, iters=args.iters, precision="bf16")
-                ms = r["fwdbwd_ms"]
-                print(f"{name:16} {Pn:7d} {torch_ms:8.3f} {dense_ms:8.3f} {dense_ms / torch_ms:11.2f} | "
-                      f"{label:>9} {('loop', 'grouped', 'streams')[mode]:7} {ms:8.3f} "
-                      f"{r['dense_fwdbwd_ms'] / ms:8.2f} {torch_ms / ms:8.2f}", flush=True)
-        rc.expert_gemm(0)
-        rc.tf32(False)
-        del P, xt, dyt, a, hh
+        bench_config(name, B, L, D, E, k, rng, args, torch, rc)
         torch.cuda.empty_cache()
     print(f"(ms per forward + backward, mean of {args.iters}; dense/rd uses racedit's own dense "
           f"bf16 GEMMs; total {time.time() - t0:.1f} s)")
