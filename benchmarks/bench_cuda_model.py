@@ -29,8 +29,8 @@ forward. Peaks (H200 / H100 SXM, dense): bf16 989, tf32 494, fp32 67 TFLOP/s; th
 is measured against the bf16 peak.
 
 Usage: python benchmarks/bench_cuda_model.py [--steps 5] [--batch 64] [--no-compile]
-       [--compile-timeout 120] [--warm-compile]
-       [--config RaceDiT-B/2-4in32]
+       [--compile-timeout 120] [--warm-compile] [--racedit-only fp32|tf32|bf16]
+       [--config RaceDiT-B/2-4in32 | DiT-B/2 | ...]
 """
 import argparse
 import json
@@ -70,7 +70,7 @@ def data(B, S, C, ncls, seed=0):
 
 
 # ---- racedit ----------------------------------------------------------------------------
-def bench_racedit(args, cfg):
+def bench_racedit(args, cfg, only=None):
     import racedit
     from racedit import cuda as rc
 
@@ -81,6 +81,8 @@ def bench_racedit(args, cfg):
     print(f"racedit model built in {time.perf_counter() - t0:.1f} s ({m.num_params():,} params)")
     rows = []
     for name, tf32, dtype in (("fp32", False, "fp32"), ("tf32", True, "fp32"), ("bf16", True, "bf16")):
+        if only and name not in only:
+            continue
         rc.tf32(tf32)
         m.set_dtype(dtype)
         for _ in range(2):
@@ -146,10 +148,19 @@ def torch_model(cfg, S, C, ncls, torch, device="cuda"):
             out = torch.zeros(N, D, device=h.device, dtype=ys.dtype)
             return out.index_add_(0, t_of, ys), plr
 
+    class MLP(nn.Module):  # the dense FFN of DiT configs (no PLR head)
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+        def forward(self, h, tgt):
+            return self.fc2(F.gelu(self.fc1(h), approximate="tanh")), 0.0
+
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.qkv, self.proj, self.ada, self.moe = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, 6 * D), MoE()
+            self.qkv, self.proj, self.ada = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, 6 * D)
+            self.moe = MoE() if cfg.is_moe else MLP()
 
         def mix(self, x, c):  # the dense part: adaLN, attention, the FFN's input
             B = x.shape[0]
@@ -217,7 +228,10 @@ def bench_torch(args, cfg, modes):
                                                         4 * cfg.depth)
             for blk in model.blocks:
                 blk.mix = torch.compile(blk.mix)
-                blk.moe.scores = torch.compile(blk.moe.scores)
+                if cfg.is_moe:
+                    blk.moe.scores = torch.compile(blk.moe.scores)
+                else:
+                    blk.moe = torch.compile(blk.moe)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -253,6 +267,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-timeout", type=int, default=120)
+    ap.add_argument("--racedit-only", default=None, choices=("fp32", "tf32", "bf16"),
+                    help="time racedit in this precision only (e.g. under a profiler)")
     ap.add_argument("--warm-compile", action="store_true",
                     help="only compile the torch.compile variant (fills the inductor cache)")
     ap.add_argument("--torch-only", default=None, help=argparse.SUPPRESS)  # subprocess mode
@@ -276,7 +292,9 @@ def main():
     flops = step_flops(cfg, args.batch, args.size, 4)
     print(f"{args.config} at {args.size}x{args.size}x4, batch {args.batch}: "
           f"{flops / 1e12:.2f} routed TFLOP per step")
-    rd = bench_racedit(args, cfg)
+    rd = bench_racedit(args, cfg, [args.racedit_only] if args.racedit_only else None)
+    if args.racedit_only:
+        return 0
     th = []
     try:
         import torch

@@ -7,7 +7,8 @@
 # Steps: venv, install, build in place with CUDA, every tests/test_cuda_*.py, the benchmarks
 # (racedit's block in fp32 / TF32 / bf16 per GEMM mode; PyTorch eager bf16 when torch has
 # CUDA), the whole-model train step against PyTorch eager / torch.compile, a compute-sanitizer
-# memcheck, and 300 steps of `python -m racedit train --preset quick --device cuda` (images/s).
+# memcheck, 300 steps of `python -m racedit train --preset quick --device cuda` (images/s),
+# the dense DiT-B/2 step, and an nsys kernel summary of the bf16 step when nsys is there.
 # Every log goes to $OUT/. Runs in about 8 minutes on an H200 (a torch.compile warm-up runs
 # in the background during the tests).
 set -uo pipefail
@@ -180,6 +181,8 @@ rc.silu_backward(z, z); rc.timestep_embedding(np.arange(3, dtype=np.float32), 6)
 qkv = rng.standard_normal((2, 5, 12)).astype(np.float32)
 o, att = rc.attention_forward(qkv, 2)
 rc.attention_backward(o, qkv, att, 2)
+o, att = rc.attention_forward(qkv, 2, precision="bf16")
+rc.attention_backward(o, qkv, att, 2, precision="bf16")
 p = rng.standard_normal(9001).astype(np.float32)
 rc.adamw_step(p, p.copy(), np.zeros_like(p), np.zeros_like(p), 1, ema=p.copy())
 rc.grad_norm(p); rc.nonfinite_index(p)
@@ -204,6 +207,22 @@ PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"
 else
     echo "compute-sanitizer not found; skipped"
+fi
+
+step "benchmark: dense DiT-B/2 train step (the same model without experts), racedit vs PyTorch eager"
+timeout 120 python benchmarks/bench_cuda_model.py --config DiT-B/2 --steps 5 --no-compile 2>&1 \
+    | tee "$OUT/bench_model_dense.log"
+
+NSYS=$(command -v nsys || ls "$CUDA_HOME"/bin/nsys 2>/dev/null | head -1)
+if [ -n "$NSYS" ]; then
+    step "nsys: GPU time by kernel of racedit's bf16 RaceDiT-B/2-4in32 step (3 timed steps)"
+    timeout 150 "$NSYS" profile -o /tmp/rd-prof --force-overwrite true -t cuda,cublas \
+        python benchmarks/bench_cuda_model.py --racedit-only bf16 --steps 3 > "$OUT/nsys_run.log" 2>&1
+    timeout 60 "$NSYS" stats -r cuda_gpu_kern_sum,cuda_api_sum -f csv -o "$OUT/nsys" /tmp/rd-prof.nsys-rep \
+        > "$OUT/nsys_stats.log" 2>&1 || tail -5 "$OUT/nsys_stats.log"
+    head -25 "$OUT"/nsys_cuda_gpu_kern_sum.csv 2>/dev/null | cut -c1-220
+else
+    echo "nsys not found; no kernel profile"
 fi
 
 step "done: tests exit code $TEST_RC"
