@@ -78,7 +78,7 @@ static inline const void *at_(const void *base, int64_t e, cudaDataType ab) {
 }
 
 /* Forward with the GEMM operands read from qop (the qkv layout; qkv itself or its bf16
- * copy) and, for att v, from aop (att itself, or a bf16 scratch the probabilities are
+ * copy) and, for att v, from aop (fp32: att itself; bf16: scratch the probabilities are
  * rounded into after the softmax). */
 static rd_status attention_fwd(float *out, float *att, const void *qop, void *aop, int64_t B,
                                int64_t L, int64_t D, int64_t NH, cudaDataType ab,
@@ -94,7 +94,7 @@ static rd_status attention_fwd(float *out, float *att, const void *qop, void *ao
                        at_(qop, hh * hd + D, ab), D3, sq, 1, L, L, hd, scale, 0.0f, B, ab, comp));
     softmax_rows_kernel<<<rd_blocks(B * NH * L, AT_THREADS / 32), AT_THREADS, 0, RD_STREAM>>>(att, B * NH * L, L);
     CU_LAUNCHED("softmax_rows_kernel");
-    if (aop != (void *)att) RD_TRY(rd_f32_to_bf16_launch((bf16 *)aop, att, B * NH * L * L));
+    if (ab == CUDA_R_16BF) RD_TRY(rd_f32_to_bf16_launch((bf16 *)aop, att, B * NH * L * L));
     for (int64_t hh = 0; hh < NH; hh++) /* out_h = att v (L,hd) */
         RD_TRY(gemm_sb(h, out + hh * hd, iD, so, at_(aop, hh * L * L, ab), iL, sa, 0,
                        at_(qop, hh * hd + 2 * D, ab), D3, sq, 0, L, hd, L, 1.0f, 0.0f, B, ab, comp));

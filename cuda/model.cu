@@ -62,10 +62,13 @@ struct rd_model_cuda {
     double *loss_part;         /* (MD_LOSS_BLOCKS + 1) device */
     int64_t last_B;
     int have_forward, last_plr;
-    /* bf16 (rd_model_cuda_set_precision): the forward's bf16 copies of the weights it
-     * uses, at the parameters' offsets (nparams bf16), and scratch for rounding a linear's
+    /* bf16 (rd_model_cuda_set_precision): the forward's bf16 copies of the linear layers'
+     * weights, packed (lw_n weights: parameter offset lw_off[i] -> lw_pk[i] in pbf, lw_total
+     * elements; the experts keep their own copies), and scratch for rounding a linear's
      * input (xh) and output gradient (gh) and for the attention (atws) */
     int prec;
+    int lw_n;
+    int64_t *lw_off, *lw_pk, lw_total;
     bf16 *pbf;
     rd_dbuf xh, gh, atws;
 };
@@ -175,14 +178,26 @@ __global__ void md_sum_parts_kernel(double *out, const double *part, int n, doub
 
 /* ---- layer helpers ------------------------------------------------------------------ */
 
-/* out (N,OC) = beta out + inp (N,IC) @ W (OC,IC)^T, W a weight of the parameter buffer.
- * bf16: W is rounded into its place in m->pbf (read again by lin_bwd) and inp into
- * scratch; cuBLAS accumulates in fp32 into the fp32 out. */
+/* The bf16 copy of the linear weight W (a pointer into the parameter buffer). */
+static rd_status wcopy(rd_model_cuda *m, const float *W, bf16 **wh) {
+    const int64_t off = W - m->buf[RD_MODEL_CUDA_PARAMS];
+    for (int i = 0; i < m->lw_n; i++)
+        if (m->lw_off[i] == off) {
+            *wh = m->pbf + m->lw_pk[i];
+            return RD_OK;
+        }
+    return rd_fail(RD_ESTATE, "model_cuda: no bf16 copy for the weight at offset %lld", (long long)off);
+}
+
+/* out (N,OC) = beta out + inp (N,IC) @ W (OC,IC)^T, W a linear weight of the parameter
+ * buffer. bf16: W is rounded into its copy (read again by lin_bwd) and inp into scratch;
+ * cuBLAS accumulates in fp32 into the fp32 out. */
 static rd_status lin_gemm(rd_model_cuda *m, float *out, float beta, const float *inp,
                           const float *W, int64_t N, int64_t IC, int64_t OC) {
     if (m->prec != RD_PREC_BF16)
         return rd_matmul_cuda(out, (int)OC, inp, (int)IC, 0, W, (int)IC, 1, N, OC, IC, 1.0f, beta);
-    bf16 *wh = m->pbf + (W - m->buf[RD_MODEL_CUDA_PARAMS]), *xh;
+    bf16 *wh = NULL, *xh;
+    RD_TRY(wcopy(m, W, &wh));
     RD_TRY(DBUF(m->xh, bf16, N * IC, xh));
     RD_TRY(rd_f32_to_bf16_launch(wh, W, OC * IC));
     RD_TRY(rd_f32_to_bf16_launch(xh, inp, N * IC));
@@ -210,8 +225,8 @@ static rd_status lin_bwd(rd_model_cuda *m, float *dinp, float dinp_beta, float *
                          const float *dout, const float *inp, const float *W, int64_t N,
                          int64_t IC, int64_t OC) {
     if (m->prec == RD_PREC_BF16 && N > 0) {
-        const bf16 *wh = m->pbf + (W - m->buf[RD_MODEL_CUDA_PARAMS]);
-        bf16 *gh, *xh;
+        bf16 *wh = NULL, *gh, *xh;
+        RD_TRY(wcopy(m, W, &wh));
         RD_TRY(DBUF(m->gh, bf16, N * OC, gh));
         RD_TRY(DBUF(m->xh, bf16, N * IC, xh));
         RD_TRY(rd_f32_to_bf16_launch(gh, dout, N * OC));
@@ -319,6 +334,37 @@ static rd_status build_offsets(rd_model_cuda *m) {
     return miss ? rd_fail(RD_EINVAL, "model_cuda: the CPU layout lacks an expected tensor") : RD_OK;
 }
 
+/* The linear layers' weights (the GEMM operands of lin_gemm / lin_bwd) and their places
+ * in the packed bf16 copy. */
+static rd_status build_linear_table(rd_model_cuda *m) {
+    const int per_block = m->moe ? 3 : 5;
+    const int n = 5 + per_block * (int)m->cfg.depth;
+    m->lw_off = (int64_t *)calloc((size_t)n, sizeof(int64_t));
+    m->lw_pk = (int64_t *)calloc((size_t)n, sizeof(int64_t));
+    if (!m->lw_off || !m->lw_pk) return rd_fail(RD_ENOMEM, "model_cuda: out of memory");
+    int64_t *o = m->lw_off;
+    int k = 0;
+    o[k++] = m->xe_w; o[k++] = m->t0_w; o[k++] = m->t2_w; o[k++] = m->fa_w; o[k++] = m->fl_w;
+    for (int64_t i = 0; i < m->cfg.depth; i++) {
+        const md_block_offsets *b = &m->blk[i];
+        o[k++] = b->ada_w; o[k++] = b->qkv_w; o[k++] = b->proj_w;
+        if (!m->moe) { o[k++] = b->fc1_w; o[k++] = b->fc2_w; }
+    }
+    m->lw_n = k;
+    m->lw_total = 0;
+    for (int i = 0; i < k; i++) {
+        int64_t numel = -1;
+        for (int j = 0; j < rd_model_num_tensors(m->host); j++) {
+            const rd_tensor_info *t = rd_model_tensor(m->host, j);
+            if (t->offset == o[i]) numel = t->numel;
+        }
+        if (numel < 0) return rd_fail(RD_EINVAL, "model_cuda: no tensor at offset %lld", (long long)o[i]);
+        m->lw_pk[i] = m->lw_total;
+        m->lw_total += (numel + 7) / 8 * 8; /* 16-byte aligned copies */
+    }
+    return RD_OK;
+}
+
 extern "C" rd_status rd_model_cuda_new(rd_model_cuda **out, const rd_model_cfg *cfg) {
     *out = NULL;
     rd_model_cuda *m = (rd_model_cuda *)calloc(1, sizeof *m);
@@ -361,6 +407,7 @@ extern "C" rd_status rd_model_cuda_new(rd_model_cuda **out, const rd_model_cfg *
             }
     }
     if ((s = build_offsets(m))) goto fail;
+    if ((s = build_linear_table(m))) goto fail;
     for (int i = 0; i < RD_MODEL_CUDA_NBUF; i++) {
         if ((s = rd_cuda_malloc((void **)&m->buf[i], (size_t)m->nparams * sizeof(float)))) goto fail;
         if ((s = rd_cuda_memset(m->buf[i], 0, (size_t)m->nparams * sizeof(float)))) goto fail;
@@ -393,6 +440,8 @@ extern "C" void rd_model_cuda_free(rd_model_cuda *m) {
     rd_cuda_free(m->loss_part);
     rd_cuda_free(m->arena);
     rd_cuda_free(m->pbf);
+    free(m->lw_off);
+    free(m->lw_pk);
     rd_dbuf_free(&m->xh);
     rd_dbuf_free(&m->gh);
     rd_dbuf_free(&m->atws);
@@ -427,11 +476,14 @@ extern "C" rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec) {
         return rd_fail(RD_EINVAL, "model_cuda: unknown precision %d", prec);
     m->have_forward = 0;
     if (prec == RD_PREC_BF16 && !m->pbf)
-        RD_TRY(rd_cuda_malloc((void **)&m->pbf, (size_t)m->nparams * sizeof(bf16)));
-    if (prec != RD_PREC_BF16 && m->pbf) { /* the copies are not needed: give the memory back */
+        RD_TRY(rd_cuda_malloc((void **)&m->pbf, (size_t)m->lw_total * sizeof(bf16)));
+    if (prec != RD_PREC_BF16 && m->pbf) { /* copies and scratch unused: give the memory back */
         RD_TRY(rd_cuda_sync());
         rd_cuda_free(m->pbf);
         m->pbf = NULL;
+        rd_dbuf_free(&m->xh);
+        rd_dbuf_free(&m->gh);
+        rd_dbuf_free(&m->atws);
     }
     for (int64_t i = 0; m->moe && i < m->cfg.depth; i++)
         RD_TRY(rd_moe_cuda_set_precision(m->moe[i], prec));

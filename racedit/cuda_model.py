@@ -35,8 +35,8 @@ class CudaRaceDiT(ModelBase):
         expert GEMMs — takes bf16 operands with fp32 accumulation and fp32 results. The
         master weights, gradients, AdamW state, activations, softmax, layernorm, the
         routers and the routing stay fp32 (so routing decisions see fp32 scores). Each
-        forward rounds the weights it uses into a bf16 copy (2 bytes per parameter of
-        device memory) read by its backward. "fp32": fp32 GEMMs (TF32 under
+        forward rounds the weights it uses into bf16 copies (2 bytes of device memory
+        per weight) read by its backward. "fp32": fp32 GEMMs (TF32 under
         ``racedit.cuda.tf32(True)``).
 
     Methods mirror the CPU class (forward / backward / zero_grad / train / eval / aux /

@@ -283,9 +283,12 @@ def test_bf16_dense_matches_bf16_twin():
                   class_dropout_prob=0.0, device="cuda")
     f32.set_param_buffer(m.param_buffer)
     assert _rel(f32.forward(x, t, y), want) > 2 * _rel(got, want)
-    # switching back to fp32 gives the fp32 results again
+    # switching back to fp32 gives the fp32 results again (the bf16 copies are freed), and
+    # to bf16 once more the same bf16 results
     h.set_dtype("fp32")
     np.testing.assert_array_equal(h.forward(x, t, y), f32.forward(x, t, y))
+    h.set_dtype("bf16")
+    np.testing.assert_array_equal(h.forward(x, t, y), got)
 
 
 @gpu
