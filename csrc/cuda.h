@@ -238,6 +238,9 @@ rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const float *x, co
                                 int training);
 /* grads += d<dout (B,Co,H,W, HOST), out>/d params plus the MoE aux-loss gradients. */
 rd_status rd_model_cuda_backward(rd_model_cuda *m, const float *dout);
+/* out (depth, 2, HOST) as rd_model_branch_norms, computed on the device (only the
+ * 2*depth results come back). RD_ESTATE before any forward. */
+rd_status rd_model_cuda_branch_norms(rd_model_cuda *m, double *out);
 /* One training step on the device: forward (training; the MoE PLR heads regress `target`
  * when plr_weight != 0), loss = mean((out[:, :C] - target)^2) over (B,C,H,W) (with
  * learn_sigma the variance channels get no gradient), grads zeroed then backward, the

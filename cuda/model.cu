@@ -71,6 +71,7 @@ struct rd_model_cuda {
     int64_t *lw_off, *lw_pk, lw_total;
     bf16 *pbf;
     rd_dbuf xh, gh, atws;
+    rd_dbuf nrm;                /* branch norms: (B*L) per-token norms + (depth, 2) results */
 };
 
 /* ---- kernels ------------------------------------------------------------------------ */
@@ -174,6 +175,23 @@ __global__ void md_sum_parts_kernel(double *out, const double *part, int n, doub
     double s = 0.0;
     for (int i = 0; i < n; i++) s += part[i];
     *out = s * inv;
+}
+
+/* part[t] = || gate[b(t)] * v[t] ||_2 for the N tokens of v (N,D), gate rows (B,S) apart;
+ * one warp per token, summed in double. */
+__global__ void md_gated_norm_kernel(double *part, const float *v, const float *gate, int64_t L,
+                                     int64_t D, int64_t S, int64_t N) {
+    int64_t t = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (t >= N) return;
+    const float *r = v + t * D, *g = gate + (t / L) * S;
+    double s = 0.0;
+    for (int64_t d = lane; d < D; d += 32) {
+        double u = (double)g[d] * (double)r[d];
+        s += u * u;
+    }
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) part[t] = sqrt(s);
 }
 
 /* ---- layer helpers ------------------------------------------------------------------ */
@@ -445,6 +463,7 @@ extern "C" void rd_model_cuda_free(rd_model_cuda *m) {
     rd_dbuf_free(&m->xh);
     rd_dbuf_free(&m->gh);
     rd_dbuf_free(&m->atws);
+    rd_dbuf_free(&m->nrm);
     free(m->blk);
     free(m->ba);
     rd_model_free(m->host);
@@ -771,6 +790,26 @@ static rd_status backward_dev(rd_model_cuda *m) {
     RD_TRY(rd_silu_backward_cuda(m->dt1, m->dt1, m->th, B * D));
     return lin_bwd(m, NULL, 0.0f, G + m->t0_w, G + m->t0_b, m->dt1, m->tfreq, P + m->t0_w, B,
                    RD_FREQ_DIM, D);
+}
+
+extern "C" rd_status rd_model_cuda_branch_norms(rd_model_cuda *m, double *out) {
+    if (!m->have_forward) return rd_fail(RD_ESTATE, "branch_norms: no forward yet");
+    const int64_t B = m->last_B, L = m->L, D = m->cfg.D, N = B * L, depth = m->cfg.depth;
+    if (N > INT32_MAX) return rd_fail(RD_EINVAL, "branch_norms: %lld tokens", (long long)N);
+    double *part;
+    RD_TRY(DBUF(m->nrm, double, N + 2 * depth, part));
+    double *res = part + N;
+    for (int64_t i = 0; i < depth; i++)
+        for (int j = 0; j < 2; j++) { /* per token, then the tokens in order (deterministic) */
+            const md_block_acts *a = &m->ba[i];
+            md_gated_norm_kernel<<<rd_blocks(N, MD_THREADS / 32), MD_THREADS, 0, RD_STREAM>>>(
+                part, j ? a->ffn : a->attproj, a->mod + (j ? 5 : 2) * D, L, D, 6 * D, N);
+            CU_LAUNCHED("md_gated_norm_kernel");
+            md_sum_parts_kernel<<<1, 1, 0, RD_STREAM>>>(res + 2 * i + j, part, (int)N,
+                                                        1.0 / (double)N);
+            CU_LAUNCHED("md_sum_parts_kernel");
+        }
+    return rd_cuda_d2h(out, res, (size_t)(2 * depth) * sizeof(double));
 }
 
 extern "C" rd_status rd_model_cuda_backward(rd_model_cuda *m, const float *dout) {

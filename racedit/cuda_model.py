@@ -326,6 +326,9 @@ class CudaRaceDiT(ModelBase):
     def _set_threshold(self, layer, tau):
         _C.cuda_moe_set_threshold(self._states[layer], tau)
 
+    def _branch_norms(self):
+        return _C.cuda_model_branch_norms(self._cap)
+
     @property
     def _repr_extra(self):
         return f", device='cuda', dtype={self.dtype!r}"

@@ -20,9 +20,10 @@ def _xavier(rng, shape, fan_in, fan_out):
 class ModelBase:
     """What the CPU :class:`RaceDiT` and the GPU :class:`racedit.cuda_model.CudaRaceDiT`
     share: the mode switches, sizes, the thresholds' shape check, per-sample experts per
-    token, state_dict and repr. A backend provides ``_batch()`` -> (max_batch, last batch),
-    ``params``, ``num_params()``, ``routing_masks()``, ``_get_thresholds()`` (list of float
-    or None per MoE layer) and ``_set_threshold(layer, tau or None)``."""
+    token, branch norms, state_dict and repr. A backend provides ``_batch()`` ->
+    (max_batch, last batch), ``params``, ``num_params()``, ``routing_masks()``,
+    ``_get_thresholds()`` (list of float or None per MoE layer), ``_set_threshold(layer,
+    tau or None)`` and ``_branch_norms()`` ((depth, 2) float64)."""
 
     _repr_extra = ""
 
@@ -79,6 +80,15 @@ class ModelBase:
     def state_dict(self):
         """dict name -> float32 copy of each parameter (DiT's names for the backbone)."""
         return {name: view.copy() for name, view in self.params.items()}
+
+    def branch_norms(self):
+        """What each block of the last forward added to the residual stream (SPEC §5, the
+        paper's Fig. 5): {"attn": (depth,), "ffn": (depth,)} float64, the mean over the
+        batch's tokens of ||gate1 * attention output|| and ||gate2 * FFN (MoE) output||.
+        Small values in the first blocks are what PLR counters. RuntimeError before any
+        forward."""
+        a = self._branch_norms()
+        return {"attn": a[:, 0].copy(), "ffn": a[:, 1].copy()}
 
     def __repr__(self):
         return (f"RaceDiT({self.config.name!r}, input_size={self.input_size}, "
@@ -338,6 +348,9 @@ class RaceDiT(ModelBase):
 
     def _set_threshold(self, layer, tau):
         _C.model_set_threshold(self._model, layer, tau)
+
+    def _branch_norms(self):
+        return _C.model_branch_norms(self._model)
 
     def num_params(self):
         """Floats in the parameter buffer (every parameter)."""

@@ -37,7 +37,7 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
     centers = (np.arange(buckets) + 0.5) / buckets
     saved = model.param_buffer.copy()
     was_training = model.training
-    ept, per_layer_ept, loads = [], [], None
+    ept, per_layer_ept, loads, norms = [], [], None, []
     try:
         if weights is not None:
             set_weights(model, weights)
@@ -48,6 +48,8 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
             x_t, _ = obj.make_batch(x0, t, noise)
             model.forward(x_t, obj.model_time(t), y)
             ept.append(float(np.mean(model.experts_per_token_by_sample())))
+            bn = model.branch_norms()
+            norms.append(np.stack([bn["attn"], bn["ffn"]]))                         # (2, depth)
             stats = model.layer_stats()
             per_layer_ept.append([float(s.get("experts_per_token", np.nan)) for s in stats])
             ld = np.array([np.asarray(s["load"], np.float64) for s in stats]) if stats and \
@@ -61,6 +63,8 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
            "t_bucket_centers": centers.tolist(),
            "eval": {"experts_per_token": ept, "experts_per_token_per_layer": per_layer_ept,
                     "k": model.config.k, "num_experts": model.config.num_experts}}
+    nm = np.mean(norms, axis=0)           # over the timestep buckets
+    rep["eval"]["branch_norms"] = {"attn": nm[0].tolist(), "ffn": nm[1].tolist()}
     if loads is not None:
         share = loads / np.maximum(loads.sum(axis=1, keepdims=True), 1e-12)      # (layers, E)
         mean = loads.mean(axis=1, keepdims=True)
@@ -77,6 +81,10 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
         rep["train"] = {"experts_per_token": [float(s / c) if c else None
                                               for s, c in zip(sums, cnt)],
                         "steps": [tail[0]["step"], tail[-1]["step"]]}
+        if "ffn_norm" in tail[0]:
+            rep["train"]["branch_norms"] = {
+                key: np.mean([r[key + "_norm"] for r in tail], axis=0).tolist()
+                for key in ("attn", "ffn")}
     rep["json"] = os.path.join(run_dir, "routing_report.json")
     rep["png"] = os.path.join(run_dir, "routing_report.png") if plot else None
     with open(rep["json"], "w") as f:
@@ -87,13 +95,16 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
 
 
 def plot_routing_report(rep, path=None):
-    """Draw the report: experts per token by timestep (inference and training) and the
-    per-layer, per-expert load share. With ``path`` the figure is drawn off-screen (no
-    pyplot state is touched) and saved there; without, it is a pyplot figure (shown inline
-    in a notebook). Returns the figure."""
+    """Draw the report: experts per token by timestep (inference and training), the
+    per-layer, per-expert load share, and per block the norm of what the attention and
+    MoE branches add to the residual stream (the paper's Fig. 5). With ``path`` the figure
+    is drawn off-screen (no pyplot state is touched) and saved there; without, it is a
+    pyplot figure (shown inline in a notebook). Returns the figure."""
     ev = rep["eval"]
     has_load = "load_share" in ev
-    size = (11 if has_load else 5.5, 4)
+    has_norms = "branch_norms" in ev
+    ncol = 1 + has_load + has_norms
+    size = (5.5 * ncol, 4)
     if path is not None:
         from matplotlib.figure import Figure
 
@@ -102,7 +113,7 @@ def plot_routing_report(rep, path=None):
         import matplotlib.pyplot as plt
 
         fig = plt.figure(figsize=size)
-    ax = fig.add_subplot(1, 2 if has_load else 1, 1)
+    ax = fig.add_subplot(1, ncol, 1)
     c = np.asarray(rep["t_bucket_centers"])
     ax.plot(c, ev["experts_per_token"], "o-", label="inference (threshold, EMA)")
     if "train" in rep:
@@ -114,7 +125,7 @@ def plot_routing_report(rep, path=None):
     ax.set_title(f"{rep['model']}: allocation by timestep")
     ax.legend(fontsize=8)
     if has_load:
-        ax2 = fig.add_subplot(1, 2, 2)
+        ax2 = fig.add_subplot(1, ncol, 2)
         share = np.asarray(ev["load_share"])
         im = ax2.imshow(share * share.shape[1], aspect="auto", cmap="viridis")
         ax2.set_xticks(range(0, share.shape[1], max(1, share.shape[1] // 16)))
@@ -123,6 +134,20 @@ def plot_routing_report(rep, path=None):
         ax2.set_ylabel("layer")
         ax2.set_title("load / mean load (inference)")
         fig.colorbar(im, ax=ax2)
+    if has_norms:
+        ax3 = fig.add_subplot(1, ncol, ncol)
+        layers = np.arange(len(ev["branch_norms"]["ffn"]))
+        for key, style in (("ffn", "o-"), ("attn", "s-")):
+            ax3.plot(layers, ev["branch_norms"][key], style,
+                     label=f"{'MoE' if key == 'ffn' else 'attention'} (inference, EMA)")
+        tb = rep.get("train", {}).get("branch_norms")
+        if tb:
+            ax3.plot(layers, tb["ffn"], "o--", alpha=0.6, label="MoE (training, live weights)")
+        ax3.set_xticks(layers)
+        ax3.set_xlabel("block")
+        ax3.set_ylabel("mean ||gate * branch output||")
+        ax3.set_title("what each block adds to the residual stream")
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

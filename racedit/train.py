@@ -7,7 +7,11 @@ warm-up -> fused AdamW over the flat parameter buffer -> EMA. Everything numeric
 (model, racedit.optim); Python never loops over parameters, tokens or experts.
 
 A run lives in ``<results_dir>/NNN-<model>/`` (DiT's numbered folders): ``config.json``,
-``log.jsonl`` (one record per step), ``checkpoints/NNNNNNN.safetensors``, ``samples/``.
+``log.jsonl`` (one record per step: losses, grad norm, lr, per-block ``attn_norm`` /
+``ffn_norm`` (what each branch added to the residual stream), for MoE models the aux
+losses, per-layer MaxVio / combination usage / dead experts / experts per token / tau and
+experts per token by timestep bucket ``ept_by_t``; images/s),
+``checkpoints/NNNNNNN.safetensors``, ``samples/``.
 Resuming from a checkpoint restores parameters, EMA, AdamW moments, routing thresholds,
 step and the random generator; the data order is a function of (seed, step), so on CPU the
 resumed run's losses equal the uninterrupted run's bit for bit.
@@ -326,6 +330,7 @@ class _Trainer:
             rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in m.aux().items()})
             rec["aux"] = aux_total
         rec.update({"grad_norm": gnorm, "lr": lr})
+        rec.update(_norm_record(m))
         if self.is_moe:
             rec.update(_routing_record(m, obj.time_fraction(t)))
         return rec
@@ -384,6 +389,7 @@ class _Trainer:
             rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in aux.items()})
             rec["aux"] = aux_total
         rec.update({"grad_norm": None if gnorm is None else float(gnorm), "lr": lr})
+        rec.update(_norm_record(m))
         if self.is_moe:
             rec.update(_routing_record(m, obj.time_fraction(t)))
         return rec
@@ -456,6 +462,13 @@ class _Trainer:
 
     def ckpt_path(self, step):
         return os.path.join(self.run_dir, "checkpoints", f"{step:07d}.safetensors")
+
+
+def _norm_record(m):
+    """Per block of the last forward, the mean norm of what its attention and FFN/MoE
+    branches added to the residual stream (RaceDiT.branch_norms)."""
+    bn = m.branch_norms()
+    return {"attn_norm": bn["attn"].tolist(), "ffn_norm": bn["ffn"].tolist()}
 
 
 def _routing_record(m, tfrac):

@@ -351,6 +351,32 @@ def test_diagnostics_copy_only_what_they_need():
 
 
 @gpu
+@pytest.mark.parametrize("config", ["DiT-T/2", "RaceDiT-T/2-2in4"])
+def test_branch_norms_match_cpu(config):
+    """The per-block norms of the gated attention / FFN outputs (computed on the device,
+    2*depth doubles back) equal the CPU model's on the same weights and inputs; zero at
+    the adaLN-Zero initialisation; RuntimeError before a forward."""
+    fresh = RaceDiT(config, input_size=S, in_channels=C, num_classes=NCLS, device="cuda")
+    with pytest.raises(RuntimeError, match="no forward"):
+        fresh.branch_norms()
+    x, t, y, _ = batch(3, 2)
+    fresh.forward(x, t, y)
+    assert not fresh.branch_norms()["ffn"].any()
+    for seed in range(6, 12):  # a seed without a near-tied routing choice (one would flip)
+        m, g = pair(config, seed=seed)
+        m.forward(x, t, y)
+        g.forward(x, t, y)
+        if all(np.array_equal(p, q) for p, q in zip(m.routing_masks(), g.routing_masks())):
+            break
+    else:
+        pytest.fail("every seed flipped a routing choice")
+    a, b = g.branch_norms(), m.branch_norms()
+    for key in ("attn", "ffn"):
+        assert (b[key] > 0).all()
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, err_msg=key)
+
+
+@gpu
 def test_state_dict_round_trip_and_layout():
     m, g = pair("DiT-T/2", seed=4)
     np.testing.assert_array_equal(g.param_buffer, m.param_buffer)

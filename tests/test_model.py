@@ -106,6 +106,9 @@ def compare_with_ref(m, B=3, seed=0, rtol=2e-4, plr=False):
         moe.check_aux()
     scale = np.abs(rout).max()
     np.testing.assert_allclose(out, rout, rtol=0, atol=rtol * scale)
+    bn = m.branch_norms()
+    np.testing.assert_allclose(np.stack([bn["attn"], bn["ffn"]], 1), ref.dit_branch_norms(cache),
+                               rtol=rtol)
     dout = np.random.default_rng(seed + 2).normal(size=out.shape).astype(np.float32)
     m.zero_grad()
     m.backward(dout)
@@ -598,3 +601,27 @@ def test_load_dit_state_dict_roundtrip_and_errors():
     with pytest.raises(ValueError, match="learn_sigma"):
         c.load_dit_state_dict(sd)
     np.testing.assert_array_equal(b.param_buffer, a.param_buffer)   # failed loads change nothing
+
+
+def test_branch_norms_zero_init_and_errors():
+    """adaLN-Zero starts every gate at 0, so nothing reaches the residual stream: both
+    branch norms are exactly 0 at initialisation; positive once the gates are not; the
+    same at any thread count; RuntimeError before a forward."""
+    m = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS)
+    with pytest.raises(RuntimeError, match="no forward"):
+        m.branch_norms()
+    x, t, y = batch(3)
+    m.forward(x, t, y)
+    bn = m.branch_norms()
+    assert bn["attn"].shape == bn["ffn"].shape == (m.config.depth,)
+    assert not bn["attn"].any() and not bn["ffn"].any()
+    randomise(m, 1)
+    m.forward(x, t, y)
+    bn = m.branch_norms()
+    assert (bn["attn"] > 0).all() and (bn["ffn"] > 0).all()
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="openmp"):
+        one = m.branch_norms()
+    np.testing.assert_array_equal(one["attn"], bn["attn"])
+    np.testing.assert_array_equal(one["ffn"], bn["ffn"])

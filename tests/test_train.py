@@ -40,8 +40,10 @@ def test_log_records(tmp_path):
     r = recs[-1]
     for key in ("loss", "diffusion", "mse", "plr", "sim", "balance", "aux", "grad_norm", "lr",
                 "images_per_s", "max_violation", "combination_usage", "dead_experts",
-                "ept_by_t"):
+                "ept_by_t", "attn_norm", "ffn_norm"):
         assert key in r, key
+    assert len(r["attn_norm"]) == len(r["ffn_norm"]) == TINY_MOE["depth"]
+    assert all(v >= 0 for v in r["attn_norm"] + r["ffn_norm"])
     assert r["loss"] == pytest.approx(r["diffusion"] + r["aux"])
     assert len(r["max_violation"]) == TINY_MOE["depth"]
     assert [x["lr"] for x in recs] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # warm-up
@@ -167,6 +169,9 @@ def test_routing_report(tmp_path):
     rep = json.load(open(os.path.join(res.run_dir, "routing_report.json")))
     assert len(rep["eval"]["experts_per_token"]) == 10
     assert len(rep["eval"]["load_share"]) == TINY_MOE["depth"]
+    for part in ("eval", "train"):
+        bn = rep[part]["branch_norms"]
+        assert len(bn["attn"]) == len(bn["ffn"]) == TINY_MOE["depth"]
     assert os.path.getsize(os.path.join(res.run_dir, "routing_report.png")) > 1000
 
 

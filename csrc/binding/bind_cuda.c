@@ -1414,6 +1414,25 @@ static PyObject *py_cmodel_batch(PyObject *self, PyObject *cap) {
                          (long long)rd_model_cuda_last_batch(box->m));
 }
 
+/* cuda_model_branch_norms(model) -> (depth, 2) float64 (rd_model_cuda_branch_norms). */
+static PyObject *py_cmodel_branch_norms(PyObject *self, PyObject *cap) {
+    (void)self;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    npy_intp sh[2] = {(npy_intp)rd_model_config(rd_model_cuda_layout(box->m))->depth, 2};
+    PyArrayObject *out = rd_new_array(2, sh, NPY_FLOAT64);
+    if (!out) return NULL;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = rd_model_cuda_branch_norms(box->m, (double *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) {
+        Py_DECREF(out);
+        return rd_raise(s);
+    }
+    return (PyObject *)out;
+}
+
 /* Validated inputs x (B,C,S,S) f32, t (B,) f32, y (B,) i64 and an optional (B,C,S,S) f32. */
 static int cmodel_inputs(cmodel_box *box, PyObject *ox, PyObject *ot, PyObject *oy, PyObject *oz,
                          const char *zname, PyArrayObject **a, int64_t *B) {
@@ -1625,6 +1644,8 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_model_num_params", py_cmodel_num_params, METH_O, "Floats in the parameter buffer."},
     {"cuda_model_reserve", py_cmodel_reserve, METH_VARARGS, "Allocate device activations for max_batch."},
     {"cuda_model_batch", py_cmodel_batch, METH_O, "(max_batch, last_batch)."},
+    {"cuda_model_branch_norms", py_cmodel_branch_norms, METH_O,
+     "(depth, 2) mean norms of the gated attention / FFN outputs of the last forward."},
     {"cuda_model_forward", py_cmodel_forward, METH_VARARGS, "out = model(x, t, y) on the GPU."},
     {"cuda_model_backward", py_cmodel_backward, METH_VARARGS, "Device grads += backward of dout."},
     {"cuda_model_train_step", py_cmodel_train_step, METH_VARARGS, "One device training step; the loss back."},

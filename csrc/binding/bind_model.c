@@ -536,6 +536,25 @@ static PyObject *py_model_batch(PyObject *self, PyObject *cap) {
                          (long long)rd_model_last_batch(box->m));
 }
 
+/* model_branch_norms(model) -> (depth, 2) float64: rd_model_branch_norms. */
+static PyObject *py_model_branch_norms(PyObject *self, PyObject *cap) {
+    (void)self;
+    model_box *box = get_box(cap);
+    if (!box) return NULL;
+    npy_intp sh[2] = {(npy_intp)rd_model_config(box->m)->depth, 2};
+    PyArrayObject *out = rd_new_array(2, sh, NPY_FLOAT64);
+    if (!out) return NULL;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = rd_model_branch_norms(box->m, (double *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) {
+        Py_DECREF(out);
+        return rd_raise(s);
+    }
+    return (PyObject *)out;
+}
+
 static PyObject *py_model_reserve(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap;
@@ -768,6 +787,8 @@ static PyMethodDef model_methods[] = {
     {"model_num_params", py_model_num_params, METH_O, "model_num_params(model) -> int"},
     {"model_batch", py_model_batch, METH_O, "model_batch(model) -> (max_batch, last_batch)"},
     {"model_reserve", py_model_reserve, METH_VARARGS, "model_reserve(model, max_batch, fixed)"},
+    {"model_branch_norms", py_model_branch_norms, METH_O,
+     "model_branch_norms(model) -> (depth, 2) mean norms of the gated attention / FFN outputs"},
     {"model_forward", KW py_model_forward, METH_VARARGS | METH_KEYWORDS,
      "model_forward(model, params, x, t, y, plr_target=None, training=True) -> out"},
     {"model_backward", py_model_backward, METH_VARARGS,

@@ -270,6 +270,37 @@ rd_moe_state *rd_model_moe_state(rd_model *m, int64_t l) {
 int64_t rd_model_max_batch(const rd_model *m) { return m->cap; }
 int64_t rd_model_last_batch(const rd_model *m) { return m->have_forward ? m->last_B : 0; }
 
+/* Mean over the N = B*L tokens of || gate[b] * v[t] ||_2, v (N,D), gate rows of mod (B,S). */
+static double mean_gated_norm(const float *v, const float *gate, int64_t B, int64_t L, int64_t D,
+                              int64_t S) {
+    double total = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        const float *g = gate + b * S;
+        for (int64_t l = 0; l < L; l++) {
+            const float *r = v + (b * L + l) * D;
+            double s = 0.0;
+            for (int64_t d = 0; d < D; d++) {
+                double u = (double)g[d] * r[d];
+                s += u * u;
+            }
+            total += sqrt(s);
+        }
+    }
+    return B * L > 0 ? total / (double)(B * L) : 0.0;
+}
+
+rd_status rd_model_branch_norms(const rd_model *m, double *out) {
+    if (!m->have_forward) return rd_fail(RD_ESTATE, "branch_norms: no forward yet");
+    const int64_t B = m->last_B, L = m->L, D = m->cfg.D, S = 6 * D, depth = m->cfg.depth;
+#pragma omp parallel for schedule(static) if (depth > 1)
+    for (int64_t i = 0; i < depth; i++) { /* one block per iteration: thread-count independent */
+        const block_acts *a = &m->ba[i];
+        out[2 * i] = mean_gated_norm(a->attproj, a->mod + 2 * D, B, L, D, S);
+        out[2 * i + 1] = mean_gated_norm(a->ffn, a->mod + 5 * D, B, L, D, S);
+    }
+    return RD_OK;
+}
+
 /* ---- activations ------------------------------------------------------------------- */
 
 /* Hands out n floats of the arena, 64-byte aligned; with base == NULL only counts. */

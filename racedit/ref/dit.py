@@ -16,7 +16,8 @@ __all__ = [
     "dit_gated_residual_forward", "dit_gated_residual_backward", "dit_attention_forward",
     "dit_attention_backward", "dit_silu_forward", "dit_silu_backward", "dit_gelu_forward",
     "dit_gelu_backward", "dit_embedding_forward", "dit_embedding_backward",
-    "dit_model_forward", "dit_model_backward", "round_bf16", "bf16_gemm_operands",
+    "dit_model_forward", "dit_model_backward", "dit_branch_norms", "round_bf16",
+    "bf16_gemm_operands",
 ]
 
 LN_EPS = 1e-6
@@ -373,3 +374,16 @@ def _block_backward(P, G, i, c, dh, sc, NH, moe):
     dsc, G[pre + "adaLN_modulation.1.weight"], G[pre + "adaLN_modulation.1.bias"] = _lin_bwd(
         dmod, sc, P[pre + "adaLN_modulation.1.weight"])
     return dh, dsc
+
+
+def dit_branch_norms(cache):
+    """(depth, 2): per block of the forward that made ``cache`` (dit_model_forward), the
+    mean over its B*L tokens of ||gate1 * attention output|| and ||gate2 * FFN output||,
+    what the two branches add to the residual stream (SPEC §5, the paper's Fig. 5)."""
+    D = cache["D"]
+    out = np.zeros((len(cache["blocks"]), 2))
+    for i, c in enumerate(cache["blocks"]):
+        for j, (key, g) in enumerate((("ap", 2), ("ffn", 5))):
+            gate = c["mod"][:, None, g * D:(g + 1) * D]                         # (B,1,D)
+            out[i, j] = np.linalg.norm(gate * _f64(c[key]), axis=-1).mean()
+    return out
