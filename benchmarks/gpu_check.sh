@@ -197,6 +197,7 @@ for cfgname, size, ch, kw in (("RaceDiT-T/2-2in4", 6, 3, {}), ("DiT-T/2", 6, 3, 
     g.optimizer_step(max_grad_norm=1.0)
     g.eval()
     g.forward(xx, tt, yy)
+    g.branch_norms()
     g.set_dtype("bf16")
     g.train()
     g.step(xx, tt, yy, xx)
