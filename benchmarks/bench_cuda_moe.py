@@ -99,7 +99,7 @@ def main():
     rc.tf32(False)
     print(f"(times in ms per call, mean of {args.iters}; total {time.time() - t0:.1f} s; "
           f"grouped GEMM type combinations refused by cuBLAS (run as the loop): "
-          f"{rc.info()['grouped_fallbacks']})")
+          f"{rc.info()['grouped_fallbacks']} {rc.info()['grouped_refused']})")
     return 0
 
 

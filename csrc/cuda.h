@@ -98,8 +98,10 @@ rd_status rd_experts_backward_cuda(rd_experts_cuda *ex, float *dx, float *dG, fl
 rd_status rd_experts_cuda_set_precision(rd_experts_cuda *ex, int prec);
 int rd_experts_cuda_get_precision(const rd_experts_cuda *ex);
 /* How many type combinations cublasGemmGroupedBatchedEx refused so far (they run as the
- * GEMM loop instead). */
+ * GEMM loop instead), and which: bit (2*ab + c) set when operands of type ab (0 fp32,
+ * 1 bf16) with results of type c (0 fp32, 1 bf16) were refused. */
 int rd_cuda_grouped_fallbacks(void);
+int rd_cuda_grouped_refused_mask(void);
 /* Selected pairs of the last forward, and its per-expert counts (HOST array of E). */
 int64_t rd_experts_cuda_pairs(const rd_experts_cuda *ex);
 const int64_t *rd_experts_cuda_counts(const rd_experts_cuda *ex);

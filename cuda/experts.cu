@@ -413,6 +413,13 @@ static int g_grouped_refused[2][2];
 #define EX_REFUSED ((rd_status)100) /* internal: not an rd_status the API returns */
 static int g_grouped_fallbacks = 0;
 extern "C" int rd_cuda_grouped_fallbacks(void) { return g_grouped_fallbacks; }
+extern "C" int rd_cuda_grouped_refused_mask(void) {
+    int mask = 0;
+    for (int ab = 0; ab < 2; ab++)
+        for (int c = 0; c < 2; c++)
+            if (g_grouped_refused[ab][c]) mask |= 1 << (2 * ab + c);
+    return mask;
+}
 
 #if CUBLAS_VERSION >= 120500
 /* Pointer arrays of the non-empty experts in ascending order (the host's compaction). */

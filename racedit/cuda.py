@@ -265,7 +265,8 @@ def expert_gemm(mode=None):
 
 def info():
     """Dict: ``cublas_version``, ``grouped_gemm`` (bool), ``runtime`` (CUDA runtime version),
-    ``devices`` (count), ``grouped_fallbacks`` (type combinations grouped GEMMs refused)."""
+    ``devices`` (count), ``grouped_fallbacks`` (type combinations grouped GEMMs refused)
+    and ``grouped_refused`` (which: "operands->results", e.g. "bf16->fp32")."""
     _require()
     return _C.cuda_info()
 

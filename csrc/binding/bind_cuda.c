@@ -1199,10 +1199,25 @@ static PyObject *py_set_expert_gemm(PyObject *self, PyObject *args) {
 
 static PyObject *py_cuda_info(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
-    return Py_BuildValue("{s:i,s:O,s:s,s:i,s:i}", "cublas_version", rd_cuda_cublas_version(),
+    static const char *names[4] = {"fp32->fp32", "fp32->bf16", "bf16->fp32", "bf16->bf16"};
+    PyObject *refused = PyList_New(0);
+    if (!refused) return NULL;
+    int mask = rd_cuda_grouped_refused_mask();
+    for (int i = 0; i < 4; i++) {
+        if (!(mask & (1 << i))) continue;
+        PyObject *s = PyUnicode_FromString(names[i]);
+        if (!s || PyList_Append(refused, s) < 0) {
+            Py_XDECREF(s);
+            Py_DECREF(refused);
+            return NULL;
+        }
+        Py_DECREF(s);
+    }
+    return Py_BuildValue("{s:i,s:O,s:s,s:i,s:i,s:N}", "cublas_version", rd_cuda_cublas_version(),
                          "grouped_gemm", rd_cuda_have_grouped_gemm() ? Py_True : Py_False,
                          "runtime", rd_cuda_runtime_version(), "devices", rd_cuda_device_count(),
-                         "grouped_fallbacks", rd_cuda_grouped_fallbacks());
+                         "grouped_fallbacks", rd_cuda_grouped_fallbacks(),
+                         "grouped_refused", refused);
 }
 
 static PyObject *py_bench_moe(PyObject *self, PyObject *args) {
