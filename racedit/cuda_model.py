@@ -92,10 +92,7 @@ class CudaRaceDiT(ModelBase):
             self.set_dtype(dtype)
         self._drop_rng = np.random.default_rng([seed, 1])
         self.training = True
-        if max_batch is not None:
-            if int(max_batch) < 1:
-                raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
-            _C.cuda_model_reserve(self._cap, int(max_batch), True)
+        self._reserve_fixed(max_batch)
 
     def set_dtype(self, dtype):
         """Switch the GEMM precision ("fp32" | "bf16", see the class); drops the last forward."""
@@ -328,6 +325,9 @@ class CudaRaceDiT(ModelBase):
 
     def _branch_norms(self):
         return _C.cuda_model_branch_norms(self._cap)
+
+    def _reserve(self, max_batch, fixed):
+        _C.cuda_model_reserve(self._cap, max_batch, fixed)
 
     @property
     def _repr_extra(self):

@@ -8,7 +8,7 @@ back and accumulated), so optimisers and checkpoints treat both layers alike.
 import numpy as np
 
 from . import _C
-from .moe import MoE
+from .moe import MoE, _input_copy
 
 __all__ = ["CudaMoE"]
 
@@ -53,13 +53,7 @@ class CudaMoE(MoE):
         """As :meth:`racedit.MoE.forward`, on the GPU (x copied in, y back)."""
         from . import cuda
 
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
-        if x.dtype.kind != "f":
-            raise TypeError(f"x: expected a floating dtype (float32 preferred), got {x.dtype}")
-        if x.ndim != 3 or x.shape[2] != self.dim:
-            raise ValueError(f"x: expected shape (B, L, {self.dim}), got {x.shape}")
-        x = np.array(x, dtype=np.float32, order="C", copy=True)
+        x = _input_copy(x, self.dim)
         self._x = None
         self._sync_cfg()
         y = cuda.moe_forward(self._dev, x, self.param_buffer, self.training, plr_target)

@@ -23,9 +23,18 @@ class ModelBase:
     token, branch norms, state_dict and repr. A backend provides ``_batch()`` ->
     (max_batch, last batch), ``params``, ``num_params()``, ``routing_masks()``,
     ``_get_thresholds()`` (list of float or None per MoE layer), ``_set_threshold(layer,
-    tau or None)`` and ``_branch_norms()`` ((depth, 2) float64)."""
+    tau or None)``, ``_branch_norms()`` ((depth, 2) float64) and ``_reserve(max_batch,
+    fixed)``."""
 
     _repr_extra = ""
+
+    def _reserve_fixed(self, max_batch):
+        """Allocate the activations for batches up to max_batch now, as a hard limit
+        (None: allocate on the first forward and grow as needed)."""
+        if max_batch is not None:
+            if int(max_batch) < 1:
+                raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
+            self._reserve(int(max_batch), True)
 
     def train(self, mode=True):
         """Training mode (labels dropped, MoE batch top-K routing, thresholds updated)."""
@@ -231,10 +240,7 @@ class RaceDiT(ModelBase):
         self._init_params(np.random.default_rng(seed))
         self._drop_rng = np.random.default_rng([seed, 1])
         self.training = True
-        if max_batch is not None:
-            if int(max_batch) < 1:
-                raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
-            _C.model_reserve(self._model, int(max_batch), True)
+        self._reserve_fixed(max_batch)
 
     # ---- initialisation -----------------------------------------------------------------
     def _init_params(self, rng):
@@ -351,6 +357,9 @@ class RaceDiT(ModelBase):
 
     def _branch_norms(self):
         return _C.model_branch_norms(self._model)
+
+    def _reserve(self, max_batch, fixed):
+        _C.model_reserve(self._model, max_batch, fixed)
 
     def num_params(self):
         """Floats in the parameter buffer (every parameter)."""

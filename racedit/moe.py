@@ -32,6 +32,18 @@ def _weight_arg(name, v):
     return float(v)
 
 
+def _input_copy(x, dim):
+    """A private C-contiguous float32 copy of the layer input x (B, L, dim): TypeError for
+    a non-array or non-float dtype, ValueError for another shape."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"x: expected a floating dtype (float32 preferred), got {x.dtype}")
+    if x.ndim != 3 or x.shape[2] != dim:
+        raise ValueError(f"x: expected shape (B, L, {dim}), got {x.shape}")
+    return np.array(x, dtype=np.float32, order="C", copy=True)
+
+
 def _xavier(rng, shape, fan_in, fan_out):
     a = np.sqrt(6.0 / (fan_in + fan_out))
     return rng.uniform(-a, a, size=shape).astype(np.float32)
@@ -226,13 +238,7 @@ class MoE:
         (shape; NaN router scores under top-K selection) and RuntimeError (eval with no
         threshold yet: run a training forward first, set ``threshold`` or ``eval_topk``).
         """
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
-        if x.dtype.kind != "f":
-            raise TypeError(f"x: expected a floating dtype (float32 preferred), got {x.dtype}")
-        if x.ndim != 3 or x.shape[2] != self.dim:
-            raise ValueError(f"x: expected shape (B, L, {self.dim}), got {x.shape}")
-        x = np.array(x, dtype=np.float32, order="C", copy=True)
+        x = _input_copy(x, self.dim)
         self._x = None
         y = _C.moe_forward(self._state, x, self.param_buffer, self.training, plr_target)
         self._x = x
