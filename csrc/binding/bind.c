@@ -104,6 +104,22 @@ PyObject *rd_raise(rd_status s) {
     return NULL;
 }
 
+PyObject *rd_f64_result(int64_t rows, int64_t cols, rd_status (*fill)(void *ctx, double *out),
+                        void *ctx) {
+    npy_intp sh[2] = {(npy_intp)rows, (npy_intp)cols};
+    PyArrayObject *out = rd_new_array(2, sh, NPY_FLOAT64);
+    if (!out) return NULL;
+    rd_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = fill(ctx, (double *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    if (s != RD_OK) {
+        Py_DECREF(out);
+        return rd_raise(s);
+    }
+    return (PyObject *)out;
+}
+
 static int parse_name(PyObject *obj, const char *argname, const char *const *names, int n,
                       int *out) {
     if (!PyUnicode_Check(obj)) {

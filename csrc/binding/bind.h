@@ -34,6 +34,10 @@ PyArrayObject *rd_out_array(PyObject *obj, const char *name, int typenum, int nd
 PyArrayObject *rd_new_array(int ndim, const npy_intp *shape, int typenum);
 /* Raise the Python exception for a C-core status (message from rd_last_error()). */
 PyObject *rd_raise(rd_status s);
+/* A new (rows, cols) float64 array filled by fill(ctx, data) with the GIL released; the
+ * array, or NULL with the exception for fill's status. */
+PyObject *rd_f64_result(int64_t rows, int64_t cols, rd_status (*fill)(void *ctx, double *out),
+                        void *ctx);
 /* Parse a strategy / gating given by name ("race", ...) or raise ValueError. */
 int rd_parse_strategy(PyObject *obj, const char *argname, rd_strategy *out);
 int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out);

@@ -1430,22 +1430,15 @@ static PyObject *py_cmodel_batch(PyObject *self, PyObject *cap) {
 }
 
 /* cuda_model_branch_norms(model) -> (depth, 2) float64 (rd_model_cuda_branch_norms). */
+static rd_status fill_cbranch_norms(void *m, double *out) {
+    return rd_model_cuda_branch_norms(m, out);
+}
 static PyObject *py_cmodel_branch_norms(PyObject *self, PyObject *cap) {
     (void)self;
     cmodel_box *box = get_cmodel(cap);
     if (!box) return NULL;
-    npy_intp sh[2] = {(npy_intp)rd_model_config(rd_model_cuda_layout(box->m))->depth, 2};
-    PyArrayObject *out = rd_new_array(2, sh, NPY_FLOAT64);
-    if (!out) return NULL;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_model_cuda_branch_norms(box->m, (double *)PyArray_DATA(out));
-    Py_END_ALLOW_THREADS
-    if (s != RD_OK) {
-        Py_DECREF(out);
-        return rd_raise(s);
-    }
-    return (PyObject *)out;
+    return rd_f64_result(rd_model_config(rd_model_cuda_layout(box->m))->depth, 2,
+                         fill_cbranch_norms, box->m);
 }
 
 /* Validated inputs x (B,C,S,S) f32, t (B,) f32, y (B,) i64 and an optional (B,C,S,S) f32. */

@@ -537,22 +537,12 @@ static PyObject *py_model_batch(PyObject *self, PyObject *cap) {
 }
 
 /* model_branch_norms(model) -> (depth, 2) float64: rd_model_branch_norms. */
+static rd_status fill_branch_norms(void *m, double *out) { return rd_model_branch_norms(m, out); }
 static PyObject *py_model_branch_norms(PyObject *self, PyObject *cap) {
     (void)self;
     model_box *box = get_box(cap);
     if (!box) return NULL;
-    npy_intp sh[2] = {(npy_intp)rd_model_config(box->m)->depth, 2};
-    PyArrayObject *out = rd_new_array(2, sh, NPY_FLOAT64);
-    if (!out) return NULL;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_model_branch_norms(box->m, (double *)PyArray_DATA(out));
-    Py_END_ALLOW_THREADS
-    if (s != RD_OK) {
-        Py_DECREF(out);
-        return rd_raise(s);
-    }
-    return (PyObject *)out;
+    return rd_f64_result(rd_model_config(box->m)->depth, 2, fill_branch_norms, box->m);
 }
 
 static PyObject *py_model_reserve(PyObject *self, PyObject *args) {
