@@ -9,6 +9,7 @@ gradient has a relative error norm ||got - want|| / ||want|| < 1e-2, and element
 |got - want| <= 2e-2 |want| + 2e-2 max|want|."""
 import numpy as np
 import pytest
+from _numerics import experts_case, rel_err
 
 import racedit
 from racedit import ref
@@ -24,12 +25,6 @@ BF16_REL_NORM = 1e-2
 BF16_RTOL = 2e-2
 
 
-def rel_norm(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    den = np.linalg.norm(want)
-    return np.linalg.norm(got - want) / (den if den > 0 else 1.0)
-
-
 def bf16_close(got, want, what):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, what
@@ -37,27 +32,10 @@ def bf16_close(got, want, what):
     if want.size == 0 or not np.abs(want).max() > 0:
         np.testing.assert_array_equal(got, want, err_msg=what)
         return
-    e = rel_norm(got, want)
+    e = rel_err(got, want)
     assert e < BF16_REL_NORM, f"{what}: relative error norm {e:.3g} >= {BF16_REL_NORM}"
     np.testing.assert_allclose(got, want, rtol=BF16_RTOL,
                                atol=BF16_RTOL * float(np.abs(want).max()), err_msg=what)
-
-
-def experts_case(N, D, E, He, seed, density=0.4):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((N, D)).astype(np.float32)
-    mask = rng.random((N, E)) < density
-    if E > 2:
-        mask[:, 1] = False
-    if N > 2:
-        mask[2, :] = False
-    G = rng.standard_normal((N, E)).astype(np.float32)
-    w1 = (rng.standard_normal((E, D, He)) / np.sqrt(D)).astype(np.float32)
-    b1 = (0.1 * rng.standard_normal((E, He))).astype(np.float32)
-    w2 = (rng.standard_normal((E, He, D)) / np.sqrt(He)).astype(np.float32)
-    b2 = (0.1 * rng.standard_normal((E, D))).astype(np.float32)
-    dy = rng.standard_normal((N, D)).astype(np.float32)
-    return dy, x, mask, G, w1, b1, w2, b2
 
 
 @pytest.fixture(params=[0, 1, 2], ids=["gemm_loop", "grouped", "side_streams"])
@@ -90,7 +68,7 @@ def test_experts_bf16_is_not_fp32():
     dy, *args = experts_case(300, 64, 8, 64, 4)
     y32 = rc.experts_forward(*args)
     y16 = rc.experts_forward(*args, precision="bf16")
-    assert rel_norm(y16, y32) > 1e-5
+    assert rel_err(y16, y32) > 1e-5
     bf16_close(y16, y32, "y bf16 vs fp32")
 
 
@@ -110,7 +88,7 @@ def test_experts_tf32_precision_per_call():
     np.testing.assert_allclose(rc.experts_forward(*args, precision="tf32"), want, rtol=2e-2,
                                atol=2e-3 * np.abs(want).max())
     for g, w in zip(rc.experts_backward(dy, *args, precision="tf32"), ref.experts_backward(dy, *args)):
-        assert rel_norm(g, w) < 1e-2
+        assert rel_err(g, w) < 1e-2
     assert rc.tf32() is False  # the per-call precision leaves the global knob alone
 
 

@@ -6,6 +6,7 @@ racedit.ref.bf16_gemm_operands); AdamW + EMA bit for bit against a float32 repli
 CPU optimiser's arithmetic; the gradient norm and the NaN/Inf finder; bad input."""
 import numpy as np
 import pytest
+from _numerics import rel_err
 
 import racedit
 from racedit import ref
@@ -222,11 +223,6 @@ def test_attention(B, L, D, NH):
     close(rc.attention_backward(g, qkv, att, NH), att_bwd(g, qkv, NH), what="dqkv")
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 @gpu
 @pytest.mark.parametrize("B,L,D,NH", [(1, 1, 2, 1), (2, 5, 12, 3), (2, 64, 64, 4), (1, 256, 96, 6)])
 def test_attention_bf16(B, L, D, NH):
@@ -240,16 +236,16 @@ def test_attention_bf16(B, L, D, NH):
     out, att = rc.attention_forward(qkv, NH, precision="bf16")
     with ref.bf16_gemm_operands():
         want_out, want_att = ref.dit_attention_forward(qkv, NH)
-    assert _rel(out, want_out) < 5e-4
-    assert _rel(att, want_att) < 1e-4
+    assert rel_err(out, want_out) < 5e-4
+    assert rel_err(att, want_att) < 1e-4
     g = rng.standard_normal((B, L, D)).astype(np.float32)
     got = rc.attention_backward(g, qkv, att, NH, precision="bf16")
     with ref.bf16_gemm_operands():
         want = ref.dit_attention_backward(g, qkv, att, NH)
-    assert _rel(got, want) < 5e-4
+    assert rel_err(got, want) < 5e-4
     if L > 1:  # not the fp32 path: farther from the unrounded twin than from the rounded one
         f32_out, _ = rc.attention_forward(qkv, NH)
-        assert _rel(out, f32_out) > 4 * _rel(out, want_out)
+        assert rel_err(out, f32_out) > 4 * rel_err(out, want_out)
 
 
 def test_attention_precision_checked_first():

@@ -8,6 +8,7 @@ tolerance of fp32; bad input. Every GPU test
 is skipped without a CUDA device; the dispatch tests run everywhere."""
 import numpy as np
 import pytest
+from _numerics import rel_err
 
 import racedit
 from racedit import RaceDiT, optim
@@ -247,11 +248,6 @@ def test_step_clip_ema_and_grads():
     close(h.param_buffer, p1, "params after optimizer_step", rtol=1e-5, atol=2e-5)
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 @gpu
 def test_bf16_dense_matches_bf16_twin():
     """dtype="bf16" rounds the GEMM operands of every linear layer and of the attention;
@@ -272,17 +268,17 @@ def test_bf16_dense_matches_bf16_twin():
     with racedit.ref.bf16_gemm_operands():
         want, cache = racedit.ref.dit_model_forward(m.params, x, t, y, **kw)
         wg = racedit.ref.dit_model_backward(dout, cache)
-    assert _rel(got, want) < 2e-3
+    assert rel_err(got, want) < 2e-3
     h.zero_grad()
     h.backward(dout)
     hg = h.grads
     names = sorted(wg)
     flat = lambda d: np.concatenate([np.asarray(d[k]).ravel() for k in names])  # noqa: E731
-    assert _rel(flat(hg), flat(wg)) < 4e-3
+    assert rel_err(flat(hg), flat(wg)) < 4e-3
     f32 = RaceDiT("DiT-T/2", input_size=S, in_channels=C, num_classes=NCLS,
                   class_dropout_prob=0.0, device="cuda")
     f32.set_param_buffer(m.param_buffer)
-    assert _rel(f32.forward(x, t, y), want) > 2 * _rel(got, want)
+    assert rel_err(f32.forward(x, t, y), want) > 2 * rel_err(got, want)
     # switching back to fp32 gives the fp32 results again (the bf16 copies are freed), and
     # to bf16 once more the same bf16 results
     h.set_dtype("fp32")

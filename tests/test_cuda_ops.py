@@ -5,6 +5,7 @@ expert-GEMM modes, bitwise determinism, the composite layer against racedit.MoE,
 errors of bad input. Everything but the no-GPU test is skipped without a CUDA device."""
 import numpy as np
 import pytest
+from _numerics import experts_case
 
 import racedit
 from racedit import ops, ref
@@ -184,23 +185,6 @@ def test_gate_router_bad_input():
 
 
 # ---- experts ---------------------------------------------------------------------------
-def experts_case(N, D, E, He, seed, density=0.4):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((N, D)).astype(np.float32)
-    mask = rng.random((N, E)) < density
-    if E > 2:
-        mask[:, 1] = False           # an expert with no tokens
-    if N > 2:
-        mask[2, :] = False           # a token with no expert
-    G = rng.standard_normal((N, E)).astype(np.float32)
-    w1 = (rng.standard_normal((E, D, He)) / np.sqrt(D)).astype(np.float32)
-    b1 = (0.1 * rng.standard_normal((E, He))).astype(np.float32)
-    w2 = (rng.standard_normal((E, He, D)) / np.sqrt(He)).astype(np.float32)
-    b2 = (0.1 * rng.standard_normal((E, D))).astype(np.float32)
-    dy = rng.standard_normal((N, D)).astype(np.float32)
-    return dy, x, mask, G, w1, b1, w2, b2
-
-
 EXPERT_SHAPES = [(1, 1, 1, 1), (5, 3, 1, 2), (17, 13, 5, 7), (300, 24, 8, 40), (520, 64, 6, 96)]
 
 

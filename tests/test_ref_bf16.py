@@ -7,13 +7,9 @@ import importlib.util
 
 import numpy as np
 import pytest
+from _numerics import rel_err
 
 from racedit import ref
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 def test_round_bf16_hand_values():
@@ -81,9 +77,9 @@ def test_attention_twin_separates_bf16_from_fp32(B, L, D, NH):
     with ref.bf16_gemm_operands():
         ob, ab = ref.dit_attention_forward(qkv, NH)
         dqb = ref.dit_attention_backward(g, qkv, att.astype(np.float32), NH)
-    for e in (rel(ob, out), rel(dqb, dq)):
+    for e in (rel_err(ob, out), rel_err(dqb, dq)):
         assert 2e-3 < e < 2e-2
-    assert 1e-3 < rel(ab, att) < 1e-2
+    assert 1e-3 < rel_err(ab, att) < 1e-2
 
 
 def test_model_twin_separates_bf16_from_fp32():
@@ -105,7 +101,7 @@ def test_model_twin_separates_bf16_from_fp32():
         gb = ref.dit_model_backward(np.ones_like(out), cb)
     names = sorted(g)
     flat = lambda d: np.concatenate([d[k].ravel() for k in names])  # noqa: E731
-    assert 5e-3 < rel(ob, out) < 3e-2
-    assert 5e-3 < rel(flat(gb), flat(g)) < 3e-2
+    assert 5e-3 < rel_err(ob, out) < 3e-2
+    assert 5e-3 < rel_err(flat(gb), flat(g)) < 3e-2
     m.forward(x, t, y)
-    assert rel(m.forward(x, t, y), out) < 1e-5
+    assert rel_err(m.forward(x, t, y), out) < 1e-5
