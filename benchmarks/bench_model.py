@@ -4,7 +4,7 @@ the ratio to a PyTorch eager implementation of the same model (tests/torch_dit.p
 with scaled_dot_product_attention, and an index_add_ MoE for the race blocks), run in the
 same process with the same number of threads. Not a test.
 
-    python3 benchmarks/bench_model.py [--repeat 5] [--batch 8] [--configs DiT-S/2,...]
+    python3 benchmarks/bench_model.py [--repeat 5] [--batch 8] [--configs DiT-S/2,...] [--compile]
     OMP_NUM_THREADS=1 python3 benchmarks/bench_model.py     # one thread for both
 
 The two implementations run alternately, step by step, so a machine shared with other
@@ -61,7 +61,10 @@ def racedit_step(name, size, B, aux=False):
     return step
 
 
-def torch_step(name, size, B):
+def torch_step(name, size, B, compile=False):
+    """One PyTorch forward+backward step; compile: torch.compile the whole dense model, or
+    for MoE models every dense region (each block's attention and adaLN, the embedders'
+    MLPs, the final layer; the expert loop's data-dependent shapes stay eager)."""
     import torch
     from torch_dit import DiT
 
@@ -73,6 +76,14 @@ def torch_step(name, size, B):
         for n, p in net.named_parameters():
             if n != "pos_embed":
                 p.normal_(0.0, 0.02)
+    fwd = net
+    if compile and not c.is_moe:
+        fwd = torch.compile(net)
+    elif compile:
+        for blk in net.blocks:
+            blk.attn = torch.compile(blk.attn)
+            blk.adaLN_modulation = torch.compile(blk.adaLN_modulation)
+        net.final_layer = torch.compile(net.final_layer)
     x = torch.randn(B, 4, size, size)
     t = torch.randint(0, 1000, (B,))
     y = torch.randint(0, 1000, (B,))
@@ -80,7 +91,7 @@ def torch_step(name, size, B):
 
     def step():
         net.zero_grad(set_to_none=False)
-        (net(x, t, y) * dout).sum().backward()
+        (fwd(x, t, y) * dout).sum().backward()
     return step
 
 
@@ -122,6 +133,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--configs", default="DiT-S/2,RaceDiT-S/2-2in8")
     ap.add_argument("--sizes", default="16,32")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile of the PyTorch model (compiles for ~1 min per row)")
     args = ap.parse_args()
     try:
         import torch
@@ -147,20 +160,25 @@ def main():
                   f"{o / ATTN_ITERS * 1e3:.1f} ms, BLAS-threaded products "
                   f"{b / ATTN_ITERS * 1e3:.1f} ms")
     print(f"batch {args.batch}, {args.repeat} alternating steps, forward+backward, seconds (min / median)")
-    print(f"{'model':20s} {'latent':>9s} {'L':>4s} {'racedit':>15s} {'torch':>15s} {'ratio':>6s}")
+    comp = have_torch and args.compile
+    print(f"{'model':20s} {'latent':>9s} {'L':>4s} {'racedit':>15s} {'torch':>15s} {'ratio':>6s}"
+          + (f" {'torch.compile':>15s} {'ratio':>6s}" if comp else ""))
     for name in args.configs.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             L = (size // get_config(name).patch) ** 2
             steps = [racedit_step(name, size, args.batch)]
             if have_torch:
                 steps.append(torch_step(name, size, args.batch))
-            r = alternate(steps, args.repeat)
+            if comp:
+                steps.append(torch_step(name, size, args.batch, compile=True))
+            r = alternate(steps, args.repeat)       # the first (warm-up) call compiles
             ours = f"{r[0][0]:6.3f} / {r[0][1]:6.3f}"
             theirs, ratio = "n/a", float("nan")
             if have_torch:
                 theirs, ratio = f"{r[1][0]:6.3f} / {r[1][1]:6.3f}", r[0][0] / r[1][0]
-            print(f"{name:20s} {size:>2d}x{size:<2d}x4 {L:4d} {ours:>15s} {theirs:>15s} {ratio:6.2f}",
-                  flush=True)
+            extra = f" {r[2][0]:6.3f} / {r[2][1]:6.3f} {r[0][0] / r[2][0]:6.2f}" if comp else ""
+            print(f"{name:20s} {size:>2d}x{size:<2d}x4 {L:4d} {ours:>15s} {theirs:>15s} {ratio:6.2f}"
+                  + extra, flush=True)
     for name in args.configs.split(","):
         if get_config(name).is_moe:
             for size in (int(s) for s in args.sizes.split(",")):
