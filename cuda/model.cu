@@ -15,7 +15,13 @@
  *
  * Determinism: no float atomics. Bias gradients use the fixed-order column sums of
  * common.cu, the label-table gradient walks the batch in order per column, and the loss
- * is a fixed-grid two-stage reduction in double: bitwise reproducible run to run. */
+ * is a fixed-grid two-stage reduction in double: bitwise reproducible run to run.
+ *
+ * Precision (rd_model_cuda_set_precision): fp32 GEMMs (TF32 under rd_cuda_set_tf32), or
+ * bf16 — every linear layer (lin_gemm / lin_bwd), the attention products and the expert
+ * GEMMs read bf16 operands rounded just before each GEMM and accumulate in fp32 into fp32
+ * results; everything between the GEMMs stays fp32 (racedit.ref.bf16_gemm_operands is the
+ * float64 twin of this path). */
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
