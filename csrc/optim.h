@@ -19,6 +19,11 @@ rd_status rd_adamw_step(float *params /* (n) */, const float *grads /* (n) */,
                         double lr, double beta1, double beta2, double eps,
                         double weight_decay, int64_t step, double grad_scale);
 
+/* The hyper-parameter checks of rd_adamw_step and its CUDA twin (op names the caller in
+ * the message): n >= 0, step >= 1, betas in [0, 1), and with an EMA its decay in [0, 1]. */
+rd_status rd_adamw_check(const char *op, int64_t n, int64_t step, double beta1, double beta2,
+                         int has_ema, double ema_decay);
+
 /* *out = sqrt(sum grads^2), accumulated in double over fixed chunks of
  * RD_NORM_CHUNK elements whose partial sums are added in order: the result is the same
  * bit for bit whatever the number of threads (exact resume depends on it). */

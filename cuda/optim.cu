@@ -36,12 +36,7 @@ extern "C" rd_status rd_adamw_ema_step_cuda(float *params, const float *grads, f
                                             float *ema, int64_t n, double lr, double beta1,
                                             double beta2, double eps, double weight_decay,
                                             int64_t step, double grad_scale, double ema_decay) {
-    if (n < 0) return rd_fail(RD_EINVAL, "adamw_cuda: n must be >= 0, got %lld", (long long)n);
-    if (step < 1) return rd_fail(RD_EINVAL, "adamw_cuda: step must be >= 1, got %lld", (long long)step);
-    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
-        return rd_fail(RD_EINVAL, "adamw_cuda: betas must lie in [0, 1), got %g, %g", beta1, beta2);
-    if (ema && !(ema_decay >= 0.0 && ema_decay <= 1.0))
-        return rd_fail(RD_EINVAL, "adamw_cuda: ema decay must lie in [0, 1], got %g", ema_decay);
+    RD_TRY(rd_adamw_check("adamw_cuda", n, step, beta1, beta2, ema != NULL, ema_decay));
     if (n == 0) return RD_OK;
     double bc1 = 1.0 - pow(beta1, (double)step), bc2 = 1.0 - pow(beta2, (double)step);
     adamw_consts c;

@@ -45,13 +45,20 @@ def _prec(precision):
 PARAM_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2")
 
 
-def _require():
+def _require_build():
+    """RuntimeError when racedit was built without CUDA (there are no cuda_* entry points).
+    The stateless ops call only this: their bindings check the arguments first and the
+    device after, so bad input is a TypeError / ValueError on any CUDA build, GPU or not."""
     info = _C.build_info()
     if not info.get("cuda"):
         from ._build_info import BUILD_INFO
 
         why = BUILD_INFO.get("cuda_reason", "not built")
         raise RuntimeError(f"CUDA not available: racedit was built without CUDA ({why})")
+
+
+def _require():
+    _require_build()
     if _C.cuda_device_count() == 0:
         raise RuntimeError("CUDA not available: racedit was built with CUDA but no CUDA device "
                            "is usable (no GPU or no driver)")
@@ -65,7 +72,7 @@ def route(scores, k, strategy="race", return_tau=False):
     largest score, inf when K = 0) when ``return_tau``. Raises TypeError / ValueError as
     the CPU op (bad dtype/shape, unknown strategy, k out of range, K not an integer, NaN
     in scores) and RuntimeError without a GPU."""
-    _require()
+    _require_build()
     mask, tau = _C.cuda_route(scores, k, strategy)
     return (mask, tau) if return_tau else mask
 
@@ -73,33 +80,33 @@ def route(scores, k, strategy="race", return_tau=False):
 def route_threshold(scores, tau):
     """GPU twin of :func:`racedit.ops.route_threshold`: bool ``scores >= tau`` (same shape),
     ValueError for NaN tau or NaN scores."""
-    _require()
+    _require_build()
     return _C.cuda_route_threshold(scores, tau)
 
 
 def gate_forward(R, gating="identity"):
     """G (N,E) float32 = gate(R (N,E)); gating ``identity``, ``sigmoid`` or ``softmax``."""
-    _require()
+    _require_build()
     return _C.cuda_gate_forward(R, gating)
 
 
 def gate_backward(dG, G, gating="identity"):
     """dR (N,E) float32 from dG (N,E) and the forward output G (N,E)."""
-    _require()
+    _require_build()
     return _C.cuda_gate_backward(dG, G, gating)
 
 
 def router_forward(x, Wr, br, Wg, bg):
     """The router MLP on the GPU: x (N,D), Wr (D,D), br (D,), Wg (D,E), bg (E,) ->
     ``(hpre (N,D), h = GELU_erf(hpre) (N,D), R (N,E))``."""
-    _require()
+    _require_build()
     return _C.cuda_router_forward(x, Wr, br, Wg, bg)
 
 
 def router_backward(dR, hpre, h, x, Wr, Wg, dh_extra=None):
     """Backward of :func:`router_forward`: dR (N,E), the forward's hpre, h (N,D), x (N,D),
     Wr (D,D), Wg (D,E), optional dh_extra (N,D) -> ``(dx, dWr, dbr, dWg, dbg)``."""
-    _require()
+    _require_build()
     return _C.cuda_router_backward(dR, hpre, h, x, Wr, Wg, dh_extra)
 
 
@@ -109,7 +116,7 @@ def experts_forward(x, mask, G, w1, b1, w2, b2, precision="fp32"):
 
     x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D);
     precision of the expert GEMMs: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``."""
-    _require()
+    _require_build()
     return _C.cuda_experts_forward(x, mask, G, w1, b1, w2, b2, _prec(precision))
 
 
@@ -117,7 +124,7 @@ def experts_backward(dy, x, mask, G, w1, b1, w2, b2, precision="fp32"):
     """Backward of :func:`experts_forward` (forward recomputed on the device, mask held
     constant): ``(dx (N,D), dG (N,E), dw1, db1, dw2, db2)``; dG is 0 off the mask.
     Bitwise reproducible run to run (no float atomics). precision as in experts_forward."""
-    _require()
+    _require_build()
     return _C.cuda_experts_backward(dy, x, mask, G, w1, b1, w2, b2, _prec(precision))
 
 
@@ -284,53 +291,53 @@ def bench_moe(state_cfg, x, params, dy, iters=20, precision="fp32"):
 def layernorm_forward(inp):
     """LayerNorm without affine over the last dim (eps 1e-6, biased variance) of inp (N,D)
     -> ``(out (N,D), rstd (N,))`` float32."""
-    _require()
+    _require_build()
     return _C.cuda_layernorm_forward(inp)
 
 
 def layernorm_backward(dout, out, rstd, dinp_acc=None):
     """d(inp) (N,D) of :func:`layernorm_forward` from dout (N,D), its out (N,D) and rstd (N,),
     added to ``dinp_acc`` (N,D; not modified) when given."""
-    _require()
+    _require_build()
     return _C.cuda_layernorm_backward(dout, out, rstd, dinp_acc)
 
 
 def modulate_forward(inp, shift, scale):
     """adaLN modulate: out (B,L,D) = inp * (1 + scale[b]) + shift[b] for inp (B,L,D) and
     shift, scale (B,S) with S >= D (rows of a wider adaLN output; the first D columns used)."""
-    _require()
+    _require_build()
     return _C.cuda_modulate_forward(inp, shift, scale)
 
 
 def modulate_backward(dout, inp, scale):
     """``(dinp (B,L,D), dshift (B,S), dscale (B,S))`` of :func:`modulate_forward` (columns
     past D of dshift / dscale are 0)."""
-    _require()
+    _require_build()
     return _C.cuda_modulate_backward(dout, inp, scale)
 
 
 def gated_residual_forward(inp, h, gate):
     """out (B,L,D) = inp + gate[b] * h for inp, h (B,L,D) and gate (B,S), S >= D."""
-    _require()
+    _require_build()
     return _C.cuda_gated_residual_forward(inp, h, gate)
 
 
 def gated_residual_backward(dout, h, gate):
     """``(dh (B,L,D), dgate (B,S))`` of :func:`gated_residual_forward` (d(inp) = dout)."""
-    _require()
+    _require_build()
     return _C.cuda_gated_residual_backward(dout, h, gate)
 
 
 def silu_forward(inp):
     """SiLU(inp) = inp * sigmoid(inp), float32 of inp's shape."""
-    _require()
+    _require_build()
     a = np.ascontiguousarray(inp, np.float32)
     return _C.cuda_silu(a.reshape(-1)).reshape(a.shape)
 
 
 def silu_backward(dout, inp):
     """d(inp) of :func:`silu_forward` given dout (same shape as inp)."""
-    _require()
+    _require_build()
     a = np.ascontiguousarray(inp, np.float32)
     g = np.ascontiguousarray(dout, np.float32)
     if g.shape != a.shape:
@@ -341,7 +348,7 @@ def silu_backward(dout, inp):
 def timestep_embedding(t, dim, max_period=10000.0):
     """DiT's sinusoidal embedding: (B, dim) float32, [cos(t f) | sin(t f)] with
     f_k = max_period^(-k/(dim/2)); t (B,) float32, dim even."""
-    _require()
+    _require_build()
     return _C.cuda_timestep_embedding(t, int(dim), float(max_period))
 
 
@@ -357,7 +364,7 @@ def attention_forward(qkv, num_heads, precision="fp32"):
     operands (q, k, v and the probabilities) to bf16 with fp32 accumulation; the softmax
     and both results stay fp32."""
     bf = _attention_bf16(precision)
-    _require()
+    _require_build()
     return _C.cuda_attention_forward(qkv, int(num_heads), bf)
 
 
@@ -365,7 +372,7 @@ def attention_backward(dout, qkv, att, num_heads, precision="fp32"):
     """dqkv (B,L,3D) of :func:`attention_forward` from dout (B,L,D), qkv and its att;
     ``precision`` as there (bf16: dout, qkv, att and the score gradients are rounded)."""
     bf = _attention_bf16(precision)
-    _require()
+    _require_build()
     return _C.cuda_attention_backward(dout, qkv, att, int(num_heads), bf)
 
 
@@ -375,7 +382,7 @@ def adamw_step(params, grads, m, v, step, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
     1-d float32 buffers, IN PLACE: params, m, v (and ``ema`` <- ema_decay*ema +
     (1-ema_decay)*params with the updated params, in the same pass, when given). step is
     1-based. Raises ValueError for bad hyper-parameters, TypeError for non-float32 buffers."""
-    _require()
+    _require_build()
     _C.cuda_adamw_step(params, grads, m, v, ema, float(lr), float(betas[0]), float(betas[1]),
                        float(eps), float(weight_decay), int(step), float(grad_scale),
                        float(ema_decay))
@@ -383,11 +390,11 @@ def adamw_step(params, grads, m, v, step, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
 
 def grad_norm(grads):
     """sqrt(sum grads^2) (float) of a 1-d float32 buffer, accumulated in double."""
-    _require()
+    _require_build()
     return _C.cuda_grad_norm(grads)
 
 
 def nonfinite_index(x):
     """The first index of a NaN / inf in the 1-d float32 x, or -1."""
-    _require()
+    _require_build()
     return _C.cuda_nonfinite_index(x)

@@ -12,6 +12,8 @@ from racedit import ops, ref
 
 HAVE_GPU = racedit.cuda_available()
 gpu = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or racedit built without CUDA")
+# argument checks come before the device check: these run on every CUDA build, GPU or not
+built = pytest.mark.skipif(not racedit.build_info()["cuda"], reason="racedit built without CUDA")
 
 if HAVE_GPU:
     from racedit import cuda as rc
@@ -29,11 +31,39 @@ def close(a, b, rtol=RTOL, atol=ATOL, what=""):
 
 @pytest.mark.skipif(HAVE_GPU, reason="a GPU is present: the no-GPU path is not reachable")
 def test_without_gpu_every_entry_raises_runtime_error():
-    from racedit import cuda as rc_nogpu
+    """Without a GPU, every entry point given VALID arguments raises RuntimeError naming
+    the cause (never a CUDA error, a crash or a result)."""
+    from racedit import cuda as c
 
     x = np.zeros((1, 2, 3), np.float32)
-    for call in (lambda: rc_nogpu.route(x, 1, "race"), lambda: rc_nogpu.gate_forward(x[0]),
-                 lambda: rc_nogpu.MoEState(4, 2, 1), lambda: rc_nogpu.info()):
+    N, D, E, He = 4, 6, 3, 5
+    dy, xe, mask, G, w1, b1, w2, b2 = experts_case(N, D, E, He, 0)
+    R = np.zeros((N, E), np.float32)
+    xr, Wr, br = np.zeros((N, D), np.float32), np.zeros((D, D), np.float32), np.zeros(D, np.float32)
+    Wg, bg = np.zeros((D, E), np.float32), np.zeros(E, np.float32)
+    z3, rows = np.zeros((2, 3, 4), np.float32), np.zeros((2, 8), np.float32)
+    qkv, p = np.zeros((1, 2, 12), np.float32), np.zeros(5, np.float32)
+    calls = [
+        lambda: c.route(x, 1, "race"), lambda: c.route_threshold(x, 0.0),
+        lambda: c.gate_forward(R), lambda: c.gate_backward(R, R),
+        lambda: c.router_forward(xr, Wr, br, Wg, bg),
+        lambda: c.router_backward(R, xr, xr, xr, Wr, Wg),
+        lambda: c.experts_forward(xe, mask, G, w1, b1, w2, b2),
+        lambda: c.experts_backward(dy, xe, mask, G, w1, b1, w2, b2, precision="bf16"),
+        lambda: c.layernorm_forward(z3[0]), lambda: c.layernorm_backward(z3[0], z3[0], z3[0, :, 0]),
+        lambda: c.modulate_forward(z3, rows, rows), lambda: c.modulate_backward(z3, z3, rows),
+        lambda: c.gated_residual_forward(z3, z3, rows),
+        lambda: c.gated_residual_backward(z3, z3, rows),
+        lambda: c.silu_forward(z3), lambda: c.silu_backward(z3, z3),
+        lambda: c.timestep_embedding(np.zeros(2, np.float32), 4),
+        lambda: c.attention_forward(qkv, 2), lambda: c.attention_forward(qkv, 2, precision="bf16"),
+        lambda: c.attention_backward(np.zeros((1, 2, 4), np.float32), qkv,
+                                     np.zeros((1, 2, 2, 2), np.float32), 2),
+        lambda: c.adamw_step(p, p.copy(), p.copy(), p.copy(), 1), lambda: c.grad_norm(p),
+        lambda: c.nonfinite_index(p), lambda: c.MoEState(4, 2, 1), lambda: c.info(),
+        lambda: c.tf32(), lambda: c.expert_gemm(),
+    ]
+    for i, call in enumerate(calls):
         with pytest.raises(RuntimeError, match="CUDA not available"):
             call()
 
@@ -114,19 +144,29 @@ def test_route_threshold_matches_cpu():
         np.testing.assert_array_equal(rc.route_threshold(x, tau), ops.route_threshold(x, tau))
 
 
-@gpu
+@built
 def test_route_bad_input():
+    from racedit import cuda as rcb
+
     x = np.zeros((2, 4, 4), np.float32)
     with pytest.raises(TypeError, match="scores"):
-        rc.route(x.astype(np.int32), 1)
+        rcb.route(x.astype(np.int32), 1)
     with pytest.raises(ValueError, match="scores"):
-        rc.route(x[0], 1)
+        rcb.route(x[0], 1)
     with pytest.raises(ValueError, match="k"):
-        rc.route(x, 5)
+        rcb.route(x, 5)
     with pytest.raises(ValueError, match="strategy"):
-        rc.route(x, 1, "nope")
+        rcb.route(x, 1, "nope")
     with pytest.raises(ValueError):
-        rc.route(np.zeros((2, 3, 4), np.float32), 1, "expert")  # K = 3/4
+        rcb.route(np.zeros((2, 3, 4), np.float32), 1, "expert")  # K = 3/4
+    with pytest.raises(ValueError, match="tau"):
+        rcb.route_threshold(x, float("nan"))
+
+
+@gpu
+def test_route_nan_scores():
+    """NaN scores are found on the device and named by flat index."""
+    x = np.zeros((2, 4, 4), np.float32)
     y = x.copy()
     y[1, 2, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
@@ -135,8 +175,6 @@ def test_route_bad_input():
         rc.route(y, 1, "token")
     with pytest.raises(ValueError, match="NaN"):
         rc.route_threshold(y, 0.0)
-    with pytest.raises(ValueError, match="tau"):
-        rc.route_threshold(x, float("nan"))
 
 
 # ---- gating and router -----------------------------------------------------------------
@@ -173,14 +211,16 @@ def test_router_matches_twin(N, D, E):
             close(g, w, what=name)
 
 
-@gpu
+@built
 def test_gate_router_bad_input():
+    from racedit import cuda as rcb
+
     with pytest.raises(ValueError, match="gating"):
-        rc.gate_forward(np.zeros((2, 3), np.float32), "relu")
+        rcb.gate_forward(np.zeros((2, 3), np.float32), "relu")
     with pytest.raises(ValueError, match="G"):
-        rc.gate_backward(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))
+        rcb.gate_backward(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="Wr"):
-        rc.router_forward(np.zeros((2, 3), np.float32), np.zeros((4, 4), np.float32),
+        rcb.router_forward(np.zeros((2, 3), np.float32), np.zeros((4, 4), np.float32),
                           np.zeros(3, np.float32), np.zeros((3, 2), np.float32), np.zeros(2, np.float32))
 
 
@@ -251,19 +291,25 @@ def test_experts_tf32_is_close_and_reversible():
     close(rc.experts_forward(*args), want, what="y (fp32 again)")
 
 
-@gpu
+@built
 def test_experts_bad_input():
+    from racedit import cuda as rcb
+
     dy, x, mask, G, w1, b1, w2, b2 = experts_case(6, 4, 3, 5, 1)
     with pytest.raises(TypeError, match="mask"):
-        rc.experts_forward(x, mask.astype(np.float32), G, w1, b1, w2, b2)
+        rcb.experts_forward(x, mask.astype(np.float32), G, w1, b1, w2, b2)
     with pytest.raises(ValueError, match="w2"):
-        rc.experts_forward(x, mask, G, w1, b1, w2[:, :, :3], b2)
+        rcb.experts_forward(x, mask, G, w1, b1, w2[:, :, :3], b2)
     with pytest.raises(ValueError, match="dy"):
-        rc.experts_backward(dy[:5], x, mask, G, w1, b1, w2, b2)
+        rcb.experts_backward(dy[:5], x, mask, G, w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="precision"):
+        rcb.experts_forward(x, mask, G, w1, b1, w2, b2, precision="fp16")
+
+
+@gpu
+def test_expert_gemm_mode_checked():
     with pytest.raises(ValueError, match="mode"):
         rc.expert_gemm(3)
-    with pytest.raises(ValueError, match="precision"):
-        rc.experts_forward(x, mask, G, w1, b1, w2, b2, precision="fp16")
 
 
 # ---- the composite layer -----------------------------------------------------------------

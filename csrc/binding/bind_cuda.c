@@ -1108,6 +1108,12 @@ static PyObject *py_adamw_step(PyObject *self, PyObject *args) {
         if (!(out[3] = rd_out_array(oe, "ema", NPY_FLOAT32, 1, PyArray_DIMS(out[0])))) goto fail;
         Py_INCREF(out[3]);
     }
+    rd_status chk = rd_adamw_check("adamw_cuda", PyArray_DIM(out[0], 0), (int64_t)step, f[1], f[2],
+                                   nout == 4, f[6]);
+    if (chk != RD_OK) {
+        rd_raise(chk);
+        goto fail;
+    }
     if (need_device() < 0) goto fail;
     int64_t z[3] = {PyArray_DIM(out[0], 0), nout == 4, step};
     PyObject *ran = run_op(in, 1, out, keep, nout, op_adamw, z, f);

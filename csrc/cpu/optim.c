@@ -6,14 +6,22 @@
 #include <math.h>
 #include <stdlib.h>
 
+rd_status rd_adamw_check(const char *op, int64_t n, int64_t step, double beta1, double beta2,
+                         int has_ema, double ema_decay) {
+    if (n < 0) return rd_fail(RD_EINVAL, "%s: n must be >= 0, got %lld", op, (long long)n);
+    if (step < 1) return rd_fail(RD_EINVAL, "%s: step must be >= 1, got %lld", op, (long long)step);
+    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
+        return rd_fail(RD_EINVAL, "%s: betas must lie in [0, 1), got %g, %g", op, beta1, beta2);
+    if (has_ema && !(ema_decay >= 0.0 && ema_decay <= 1.0))
+        return rd_fail(RD_EINVAL, "%s: ema decay must lie in [0, 1], got %g", op, ema_decay);
+    return RD_OK;
+}
+
 rd_status rd_adamw_step(float *params, const float *grads, float *m, float *v, int64_t n,
                         double lr, double beta1, double beta2, double eps,
                         double weight_decay, int64_t step, double grad_scale) {
-    if (n < 0) return rd_fail(RD_EINVAL, "adamw_step: n must be >= 0, got %lld", (long long)n);
-    if (step < 1) return rd_fail(RD_EINVAL, "adamw_step: step must be >= 1, got %lld", (long long)step);
-    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
-        return rd_fail(RD_EINVAL, "adamw_step: betas must lie in [0, 1), got %g, %g",
-                       (double)beta1, (double)beta2);
+    rd_status s = rd_adamw_check("adamw_step", n, step, beta1, beta2, 0, 0.0);
+    if (s != RD_OK) return s;
     /* Bias corrections in double: 1 - beta2^step for small steps loses digits in float. */
     double bc1 = 1.0 - pow(beta1, (double)step);
     double bc2 = 1.0 - pow(beta2, (double)step);
