@@ -74,7 +74,7 @@ struct rd_model_cuda {
      * input (xh) and output gradient (gh) and for the attention (atws) */
     int prec;
     int lw_n;
-    int64_t *lw_off, *lw_pk, lw_total;
+    int64_t *lw_off, *lw_pk, *lw_numel, lw_total;
     bf16 *pbf;
     rd_dbuf xh, gh, atws;
     rd_dbuf nrm;                /* branch norms: (B*L) per-token norms + (depth, 2) results */
@@ -202,11 +202,16 @@ __global__ void md_gated_norm_kernel(double *part, const float *v, const float *
 
 /* ---- layer helpers ------------------------------------------------------------------ */
 
-/* The bf16 copy of the linear weight W (a pointer into the parameter buffer). */
-static rd_status wcopy(rd_model_cuda *m, const float *W, bf16 **wh) {
+/* The bf16 copy of the linear weight W (a pointer into the parameter buffer) of numel
+ * elements. */
+static rd_status wcopy(rd_model_cuda *m, const float *W, int64_t numel, bf16 **wh) {
     const int64_t off = W - m->buf[RD_MODEL_CUDA_PARAMS];
     for (int i = 0; i < m->lw_n; i++)
         if (m->lw_off[i] == off) {
+            if (numel > m->lw_numel[i])
+                return rd_fail(RD_ESTATE, "model_cuda: weight at offset %lld has %lld elements, "
+                               "not %lld", (long long)off, (long long)m->lw_numel[i],
+                               (long long)numel);
             *wh = m->pbf + m->lw_pk[i];
             return RD_OK;
         }
@@ -221,7 +226,7 @@ static rd_status lin_gemm(rd_model_cuda *m, float *out, float beta, const float 
     if (m->prec != RD_PREC_BF16)
         return rd_matmul_cuda(out, (int)OC, inp, (int)IC, 0, W, (int)IC, 1, N, OC, IC, 1.0f, beta);
     bf16 *wh = NULL, *xh;
-    RD_TRY(wcopy(m, W, &wh));
+    RD_TRY(wcopy(m, W, OC * IC, &wh));
     RD_TRY(DBUF(m->xh, bf16, N * IC, xh));
     RD_TRY(rd_f32_to_bf16_launch(wh, W, OC * IC));
     RD_TRY(rd_f32_to_bf16_launch(xh, inp, N * IC));
@@ -250,7 +255,7 @@ static rd_status lin_bwd(rd_model_cuda *m, float *dinp, float dinp_beta, float *
                          int64_t IC, int64_t OC) {
     if (m->prec == RD_PREC_BF16 && N > 0) {
         bf16 *wh = NULL, *gh, *xh;
-        RD_TRY(wcopy(m, W, &wh));
+        RD_TRY(wcopy(m, W, OC * IC, &wh));
         RD_TRY(DBUF(m->gh, bf16, N * OC, gh));
         RD_TRY(DBUF(m->xh, bf16, N * IC, xh));
         RD_TRY(rd_f32_to_bf16_launch(gh, dout, N * OC));
@@ -365,7 +370,8 @@ static rd_status build_linear_table(rd_model_cuda *m) {
     const int n = 5 + per_block * (int)m->cfg.depth;
     m->lw_off = (int64_t *)calloc((size_t)n, sizeof(int64_t));
     m->lw_pk = (int64_t *)calloc((size_t)n, sizeof(int64_t));
-    if (!m->lw_off || !m->lw_pk) return rd_fail(RD_ENOMEM, "model_cuda: out of memory");
+    m->lw_numel = (int64_t *)calloc((size_t)n, sizeof(int64_t));
+    if (!m->lw_off || !m->lw_pk || !m->lw_numel) return rd_fail(RD_ENOMEM, "model_cuda: out of memory");
     int64_t *o = m->lw_off;
     int k = 0;
     o[k++] = m->xe_w; o[k++] = m->t0_w; o[k++] = m->t2_w; o[k++] = m->fa_w; o[k++] = m->fl_w;
@@ -377,12 +383,13 @@ static rd_status build_linear_table(rd_model_cuda *m) {
     m->lw_n = k;
     m->lw_total = 0;
     for (int i = 0; i < k; i++) {
-        int64_t numel = -1;
+        int64_t numel = 0; /* the largest tensor starting there (an empty one may share it) */
         for (int j = 0; j < rd_model_num_tensors(m->host); j++) {
             const rd_tensor_info *t = rd_model_tensor(m->host, j);
-            if (t->offset == o[i]) numel = t->numel;
+            if (t->offset == o[i] && t->numel > numel) numel = t->numel;
         }
-        if (numel < 0) return rd_fail(RD_EINVAL, "model_cuda: no tensor at offset %lld", (long long)o[i]);
+        if (numel <= 0) return rd_fail(RD_EINVAL, "model_cuda: no tensor at offset %lld", (long long)o[i]);
+        m->lw_numel[i] = numel;
         m->lw_pk[i] = m->lw_total;
         m->lw_total += (numel + 7) / 8 * 8; /* 16-byte aligned copies */
     }
@@ -466,6 +473,7 @@ extern "C" void rd_model_cuda_free(rd_model_cuda *m) {
     rd_cuda_free(m->pbf);
     free(m->lw_off);
     free(m->lw_pk);
+    free(m->lw_numel);
     rd_dbuf_free(&m->xh);
     rd_dbuf_free(&m->gh);
     rd_dbuf_free(&m->atws);
