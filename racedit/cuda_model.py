@@ -183,25 +183,7 @@ class CudaRaceDiT(ModelBase):
         host.load_dit_state_dict(state)
         self.set_param_buffer(host.param_buffer, ema=True)
 
-    # ---- modes --------------------------------------------------------------------------
     # ---- compute ------------------------------------------------------------------------
-    def _ty(self, t, y, drop):
-        t = np.asarray(t)
-        if t.dtype == np.bool_ or not (np.issubdtype(t.dtype, np.integer)
-                                       or np.issubdtype(t.dtype, np.floating)):
-            raise TypeError(f"t: expected an int or float array, got dtype {t.dtype}")
-        t = t.astype(np.float32)
-        y = np.asarray(y)
-        if not np.issubdtype(y.dtype, np.integer):
-            raise TypeError(f"y: expected an integer array, got dtype {y.dtype}")
-        if y.ndim == 1 and y.size and (y.min() < 0 or y.max() > self.num_classes):
-            raise ValueError(f"y: labels must lie in [0, {self.num_classes}] "
-                             f"({self.num_classes} = null label), got [{y.min()}, {y.max()}]")
-        if drop and self.class_dropout_prob > 0 and y.ndim == 1:
-            d = self._drop_rng.random(y.shape[0]) < self.class_dropout_prob
-            y = np.where(d, self.num_classes, y)
-        return t, y.astype(np.int64, copy=False)
-
     def forward(self, x, t, y, plr_target=None):
         """out (B, out_channels, H, W) float32 on the GPU; arguments and errors as
         :meth:`racedit.RaceDiT.forward` (x and plr_target are copied to the device, out

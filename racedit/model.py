@@ -19,12 +19,12 @@ def _xavier(rng, shape, fan_in, fan_out):
 
 class ModelBase:
     """What the CPU :class:`RaceDiT` and the GPU :class:`racedit.cuda_model.CudaRaceDiT`
-    share: the mode switches, sizes, the thresholds' shape check, per-sample experts per
-    token, branch norms, state_dict and repr. A backend provides ``_batch()`` ->
-    (max_batch, last batch), ``params``, ``num_params()``, ``routing_masks()``,
-    ``_get_thresholds()`` (list of float or None per MoE layer), ``_set_threshold(layer,
-    tau or None)``, ``_branch_norms()`` ((depth, 2) float64) and ``_reserve(max_batch,
-    fixed)``."""
+    share: the mode switches, the t / y checks and label dropout, sizes, the thresholds'
+    shape check, per-sample experts per token, branch norms, state_dict and repr. A
+    backend provides ``_batch()`` -> (max_batch, last batch), ``params``, ``num_params()``,
+    ``routing_masks()``, ``_get_thresholds()`` (list of float or None per MoE layer),
+    ``_set_threshold(layer, tau or None)``, ``_branch_norms()`` ((depth, 2) float64) and
+    ``_reserve(max_batch, fixed)``; and sets ``_drop_rng``."""
 
     _repr_extra = ""
 
@@ -35,6 +35,26 @@ class ModelBase:
             if int(max_batch) < 1:
                 raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
             self._reserve(int(max_batch), True)
+
+    def _ty(self, t, y, drop):
+        """A forward's t as float32 and y as int64, checked (TypeError for a wrong dtype,
+        ValueError for labels outside [0, num_classes]); with ``drop``, labels replaced by
+        the null label with class_dropout_prob (classifier-free guidance)."""
+        t = np.asarray(t)
+        if t.dtype == np.bool_ or not (np.issubdtype(t.dtype, np.integer)
+                                       or np.issubdtype(t.dtype, np.floating)):
+            raise TypeError(f"t: expected an int or float array, got dtype {t.dtype}")
+        t = t.astype(np.float32)
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"y: expected an integer array, got dtype {y.dtype}")
+        if y.ndim == 1 and y.size and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"y: labels must lie in [0, {self.num_classes}] "
+                             f"({self.num_classes} = null label), got [{y.min()}, {y.max()}]")
+        if drop and self.class_dropout_prob > 0 and y.ndim == 1:
+            d = self._drop_rng.random(y.shape[0]) < self.class_dropout_prob
+            y = np.where(d, self.num_classes, y)
+        return t, y.astype(np.int64, copy=False)
 
     def train(self, mode=True):
         """Training mode (labels dropped, MoE batch top-K routing, thresholds updated)."""
@@ -273,23 +293,8 @@ class RaceDiT(ModelBase):
         In training mode labels are replaced by the null label with class_dropout_prob.
         Raises TypeError for a wrong dtype, ValueError for a wrong shape, out-of-range
         t or y, or a batch above max_batch."""
-        t = np.asarray(t)
-        if t.dtype == np.bool_ or not (np.issubdtype(t.dtype, np.integer)
-                                       or np.issubdtype(t.dtype, np.floating)):
-            raise TypeError(f"t: expected an int or float array, got dtype {t.dtype}")
-        if np.issubdtype(t.dtype, np.integer):
-            t = t.astype(np.float32)
-        y = np.asarray(y)
-        if not np.issubdtype(y.dtype, np.integer):
-            raise TypeError(f"y: expected an integer array, got dtype {y.dtype}")
-        if y.ndim == 1 and y.size and (y.min() < 0 or y.max() > self.num_classes):
-            raise ValueError(f"y: labels must lie in [0, {self.num_classes}] "
-                             f"({self.num_classes} = null label), got [{y.min()}, {y.max()}]")
-        if self.training and self.class_dropout_prob > 0 and y.ndim == 1:
-            drop = self._drop_rng.random(y.shape[0]) < self.class_dropout_prob
-            y = np.where(drop, self.num_classes, y)
-        return _C.model_forward(self._model, self.param_buffer, x, t, y.astype(np.int64, copy=False),
-                                plr_target, self.training)
+        t, y = self._ty(t, y, self.training)
+        return _C.model_forward(self._model, self.param_buffer, x, t, y, plr_target, self.training)
 
     __call__ = forward
 
