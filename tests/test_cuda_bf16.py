@@ -38,15 +38,6 @@ def bf16_close(got, want, what):
                                atol=BF16_RTOL * float(np.abs(want).max()), err_msg=what)
 
 
-@pytest.fixture(params=[0, 1, 2], ids=["gemm_loop", "grouped", "side_streams"])
-def gemm_mode(request):
-    if request.param == 1 and not rc.info()["grouped_gemm"]:
-        pytest.skip("cublasGemmGroupedBatchedEx is not in the linked cuBLAS")
-    prev = rc.expert_gemm(request.param)
-    yield request.param
-    rc.expert_gemm(prev)
-
-
 # odd widths (scalar paths), widths divisible by 4 (vector paths), an expert with no rows
 SHAPES = [(5, 3, 1, 2), (17, 13, 5, 7), (64, 16, 4, 8), (300, 24, 8, 40), (520, 64, 6, 96)]
 

@@ -228,15 +228,6 @@ def test_gate_router_bad_input():
 EXPERT_SHAPES = [(1, 1, 1, 1), (5, 3, 1, 2), (17, 13, 5, 7), (300, 24, 8, 40), (520, 64, 6, 96)]
 
 
-@pytest.fixture(params=[0, 1, 2], ids=["gemm_loop", "grouped", "side_streams"])
-def gemm_mode(request):
-    if request.param == 1 and not rc.info()["grouped_gemm"]:
-        pytest.skip("cublasGemmGroupedBatchedEx is not in the linked cuBLAS")
-    prev = rc.expert_gemm(request.param)
-    yield request.param
-    rc.expert_gemm(prev)
-
-
 @gpu
 @pytest.mark.parametrize("N,D,E,He", EXPERT_SHAPES)
 def test_experts_match_twin(N, D, E, He, gemm_mode):
