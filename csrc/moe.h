@@ -125,6 +125,12 @@ typedef struct { float *p[RD_MOE_NPARAM]; } rd_moe_params;
 /* Point each entry into `buf` following the layout above. */
 void rd_moe_params_point(rd_moe_params *out, float *buf, const rd_moe_cfg *cfg);
 rd_status rd_moe_cfg_check(const rd_moe_cfg *cfg);
+/* The aux-loss weights of cfg, for the CPU and CUDA layers alike: sim_weight,
+ * balance_weight and plr_weight finite and >= 0; sim / balance > 0 need E >= 2. */
+rd_status rd_moe_aux_weights_check(const rd_moe_cfg *cfg);
+/* The router MLP's sizes, for the CPU and CUDA routers alike (fn names the caller):
+ * N >= 0, D, E > 0, each within the 32-bit (cu)BLAS interface. */
+rd_status rd_router_check(const char *fn, int64_t N, int64_t D, int64_t E);
 
 /* Opaque per-layer state: saved activations of the last forward, dispatch workspace
  * (grown on demand; nothing proportional to N*E*He), and the threshold tau. */

@@ -116,15 +116,6 @@ extern "C" rd_status rd_gate_backward_cuda(float *dR, const float *dG, const flo
 }
 
 /* ---- router MLP -------------------------------------------------------------------- */
-static rd_status check_router(const char *fn, int64_t N, int64_t D, int64_t E) {
-    if (N < 0 || D <= 0 || E <= 0)
-        return rd_fail(RD_EINVAL, "%s: expected N >= 0 and D, E > 0, got N=%lld D=%lld E=%lld",
-                       fn, (long long)N, (long long)D, (long long)E);
-    if (N > INT32_MAX || D > INT32_MAX || E > INT32_MAX)
-        return rd_fail(RD_EINVAL, "%s: N=%lld, D=%lld or E=%lld exceeds the 32-bit cuBLAS interface",
-                       fn, (long long)N, (long long)D, (long long)E);
-    return RD_OK;
-}
 
 /* hpre += br; h = GELU_erf(hpre). One row per block. */
 __global__ void bias_gelu_erf_kernel(float *hpre, float *h, const float *br, int64_t D) {
@@ -154,7 +145,7 @@ __global__ void gelu_erf_back_kernel(float *dh, const float *extra, const float 
 extern "C" rd_status rd_router_forward_cuda(float *hpre, float *h, float *R, const float *x,
                                             const float *Wr, const float *br, const float *Wg,
                                             const float *bg, int64_t N, int64_t D, int64_t E) {
-    RD_TRY(check_router("router_forward_cuda", N, D, E));
+    RD_TRY(rd_router_check("router_forward_cuda", N, D, E));
     if (N == 0) return RD_OK;
     RD_TRY(rd_matmul_cuda(hpre, (int)D, x, (int)D, 0, Wr, (int)D, 0, N, D, D, 1.0f, 0.0f));
     bias_gelu_erf_kernel<<<(unsigned)N, MO_THREADS, 0, RD_STREAM>>>(hpre, h, br, D);
@@ -170,7 +161,7 @@ extern "C" rd_status rd_router_backward_cuda(float *dx_acc, float *dWr, float *d
                                              const float *dh_extra, const float *hpre,
                                              const float *h, const float *x, const float *Wr,
                                              const float *Wg, int64_t N, int64_t D, int64_t E) {
-    RD_TRY(check_router("router_backward_cuda", N, D, E));
+    RD_TRY(rd_router_check("router_backward_cuda", N, D, E));
     if (N == 0) return RD_OK;
     float *partial;
     int64_t wide = D > E ? D : E;

@@ -211,24 +211,12 @@ __global__ void aux_grad_kernel(float *dR, const float *P, const float *dPs, con
 }
 
 /* ---- forward ------------------------------------------------------------------------- */
-static rd_status check_weights(const rd_moe_cfg *c) {
-    const char *names[3] = {"sim_weight", "balance_weight", "plr_weight"};
-    float w[3] = {c->sim_weight, c->balance_weight, c->plr_weight};
-    for (int i = 0; i < 3; i++)
-        if (!(w[i] >= 0.0f) || isinf(w[i]))
-            return rd_fail(RD_EINVAL, "moe: expected a finite %s >= 0, got %g", names[i], (double)w[i]);
-    if ((c->sim_weight > 0.0f || c->balance_weight > 0.0f) && c->E < 2)
-        return rd_fail(RD_EINVAL, "moe: sim_weight / balance_weight > 0 need E >= 2 experts, got E=%lld",
-                       (long long)c->E);
-    return RD_OK;
-}
-
 rd_status rd_moe_aux_cuda_launch(rd_moe_aux_cuda *a, const float *R, const float *h,
                                  const uint8_t *mask, const float *plr_target,
                                  const rd_moe_cfg *cfg, const rd_moe_params *p, int64_t N,
                                  int training) {
     if (!a) return rd_fail(RD_EINVAL, "moe aux: NULL state");
-    RD_TRY(check_weights(cfg));
+    RD_TRY(rd_moe_aux_weights_check(cfg));
     int64_t E = cfg->E, D = cfg->D, Pd = cfg->plr_dim;
     if (E * E > INT32_MAX) return rd_fail(RD_EINVAL, "moe aux: E=%lld too large", (long long)E);
     a->pending = 0;

@@ -75,13 +75,19 @@ rd_status rd_gate_backward(float *dR, const float *dG, const float *G, int64_t N
 
 /* ---- router MLP -------------------------------------------------------------- */
 
-static rd_status check_router(const char *fn, int64_t N, int64_t D, int64_t E) {
+rd_status rd_router_check(const char *fn, int64_t N, int64_t D, int64_t E) {
     if (N < 0 || D <= 0 || E <= 0)
         return rd_fail(RD_EINVAL, "%s: expected N >= 0 and D, E > 0, got N=%lld D=%lld E=%lld",
                        fn, (long long)N, (long long)D, (long long)E);
     if (N > INT_MAX || D > INT_MAX || E > INT_MAX)
         return rd_fail(RD_EINVAL, "%s: N=%lld, D=%lld or E=%lld exceeds the 32-bit BLAS interface",
                        fn, (long long)N, (long long)D, (long long)E);
+    return RD_OK;
+}
+
+static rd_status check_router(const char *fn, int64_t N, int64_t D, int64_t E) {
+    rd_status s = rd_router_check(fn, N, D, E);
+    if (s != RD_OK) return s;
     if (!rd_have_sgemm()) return rd_fail(RD_EBLAS, "no BLAS sgemm registered (import racedit first)");
     return RD_OK;
 }

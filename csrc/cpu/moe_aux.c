@@ -58,7 +58,7 @@ static rd_status reserve(rd_moe_aux_state *a, const rd_moe_cfg *c, int64_t N, in
     return RD_OK;
 }
 
-static rd_status check_weights(const rd_moe_cfg *c) {
+rd_status rd_moe_aux_weights_check(const rd_moe_cfg *c) {
     const char *names[3] = {"sim_weight", "balance_weight", "plr_weight"};
     float w[3] = {c->sim_weight, c->balance_weight, c->plr_weight};
     for (int i = 0; i < 3; i++)
@@ -87,7 +87,7 @@ rd_status rd_moe_aux_forward(rd_moe_aux_state *a, const float *R, const float *h
                              const rd_moe_cfg *cfg, const rd_moe_params *p, int64_t N,
                              int training) {
     if (!a) return rd_fail(RD_EINVAL, "moe aux: NULL state");
-    rd_status st = check_weights(cfg);
+    rd_status st = rd_moe_aux_weights_check(cfg);
     if (st) return st;
     int64_t E = cfg->E, D = cfg->D, Pd = cfg->plr_dim;
     int sim = training && cfg->sim_weight > 0.0f, bal = training && cfg->balance_weight > 0.0f;
