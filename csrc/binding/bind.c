@@ -188,3 +188,39 @@ int rd_parse_real(PyObject *obj, const char *name, double *out) {
     *out = v;
     return 0;
 }
+
+int rd_check_route_args(int64_t B, int64_t L, int64_t E, int64_t k) {
+    if (B < 1 || L < 1 || E < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "scores: expected a non-empty (B, L, E) array, got shape (%lld, %lld, %lld)",
+                     (long long)B, (long long)L, (long long)E);
+        return -1;
+    }
+    if (k < 0 || k > E) {
+        PyErr_Format(PyExc_ValueError, "k: expected 0 <= k <= E = %lld, got %lld", (long long)E,
+                     (long long)k);
+        return -1;
+    }
+    return 0;
+}
+
+int rd_threshold_args(PyObject *o_scores, PyObject *o_tau, PyArrayObject **scores, double *tau) {
+    *scores = NULL;
+    if (rd_parse_real(o_tau, "tau", tau) < 0) return -1;
+    if (*tau != *tau) {
+        PyErr_SetString(PyExc_ValueError, "tau: expected a number, got NaN");
+        return -1;
+    }
+    if (!PyArray_Check(o_scores)) {
+        PyErr_Format(PyExc_TypeError, "scores: expected a numpy.ndarray of dtype float32, got %s",
+                     Py_TYPE(o_scores)->tp_name);
+        return -1;
+    }
+    int nd = PyArray_NDIM((PyArrayObject *)o_scores);
+    if (nd < 1) {
+        PyErr_SetString(PyExc_ValueError, "scores: expected an array with ndim >= 1, got ndim=0");
+        return -1;
+    }
+    *scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, nd, NULL);
+    return *scores ? 0 : -1;
+}

@@ -46,6 +46,13 @@ int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out);
 int rd_parse_int(PyObject *obj, const char *name, int64_t *out);
 /* A real-number argument (int, float or NumPy number; bool refused) or TypeError. */
 int rd_parse_real(PyObject *obj, const char *name, double *out);
+/* The routing arguments shared by the CPU and CUDA bindings: scores (B, L, E) non-empty and
+ * 0 <= k <= E, else ValueError naming them. */
+int rd_check_route_args(int64_t B, int64_t L, int64_t E, int64_t k);
+/* route_threshold's arguments: tau a real number, not NaN; scores a float ndarray of ndim
+ * >= 1, returned as a new C-contiguous float32 reference in *scores. 0, or -1 with the
+ * exception set. */
+int rd_threshold_args(PyObject *o_scores, PyObject *o_tau, PyArrayObject **scores, double *tau);
 /* Format a shape like "(2, 3, 4)" into buf. */
 void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape);
 

@@ -60,11 +60,7 @@ static PyObject *py_route(PyObject *self, PyObject *args) {
     if (!(scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, 3, NULL))) return NULL;
     npy_intp *dims = PyArray_DIMS(scores);
     int64_t B = dims[0], Ls = dims[1], E = dims[2];
-    if (B < 1 || Ls < 1 || E < 1) {
-        PyErr_Format(PyExc_ValueError, "scores: expected a non-empty (B, L, E) array, got shape "
-                     "(%lld, %lld, %lld)", (long long)B, (long long)Ls, (long long)E);
-        goto done;
-    }
+    if (rd_check_route_args(B, Ls, E, k) < 0) goto done;
     rd_status st = rd_route_plan(&ng, &K, B, Ls, E, k, s);
     if (st != RD_OK) { rd_raise(st); goto done; }
     if (need_device() < 0) goto done;
@@ -95,24 +91,9 @@ static PyObject *py_route_threshold(PyObject *self, PyObject *args) {
     double tau;
     dlist L = {{0}, 0};
     if (!PyArg_ParseTuple(args, "OO:cuda_route_threshold", &o_scores, &o_tau)) return NULL;
-    if (rd_parse_real(o_tau, "tau", &tau) < 0) return NULL;
-    if (tau != tau) {
-        PyErr_SetString(PyExc_ValueError, "tau: expected a number, got NaN");
-        return NULL;
-    }
-    if (!PyArray_Check(o_scores)) {
-        PyErr_Format(PyExc_TypeError, "scores: expected a numpy.ndarray of dtype float32, got %s",
-                     Py_TYPE(o_scores)->tp_name);
-        return NULL;
-    }
-    int nd = PyArray_NDIM((PyArrayObject *)o_scores);
-    if (nd < 1) {
-        PyErr_SetString(PyExc_ValueError, "scores: expected an array with ndim >= 1, got ndim=0");
-        return NULL;
-    }
-    if (!(scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, nd, NULL))) return NULL;
+    if (rd_threshold_args(o_scores, o_tau, &scores, &tau) < 0) return NULL;
     if (need_device() < 0) goto done;
-    if (!(mask = rd_new_array(nd, PyArray_DIMS(scores), NPY_BOOL))) goto done;
+    if (!(mask = rd_new_array(PyArray_NDIM(scores), PyArray_DIMS(scores), NPY_BOOL))) goto done;
     int64_t n = (int64_t)PyArray_SIZE(scores);
     rd_status st = RD_OK;
     Py_BEGIN_ALLOW_THREADS

@@ -2,21 +2,6 @@
 #include "bind.h"
 
 /* Shape and k checks with messages in Python terms, before the C core's own checks. */
-static int check_route_args(int64_t B, int64_t L, int64_t E, int64_t k) {
-    if (B < 1 || L < 1 || E < 1) {
-        PyErr_Format(PyExc_ValueError,
-                     "scores: expected a non-empty (B, L, E) array, got shape (%lld, %lld, %lld)",
-                     (long long)B, (long long)L, (long long)E);
-        return -1;
-    }
-    if (k < 0 || k > E) {
-        PyErr_Format(PyExc_ValueError, "k: expected 0 <= k <= E = %lld, got %lld", (long long)E,
-                     (long long)k);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *py_route(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o_scores, *o_k, *o_strategy, *ret = NULL;
@@ -30,7 +15,7 @@ static PyObject *py_route(PyObject *self, PyObject *args) {
     if (!scores) goto fail;
     npy_intp *dims = PyArray_DIMS(scores);
     int64_t B = dims[0], L = dims[1], E = dims[2];
-    if (check_route_args(B, L, E, k) < 0) goto fail;
+    if (rd_check_route_args(B, L, E, k) < 0) goto fail;
     int64_t ng, K;
     rd_status st = rd_route_plan(&ng, &K, B, L, E, k, s);
     if (st != RD_OK) { rd_raise(st); goto fail; }
@@ -53,31 +38,10 @@ static PyObject *py_route_threshold(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *o_scores, *o_tau;
     PyArrayObject *scores = NULL, *mask = NULL;
+    double tau;
     if (!PyArg_ParseTuple(args, "OO:route_threshold", &o_scores, &o_tau)) return NULL;
-    if (PyBool_Check(o_tau) || PyArray_IsScalar(o_tau, Bool) ||
-        !(PyFloat_Check(o_tau) || PyLong_Check(o_tau) || PyArray_IsScalar(o_tau, Number))) {
-        PyErr_Format(PyExc_TypeError, "tau: expected a real number, got %s", Py_TYPE(o_tau)->tp_name);
-        return NULL;
-    }
-    double tau = PyFloat_AsDouble(o_tau);
-    if (tau == -1.0 && PyErr_Occurred()) return NULL;
-    if (tau != tau) {
-        PyErr_SetString(PyExc_ValueError, "tau: expected a number, got NaN");
-        return NULL;
-    }
-    if (!PyArray_Check(o_scores)) {
-        PyErr_Format(PyExc_TypeError, "scores: expected a numpy.ndarray of dtype float32, got %s",
-                     Py_TYPE(o_scores)->tp_name);
-        return NULL;
-    }
-    int nd = PyArray_NDIM((PyArrayObject *)o_scores);
-    if (nd < 1) {
-        PyErr_SetString(PyExc_ValueError, "scores: expected an array with ndim >= 1, got ndim=0");
-        return NULL;
-    }
-    scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, nd, NULL);
-    if (!scores) return NULL;
-    mask = rd_new_array(nd, PyArray_DIMS(scores), NPY_BOOL);
+    if (rd_threshold_args(o_scores, o_tau, &scores, &tau) < 0) return NULL;
+    mask = rd_new_array(PyArray_NDIM(scores), PyArray_DIMS(scores), NPY_BOOL);
     if (!mask) goto fail;
     rd_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -106,7 +70,7 @@ static PyObject *py_route_plan(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "%s: expected >= 1, got %lld", names[i], (long long)v[i]);
             return NULL;
         }
-    if (check_route_args(v[0], v[1], v[2], v[3]) < 0) return NULL;
+    if (rd_check_route_args(v[0], v[1], v[2], v[3]) < 0) return NULL;
     int64_t ng, K;
     rd_status st = rd_route_plan(&ng, &K, v[0], v[1], v[2], v[3], s);
     if (st != RD_OK) return rd_raise(st);
