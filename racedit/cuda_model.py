@@ -264,13 +264,6 @@ class CudaRaceDiT(ModelBase):
             out.append(d)
         return out
 
-    def aux(self):
-        """Unweighted aux losses of the last forward, means over MoE layers (NaN when not
-        computed): {"plr", "sim", "balance"}."""
-        views = [v for v in self._views() if v["have_forward"]]
-        return {k: float(np.mean([v[k] for v in views])) if views else float("nan")
-                for k in ("plr", "sim", "balance")}
-
     def aux_loss(self):
         """The weighted aux loss of the last forward (what backward adds the gradient of)."""
         auxs = [_C.cuda_moe_aux(s, 0) for s in self._states]
@@ -281,19 +274,6 @@ class CudaRaceDiT(ModelBase):
         B = self._batch()[1]
         return [v["mask"].reshape(B, -1, v["mask"].shape[-1])
                 for v in self._views(mask=True) if v["have_forward"]]
-
-    def layer_stats(self):
-        """Per MoE layer diagnostics of the last forward, as :meth:`racedit.RaceDiT.layer_stats`."""
-        keys = ("load", "dead_experts", "max_violation", "combination_usage",
-                "experts_per_token", "tau_b", "plr", "sim", "balance")
-        stats = []
-        for v in self._views():
-            if not v["have_forward"]:
-                return []
-            d = {k: v[k] for k in keys}
-            d["tau"] = v["tau"]
-            stats.append(d)
-        return stats
 
     # ---- sizes ----------------------------------------------------------------------------
     def _batch(self):

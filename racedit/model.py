@@ -20,11 +20,13 @@ def _xavier(rng, shape, fan_in, fan_out):
 class ModelBase:
     """What the CPU :class:`RaceDiT` and the GPU :class:`racedit.cuda_model.CudaRaceDiT`
     share: the mode switches, the t / y checks and label dropout, sizes, the thresholds'
-    shape check, per-sample experts per token, branch norms, state_dict and repr. A
-    backend provides ``_batch()`` -> (max_batch, last batch), ``params``, ``num_params()``,
-    ``routing_masks()``, ``_get_thresholds()`` (list of float or None per MoE layer),
-    ``_set_threshold(layer, tau or None)``, ``_branch_norms()`` ((depth, 2) float64) and
-    ``_reserve(max_batch, fixed)``; and sets ``_drop_rng``."""
+    shape check, the aux losses and layer diagnostics, per-sample experts per token, branch
+    norms, state_dict and repr. A backend provides ``_batch()`` -> (max_batch, last batch),
+    ``params``, ``num_params()``, ``_views()`` (per MoE layer a dict with ``have_forward``,
+    ``have_tau``, ``tau`` and, after a forward, the keys of layer_stats and ``plr``, ``sim``,
+    ``balance``), ``routing_masks()``, ``_get_thresholds()`` (list of float or None per MoE
+    layer), ``_set_threshold(layer, tau or None)``, ``_branch_norms()`` ((depth, 2)
+    float64) and ``_reserve(max_batch, fixed)``; and sets ``_drop_rng``."""
 
     _repr_extra = ""
 
@@ -109,6 +111,33 @@ class ModelBase:
     def state_dict(self):
         """dict name -> float32 copy of each parameter (DiT's names for the backbone)."""
         return {name: view.copy() for name, view in self.params.items()}
+
+    def aux(self):
+        """Unweighted aux losses of the last forward, each the mean over MoE layers:
+        {"plr": L_PLR, "sim": L_sim, "balance": L_bal} as floats. A loss the last forward
+        did not compute (eval mode, weight 0, no plr_target, dense model) is NaN."""
+        views = [v for v in self._views() if v["have_forward"]]
+        return {k: float(np.mean([v[k] for v in views])) if views else float("nan")
+                for k in ("plr", "sim", "balance")}
+
+    def layer_stats(self):
+        """Per MoE layer diagnostics of the last forward: a list of dicts with ``load``
+        (E,) int64 tokens per expert, ``dead_experts``, ``max_violation`` ((max - mean) /
+        mean load), ``combination_usage`` (fraction of expert pairs holding 95 % of the
+        co-selections), ``experts_per_token`` (selected pairs / tokens), ``tau`` (NaN
+        before it is set), ``tau_b`` (batch threshold of the last training forward) and the
+        layer's unweighted ``plr``, ``sim``, ``balance`` losses (NaN if not computed).
+        [] for a dense model or before any forward."""
+        keys = ("load", "dead_experts", "max_violation", "combination_usage",
+                "experts_per_token", "tau_b", "plr", "sim", "balance")
+        stats = []
+        for v in self._views():
+            if not v["have_forward"]:
+                return []
+            d = {k: v[k] for k in keys}
+            d["tau"] = v["tau"] if v["have_tau"] else float("nan")
+            stats.append(d)
+        return stats
 
     def branch_norms(self):
         """What each block of the last forward added to the residual stream (SPEC §5, the
@@ -312,14 +341,6 @@ class RaceDiT(ModelBase):
     def _views(self):
         return [_C.model_moe_view(self._model, l) for l in range(self.num_moe_layers)]
 
-    def aux(self):
-        """Unweighted aux losses of the last forward, each the mean over MoE layers:
-        {"plr": L_PLR, "sim": L_sim, "balance": L_bal} as floats. A loss the last forward
-        did not compute (eval mode, weight 0, no plr_target, dense model) is NaN."""
-        views = [v for v in self._views() if v["have_forward"]]
-        return {k: float(np.mean([v[k] for v in views])) if views else float("nan")
-                for k in ("plr", "sim", "balance")}
-
     def aux_loss(self):
         """plr_weight*L_PLR + sim_weight*L_sim + balance_weight*L_bal of the last forward
         (the losses averaged over MoE layers, only those computed; 0.0 when none). This is
@@ -330,25 +351,6 @@ class RaceDiT(ModelBase):
         """list (one per MoE layer) of the (B, L, E) bool selection of the last forward
         (copies); [] for a dense model or before any forward."""
         return [v["mask"] for v in self._views() if v["have_forward"]]
-
-    def layer_stats(self):
-        """Per MoE layer diagnostics of the last forward: a list of dicts with ``load``
-        (E,) int64 tokens per expert, ``dead_experts``, ``max_violation`` ((max - mean) /
-        mean load), ``combination_usage`` (fraction of expert pairs holding 95 % of the
-        co-selections), ``experts_per_token`` (selected pairs / tokens), ``tau`` (NaN
-        before it is set), ``tau_b`` (batch threshold of the last training forward) and the
-        layer's unweighted ``plr``, ``sim``, ``balance`` losses (NaN if not computed).
-        [] for a dense model or before any forward."""
-        keys = ("load", "dead_experts", "max_violation", "combination_usage",
-                "experts_per_token", "tau_b", "plr", "sim", "balance")
-        stats = []
-        for v in self._views():
-            if not v["have_forward"]:
-                return []
-            d = {k: v[k] for k in keys}
-            d["tau"] = v["tau"] if v["have_tau"] else float("nan")
-            stats.append(d)
-        return stats
 
     # ---- sizes and state ------------------------------------------------------------------
     def _batch(self):
