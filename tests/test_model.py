@@ -270,6 +270,22 @@ def test_dense_odd_shapes_match_reference():
         np.testing.assert_allclose(m.grads[k], g, atol=2e-4 * max(np.abs(g).max(), 1e-3), err_msg=k)
 
 
+def check_fd(P, G, objective, rng, h=1e-6):
+    """Central differences of objective() at two random entries of every parameter in P
+    (modified in place and restored) against the analytic gradients G."""
+    for name in P:
+        for _ in range(2):
+            i = tuple(rng.integers(0, s) for s in P[name].shape)
+            old = P[name][i]
+            P[name][i] = old + h
+            fp = objective()
+            P[name][i] = old - h
+            fm = objective()
+            P[name][i] = old
+            fd = (fp - fm) / (2 * h)
+            assert abs(fd - G[name][i]) <= 1e-6 + 1e-4 * abs(fd), (name, i, fd, G[name][i])
+
+
 def test_reference_model_finite_differences():
     m = RaceDiT("DiT-T/2", input_size=4, in_channels=2, num_classes=3)
     rng = np.random.default_rng(7)
@@ -280,18 +296,7 @@ def test_reference_model_finite_differences():
     out, cache = ref.dit_model_forward(P, x, t, y, heads=2, patch=2)
     d = rng.normal(size=out.shape)
     G = ref.dit_model_backward(d, cache)
-    h = 1e-6
-    for name in P:
-        for _ in range(2):
-            i = tuple(rng.integers(0, s) for s in P[name].shape)
-            old = P[name][i]
-            P[name][i] = old + h
-            fp = np.sum(f() * d)
-            P[name][i] = old - h
-            fm = np.sum(f() * d)
-            P[name][i] = old
-            fd = (fp - fm) / (2 * h)
-            assert abs(fd - G[name][i]) <= 1e-6 + 1e-4 * abs(fd), (name, i, fd, G[name][i])
+    check_fd(P, G, lambda: np.sum(f() * d), rng)
 
 
 class FixedSelectionMoE:
@@ -340,18 +345,7 @@ def test_reference_moe_model_finite_differences():
     def objective():
         o, _ = ref.dit_model_forward(P, x, t, y, heads=2, patch=2, moe=moe, plr_target=target)
         return np.sum(o * d) + moe.aux_total()
-    h = 1e-6
-    for name in P:
-        for _ in range(2):
-            i = tuple(rng.integers(0, s) for s in P[name].shape)
-            old = P[name][i]
-            P[name][i] = old + h
-            fp = objective()
-            P[name][i] = old - h
-            fm = objective()
-            P[name][i] = old
-            fd = (fp - fm) / (2 * h)
-            assert abs(fd - G[name][i]) <= 1e-6 + 1e-4 * abs(fd), (name, i, fd, G[name][i])
+    check_fd(P, G, objective, rng)
 
 
 # ---- buffers, views, init ---------------------------------------------------------------------
