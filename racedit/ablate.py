@@ -72,7 +72,6 @@ retrains the others from scratch — then ``table.md`` (the paper's layout), ``s
 the module itself is ``sys.modules["racedit.ablate"]`` (``from racedit.ablate import
 BUDGETS`` works as usual).
 """
-import contextlib
 import dataclasses
 import io
 import json
@@ -82,6 +81,8 @@ import shutil
 import sys
 
 import numpy as np
+
+from .threads import thread_limit
 
 __all__ = ["ablate", "STUDIES", "BUDGETS", "StudyRun", "study_runs", "AblationResult",
            "budgets_help"]
@@ -527,20 +528,6 @@ def _check_device(device):
         check_device(device, "fp32")
 
 
-def _thread_limit(threads):
-    """A context limiting the OpenMP and BLAS threads (threadpoolctl) or, for None, none."""
-    if threads is None:
-        return contextlib.nullcontext()
-    if int(threads) < 1:
-        raise ValueError(f"threads: expected >= 1 or None, got {threads}")
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        raise ValueError("threads: needs the threadpoolctl package (or set OMP_NUM_THREADS "
-                         "before starting Python)") from None
-    return threadpool_limits(int(threads))
-
-
 def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=True,
            stream=None, threads=None):
     """Run (or finish) an ablation study and return an :class:`AblationResult`.
@@ -584,7 +571,7 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     vds = load_builtin(n=b["val_images"], seed=VAL_DATA_SEED, image_size=b["image_size"])
     val = validation_set(make_objective("flow"), vds, NUM_BUCKETS, seed=VAL_NOISE_SEED,
                          batch_size=b["eval_batch"])
-    with _thread_limit(threads):
+    with thread_limit(threads):
         results = _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress,
                            stream)
     fps = {r["fingerprint"] for rs in results.values() for r in rs}
