@@ -35,7 +35,31 @@ def _choose_openblas_coretype():
 
 _OPENBLAS_CORETYPE_SET = _choose_openblas_coretype()
 
-from . import _C  # noqa: E402
+def _import_core():
+    """racedit._C, checked against racedit/_build_info.py (both are written by one build;
+    a pair from two builds would make build_info() describe another extension)."""
+    try:
+        from . import _C
+    except ImportError as e:
+        here = _os.path.dirname(_os.path.abspath(__file__))
+        raise ImportError(
+            f"racedit: the compiled core racedit._C could not be loaded from {here} ({e}). "
+            "If this is a source checkout, build it for this interpreter: `pip install .` "
+            f"(or `pip install -e .`) in {_os.path.dirname(here)}; Python finds the racedit/ "
+            "folder of the current directory before an installed racedit.") from e
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        return _C
+    built, loaded = BUILD_INFO.get("build_id"), _C.build_info().get("build_id")
+    if built != loaded:
+        raise ImportError(
+            f"racedit: {_C.__file__} (build {loaded}) and racedit/_build_info.py (build "
+            f"{built}) come from different builds; reinstall racedit (`pip install .`)")
+    return _C
+
+
+_C = _import_core()
 
 __version__ = "0.1.0"
 

@@ -53,6 +53,12 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 #else
     PyDict_SetItemString(d, "cuda", Py_False);
 #endif
+#ifdef RD_BUILD_ID
+    v = PyUnicode_FromString(RD_BUILD_ID);
+#else
+    v = Py_None, Py_INCREF(v);
+#endif
+    PyDict_SetItemString(d, "build_id", v); Py_XDECREF(v);
     return d;
 }
 
