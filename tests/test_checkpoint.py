@@ -32,7 +32,7 @@ def test_round_trip(tmp_path):
             "rng": ck.rng_state(rng)}
     p = tmp_path / "sub" / "0000012.safetensors"
     ck.save_checkpoint(str(p), t, meta)
-    t2, meta2 = ck.load_checkpoint(str(p))
+    t2, meta2 = ck.load_checkpoint(str(p), training=False)
     assert set(t2) == set(t)
     for k in t:
         assert t2[k].dtype == t[k].dtype
@@ -47,7 +47,7 @@ def test_overwrite_replaces(tmp_path):
     p = str(tmp_path / "c.safetensors")
     ck.save_checkpoint(p, _tensors(0), {"step": 1})
     ck.save_checkpoint(p, _tensors(1), {"step": 2})
-    t, m = ck.load_checkpoint(p)
+    t, m = ck.load_checkpoint(p, training=False)
     assert m["step"] == 2
     np.testing.assert_array_equal(t["opt.m.x"], _tensors(1)["opt.m.x"])
 
@@ -56,7 +56,7 @@ def test_non_contiguous_is_stored(tmp_path):
     a = np.arange(20, dtype=np.float32).reshape(4, 5)[:, ::2]
     p = str(tmp_path / "c.safetensors")
     ck.save_checkpoint(p, {"a": a}, {})
-    np.testing.assert_array_equal(ck.load_checkpoint(p)[0]["a"], a)
+    np.testing.assert_array_equal(ck.load_checkpoint(p, training=False)[0]["a"], a)
 
 
 def test_bad_inputs_and_files(tmp_path):
@@ -118,7 +118,7 @@ def test_crash_during_save_keeps_previous(tmp_path, mode):
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the writer finished before it was killed"
-    t, meta = ck.load_checkpoint(path)
+    t, meta = ck.load_checkpoint(path, training=False)
     assert meta == {"step": 1}
     np.testing.assert_array_equal(t["x"], np.full(10, 1.0, np.float32))
     assert "big" not in t
