@@ -54,15 +54,19 @@ def _fsync_dir(d):
 
 
 def _new_temp(folder, name):
-    """Create an empty ``folder/.<name>.<random>.tmp`` with mode 0666 & ~umask (the kernel
-    applies the umask, as for any other output; mkstemp would force 0600)."""
+    """Create an empty ``folder/.<name>.<random>.tmp`` with mode 0666 and return (its path,
+    its permission bits): the kernel applies the umask, as for any other output, without
+    touching the process-wide umask (mkstemp, and safetensors' writer, make 0600)."""
     while True:
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:  # pragma: no cover - 48 random bits collided
             continue
+        try:
+            return tmp, os.fstat(fd).st_mode & 0o777
+        finally:
+            os.close(fd)
 
 
 def save_checkpoint(path, tensors, meta):
@@ -80,9 +84,10 @@ def save_checkpoint(path, tensors, meta):
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = _new_temp(folder, os.path.basename(path))
+    tmp, mode = _new_temp(folder, os.path.basename(path))
     try:
         save_file(arrays, tmp, metadata=header)
+        os.chmod(tmp, mode)  # save_file replaces the file with one of its own (0600)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

@@ -143,7 +143,8 @@ def _real_values(x, where):
         return x
     if x.dtype.kind not in "biuf":
         raise DataError(f"{where}: expected real numbers (uint8 or float), got {x.dtype}")
-    x = x.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # what overflows to inf is reported below
+        x = x.astype(np.float32, copy=False)
     bad = ~np.isfinite(x)
     if bad.any():
         i = np.unravel_index(int(np.argmax(bad)), x.shape)
