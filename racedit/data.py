@@ -42,6 +42,7 @@ DATA_KINDS = ("builtin", "folder", "latents", "mnist", "cifar10")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # Sanity bounds: a label, side or channel count beyond them is a corrupt file, not a data
 # set (ImageNet-21k has 21,841 classes); a label of 2**40 would otherwise build 2**40 names.
+# Checkpoint metadata is held to the same bounds (racedit.checkpoint).
 MAX_CLASSES = 1 << 16
 MAX_IMAGE_SIZE = 4096
 MAX_CHANNELS = 1024
@@ -70,6 +71,9 @@ class ArrayDataset:
             raise DataError(f"{where}: expected images (N, C, H, W), got shape {x.shape}")
         if x.shape[2] != x.shape[3]:
             raise DataError(f"{where}: expected square images, got {x.shape[2]}x{x.shape[3]}")
+        if x.shape[1] > MAX_CHANNELS or x.shape[2] > MAX_IMAGE_SIZE:
+            raise DataError(f"{where}: at most {MAX_CHANNELS} channels of {MAX_IMAGE_SIZE}^2 "
+                            f"pixels (what a checkpoint may hold), got shape {x.shape[1:]}")
         if y.shape != (x.shape[0],):
             raise DataError(f"{where}: {x.shape[0]} images but labels of shape {y.shape}")
         if x.shape[0] == 0:
@@ -354,8 +358,8 @@ def _npy_header(f, fp):
 
 
 def _load_npy(fp, kinds, what):
-    """A .npy array whose dtype kind is in ``kinds`` (e.g. "f" for features), header checked
-    first; returns (array, shape from the header)."""
+    """A .npy array whose dtype kind is in ``kinds`` (e.g. "f" for features), its header
+    checked before the array is read."""
     try:
         with open(fp, "rb") as f:
             shape, dtype = _npy_header(f, fp)

@@ -430,5 +430,9 @@ def test_array_dataset_checks_values_and_shapes():
         data.ArrayDataset(np.zeros((1, 1, 2, 2), np.uint8), [np.nan])
     with pytest.raises(ValueError, match="num_classes: expected an int in"):
         data.ArrayDataset(np.zeros((1, 1, 2, 2), np.uint8), [0], num_classes=2 ** 40)
+    with pytest.raises(data.DataError, match=r"src: at most 1024 channels .*got shape \(1025, 1, 1\)"):
+        data.ArrayDataset(np.zeros((1, 1025, 1, 1), np.uint8), [0], source="src")
+    with pytest.raises(data.DataError, match=r"src: at most .*got shape \(1, 4097, 4097\)"):
+        data.ArrayDataset(np.zeros((1, 1, 4097, 4097), np.uint8), [0], source="src")
     ds = data.ArrayDataset(np.ones((1, 1, 2, 2), np.float64), np.array([3.0]))
     assert ds.x.dtype == np.float32 and ds.y.dtype == np.int64 and ds.num_classes == 4
