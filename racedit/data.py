@@ -12,27 +12,43 @@
 * ``cifar10 PATH``: the CIFAR-10 python batches (``data_batch_1..5``, ``batches.meta``).
 
 Every loader returns an :class:`ArrayDataset` held in memory (images as uint8, converted to
-float32 in [-1, 1] per batch; latents as float32). Bad data — a missing folder, images of
-mixed sizes, a corrupt file, a label count that does not match — raises :class:`DataError`
-naming the file.
+float32 in [-1, 1] per batch; latents as float32), checked whole before training starts.
+Files are untrusted: headers are checked against the file size before anything is
+allocated (``.npy``, IDX), images against :data:`MAX_IMAGE_PIXELS` before they are decoded,
+CIFAR-10 pickles are read by an unpickler that can build nothing but containers, strings,
+numbers and NumPy arrays. Bad data — a missing folder, images of mixed or non-square sizes,
+a corrupt file, a label count that does not match, a label out of range, a NaN/Inf or
+non-real latent — raises :class:`DataError` naming the file.
 """
 import gzip
+import math
 import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 
 __all__ = [
     "SHAPE_CLASSES", "DataError", "ArrayDataset", "make_shapes", "load_builtin",
     "load_folder", "load_latents", "load_mnist", "load_cifar10", "load_data",
-    "center_crop_arr", "DATA_KINDS",
+    "parse_data_arg", "center_crop_arr", "DATA_KINDS", "MAX_CLASSES", "MAX_IMAGE_SIZE",
+    "MAX_CHANNELS", "MAX_IMAGE_PIXELS",
 ]
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "horizontal bars",
                  "vertical bars", "diamond", "checker", "star")
 DATA_KINDS = ("builtin", "folder", "latents", "mnist", "cifar10")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# Sanity bounds: a label, side or channel count beyond them is a corrupt file, not a data
+# set (ImageNet-21k has 21,841 classes); a label of 2**40 would otherwise build 2**40 names.
+# Checkpoint metadata is held to the same bounds (racedit.checkpoint).
+MAX_CLASSES = 1 << 16
+MAX_IMAGE_SIZE = 4096
+MAX_CHANNELS = 1024
+# Images with more pixels are refused from their header, before decoding (decompression
+# bombs); Pillow's own limit only warns below twice its 89 M.
+MAX_IMAGE_PIXELS = 1 << 26
 
 
 class DataError(ValueError):
@@ -48,22 +64,25 @@ class ArrayDataset:
     """
 
     def __init__(self, x, y, num_classes=None, class_names=None, kind="pixels", source=""):
+        where = source or "data"
         x = np.asarray(x)
         y = np.asarray(y)
         if x.ndim != 4:
-            raise DataError(f"{source or 'data'}: expected images (N, C, H, W), got shape {x.shape}")
+            raise DataError(f"{where}: expected images (N, C, H, W), got shape {x.shape}")
+        if x.shape[2] != x.shape[3]:
+            raise DataError(f"{where}: expected square images, got {x.shape[2]}x{x.shape[3]}")
+        if x.shape[1] > MAX_CHANNELS or x.shape[2] > MAX_IMAGE_SIZE:
+            raise DataError(f"{where}: at most {MAX_CHANNELS} channels of {MAX_IMAGE_SIZE}^2 "
+                            f"pixels (what a checkpoint may hold), got shape {x.shape[1:]}")
         if y.shape != (x.shape[0],):
-            raise DataError(f"{source or 'data'}: {x.shape[0]} images but labels of shape {y.shape}")
-        if x.dtype not in (np.uint8, np.float32):
-            x = x.astype(np.float32)
+            raise DataError(f"{where}: {x.shape[0]} images but labels of shape {y.shape}")
         if x.shape[0] == 0:
-            raise DataError(f"{source or 'data'}: no samples")
-        y = y.astype(np.int64)
+            raise DataError(f"{where}: no samples")
+        x = _real_values(x, where)
+        num_classes = _check_num_classes(num_classes)
+        y = _check_labels(y, where, num_classes)
         if num_classes is None:
             num_classes = int(y.max()) + 1
-        if y.min() < 0 or y.max() >= num_classes:
-            raise DataError(f"{source or 'data'}: labels must lie in [0, {num_classes}), "
-                            f"got [{y.min()}, {y.max()}]")
         self.x, self.y = x, y
         self.num_classes = int(num_classes)
         self.class_names = (list(class_names) if class_names is not None
@@ -92,6 +111,50 @@ class ArrayDataset:
     def __repr__(self):
         return (f"ArrayDataset({len(self)} x {tuple(self.x.shape[1:])}, {self.num_classes} "
                 f"classes, kind={self.kind!r}, source={self.source!r})")
+
+
+def _check_num_classes(num_classes, name="num_classes"):
+    """None, or an int in [1, MAX_CLASSES] (ValueError naming ``name`` otherwise)."""
+    if num_classes is None:
+        return None
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+            or not 1 <= num_classes <= MAX_CLASSES):
+        raise ValueError(f"{name}: expected an int in [1, {MAX_CLASSES}], got {num_classes!r}")
+    return int(num_classes)
+
+
+def _check_labels(y, where, num_classes=None):
+    """Labels as int64, each an integer in [0, num_classes) (or [0, MAX_CLASSES)), checked
+    in their own dtype before any cast (a uint64 or 1e30 label must not wrap)."""
+    if y.size == 0:
+        return y.astype(np.int64)
+    integral = y.dtype.kind in "iu" or (y.dtype.kind == "f" and bool(np.isfinite(y).all())
+                                        and bool((y == np.floor(y)).all()))
+    if not integral:
+        raise DataError(f"{where}: expected integer labels, got {y.dtype}")
+    bound = MAX_CLASSES if num_classes is None else num_classes
+    lo, hi = y.min(), y.max()
+    if lo < 0 or hi >= bound:
+        what = (f"num_classes {num_classes} (--num-classes)" if num_classes is not None
+                else f"at most {MAX_CLASSES} classes")
+        raise DataError(f"{where}: labels must lie in [0, {bound}) ({what}), got [{lo}, {hi}]")
+    return y.astype(np.int64)
+
+
+def _real_values(x, where):
+    """uint8 pixels as they are; any other real array as float32, every value finite."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{where}: expected real numbers (uint8 or float), got {x.dtype}")
+    with np.errstate(over="ignore"):  # what overflows to inf is reported below
+        x = x.astype(np.float32, copy=False)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i = np.unravel_index(int(np.argmax(bad)), x.shape)
+        raise DataError(f"{where}: non-finite value {x[i]} at index {tuple(map(int, i))} "
+                        "(or a value beyond float32's range)")
+    return x
 
 
 # ---- the built-in shapes -------------------------------------------------------------------
@@ -184,7 +247,8 @@ def load_builtin(n=10000, seed=0, image_size=32):
 def center_crop_arr(pil_image, image_size):
     """DiT's (ADM's) preprocessing: halve with a box filter while the short side is at least
     twice the target, resize bicubically so the short side is ``image_size``, then crop the
-    centre square. Returns a uint8 (image_size, image_size, 3) array."""
+    centre square. Returns a uint8 (image_size, image_size, 3) array ((image_size,
+    image_size) for a one-channel "L" image)."""
     from PIL import Image
 
     while min(*pil_image.size) >= 2 * image_size:
@@ -198,13 +262,15 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
-def load_folder(path, image_size=32):
+def load_folder(path, image_size=32, channels=3):
     """Images in ImageNet layout (``path/<class>/<image>``), every image opened, converted to
-    RGB and center-cropped to ``image_size`` now. Class indices follow the sorted folder
-    names. DataError for a missing folder, no classes, an empty class or an unreadable
-    image (naming it)."""
-    from PIL import Image, UnidentifiedImageError
-
+    RGB (``channels=3``) or grayscale (``channels=1``, Pillow's "L") and center-cropped to
+    ``image_size`` now. Class indices follow the sorted folder names. DataError for a
+    missing folder, no classes, an empty class or an unreadable image or one of more than
+    :data:`MAX_IMAGE_PIXELS` pixels (naming it)."""
+    _check_image_size(image_size)
+    if channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB), got {channels!r}")
     if not os.path.isdir(path):
         raise DataError(f"{path}: image folder not found")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
@@ -218,16 +284,38 @@ def load_folder(path, image_size=32):
         if not files:
             raise DataError(f"{cdir}: class folder holds no images ({', '.join(IMAGE_EXTS)})")
         for f in files:
-            fp = os.path.join(cdir, f)
-            try:
-                with Image.open(fp) as im:
-                    im.load()
-                    arr = center_crop_arr(im.convert("RGB"), image_size)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-                raise DataError(f"{fp}: cannot read image ({e})") from None
-            xs.append(arr.transpose(2, 0, 1))
+            arr = _read_image(os.path.join(cdir, f), image_size, channels)
+            xs.append(arr.reshape(image_size, image_size, channels).transpose(2, 0, 1))
             ys.append(ci)
     return ArrayDataset(np.stack(xs), np.array(ys), len(classes), classes, "pixels", path)
+
+
+def _read_image(fp, image_size, channels):
+    """One image, its size checked from the header before it is decoded, converted to
+    "L" or "RGB" and center-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(fp) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"{fp}: {w}x{h} pixels exceed the limit of {MAX_IMAGE_PIXELS} "
+                                "(decompression bomb?)")
+            im.load()
+            return center_crop_arr(im.convert("L" if channels == 1 else "RGB"), image_size)
+    except Image.DecompressionBombError as e:  # Pillow's own limit, hit at open
+        raise DataError(f"{fp}: image too large ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{fp}: cannot read image ({e})") from None
+
+
+def _check_image_size(image_size):
+    if (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+            or not 1 <= image_size <= MAX_IMAGE_SIZE):
+        raise ValueError(f"image_size: expected an int in [1, {MAX_IMAGE_SIZE}], "
+                         f"got {image_size!r}")
 
 
 # ---- fast-DiT latents --------------------------------------------------------------------
@@ -249,17 +337,65 @@ def _latent_dirs(path):
     return f, l
 
 
-def _load_npy(fp):
+def _npy_header(f, fp):
+    """(shape, dtype) of an open .npy file, checked against the file's size before anything
+    is allocated (a header may claim petabytes)."""
+    fmt = np.lib.format
     try:
-        return np.load(fp, allow_pickle=False)
-    except (OSError, ValueError) as e:
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"unsupported .npy version {version}")
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{fp}: cannot read .npy ({e})") from None
+    need = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
+    have = os.fstat(f.fileno()).st_size - f.tell()
+    if need > have:
+        raise DataError(f"{fp}: header claims shape {shape} of {dtype} ({need} bytes) but "
+                        f"the file holds {have} bytes (truncated or corrupt)")
+    return shape, dtype
+
+
+def _load_npy(fp, kinds, what):
+    """A .npy array whose dtype kind is in ``kinds`` (e.g. "f" for features), its header
+    checked before the array is read."""
+    try:
+        with open(fp, "rb") as f:
+            shape, dtype = _npy_header(f, fp)
+            if dtype.kind not in kinds:
+                raise DataError(f"{fp}: expected {what}, got dtype {dtype}")
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{fp}: cannot read .npy ({e})") from None
+
+
+def _latent_pair(fp, lp, num_classes):
+    """features (k,C,H,W) float32 and labels (k,) int64 of one file pair, all checked."""
+    x = _load_npy(fp, "f", "floating-point features")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise DataError(f"{fp}: expected features (C,H,W) or (k,C,H,W), got {x.shape}")
+    if x.shape[2] != x.shape[3]:
+        raise DataError(f"{fp}: expected square latents (H == W), got shape {x.shape[1:]}")
+    x = _real_values(x, fp)
+    y = np.atleast_1d(_load_npy(lp, "iu", "integer labels"))
+    if y.shape != (x.shape[0],):
+        raise DataError(f"{lp}: {y.shape[0] if y.ndim else 0} integer labels expected "
+                        f"{x.shape[0]} (label count mismatch with {fp}), got {y.shape} {y.dtype}")
+    return x, _check_labels(y, lp, num_classes)
 
 
 def load_latents(path, num_classes=None):
     """fast-DiT latent features (already scaled by 0.18215) and labels, paired by file name.
-    DataError for a missing folder, a file without its pair, mixed shapes, a label count
-    that does not match the features, or an unreadable file."""
+    DataError for a missing folder, a file without its pair, mixed or non-square shapes, a
+    label count that does not match the features, a label outside [0, num_classes) (or
+    beyond :data:`MAX_CLASSES`), a non-real or non-finite feature, or an unreadable file."""
+    num_classes = _check_num_classes(num_classes)
     fdir, ldir = _latent_dirs(path)
     fnames = sorted(n for n in os.listdir(fdir) if n.endswith(".npy"))
     lnames = set(n for n in os.listdir(ldir) if n.endswith(".npy"))
@@ -270,22 +406,14 @@ def load_latents(path, num_classes=None):
         fp, lp = os.path.join(fdir, name), os.path.join(ldir, name)
         if name not in lnames:
             raise DataError(f"{fp}: no matching label file {lp}")
-        x, y = _load_npy(fp), _load_npy(lp)
-        if x.ndim == 3:
-            x = x[None]
-        y = np.atleast_1d(y)
-        if x.ndim != 4:
-            raise DataError(f"{fp}: expected features (C,H,W) or (k,C,H,W), got {x.shape}")
+        x, y = _latent_pair(fp, lp, num_classes)
         if shape is None:
             shape = x.shape[1:]
         elif x.shape[1:] != shape:
             raise DataError(f"{fp}: features of shape {x.shape[1:]} differ from the first "
                             f"file's {shape} (mixed sizes)")
-        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{lp}: {y.shape[0] if y.ndim else 0} integer labels expected "
-                            f"{x.shape[0]} (label count mismatch with {fp}), got {y.shape} {y.dtype}")
-        xs.append(x.astype(np.float32))
-        ys.append(y.astype(np.int64))
+        xs.append(x)
+        ys.append(y)
     extra = lnames - set(fnames)
     if extra:
         raise DataError(f"{os.path.join(ldir, sorted(extra)[0])}: label file without features "
@@ -305,24 +433,44 @@ def _find(path, names):
 
 
 def _read_idx(fp, magic, ndim):
+    """An IDX array of uint8 with ``ndim`` dims. The size the header claims is computed in
+    Python ints (a uint32 product can wrap in int64) and the body is read in chunks up to
+    that size, so a lying header (or a gzip bomb behind it) allocates no more than the file
+    really holds."""
     opener = gzip.open if fp.endswith(".gz") else open
     try:
         with opener(fp, "rb") as f:
-            data = f.read()
-    except OSError as e:
+            head = f.read(4 + 4 * ndim)
+            if len(head) < 4 + 4 * ndim or struct.unpack(">I", head[:4])[0] != magic:
+                raise DataError(f"{fp}: not an IDX file with magic {magic}")
+            dims = struct.unpack(">" + "I" * ndim, head[4:])
+            need = math.prod(dims)
+            body = _read_upto(f, need + 1)
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{fp}: cannot read ({e})") from None
-    if len(data) < 4 + 4 * ndim or struct.unpack(">I", data[:4])[0] != magic:
-        raise DataError(f"{fp}: not an IDX file with magic {magic}")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{fp}: header says {dims} but holds {body.size} bytes (truncated?)")
-    return body.reshape(dims)
+    if len(body) != need:
+        held = f"{len(body)} bytes" if len(body) < need else "more"
+        raise DataError(f"{fp}: header says {dims} ({need} bytes) but holds {held} "
+                        "(truncated or corrupt?)")
+    return np.frombuffer(body, np.uint8).reshape(dims)
+
+
+def _read_upto(f, n, chunk=1 << 24):
+    """At most ``n`` bytes of ``f``, read in chunks (memory follows the data, not ``n``)."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(min(chunk, n - got))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
 
 
 def load_mnist(path, split="train", image_size=32):
-    """MNIST (or Fashion-MNIST) from its IDX files in ``path``; the 28x28 digits are padded
-    with black to ``image_size`` (>= 28). One channel, 10 classes."""
+    """MNIST (or Fashion-MNIST) from its IDX files in ``path``; the square digits (28x28)
+    are padded with black to ``image_size`` (>= their side). One channel, 10 classes."""
+    _check_image_size(image_size)
     if not os.path.isdir(path):
         raise DataError(f"{path}: MNIST folder not found")
     pre = "train" if split == "train" else "t10k"
@@ -333,15 +481,96 @@ def load_mnist(path, split="train", image_size=32):
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{lfp}: {y.shape[0]} labels for {x.shape[0]} images in {ifp} "
                         "(label count mismatch)")
+    if x.shape[1] != x.shape[2]:
+        raise DataError(f"{ifp}: expected square digits, got {x.shape[1]}x{x.shape[2]} pixels")
     if image_size < x.shape[1]:
         raise DataError(f"{ifp}: image_size {image_size} is smaller than the {x.shape[1]}-pixel digits")
+    y = _check_labels(y, lfp, 10)
     p = image_size - x.shape[1]
     x = np.pad(x, ((0, 0), (p // 2, p - p // 2), (p // 2, p - p // 2)))
     return ArrayDataset(x[:, None], y, 10, [str(i) for i in range(10)], "pixels", path)
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as Python 3's protocol-2 pickles use it for bytes, latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) "
+                                     "is not allowed")
+    return text.encode("latin1")
+
+
+def _pickle_globals():
+    """The only callables a CIFAR-10 batch may name: NumPy's array reconstruction (under
+    the module names NumPy 1 and 2 write) and latin-1 bytes."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+        from numpy.core.numeric import _frombuffer
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(core + ".multiarray", "_reconstruct")] = _reconstruct
+        allowed[(core + ".numeric", "_frombuffer")] = _frombuffer
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, bytes, str, numbers and NumPy arrays and nothing
+    else: any other global (``os.system``, ``builtins.eval``, a class with ``__reduce__``)
+    is refused before it is looked up, so loading runs no code from the file."""
+
+    def find_class(self, module, name):
+        fn = _pickle_globals().get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed "
+                                         "(only NumPy arrays, containers and strings)")
+        return fn
+
+
+def _unpickle(fp):
+    with open(fp, "rb") as f:
+        return _BatchUnpickler(f, encoding="bytes").load()
+
+
+def _cifar_batch(fp):
+    """(x uint8 (N, 3, 32, 32), y int64 (N,)) of one CIFAR-10 python batch, every field
+    checked: a dict with b"data" a uint8 (N, 3072) array and b"labels" N ints in [0, 10)."""
+    try:
+        d = _unpickle(fp)
+    except Exception as e:  # a corrupt pickle can raise nearly anything
+        raise DataError(f"{fp}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise DataError(f"{fp}: not a CIFAR-10 python batch (expected a dict with b'data' "
+                        f"and b'labels', got {type(d).__name__})")
+    x, y = d[b"data"], d[b"labels"]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise DataError(f"{fp}: expected data of uint8 (N, 3072), got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    if not isinstance(y, (list, np.ndarray)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in y):
+        raise DataError(f"{fp}: expected b'labels' a list of ints")
+    y = np.array(y, np.int64) if len(y) else np.zeros(0, np.int64)
+    if y.shape != (x.shape[0],):
+        raise DataError(f"{fp}: {y.shape} labels for {x.shape[0]} images (label count mismatch)")
+    return x.reshape(-1, 3, 32, 32), _check_labels(y, fp, 10)
+
+
+def _cifar_names(meta):
+    """The class names of batches.meta; the digits when it is missing or odd (cosmetic)."""
+    try:
+        names = _unpickle(meta)[b"label_names"]
+        if len(names) == 10 and all(isinstance(c, bytes) for c in names):
+            return [c.decode("utf-8", "replace") for c in names]
+    except Exception:  # a corrupt pickle can raise nearly anything
+        pass
+    return [str(i) for i in range(10)]
+
+
 def load_cifar10(path, split="train"):
-    """CIFAR-10 from its python batches in ``path`` (or ``path/cifar-10-batches-py``)."""
+    """CIFAR-10 from its python batches in ``path`` (or ``path/cifar-10-batches-py``), read
+    by an unpickler that builds only containers, strings, numbers and NumPy arrays."""
     if os.path.isdir(os.path.join(path, "cifar-10-batches-py")):
         path = os.path.join(path, "cifar-10-batches-py")
     if not os.path.isdir(path):
@@ -352,44 +581,70 @@ def load_cifar10(path, split="train"):
         fp = os.path.join(path, n)
         if not os.path.isfile(fp):
             raise DataError(f"{fp}: CIFAR-10 batch not found")
-        try:
-            with open(fp, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            x = np.asarray(d[b"data"], np.uint8)
-            y = np.asarray(d[b"labels"], np.int64)
-        except Exception as e:  # a corrupt pickle can raise nearly anything
-            raise DataError(f"{fp}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
-        if x.ndim != 2 or x.shape[1] != 3072:
-            raise DataError(f"{fp}: expected data of shape (N, 3072), got {x.shape}")
-        if y.shape != (x.shape[0],):
-            raise DataError(f"{fp}: {y.shape} labels for {x.shape[0]} images (label count mismatch)")
-        xs.append(x.reshape(-1, 3, 32, 32))
+        x, y = _cifar_batch(fp)
+        xs.append(x)
         ys.append(y)
-    classes = [str(i) for i in range(10)]
     meta = os.path.join(path, "batches.meta")
-    if os.path.isfile(meta):
-        try:
-            with open(meta, "rb") as f:
-                classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
-        except Exception:
-            pass  # the names are cosmetic
+    classes = _cifar_names(meta) if os.path.isfile(meta) else [str(i) for i in range(10)]
     return ArrayDataset(np.concatenate(xs), np.concatenate(ys), 10, classes, "pixels", path)
 
 
-def load_data(kind="builtin", path=None, image_size=32, num_classes=None, seed=0, n=10000):
+# ---- choosing a data set ------------------------------------------------------------------
+
+def _kinds_usage():
+    return " | ".join(k if k == "builtin" else f"{k} PATH" for k in DATA_KINDS)
+
+
+def parse_data_arg(args_list):
+    """(kind, path) of the ``--data KIND [PATH]`` words (path None for builtin). ValueError
+    saying which kinds exist when the first word is not one of :data:`DATA_KINDS` (e.g. a
+    path given without its kind), or when the path is missing or extra."""
+    args_list = list(args_list)
+    if not args_list:
+        raise ValueError(f"--data: expected one of {_kinds_usage()}")
+    kind, rest = args_list[0], args_list[1:]
+    if kind not in DATA_KINDS:
+        example = f" (e.g. --data folder {kind})" if os.sep in kind or os.path.exists(kind) else ""
+        raise ValueError(f"--data: {kind!r} is not a data kind; expected one of "
+                         f"{_kinds_usage()}{example}")
+    if kind == "builtin":
+        if rest:
+            raise ValueError(f"--data builtin takes no path, got {rest}")
+        return kind, None
+    if len(rest) != 1:
+        raise ValueError(f"--data {kind} needs exactly one PATH, got {len(rest)}: {rest}")
+    return kind, rest[0]
+
+
+def load_data(kind="builtin", path=None, image_size=32, num_classes=None, seed=0, n=10000,
+              channels=None):
     """Load a training set by kind (:data:`DATA_KINDS`). ``path`` is required for all but
     builtin; ``n``/``seed`` only shape the built-in set; ``num_classes`` overrides the
-    count inferred from the labels (latents, e.g. 1000 for ImageNet)."""
+    count inferred from the labels (latents, e.g. 1000 for ImageNet); ``channels`` (1 or
+    3) converts image folders to grayscale or RGB (None: RGB); for the other kinds it
+    must be None or their own count (mnist 1, builtin and cifar10 3, latents theirs).
+    Settings are checked before any file is read (ValueError naming the setting)."""
     if kind not in DATA_KINDS:
-        raise ValueError(f"data: expected one of {DATA_KINDS}, got {kind!r}")
+        raise ValueError(f"data: {kind!r} is not a data kind; expected one of {_kinds_usage()}")
+    _check_image_size(image_size)
+    _check_num_classes(num_classes)
+    if channels not in (None, 1, 3) and kind != "latents":
+        raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
     if kind == "builtin":
-        return load_builtin(n, seed, image_size)
+        return _same_channels(load_builtin(n, seed, image_size), channels, kind)
     if not path:
         raise ValueError(f"data: {kind} needs a path")
     if kind == "folder":
-        return load_folder(path, image_size)
+        return load_folder(path, image_size, 3 if channels is None else channels)
     if kind == "latents":
-        return load_latents(path, num_classes)
+        return _same_channels(load_latents(path, num_classes), channels, kind)
     if kind == "mnist":
-        return load_mnist(path, image_size=image_size)
-    return load_cifar10(path)
+        return _same_channels(load_mnist(path, image_size=image_size), channels, kind)
+    return _same_channels(load_cifar10(path), channels, kind)
+
+
+def _same_channels(ds, channels, kind):
+    if channels is not None and channels != ds.channels:
+        raise ValueError(f"channels: {kind} data has {ds.channels}, got {channels} "
+                         "(channels converts image folders only)")
+    return ds

@@ -206,13 +206,20 @@ def _load_params(m, tensors, prefix, path):
 def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
     """(model, meta) rebuilt from a training checkpoint (written on either device) on
     ``device``; the weights are the EMA's unless use_ema is False. The routing thresholds
-    are restored too."""
+    are restored too. CheckpointError (naming the file) when its contents (checked by
+    load_checkpoint) do not describe a model, or its tensors do not fit that model."""
+    from .checkpoint import CheckpointError
+
     tensors, meta = load_checkpoint(path)
+    check_device(device, precision)
     cfg = _config_from_dict(meta["config"])
     d = meta["data"]
-    m = build_model(cfg, d["channels"], d["image_size"], d["num_classes"], device, precision)
+    try:
+        m = build_model(cfg, d["channels"], d["image_size"], d["num_classes"], device, precision)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config does not build a model ({e})") from None
     _load_params(m, tensors, "ema." if use_ema else "model.", path)
-    _set_thresholds(m, tensors)
+    _set_thresholds(m, tensors, path)
     return m, meta
 
 
@@ -229,13 +236,16 @@ def _pack(model, buf, prefix):
 
 def _unpack(model, tensors, prefix, buf, path):
     """Fill flat ``buf`` from the checkpoint's ``<prefix><name>`` tensors."""
+    from .checkpoint import CheckpointError
+
     for name, off, shape in model.layout:
         key = prefix + name
         if key not in tensors:
-            raise ValueError(f"{path}: checkpoint has no tensor {key!r} (another model?)")
+            raise CheckpointError(f"{path}: checkpoint has no tensor {key!r} (another model?)")
         a = tensors[key]
         if a.shape != tuple(shape):
-            raise ValueError(f"{path}: {key} has shape {a.shape}, the model expects {tuple(shape)}")
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {a.shape}, the model "
+                                  f"expects {tuple(shape)}")
         buf[off:off + a.size] = a.reshape(-1)
 
 
@@ -670,12 +680,17 @@ def _loop(tr, total, records, log_path):
         bar.close()
 
 
-def _set_thresholds(m, tensors):
+def _set_thresholds(m, tensors, path="checkpoint"):
     """Restore the routing thresholds (NaN entries, saved before a layer's first training
     forward, leave that layer to initialise its threshold from its next batch)."""
+    from .checkpoint import CheckpointError
+
     th = tensors.get("thresholds")
     if th is not None and th.size:
-        m.thresholds = th
+        try:
+            m.thresholds = th
+        except ValueError as e:  # one per MoE layer
+            raise CheckpointError(f"{path}: tensor 'thresholds' does not fit the model ({e})") from None
 
 
 def _validate(cfg):

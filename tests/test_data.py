@@ -54,7 +54,7 @@ def test_load_data_builtin():
     ds = data.load_data("builtin", n=30, seed=1)
     assert len(ds) == 30 and ds.num_classes == 10 and ds.kind == "pixels"
     assert ds.class_names[0] == "circle" and ds.channels == 3 and ds.image_size == 32
-    with pytest.raises(ValueError, match="data: expected one of"):
+    with pytest.raises(ValueError, match="data: .imagenet. is not a data kind; expected one of builtin"):
         data.load_data("imagenet")
     with pytest.raises(ValueError, match="needs a path"):
         data.load_data("folder")

@@ -80,8 +80,8 @@ def test_resume_extends_steps(tmp_path):
 def test_nan_stops_with_step_and_layer(tmp_path):
     x, y = data.make_shapes(16, 0)
     xf = x.astype(np.float32) / 127.5 - 1
-    xf[3, 0, 5, 5] = np.nan
     ds = data.ArrayDataset(xf, y, 10, data.SHAPE_CLASSES)
+    ds.x[3, 0, 5, 5] = np.nan  # after the constructor, which refuses NaN data
     with pytest.raises(TrainingDiverged, match=r"step 1: .*input batch holds NaN.*x_embedder"):
         _run(tmp_path, 3, dataset=ds, global_batch_size=16)
     with pytest.raises(TrainingDiverged, match=r"step 1: loss is nan.*input batch holds NaN"):
