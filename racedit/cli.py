@@ -101,7 +101,7 @@ def _add_sample(sub):
                         "in resumable shards and merged into one .npz (no PNG)")
     p.add_argument("--random-labels", action="store_true",
                    help="with --num-samples: uniformly random labels instead")
-    p.add_argument("--shard-size", type=int, default=1000,
+    p.add_argument("--shard-size", type=int,
                    help="with --num-samples: images per shard, the unit of a resume (1000)")
     p.add_argument("--out", help="PNG path (default: <run>/samples/sample-<step>-...png); "
                                  "with --num-samples the .npz path")

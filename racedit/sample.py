@@ -359,11 +359,11 @@ def _write_merged(path, shard_paths, labels, hwc):
 
 def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sampler=None,
                  num_steps=None, seed=0, clip_denoised=True, progress=True, batch_size=None,
-                 shard_size=SHARD_SIZE, info=None, stream=None):
+                 shard_size=None, info=None, stream=None):
     """Sample one image per label into ``path`` (.npz: ``arr_0`` (N, H, W, C) uint8 and
     ``labels``), resumably and in bounded memory.
 
-    The samples go in shards of ``shard_size`` to the folder named as ``path`` without
+    The samples go in shards of ``shard_size`` (:data:`SHARD_SIZE`) to the folder named as ``path`` without
     .npz (``shard-00000.npz`` ...), each written atomically, with a manifest.json of the
     settings (``info``, e.g. the checkpoint and step, plus the sampling settings); a call
     whose folder already holds shards of the same settings samples only the missing ones
@@ -376,7 +376,8 @@ def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sa
         raise ValueError(f"path: expected a file name ending in .npz, got {path!r}")
     labels = _check_labels(labels, model.num_classes)
     plan = _plan(objective, sampler, num_steps, cfg_scale, seed, clip_denoised, batch_size)
-    shard_size = _int_at_least("shard_size", "--shard-size", shard_size, 1)
+    shard_size = SHARD_SIZE if shard_size is None else _int_at_least(
+        "shard_size", "--shard-size", shard_size, 1)
     hwc = (model.input_size, model.input_size, model.in_channels)
     folder = os.path.splitext(path)[0]
     manifest = dict(info or {}, **dataclasses.asdict(plan), num_samples=int(labels.size),
@@ -387,8 +388,8 @@ def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sa
              for k, lo in enumerate(range(0, labels.size, shard_size))]
     todo = [s for s in spans if not _shard_done(_shard_path(folder, s[0]), labels[s[1]:s[2]], hwc)]
     if len(todo) < len(spans):
-        print(f"racedit: {folder}: {len(spans) - len(todo)} of {len(spans)} shards present, "
-              f"sampling the other {len(todo)}", file=stream)
+        print(f"racedit: {folder}: {len(spans) - len(todo)} of {len(spans)} shards present"
+              + (f", sampling the other {len(todo)}" if todo else ""), file=stream)
     total = sum(plan.bar_total(objective, hi - lo) for _, lo, hi in todo)
     with _eval_weights(model, weights), _bar(progress, total) as bar:
         for k, lo, hi in todo:
@@ -434,17 +435,22 @@ def _parse_labels(class_labels, num_classes, per_class):
 
 
 def _check_args(cfg_scale, num_sampling_steps, batch_size, seed, num_samples, class_labels,
-                random_labels, shard_size, grid_columns):
+                random_labels, shard_size, grid_columns, out):
     """Reject bad settings before a checkpoint is read (the same checks run again later)."""
     _check_numbers(cfg_scale, num_sampling_steps, batch_size, seed)
     if grid_columns is not None:
         _int_at_least("grid_columns", "--grid-columns", grid_columns, 1)
+    ext = ".png" if num_samples is None else ".npz"
+    if out is not None and not str(out).endswith(ext):
+        # the .npz / .npy written next to the PNG take its base name: they must not collide
+        raise ValueError(f"out (--out): expected a path ending in {ext}, got {out!r}")
     if num_samples is None:
         if random_labels:
             raise ValueError("random_labels (--random-labels) needs num_samples (--num-samples)")
         return
     _int_at_least("num_samples", "--num-samples", num_samples, 1)
-    _int_at_least("shard_size", "--shard-size", shard_size, 1)
+    if shard_size is not None:
+        _int_at_least("shard_size", "--shard-size", shard_size, 1)
     if class_labels is not None:
         raise ValueError("class_labels (--class-labels) and num_samples (--num-samples): "
                          "give one (--num-samples spreads the samples over all classes)")
@@ -453,7 +459,7 @@ def _check_args(cfg_scale, num_sampling_steps, batch_size, seed, num_samples, cl
 def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_steps=None,
            sampler=None, seed=0, use_ema=True, out=None, npz=False, grid_columns=None,
            progress=True, stream=None, batch_size=None, device="cpu", precision="fp32",
-           num_samples=None, random_labels=False, shard_size=SHARD_SIZE, threads=None):
+           num_samples=None, random_labels=False, shard_size=None, threads=None):
     """Sample from a training checkpoint and write the results.
 
     ckpt: a checkpoint file, or a run folder (its latest checkpoint).
@@ -461,15 +467,15 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
     first 10 classes. sampler: ddpm/ddim (ddpm models) or euler/heun (flow models),
     default from the checkpoint's config, then ddpm / euler; num_sampling_steps likewise.
     out: the PNG path (default ``<run>/samples/sample-<step>-<sampler><steps>-cfg<s>-
-    seed<seed>.png``, with the labels and ``-live`` (use_ema False) added when not the
-    defaults); npz: also write the samples, with the same base name, as an .npz (uint8 HWC
+    seed<seed>.png``, with the labels, ``-live`` (use_ema False) and the device added when
+    not the defaults, so that other settings never overwrite a file); npz: also write the samples, with the same base name, as an .npz (uint8 HWC
     ``arr_0`` as DiT's sample_ddp, plus ``labels``). grid_columns: columns of the grid.
     Latent models write ``.npy`` latents instead and print :data:`VAE_HINT`.
 
     num_samples: mass sampling (DiT's sample_ddp) of N images spread evenly over all
     classes (or uniformly random labels, ``random_labels``) with :func:`generate_npz`:
     out is then the .npz (default ``<run>/samples/sample-...-n<N>.npz``), the shards of
-    ``shard_size`` and the manifest go to the folder of that name, and the same call
+    ``shard_size`` (:data:`SHARD_SIZE`) and the manifest go to the folder of that name, and the same call
     resumes an interrupted run. No PNG; ``samples`` of the result is None.
 
     batch_size: images per model call (:data:`DEFAULT_BATCH`); progress: see
@@ -482,7 +488,7 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
 
     stream = stream or sys.stdout
     _check_args(cfg_scale, num_sampling_steps, batch_size, seed, num_samples, class_labels,
-                random_labels, shard_size, grid_columns)
+                random_labels, shard_size, grid_columns, out)
     check_device(device, precision)
     with thread_limit(threads):
         ckpt = latest_checkpoint(ckpt)
@@ -547,8 +553,10 @@ class _Call:
     def base(self, tag):
         """Default output path without extension: every setting that changes the samples."""
         run = os.path.dirname(os.path.dirname(os.path.abspath(self.ckpt)))
+        dev = "" if self.device == "cpu" else f"-{self.device}-{self.precision}"
         name = (f"sample-{self.step:07d}-{self.sampler}{self.num_sampling_steps}-"
-                f"cfg{self.cfg_scale:g}-seed{self.seed}{tag}{'' if self.use_ema else '-live'}")
+                f"cfg{self.cfg_scale:g}-seed{self.seed}{tag}{'' if self.use_ema else '-live'}"
+                f"{dev}")
         return os.path.join(run, "samples", name)
 
     def labels_tag(self, labels):
@@ -592,8 +600,7 @@ class _Call:
         labels = mass_labels(self.num_samples, self.model.num_classes, self.seed,
                              self.random_labels)
         path = self.out or self.base(f"-n{self.num_samples}"
-                                     + ("-random" if self.random_labels else ""))
-        path = path if path.endswith(".npz") else path + ".npz"
+                                     + ("-random" if self.random_labels else "")) + ".npz"
         info = {"checkpoint": os.path.abspath(self.ckpt),
                 "checkpoint_file": os.path.basename(self.ckpt),
                 "step": self.step, "model": self.meta.get("model_config", {}).get("name"),

@@ -238,6 +238,8 @@ def test_sample_from_a_step0_checkpoint(tmp_path):
     (dict(grid_columns=0), "--grid-columns"),
     (dict(seed=-1), "--seed"),
     (dict(threads=0), "threads"),
+    (dict(out="s.npz", npz=True), r"--out\): expected a path ending in \.png"),
+    (dict(out="s.png", num_samples=5), r"--out\): expected a path ending in \.npz"),
 ])
 def test_bad_settings_are_refused_up_front(kw, match, tmp_path):
     # the checkpoint does not exist: the settings are checked before it is read
