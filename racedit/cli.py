@@ -79,6 +79,8 @@ def _add_device(p, default):
 
 
 def _add_sample(sub):
+    from .sample import DEFAULT_BATCH, SHARD_SIZE
+
     p = sub.add_parser("sample", help="sample from a checkpoint (DiT's sample.py / sample_ddp.py)",
                        description="Sample a grid (PNG, optionally .npz) from a checkpoint, or "
                                    "with --num-samples N a resumable .npz of N images for "
@@ -102,13 +104,13 @@ def _add_sample(sub):
     p.add_argument("--random-labels", action="store_true",
                    help="with --num-samples: uniformly random labels instead")
     p.add_argument("--shard-size", type=int,
-                   help="with --num-samples: images per shard, the unit of a resume (1000)")
+                   help=f"with --num-samples: images per shard, the unit of a resume ({SHARD_SIZE})")
     p.add_argument("--out", help="PNG path (default: <run>/samples/sample-<step>-...png); "
                                  "with --num-samples the .npz path")
     p.add_argument("--npz", action="store_true",
                    help="also write the samples as .npz (same base name as the PNG)")
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
-    p.add_argument("--batch-size", type=int, help="images per model call (64; 2x with guidance)")
+    p.add_argument("--batch-size", type=int, help=f"images per model call ({DEFAULT_BATCH}; 2x with guidance)")
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl)")
     _add_device(p, "default cpu")
     bar = p.add_mutually_exclusive_group()
