@@ -79,23 +79,44 @@ def _add_device(p, default):
 
 
 def _add_sample(sub):
-    p = sub.add_parser("sample", help="sample from a checkpoint (DiT's sample.py)")
-    p.add_argument("--ckpt", required=True, help="a training checkpoint (.safetensors)")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    from .sample import DEFAULT_BATCH, SHARD_SIZE
+
+    p = sub.add_parser("sample", help="sample from a checkpoint (DiT's sample.py / sample_ddp.py)",
+                       description="Sample a grid (PNG, optionally .npz) from a checkpoint, or "
+                                   "with --num-samples N a resumable .npz of N images for "
+                                   "FID (arr_0 N x H x W x C uint8, as ADM's evaluator reads).")
+    p.add_argument("--ckpt", required=True,
+                   help="a training checkpoint (.safetensors), or a run folder (its latest)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (1: off)")
     p.add_argument("--num-sampling-steps", type=int,
                    help="default: the run's setting, else 250 ddpm / 50 ddim, euler / 25 heun")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"),
                    help="ddpm|ddim for ddpm models, euler|heun for flow models")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample i draws its noise from (seed, i), whatever the batch size")
     p.add_argument("--class-labels", help="labels to sample, e.g. '0,3,3,7' "
                                           "(default: --per-class of each of the first 10)")
     p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--out", help="PNG path (default: <run>/samples/sample-...png)")
-    p.add_argument("--npz", action="store_true", help="also write the samples as .npz")
+    p.add_argument("--grid-columns", type=int, help="columns of the PNG grid")
+    p.add_argument("--num-samples", type=int,
+                   help="mass sampling: N images spread evenly over all classes, written "
+                        "in resumable shards and merged into one .npz (no PNG)")
+    p.add_argument("--random-labels", action="store_true",
+                   help="with --num-samples: uniformly random labels instead")
+    p.add_argument("--shard-size", type=int,
+                   help=f"with --num-samples: images per shard, the unit of a resume ({SHARD_SIZE})")
+    p.add_argument("--out", help="PNG path (default: <run>/samples/sample-<step>-...png); "
+                                 "with --num-samples the .npz path")
+    p.add_argument("--npz", action="store_true",
+                   help="also write the samples as .npz (same base name as the PNG)")
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
-    p.add_argument("--batch-size", type=int, help="samples per model call")
+    p.add_argument("--batch-size", type=int, help=f"images per model call ({DEFAULT_BATCH}; 2x with guidance)")
+    p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl)")
     _add_device(p, "default cpu")
-    p.add_argument("--no-progress", action="store_true")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bar.add_argument("--progress", action="store_true",
+                     help="a progress bar even when stderr is not a terminal")
     return p
 
 
@@ -187,8 +208,11 @@ def _sample(args):
     sample(args.ckpt, class_labels=args.class_labels, per_class=args.per_class,
            cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
            sampler=args.sampler, seed=args.seed, use_ema=not args.no_ema, out=args.out,
-           npz=args.npz, progress=not args.no_progress, batch_size=args.batch_size,
-           device=args.device or "cpu", precision=args.precision or "fp32")
+           npz=args.npz, grid_columns=args.grid_columns,
+           progress="always" if args.progress else not args.no_progress,
+           batch_size=args.batch_size, device=args.device or "cpu",
+           precision=args.precision or "fp32", num_samples=args.num_samples,
+           random_labels=args.random_labels, shard_size=args.shard_size, threads=args.threads)
     return 0
 
 
