@@ -371,3 +371,14 @@ extern "C" rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const floa
     st->have_tau = 1;
     return RD_OK;
 }
+
+extern "C" rd_status rd_moe_cuda_copy_threshold(rd_moe_cuda_state *dst,
+                                                const rd_moe_cuda_state *src) {
+    if (!dst || !src) return rd_fail(RD_EINVAL, "moe_cuda_copy_threshold: NULL state");
+    dst->have_tau = src->have_tau;
+    if (!src->have_tau) return RD_OK;
+    float *scal;
+    RD_TRY(DBUF(dst->scal, float, 2, scal));
+    CU_TRY(cudaMemcpyAsync(scal, src->scal.p, sizeof(float), cudaMemcpyDeviceToDevice, RD_STREAM));
+    return RD_OK;
+}
