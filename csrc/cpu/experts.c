@@ -188,16 +188,23 @@ void rd_blas_threads_restore(int prev) {
 
 /* Smallest row block worth a separate sgemm call. */
 #define RD_MIN_ROWS 32
-/* Work (multiply-adds) a row block aims at: enough to amortise a call, small enough that a
- * product of the model's sizes yields tens of blocks for the threads to share. */
-#define RD_BLOCK_WORK (1 << 22)
+/* Least work (multiply-adds) of a row block: enough to amortise a call (packing the other
+ * operand again, the kernel's edges). */
+#define RD_BLOCK_WORK (1 << 24)
+/* Most blocks of one product: plenty for the threads of one machine. */
+#define RD_MAX_BLOCKS 64
 
-/* Row blocks are a function of the product's shape only, never of the thread count:
- * OpenBLAS's single-threaded sgemm picks its kernel and K blocking by the call's shape,
- * so a product split differently rounds differently. With the same calls at any thread
- * count, every output bit is the same (tests/test_determinism.py). */
-static int64_t block_rows(int64_t cols, int64_t K) {
-    int64_t work = cols * K > 0 ? cols * K : 1, b = (RD_BLOCK_WORK + work - 1) / work;
+/* Rows per block of an M x cols x K product: M split evenly into the largest power of two
+ * of blocks (so that 2, 4, 8 ... threads share them evenly) that keeps RD_BLOCK_WORK each,
+ * rows a multiple of 8, at least RD_MIN_ROWS. A function of the shape only, never of the
+ * thread count: OpenBLAS's single-threaded sgemm picks its kernel and K blocking by the
+ * call's shape, so a product split differently rounds differently. With the same calls at
+ * any thread count, every output bit is the same (tests/test_determinism.py). */
+static int64_t block_rows(int64_t M, int64_t cols, int64_t K) {
+    const double work = (double)M * (double)cols * (double)K;
+    int64_t nb = 1;
+    while (nb < RD_MAX_BLOCKS && work >= 2.0 * (double)nb * RD_BLOCK_WORK) nb *= 2;
+    int64_t b = (M + nb - 1) / nb;
     b = (b + 7) / 8 * 8;
     return b < RD_MIN_ROWS ? RD_MIN_ROWS : b;
 }
@@ -212,7 +219,7 @@ rd_status rd_matmul_par(float *C, int ldc, const float *A, int lda, int transA,
     if (N < 0 || K < 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX)
         return rd_fail(RD_EINVAL, "matmul: size %lld x %lld x %lld out of range of the 32-bit BLAS",
                        (long long)M, (long long)N, (long long)K);
-    int64_t rows = block_rows(N, K), nblk = (M + rows - 1) / rows;
+    int64_t rows = block_rows(M, N, K), nblk = (M + rows - 1) / rows;
 #pragma omp parallel for schedule(dynamic, 1) if (nblk > 1)
     for (int64_t i = 0; i < nblk; i++) {
         int64_t m0 = i * rows, m = M - m0 < rows ? M - m0 : rows;
@@ -239,12 +246,12 @@ static int64_t product_rows(const gemm_plan *pl, int which, int64_t e) {
     return which == 2 ? pl->He : which == 4 ? pl->D : n;
 }
 
-/* Row block of expert e's product: from its shape (columns, inner size) alone. */
+/* Row block of expert e's product: from its shape (rows, columns, inner size) alone. */
 static int64_t product_block(const gemm_plan *pl, int which, int64_t e) {
     int64_t n = pl->offsets[e + 1] - pl->offsets[e];
     int64_t cols = which == 0 || which == 3 || which == 4 ? pl->He : pl->D;
     int64_t K = which == 2 || which == 4 ? n : which == 0 || which == 3 ? pl->D : pl->He;
-    return block_rows(cols, K);
+    return block_rows(product_rows(pl, which, e), cols, K);
 }
 
 static void expert_gemm(const gemm_plan *pl, int which, int64_t e, int64_t m0, int64_t m1,
