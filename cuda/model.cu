@@ -6,7 +6,8 @@
  * the same configuration supplies the tensor table; offsets are looked up by name), so
  * checkpoints, load_dit_state_dict and the named views are shared with the CPU class.
  * Parameters, gradients, the AdamW moments and the EMA are five flat device buffers owned
- * here; activations live in one device arena carved for the largest batch (as the CPU).
+ * here; activations live in one device arena carved for the largest batch (as the CPU),
+ * and inference (rd_model_cuda_infer) in a second one with one block's activations.
  *
  * Host boundary: forward / backward / train_step take HOST arrays (x, t, y, targets, dout)
  * and copy them into device staging buffers; t and y are validated on the host first, so
@@ -719,8 +720,8 @@ static rd_status forward_pass(rd_model_cuda *m, const md_fwd_acts *A, int64_t B,
     RD_TRY(lin_fwd(m, A->th, A->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
     RD_TRY(rd_silu_forward_cuda(A->ths, A->th, B * D));
     RD_TRY(lin_fwd(m, A->temb, A->ths, P + m->t2_w, P + m->t2_b, B, D, D));
-    md_embed_kernel<<<rd_grid(B * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(A->c, P + m->ytab,
-                                                                             A->labels, A->temb, D, B * D);
+    md_embed_kernel<<<rd_grid(B * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(
+        A->c, P + m->ytab, A->labels, A->temb, D, B * D);
     CU_LAUNCHED("md_embed_kernel");
     RD_TRY(rd_silu_forward_cuda(A->sc, A->c, B * D));
     for (int64_t i = 0; i < c->depth; i++) RD_TRY(block_forward(m, A, i, B, training, plr));

@@ -39,8 +39,8 @@ class CudaRaceDiT(ModelBase):
         per weight) read by its backward. "fp32": fp32 GEMMs (TF32 under
         ``racedit.cuda.tf32(True)``).
 
-    Methods mirror the CPU class (forward / infer / backward / zero_grad / train / eval / aux /
-    aux_loss / routing_masks / layer_stats / thresholds / state_dict /
+    Methods mirror the CPU class (forward / infer / backward / zero_grad / train / eval /
+    aux / aux_loss / routing_masks / layer_stats / thresholds / state_dict /
     load_dit_state_dict), taking and returning NumPy arrays. :meth:`step` runs a whole
     training step on the device and returns only scalars. The device holds the
     parameters, gradients, AdamW moments and the EMA of the weights (initialised to the

@@ -251,13 +251,14 @@ class RaceDiT(ModelBase):
     leaving the training state (last forward, thresholds) untouched; ``free_infer()``
     gives the memory back.
 
-    Determinism: forward, backward and the optimiser (racedit.optim) give the same bits
-    at any thread count in the default threading mode (``racedit._C.moe_threading()``
-    == "omp": every BLAS call single-threaded, its row blocks a function of the shapes
-    only; every reduction in a fixed order). In "blas" mode the products are threaded
-    by the BLAS, and OpenBLAS's threaded sgemm splits the inner dimension differently
-    from its single-threaded one for some sizes: results then may differ by rounding
-    between thread counts.
+    Determinism: forward, infer, backward and the optimiser (racedit.optim) give the same
+    bits at any thread count in the "omp" threading mode (``racedit._C.moe_threading()``,
+    the default when racedit controls the BLAS's threads, as with SciPy's OpenBLAS):
+    every BLAS call runs single-threaded on row blocks chosen from the product's shape
+    alone, and every reduction runs in a fixed order (tests/test_determinism.py). In
+    "blas" mode the BLAS threads the products itself, and OpenBLAS's threaded sgemm
+    blocks the inner dimension differently from its single-threaded one for some sizes:
+    results may then differ in the last bits between thread counts.
 
     Errors: TypeError / ValueError for bad arguments (naming the argument, expected vs
     actual), RuntimeError for backward before forward.

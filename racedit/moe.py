@@ -312,8 +312,9 @@ class MoE:
     @property
     def threshold(self):
         """tau, the eval-mode selection threshold (float), or None before the first
-        training forward (eval mode then routes by batch top-K). Settable: a float (not NaN), or None to forget it (the next
-        training forward then starts it from its batch threshold)."""
+        training forward (eval mode then routes by batch top-K). Settable: a float (not
+        NaN), or None to forget it (the next training forward then starts it from its
+        batch threshold)."""
         return _C.moe_get(self._state, "threshold")
 
     @threshold.setter

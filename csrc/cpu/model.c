@@ -7,7 +7,9 @@
  * (the Python object) and passed to every call, laid out by the tensor table built in
  * rd_model_new. Activations live in one buffer owned here, carved for the largest batch
  * seen (or a fixed max_batch); the residual stream is updated in place and LayerNorm
- * saves its normalised output, so the block inputs themselves are not kept. */
+ * saves its normalised output, so the block inputs themselves are not kept. Inference
+ * (rd_model_infer) runs the same layers on an arena of its own holding one block's
+ * activations, which every block overwrites, and one MoE state shared by the blocks. */
 #include "../racedit.h"
 
 #include <math.h>
