@@ -145,6 +145,9 @@ int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st);
 rd_status rd_moe_cuda_get_aux(rd_moe_cuda_state *st, rd_moe_aux *out);
 /* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
 rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
+/* dst's tau := src's, a device-to-device copy queued on the stream (no sync), or none
+ * when src has none. */
+rd_status rd_moe_cuda_copy_threshold(rd_moe_cuda_state *dst, const rd_moe_cuda_state *src);
 
 /* ---- DiT layers (layers.cu, attention.cu): the CPU's csrc/model.h ops on device pointers,
  * same arguments and semantics (LayerNorm eps 1e-6 without affine, two-pass variance;
@@ -238,6 +241,15 @@ rd_status rd_model_cuda_set_step(rd_model_cuda *m, int64_t step);
 rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const float *x, const float *t,
                                 const int64_t *y, const float *plr_target, int64_t B,
                                 int training);
+/* rd_model_infer on the device: out (B,Co,H,W, HOST) = rd_model_cuda_forward(..., NULL,
+ * B, 0), bit for bit, from x, t, y (HOST) in an inference arena of the model's own (one
+ * block's activations shared by the blocks, one MoE workspace given each block's tau;
+ * grown to the largest batch, max_batch does not apply), leaving the training activations,
+ * the last forward and the thresholds as they were. Release frees that arena. */
+rd_status rd_model_cuda_infer(rd_model_cuda *m, float *out, const float *x, const float *t,
+                              const int64_t *y, int64_t B);
+void rd_model_cuda_infer_release(rd_model_cuda *m);
+int64_t rd_model_cuda_infer_batch(const rd_model_cuda *m);
 /* grads += d<dout (B,Co,H,W, HOST), out>/d params plus the MoE aux-loss gradients. */
 rd_status rd_model_cuda_backward(rd_model_cuda *m, const float *dout);
 /* out (depth, 2, HOST) as rd_model_branch_norms, computed on the device (only the

@@ -153,6 +153,19 @@ int64_t rd_model_max_batch(const rd_model *m);       /* 0 before any allocation 
 rd_status rd_model_forward(rd_model *m, float *out, const float *params, const float *x,
                            const float *t, const int64_t *y, const float *plr_target,
                            int64_t B, int training);
+/* out (B,Co,H,W) = rd_model_forward(..., plr_target NULL, training 0), bit for bit, keeping
+ * nothing for a backward: the blocks share one block's activations in an inference arena
+ * of the model's own (grown to the largest batch seen, max_batch does not apply) and the
+ * MoE blocks one routing workspace (each block's threshold copied in; a block without one
+ * routes by batch top-K). Memory O(B * one block), not O(B * depth). The training
+ * activations, the last forward (backward, branch norms, the MoE layers' views) and the
+ * thresholds are left as they were. */
+rd_status rd_model_infer(rd_model *m, float *out, const float *params, const float *x,
+                         const float *t, const int64_t *y, int64_t B);
+/* Free the inference arena and workspace (the next rd_model_infer allocates them again),
+ * and the batch it holds (0: none). */
+void rd_model_infer_release(rd_model *m);
+int64_t rd_model_infer_batch(const rd_model *m);
 /* Backward of the last forward: grads (flat, the parameters' layout) ACCUMULATE the
  * gradient of <dout (B,Co,H,W), out> plus the MoE blocks' weighted aux losses.
  * params must hold the values the forward used. RD_ESTATE before any forward. */

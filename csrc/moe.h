@@ -139,9 +139,10 @@ rd_moe_state *rd_moe_state_new(void);
 void rd_moe_state_free(rd_moe_state *st);
 
 /* y (N,D) = MoE(x (N,D)), N = B*L. training: route by batch top-K and update tau;
- * else select G >= tau (or batch top-K with cfg->eval_topk; token choice is always
- * per-token top-k). plr_target (N,plr_dim, may be NULL): the regression target of the
- * PLR head; with it (and training) the PLR loss is computed and enters backward.
+ * else select G >= tau, or batch top-K (tau untouched) with cfg->eval_topk or while the
+ * layer has no tau yet (never trained, nor set); token choice is always per-token top-k.
+ * plr_target (N,plr_dim, may be NULL): the regression target of the PLR head; with it
+ * (and training) the PLR loss is computed and enters backward.
  * Aux losses and diagnostics of this forward are read with rd_moe_get_aux(). */
 rd_status rd_moe_forward(rd_moe_state *st, float *y, const float *x,
                          const rd_moe_cfg *cfg, const rd_moe_params *p,

@@ -6,7 +6,8 @@
  * the same configuration supplies the tensor table; offsets are looked up by name), so
  * checkpoints, load_dit_state_dict and the named views are shared with the CPU class.
  * Parameters, gradients, the AdamW moments and the EMA are five flat device buffers owned
- * here; activations live in one device arena carved for the largest batch (as the CPU).
+ * here; activations live in one device arena carved for the largest batch (as the CPU),
+ * and inference (rd_model_cuda_infer) in a second one with one block's activations.
  *
  * Host boundary: forward / backward / train_step take HOST arrays (x, t, y, targets, dout)
  * and copy them into device staging buffers; t and y are validated on the host first, so
@@ -41,6 +42,18 @@ typedef struct {
     float *mod, *xhat1, *rstd1, *m1, *qkv, *att, *atty, *attproj, *xhat2, *rstd2, *m2, *fc1,
         *gel, *ffn;
 } md_block_acts;
+
+/* What a forward reads and writes (as model.c's fwd_acts): the staged inputs, the output
+ * image and the activations, of the training arena (a block set per block, kept for
+ * backward) or of the inference arena (one block set that every block overwrites). */
+typedef struct {
+    int64_t *labels;           /* (B) */
+    float *tdev, *xin, *outimg; /* (B), (B,C,H,W), (B,Co,H,W) */
+    float *patches, *tfreq, *th, *ths, *temb, *c, *sc, *x;
+    md_block_acts *ba;
+    int shared;                /* 1: every block writes ba[0] */
+    float *modf, *xhatf, *rstdf, *mf, *otok;
+} md_fwd_acts;
 
 struct rd_model_cuda {
     rd_model *host;            /* the CPU model of the same configuration: layout only */
@@ -78,6 +91,12 @@ struct rd_model_cuda {
     bf16 *pbf;
     rd_dbuf xh, gh, atws;
     rd_dbuf nrm;                /* branch norms: (B*L) per-token norms + (depth, 2) results */
+    /* inference (rd_model_cuda_infer): its own device arena, one block set, one MoE state */
+    void *iarena;
+    int64_t icap;
+    md_block_acts iba;
+    md_fwd_acts inf;
+    rd_moe_cuda_state *imoe;
 };
 
 /* ---- kernels ------------------------------------------------------------------------ */
@@ -480,6 +499,7 @@ extern "C" void rd_model_cuda_free(rd_model_cuda *m) {
     rd_dbuf_free(&m->nrm);
     free(m->blk);
     free(m->ba);
+    rd_model_cuda_infer_release(m);
     rd_model_free(m->host);
     free(m);
 }
@@ -520,6 +540,7 @@ extern "C" rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec) {
     }
     for (int64_t i = 0; m->moe && i < m->cfg.depth; i++)
         RD_TRY(rd_moe_cuda_set_precision(m->moe[i], prec));
+    if (m->imoe) RD_TRY(rd_moe_cuda_set_precision(m->imoe, prec));
     m->prec = prec;
     return RD_OK;
 }
@@ -530,6 +551,25 @@ static float *carve(char *base, int64_t *used, int64_t nfloats) {
     float *p = base ? (float *)(base + *used) : NULL;
     *used += (nfloats * 4 + 255) / 256 * 256;
     return p;
+}
+
+/* One block's activations for N = B*L tokens (att: B*NH*L*L floats). */
+static void carve_block(md_block_acts *a, char *base, int64_t *u, int64_t B, int64_t N,
+                        int64_t D, int64_t att, int dense) {
+    a->mod = carve(base, u, B * 6 * D);
+    a->xhat1 = carve(base, u, N * D);
+    a->rstd1 = carve(base, u, N);
+    a->m1 = carve(base, u, N * D);
+    a->qkv = carve(base, u, N * 3 * D);
+    a->att = carve(base, u, att);
+    a->atty = carve(base, u, N * D);
+    a->attproj = carve(base, u, N * D);
+    a->xhat2 = carve(base, u, N * D);
+    a->rstd2 = carve(base, u, N);
+    a->m2 = carve(base, u, N * D);
+    a->fc1 = dense ? carve(base, u, N * 4 * D) : NULL;
+    a->gel = dense ? carve(base, u, N * 4 * D) : NULL;
+    a->ffn = carve(base, u, N * D);
 }
 
 static int64_t carve_all(rd_model_cuda *m, char *base, int64_t B) {
@@ -553,23 +593,7 @@ static int64_t carve_all(rd_model_cuda *m, char *base, int64_t B) {
     m->sc = carve(base, &u, B * D);
     m->plr = dense ? NULL : carve(base, &u, N * m->Pin);
     m->x = carve(base, &u, N * D);
-    for (int64_t i = 0; i < c->depth; i++) {
-        md_block_acts *a = &m->ba[i];
-        a->mod = carve(base, &u, B * 6 * D);
-        a->xhat1 = carve(base, &u, N * D);
-        a->rstd1 = carve(base, &u, N);
-        a->m1 = carve(base, &u, N * D);
-        a->qkv = carve(base, &u, N * 3 * D);
-        a->att = carve(base, &u, att);
-        a->atty = carve(base, &u, N * D);
-        a->attproj = carve(base, &u, N * D);
-        a->xhat2 = carve(base, &u, N * D);
-        a->rstd2 = carve(base, &u, N);
-        a->m2 = carve(base, &u, N * D);
-        a->fc1 = dense ? carve(base, &u, N * 4 * D) : NULL;
-        a->gel = dense ? carve(base, &u, N * 4 * D) : NULL;
-        a->ffn = carve(base, &u, N * D);
-    }
+    for (int64_t i = 0; i < c->depth; i++) carve_block(&m->ba[i], base, &u, B, N, D, att, dense);
     m->modf = carve(base, &u, B * 2 * D);
     m->xhatf = carve(base, &u, N * D);
     m->rstdf = carve(base, &u, N);
@@ -620,32 +644,43 @@ static void point_moe(rd_model_cuda *m, rd_moe_params *mp, float *buf, int64_t i
     rd_moe_params_point(mp, buf + m->blk[i].moe, &m->layer);
 }
 
-static rd_status block_forward(rd_model_cuda *m, int64_t i, int64_t B, int training) {
+/* The state MoE block i routes with: its own in training arena forwards; in inference the
+ * shared one, given block i's threshold (or none: batch top-K) first. */
+static rd_status block_moe_state(rd_model_cuda *m, const md_fwd_acts *A, int64_t i,
+                                 rd_moe_cuda_state **st) {
+    *st = A->shared ? m->imoe : m->moe[i];
+    return A->shared ? rd_moe_cuda_copy_threshold(m->imoe, m->moe[i]) : RD_OK;
+}
+
+/* Block i on A's residual stream; plr (N,Pin device, may be NULL) the PLR heads' target. */
+static rd_status block_forward(rd_model_cuda *m, const md_fwd_acts *A, int64_t i, int64_t B,
+                               int training, const float *plr) {
     const rd_model_cfg *c = &m->cfg;
     const md_block_offsets *o = &m->blk[i];
-    md_block_acts *a = &m->ba[i];
+    md_block_acts *a = A->shared ? A->ba : &A->ba[i];
     const float *P = m->buf[RD_MODEL_CUDA_PARAMS];
     const int64_t D = c->D, L = m->L, N = B * L, S = 6 * D;
-    RD_TRY(lin_fwd(m, a->mod, m->sc, P + o->ada_w, P + o->ada_b, B, D, 6 * D));
-    RD_TRY(rd_layernorm_forward_cuda(a->xhat1, a->rstd1, m->x, N, D));
+    RD_TRY(lin_fwd(m, a->mod, A->sc, P + o->ada_w, P + o->ada_b, B, D, 6 * D));
+    RD_TRY(rd_layernorm_forward_cuda(a->xhat1, a->rstd1, A->x, N, D));
     RD_TRY(rd_modulate_forward_cuda(a->m1, a->xhat1, a->mod, a->mod + D, B, L, D, S));
     RD_TRY(lin_fwd(m, a->qkv, a->m1, P + o->qkv_w, P + o->qkv_b, N, D, 3 * D));
     RD_TRY(attn_fwd(m, a->atty, a->att, a->qkv, B));
     RD_TRY(lin_fwd(m, a->attproj, a->atty, P + o->proj_w, P + o->proj_b, N, D, D));
-    RD_TRY(rd_gated_residual_forward_cuda(m->x, m->x, a->attproj, a->mod + 2 * D, B, L, D, S));
-    RD_TRY(rd_layernorm_forward_cuda(a->xhat2, a->rstd2, m->x, N, D));
+    RD_TRY(rd_gated_residual_forward_cuda(A->x, A->x, a->attproj, a->mod + 2 * D, B, L, D, S));
+    RD_TRY(rd_layernorm_forward_cuda(a->xhat2, a->rstd2, A->x, N, D));
     RD_TRY(rd_modulate_forward_cuda(a->m2, a->xhat2, a->mod + 3 * D, a->mod + 4 * D, B, L, D, S));
     if (m->moe) {
         rd_moe_params mp;
+        rd_moe_cuda_state *st;
         point_moe(m, &mp, m->buf[RD_MODEL_CUDA_PARAMS], i);
-        RD_TRY(rd_moe_forward_cuda(m->moe[i], a->ffn, a->m2, &m->layer, &mp, B, L, training,
-                                   m->last_plr ? m->plr : NULL));
+        RD_TRY(block_moe_state(m, A, i, &st));
+        RD_TRY(rd_moe_forward_cuda(st, a->ffn, a->m2, &m->layer, &mp, B, L, training, plr));
     } else {
         RD_TRY(lin_fwd(m, a->fc1, a->m2, P + o->fc1_w, P + o->fc1_b, N, D, 4 * D));
         RD_TRY(gelu_op(a->gel, a->fc1, NULL, N * 4 * D));
         RD_TRY(lin_fwd(m, a->ffn, a->gel, P + o->fc2_w, P + o->fc2_b, N, 4 * D, D));
     }
-    return rd_gated_residual_forward_cuda(m->x, m->x, a->ffn, a->mod + 5 * D, B, L, D, S);
+    return rd_gated_residual_forward_cuda(A->x, A->x, a->ffn, a->mod + 5 * D, B, L, D, S);
 }
 
 static rd_status check_host_inputs(const rd_model_cuda *m, const float *t, const int64_t *y,
@@ -669,36 +704,62 @@ static rd_status check_host_inputs(const rd_model_cuda *m, const float *t, const
     return RD_OK;
 }
 
-/* Forward on the staged inputs (xin, tdev, labels, tgt when plr). */
-static rd_status forward_dev(rd_model_cuda *m, int64_t B, int training, int plr) {
+/* The forward's layers on A's staged inputs (xin, tdev, labels) into A->outimg; plr
+ * (N,Pin device, may be NULL) the patchified PLR target. */
+static rd_status forward_pass(rd_model_cuda *m, const md_fwd_acts *A, int64_t B, int training,
+                              const float *plr) {
     const rd_model_cfg *c = &m->cfg;
     const int64_t D = c->D, L = m->L, N = B * L, p = c->patch, H = m->H;
     const float *P = m->buf[RD_MODEL_CUDA_PARAMS];
-    m->have_forward = 0;
-    RD_TRY(patch_op(m->patches, m->xin, 1, B, c->in_channels, H, p, 0));
-    md_bias_pe_kernel<<<rd_grid(N * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(m->x, P + m->xe_b,
+    RD_TRY(patch_op(A->patches, A->xin, 1, B, c->in_channels, H, p, 0));
+    md_bias_pe_kernel<<<rd_grid(N * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(A->x, P + m->xe_b,
                                                                                m->pe, L, D, N * D);
     CU_LAUNCHED("md_bias_pe_kernel");
-    RD_TRY(lin_gemm(m, m->x, 1.0f, m->patches, P + m->xe_w, N, m->Pin, D));
-    RD_TRY(rd_timestep_embedding_forward_cuda(m->tfreq, m->tdev, B, RD_FREQ_DIM, RD_MAX_PERIOD));
-    RD_TRY(lin_fwd(m, m->th, m->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
-    RD_TRY(rd_silu_forward_cuda(m->ths, m->th, B * D));
-    RD_TRY(lin_fwd(m, m->dt1, m->ths, P + m->t2_w, P + m->t2_b, B, D, D));
-    md_embed_kernel<<<rd_grid(B * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(m->c, P + m->ytab,
-                                                                             m->labels, m->dt1, D, B * D);
+    RD_TRY(lin_gemm(m, A->x, 1.0f, A->patches, P + m->xe_w, N, m->Pin, D));
+    RD_TRY(rd_timestep_embedding_forward_cuda(A->tfreq, A->tdev, B, RD_FREQ_DIM, RD_MAX_PERIOD));
+    RD_TRY(lin_fwd(m, A->th, A->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
+    RD_TRY(rd_silu_forward_cuda(A->ths, A->th, B * D));
+    RD_TRY(lin_fwd(m, A->temb, A->ths, P + m->t2_w, P + m->t2_b, B, D, D));
+    md_embed_kernel<<<rd_grid(B * D, MD_THREADS), MD_THREADS, 0, RD_STREAM>>>(
+        A->c, P + m->ytab, A->labels, A->temb, D, B * D);
     CU_LAUNCHED("md_embed_kernel");
-    RD_TRY(rd_silu_forward_cuda(m->sc, m->c, B * D));
+    RD_TRY(rd_silu_forward_cuda(A->sc, A->c, B * D));
+    for (int64_t i = 0; i < c->depth; i++) RD_TRY(block_forward(m, A, i, B, training, plr));
+    RD_TRY(lin_fwd(m, A->modf, A->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));
+    RD_TRY(rd_layernorm_forward_cuda(A->xhatf, A->rstdf, A->x, N, D));
+    RD_TRY(rd_modulate_forward_cuda(A->mf, A->xhatf, A->modf, A->modf + D, B, L, D, 2 * D));
+    RD_TRY(lin_fwd(m, A->otok, A->mf, P + m->fl_w, P + m->fl_b, N, D, m->Pout));
+    return patch_op(A->otok, A->outimg, 0, B, c->out_channels, H, p, 1);
+}
+
+/* The training arena's pointers as a forward's set. */
+static md_fwd_acts train_acts(const rd_model_cuda *m) {
+    md_fwd_acts A = {m->labels, m->tdev, m->xin, m->outimg, m->patches, m->tfreq, m->th,
+                     m->ths, m->dt1, m->c, m->sc, m->x, m->ba, 0, m->modf, m->xhatf,
+                     m->rstdf, m->mf, m->otok};
+    return A;
+}
+
+/* Forward on the staged inputs (xin, tdev, labels, tgt when plr). */
+static rd_status forward_dev(rd_model_cuda *m, int64_t B, int training, int plr) {
+    const rd_model_cfg *c = &m->cfg;
+    m->have_forward = 0;
     m->last_plr = m->moe && plr && training && c->moe.plr_weight != 0.0f;
-    if (m->last_plr) RD_TRY(patch_op(m->plr, m->tgt, 1, B, c->in_channels, H, p, 1));
-    for (int64_t i = 0; i < c->depth; i++) RD_TRY(block_forward(m, i, B, training));
-    RD_TRY(lin_fwd(m, m->modf, m->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));
-    RD_TRY(rd_layernorm_forward_cuda(m->xhatf, m->rstdf, m->x, N, D));
-    RD_TRY(rd_modulate_forward_cuda(m->mf, m->xhatf, m->modf, m->modf + D, B, L, D, 2 * D));
-    RD_TRY(lin_fwd(m, m->otok, m->mf, P + m->fl_w, P + m->fl_b, N, D, m->Pout));
-    RD_TRY(patch_op(m->otok, m->outimg, 0, B, c->out_channels, H, p, 1));
+    if (m->last_plr) RD_TRY(patch_op(m->plr, m->tgt, 1, B, c->in_channels, m->H, c->patch, 1));
+    const md_fwd_acts A = train_acts(m);
+    RD_TRY(forward_pass(m, &A, B, training, m->last_plr ? m->plr : NULL));
     m->last_B = B;
     m->have_forward = 1;
     return RD_OK;
+}
+
+/* Copy x (B,C,H,W), t (B), y (B) from the host into A's staging buffers. */
+static rd_status upload_inputs(const rd_model_cuda *m, const md_fwd_acts *A, const float *x,
+                               const float *t, const int64_t *y, int64_t B) {
+    const size_t img = (size_t)(B * m->cfg.in_channels * m->H * m->H) * sizeof(float);
+    RD_TRY(rd_cuda_h2d(A->xin, x, img));
+    RD_TRY(rd_cuda_h2d(A->tdev, t, (size_t)B * sizeof(float)));
+    return rd_cuda_h2d(A->labels, y, (size_t)B * sizeof(int64_t));
 }
 
 /* Validate and stage the host inputs (growing the arena when allowed). */
@@ -714,9 +775,8 @@ static rd_status stage(rd_model_cuda *m, const float *x, const float *t, const i
     }
     const size_t img = (size_t)(B * m->cfg.in_channels * m->H * m->H) * sizeof(float);
     m->have_forward = 0;
-    RD_TRY(rd_cuda_h2d(m->xin, x, img));
-    RD_TRY(rd_cuda_h2d(m->tdev, t, (size_t)B * sizeof(float)));
-    RD_TRY(rd_cuda_h2d(m->labels, y, (size_t)B * sizeof(int64_t)));
+    const md_fwd_acts A = train_acts(m);
+    RD_TRY(upload_inputs(m, &A, x, t, y, B));
     if (tgt) RD_TRY(rd_cuda_h2d(m->tgt, tgt, img));
     return RD_OK;
 }
@@ -733,6 +793,86 @@ extern "C" rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const f
                            (size_t)(B * m->cfg.out_channels * m->H * m->H) * sizeof(float)));
     return RD_OK;
 }
+
+/* ---- inference --------------------------------------------------------------------- */
+
+/* The inference arena's carving into A and its one block set ba, for batch B; with
+ * base == NULL only counts. */
+static int64_t carve_infer(const rd_model_cuda *m, md_fwd_acts *A, md_block_acts *ba,
+                           char *base, int64_t B) {
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t D = c->D, L = m->L, N = B * L;
+    int64_t u = 0;
+    A->labels = (int64_t *)carve(base, &u, 2 * B);
+    A->tdev = carve(base, &u, B);
+    A->xin = carve(base, &u, B * c->in_channels * m->H * m->H);
+    A->outimg = carve(base, &u, B * c->out_channels * m->H * m->H);
+    A->patches = carve(base, &u, N * m->Pin);
+    A->tfreq = carve(base, &u, B * RD_FREQ_DIM);
+    A->th = carve(base, &u, B * D);
+    A->ths = carve(base, &u, B * D);
+    A->temb = carve(base, &u, B * D);
+    A->c = carve(base, &u, B * D);
+    A->sc = carve(base, &u, B * D);
+    A->x = carve(base, &u, N * D);
+    carve_block(ba, base, &u, B, N, D, B * c->NH * L * L, c->moe.E == 0);
+    A->ba = ba;
+    A->shared = 1;
+    A->modf = carve(base, &u, B * 2 * D);
+    A->xhatf = carve(base, &u, N * D);
+    A->rstdf = carve(base, &u, N);
+    A->mf = carve(base, &u, N * D);
+    A->otok = carve(base, &u, N * m->Pout);
+    return u;
+}
+
+/* Grow the inference arena (and make the shared MoE state) for batch B. */
+static rd_status infer_reserve(rd_model_cuda *m, int64_t B) {
+    if (B > 65535)
+        return rd_fail(RD_EINVAL, "infer: batch %lld exceeds 65535 (the device layers' limit)",
+                       (long long)B);
+    if (m->moe && !m->imoe) {
+        if (!(m->imoe = rd_moe_cuda_state_new()))
+            return rd_fail(RD_ENOMEM, "model_cuda infer: out of memory for the MoE state");
+        RD_TRY(rd_moe_cuda_set_precision(m->imoe, m->prec));
+    }
+    md_fwd_acts A;
+    md_block_acts ba;
+    const int64_t bytes = carve_infer(m, &A, &ba, NULL, B);
+    void *arena = NULL;
+    rd_status s = rd_cuda_malloc(&arena, (size_t)bytes);
+    if (s)
+        return rd_fail(s, "model_cuda infer: no device memory for activations of batch %lld "
+                       "(%lld MiB)", (long long)B, (long long)(bytes >> 20));
+    rd_cuda_free(m->iarena); /* synchronous: no kernel still reads it */
+    m->iarena = arena;
+    carve_infer(m, &m->inf, &m->iba, (char *)arena, B);
+    m->icap = B;
+    return RD_OK;
+}
+
+extern "C" rd_status rd_model_cuda_infer(rd_model_cuda *m, float *out, const float *x,
+                                         const float *t, const int64_t *y, int64_t B) {
+    if (B < 1) return rd_fail(RD_EINVAL, "batch must be >= 1, got %lld", (long long)B);
+    RD_TRY(check_host_inputs(m, t, y, NULL, NULL, B));
+    if (B > m->icap) RD_TRY(infer_reserve(m, B));
+    const md_fwd_acts *A = &m->inf;
+    RD_TRY(upload_inputs(m, A, x, t, y, B));
+    RD_TRY(forward_pass(m, A, B, 0, NULL));
+    return rd_cuda_d2h(out, A->outimg,
+                       (size_t)(B * m->cfg.out_channels * m->H * m->H) * sizeof(float));
+}
+
+extern "C" void rd_model_cuda_infer_release(rd_model_cuda *m) {
+    if (!m) return;
+    rd_cuda_free(m->iarena);
+    m->iarena = NULL;
+    m->icap = 0;
+    rd_moe_cuda_state_free(m->imoe);
+    m->imoe = NULL;
+}
+
+extern "C" int64_t rd_model_cuda_infer_batch(const rd_model_cuda *m) { return m->icap; }
 
 /* ---- backward ---------------------------------------------------------------------- */
 

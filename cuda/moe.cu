@@ -239,11 +239,9 @@ extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const 
         return rd_fail(RD_EINVAL, "moe_forward_cuda: expected B, L >= 1 and B*L <= %d, got B=%lld L=%lld",
                        INT32_MAX, (long long)B, (long long)L);
     int64_t N = B * L, D = cfg->D, E = cfg->E, He = cfg->He;
-    int token = cfg->strategy == RD_ROUTE_TOKEN;
-    if (!training && !cfg->eval_topk && !token && !st->have_tau)
-        return rd_fail(RD_ESTATE, "moe: eval-mode selection needs the threshold tau, which is set "
-                       "by the first training forward: run one in training mode, set tau, or "
-                       "use eval_topk (batch top-K at inference)");
+    /* eval: G >= tau, or batch top-K (tau untouched) with eval_topk, for token choice, or
+     * while the layer has no tau yet (never trained, nor set), as on the CPU */
+    int topk = cfg->eval_topk || cfg->strategy == RD_ROUTE_TOKEN || !st->have_tau;
     st->have_forward = 0;
     float *hpre, *h, *R, *G, *scal;
     uint8_t *mask;
@@ -261,7 +259,7 @@ extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const 
     CU_TRY(cudaMemsetAsync(nan, 0xff, sizeof *nan, RD_STREAM));
     if (training)
         RD_TRY(rd_route_launch(&st->rws, mask, scal + 1, G, B, L, E, cfg->k, cfg->strategy, nan));
-    else if (cfg->eval_topk || token)
+    else if (topk)
         RD_TRY(rd_route_launch(&st->rws, mask, NULL, G, B, L, E, cfg->k, cfg->strategy, nan));
     else
         RD_TRY(rd_route_threshold_launch(mask, G, N * E, scal, 0.0f, nan));
@@ -371,5 +369,16 @@ extern "C" rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const floa
     RD_TRY(DBUF(st->scal, float, 2, scal));
     RD_TRY(rd_cuda_h2d(scal, tau, sizeof(float)));
     st->have_tau = 1;
+    return RD_OK;
+}
+
+extern "C" rd_status rd_moe_cuda_copy_threshold(rd_moe_cuda_state *dst,
+                                                const rd_moe_cuda_state *src) {
+    if (!dst || !src) return rd_fail(RD_EINVAL, "moe_cuda_copy_threshold: NULL state");
+    dst->have_tau = src->have_tau;
+    if (!src->have_tau) return RD_OK;
+    float *scal;
+    RD_TRY(DBUF(dst->scal, float, 2, scal));
+    CU_TRY(cudaMemcpyAsync(scal, src->scal.p, sizeof(float), cudaMemcpyDeviceToDevice, RD_STREAM));
     return RD_OK;
 }

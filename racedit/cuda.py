@@ -234,10 +234,11 @@ class MoEState:
 def moe_forward(state, x, params, training=True, plr_target=None):
     """y (B,L,D) float32 = MoE(x (B,L,D)) on the GPU with the layer state ``state``
     (:class:`MoEState`) and ``params`` (flat buffer or dict). training: batch top-K, a
-    tau update and the aux losses; else ``G >= tau`` (or top-K with eval_topk / token
-    choice). plr_target (B,L,plr_dim): the PLR head's regression target (training only).
-    Raises ValueError (shapes, NaN gate scores, non-finite target or logits under an aux
-    loss, plr_target without a head), RuntimeError (eval before any tau)."""
+    tau update and the aux losses; else ``G >= tau`` (or batch top-K, nothing updated,
+    with eval_topk, token choice, or while the layer has no tau yet). plr_target
+    (B,L,plr_dim): the PLR head's regression target (training only). Raises ValueError
+    (shapes, NaN gate scores, non-finite target or logits under an aux loss, plr_target
+    without a head)."""
     flat = _flat(params, state.num_params, "params", state.cfg["plr_dim"] > 0)
     return _C.cuda_moe_forward(state._cap, x, flat, state.cfg, bool(training), plr_target)
 

@@ -39,8 +39,8 @@ class CudaRaceDiT(ModelBase):
         per weight) read by its backward. "fp32": fp32 GEMMs (TF32 under
         ``racedit.cuda.tf32(True)``).
 
-    Methods mirror the CPU class (forward / backward / zero_grad / train / eval / aux /
-    aux_loss / routing_masks / layer_stats / thresholds / state_dict /
+    Methods mirror the CPU class (forward / infer / backward / zero_grad / train / eval /
+    aux / aux_loss / routing_masks / layer_stats / thresholds / state_dict /
     load_dit_state_dict), taking and returning NumPy arrays. :meth:`step` runs a whole
     training step on the device and returns only scalars. The device holds the
     parameters, gradients, AdamW moments and the EMA of the weights (initialised to the
@@ -192,6 +192,24 @@ class CudaRaceDiT(ModelBase):
         return _C.cuda_model_forward(self._cap, x, t, y, plr_target, self.training)
 
     __call__ = forward
+
+    def infer(self, x, t, y):
+        """As :meth:`racedit.RaceDiT.infer`, on the GPU: the eval-mode forward, bit for bit
+        what ``forward`` returns after ``eval()``, in a device inference arena of its own
+        with one block's activations (grown to the largest batch, kept until
+        :meth:`free_infer`), leaving the training activations, the last forward and the
+        thresholds as they were."""
+        t, y = self._ty(t, y, False)
+        return _C.cuda_model_infer(self._cap, x, t, y)
+
+    @property
+    def infer_batch(self):
+        """Batch the device inference arena is allocated for (0: none)."""
+        return _C.cuda_model_infer_batch(self._cap)
+
+    def free_infer(self):
+        """Free the device inference arena of :meth:`infer`."""
+        _C.cuda_model_infer_release(self._cap)
 
     def backward(self, dout):
         """Backpropagate dout (B, out_channels, H, W) through the last forward; device

@@ -64,7 +64,10 @@ class ModelBase:
         return self
 
     def eval(self):
-        """Evaluation mode (no label dropout; MoE selects G >= threshold)."""
+        """Evaluation mode: no label dropout; each MoE block selects G >= its threshold
+        tau, or, while it has none (the model never ran a training forward and no
+        ``thresholds`` were set, e.g. trained 0 steps), the training routing's batch top-K
+        (nothing updated); with ``eval_topk`` always batch top-K."""
         return self.train(False)
 
     @property
@@ -223,8 +226,9 @@ class RaceDiT(ModelBase):
     layer gets weight/depth; ``aux()`` reports the means, ``aux_loss()`` the weighted sum
     whose gradient ``backward()`` adds. Training mode routes by batch top-K and updates
     each layer's threshold tau (EMA with ``beta``, initialised by the first batch); eval
-    mode selects G >= tau, so it needs one training forward (or ``thresholds`` set)
-    first, else RuntimeError (``eval_topk=True`` avoids it). Threads: OpenMP with a
+    mode selects G >= tau, falling back to batch top-K (nothing updated) in a layer that
+    has no tau yet (no training forward, no ``thresholds`` set); ``eval_topk=True``
+    keeps batch top-K always. Threads: OpenMP with a
     single-threaded BLAS, or the BLAS's own threads, as ``racedit._C.moe_threading()``
     says (process-wide; the model follows the MoE layer's mode).
 
@@ -238,6 +242,23 @@ class RaceDiT(ModelBase):
         np.savez("dit_xl2.npz", **{k: v.numpy() for k, v in sd.items()})
         m = RaceDiT("DiT-XL/2", input_size=32, num_classes=1000, learn_sigma=True)
         m.load_dit_state_dict(dict(np.load("dit_xl2.npz")))
+
+    Inference
+    ---------
+    ``infer(x, t, y)`` is the eval-mode forward for sampling: bit-identical to
+    ``eval().forward(x, t, y)``, in O(B * one block) memory of its own (the training
+    arena holds every block's activations and the backward's scratch: depth times more),
+    leaving the training state (last forward, thresholds) untouched; ``free_infer()``
+    gives the memory back.
+
+    Determinism: forward, infer, backward and the optimiser (racedit.optim) give the same
+    bits at any thread count in the "omp" threading mode (``racedit._C.moe_threading()``,
+    the default when racedit controls the BLAS's threads, as with SciPy's OpenBLAS):
+    every BLAS call runs single-threaded on row blocks chosen from the product's shape
+    alone, and every reduction runs in a fixed order (tests/test_determinism.py). In
+    "blas" mode the BLAS threads the products itself, and OpenBLAS's threaded sgemm
+    blocks the inner dimension differently from its single-threaded one for some sizes:
+    results may then differ in the last bits between thread counts.
 
     Errors: TypeError / ValueError for bad arguments (naming the argument, expected vs
     actual), RuntimeError for backward before forward.
@@ -326,6 +347,34 @@ class RaceDiT(ModelBase):
         return _C.model_forward(self._model, self.param_buffer, x, t, y, plr_target, self.training)
 
     __call__ = forward
+
+    def infer(self, x, t, y):
+        """out (B, out_channels, H, W) float32: the eval-mode forward (no label dropout, the
+        MoE blocks select G >= tau, or batch top-K where a block has no threshold yet or
+        with eval_topk), bit for bit what ``forward`` returns after ``eval()``, whatever
+        the mode, but keeping nothing for a backward. Arguments and errors as
+        :meth:`forward` (no plr_target).
+
+        Memory: the blocks share one block's activations (and the MoE blocks one routing
+        workspace) in an inference arena of their own, O(B * one block) instead of the
+        training arena's O(B * depth); it is allocated at the first call, grown to the
+        largest batch (``max_batch`` does not apply; see ``infer_batch``) and kept until
+        :meth:`free_infer` or the model's end. The training activations are neither
+        allocated nor touched: the last ``forward`` stays the one ``backward``,
+        ``branch_norms``, ``layer_stats`` and ``routing_masks`` see, and no threshold
+        changes."""
+        t, y = self._ty(t, y, False)
+        return _C.model_infer(self._model, self.param_buffer, x, t, y)
+
+    @property
+    def infer_batch(self):
+        """Batch the inference arena is allocated for (0 before any :meth:`infer` or
+        after :meth:`free_infer`)."""
+        return _C.model_infer_batch(self._model)
+
+    def free_infer(self):
+        """Free the inference arena of :meth:`infer` (the next call allocates it again)."""
+        _C.model_infer_release(self._model)
 
     def backward(self, dout):
         """Backpropagate dout (B, out_channels, H, W) through the last forward. Gradients

@@ -220,8 +220,10 @@ class MoE:
         return self
 
     def eval(self):
-        """Eval mode (selection ``G >= tau`` per pair, or batch top-K with eval_topk;
-        token choice is always per-token top-k). Returns self."""
+        """Eval mode: selection ``G >= tau`` per pair; batch top-K (the training routing,
+        with nothing updated) with eval_topk, or while the layer has no threshold yet
+        (no training forward, ``threshold`` not set); token choice is always per-token
+        top-k. Returns self."""
         return self.train(False)
 
     # ---- forward / backward -----------------------------------------------------
@@ -234,9 +236,9 @@ class MoE:
 
         x must be a floating ndarray; float64/float16 or non-contiguous input is copied to
         C-contiguous float32 (a private copy is always kept for backward). In training
-        mode tau is updated. Raises TypeError (not an array, non-float dtype), ValueError
-        (shape; NaN router scores under top-K selection) and RuntimeError (eval with no
-        threshold yet: run a training forward first, set ``threshold`` or ``eval_topk``).
+        mode tau is updated; in eval mode a layer without a threshold routes by batch
+        top-K (see ``eval``). Raises TypeError (not an array, non-float dtype) and
+        ValueError (shape; NaN router scores under top-K selection).
         """
         x = _input_copy(x, self.dim)
         self._x = None
@@ -310,8 +312,9 @@ class MoE:
     @property
     def threshold(self):
         """tau, the eval-mode selection threshold (float), or None before the first
-        training forward. Settable: a float (not NaN), or None to forget it (the next
-        training forward then starts it from its batch threshold)."""
+        training forward (eval mode then routes by batch top-K). Settable: a float (not
+        NaN), or None to forget it (the next training forward then starts it from its
+        batch threshold)."""
         return _C.moe_get(self._state, "threshold")
 
     @threshold.setter

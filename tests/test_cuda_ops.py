@@ -380,12 +380,23 @@ def test_layer_threshold_eval_and_tau_ema():
 
 
 @gpu
+def test_layer_eval_without_threshold_routes_by_batch_topk():
+    """A fresh device layer (no tau) in eval: the batch top-K of the CPU layer, tau unset."""
+    B, L, D, E, k = 2, 8, 8, 4, 1
+    cpu, st, x, _ = layer_pair("race", "identity", B, L, D, E, k)
+    y = rc.moe_forward(st, x, cpu.param_buffer, training=False)
+    y_cpu = cpu.eval().forward(x)
+    v = st.view()
+    assert st.threshold is None and cpu.threshold is None
+    if masks_agree(v["mask"].reshape(B, L, E), cpu.mask, cpu.gates):
+        close(y, y_cpu, what="y (eval, no tau: batch top-K)")
+
+
+@gpu
 def test_layer_errors():
     cpu, st, x, dy = layer_pair("race", "identity", 2, 8, 8, 4, 1)
     with pytest.raises(RuntimeError, match="forward"):
         rc.moe_backward(st, dy, x, cpu.param_buffer)
-    with pytest.raises(RuntimeError, match="tau"):
-        rc.moe_forward(st, x, cpu.param_buffer, training=False)
     with pytest.raises(ValueError, match="params"):
         rc.moe_forward(st, x, cpu.param_buffer[:-1])
     with pytest.raises(ValueError, match="x"):

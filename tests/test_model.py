@@ -71,7 +71,7 @@ class RefMoE:
         for i, (cache, _, _) in sorted(self.caches.items()):
             B, L, _ = cache["shape"]
             G = cache["G"].reshape(B, L, c.num_experts)
-            tau = None if m.training else m.thresholds[i]
+            tau = None if m.training or np.isnan(m.thresholds[i]) else m.thresholds[i]
             want = ref.moe_select(c.k, m.routing, tau, m.eval_topk)(G)
             np.testing.assert_array_equal(self.masks[i], want, err_msg=f"layer {i}")
 
@@ -187,8 +187,9 @@ def test_moe_eval_mode_uses_thresholds():
     assert np.isnan(m.thresholds).all() and m.thresholds.shape == (2,)
     x, t, y = batch(3)
     m.eval()
-    with pytest.raises(RuntimeError, match="threshold"):
-        m.forward(x, t, y)                            # no tau before a training forward
+    compare_with_ref(m, B=3, seed=6)                  # no tau yet: batch top-K (the twin's too)
+    assert np.isnan(m.thresholds).all()               # ... and nothing set by it
+    assert all(np.isclose(mk.sum() / mk.shape[1], 3 * 2) for mk in m.routing_masks())
     m.train()
     randomise(m, 7)
     m.forward(x, t, y)

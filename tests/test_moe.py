@@ -189,12 +189,6 @@ def test_eval_no_pair_selected_gives_zero():
     assert not dx.any() and not m.grad_buffer.any()
 
 
-def test_eval_before_training_raises():
-    m = make().eval()
-    with pytest.raises(RuntimeError, match="threshold"):
-        m.forward(x_like(m, 1, 2))
-
-
 def test_threshold_property():
     m = make()
     assert m.threshold is None
@@ -439,6 +433,22 @@ def test_eval_selection(strategy):
     check_against_ref(m, x)
     assert np.array_equal(m.mask, ref.route(m.gates, k, strategy))
     assert m.threshold == tau
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_eval_without_threshold_routes_by_batch_topk(strategy):
+    """A layer never trained (no tau) routes eval forwards by the training's batch top-K,
+    setting nothing; once tau is set, eval selects G >= tau again."""
+    B, L, k = 2, 6, 2
+    m = make(E=4, k=k, strategy=strategy).eval()
+    x = x_like(m, B, L)
+    check_against_ref(m, x)
+    assert np.array_equal(m.mask, ref.route(m.gates, k, strategy))
+    assert m.threshold is None
+    m.threshold = 0.0
+    m.forward(x)
+    want = ref.route(m.gates, k, "token") if strategy == "token" else m.gates >= 0
+    assert np.array_equal(m.mask, want)
 
 
 def test_token_choice_eval_needs_no_threshold():

@@ -1447,15 +1447,13 @@ static int cmodel_inputs(cmodel_box *box, PyObject *ox, PyObject *ot, PyObject *
     return 0;
 }
 
-/* cuda_model_forward(model, x, t, y, plr_target=None, training=True) -> out (B,Co,S,S) */
-static PyObject *py_cmodel_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *cap, *ox, *ot, *oy, *oplr = Py_None, *ret = NULL;
-    int training = 1;
+/* out (B,Co,S,S) of x, t, y (and plr_target, None or an array): rd_model_cuda_forward, or
+ * with `infer` rd_model_cuda_infer (plr_target None), run with the GIL released. */
+static PyObject *cmodel_run(PyObject *cap, PyObject *ox, PyObject *ot, PyObject *oy,
+                            PyObject *oplr, int training, int infer) {
+    PyObject *ret = NULL;
     PyArrayObject *a[4] = {0}, *out = NULL;
     int64_t B = 0;
-    if (!PyArg_ParseTuple(args, "OOOO|Op:cuda_model_forward", &cap, &ox, &ot, &oy, &oplr, &training))
-        return NULL;
     cmodel_box *box = get_cmodel(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(rd_model_cuda_layout(box->m));
@@ -1464,12 +1462,16 @@ static PyObject *py_cmodel_forward(PyObject *self, PyObject *args) {
         npy_intp so[4] = {(npy_intp)B, (npy_intp)c->out_channels, (npy_intp)c->input_size,
                           (npy_intp)c->input_size};
         if (!(out = rd_new_array(4, so, NPY_FLOAT32))) goto done;
+        float *o = (float *)PyArray_DATA(out);
+        const float *x = (const float *)PyArray_DATA(a[0]), *t = (const float *)PyArray_DATA(a[1]);
+        const int64_t *y = (const int64_t *)PyArray_DATA(a[2]);
         rd_status st;
         box->busy = 1;
         Py_BEGIN_ALLOW_THREADS
-        st = rd_model_cuda_forward(box->m, (float *)PyArray_DATA(out), (const float *)PyArray_DATA(a[0]),
-                                   (const float *)PyArray_DATA(a[1]), (const int64_t *)PyArray_DATA(a[2]),
-                                   a[3] ? (const float *)PyArray_DATA(a[3]) : NULL, B, training);
+        st = infer ? rd_model_cuda_infer(box->m, o, x, t, y, B)
+                   : rd_model_cuda_forward(box->m, o, x, t, y,
+                                           a[3] ? (const float *)PyArray_DATA(a[3]) : NULL, B,
+                                           training);
         Py_END_ALLOW_THREADS
         box->busy = 0;
         if (st) { rd_raise(st); goto done; }
@@ -1480,6 +1482,40 @@ done:
     for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
     Py_XDECREF(out);
     return ret;
+}
+
+/* cuda_model_forward(model, x, t, y, plr_target=None, training=True) -> out (B,Co,S,S) */
+static PyObject *py_cmodel_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *ox, *ot, *oy, *oplr = Py_None;
+    int training = 1;
+    if (!PyArg_ParseTuple(args, "OOOO|Op:cuda_model_forward", &cap, &ox, &ot, &oy, &oplr, &training))
+        return NULL;
+    return cmodel_run(cap, ox, ot, oy, oplr, training, 0);
+}
+
+/* cuda_model_infer(model, x, t, y) -> out (B,Co,S,S): rd_model_cuda_infer. */
+static PyObject *py_cmodel_infer(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *ox, *ot, *oy;
+    if (!PyArg_ParseTuple(args, "OOOO:cuda_model_infer", &cap, &ox, &ot, &oy)) return NULL;
+    return cmodel_run(cap, ox, ot, oy, Py_None, 0, 1);
+}
+
+/* cuda_model_infer_release(model): free the inference arena. */
+static PyObject *py_cmodel_infer_release(PyObject *self, PyObject *cap) {
+    (void)self;
+    cmodel_box *box = get_cmodel(cap);
+    if (!box) return NULL;
+    rd_model_cuda_infer_release(box->m);
+    Py_RETURN_NONE;
+}
+
+/* cuda_model_infer_batch(model) -> batch of the inference arena (0: none). */
+static PyObject *py_cmodel_infer_batch(PyObject *self, PyObject *cap) {
+    (void)self;
+    cmodel_box *box = get_cmodel(cap);
+    return box ? PyLong_FromLongLong((long long)rd_model_cuda_infer_batch(box->m)) : NULL;
 }
 
 /* cuda_model_backward(model, dout (B,Co,S,S)): device grads += ... */
@@ -1642,6 +1678,10 @@ static PyMethodDef cuda_methods[] = {
     {"cuda_model_branch_norms", py_cmodel_branch_norms, METH_O,
      "(depth, 2) mean norms of the gated attention / FFN outputs of the last forward."},
     {"cuda_model_forward", py_cmodel_forward, METH_VARARGS, "out = model(x, t, y) on the GPU."},
+    {"cuda_model_infer", py_cmodel_infer, METH_VARARGS,
+     "out = the eval-mode model(x, t, y) on the GPU, keeping nothing for backward."},
+    {"cuda_model_infer_release", py_cmodel_infer_release, METH_O, "Free the inference arena."},
+    {"cuda_model_infer_batch", py_cmodel_infer_batch, METH_O, "Batch of the inference arena."},
     {"cuda_model_backward", py_cmodel_backward, METH_VARARGS, "Device grads += backward of dout."},
     {"cuda_model_train_step", py_cmodel_train_step, METH_VARARGS, "One device training step; the loss back."},
     {"cuda_model_optimizer_step", py_cmodel_optimizer_step, METH_VARARGS, "Clip + AdamW + EMA on the device grads."},

@@ -577,15 +577,12 @@ static PyArrayObject *param_array(PyObject *o, const char *name, const rd_model 
     return (PyArrayObject *)o;
 }
 
-static PyObject *py_model_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"model", "params", "x", "t", "y", "plr_target", "training", NULL};
-    PyObject *cap, *op, *ox, *ot, *oy, *oplr = Py_None, *ret = NULL;
-    int training = 1;
+/* out (B,Co,S,S) of x, t, y (and plr_target, None or an array): rd_model_forward, or
+ * with `infer` rd_model_infer (plr_target None), run with the GIL released. */
+static PyObject *model_run(PyObject *cap, PyObject *op, PyObject *ox, PyObject *ot,
+                           PyObject *oy, PyObject *oplr, int training, int infer) {
+    PyObject *ret = NULL;
     PyArrayObject *x = NULL, *t = NULL, *y = NULL, *plr = NULL, *out = NULL, *P;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|Op", kws, &cap, &op, &ox, &ot, &oy, &oplr,
-                                     &training))
-        return NULL;
     model_box *box = get_box(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(box->m);
@@ -605,8 +602,9 @@ static PyObject *py_model_forward(PyObject *self, PyObject *args, PyObject *kw) 
     {
         rd_status st;
         Py_BEGIN_ALLOW_THREADS
-        st = rd_model_forward(box->m, FP(out), FP(P), FP(x), FP(t), IP(y), plr ? FP(plr) : NULL,
-                              B, training);
+        st = infer ? rd_model_infer(box->m, FP(out), FP(P), FP(x), FP(t), IP(y), B)
+                   : rd_model_forward(box->m, FP(out), FP(P), FP(x), FP(t), IP(y),
+                                      plr ? FP(plr) : NULL, B, training);
         Py_END_ALLOW_THREADS
         box->busy = 0;
         if (st) { rd_raise(st); goto done; }
@@ -620,6 +618,25 @@ done:
     Py_XDECREF(plr);
     Py_XDECREF(out);
     return ret;
+}
+
+static PyObject *py_model_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kws[] = {"model", "params", "x", "t", "y", "plr_target", "training", NULL};
+    PyObject *cap, *op, *ox, *ot, *oy, *oplr = Py_None;
+    int training = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|Op", kws, &cap, &op, &ox, &ot, &oy, &oplr,
+                                     &training))
+        return NULL;
+    return model_run(cap, op, ox, ot, oy, oplr, training, 0);
+}
+
+/* model_infer(model, params, x, t, y) -> out: rd_model_infer (eval mode, no backward). */
+static PyObject *py_model_infer(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *op, *ox, *ot, *oy;
+    if (!PyArg_ParseTuple(args, "OOOOO", &cap, &op, &ox, &ot, &oy)) return NULL;
+    return model_run(cap, op, ox, ot, oy, Py_None, 0, 1);
 }
 
 static PyObject *py_model_backward(PyObject *self, PyObject *args) {
@@ -654,6 +671,21 @@ static PyObject *py_model_backward(PyObject *self, PyObject *args) {
 done:
     Py_XDECREF(dout);
     return ret;
+}
+
+/* model_infer_release(model): free the inference arena; model_infer_batch(model) -> its batch. */
+static PyObject *py_model_infer_release(PyObject *self, PyObject *cap) {
+    (void)self;
+    model_box *box = get_box(cap);
+    if (!box) return NULL;
+    rd_model_infer_release(box->m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_model_infer_batch(PyObject *self, PyObject *cap) {
+    (void)self;
+    model_box *box = get_box(cap);
+    return box ? PyLong_FromLongLong(rd_model_infer_batch(box->m)) : NULL;
 }
 
 static int get_layer(PyObject *cap, long long l, model_box **box, rd_moe_state **st) {
@@ -781,6 +813,12 @@ static PyMethodDef model_methods[] = {
      "model_branch_norms(model) -> (depth, 2) mean norms of the gated attention / FFN outputs"},
     {"model_forward", KW py_model_forward, METH_VARARGS | METH_KEYWORDS,
      "model_forward(model, params, x, t, y, plr_target=None, training=True) -> out"},
+    {"model_infer", py_model_infer, METH_VARARGS,
+     "model_infer(model, params, x, t, y) -> out: eval-mode forward keeping nothing for backward"},
+    {"model_infer_release", py_model_infer_release, METH_O,
+     "model_infer_release(model): free the inference activations"},
+    {"model_infer_batch", py_model_infer_batch, METH_O,
+     "model_infer_batch(model) -> batch the inference activations are allocated for (0: none)"},
     {"model_backward", py_model_backward, METH_VARARGS,
      "model_backward(model, params, grads, dout): grads accumulate in place"},
     {"model_moe_view", py_model_moe_view, METH_VARARGS,

@@ -13,7 +13,9 @@
  * call (mode 0, default: the experts' GEMMs at DiT sizes are large enough for the BLAS
  * to use every core, and it keeps OpenMP and BLAS threads from oversubscribing), or
  * with OpenMP over experts calling a single-threaded BLAS (mode 1, for many small
- * experts). benchmarks/bench_moe.py measures both. */
+ * experts). benchmarks/bench_moe.py measures both. In mode 1 every sgemm call is a
+ * function of the shapes only, so the results are bit-identical at any thread count; in
+ * mode 0 they are as thread-count independent as the BLAS's own threading. */
 #include "../racedit.h"
 #include "moe_math.h"
 
@@ -186,10 +188,23 @@ void rd_blas_threads_restore(int prev) {
 
 /* Smallest row block worth a separate sgemm call. */
 #define RD_MIN_ROWS 32
+/* Least work (multiply-adds) of a row block: enough to amortise a call (packing the other
+ * operand again, the kernel's edges). */
+#define RD_BLOCK_WORK (1 << 24)
+/* Most blocks of one product: plenty for the threads of one machine. */
+#define RD_MAX_BLOCKS 64
 
-/* Rows per block so that `total` rows give about 4 blocks per thread, at least RD_MIN_ROWS. */
-static int64_t block_rows(int64_t total) {
-    int64_t T = rd_num_threads(), b = (total + 4 * T - 1) / (4 * T);
+/* Rows per block of an M x cols x K product: M split evenly into the largest power of two
+ * of blocks (so that 2, 4, 8 ... threads share them evenly) that keeps RD_BLOCK_WORK each,
+ * rows a multiple of 8, at least RD_MIN_ROWS. A function of the shape only, never of the
+ * thread count: OpenBLAS's single-threaded sgemm picks its kernel and K blocking by the
+ * call's shape, so a product split differently rounds differently. With the same calls at
+ * any thread count, every output bit is the same (tests/test_determinism.py). */
+static int64_t block_rows(int64_t M, int64_t cols, int64_t K) {
+    const double work = (double)M * (double)cols * (double)K;
+    int64_t nb = 1;
+    while (nb < RD_MAX_BLOCKS && work >= 2.0 * (double)nb * RD_BLOCK_WORK) nb *= 2;
+    int64_t b = (M + nb - 1) / nb;
     b = (b + 7) / 8 * 8;
     return b < RD_MIN_ROWS ? RD_MIN_ROWS : b;
 }
@@ -197,18 +212,15 @@ static int64_t block_rows(int64_t total) {
 rd_status rd_matmul_par(float *C, int ldc, const float *A, int lda, int transA,
                         const float *B, int ldb, int transB,
                         int64_t M, int64_t N, int64_t K, float alpha, float beta) {
-    int T = rd_num_threads();
-    if (g_threading != RD_THREADS_OMP || T == 1 || M < 2 * RD_MIN_ROWS)
+    if (g_threading != RD_THREADS_OMP || M < 2 * RD_MIN_ROWS)
         return rd_matmul(C, ldc, A, lda, transA, B, ldb, transB, M, N, K, alpha, beta);
     /* validate here: a failure inside a worker thread would leave its message there */
     if (!rd_have_sgemm()) return rd_fail(RD_EBLAS, "no BLAS sgemm registered (import racedit first)");
     if (N < 0 || K < 0 || M > INT_MAX || N > INT_MAX || K > INT_MAX)
         return rd_fail(RD_EINVAL, "matmul: size %lld x %lld x %lld out of range of the 32-bit BLAS",
                        (long long)M, (long long)N, (long long)K);
-    int64_t rows = (M + T - 1) / T;
-    rows = rows < RD_MIN_ROWS ? RD_MIN_ROWS : rows;
-    int64_t nblk = (M + rows - 1) / rows;
-#pragma omp parallel for schedule(static, 1)
+    int64_t rows = block_rows(M, N, K), nblk = (M + rows - 1) / rows;
+#pragma omp parallel for schedule(dynamic, 1) if (nblk > 1)
     for (int64_t i = 0; i < nblk; i++) {
         int64_t m0 = i * rows, m = M - m0 < rows ? M - m0 : rows;
         rd_matmul(C + m0 * ldc, ldc, transA ? A + m0 : A + m0 * lda, lda, transA, B, ldb, transB,
@@ -234,6 +246,14 @@ static int64_t product_rows(const gemm_plan *pl, int which, int64_t e) {
     return which == 2 ? pl->He : which == 4 ? pl->D : n;
 }
 
+/* Row block of expert e's product: from its shape (rows, columns, inner size) alone. */
+static int64_t product_block(const gemm_plan *pl, int which, int64_t e) {
+    int64_t n = pl->offsets[e + 1] - pl->offsets[e];
+    int64_t cols = which == 0 || which == 3 || which == 4 ? pl->He : pl->D;
+    int64_t K = which == 2 || which == 4 ? n : which == 0 || which == 3 ? pl->D : pl->He;
+    return block_rows(product_rows(pl, which, e), cols, K);
+}
+
 static void expert_gemm(const gemm_plan *pl, int which, int64_t e, int64_t m0, int64_t m1,
                         float *C, const float *A, const float *W) {
     int64_t off = pl->offsets[e], n = pl->offsets[e + 1] - off, D = pl->D, He = pl->He;
@@ -253,7 +273,8 @@ static void expert_gemm(const gemm_plan *pl, int which, int64_t e, int64_t m0, i
 
 /* One product for every expert. RD_THREADS_BLAS: experts in turn, whole blocks, BLAS
  * threads. RD_THREADS_OMP: dynamic OpenMP tasks over (expert, row block), so uneven
- * expert loads (expert race) and few experts still spread over every thread. Sizes were
+ * expert loads (expert race) and few experts still spread over every thread; the blocks
+ * depend on the shapes only (block_rows), not on the thread count. Sizes were
  * checked by the caller, so rd_matmul cannot fail here. */
 static void all_experts(const gemm_plan *pl, int which, int64_t E, float *C, const float *A,
                         const float *W) {
@@ -261,17 +282,16 @@ static void all_experts(const gemm_plan *pl, int which, int64_t E, float *C, con
         for (int64_t e = 0; e < E; e++) expert_gemm(pl, which, e, 0, product_rows(pl, which, e), C, A, W);
         return;
     }
-    int64_t total = 0, most = 0;
+    int64_t nb = 0;
     for (int64_t e = 0; e < E; e++) {
-        int64_t m = product_rows(pl, which, e);
-        total += m;
-        most = m > most ? m : most;
+        int64_t m = product_rows(pl, which, e), rows = product_block(pl, which, e);
+        nb = (m + rows - 1) / rows > nb ? (m + rows - 1) / rows : nb;
     }
-    int64_t rows = block_rows(total), nb = (most + rows - 1) / rows;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t e = 0; e < E; e++)
         for (int64_t b = 0; b < nb; b++) {
-            int64_t m = product_rows(pl, which, e), m0 = b * rows;
+            int64_t m = product_rows(pl, which, e), rows = product_block(pl, which, e);
+            int64_t m0 = b * rows;
             if (m0 < m) expert_gemm(pl, which, e, m0, m0 + rows < m ? m0 + rows : m, C, A, W);
         }
 }

@@ -230,16 +230,29 @@ rd_status rd_plr_backward(float *dh, float *dWt, float *dbt, const float *dT, co
     return RD_OK;
 }
 
+/* Partial sums over fixed chunks of RD_NORM_CHUNK elements, added in chunk order: the
+ * same bits at any thread count. */
 rd_status rd_plr_loss_forward(float *loss, const float *T, const float *target, int64_t n) {
     if (n < 1) return rd_fail(RD_EINVAL, "plr_loss: need at least one element, got %lld", (long long)n);
-    double acc = 0.0;
+    const int64_t nchunk = (n + RD_NORM_CHUNK - 1) / RD_NORM_CHUNK;
+    double *part = malloc((size_t)nchunk * sizeof *part);
+    if (!part) return rd_fail(RD_ENOMEM, "plr_loss: out of memory for %lld partial sums",
+                              (long long)nchunk);
     int64_t bad = n;
-#pragma omp parallel for reduction(+ : acc) reduction(min : bad) if (n > RD_LOSS_PAR_MIN)
-    for (int64_t i = 0; i < n; i++) {
-        if (!isfinite(target[i]) && i < bad) bad = i;
-        double d = (double)T[i] - (double)target[i];
-        acc += d * d;
+#pragma omp parallel for reduction(min : bad) if (n > RD_LOSS_PAR_MIN)
+    for (int64_t c = 0; c < nchunk; c++) {
+        const int64_t lo = c * RD_NORM_CHUNK, hi = lo + RD_NORM_CHUNK < n ? lo + RD_NORM_CHUNK : n;
+        double acc = 0.0;
+        for (int64_t i = lo; i < hi; i++) {
+            if (!isfinite(target[i]) && i < bad) bad = i;
+            double d = (double)T[i] - (double)target[i];
+            acc += d * d;
+        }
+        part[c] = acc;
     }
+    double acc = 0.0;
+    for (int64_t c = 0; c < nchunk; c++) acc += part[c];
+    free(part);
     if (bad < n)
         return rd_fail(RD_EINVAL, "target: non-finite value %g at flat index %lld",
                        (double)target[bad], (long long)bad);

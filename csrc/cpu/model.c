@@ -7,7 +7,9 @@
  * (the Python object) and passed to every call, laid out by the tensor table built in
  * rd_model_new. Activations live in one buffer owned here, carved for the largest batch
  * seen (or a fixed max_batch); the residual stream is updated in place and LayerNorm
- * saves its normalised output, so the block inputs themselves are not kept. */
+ * saves its normalised output, so the block inputs themselves are not kept. Inference
+ * (rd_model_infer) runs the same layers on an arena of its own holding one block's
+ * activations, which every block overwrites, and one MoE state shared by the blocks. */
 #include "../racedit.h"
 
 #include <math.h>
@@ -39,6 +41,19 @@ typedef struct {
     float *ffn;           /* (N,D) FFN/MoE branch output (before the gate) */
 } block_acts;
 
+/* What a forward writes: the training arena's activations (a block_acts per block, kept
+ * for backward) or the inference arena's (one block_acts that every block overwrites). */
+typedef struct {
+    float *patches;            /* (N,C*p*p) patch vectors in (c,i,j) order */
+    float *tfreq, *th, *ths;   /* (B,F), (B,D), (B,D) timestep MLP */
+    float *temb;               /* (B,D) its output (the training set: backward scratch dt1) */
+    float *c, *sc;             /* (B,D) conditioning and SiLU(c) */
+    float *x;                  /* (N,D) residual stream */
+    block_acts *ba;            /* depth, or one when shared */
+    int shared;                /* 1: every block writes ba[0] */
+    float *modf, *xhatf, *rstdf, *mf, *otok; /* final layer: (B,2D) (N,D) (N) (N,D) (N,Pout) */
+} fwd_acts;
+
 struct rd_model {
     rd_model_cfg cfg;
     rd_moe_cfg layer;          /* what each MoE block gets: cfg.moe with the loss weights /depth */
@@ -67,6 +82,12 @@ struct rd_model {
     float *dx, *da, *db, *dqkv, *datt, *dfc, *dmod, *dsc, *dt1, *dt2, *dotok;
     int64_t last_B;
     int have_forward, last_plr;
+    /* inference (rd_model_infer): its own arena, one block's activations, one MoE state */
+    float *iarena;             /* the allocation (its 64-byte aligned start carved into inf) */
+    int64_t icap;              /* batch it was carved for (0: none) */
+    block_acts iba;
+    fwd_acts inf;
+    rd_moe_state *imoe;        /* shared by the MoE blocks (each block's tau copied in) */
 };
 
 
@@ -254,6 +275,7 @@ void rd_model_free(rd_model *m) {
     free(m->pe);
     free(m->arena);
     free(m->labels);
+    rd_model_infer_release(m);
     free(m);
 }
 
@@ -310,6 +332,25 @@ static float *carve(float *base, int64_t *used, int64_t n) {
     return p;
 }
 
+/* One block's activations for N = B*L tokens (att: B*NH*L*L floats). */
+static void carve_block(block_acts *a, float *base, int64_t *u, int64_t B, int64_t N,
+                        int64_t D, int64_t att, int dense) {
+    a->mod = carve(base, u, B * 6 * D);
+    a->xhat1 = carve(base, u, N * D);
+    a->rstd1 = carve(base, u, N);
+    a->m1 = carve(base, u, N * D);
+    a->qkv = carve(base, u, N * 3 * D);
+    a->att = carve(base, u, att);
+    a->atty = carve(base, u, N * D);
+    a->attproj = carve(base, u, N * D);
+    a->xhat2 = carve(base, u, N * D);
+    a->rstd2 = carve(base, u, N);
+    a->m2 = carve(base, u, N * D);
+    a->fc1 = dense ? carve(base, u, N * 4 * D) : NULL;
+    a->gel = dense ? carve(base, u, N * 4 * D) : NULL;
+    a->ffn = carve(base, u, N * D);
+}
+
 static int64_t carve_all(rd_model *m, float *base, int64_t B) {
     const rd_model_cfg *c = &m->cfg;
     const int64_t D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
@@ -324,23 +365,7 @@ static int64_t carve_all(rd_model *m, float *base, int64_t B) {
     m->sc = carve(base, &u, B * D);
     m->plr = dense ? NULL : carve(base, &u, N * m->Pin);
     m->x = carve(base, &u, N * D);
-    for (int64_t i = 0; i < c->depth; i++) {
-        block_acts *a = &m->ba[i];
-        a->mod = carve(base, &u, B * 6 * D);
-        a->xhat1 = carve(base, &u, N * D);
-        a->rstd1 = carve(base, &u, N);
-        a->m1 = carve(base, &u, N * D);
-        a->qkv = carve(base, &u, N * 3 * D);
-        a->att = carve(base, &u, att);
-        a->atty = carve(base, &u, N * D);
-        a->attproj = carve(base, &u, N * D);
-        a->xhat2 = carve(base, &u, N * D);
-        a->rstd2 = carve(base, &u, N);
-        a->m2 = carve(base, &u, N * D);
-        a->fc1 = dense ? carve(base, &u, N * 4 * D) : NULL;
-        a->gel = dense ? carve(base, &u, N * 4 * D) : NULL;
-        a->ffn = carve(base, &u, N * D);
-    }
+    for (int64_t i = 0; i < c->depth; i++) carve_block(&m->ba[i], base, &u, B, N, D, att, dense);
     m->modf = carve(base, &u, B * 2 * D);
     m->xhatf = carve(base, &u, N * D);
     m->rstdf = carve(base, &u, N);
@@ -397,33 +422,49 @@ static void point_moe(rd_model *m, rd_moe_params *mp, const float *buf, int64_t 
     rd_moe_params_point(mp, (float *)buf + m->blk[i].moe, &m->layer);
 }
 
-static rd_status block_forward(rd_model *m, const float *P, int64_t i, int64_t B, int training) {
+/* The state MoE block i routes with: its own in training arena forwards; in inference the
+ * shared one, given block i's threshold (or none: batch top-K) first. */
+static rd_status block_moe_state(rd_model *m, const fwd_acts *A, int64_t i, rd_moe_state **st) {
+    if (!A->shared) {
+        *st = m->moe[i];
+        return RD_OK;
+    }
+    rd_moe_view v;
+    rd_moe_state_view(m->moe[i], &v);
+    *st = m->imoe;
+    return rd_moe_set_threshold(m->imoe, v.have_tau ? &v.tau : NULL);
+}
+
+/* Block i on A's residual stream; plr (N,Pin, may be NULL) the PLR heads' target. */
+static rd_status block_forward(rd_model *m, const fwd_acts *A, const float *P, int64_t i,
+                               int64_t B, int training, const float *plr) {
     const rd_model_cfg *c = &m->cfg;
     const block_offsets *o = &m->blk[i];
-    block_acts *a = &m->ba[i];
+    block_acts *a = A->shared ? A->ba : &A->ba[i];
     const int64_t D = c->D, L = m->L, N = B * L, S = 6 * D;
-    TRY(rd_linear_forward(a->mod, m->sc, P + o->ada_w, P + o->ada_b, B, D, 6 * D));
+    TRY(rd_linear_forward(a->mod, A->sc, P + o->ada_w, P + o->ada_b, B, D, 6 * D));
     /* x = x + gate1 * Attn(modulate(LN(x), shift1, scale1)) */
-    TRY(rd_layernorm_forward(a->xhat1, a->rstd1, m->x, N, D));
+    TRY(rd_layernorm_forward(a->xhat1, a->rstd1, A->x, N, D));
     TRY(rd_modulate_forward(a->m1, a->xhat1, a->mod, a->mod + D, B, L, D, S));
     TRY(rd_linear_forward(a->qkv, a->m1, P + o->qkv_w, P + o->qkv_b, N, D, 3 * D));
     TRY(rd_attention_forward(a->atty, a->att, a->qkv, B, L, D, c->NH));
     TRY(rd_linear_forward(a->attproj, a->atty, P + o->proj_w, P + o->proj_b, N, D, D));
-    TRY(rd_gated_residual_forward(m->x, m->x, a->attproj, a->mod + 2 * D, B, L, D, S));
+    TRY(rd_gated_residual_forward(A->x, A->x, a->attproj, a->mod + 2 * D, B, L, D, S));
     /* x = x + gate2 * FFN(modulate(LN(x), shift2, scale2)), FFN = MoE or dense MLP */
-    TRY(rd_layernorm_forward(a->xhat2, a->rstd2, m->x, N, D));
+    TRY(rd_layernorm_forward(a->xhat2, a->rstd2, A->x, N, D));
     TRY(rd_modulate_forward(a->m2, a->xhat2, a->mod + 3 * D, a->mod + 4 * D, B, L, D, S));
     if (m->moe) {
         rd_moe_params mp;
+        rd_moe_state *st;
         point_moe(m, &mp, P, i);
-        TRY(rd_moe_forward(m->moe[i], a->ffn, a->m2, &m->layer, &mp, B, L, training,
-                           m->last_plr ? m->plr : NULL));
+        TRY(block_moe_state(m, A, i, &st));
+        TRY(rd_moe_forward(st, a->ffn, a->m2, &m->layer, &mp, B, L, training, plr));
     } else {
         TRY(rd_linear_forward(a->fc1, a->m2, P + o->fc1_w, P + o->fc1_b, N, D, 4 * D));
         TRY(rd_gelu_forward(a->gel, a->fc1, N * 4 * D));
         TRY(rd_linear_forward(a->ffn, a->gel, P + o->fc2_w, P + o->fc2_b, N, 4 * D, D));
     }
-    return rd_gated_residual_forward(m->x, m->x, a->ffn, a->mod + 5 * D, B, L, D, S);
+    return rd_gated_residual_forward(A->x, A->x, a->ffn, a->mod + 5 * D, B, L, D, S);
 }
 
 static rd_status check_timesteps(const float *t, int64_t B) {
@@ -447,11 +488,52 @@ static rd_status patchify_target(rd_model *m, const float *target, int64_t B) {
                                RD_PATCH_IJC);
 }
 
+/* The forward's layers, writing A's activations; t checked, plr (N,Pin, may be NULL) the
+ * patchified PLR target. */
+static rd_status forward_pass(rd_model *m, const fwd_acts *A, float *out, const float *P,
+                              const float *x, const float *t, const int64_t *y, const float *plr,
+                              int64_t B, int training) {
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t D = c->D, L = m->L, N = B * L, p = c->patch, H = m->H, V = c->num_classes + 1;
+    /* x = x_embedder(x) + pos_embed: start each row from bias + pe, then add the product */
+    TRY(rd_patchify_forward(A->patches, x, B, c->in_channels, H, H, p, RD_PATCH_CIJ));
+#pragma omp parallel for collapse(2)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t l = 0; l < L; l++) {
+            float *row = A->x + (b * L + l) * D;
+            const float *pe = m->pe + l * D, *bias = P + m->xe_b;
+            for (int64_t d = 0; d < D; d++) row[d] = bias[d] + pe[d];
+        }
+    TRY(rd_matmul_par(A->x, (int)D, A->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1, N,
+                      D, m->Pin, 1.0f, 1.0f));
+    /* c = t_embedder(t) + y_embedder(y); every adaLN reads SiLU(c) */
+    TRY(rd_timestep_embedding_forward(A->tfreq, t, B, RD_FREQ_DIM, RD_MAX_PERIOD));
+    TRY(rd_linear_forward(A->th, A->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
+    TRY(rd_silu_forward(A->ths, A->th, B * D));
+    TRY(rd_linear_forward(A->temb, A->ths, P + m->t2_w, P + m->t2_b, B, D, D));
+    TRY(rd_embedding_forward(A->c, y, P + m->ytab, B, V, D));
+    for (int64_t i = 0; i < B * D; i++) A->c[i] += A->temb[i];
+    TRY(rd_silu_forward(A->sc, A->c, B * D));
+    for (int64_t i = 0; i < c->depth; i++) TRY(block_forward(m, A, P, i, B, training, plr));
+    /* final layer: modulate(LN(x), shift, scale) -> Linear -> unpatchify */
+    TRY(rd_linear_forward(A->modf, A->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));
+    TRY(rd_layernorm_forward(A->xhatf, A->rstdf, A->x, N, D));
+    TRY(rd_modulate_forward(A->mf, A->xhatf, A->modf, A->modf + D, B, L, D, 2 * D));
+    TRY(rd_linear_forward(A->otok, A->mf, P + m->fl_w, P + m->fl_b, N, D, m->Pout));
+    return rd_unpatchify_forward(out, A->otok, B, c->out_channels, H, H, p, RD_PATCH_IJC);
+}
+
+/* The training arena's pointers as a forward's activation set. */
+static fwd_acts train_acts(const rd_model *m) {
+    fwd_acts A = {m->patches, m->tfreq, m->th, m->ths, m->dt1, m->c, m->sc, m->x, m->ba, 0,
+                  m->modf, m->xhatf, m->rstdf, m->mf, m->otok};
+    return A;
+}
+
 static rd_status model_forward(rd_model *m, float *out, const float *params, const float *x,
                                const float *t, const int64_t *y, const float *plr_target,
                                int64_t B, int training) {
     const rd_model_cfg *c = &m->cfg;
-    const int64_t D = c->D, L = m->L, N = B * L, p = c->patch, H = m->H, V = c->num_classes + 1;
     if (B < 1) return rd_fail(RD_EINVAL, "batch must be >= 1, got %lld", (long long)B);
     if (B > m->cap) {
         if (m->fixed)
@@ -461,40 +543,83 @@ static rd_status model_forward(rd_model *m, float *out, const float *params, con
     }
     TRY(check_timesteps(t, B));
     m->have_forward = 0;
-    const float *P = params;
-    /* x = x_embedder(x) + pos_embed: start each row from bias + pe, then add the product */
-    TRY(rd_patchify_forward(m->patches, x, B, c->in_channels, H, H, p, RD_PATCH_CIJ));
-#pragma omp parallel for collapse(2)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t l = 0; l < L; l++) {
-            float *row = m->x + (b * L + l) * D;
-            const float *pe = m->pe + l * D, *bias = P + m->xe_b;
-            for (int64_t d = 0; d < D; d++) row[d] = bias[d] + pe[d];
-        }
-    TRY(rd_matmul_par(m->x, (int)D, m->patches, (int)m->Pin, 0, P + m->xe_w, (int)m->Pin, 1, N,
-                      D, m->Pin, 1.0f, 1.0f));
-    /* c = t_embedder(t) + y_embedder(y); every adaLN reads SiLU(c) */
-    TRY(rd_timestep_embedding_forward(m->tfreq, t, B, RD_FREQ_DIM, RD_MAX_PERIOD));
-    TRY(rd_linear_forward(m->th, m->tfreq, P + m->t0_w, P + m->t0_b, B, RD_FREQ_DIM, D));
-    TRY(rd_silu_forward(m->ths, m->th, B * D));
-    TRY(rd_linear_forward(m->dt1, m->ths, P + m->t2_w, P + m->t2_b, B, D, D));
-    TRY(rd_embedding_forward(m->c, y, P + m->ytab, B, V, D));
-    for (int64_t i = 0; i < B * D; i++) m->c[i] += m->dt1[i];
-    TRY(rd_silu_forward(m->sc, m->c, B * D));
-    memcpy(m->labels, y, (size_t)B * sizeof(int64_t));
     m->last_plr = m->moe && plr_target && training && c->moe.plr_weight != 0.0f;
     if (m->last_plr) TRY(patchify_target(m, plr_target, B));
-    for (int64_t i = 0; i < c->depth; i++) TRY(block_forward(m, P, i, B, training));
-    /* final layer: modulate(LN(x), shift, scale) -> Linear -> unpatchify */
-    TRY(rd_linear_forward(m->modf, m->sc, P + m->fa_w, P + m->fa_b, B, D, 2 * D));
-    TRY(rd_layernorm_forward(m->xhatf, m->rstdf, m->x, N, D));
-    TRY(rd_modulate_forward(m->mf, m->xhatf, m->modf, m->modf + D, B, L, D, 2 * D));
-    TRY(rd_linear_forward(m->otok, m->mf, P + m->fl_w, P + m->fl_b, N, D, m->Pout));
-    TRY(rd_unpatchify_forward(out, m->otok, B, c->out_channels, H, H, p, RD_PATCH_IJC));
+    const fwd_acts A = train_acts(m);
+    TRY(forward_pass(m, &A, out, params, x, t, y, m->last_plr ? m->plr : NULL, B, training));
+    memcpy(m->labels, y, (size_t)B * sizeof(int64_t));
     m->last_B = B;
     m->have_forward = 1;
     return RD_OK;
 }
+
+/* ---- inference --------------------------------------------------------------------- */
+
+/* The inference arena's carving into A and its one block set ba, for batch B; with
+ * base == NULL only counts (A and ba then hold NULLs). */
+static int64_t carve_infer(const rd_model *m, fwd_acts *A, block_acts *ba, float *base,
+                           int64_t B) {
+    const rd_model_cfg *c = &m->cfg;
+    const int64_t D = c->D, L = m->L, N = B * L;
+    int64_t u = 0;
+    A->patches = carve(base, &u, N * m->Pin);
+    A->tfreq = carve(base, &u, B * RD_FREQ_DIM);
+    A->th = carve(base, &u, B * D);
+    A->ths = carve(base, &u, B * D);
+    A->temb = carve(base, &u, B * D);
+    A->c = carve(base, &u, B * D);
+    A->sc = carve(base, &u, B * D);
+    A->x = carve(base, &u, N * D);
+    carve_block(ba, base, &u, B, N, D, B * c->NH * L * L, c->moe.E == 0);
+    A->ba = ba;
+    A->shared = 1;
+    A->modf = carve(base, &u, B * 2 * D);
+    A->xhatf = carve(base, &u, N * D);
+    A->rstdf = carve(base, &u, N);
+    A->mf = carve(base, &u, N * D);
+    A->otok = carve(base, &u, N * m->Pout);
+    return u;
+}
+
+/* Grow the inference arena (and make the shared MoE state) for batch B. */
+static rd_status infer_reserve(rd_model *m, int64_t B) {
+    if (m->moe && !m->imoe && !(m->imoe = rd_moe_state_new()))
+        return rd_fail(RD_ENOMEM, "model infer: out of memory for the MoE state");
+    fwd_acts A;
+    block_acts ba;
+    const int64_t per = carve_infer(m, &A, &ba, NULL, 1); /* n(B) <= B * n(1) */
+    if (B > (INT64_MAX / (int64_t)sizeof(float) - 64) / per)
+        return rd_fail(RD_EINVAL, "model infer: batch %lld is too large", (long long)B);
+    const int64_t n = carve_infer(m, &A, &ba, NULL, B);
+    float *arena = malloc((size_t)n * sizeof(float) + 64);
+    if (!arena)
+        return rd_fail(RD_ENOMEM, "model infer: out of memory for activations of batch %lld "
+                       "(%lld MiB)", (long long)B, (long long)(n / (1 << 18)));
+    free(m->iarena);
+    m->iarena = arena;
+    carve_infer(m, &m->inf, &m->iba, (float *)(((uintptr_t)arena + 63) & ~(uintptr_t)63), B);
+    m->icap = B;
+    return RD_OK;
+}
+
+static rd_status model_infer(rd_model *m, float *out, const float *params, const float *x,
+                             const float *t, const int64_t *y, int64_t B) {
+    if (B < 1) return rd_fail(RD_EINVAL, "batch must be >= 1, got %lld", (long long)B);
+    TRY(check_timesteps(t, B));
+    if (B > m->icap) TRY(infer_reserve(m, B));
+    return forward_pass(m, &m->inf, out, params, x, t, y, NULL, B, 0);
+}
+
+void rd_model_infer_release(rd_model *m) {
+    if (!m) return;
+    free(m->iarena);
+    m->iarena = NULL;
+    m->icap = 0;
+    rd_moe_state_free(m->imoe);
+    m->imoe = NULL;
+}
+
+int64_t rd_model_infer_batch(const rd_model *m) { return m->icap; }
 
 /* ---- backward ---------------------------------------------------------------------- */
 
@@ -581,6 +706,14 @@ rd_status rd_model_forward(rd_model *m, float *out, const float *params, const f
                            int64_t B, int training) {
     const int prev = rd_blas_threads_enter();
     rd_status s = model_forward(m, out, params, x, t, y, plr_target, B, training);
+    rd_blas_threads_restore(prev);
+    return s;
+}
+
+rd_status rd_model_infer(rd_model *m, float *out, const float *params, const float *x,
+                         const float *t, const int64_t *y, int64_t B) {
+    const int prev = rd_blas_threads_enter();
+    rd_status s = model_infer(m, out, params, x, t, y, B);
     rd_blas_threads_restore(prev);
     return s;
 }

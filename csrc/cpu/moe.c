@@ -224,6 +224,7 @@ struct rd_moe_state {
     int have_forward, have_tau;
     float tau, tau_b;
     int64_t cap_ND, cap_NE;     /* capacity (elements) of the (N,D) and (N,E) buffers */
+    int64_t cap_dND, cap_dNE;   /* ... and of the backward's, grown by the first backward */
     float *hpre, *h, *dh;       /* (N,D) router pre-activation, hidden, backward scratch */
     float *R, *G, *dG, *dR;     /* (N,E) logits, gates and their gradients */
     uint8_t *mask;              /* (N,E) selection */
@@ -256,19 +257,21 @@ static int grow(void **p, size_t bytes) {
     return 0;
 }
 
-/* Make room for N tokens; the contents are not kept. */
+/* Make room for a forward of N tokens; the contents are not kept. The backward's scratch
+ * comes with the first backward (reserve_backward): a layer only ever run forward (eval,
+ * inference) never holds it. */
 static rd_status reserve(rd_moe_state *st, int64_t N, int64_t D, int64_t E) {
     if (N * D > st->cap_ND) {
         size_t b = (size_t)(N * D) * sizeof(float);
-        if (grow((void **)&st->hpre, b) || grow((void **)&st->h, b) || grow((void **)&st->dh, b))
+        if (grow((void **)&st->hpre, b) || grow((void **)&st->h, b))
             return rd_fail(RD_ENOMEM, "moe: out of memory for %lld tokens x D=%lld", (long long)N,
                            (long long)D);
         st->cap_ND = N * D;
     }
     if (N * E > st->cap_NE) {
         size_t b = (size_t)(N * E) * sizeof(float);
-        if (grow((void **)&st->R, b) || grow((void **)&st->G, b) || grow((void **)&st->dG, b) ||
-            grow((void **)&st->dR, b) || grow((void **)&st->mask, (size_t)(N * E)))
+        if (grow((void **)&st->R, b) || grow((void **)&st->G, b) ||
+            grow((void **)&st->mask, (size_t)(N * E)))
             return rd_fail(RD_ENOMEM, "moe: out of memory for %lld tokens x E=%lld", (long long)N,
                            (long long)E);
         st->cap_NE = N * E;
@@ -276,19 +279,35 @@ static rd_status reserve(rd_moe_state *st, int64_t N, int64_t D, int64_t E) {
     return RD_OK;
 }
 
+/* The backward's scratch dh (N,D), dG and dR (N,E) for the last forward's N tokens. */
+static rd_status reserve_backward(rd_moe_state *st) {
+    const int64_t ND = st->N * st->D, NE = st->N * st->E;
+    if (ND > st->cap_dND) {
+        if (grow((void **)&st->dh, (size_t)ND * sizeof(float)))
+            return rd_fail(RD_ENOMEM, "moe_backward: out of memory for %lld tokens x D=%lld",
+                           (long long)st->N, (long long)st->D);
+        st->cap_dND = ND;
+    }
+    if (NE > st->cap_dNE) {
+        if (grow((void **)&st->dG, (size_t)NE * sizeof(float)) ||
+            grow((void **)&st->dR, (size_t)NE * sizeof(float)))
+            return rd_fail(RD_ENOMEM, "moe_backward: out of memory for %lld tokens x E=%lld",
+                           (long long)st->N, (long long)st->E);
+        st->cap_dNE = NE;
+    }
+    return RD_OK;
+}
+
 /* The selection of SPEC §2: batch top-K in training (recording tau_b), and in eval either
- * G >= tau per pair or, with eval_topk (and always for token choice, which is per token
- * already), the same batch top-K. */
+ * G >= tau per pair or, with eval_topk, without a threshold yet (a layer never trained),
+ * and always for token choice (per token already), the same batch top-K, recording
+ * nothing. */
 static rd_status select_pairs(rd_moe_state *st, float *tau_b, const rd_moe_cfg *c, int64_t B,
                               int64_t L, int training) {
     int64_t N = B * L, E = c->E;
     if (training) return rd_route(st->mask, tau_b, st->G, B, L, E, c->k, c->strategy);
-    if (c->eval_topk || c->strategy == RD_ROUTE_TOKEN)
+    if (c->eval_topk || c->strategy == RD_ROUTE_TOKEN || !st->have_tau)
         return rd_route(st->mask, NULL, st->G, B, L, E, c->k, c->strategy);
-    if (!st->have_tau)
-        return rd_fail(RD_ESTATE, "moe: eval-mode selection needs the threshold tau, which is set "
-                       "by the first training forward: run one in training mode, set tau, or "
-                       "use eval_topk (batch top-K at inference)");
     return rd_route_threshold(st->mask, st->G, N * E, st->tau);
 }
 
@@ -344,6 +363,7 @@ static rd_status moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *
                        "forward's D=%lld E=%lld He=%lld", (long long)cfg->D, (long long)cfg->E,
                        (long long)cfg->He, (long long)st->D, (long long)st->E, (long long)st->He);
     int64_t N = st->N, D = st->D, E = st->E, He = st->He;
+    if ((s = reserve_backward(st))) return s;
     s = rd_experts_backward(st->ex, dx, st->dG, grad->p[RD_MOE_W1], grad->p[RD_MOE_B1],
                             grad->p[RD_MOE_W2], grad->p[RD_MOE_B2], dy, p->p[RD_MOE_W1],
                             p->p[RD_MOE_W2], N, D, E, He);

@@ -44,10 +44,12 @@ static int grow(int64_t *cap, int64_t n, size_t elem, void **b1, void **b2) {
     return 0;
 }
 
-/* Buffers for N tokens; the (N,E) and (N,D) ones only when a loss needs them. W and f
- * share the 8-byte groups of C and load (they are float: twice the room they need). */
-static rd_status reserve(rd_moe_aux_state *a, const rd_moe_cfg *c, int64_t N, int need_P) {
-    int64_t E = c->E, Pd = c->plr_dim;
+/* Buffers for N tokens; the (N,E), (N,plr_dim) and (N,D) ones only when a loss needs them
+ * (training), so an eval forward holds none. W and f share the 8-byte groups of C and load
+ * (they are float: twice the room they need). */
+static rd_status reserve(rd_moe_aux_state *a, const rd_moe_cfg *c, int64_t N, int need_P,
+                         int need_plr) {
+    int64_t E = c->E, Pd = need_plr ? c->plr_dim : 0;
     if (grow(&a->cap_NE, need_P ? N * E : 0, sizeof(float), (void **)&a->P, (void **)&a->S) ||
         grow(&a->cap_NP, N * Pd, sizeof(float), (void **)&a->T, (void **)&a->dT) ||
         grow(&a->cap_ND, Pd ? N * c->D : 0, sizeof(float), (void **)&a->dh, NULL) ||
@@ -92,7 +94,7 @@ rd_status rd_moe_aux_forward(rd_moe_aux_state *a, const float *R, const float *h
     int64_t E = cfg->E, D = cfg->D, Pd = cfg->plr_dim;
     int sim = training && cfg->sim_weight > 0.0f, bal = training && cfg->balance_weight > 0.0f;
     memset(&a->v, 0, sizeof a->v);
-    if ((st = reserve(a, cfg, N, sim || bal))) return st;
+    if ((st = reserve(a, cfg, N, sim || bal, training && Pd > 0))) return st;
     a->v.N = N; a->v.E = E; a->v.plr_dim = Pd; a->v.training = training;
     a->D = D;
     a->w_sim = cfg->sim_weight; a->w_bal = cfg->balance_weight; a->w_plr = cfg->plr_weight;
