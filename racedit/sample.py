@@ -127,7 +127,7 @@ def set_weights(model, weights):
 
 def _denoise_fn(model):
     """The one place a sampler evaluates the model: fn(x (B,C,H,W), t (B,), y (B,)) -> out."""
-    return lambda x, t, y: model.forward(x, t, y)
+    return lambda x, t, y: model.infer(x, t, y)
 
 
 class _SampleNoise:
