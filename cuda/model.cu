@@ -526,19 +526,21 @@ extern "C" rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec) {
 
 /* ---- activations ------------------------------------------------------------------- */
 
-static float *carve(char *base, int64_t *used, int64_t nfloats) {
-    float *p = base ? (float *)(base + *used) : NULL;
-    *used += (nfloats * 4 + 255) / 256 * 256;
+/* Bytes counted in double, as model.c's arena: no size wraps, and below
+ * RD_MAX_ALLOC_BYTES (checked before carving) every count is exact. */
+static float *carve(char *base, double *used, double nfloats) {
+    float *p = base ? (float *)(base + (int64_t)*used) : NULL;
+    *used += ceil(nfloats * 4 / 256) * 256;
     return p;
 }
 
-static int64_t carve_all(rd_model_cuda *m, char *base, int64_t B) {
+static double carve_all(rd_model_cuda *m, char *base, double B) {
     const rd_model_cfg *c = &m->cfg;
-    const int64_t D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
-    const int64_t att = B * c->NH * L * L, img = B * c->in_channels * m->H * m->H;
-    const int64_t oimg = B * c->out_channels * m->H * m->H;
+    const double D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
+    const double att = B * c->NH * L * L, img = B * c->in_channels * m->H * m->H;
+    const double oimg = B * c->out_channels * m->H * m->H;
     const int dense = c->moe.E == 0;
-    int64_t u = 0;
+    double u = 0;
     m->labels = (int64_t *)carve(base, &u, 2 * B);
     m->tdev = carve(base, &u, B);
     m->xin = carve(base, &u, img);
@@ -586,7 +588,7 @@ static int64_t carve_all(rd_model_cuda *m, char *base, int64_t B) {
     m->dt1 = carve(base, &u, B * D);
     m->dt2 = carve(base, &u, B * D);
     m->dotok = carve(base, &u, N * m->Pout);
-    const int64_t cols = 6 * D > m->Pout ? 6 * D : m->Pout;
+    const int64_t cols = 6 * c->D > m->Pout ? 6 * c->D : m->Pout;
     m->partial = carve(base, &u, rd_colsum_scratch(1, cols));
     return u;
 }
@@ -597,17 +599,20 @@ extern "C" rd_status rd_model_cuda_reserve(rd_model_cuda *m, int64_t max_batch, 
     if (max_batch > 65535)
         return rd_fail(RD_EINVAL, "max_batch %lld exceeds 65535 (the device layers' limit)",
                        (long long)max_batch);
-    const int64_t bytes = carve_all(m, NULL, max_batch);
+    const double bytes = carve_all(m, NULL, (double)max_batch);
+    if (bytes > RD_MAX_ALLOC_BYTES)
+        return rd_fail(RD_ENOMEM, "model_cuda: activations of batch %lld need %.4g MiB, more than "
+                       "one allocation can hold", (long long)max_batch, bytes / 1048576.0);
     void *arena = NULL;
     rd_status s = rd_cuda_malloc(&arena, (size_t)bytes);
     if (s) {
-        carve_all(m, (char *)m->arena, m->cap); /* keep the old carving valid */
-        return rd_fail(s, "model_cuda: no device memory for activations of batch %lld (%lld MiB)",
-                       (long long)max_batch, (long long)(bytes >> 20));
+        carve_all(m, (char *)m->arena, (double)m->cap); /* keep the old carving valid */
+        return rd_fail(s, "model_cuda: no device memory for activations of batch %lld (%.0f MiB)",
+                       (long long)max_batch, bytes / 1048576.0);
     }
     rd_cuda_free(m->arena);
     m->arena = arena;
-    carve_all(m, (char *)arena, max_batch);
+    carve_all(m, (char *)arena, (double)max_batch);
     m->cap = max_batch;
     m->fixed = fixed;
     m->have_forward = 0;
