@@ -341,7 +341,8 @@ class RaceDiT(ModelBase):
     def backward(self, dout):
         """Backpropagate dout (B, out_channels, H, W) through the last forward. Gradients
         ACCUMULATE into grad_buffer (call zero_grad() between steps), including the MoE
-        blocks' weighted aux-loss gradients. RuntimeError before any forward."""
+        blocks' weighted aux-loss gradients. RuntimeError before any forward; ValueError
+        when grad_buffer shares memory with param_buffer or dout."""
         _C.model_backward(self._model, self.param_buffer, self.grad_buffer, dout)
 
     def zero_grad(self):

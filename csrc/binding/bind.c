@@ -13,6 +13,12 @@ int rd_take(rd_busy *flag, const char *what) {
 
 void rd_give(rd_busy *flag) { atomic_store(flag, 0); }
 
+void *rd_capsule_ptr(PyObject *cap, const char *name, const char *arg, const char *what) {
+    if (PyCapsule_IsValid(cap, name)) return PyCapsule_GetPointer(cap, name);
+    PyErr_Format(PyExc_TypeError, "%s: expected %s, got %s", arg, what, Py_TYPE(cap)->tp_name);
+    return NULL;
+}
+
 void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape) {
     size_t used = 0;
     used += (size_t)snprintf(buf + used, n - used, "(");

@@ -31,6 +31,10 @@ int rd_take(rd_busy *flag, const char *what);
 int rd_try_take(rd_busy *flag);
 void rd_give(rd_busy *flag);
 
+/* The pointer held by capsule `cap` of name `name`, or NULL with TypeError
+ * "<arg>: expected <what>, got <type>". */
+void *rd_capsule_ptr(PyObject *cap, const char *name, const char *arg, const char *what);
+
 /* Wildcard for one dimension of an expected shape. */
 #define RD_ANY (-1)
 

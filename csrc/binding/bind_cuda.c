@@ -390,12 +390,7 @@ static void state_destructor(PyObject *cap) {
 /* The box of a state capsule claimed for this call (give it back with rd_give(b->busy)),
  * or NULL with the exception. */
 static cstate_box *take_state(PyObject *cap) {
-    if (!PyCapsule_IsValid(cap, STATE_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "state: expected a CUDA MoE state capsule, got %s",
-                     Py_TYPE(cap)->tp_name);
-        return NULL;
-    }
-    cstate_box *b = (cstate_box *)PyCapsule_GetPointer(cap, STATE_CAPSULE);
+    cstate_box *b = (cstate_box *)rd_capsule_ptr(cap, STATE_CAPSULE, "state", "a CUDA MoE state capsule");
     if (b && rd_take(b->busy, "state") < 0) return NULL;
     return b;
 }
@@ -745,22 +740,13 @@ static PyObject *with_state(PyObject *args, PyObject *(*fn)(rd_moe_cuda_state *,
     return ret;
 }
 
-static PyObject *py_moe_view(PyObject *self, PyObject *args) {
-    (void)self;
-    return with_state(args, moe_view);
-}
-static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
-    (void)self;
-    return with_state(args, moe_set_threshold);
-}
-static PyObject *py_moe_aux(PyObject *self, PyObject *args) {
-    (void)self;
-    return with_state(args, moe_aux);
-}
-static PyObject *py_moe_precision(PyObject *self, PyObject *args) {
-    (void)self;
-    return with_state(args, moe_precision);
-}
+#define WITH_STATE(fn) \
+    static PyObject *py_##fn(PyObject *self, PyObject *args) { (void)self; return with_state(args, fn); }
+WITH_STATE(moe_view)
+WITH_STATE(moe_set_threshold)
+WITH_STATE(moe_aux)
+WITH_STATE(moe_precision)
+#undef WITH_STATE
 
 /* ---- DiT layers and the optimiser ----------------------------------------------------
  * One runner: upload the inputs, allocate the outputs on the device (zeros, or the
@@ -1323,13 +1309,12 @@ static void cmodel_destructor(PyObject *cap) {
     }
 }
 
+static cmodel_box *cmodel_of(PyObject *cap) {
+    return (cmodel_box *)rd_capsule_ptr(cap, CMODEL_CAPSULE, "model", "a CUDA model capsule");
+}
+
 static cmodel_box *get_cmodel(PyObject *cap) {
-    if (!PyCapsule_IsValid(cap, CMODEL_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "model: expected a CUDA model capsule, got %s",
-                     Py_TYPE(cap)->tp_name);
-        return NULL;
-    }
-    cmodel_box *box = (cmodel_box *)PyCapsule_GetPointer(cap, CMODEL_CAPSULE);
+    cmodel_box *box = cmodel_of(cap);
     if (box && box->busy) {
         PyErr_SetString(PyExc_RuntimeError, "model: in use by another thread");
         return NULL;
@@ -1340,12 +1325,7 @@ static cmodel_box *get_cmodel(PyObject *cap) {
 /* The box claimed for this call (give it back with rd_give(&box->busy)), or NULL with the
  * exception: taken before anything that may release the GIL. */
 static cmodel_box *take_cmodel(PyObject *cap) {
-    if (!PyCapsule_IsValid(cap, CMODEL_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "model: expected a CUDA model capsule, got %s",
-                     Py_TYPE(cap)->tp_name);
-        return NULL;
-    }
-    cmodel_box *box = (cmodel_box *)PyCapsule_GetPointer(cap, CMODEL_CAPSULE);
+    cmodel_box *box = cmodel_of(cap);
     if (box && rd_take(&box->busy, "model") < 0) return NULL;
     return box;
 }

@@ -356,12 +356,7 @@ static void moe_capsule_free(PyObject *cap) {
 }
 
 static moe_holder *get_holder(PyObject *cap) {
-    if (!PyCapsule_IsValid(cap, MOE_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "state: expected a capsule from racedit._C.moe_new(), got %s",
-                     Py_TYPE(cap)->tp_name);
-        return NULL;
-    }
-    return (moe_holder *)PyCapsule_GetPointer(cap, MOE_CAPSULE);
+    return (moe_holder *)rd_capsule_ptr(cap, MOE_CAPSULE, "state", "a capsule from racedit._C.moe_new()");
 }
 
 /* The holder claimed for this call (give it back with rd_give(&hd->busy)), or NULL with
@@ -370,6 +365,16 @@ static moe_holder *take_holder(PyObject *cap) {
     moe_holder *hd = get_holder(cap);
     if (hd && rd_take(&hd->busy, "state") < 0) return NULL;
     return hd;
+}
+
+/* fn(hd, arg) with the state of `cap` claimed for the call. */
+static PyObject *with_holder(PyObject *cap, PyObject *(*fn)(moe_holder *, const void *),
+                             const void *arg) {
+    moe_holder *hd = take_holder(cap);
+    if (!hd) return NULL;
+    PyObject *ret = fn(hd, arg);
+    rd_give(&hd->busy);
+    return ret;
 }
 
 /* Set the configuration fields named in `kw` (dim, num_experts, hidden, k, strategy,
@@ -443,9 +448,9 @@ static PyObject *py_moe_new(PyObject *self, PyObject *args, PyObject *kw) {
     return cap;
 }
 
-static PyObject *moe_configure(moe_holder *hd, PyObject *kw) {
+static PyObject *moe_configure(moe_holder *hd, const void *kw) {
     rd_moe_cfg c = hd->cfg;
-    if (cfg_update(&c, kw) < 0) return NULL;
+    if (cfg_update(&c, (PyObject *)kw) < 0) return NULL;
     if (c.D != hd->cfg.D || c.E != hd->cfg.E || c.He != hd->cfg.He || c.plr_dim != hd->cfg.plr_dim) {
         PyErr_SetString(PyExc_ValueError, "moe_configure: dim, num_experts, hidden and plr_dim "
                         "are fixed when the state is made");
@@ -467,11 +472,7 @@ static PyObject *py_moe_configure(PyObject *self, PyObject *args, PyObject *kw) 
     (void)self;
     PyObject *cap;
     if (!PyArg_ParseTuple(args, "O:moe_configure", &cap)) return NULL;
-    moe_holder *hd = take_holder(cap);
-    if (!hd) return NULL;
-    PyObject *ret = moe_configure(hd, kw);
-    rd_give(&hd->busy);
-    return ret;
+    return with_holder(cap, moe_configure, kw);
 }
 
 static PyObject *py_moe_param_sizes(PyObject *self, PyObject *cap) {
@@ -588,7 +589,8 @@ static PyObject *copy_out(const void *src, int ndim, npy_intp *shape, int typenu
     return (PyObject *)a;
 }
 
-static PyObject *moe_get(moe_holder *hd, const char *name) {
+static PyObject *moe_get(moe_holder *hd, const void *arg) {
+    const char *name = arg;
     rd_moe_view v;
     rd_moe_state_view(hd->st, &v);
     if (!strcmp(name, "threshold")) return v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
@@ -619,14 +621,11 @@ static PyObject *py_moe_get(PyObject *self, PyObject *args) {
     PyObject *cap;
     const char *name;
     if (!PyArg_ParseTuple(args, "Os:moe_get", &cap, &name)) return NULL;
-    moe_holder *hd = take_holder(cap);
-    if (!hd) return NULL;
-    PyObject *ret = moe_get(hd, name);
-    rd_give(&hd->busy);
-    return ret;
+    return with_holder(cap, moe_get, name);
 }
 
-static PyObject *moe_set_threshold(moe_holder *hd, PyObject *otau) {
+static PyObject *moe_set_threshold(moe_holder *hd, const void *arg) {
+    PyObject *otau = (PyObject *)arg;
     rd_status s;
     if (otau == Py_None) {
         s = rd_moe_set_threshold(hd->st, NULL);
@@ -648,11 +647,7 @@ static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap, *otau;
     if (!PyArg_ParseTuple(args, "OO:moe_set_threshold", &cap, &otau)) return NULL;
-    moe_holder *hd = take_holder(cap);
-    if (!hd) return NULL;
-    PyObject *ret = moe_set_threshold(hd, otau);
-    rd_give(&hd->busy);
-    return ret;
+    return with_holder(cap, moe_set_threshold, otau);
 }
 
 static PyMethodDef moe_methods[] = {
