@@ -39,9 +39,9 @@ rd_status rd_fail(rd_status s, const char *fmt, ...);
  * Every product of sizes that allocates or indexes memory is formed with these: a huge
  * argument becomes an error giving the true size, never a product that wrapped around. */
 
-/* The most bytes racedit asks for in one allocation (4 PiB, beyond any address space in
- * use); a larger request fails with RD_ENOMEM without being tried. Element counts below
- * it are exact in a double, which is how the model's arena is counted. */
+/* The most bytes racedit asks for in one allocation (4 PiB, more than any machine holds);
+ * a larger request fails with RD_ENOMEM without being tried. Element counts below it are
+ * exact in a double, which is how the model's arena is counted. */
 #define RD_MAX_ALLOC_BYTES 4503599627370496.0 /* 2^52 */
 
 /* *out = a * b for a, b >= 0: 1 when the product fits in int64_t, else 0. */

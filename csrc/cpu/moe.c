@@ -271,7 +271,7 @@ static int grow(void **p, size_t bytes) {
 
 /* Make room for N tokens; the contents are not kept. */
 static rd_status reserve(rd_moe_state *st, int64_t N, int64_t D, int64_t E) {
-    int64_t ND, NE;
+    int64_t ND, NE; /* element sizes: the bytes one (t, d) or (t, e) takes over its buffers */
     rd_status s;
     if ((s = RD_SIZE(&ND, 3 * sizeof(float), "moe: (N, D) buffers", N, D)) ||
         (s = RD_SIZE(&NE, 4 * sizeof(float) + 1, "moe: (N, E) buffers", N, E)))
