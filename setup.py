@@ -6,7 +6,8 @@ Environment knobs:
   RACEDIT_NO_CUDA=1     do not compile CUDA even if nvcc is found
   RACEDIT_NO_OPENMP=1   do not use OpenMP
   RACEDIT_PORTABLE=1    no -march=native (for wheels meant for other machines)
-  RACEDIT_DEBUG=1       -O0 -g (with RACEDIT_ASAN=1: AddressSanitizer)
+  RACEDIT_DEBUG=1       -O0 -g (with RACEDIT_ASAN=1: AddressSanitizer, with
+                        RACEDIT_UBSAN=1: UndefinedBehaviorSanitizer, any report fatal)
   CUDA_HOME             where to look for nvcc first
 
 Rebuilds are honest: everything that decides what the objects contain (flags, macros, the
@@ -138,6 +139,9 @@ class BuildExt(build_ext):
             if env_flag("RACEDIT_ASAN"):
                 cflags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
                 ldflags += ["-fsanitize=address"]
+            if env_flag("RACEDIT_UBSAN"):
+                cflags += ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
+                ldflags += ["-fsanitize=undefined"]
         else:
             cflags += ["-O3"]
             if not env_flag("RACEDIT_PORTABLE") and try_compile(cc, ["-march=native"], link=False):

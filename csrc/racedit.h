@@ -35,6 +35,27 @@ const char *rd_last_error(void);
 /* Record a failure message (printf-style) and return `s`. */
 rd_status rd_fail(rd_status s, const char *fmt, ...);
 
+/* ---- Sizes -------------------------------------------------------------------
+ * Every product of sizes that allocates or indexes memory is formed with these: a huge
+ * argument becomes an error giving the true size, never a product that wrapped around. */
+
+/* The most bytes racedit asks for in one allocation (4 PiB, more than any machine holds);
+ * a larger request fails with RD_ENOMEM without being tried. Element counts below it are
+ * exact in a double, which is how the model's arena is counted. */
+#define RD_MAX_ALLOC_BYTES 4503599627370496.0 /* 2^52 */
+
+/* *out = a * b for a, b >= 0: 1 when the product fits in int64_t, else 0. */
+int rd_mul_ok(int64_t a, int64_t b, int64_t *out);
+/* *out = f[0] * ... * f[n-1] (each >= 0), the elements of a buffer `what` of `elsize`-byte
+ * elements: RD_EINVAL when the count does not fit in int64_t, RD_ENOMEM when its bytes
+ * exceed RD_MAX_ALLOC_BYTES, with a message giving the factors and the true size. */
+rd_status rd_size_product(int64_t *out, size_t elsize, const char *what, int n, const int64_t *f);
+/* rd_size_product over the listed factors: RD_SIZE(&n, sizeof(float), "pe", gh, gw, D). */
+#define RD_SIZE(out, elsize, what, ...)                                                      \
+    rd_size_product((out), (elsize), (what),                                                \
+                    (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),              \
+                    (const int64_t[]){__VA_ARGS__})
+
 /* ---- BLAS --------------------------------------------------------------------
  * Fortran sgemm (column-major, arguments by pointer), as exported by SciPy's
  * scipy.linalg.cython_blas. The binding registers it at import time. */

@@ -527,6 +527,16 @@ static rd_status expert_gemms(rd_experts_cuda *ex, int which, void *C, const voi
 }
 
 /* ---- forward / backward -------------------------------------------------------------- */
+/* The P selected rows' buffers hold at most P x max(D, He) floats: that size must fit. */
+static rd_status check_rows(const char *fn, int64_t P, int64_t D, int64_t He) {
+    int64_t n;
+    if (rd_mul_ok(P, D > He ? D : He, &n) && (double)n * sizeof(float) <= RD_MAX_ALLOC_BYTES)
+        return RD_OK;
+    return rd_fail(RD_ENOMEM, "%s: P=%lld selected rows of width %lld need %.4g MiB, more than "
+                   "one allocation can hold", fn, (long long)P, (long long)(D > He ? D : He),
+                   (double)P * (double)(D > He ? D : He) * sizeof(float) / 1048576.0);
+}
+
 static rd_status dispatch(rd_experts_cuda *ex, const uint8_t *mask, const float *G, int64_t N,
                           int64_t E, const unsigned long long *nan_dev,
                           unsigned long long *nan_host) {
@@ -638,6 +648,7 @@ rd_status rd_experts_forward_impl(rd_experts_cuda *ex, float *y, const uint8_t *
     }
     RD_TRY(dispatch(ex, mask, G, N, E, nan_dev, nan_host));
     int64_t P = ex->P;
+    RD_TRY(check_rows("experts_forward_cuda", P, D, He));
     void *xg, *a, *hdn;
     float *o;
     RD_TRY(rd_dbuf_get(&ex->xg, (size_t)(P * D) * es, &xg));
@@ -716,6 +727,7 @@ extern "C" rd_status rd_experts_backward_cuda(rd_experts_cuda *ex, float *dx, fl
                        (long long)D, (long long)E, (long long)He, (long long)ex->N,
                        (long long)ex->D, (long long)ex->E, (long long)ex->He);
     int64_t P = ex->P;
+    RD_TRY(check_rows("experts_backward_cuda", P, D, He));
     int bf = ex->prec == RD_PREC_BF16;
     size_t es = bf ? sizeof(bf16) : sizeof(float);
     void *dbuf, *dhid;

@@ -547,15 +547,17 @@ extern "C" rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec) {
 
 /* ---- activations ------------------------------------------------------------------- */
 
-static float *carve(char *base, int64_t *used, int64_t nfloats) {
-    float *p = base ? (float *)(base + *used) : NULL;
-    *used += (nfloats * 4 + 255) / 256 * 256;
+/* Bytes counted in double, as model.c's arena: no size wraps, and below
+ * RD_MAX_ALLOC_BYTES (checked before carving) every count is exact. */
+static float *carve(char *base, double *used, double nfloats) {
+    float *p = base ? (float *)(base + (int64_t)*used) : NULL;
+    *used += ceil(nfloats * 4 / 256) * 256;
     return p;
 }
 
 /* One block's activations for N = B*L tokens (att: B*NH*L*L floats). */
-static void carve_block(md_block_acts *a, char *base, int64_t *u, int64_t B, int64_t N,
-                        int64_t D, int64_t att, int dense) {
+static void carve_block(md_block_acts *a, char *base, double *u, double B, double N, double D,
+                        double att, int dense) {
     a->mod = carve(base, u, B * 6 * D);
     a->xhat1 = carve(base, u, N * D);
     a->rstd1 = carve(base, u, N);
@@ -572,13 +574,13 @@ static void carve_block(md_block_acts *a, char *base, int64_t *u, int64_t B, int
     a->ffn = carve(base, u, N * D);
 }
 
-static int64_t carve_all(rd_model_cuda *m, char *base, int64_t B) {
+static double carve_all(rd_model_cuda *m, char *base, double B) {
     const rd_model_cfg *c = &m->cfg;
-    const int64_t D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
-    const int64_t att = B * c->NH * L * L, img = B * c->in_channels * m->H * m->H;
-    const int64_t oimg = B * c->out_channels * m->H * m->H;
+    const double D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
+    const double att = B * c->NH * L * L, img = B * c->in_channels * m->H * m->H;
+    const double oimg = B * c->out_channels * m->H * m->H;
     const int dense = c->moe.E == 0;
-    int64_t u = 0;
+    double u = 0;
     m->labels = (int64_t *)carve(base, &u, 2 * B);
     m->tdev = carve(base, &u, B);
     m->xin = carve(base, &u, img);
@@ -610,7 +612,7 @@ static int64_t carve_all(rd_model_cuda *m, char *base, int64_t B) {
     m->dt1 = carve(base, &u, B * D);
     m->dt2 = carve(base, &u, B * D);
     m->dotok = carve(base, &u, N * m->Pout);
-    const int64_t cols = 6 * D > m->Pout ? 6 * D : m->Pout;
+    const int64_t cols = 6 * c->D > m->Pout ? 6 * c->D : m->Pout;
     m->partial = carve(base, &u, rd_colsum_scratch(1, cols));
     return u;
 }
@@ -621,17 +623,20 @@ extern "C" rd_status rd_model_cuda_reserve(rd_model_cuda *m, int64_t max_batch, 
     if (max_batch > 65535)
         return rd_fail(RD_EINVAL, "max_batch %lld exceeds 65535 (the device layers' limit)",
                        (long long)max_batch);
-    const int64_t bytes = carve_all(m, NULL, max_batch);
+    const double bytes = carve_all(m, NULL, (double)max_batch);
+    if (bytes > RD_MAX_ALLOC_BYTES)
+        return rd_fail(RD_ENOMEM, "model_cuda: activations of batch %lld need %.4g MiB, more than "
+                       "one allocation can hold", (long long)max_batch, bytes / 1048576.0);
     void *arena = NULL;
     rd_status s = rd_cuda_malloc(&arena, (size_t)bytes);
     if (s) {
-        carve_all(m, (char *)m->arena, m->cap); /* keep the old carving valid */
-        return rd_fail(s, "model_cuda: no device memory for activations of batch %lld (%lld MiB)",
-                       (long long)max_batch, (long long)(bytes >> 20));
+        carve_all(m, (char *)m->arena, (double)m->cap); /* keep the old carving valid */
+        return rd_fail(s, "model_cuda: no device memory for activations of batch %lld (%.0f MiB)",
+                       (long long)max_batch, bytes / 1048576.0);
     }
     rd_cuda_free(m->arena);
     m->arena = arena;
-    carve_all(m, (char *)arena, max_batch);
+    carve_all(m, (char *)arena, (double)max_batch);
     m->cap = max_batch;
     m->fixed = fixed;
     m->have_forward = 0;
@@ -798,11 +803,11 @@ extern "C" rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const f
 
 /* The inference arena's carving into A and its one block set ba, for batch B; with
  * base == NULL only counts. */
-static int64_t carve_infer(const rd_model_cuda *m, md_fwd_acts *A, md_block_acts *ba,
-                           char *base, int64_t B) {
+static double carve_infer(const rd_model_cuda *m, md_fwd_acts *A, md_block_acts *ba,
+                          char *base, double B) {
     const rd_model_cfg *c = &m->cfg;
-    const int64_t D = c->D, L = m->L, N = B * L;
-    int64_t u = 0;
+    const double D = c->D, L = m->L, N = B * L;
+    double u = 0;
     A->labels = (int64_t *)carve(base, &u, 2 * B);
     A->tdev = carve(base, &u, B);
     A->xin = carve(base, &u, B * c->in_channels * m->H * m->H);
@@ -838,15 +843,18 @@ static rd_status infer_reserve(rd_model_cuda *m, int64_t B) {
     }
     md_fwd_acts A;
     md_block_acts ba;
-    const int64_t bytes = carve_infer(m, &A, &ba, NULL, B);
+    const double bytes = carve_infer(m, &A, &ba, NULL, (double)B);
+    if (bytes > RD_MAX_ALLOC_BYTES)
+        return rd_fail(RD_ENOMEM, "model_cuda infer: activations of batch %lld need %.4g MiB, "
+                       "more than one allocation can hold", (long long)B, bytes / 1048576.0);
     void *arena = NULL;
     rd_status s = rd_cuda_malloc(&arena, (size_t)bytes);
     if (s)
         return rd_fail(s, "model_cuda infer: no device memory for activations of batch %lld "
-                       "(%lld MiB)", (long long)B, (long long)(bytes >> 20));
+                       "(%.0f MiB)", (long long)B, bytes / 1048576.0);
     rd_cuda_free(m->iarena); /* synchronous: no kernel still reads it */
     m->iarena = arena;
-    carve_infer(m, &m->inf, &m->iba, (char *)arena, B);
+    carve_infer(m, &m->inf, &m->iba, (char *)arena, (double)B);
     m->icap = B;
     return RD_OK;
 }

@@ -43,6 +43,9 @@ class CudaMoE(MoE):
     def precision(self, p):
         self._dev.precision = p
 
+    def _settings(self):
+        return dict(super()._settings(), device="cuda", precision=self.precision)
+
     def _sync_cfg(self):
         c = _C.moe_configure(self._state)
         for k in ("beta", "sim_weight", "balance_weight", "plr_weight"):
@@ -53,11 +56,10 @@ class CudaMoE(MoE):
         """As :meth:`racedit.MoE.forward`, on the GPU (x copied in, y back)."""
         from . import cuda
 
-        x = _input_copy(x, self.dim)
-        self._x = None
+        x = _input_copy(x, self.dim)  # private: the device state keeps it for backward
         self._sync_cfg()
         y = cuda.moe_forward(self._dev, x, self.param_buffer, self.training, plr_target)
-        self._x, self._bl = x, x.shape[:2]
+        self._bl = x.shape[:2]
         return y
 
     __call__ = forward
@@ -67,9 +69,7 @@ class CudaMoE(MoE):
         into ``grad_buffer``."""
         from . import cuda
 
-        if self._x is None:
-            raise RuntimeError("backward: no forward to differentiate (call forward first)")
-        dx, _ = cuda.moe_backward(self._dev, dy, self._x, self.param_buffer, self.grad_buffer)
+        dx, _ = cuda.moe_backward(self._dev, dy, None, self.param_buffer, self.grad_buffer)
         return dx
 
     @property

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _C
 from .configs import count_params, get_config
+from .moe import _weight_arg
 
 __all__ = ["RaceDiT"]
 
@@ -151,6 +152,14 @@ class ModelBase:
         a = self._branch_norms()
         return {"attn": a[:, 0].copy(), "ffn": a[:, 1].copy()}
 
+    def __copy__(self):
+        raise TypeError(f"{type(self).__name__} cannot be copied: a copy would share the model's C "
+                        "state (activations, last forward, thresholds); build a new model and "
+                        "copy param_buffer into it")
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
     def __repr__(self):
         return (f"RaceDiT({self.config.name!r}, input_size={self.input_size}, "
                 f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
@@ -282,6 +291,8 @@ class RaceDiT(ModelBase):
         cfg = get_config(config)
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob: expected a value in [0, 1], got {class_dropout_prob}")
+        plr_weight, sim_weight, balance_weight = (_weight_arg(n, w) for n, w in (
+            ("plr_weight", plr_weight), ("sim_weight", sim_weight), ("balance_weight", balance_weight)))
         self.config = cfg
         self.input_size = int(input_size)
         self.in_channels = int(in_channels)
@@ -379,7 +390,8 @@ class RaceDiT(ModelBase):
     def backward(self, dout):
         """Backpropagate dout (B, out_channels, H, W) through the last forward. Gradients
         ACCUMULATE into grad_buffer (call zero_grad() between steps), including the MoE
-        blocks' weighted aux-loss gradients. RuntimeError before any forward."""
+        blocks' weighted aux-loss gradients. RuntimeError before any forward; ValueError
+        when grad_buffer shares memory with param_buffer or dout."""
         _C.model_backward(self._model, self.param_buffer, self.grad_buffer, dout)
 
     def zero_grad(self):

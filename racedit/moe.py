@@ -168,7 +168,7 @@ class MoE:
         if plr_dim:  # drawn last: layers without a head keep the same initial weights
             p["plr_w"][...] = _xavier(rng, (D, plr_dim), D, plr_dim)
         self.training = True
-        self._x = None
+        self._seed = seed
 
     # ---- configuration --------------------------------------------------------
     dim = property(lambda self: self._dims[0], doc="Model width D (read-only).")
@@ -240,21 +240,17 @@ class MoE:
         top-K (see ``eval``). Raises TypeError (not an array, non-float dtype) and
         ValueError (shape; NaN router scores under top-K selection).
         """
-        x = _input_copy(x, self.dim)
-        self._x = None
-        y = _C.moe_forward(self._state, x, self.param_buffer, self.training, plr_target)
-        self._x = x
-        return y
+        x = _input_copy(x, self.dim)  # private: the state keeps it for backward
+        return _C.moe_forward(self._state, x, self.param_buffer, self.training, plr_target)
 
     __call__ = forward
 
     def backward(self, dy):
         """dx (B,L,D) float32 given dy (B,L,D) of the last forward; parameter gradients
         ACCUMULATE into ``grads`` (call ``zero_grad()`` between steps). dy is converted
-        like x. Raises RuntimeError before any forward, TypeError/ValueError for a bad dy."""
-        if self._x is None:
-            raise RuntimeError("backward: no forward to differentiate (call forward first)")
-        return _C.moe_backward(self._state, dy, self._x, self.param_buffer, self.grad_buffer)
+        like x. Raises RuntimeError before any forward, TypeError/ValueError for a bad dy
+        and ValueError when grad_buffer shares memory with param_buffer or dy."""
+        return _C.moe_backward(self._state, dy, None, self.param_buffer, self.grad_buffer)
 
     def zero_grad(self):
         """Set every gradient to 0."""
@@ -322,6 +318,31 @@ class MoE:
         if tau is not None and not isinstance(tau, (int, float, np.integer, np.floating)):
             raise TypeError(f"threshold: expected a float or None, got {type(tau).__name__}")
         _C.moe_set_threshold(self._state, None if tau is None else float(tau))
+
+    # ---- copies ----------------------------------------------------------------------
+    def __copy__(self):
+        raise TypeError(f"{type(self).__name__} cannot be shallow-copied: the copy would share "
+                        "the layer's C state (its last forward, threshold and buffers); use "
+                        "copy.deepcopy")
+
+    def _settings(self):
+        """The constructor's arguments that rebuild this layer (its current settings)."""
+        D, E, k, He, strategy, gating, plr_dim = self._dims
+        return dict(dim=D, num_experts=E, k=k, strategy=strategy, gating=gating, seed=self._seed,
+                    hidden=He, beta=self.beta, eval_topk=self.eval_topk, plr_dim=plr_dim,
+                    sim_weight=self.sim_weight, balance_weight=self.balance_weight,
+                    plr_weight=self.plr_weight)
+
+    def __deepcopy__(self, memo):
+        """A new layer with the same settings, parameters, gradients, threshold and mode
+        (the last forward is not copied: backward needs a forward of the copy)."""
+        new = type(self)(**self._settings())
+        new.param_buffer[...] = self.param_buffer
+        new.grad_buffer[...] = self.grad_buffer
+        new.threshold = self.threshold
+        new.training = self.training
+        memo[id(self)] = new
+        return new
 
     def __repr__(self):
         return (f"MoE(dim={self.dim}, num_experts={self.num_experts}, k={self.k}, "

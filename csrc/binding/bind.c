@@ -3,6 +3,22 @@
 
 #include <string.h>
 
+int rd_try_take(rd_busy *flag) { return atomic_exchange(flag, 1) == 0; }
+
+int rd_take(rd_busy *flag, const char *what) {
+    if (rd_try_take(flag)) return 0;
+    PyErr_Format(PyExc_RuntimeError, "%s: in use by another thread", what);
+    return -1;
+}
+
+void rd_give(rd_busy *flag) { atomic_store(flag, 0); }
+
+void *rd_capsule_ptr(PyObject *cap, const char *name, const char *arg, const char *what) {
+    if (PyCapsule_IsValid(cap, name)) return PyCapsule_GetPointer(cap, name);
+    PyErr_Format(PyExc_TypeError, "%s: expected %s, got %s", arg, what, Py_TYPE(cap)->tp_name);
+    return NULL;
+}
+
 void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape) {
     size_t used = 0;
     used += (size_t)snprintf(buf + used, n - used, "(");
@@ -120,15 +136,50 @@ PyObject *rd_f64_result(int64_t rows, int64_t cols, rd_status (*fill)(void *ctx,
     return (PyObject *)out;
 }
 
+/* The lowest and one past the highest byte an array's elements occupy. */
+static void byte_extent(PyArrayObject *a, const char **lo, const char **hi) {
+    npy_intp below = 0, above = PyArray_ITEMSIZE(a);
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        npy_intp span = (PyArray_DIM(a, i) - 1) * PyArray_STRIDE(a, i);
+        if (span < 0) below += span;
+        else above += span;
+    }
+    *lo = PyArray_BYTES(a) + below;
+    *hi = PyArray_BYTES(a) + above;
+}
+
+int rd_check_disjoint(PyArrayObject *out, const char *out_name, PyArrayObject *const *in, int n,
+                      const char *const *names) {
+    if (PyArray_SIZE(out) == 0) return 0;
+    const char *lo, *hi, *ilo, *ihi;
+    byte_extent(out, &lo, &hi);
+    for (int i = 0; i < n; i++) {
+        if (!in[i] || PyArray_SIZE(in[i]) == 0) continue;
+        byte_extent(in[i], &ilo, &ihi);
+        if (ilo < hi && lo < ihi) {
+            PyErr_Format(PyExc_ValueError, "%s: must not be the %s buffer nor overlap it (it is "
+                         "written while %s is read)", out_name, names[i], names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+const char *rd_str_text(PyObject *obj) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_Check(obj) ? PyUnicode_AsUTF8AndSize(obj, &n) : NULL;
+    return s && strlen(s) == (size_t)n ? s : NULL;
+}
+
 static int parse_name(PyObject *obj, const char *argname, const char *const *names, int n,
                       int *out) {
     if (!PyUnicode_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s: expected a str, got %s", argname, Py_TYPE(obj)->tp_name);
         return -1;
     }
-    const char *s = PyUnicode_AsUTF8(obj);
-    if (!s) return -1;
-    for (int i = 0; i < n; i++)
+    const char *s = rd_str_text(obj);
+    if (!s && PyErr_Occurred()) return -1;
+    for (int i = 0; s && i < n; i++)
         if (strcmp(s, names[i]) == 0) { *out = i; return 0; }
     char opts[256] = "";
     for (int i = 0; i < n; i++) {

@@ -14,7 +14,26 @@
 #endif
 #include <numpy/arrayobject.h>
 
+#include <stdatomic.h>
+
 #include "../racedit.h"
+
+/* One thread at a time on a stateful object (a MoE layer, a model, the experts workspace).
+ * rd_take claims the flag, or raises RuntimeError "<what>: in use by another thread";
+ * rd_give hands it back. A binding function takes it right after parsing its arguments,
+ * before anything that can release the GIL (converting an input, allocating an output,
+ * a subclass's __array_finalize__, a __float__), and gives it back at its one cleanup
+ * label: a check made earlier and a flag set later let a second thread in between. The
+ * exchange is atomic, so the flag also holds where the GIL does not. */
+typedef atomic_int rd_busy;
+int rd_take(rd_busy *flag, const char *what);
+/* rd_take without the exception: 1 when claimed, 0 when another thread holds it. */
+int rd_try_take(rd_busy *flag);
+void rd_give(rd_busy *flag);
+
+/* The pointer held by capsule `cap` of name `name`, or NULL with TypeError
+ * "<arg>: expected <what>, got <type>". */
+void *rd_capsule_ptr(PyObject *cap, const char *name, const char *arg, const char *what);
 
 /* Wildcard for one dimension of an expected shape. */
 #define RD_ANY (-1)
@@ -38,6 +57,14 @@ PyObject *rd_raise(rd_status s);
  * array, or NULL with the exception for fill's status. */
 PyObject *rd_f64_result(int64_t rows, int64_t cols, rd_status (*fill)(void *ctx, double *out),
                         void *ctx);
+/* 0 when `out` (an array a kernel writes while reading the others) shares no memory with
+ * any of the n arrays in[] (NULL entries skipped), else ValueError naming both. */
+int rd_check_disjoint(PyArrayObject *out, const char *out_name, PyArrayObject *const *in, int n,
+                      const char *const *names);
+/* The UTF-8 text of the str `obj`, or NULL: with no exception when `obj` is not a str or
+ * holds an embedded NUL (which a strcmp would cut short: "race\0x" must not read as
+ * "race"), with the exception when it cannot be encoded. */
+const char *rd_str_text(PyObject *obj);
 /* Parse a strategy / gating given by name ("race", ...) or raise ValueError. */
 int rd_parse_strategy(PyObject *obj, const char *argname, rd_strategy *out);
 int rd_parse_gating(PyObject *obj, const char *argname, rd_gating *out);

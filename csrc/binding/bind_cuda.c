@@ -369,27 +369,47 @@ done:
 /* ---- the layer -------------------------------------------------------------------- */
 #define STATE_CAPSULE "racedit.cuda_moe_state"
 
+/* A layer-state capsule's payload: the state, the flag that lets one call at a time work
+ * on it (its own for a cuda_moe_state(); the model's for a model's MoE block, which the
+ * model's forward works on as well) and the input of its last forward, which
+ * cuda_moe_backward differentiates at when given x=None. */
+typedef struct {
+    rd_moe_cuda_state *st;
+    rd_busy own, *busy;
+    PyObject *x;
+} cstate_box;
+
 static void state_destructor(PyObject *cap) {
-    rd_moe_cuda_state *st = (rd_moe_cuda_state *)PyCapsule_GetPointer(cap, STATE_CAPSULE);
-    if (st) rd_moe_cuda_state_free(st);
+    cstate_box *b = (cstate_box *)PyCapsule_GetPointer(cap, STATE_CAPSULE);
+    if (!b) return;
+    rd_moe_cuda_state_free(b->st);
+    Py_XDECREF(b->x);
+    PyMem_Free(b);
 }
 
-static rd_moe_cuda_state *get_state(PyObject *cap) {
-    if (!PyCapsule_IsValid(cap, STATE_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "state: expected a CUDA MoE state capsule, got %s",
-                     Py_TYPE(cap)->tp_name);
-        return NULL;
-    }
-    return (rd_moe_cuda_state *)PyCapsule_GetPointer(cap, STATE_CAPSULE);
+/* The box of a state capsule claimed for this call (give it back with rd_give(b->busy)),
+ * or NULL with the exception. */
+static cstate_box *take_state(PyObject *cap) {
+    cstate_box *b = (cstate_box *)rd_capsule_ptr(cap, STATE_CAPSULE, "state", "a CUDA MoE state capsule");
+    if (b && rd_take(b->busy, "state") < 0) return NULL;
+    return b;
 }
 
 static PyObject *py_moe_state(PyObject *self, PyObject *noargs) {
     (void)self; (void)noargs;
     if (need_device() < 0) return NULL;
-    rd_moe_cuda_state *st = rd_moe_cuda_state_new();
-    if (!st) return PyErr_NoMemory();
-    PyObject *cap = PyCapsule_New(st, STATE_CAPSULE, state_destructor);
-    if (!cap) rd_moe_cuda_state_free(st);
+    cstate_box *b = (cstate_box *)PyMem_Calloc(1, sizeof *b);
+    if (!b) return PyErr_NoMemory();
+    b->busy = &b->own;
+    if (!(b->st = rd_moe_cuda_state_new())) {
+        PyMem_Free(b);
+        return PyErr_NoMemory();
+    }
+    PyObject *cap = PyCapsule_New(b, STATE_CAPSULE, state_destructor);
+    if (!cap) {
+        rd_moe_cuda_state_free(b->st);
+        PyMem_Free(b);
+    }
     return cap;
 }
 
@@ -457,12 +477,14 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
     rd_moe_cfg cfg;
     if (!PyArg_ParseTuple(args, "OOOOp|O:cuda_moe_forward", &o_st, &o_x, &o_p, &o_cfg, &training, &o_t))
         return NULL;
-    rd_moe_cuda_state *st = get_state(o_st);
-    if (!st || parse_cfg(o_cfg, &cfg) < 0) return NULL;
+    cstate_box *sb = take_state(o_st);
+    if (!sb) return NULL;
+    rd_moe_cuda_state *st = sb->st;
+    if (parse_cfg(o_cfg, &cfg) < 0) goto done;
     int64_t sizes[RD_MOE_NPARAM];
     npy_intp np[1] = {(npy_intp)rd_moe_param_sizes(sizes, &cfg)};
     npy_intp sx[3] = {RD_ANY, RD_ANY, cfg.D};
-    if (!(x = rd_in_array(o_x, "x", NPY_FLOAT32, 3, sx))) return NULL;
+    if (!(x = rd_in_array(o_x, "x", NPY_FLOAT32, 3, sx))) goto done;
     if (!(params = rd_in_array(o_p, "params", NPY_FLOAT32, 1, np))) goto done;
     int64_t B = PyArray_DIM(x, 0), Ls = PyArray_DIM(x, 1);
     if (B < 1 || Ls < 1) {
@@ -480,6 +502,7 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
     }
     if (!(y = rd_new_array(3, PyArray_DIMS(x), NPY_FLOAT32))) goto done;
     rd_status s = RD_OK;
+    Py_CLEAR(sb->x);
     Py_BEGIN_ALLOW_THREADS
     void *dx, *dp, *dy, *dt = NULL;
     rd_moe_params p;
@@ -495,7 +518,9 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args) {
     dl_free(&L);
     Py_END_ALLOW_THREADS
     if (s != RD_OK) { rd_raise(s); Py_CLEAR(y); }
+    else sb->x = Py_NewRef((PyObject *)x);
 done:
+    rd_give(sb->busy);
     Py_XDECREF(x);
     Py_XDECREF(params);
     Py_XDECREF(target);
@@ -510,12 +535,18 @@ static PyObject *py_moe_backward(PyObject *self, PyObject *args) {
     rd_moe_cfg cfg;
     if (!PyArg_ParseTuple(args, "OOOOOO:cuda_moe_backward", &o_st, &o_dy, &o_x, &o_p, &o_g, &o_cfg))
         return NULL;
-    rd_moe_cuda_state *st = get_state(o_st);
-    if (!st || parse_cfg(o_cfg, &cfg) < 0) return NULL;
+    cstate_box *sb = take_state(o_st);
+    if (!sb) return NULL;
+    rd_moe_cuda_state *st = sb->st;
+    if (parse_cfg(o_cfg, &cfg) < 0) goto done;
+    if (o_x == Py_None && !sb->x) {
+        PyErr_SetString(PyExc_RuntimeError, "moe_backward: no forward to differentiate (call forward first)");
+        goto done;
+    }
     int64_t sizes[RD_MOE_NPARAM];
     npy_intp np[1] = {(npy_intp)rd_moe_param_sizes(sizes, &cfg)};
     npy_intp sx[3] = {RD_ANY, RD_ANY, cfg.D};
-    if (!(x = rd_in_array(o_x, "x", NPY_FLOAT32, 3, sx))) return NULL;
+    if (!(x = rd_in_array(o_x == Py_None ? sb->x : o_x, "x", NPY_FLOAT32, 3, sx))) goto done;
     if (!(dyin = rd_in_array(o_dy, "dy", NPY_FLOAT32, 3, PyArray_DIMS(x)))) goto done;
     if (!(params = rd_in_array(o_p, "params", NPY_FLOAT32, 1, np))) goto done;
     if (!(grads = rd_out_array(o_g, "grads", NPY_FLOAT32, 1, np))) goto done;
@@ -540,6 +571,7 @@ static PyObject *py_moe_backward(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (s != RD_OK) { rd_raise(s); Py_CLEAR(dx); }
 done:
+    rd_give(sb->busy);
     Py_XDECREF(x);
     Py_XDECREF(dyin);
     Py_XDECREF(params);
@@ -550,8 +582,7 @@ done:
  * after a forward, counts (E,) int64 and P; with arrays >= 1 also mask (N,E) bool, with
  * arrays >= 2 also G, R (N,E) and h (N,D) float32 (device copies: h alone is N*D floats,
  * so per-step diagnostics ask for less). */
-static PyObject *py_moe_view(PyObject *self, PyObject *args) {
-    (void)self;
+static PyObject *moe_view(rd_moe_cuda_state *st, PyObject *args) {
     PyObject *o_st, *d = NULL;
     PyArrayObject *arr[5] = {0};
     int what = 2;
@@ -560,8 +591,6 @@ static PyObject *py_moe_view(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "arrays: expected 0 (none), 1 (mask) or 2 (all), got %d", what);
         return NULL;
     }
-    rd_moe_cuda_state *st = get_state(o_st);
-    if (!st) return NULL;
     rd_moe_cuda_view v;
     rd_status s;
     Py_BEGIN_ALLOW_THREADS
@@ -605,12 +634,9 @@ fail:
     return NULL;
 }
 
-static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
-    (void)self;
+static PyObject *moe_set_threshold(rd_moe_cuda_state *st, PyObject *args) {
     PyObject *o_st, *o_tau;
     if (!PyArg_ParseTuple(args, "OO:cuda_moe_set_threshold", &o_st, &o_tau)) return NULL;
-    rd_moe_cuda_state *st = get_state(o_st);
-    if (!st) return NULL;
     rd_status s;
     if (o_tau == Py_None) {
         s = rd_moe_set_threshold_cuda(st, NULL);
@@ -638,13 +664,10 @@ static PyObject *loss_value(int has, float v) {
 
 /* cuda_moe_aux(state, plr_dim) -> the dict of racedit.MoE.aux for the last device forward
  * (None before any). */
-static PyObject *py_moe_aux(PyObject *self, PyObject *args) {
-    (void)self;
+static PyObject *moe_aux(rd_moe_cuda_state *st, PyObject *args) {
     PyObject *o_st;
     long long plr_dim;
     if (!PyArg_ParseTuple(args, "OL:cuda_moe_aux", &o_st, &plr_dim)) return NULL;
-    rd_moe_cuda_state *st = get_state(o_st);
-    if (!st) return NULL;
     rd_moe_cuda_view v;
     rd_moe_aux a;
     rd_status s = rd_moe_cuda_state_view(st, &v);
@@ -689,13 +712,10 @@ fail:
 }
 
 /* cuda_moe_precision(state[, prec]) -> the previous precision (int); sets it when given. */
-static PyObject *py_moe_precision(PyObject *self, PyObject *args) {
-    (void)self;
+static PyObject *moe_precision(rd_moe_cuda_state *st, PyObject *args) {
     PyObject *o_st;
     int prec = -1;
     if (!PyArg_ParseTuple(args, "O|i:cuda_moe_precision", &o_st, &prec)) return NULL;
-    rd_moe_cuda_state *st = get_state(o_st);
-    if (!st) return NULL;
     int prev = rd_moe_cuda_get_precision(st);
     if (prec != -1) {
         if (check_precision(prec) < 0) return NULL;
@@ -704,6 +724,29 @@ static PyObject *py_moe_precision(PyObject *self, PyObject *args) {
     }
     return PyLong_FromLong(prev);
 }
+
+/* fn(state, args) with the state capsule args[0] claimed: the view, threshold, aux and
+ * precision functions read or change a state that another thread's forward may be using
+ * (and copying out may release the GIL). */
+static PyObject *with_state(PyObject *args, PyObject *(*fn)(rd_moe_cuda_state *, PyObject *)) {
+    if (PyTuple_GET_SIZE(args) < 1) {
+        PyErr_SetString(PyExc_TypeError, "state: missing (the first argument)");
+        return NULL;
+    }
+    cstate_box *sb = take_state(PyTuple_GET_ITEM(args, 0));
+    if (!sb) return NULL;
+    PyObject *ret = fn(sb->st, args);
+    rd_give(sb->busy);
+    return ret;
+}
+
+#define WITH_STATE(fn) \
+    static PyObject *py_##fn(PyObject *self, PyObject *args) { (void)self; return with_state(args, fn); }
+WITH_STATE(moe_view)
+WITH_STATE(moe_set_threshold)
+WITH_STATE(moe_aux)
+WITH_STATE(moe_precision)
+#undef WITH_STATE
 
 /* ---- DiT layers and the optimiser ----------------------------------------------------
  * One runner: upload the inputs, allocate the outputs on the device (zeros, or the
@@ -1253,7 +1296,7 @@ done:
  * model capsule alive and never free the state, so every cuda_moe_* function reads them. */
 typedef struct {
     rd_model_cuda *m;
-    int busy;
+    rd_busy busy;  /* a call works on the model or one of its MoE states (take_cmodel) */
 } cmodel_box;
 
 #define CMODEL_CAPSULE "racedit.cuda_model"
@@ -1266,17 +1309,24 @@ static void cmodel_destructor(PyObject *cap) {
     }
 }
 
+static cmodel_box *cmodel_of(PyObject *cap) {
+    return (cmodel_box *)rd_capsule_ptr(cap, CMODEL_CAPSULE, "model", "a CUDA model capsule");
+}
+
 static cmodel_box *get_cmodel(PyObject *cap) {
-    if (!PyCapsule_IsValid(cap, CMODEL_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "model: expected a CUDA model capsule, got %s",
-                     Py_TYPE(cap)->tp_name);
-        return NULL;
-    }
-    cmodel_box *box = (cmodel_box *)PyCapsule_GetPointer(cap, CMODEL_CAPSULE);
+    cmodel_box *box = cmodel_of(cap);
     if (box && box->busy) {
         PyErr_SetString(PyExc_RuntimeError, "model: in use by another thread");
         return NULL;
     }
+    return box;
+}
+
+/* The box claimed for this call (give it back with rd_give(&box->busy)), or NULL with the
+ * exception: taken before anything that may release the GIL. */
+static cmodel_box *take_cmodel(PyObject *cap) {
+    cmodel_box *box = cmodel_of(cap);
+    if (box && rd_take(&box->busy, "model") < 0) return NULL;
     return box;
 }
 
@@ -1341,17 +1391,20 @@ static PyObject *py_cmodel_get(PyObject *self, PyObject *args) {
     PyObject *cap;
     int which;
     if (!PyArg_ParseTuple(args, "Oi:cuda_model_get", &cap, &which)) return NULL;
-    cmodel_box *box = get_cmodel(cap);
-    if (!box || parse_which(which) < 0) return NULL;
+    if (parse_which(which) < 0) return NULL;
+    cmodel_box *box = take_cmodel(cap);
+    if (!box) return NULL;
     npy_intp n[1] = {(npy_intp)rd_model_cuda_num_params(box->m)};
     PyArrayObject *a = rd_new_array(1, n, NPY_FLOAT32);
-    if (!a) return NULL;
+    if (!a) {
+        rd_give(&box->busy);
+        return NULL;
+    }
     rd_status st;
-    box->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     st = dl_down(a, rd_model_cuda_buffer(box->m, which));
     Py_END_ALLOW_THREADS
-    box->busy = 0;
+    rd_give(&box->busy);
     if (st) {
         Py_DECREF(a);
         return rd_raise(st);
@@ -1365,17 +1418,20 @@ static PyObject *py_cmodel_set(PyObject *self, PyObject *args) {
     PyObject *cap, *ov;
     int which;
     if (!PyArg_ParseTuple(args, "OiO:cuda_model_set", &cap, &which, &ov)) return NULL;
-    cmodel_box *box = get_cmodel(cap);
-    if (!box || parse_which(which) < 0) return NULL;
+    if (parse_which(which) < 0) return NULL;
+    cmodel_box *box = take_cmodel(cap);
+    if (!box) return NULL;
     npy_intp n[1] = {(npy_intp)rd_model_cuda_num_params(box->m)};
     PyArrayObject *a = rd_in_array(ov, "values", NPY_FLOAT32, 1, n);
-    if (!a) return NULL;
+    if (!a) {
+        rd_give(&box->busy);
+        return NULL;
+    }
     rd_status st;
-    box->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     st = rd_cuda_h2d(rd_model_cuda_buffer(box->m, which), PyArray_DATA(a), (size_t)PyArray_NBYTES(a));
     Py_END_ALLOW_THREADS
-    box->busy = 0;
+    rd_give(&box->busy);
     Py_DECREF(a);
     if (st) return rd_raise(st);
     Py_RETURN_NONE;
@@ -1395,14 +1451,13 @@ static PyObject *py_cmodel_reserve(PyObject *self, PyObject *args) {
     long long mb;
     int fixed;
     if (!PyArg_ParseTuple(args, "OLp:cuda_model_reserve", &cap, &mb, &fixed)) return NULL;
-    cmodel_box *box = get_cmodel(cap);
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
     rd_status st;
-    box->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     st = rd_model_cuda_reserve(box->m, (int64_t)mb, fixed);
     Py_END_ALLOW_THREADS
-    box->busy = 0;
+    rd_give(&box->busy);
     if (st) return rd_raise(st);
     Py_RETURN_NONE;
 }
@@ -1410,10 +1465,12 @@ static PyObject *py_cmodel_reserve(PyObject *self, PyObject *args) {
 /* cuda_model_batch(model) -> (max_batch, last_batch) */
 static PyObject *py_cmodel_batch(PyObject *self, PyObject *cap) {
     (void)self;
-    cmodel_box *box = get_cmodel(cap);
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
-    return Py_BuildValue("(LL)", (long long)rd_model_cuda_max_batch(box->m),
-                         (long long)rd_model_cuda_last_batch(box->m));
+    const long long mb = (long long)rd_model_cuda_max_batch(box->m);
+    const long long last = (long long)rd_model_cuda_last_batch(box->m);
+    rd_give(&box->busy);
+    return Py_BuildValue("(LL)", mb, last);
 }
 
 /* cuda_model_branch_norms(model) -> (depth, 2) float64 (rd_model_cuda_branch_norms). */
@@ -1422,10 +1479,12 @@ static rd_status fill_cbranch_norms(void *m, double *out) {
 }
 static PyObject *py_cmodel_branch_norms(PyObject *self, PyObject *cap) {
     (void)self;
-    cmodel_box *box = get_cmodel(cap);
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
-    return rd_f64_result(rd_model_config(rd_model_cuda_layout(box->m))->depth, 2,
-                         fill_cbranch_norms, box->m);
+    PyObject *ret = rd_f64_result(rd_model_config(rd_model_cuda_layout(box->m))->depth, 2,
+                                  fill_cbranch_norms, box->m);
+    rd_give(&box->busy);
+    return ret;
 }
 
 /* Validated inputs x (B,C,S,S) f32, t (B,) f32, y (B,) i64 and an optional (B,C,S,S) f32. */
@@ -1454,7 +1513,7 @@ static PyObject *cmodel_run(PyObject *cap, PyObject *ox, PyObject *ot, PyObject 
     PyObject *ret = NULL;
     PyArrayObject *a[4] = {0}, *out = NULL;
     int64_t B = 0;
-    cmodel_box *box = get_cmodel(cap);
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(rd_model_cuda_layout(box->m));
     if (cmodel_inputs(box, ox, ot, oy, oplr, "plr_target", a, &B) < 0) goto done;
@@ -1466,19 +1525,18 @@ static PyObject *cmodel_run(PyObject *cap, PyObject *ox, PyObject *ot, PyObject 
         const float *x = (const float *)PyArray_DATA(a[0]), *t = (const float *)PyArray_DATA(a[1]);
         const int64_t *y = (const int64_t *)PyArray_DATA(a[2]);
         rd_status st;
-        box->busy = 1;
         Py_BEGIN_ALLOW_THREADS
         st = infer ? rd_model_cuda_infer(box->m, o, x, t, y, B)
                    : rd_model_cuda_forward(box->m, o, x, t, y,
                                            a[3] ? (const float *)PyArray_DATA(a[3]) : NULL, B,
                                            training);
         Py_END_ALLOW_THREADS
-        box->busy = 0;
         if (st) { rd_raise(st); goto done; }
     }
     ret = (PyObject *)out;
     out = NULL;
 done:
+    rd_give(&box->busy);
     for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
     Py_XDECREF(out);
     return ret;
@@ -1505,9 +1563,10 @@ static PyObject *py_cmodel_infer(PyObject *self, PyObject *args) {
 /* cuda_model_infer_release(model): free the inference arena. */
 static PyObject *py_cmodel_infer_release(PyObject *self, PyObject *cap) {
     (void)self;
-    cmodel_box *box = get_cmodel(cap);
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
     rd_model_cuda_infer_release(box->m);
+    rd_give(&box->busy);
     Py_RETURN_NONE;
 }
 
@@ -1523,24 +1582,27 @@ static PyObject *py_cmodel_backward(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap, *od;
     if (!PyArg_ParseTuple(args, "OO:cuda_model_backward", &cap, &od)) return NULL;
-    cmodel_box *box = get_cmodel(cap);
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(rd_model_cuda_layout(box->m));
     const int64_t B = rd_model_cuda_last_batch(box->m);
     if (B == 0) {
+        rd_give(&box->busy);
         PyErr_SetString(PyExc_RuntimeError, "backward called before forward");
         return NULL;
     }
     npy_intp sd[4] = {(npy_intp)B, (npy_intp)c->out_channels, (npy_intp)c->input_size,
                       (npy_intp)c->input_size};
     PyArrayObject *d = rd_in_array(od, "dout", NPY_FLOAT32, 4, sd);
-    if (!d) return NULL;
+    if (!d) {
+        rd_give(&box->busy);
+        return NULL;
+    }
     rd_status st;
-    box->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     st = rd_model_cuda_backward(box->m, (const float *)PyArray_DATA(d));
     Py_END_ALLOW_THREADS
-    box->busy = 0;
+    rd_give(&box->busy);
     Py_DECREF(d);
     if (st) return rd_raise(st);
     Py_RETURN_NONE;
@@ -1558,30 +1620,29 @@ static PyObject *py_cmodel_train_step(PyObject *self, PyObject *args) {
                           &o.lr, &o.beta1, &o.beta2, &o.eps, &o.weight_decay, &o.max_grad_norm,
                           &o.ema_decay))
         return NULL;
-    cmodel_box *box = get_cmodel(cap);
-    if (!box) return NULL;
     if (oz == Py_None) {
         PyErr_SetString(PyExc_TypeError, "target: expected a float32 array, got None");
         return NULL;
     }
+    cmodel_box *box = take_cmodel(cap);
+    if (!box) return NULL;
     if (cmodel_inputs(box, ox, ot, oy, oz, "target", a, &B) < 0) goto done;
     {
         rd_model_cuda_step_out r;
         rd_status st;
-        box->busy = 1;
         Py_BEGIN_ALLOW_THREADS
         st = rd_model_cuda_train_step(box->m, &r, (const float *)PyArray_DATA(a[0]),
                                       (const float *)PyArray_DATA(a[1]),
                                       (const int64_t *)PyArray_DATA(a[2]),
                                       (const float *)PyArray_DATA(a[3]), B, &o);
         Py_END_ALLOW_THREADS
-        box->busy = 0;
         if (st) { rd_raise(st); goto done; }
         PyObject *gn = isnan(r.grad_norm) ? Py_NewRef(Py_None) : PyFloat_FromDouble(r.grad_norm);
         ret = Py_BuildValue("{s:d,s:N,s:L}", "loss", r.loss, "grad_norm", gn, "step",
                             (long long)r.step);
     }
 done:
+    rd_give(&box->busy);
     for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
     return ret;
 }
@@ -1595,21 +1656,25 @@ static PyObject *py_cmodel_optimizer_step(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Oddddddd:cuda_model_optimizer_step", &cap, &o.lr, &o.beta1,
                           &o.beta2, &o.eps, &o.weight_decay, &o.max_grad_norm, &o.ema_decay))
         return NULL;
-    cmodel_box *box = get_cmodel(cap);
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
     rd_model_cuda_step_out r;
     rd_status st;
-    box->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     st = rd_model_cuda_optimizer_step(box->m, &r, &o);
     Py_END_ALLOW_THREADS
-    box->busy = 0;
+    rd_give(&box->busy);
     if (st) return rd_raise(st);
     PyObject *gn = isnan(r.grad_norm) ? Py_NewRef(Py_None) : PyFloat_FromDouble(r.grad_norm);
     return Py_BuildValue("{s:N,s:L}", "grad_norm", gn, "step", (long long)r.step);
 }
 
 static void borrowed_state_destructor(PyObject *cap) {
+    cstate_box *b = (cstate_box *)PyCapsule_GetPointer(cap, STATE_CAPSULE);
+    if (b) {
+        Py_XDECREF(b->x);
+        PyMem_Free(b);
+    }
     Py_XDECREF((PyObject *)PyCapsule_GetContext(cap));
 }
 
@@ -1627,13 +1692,20 @@ static PyObject *py_cmodel_moe_state(PyObject *self, PyObject *args) {
                      (long long)rd_model_cuda_num_moe(box->m));
         return NULL;
     }
-    PyObject *sc = PyCapsule_New(st, STATE_CAPSULE, borrowed_state_destructor);
-    if (!sc) return NULL;
-    if (PyCapsule_SetContext(sc, cap) < 0) {
+    cstate_box *b = (cstate_box *)PyMem_Calloc(1, sizeof *b);
+    if (!b) return PyErr_NoMemory();
+    b->st = st;
+    b->busy = &box->busy;  /* the model's forward works on this state too */
+    PyObject *sc = PyCapsule_New(b, STATE_CAPSULE, borrowed_state_destructor);
+    if (!sc) {
+        PyMem_Free(b);
+        return NULL;
+    }
+    if (PyCapsule_SetContext(sc, Py_NewRef(cap)) < 0) {
+        Py_DECREF(cap);
         Py_DECREF(sc);
         return NULL;
     }
-    Py_INCREF(cap);
     return sc;
 }
 
@@ -1643,9 +1715,11 @@ static PyObject *py_cmodel_precision(PyObject *self, PyObject *args) {
     PyObject *cap;
     int prec;
     if (!PyArg_ParseTuple(args, "Oi:cuda_model_precision", &cap, &prec)) return NULL;
-    cmodel_box *box = get_cmodel(cap);
-    if (!box || check_precision(prec) < 0) return NULL;
+    if (check_precision(prec) < 0) return NULL;
+    cmodel_box *box = take_cmodel(cap);
+    if (!box) return NULL;
     rd_status st = rd_model_cuda_set_precision(box->m, prec);
+    rd_give(&box->busy);
     if (st) return rd_raise(st);
     Py_RETURN_NONE;
 }
@@ -1655,15 +1729,14 @@ static PyObject *py_cmodel_step(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap, *os = NULL;
     if (!PyArg_ParseTuple(args, "O|O:cuda_model_step", &cap, &os)) return NULL;
-    cmodel_box *box = get_cmodel(cap);
+    int64_t s = 0;
+    if (os && rd_parse_int(os, "step", &s) < 0) return NULL;
+    cmodel_box *box = take_cmodel(cap);
     if (!box) return NULL;
     long long prev = (long long)rd_model_cuda_get_step(box->m);
-    if (os) {
-        int64_t s;
-        if (rd_parse_int(os, "step", &s) < 0) return NULL;
-        rd_status st = rd_model_cuda_set_step(box->m, s);
-        if (st) return rd_raise(st);
-    }
+    rd_status st = os ? rd_model_cuda_set_step(box->m, s) : RD_OK;
+    rd_give(&box->busy);
+    if (st) return rd_raise(st);
     return PyLong_FromLongLong(prev);
 }
 

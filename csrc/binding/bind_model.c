@@ -14,6 +14,12 @@
         npy_intp sh_[] = {__VA_ARGS__};                                       \
         if (!((var) = rd_in_array((obj), (name), (type), (nd), sh_))) goto done; \
     } while (0)
+/* A checked size product (RD_SIZE), or `goto done` with its exception. */
+#define SIZE(var, what, ...)                                                 \
+    do {                                                                     \
+        rd_status sz_ = RD_SIZE(&(var), sizeof(float), (what), __VA_ARGS__); \
+        if (sz_) { rd_raise(sz_); goto done; }                               \
+    } while (0)
 /* The C kernel, with the GIL released; a failure raises and jumps to done. */
 #define RUN(call)                              \
     do {                                       \
@@ -38,7 +44,7 @@ static int positive(long long v, const char *name) {
 }
 
 static int parse_order(PyObject *obj, rd_patch_order *out) {
-    const char *s = PyUnicode_Check(obj) ? PyUnicode_AsUTF8(obj) : NULL;
+    const char *s = rd_str_text(obj);
     if (s && strcmp(s, "cij") == 0) { *out = RD_PATCH_CIJ; return 0; }
     if (s && strcmp(s, "ijc") == 0) { *out = RD_PATCH_IJC; return 0; }
     if (!PyErr_Occurred())
@@ -64,7 +70,9 @@ static PyObject *py_patchify(PyObject *self, PyObject *args, PyObject *kw) {
                      (long long)H, (long long)W, p);
         goto done;
     }
-    NEW(tok, 3, B, (H / p) * (W / p), p * p * C);
+    int64_t ppc;
+    SIZE(ppc, "tok: patch width p*p*C", p, p, C);
+    NEW(tok, 3, B, (H / p) * (W / p), ppc);
     if (B > 0) RUN(rd_patchify_forward(FP(tok), FP(img), B, C, H, W, p, order));
     ret = (PyObject *)tok;
     tok = NULL;
@@ -89,7 +97,10 @@ static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
     if (H % p || W % p)
         return PyErr_Format(PyExc_ValueError, "H, W: %lldx%lld is not a multiple of p=%lld", H,
                             W, p);
-    IN(tok, o, "tok", F32, 3, RD_ANY, (H / p) * (W / p), p * p * C);
+    int64_t L, ppc;
+    SIZE(L, "tok: tokens (H/p)*(W/p)", H / p, W / p);
+    SIZE(ppc, "tok: patch width p*p*C", p, p, C);
+    IN(tok, o, "tok", F32, 3, RD_ANY, L, ppc);
     const int64_t B = DIM(tok, 0);
     NEW(img, 4, B, C, H, W);
     if (B > 0) RUN(rd_unpatchify_forward(FP(img), FP(tok), B, C, H, W, p, order));
@@ -109,7 +120,10 @@ static PyObject *py_pos_embed(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "LLL", &gh, &gw, &D)) return NULL;
     if (positive(gh, "gh") < 0 || positive(gw, "gw") < 0 || positive(D, "D") < 0) return NULL;
     if (D % 4) return PyErr_Format(PyExc_ValueError, "D: expected a multiple of 4, got %lld", D);
-    NEW(pe, 2, gh * gw, D);
+    int64_t L, n;
+    SIZE(L, "pe: tokens gh*gw", gh, gw);
+    SIZE(n, "pe (gh*gw, D)", L, D);
+    NEW(pe, 2, L, D);
     RUN(rd_pos_embed_2d(FP(pe), gh, gw, D));
     ret = (PyObject *)pe;
     pe = NULL;
@@ -433,11 +447,11 @@ done:
 
 /* ---- the model --------------------------------------------------------------------------- */
 
-/* The capsule's payload. `busy` (read and set with the GIL held) refuses a second thread
- * entering the same model while the first runs with the GIL released. */
+/* The capsule's payload. `busy` refuses a second thread entering the same model while
+ * the first works on it (take_box / rd_give). */
 typedef struct {
     rd_model *m;
-    int busy;
+    rd_busy busy;
 } model_box;
 
 #define CAPSULE_NAME "racedit._C.model"
@@ -457,6 +471,14 @@ static model_box *get_box(PyObject *cap) {
         PyErr_SetString(PyExc_RuntimeError, "model: in use by another thread");
         return NULL;
     }
+    return box;
+}
+
+/* The box claimed for this call (give it back with rd_give(&box->busy)), or NULL with the
+ * exception: taken before anything that may release the GIL. */
+static model_box *take_box(PyObject *cap) {
+    model_box *box = PyCapsule_GetPointer(cap, CAPSULE_NAME);
+    if (box && rd_take(&box->busy, "model") < 0) return NULL;
     return box;
 }
 
@@ -530,19 +552,22 @@ static PyObject *py_model_num_params(PyObject *self, PyObject *cap) {
 
 static PyObject *py_model_batch(PyObject *self, PyObject *cap) {
     (void)self;
-    model_box *box = get_box(cap);
+    model_box *box = take_box(cap);
     if (!box) return NULL;
-    return Py_BuildValue("LL", (long long)rd_model_max_batch(box->m),
-                         (long long)rd_model_last_batch(box->m));
+    const long long mb = rd_model_max_batch(box->m), last = rd_model_last_batch(box->m);
+    rd_give(&box->busy);
+    return Py_BuildValue("LL", mb, last);
 }
 
 /* model_branch_norms(model) -> (depth, 2) float64: rd_model_branch_norms. */
 static rd_status fill_branch_norms(void *m, double *out) { return rd_model_branch_norms(m, out); }
 static PyObject *py_model_branch_norms(PyObject *self, PyObject *cap) {
     (void)self;
-    model_box *box = get_box(cap);
+    model_box *box = take_box(cap);
     if (!box) return NULL;
-    return rd_f64_result(rd_model_config(box->m)->depth, 2, fill_branch_norms, box->m);
+    PyObject *ret = rd_f64_result(rd_model_config(box->m)->depth, 2, fill_branch_norms, box->m);
+    rd_give(&box->busy);
+    return ret;
 }
 
 static PyObject *py_model_reserve(PyObject *self, PyObject *args) {
@@ -551,14 +576,13 @@ static PyObject *py_model_reserve(PyObject *self, PyObject *args) {
     long long mb;
     int fixed;
     if (!PyArg_ParseTuple(args, "OLp", &cap, &mb, &fixed)) return NULL;
-    model_box *box = get_box(cap);
-    if (!box) return NULL;
     if (mb < 1) return PyErr_Format(PyExc_ValueError, "max_batch: expected >= 1, got %lld", mb);
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
     rd_status st;
-    box->busy = 1;
     Py_BEGIN_ALLOW_THREADS st = rd_model_reserve(box->m, mb, fixed);
     Py_END_ALLOW_THREADS
-    box->busy = 0;
+    rd_give(&box->busy);
     if (st) return rd_raise(st);
     Py_RETURN_NONE;
 }
@@ -583,11 +607,11 @@ static PyObject *model_run(PyObject *cap, PyObject *op, PyObject *ox, PyObject *
                            PyObject *oy, PyObject *oplr, int training, int infer) {
     PyObject *ret = NULL;
     PyArrayObject *x = NULL, *t = NULL, *y = NULL, *plr = NULL, *out = NULL, *P;
-    model_box *box = get_box(cap);
+    model_box *box = take_box(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(box->m);
     const int64_t S = c->input_size;
-    if (!(P = param_array(op, "params", box->m))) return NULL;
+    if (!(P = param_array(op, "params", box->m))) goto done;
     IN(x, ox, "x", F32, 4, RD_ANY, c->in_channels, S, S);
     const int64_t B = DIM(x, 0);
     if (B < 1) {
@@ -598,20 +622,13 @@ static PyObject *model_run(PyObject *cap, PyObject *op, PyObject *ox, PyObject *
     IN(y, oy, "y", I64, 1, B);
     if (oplr != Py_None) IN(plr, oplr, "plr_target", F32, 4, B, c->in_channels, S, S);
     NEW(out, 4, B, c->out_channels, S, S);
-    box->busy = 1;
-    {
-        rd_status st;
-        Py_BEGIN_ALLOW_THREADS
-        st = infer ? rd_model_infer(box->m, FP(out), FP(P), FP(x), FP(t), IP(y), B)
-                   : rd_model_forward(box->m, FP(out), FP(P), FP(x), FP(t), IP(y),
-                                      plr ? FP(plr) : NULL, B, training);
-        Py_END_ALLOW_THREADS
-        box->busy = 0;
-        if (st) { rd_raise(st); goto done; }
-    }
+    RUN(infer ? rd_model_infer(box->m, FP(out), FP(P), FP(x), FP(t), IP(y), B)
+              : rd_model_forward(box->m, FP(out), FP(P), FP(x), FP(t), IP(y),
+                                 plr ? FP(plr) : NULL, B, training));
     ret = (PyObject *)out;
     out = NULL;
 done:
+    rd_give(&box->busy);
     Py_XDECREF(x);
     Py_XDECREF(t);
     Py_XDECREF(y);
@@ -644,31 +661,25 @@ static PyObject *py_model_backward(PyObject *self, PyObject *args) {
     PyObject *cap, *op, *og, *od, *ret = NULL;
     PyArrayObject *P, *G, *dout = NULL;
     if (!PyArg_ParseTuple(args, "OOOO", &cap, &op, &og, &od)) return NULL;
-    model_box *box = get_box(cap);
+    model_box *box = take_box(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(box->m);
     const int64_t B = rd_model_last_batch(box->m), S = c->input_size;
     if (B == 0) {
         PyErr_SetString(PyExc_RuntimeError, "backward called before forward");
-        return NULL;
+        goto done;
     }
-    if (!(P = param_array(op, "params", box->m))) return NULL;
+    if (!(P = param_array(op, "params", box->m))) goto done;
     npy_intp n[] = {rd_model_num_params(box->m)};
-    if (!(G = rd_out_array(og, "grads", F32, 1, n))) return NULL;
-    if (PyArray_DATA(G) == PyArray_DATA(P))
-        return PyErr_Format(PyExc_ValueError, "grads: must not be the params buffer");
+    if (!(G = rd_out_array(og, "grads", F32, 1, n))) goto done;
     IN(dout, od, "dout", F32, 4, B, c->out_channels, S, S);
-    box->busy = 1;
-    {
-        rd_status st;
-        Py_BEGIN_ALLOW_THREADS
-        st = rd_model_backward(box->m, FP(G), FP(dout), FP(P));
-        Py_END_ALLOW_THREADS
-        box->busy = 0;
-        if (st) { rd_raise(st); goto done; }
-    }
+    if (rd_check_disjoint(G, "grads", (PyArrayObject *[]){P, dout}, 2,
+                          (const char *[]){"params", "dout"}) < 0)
+        goto done;
+    RUN(rd_model_backward(box->m, FP(G), FP(dout), FP(P)));
     ret = Py_NewRef(Py_None);
 done:
+    rd_give(&box->busy);
     Py_XDECREF(dout);
     return ret;
 }
@@ -676,9 +687,10 @@ done:
 /* model_infer_release(model): free the inference arena; model_infer_batch(model) -> its batch. */
 static PyObject *py_model_infer_release(PyObject *self, PyObject *cap) {
     (void)self;
-    model_box *box = get_box(cap);
+    model_box *box = take_box(cap);
     if (!box) return NULL;
     rd_model_infer_release(box->m);
+    rd_give(&box->busy);
     Py_RETURN_NONE;
 }
 
@@ -688,10 +700,12 @@ static PyObject *py_model_infer_batch(PyObject *self, PyObject *cap) {
     return box ? PyLong_FromLongLong(rd_model_infer_batch(box->m)) : NULL;
 }
 
+/* Claims the model (take_box) and finds MoE layer l; on failure nothing stays claimed. */
 static int get_layer(PyObject *cap, long long l, model_box **box, rd_moe_state **st) {
-    if (!(*box = get_box(cap))) return -1;
+    if (!(*box = take_box(cap))) return -1;
     const int64_t n = rd_model_num_moe((*box)->m);
     if (l < 0 || l >= n) {
+        rd_give(&(*box)->busy);
         PyErr_Format(PyExc_IndexError, "layer: expected 0 <= layer < %lld (MoE layers), got %lld",
                      (long long)n, l);
         return -1;
@@ -718,7 +732,7 @@ static PyObject *py_model_moe_view(PyObject *self, PyObject *args) {
     rd_moe_aux a;
     rd_moe_state_view(st, &v);
     rd_status s = rd_moe_get_aux(st, &a);
-    if (s) return rd_raise(s);
+    if (s) { rd_raise(s); goto done; }
     if (v.have_forward) {
         npy_intp ms[] = {v.B, v.L, v.E}, cs[] = {v.E};
         if (!(mask = PyArray_SimpleNew(3, ms, NPY_BOOL))) goto done;
@@ -737,6 +751,7 @@ static PyObject *py_model_moe_view(PyObject *self, PyObject *args) {
         "max_violation", a.max_violation, "combination_usage", a.combination_usage,
         "experts_per_token", a.experts_per_token, "dead_experts", (long long)a.dead_experts);
 done:
+    rd_give(&box->busy);
     Py_XDECREF(mask);
     Py_XDECREF(load);
     return ret;
@@ -749,17 +764,13 @@ static PyObject *py_model_set_threshold(PyObject *self, PyObject *args) {
     long long l;
     model_box *box;
     rd_moe_state *st;
-    if (!PyArg_ParseTuple(args, "OLO", &cap, &l, &otau) || get_layer(cap, l, &box, &st) < 0)
-        return NULL;
-    rd_status s;
-    if (otau == Py_None) {
-        s = rd_moe_set_threshold(st, NULL);
-    } else {
-        const double d = PyFloat_AsDouble(otau);
-        if (d == -1.0 && PyErr_Occurred()) return NULL;
-        const float tau = (float)d;
-        s = rd_moe_set_threshold(st, &tau);
-    }
+    if (!PyArg_ParseTuple(args, "OLO", &cap, &l, &otau)) return NULL;
+    const double d = otau == Py_None ? 0.0 : PyFloat_AsDouble(otau);
+    if (d == -1.0 && PyErr_Occurred()) return NULL;
+    if (get_layer(cap, l, &box, &st) < 0) return NULL;
+    const float tau = (float)d;
+    rd_status s = rd_moe_set_threshold(st, otau == Py_None ? NULL : &tau);
+    rd_give(&box->busy);
     if (s) return rd_raise(s);
     Py_RETURN_NONE;
 }

@@ -162,20 +162,21 @@ done:
 
 /* One workspace kept for the op-level calls so that repeated calls (notebooks,
  * benchmarks) do not reallocate; a call made while another thread uses it gets a fresh
- * one. Both decisions happen with the GIL held. */
+ * one. */
 static rd_experts *g_ws = NULL;
-static int g_ws_busy = 0;
+static rd_busy g_ws_busy;
 
 static rd_experts *ws_take(void) {
-    if (!g_ws_busy) {
+    if (rd_try_take(&g_ws_busy)) {
         if (!g_ws) g_ws = rd_experts_new();
-        if (g_ws) { g_ws_busy = 1; return g_ws; }
+        if (g_ws) return g_ws;
+        rd_give(&g_ws_busy);
     }
     return rd_experts_new();
 }
 
 static void ws_give(rd_experts *ex) {
-    if (ex && ex == g_ws) g_ws_busy = 0;
+    if (ex && ex == g_ws) rd_give(&g_ws_busy);
     else rd_experts_free(ex);
 }
 
@@ -278,14 +279,14 @@ static PyObject *py_moe_threading(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "|O:moe_threading", &omode)) return NULL;
     const char *old = rd_get_threading() == RD_THREADS_OMP ? "omp" : "blas";
     if (omode != Py_None) {
-        const char *m = PyUnicode_Check(omode) ? PyUnicode_AsUTF8(omode) : NULL;
-        if (!m) {
-            if (!PyErr_Occurred())
-                PyErr_Format(PyExc_TypeError, "mode: expected 'blas', 'omp' or None, got %s",
-                             Py_TYPE(omode)->tp_name);
+        if (!PyUnicode_Check(omode)) {
+            PyErr_Format(PyExc_TypeError, "mode: expected 'blas', 'omp' or None, got %s",
+                         Py_TYPE(omode)->tp_name);
             return NULL;
         }
-        if (strcmp(m, "blas") && strcmp(m, "omp")) {
+        const char *m = rd_str_text(omode);
+        if (!m && PyErr_Occurred()) return NULL;
+        if (!m || (strcmp(m, "blas") && strcmp(m, "omp"))) {
             PyErr_Format(PyExc_ValueError, "mode: expected 'blas' or 'omp', got %R", omode);
             return NULL;
         }
@@ -342,28 +343,38 @@ static void find_blas_thread_control(void) {}
 typedef struct {
     rd_moe_state *st;
     rd_moe_cfg cfg;
-    int busy;  /* a kernel runs on this state with the GIL released */
+    rd_busy busy;  /* a call works on this state (rd_take) */
+    PyObject *x;   /* the input of the last forward, what moe_backward differentiates at */
 } moe_holder;
 
 static void moe_capsule_free(PyObject *cap) {
     moe_holder *hd = (moe_holder *)PyCapsule_GetPointer(cap, MOE_CAPSULE);
     if (!hd) { PyErr_Clear(); return; }
     rd_moe_state_free(hd->st);
+    Py_XDECREF(hd->x);
     PyMem_Free(hd);
 }
 
 static moe_holder *get_holder(PyObject *cap) {
-    if (!PyCapsule_IsValid(cap, MOE_CAPSULE)) {
-        PyErr_Format(PyExc_TypeError, "state: expected a capsule from racedit._C.moe_new(), got %s",
-                     Py_TYPE(cap)->tp_name);
-        return NULL;
-    }
-    moe_holder *hd = (moe_holder *)PyCapsule_GetPointer(cap, MOE_CAPSULE);
-    if (hd && hd->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "state: in use by another thread");
-        return NULL;
-    }
+    return (moe_holder *)rd_capsule_ptr(cap, MOE_CAPSULE, "state", "a capsule from racedit._C.moe_new()");
+}
+
+/* The holder claimed for this call (give it back with rd_give(&hd->busy)), or NULL with
+ * the exception: every function that reads or writes the state takes it first. */
+static moe_holder *take_holder(PyObject *cap) {
+    moe_holder *hd = get_holder(cap);
+    if (hd && rd_take(&hd->busy, "state") < 0) return NULL;
     return hd;
+}
+
+/* fn(hd, arg) with the state of `cap` claimed for the call. */
+static PyObject *with_holder(PyObject *cap, PyObject *(*fn)(moe_holder *, const void *),
+                             const void *arg) {
+    moe_holder *hd = take_holder(cap);
+    if (!hd) return NULL;
+    PyObject *ret = fn(hd, arg);
+    rd_give(&hd->busy);
+    return ret;
 }
 
 /* Set the configuration fields named in `kw` (dim, num_experts, hidden, k, strategy,
@@ -374,8 +385,11 @@ static int cfg_update(rd_moe_cfg *c, PyObject *kw) {
     PyObject *key, *val;
     Py_ssize_t pos = 0;
     while (kw && PyDict_Next(kw, &pos, &key, &val)) {
-        const char *k = PyUnicode_AsUTF8(key);
-        if (!k) return -1;
+        const char *k = rd_str_text(key);
+        if (!k) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "unknown MoE setting %R", key);
+            return -1;
+        }
         int64_t *iv = !strcmp(k, "dim") ? &n.D : !strcmp(k, "num_experts") ? &n.E
                     : !strcmp(k, "hidden") ? &n.He : !strcmp(k, "k") ? &n.k
                     : !strcmp(k, "plr_dim") ? &n.plr_dim : NULL;
@@ -434,14 +448,9 @@ static PyObject *py_moe_new(PyObject *self, PyObject *args, PyObject *kw) {
     return cap;
 }
 
-static PyObject *py_moe_configure(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    PyObject *cap;
-    if (!PyArg_ParseTuple(args, "O:moe_configure", &cap)) return NULL;
-    moe_holder *hd = get_holder(cap);
-    if (!hd) return NULL;
+static PyObject *moe_configure(moe_holder *hd, const void *kw) {
     rd_moe_cfg c = hd->cfg;
-    if (cfg_update(&c, kw) < 0) return NULL;
+    if (cfg_update(&c, (PyObject *)kw) < 0) return NULL;
     if (c.D != hd->cfg.D || c.E != hd->cfg.E || c.He != hd->cfg.He || c.plr_dim != hd->cfg.plr_dim) {
         PyErr_SetString(PyExc_ValueError, "moe_configure: dim, num_experts, hidden and plr_dim "
                         "are fixed when the state is made");
@@ -455,6 +464,15 @@ static PyObject *py_moe_configure(PyObject *self, PyObject *args, PyObject *kw) 
                          "beta", (double)c.beta, "eval_topk", c.eval_topk ? Py_True : Py_False,
                          "sim_weight", (double)c.sim_weight, "balance_weight",
                          (double)c.balance_weight, "plr_weight", (double)c.plr_weight);
+}
+
+/* The settings are read by a forward running with the GIL released: changed only while
+ * the state is held. */
+static PyObject *py_moe_configure(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    PyObject *cap;
+    if (!PyArg_ParseTuple(args, "O:moe_configure", &cap)) return NULL;
+    return with_holder(cap, moe_configure, kw);
 }
 
 static PyObject *py_moe_param_sizes(PyObject *self, PyObject *cap) {
@@ -486,7 +504,7 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pO:moe_forward", kws, &cap, &ox, &op, &training,
                                      &ot))
         return NULL;
-    moe_holder *hd = get_holder(cap);
+    moe_holder *hd = take_holder(cap);
     if (!hd) return NULL;
     npy_intp sx[3] = {RD_ANY, RD_ANY, hd->cfg.D}, sp[1] = {total_params(&hd->cfg)};
     if (!(in[0] = rd_in_array(ox, "x", NPY_FLOAT32, 3, sx))) goto done;
@@ -510,16 +528,17 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
     rd_moe_params_point(&p, F32(in[1]), &hd->cfg);
     const float *target = in[2] ? F32(in[2]) : NULL;
     rd_status s;
-    hd->busy = 1;
+    Py_CLEAR(hd->x);
     Py_BEGIN_ALLOW_THREADS
     s = rd_moe_forward(hd->st, F32(y), F32(in[0]), &hd->cfg, &p, B, L, training, target);
     Py_END_ALLOW_THREADS
-    hd->busy = 0;
     if (s) { rd_raise(s); goto done; }
+    hd->x = Py_NewRef((PyObject *)in[0]);
     ret = (PyObject *)y; y = NULL;
 done:
     Py_XDECREF(y);
     release(in);
+    rd_give(&hd->busy);
     return ret;
 }
 
@@ -530,34 +549,35 @@ static PyObject *py_moe_backward(PyObject *self, PyObject *args, PyObject *kw) {
     PyArrayObject *in[NIN] = {0}, *dx = NULL, *grads;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:moe_backward", kws, &cap, &ody, &ox, &op, &og))
         return NULL;
-    moe_holder *hd = get_holder(cap);
+    moe_holder *hd = take_holder(cap);
     if (!hd) return NULL;
     rd_moe_view v;
     rd_moe_state_view(hd->st, &v);
-    if (!v.have_forward) {
+    if (!v.have_forward || (ox == Py_None && !hd->x)) {
         PyErr_SetString(PyExc_RuntimeError, "moe_backward: no forward to differentiate (call forward first)");
-        return NULL;
+        goto done;
     }
     npy_intp sx[3] = {v.B, v.L, hd->cfg.D}, sp[1] = {total_params(&hd->cfg)};
     if (!(in[0] = rd_in_array(ody, "dy", NPY_FLOAT32, 3, sx))) goto done;
-    if (!(in[1] = rd_in_array(ox, "x", NPY_FLOAT32, 3, sx))) goto done;
+    if (!(in[1] = rd_in_array(ox == Py_None ? hd->x : ox, "x", NPY_FLOAT32, 3, sx))) goto done;
     if (!(in[2] = rd_in_array(op, "params", NPY_FLOAT32, 1, sp))) goto done;
     if (!(grads = rd_out_array(og, "grads", NPY_FLOAT32, 1, sp))) goto done;
+    if (rd_check_disjoint(grads, "grads", in, 3, (const char *[]){"dy", "x", "params"}) < 0)
+        goto done;
     if (!(dx = rd_new_array(3, sx, NPY_FLOAT32))) goto done;
     rd_moe_params p, g;
     rd_moe_params_point(&p, F32(in[2]), &hd->cfg);
     rd_moe_params_point(&g, F32(grads), &hd->cfg);
     rd_status s;
-    hd->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     s = rd_moe_backward(hd->st, F32(dx), &g, F32(in[0]), F32(in[1]), &hd->cfg, &p);
     Py_END_ALLOW_THREADS
-    hd->busy = 0;
     if (s) { rd_raise(s); goto done; }
     ret = (PyObject *)dx; dx = NULL;
 done:
     Py_XDECREF(dx);
     release(in);
+    rd_give(&hd->busy);
     return ret;
 }
 
@@ -569,13 +589,8 @@ static PyObject *copy_out(const void *src, int ndim, npy_intp *shape, int typenu
     return (PyObject *)a;
 }
 
-static PyObject *py_moe_get(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *cap;
-    const char *name;
-    if (!PyArg_ParseTuple(args, "Os:moe_get", &cap, &name)) return NULL;
-    moe_holder *hd = get_holder(cap);
-    if (!hd) return NULL;
+static PyObject *moe_get(moe_holder *hd, const void *arg) {
+    const char *name = arg;
     rd_moe_view v;
     rd_moe_state_view(hd->st, &v);
     if (!strcmp(name, "threshold")) return v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
@@ -599,12 +614,18 @@ static PyObject *py_moe_get(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(v.P);
 }
 
-static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
+/* Held while copying out: a forward of another thread could otherwise regrow the buffers
+ * under the copy (allocating the copy may release the GIL). */
+static PyObject *py_moe_get(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *cap, *otau;
-    if (!PyArg_ParseTuple(args, "OO:moe_set_threshold", &cap, &otau)) return NULL;
-    moe_holder *hd = get_holder(cap);
-    if (!hd) return NULL;
+    PyObject *cap;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "Os:moe_get", &cap, &name)) return NULL;
+    return with_holder(cap, moe_get, name);
+}
+
+static PyObject *moe_set_threshold(moe_holder *hd, const void *arg) {
+    PyObject *otau = (PyObject *)arg;
     rd_status s;
     if (otau == Py_None) {
         s = rd_moe_set_threshold(hd->st, NULL);
@@ -620,6 +641,13 @@ static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
     }
     if (s) return rd_raise(s);
     Py_RETURN_NONE;
+}
+
+static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *otau;
+    if (!PyArg_ParseTuple(args, "OO:moe_set_threshold", &cap, &otau)) return NULL;
+    return with_holder(cap, moe_set_threshold, otau);
 }
 
 static PyMethodDef moe_methods[] = {
@@ -647,7 +675,8 @@ static PyMethodDef moe_methods[] = {
     {"moe_forward", (PyCFunction)(void (*)(void))py_moe_forward, METH_VARARGS | METH_KEYWORDS,
      "moe_forward(state, x, params, training=True, plr_target=None) -> y (B,L,D)."},
     {"moe_backward", (PyCFunction)(void (*)(void))py_moe_backward, METH_VARARGS | METH_KEYWORDS,
-     "moe_backward(state, dy, x, params, grads) -> dx (B,L,D); grads accumulate."},
+     "moe_backward(state, dy, x, params, grads) -> dx (B,L,D); grads accumulate. x=None: the "
+     "last forward's own input (which the state keeps)."},
     {"moe_get", py_moe_get, METH_VARARGS, "moe_get(state, name) -> a copy of what the last forward left."},
     {"moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "moe_set_threshold(state, tau or None)."},
     {NULL, NULL, 0, NULL}};

@@ -24,6 +24,36 @@ rd_status rd_fail(rd_status s, const char *fmt, ...) {
     return s;
 }
 
+int rd_mul_ok(int64_t a, int64_t b, int64_t *out) {
+    return a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, out);
+}
+
+rd_status rd_size_product(int64_t *out, size_t elsize, const char *what, int n, const int64_t *f) {
+    int64_t p = 1;
+    int fits = 1;
+    double exact = 1.0; /* the true product, for the message */
+    char factors[200] = "";
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        if (f[i] < 0)
+            return rd_fail(RD_EINVAL, "%s: negative size %lld", what, (long long)f[i]);
+        fits = fits && rd_mul_ok(p, f[i], &p);
+        exact *= (double)f[i];
+        if (used < sizeof factors)
+            used += (size_t)snprintf(factors + used, sizeof factors - used, "%s%lld",
+                                     i ? " x " : "", (long long)f[i]);
+    }
+    if (!fits)
+        return rd_fail(RD_EINVAL, "%s: %s = %.4g elements, more than a 64-bit size can count",
+                       what, factors, exact);
+    if (exact * (double)elsize > RD_MAX_ALLOC_BYTES)
+        return rd_fail(RD_ENOMEM, "%s: %s elements of %zu bytes = %.4g MiB, more than one "
+                       "allocation can hold", what, factors, elsize,
+                       exact * (double)elsize / 1048576.0);
+    *out = p;
+    return RD_OK;
+}
+
 static rd_sgemm_fn rd_sgemm = NULL;
 void rd_set_sgemm(rd_sgemm_fn f) { rd_sgemm = f; }
 int rd_have_sgemm(void) { return rd_sgemm != NULL; }

@@ -78,6 +78,9 @@ rd_status rd_pos_embed_2d(float *pe, int64_t gh, int64_t gw, int64_t D) {
     if (bad_size(gh) || bad_size(gw) || bad_size(D) || D % 4)
         return rd_fail(RD_EINVAL, "pos_embed_2d: need positive grid and D a multiple of 4, "
                        "got %lldx%lld, D=%lld", (long long)gh, (long long)gw, (long long)D);
+    int64_t n;
+    rd_status st = RD_SIZE(&n, sizeof(float), "pos_embed_2d: pe (gh*gw, D)", gh, gw, D);
+    if (st) return st;
     const int64_t q = D / 4;
     for (int64_t r = 0; r < gh; r++) {
         for (int64_t s = 0; s < gw; s++) {

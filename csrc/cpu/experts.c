@@ -27,7 +27,12 @@
 /* A growable scratch buffer: reallocated only when a call needs more than it holds. */
 typedef struct { void *p; size_t cap; } rd_buf;
 
-static void *buf_get(rd_buf *b, size_t bytes) {
+/* Room for rows x cols elements of elsize bytes; NULL when out of memory or when the size
+ * does not fit (RD_MAX_ALLOC_BYTES). */
+static void *buf_get(rd_buf *b, int64_t rows, int64_t cols, size_t elsize) {
+    int64_t n;
+    if (!rd_mul_ok(rows, cols, &n) || (double)n * (double)elsize > RD_MAX_ALLOC_BYTES) return NULL;
+    size_t bytes = (size_t)n * elsize;
     if (bytes == 0) bytes = 1;
     if (bytes > b->cap) {
         void *q = realloc(b->p, bytes);
@@ -84,15 +89,15 @@ static rd_status check_sizes(const char *fn, int64_t N, int64_t D, int64_t E, in
     return RD_OK;
 }
 
-#define GET(ex, name, type, count) ((type *)buf_get(&(ex)->name##_b, (size_t)(count) * sizeof(type)))
+#define GET(ex, name, type, rows, cols) ((type *)buf_get(&(ex)->name##_b, (rows), (cols), sizeof(type)))
 
 /* Build the expert-major rows and the per-token CSR from mask (N,E). */
 static rd_status dispatch(rd_experts *ex, const uint8_t *mask, const float *G, int64_t N,
                           int64_t E) {
-    int64_t *counts = GET(ex, counts, int64_t, E);
-    int64_t *offsets = GET(ex, offsets, int64_t, E + 1);
-    int64_t *cursor = GET(ex, cursor, int64_t, E);
-    int64_t *tok_ptr = GET(ex, tok_ptr, int64_t, N + 1);
+    int64_t *counts = GET(ex, counts, int64_t, E, 1);
+    int64_t *offsets = GET(ex, offsets, int64_t, E + 1, 1);
+    int64_t *cursor = GET(ex, cursor, int64_t, E, 1);
+    int64_t *tok_ptr = GET(ex, tok_ptr, int64_t, N + 1, 1);
     if (!counts || !offsets || !cursor || !tok_ptr)
         return rd_fail(RD_ENOMEM, "experts: out of memory for the dispatch of N=%lld E=%lld",
                        (long long)N, (long long)E);
@@ -111,10 +116,10 @@ static rd_status dispatch(rd_experts *ex, const uint8_t *mask, const float *G, i
     offsets[0] = 0;
     for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
     int64_t P = offsets[E];
-    int64_t *tok_row = GET(ex, tok_row, int64_t, P);
-    int64_t *row_tok = GET(ex, row_tok, int64_t, P);
-    int32_t *row_exp = GET(ex, row_exp, int32_t, P);
-    float *row_gate = GET(ex, row_gate, float, P);
+    int64_t *tok_row = GET(ex, tok_row, int64_t, P, 1);
+    int64_t *row_tok = GET(ex, row_tok, int64_t, P, 1);
+    int32_t *row_exp = GET(ex, row_exp, int32_t, P, 1);
+    float *row_gate = GET(ex, row_gate, float, P, 1);
     if (!tok_row || !row_tok || !row_exp || !row_gate)
         return rd_fail(RD_ENOMEM, "experts: out of memory for P=%lld selected pairs", (long long)P);
     memcpy(cursor, offsets, (size_t)E * sizeof(int64_t));
@@ -306,10 +311,10 @@ rd_status rd_experts_forward(rd_experts *ex, float *y, const uint8_t *mask, cons
     ex->valid = 0;
     if ((s = dispatch(ex, mask, G, N, E))) return s;
     int64_t P = ex->P;
-    float *xg = GET(ex, xg, float, P * D);
-    float *a = GET(ex, a, float, P * He);
-    float *hdn = GET(ex, hdn, float, P * He);
-    float *o = GET(ex, o, float, P * D);
+    float *xg = GET(ex, xg, float, P, D);
+    float *a = GET(ex, a, float, P, He);
+    float *hdn = GET(ex, hdn, float, P, He);
+    float *o = GET(ex, o, float, P, D);
     if (!xg || !a || !hdn || !o)
         return rd_fail(RD_ENOMEM, "experts_forward: out of memory for P=%lld rows (D=%lld, "
                        "He=%lld)", (long long)P, (long long)D, (long long)He);
@@ -371,8 +376,8 @@ rd_status rd_experts_backward(rd_experts *ex, float *dx, float *dG, float *dW1, 
     rd_status s = check_sizes("experts_backward", N, D, E, He);
     if (s) return s;
     int64_t P = ex->P;
-    float *dbuf = GET(ex, dbuf, float, P * D);
-    float *dhid = GET(ex, dhid, float, P * He);
+    float *dbuf = GET(ex, dbuf, float, P, D);
+    float *dhid = GET(ex, dhid, float, P, He);
     if (!dbuf || !dhid)
         return rd_fail(RD_ENOMEM, "experts_backward: out of memory for P=%lld rows", (long long)P);
     const int64_t *tok_ptr = ex->tok_ptr_b.p, *tok_row = ex->tok_row_b.p, *offsets = ex->offsets_b.p;

@@ -17,7 +17,8 @@ static rd_status check_sizes(const char *op, int64_t N, int64_t E) {
     if (E < 2)
         return rd_fail(RD_EINVAL, "%s: E must be >= 2 (one expert has a constant softmax), got %lld",
                        op, (long long)E);
-    return RD_OK;
+    int64_t EE; /* the (E,E) scratch the losses allocate */
+    return RD_SIZE(&EE, sizeof(int64_t), op, E, E);
 }
 
 /* ---- softmax over E ---------------------------------------------------------- */

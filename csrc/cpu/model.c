@@ -12,6 +12,7 @@
  * activations, which every block overwrites, and one MoE state shared by the blocks. */
 #include "../racedit.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -112,12 +113,16 @@ static int64_t add_tensor(rd_model *m, int ndim, const int64_t *shape, const cha
     va_end(ap);
     t->ndim = ndim;
     t->numel = 1;
+    int fits = m->nparams >= 0;
     for (int i = 0; i < ndim; i++) {
         t->shape[i] = shape[i];
-        t->numel *= shape[i];
+        fits = fits && rd_mul_ok(t->numel, shape[i], &t->numel);
     }
     t->offset = m->nparams;
-    m->nparams += t->numel;
+    if (!fits || __builtin_add_overflow(m->nparams, t->numel, &m->nparams)) {
+        m->nparams = -1; /* more than 64 bits count: build_layout says so */
+        return -1;
+    }
     return t->offset;
 }
 
@@ -189,6 +194,10 @@ static rd_status build_layout(rd_model *m) {
     T(m->fa_w, "final_layer.adaLN_modulation.1.weight", 2 * D, D);
     T(m->fa_b, "final_layer.adaLN_modulation.1.bias", 2 * D);
 #undef T
+    if (m->nparams < 0)
+        return rd_fail(RD_EINVAL, "model: depth %lld, hidden %lld and the patch widths %lld, %lld "
+                       "give more parameters than a 64-bit size counts", (long long)c->depth,
+                       (long long)D, (long long)m->Pin, (long long)m->Pout);
     return fail ? rd_fail(RD_ENOMEM, "model: out of memory building the layout") : RD_OK;
 }
 
@@ -197,6 +206,12 @@ static rd_status check_cfg(const rd_model_cfg *c) {
         c->in_channels < 1 || c->out_channels < 1 || c->num_classes < 1)
         return rd_fail(RD_EINVAL, "model: depth, hidden, heads, patch, input_size, channels and "
                        "num_classes must be >= 1");
+    if (c->D > INT_MAX || c->patch > INT_MAX || c->in_channels > INT_MAX ||
+        c->out_channels > INT_MAX || c->num_classes > INT_MAX)
+        return rd_fail(RD_EINVAL, "model: hidden %lld, patch %lld, channels %lld, %lld and "
+                       "num_classes %lld must each be <= %d (32-bit BLAS sizes)", (long long)c->D,
+                       (long long)c->patch, (long long)c->in_channels,
+                       (long long)c->out_channels, (long long)c->num_classes, INT_MAX);
     if (c->D % c->NH)
         return rd_fail(RD_EINVAL, "model: hidden %lld is not a multiple of heads %lld",
                        (long long)c->D, (long long)c->NH);
@@ -223,9 +238,12 @@ rd_status rd_model_new(rd_model **out, const rd_model_cfg *cfg) {
     const int64_t p = cfg->patch, D = cfg->D;
     m->H = cfg->input_size;
     m->gh = m->gw = m->H / p;
-    m->L = m->gh * m->gw;
-    m->Pin = p * p * cfg->in_channels;
-    m->Pout = p * p * cfg->out_channels;
+    int64_t npe;
+    if ((s = RD_SIZE(&m->L, sizeof(float), "model: tokens (input_size/patch)^2", m->gh, m->gw)) ||
+        (s = RD_SIZE(&npe, sizeof(float), "model: position embedding (tokens, hidden)", m->L, D)) ||
+        (s = RD_SIZE(&m->Pin, sizeof(float), "model: patch p*p*in_channels", p, p, cfg->in_channels)) ||
+        (s = RD_SIZE(&m->Pout, sizeof(float), "model: patch p*p*out_channels", p, p, cfg->out_channels)))
+        goto fail;
     if (cfg->moe.E > 0) {
         m->cfg.moe.plr_dim = m->Pin;
         /* each aux loss of the model is the mean over its layers (SPEC §3): per-layer weights */
@@ -234,13 +252,15 @@ rd_status rd_model_new(rd_model **out, const rd_model_cfg *cfg) {
         m->layer.sim_weight /= (float)cfg->depth;
         m->layer.balance_weight /= (float)cfg->depth;
         s = rd_moe_cfg_check(&m->layer);
+        if (!s) s = rd_moe_aux_weights_check(&m->cfg.moe); /* the model's weights, as given */
         if (s) goto fail;
     }
     m->blk = calloc((size_t)cfg->depth, sizeof *m->blk);
     m->ba = calloc((size_t)cfg->depth, sizeof *m->ba);
-    m->pe = malloc((size_t)(m->L * D) * sizeof(float));
+    m->pe = malloc((size_t)npe * sizeof(float));
     if (!m->blk || !m->ba || !m->pe) {
-        s = rd_fail(RD_ENOMEM, "model: out of memory");
+        s = rd_fail(RD_ENOMEM, "model: out of memory (position embedding: %lld floats)",
+                    (long long)npe);
         goto fail;
     }
     if ((s = build_layout(m))) goto fail;
@@ -325,16 +345,18 @@ rd_status rd_model_branch_norms(const rd_model *m, double *out) {
 
 /* ---- activations ------------------------------------------------------------------- */
 
-/* Hands out n floats of the arena, 64-byte aligned; with base == NULL only counts. */
-static float *carve(float *base, int64_t *used, int64_t n) {
-    float *p = base ? base + *used : NULL;
-    *used += (n + 15) / 16 * 16;
+/* Hands out n floats of the arena, 64-byte aligned; with base == NULL only counts.
+ * Sizes are counted in double: no batch, however large, makes them wrap, and below
+ * RD_MAX_ALLOC_BYTES (which rd_model_reserve enforces before carving) they are exact. */
+static float *carve(float *base, double *used, double n) {
+    float *p = base ? base + (int64_t)*used : NULL;
+    *used += ceil(n / 16) * 16;
     return p;
 }
 
 /* One block's activations for N = B*L tokens (att: B*NH*L*L floats). */
-static void carve_block(block_acts *a, float *base, int64_t *u, int64_t B, int64_t N,
-                        int64_t D, int64_t att, int dense) {
+static void carve_block(block_acts *a, float *base, double *u, double B, double N, double D,
+                        double att, int dense) {
     a->mod = carve(base, u, B * 6 * D);
     a->xhat1 = carve(base, u, N * D);
     a->rstd1 = carve(base, u, N);
@@ -351,12 +373,12 @@ static void carve_block(block_acts *a, float *base, int64_t *u, int64_t B, int64
     a->ffn = carve(base, u, N * D);
 }
 
-static int64_t carve_all(rd_model *m, float *base, int64_t B) {
+static double carve_all(rd_model *m, float *base, double B) {
     const rd_model_cfg *c = &m->cfg;
-    const int64_t D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
-    const int64_t att = B * c->NH * L * L;
+    const double D = c->D, L = m->L, N = B * L, F = RD_FREQ_DIM;
+    const double att = B * c->NH * L * L;
     const int dense = c->moe.E == 0;
-    int64_t u = 0;
+    double u = 0;
     m->patches = carve(base, &u, N * m->Pin);
     m->tfreq = carve(base, &u, B * F);
     m->th = carve(base, &u, B * D);
@@ -388,22 +410,26 @@ static int64_t carve_all(rd_model *m, float *base, int64_t B) {
 rd_status rd_model_reserve(rd_model *m, int64_t max_batch, int fixed) {
     if (max_batch < 1)
         return rd_fail(RD_EINVAL, "max_batch must be >= 1, got %lld", (long long)max_batch);
-    const int64_t n = carve_all(m, NULL, max_batch);
-    float *arena = malloc((size_t)n * sizeof(float) + 64);
+    const double n = carve_all(m, NULL, (double)max_batch), bytes = n * sizeof(float) + 64;
+    const double mib = (bytes + (double)max_batch * sizeof(int64_t)) / 1048576.0;
+    if (bytes > RD_MAX_ALLOC_BYTES) /* the labels (8 bytes an image) are smaller still */
+        return rd_fail(RD_ENOMEM, "model: activations of batch %lld need %.4g MiB, more than one "
+                       "allocation can hold", (long long)max_batch, mib);
+    float *arena = malloc((size_t)bytes);
     int64_t *labels = malloc((size_t)max_batch * sizeof(int64_t));
     if (!arena || !labels) {
         free(arena);
         free(labels);
-        carve_all(m, m->base, m->cap); /* keep the old carving valid */
+        carve_all(m, m->base, (double)m->cap); /* keep the old carving valid */
         return rd_fail(RD_ENOMEM, "model: out of memory for activations of batch %lld "
-                       "(%lld MiB)", (long long)max_batch, (long long)(n / (1 << 18)));
+                       "(%.0f MiB)", (long long)max_batch, mib);
     }
     free(m->arena);
     free(m->labels);
     m->arena = arena;
     m->labels = labels;
     m->base = (float *)(((uintptr_t)arena + 63) & ~(uintptr_t)63);
-    carve_all(m, m->base, max_batch);
+    carve_all(m, m->base, (double)max_batch);
     m->cap = max_batch;
     m->fixed = fixed;
     m->have_forward = 0;
@@ -557,11 +583,11 @@ static rd_status model_forward(rd_model *m, float *out, const float *params, con
 
 /* The inference arena's carving into A and its one block set ba, for batch B; with
  * base == NULL only counts (A and ba then hold NULLs). */
-static int64_t carve_infer(const rd_model *m, fwd_acts *A, block_acts *ba, float *base,
-                           int64_t B) {
+static double carve_infer(const rd_model *m, fwd_acts *A, block_acts *ba, float *base,
+                          double B) {
     const rd_model_cfg *c = &m->cfg;
-    const int64_t D = c->D, L = m->L, N = B * L;
-    int64_t u = 0;
+    const double D = c->D, L = m->L, N = B * L;
+    double u = 0;
     A->patches = carve(base, &u, N * m->Pin);
     A->tfreq = carve(base, &u, B * RD_FREQ_DIM);
     A->th = carve(base, &u, B * D);
@@ -587,17 +613,18 @@ static rd_status infer_reserve(rd_model *m, int64_t B) {
         return rd_fail(RD_ENOMEM, "model infer: out of memory for the MoE state");
     fwd_acts A;
     block_acts ba;
-    const int64_t per = carve_infer(m, &A, &ba, NULL, 1); /* n(B) <= B * n(1) */
-    if (B > (INT64_MAX / (int64_t)sizeof(float) - 64) / per)
-        return rd_fail(RD_EINVAL, "model infer: batch %lld is too large", (long long)B);
-    const int64_t n = carve_infer(m, &A, &ba, NULL, B);
-    float *arena = malloc((size_t)n * sizeof(float) + 64);
+    const double bytes = carve_infer(m, &A, &ba, NULL, (double)B) * sizeof(float) + 64;
+    if (bytes > RD_MAX_ALLOC_BYTES)
+        return rd_fail(RD_ENOMEM, "model infer: activations of batch %lld need %.4g MiB, more "
+                       "than one allocation can hold", (long long)B, bytes / 1048576.0);
+    float *arena = malloc((size_t)bytes);
     if (!arena)
         return rd_fail(RD_ENOMEM, "model infer: out of memory for activations of batch %lld "
-                       "(%lld MiB)", (long long)B, (long long)(n / (1 << 18)));
+                       "(%.0f MiB)", (long long)B, bytes / 1048576.0);
     free(m->iarena);
     m->iarena = arena;
-    carve_infer(m, &m->inf, &m->iba, (float *)(((uintptr_t)arena + 63) & ~(uintptr_t)63), B);
+    carve_infer(m, &m->inf, &m->iba, (float *)(((uintptr_t)arena + 63) & ~(uintptr_t)63),
+                (double)B);
     m->icap = B;
     return RD_OK;
 }

@@ -214,6 +214,19 @@ rd_status rd_moe_cfg_check(const rd_moe_cfg *c) {
                        RD_NUM_STRATEGIES - 1);
     if ((unsigned)c->gating > RD_GATE_SOFTMAX)
         return rd_fail(RD_EINVAL, "moe: unknown gating %d (expected 0..2)", (int)c->gating);
+    /* the parameter count: E*D*He and D*plr_dim can overflow (the other products are of
+     * sizes <= INT_MAX), then their sum */
+    int64_t w1, plr, total = 0, sizes[RD_MOE_NPARAM];
+    rd_status s;
+    if ((s = RD_SIZE(&w1, sizeof(float), "moe: expert weights (E, D, He)", c->E, c->D, c->He)) ||
+        (s = RD_SIZE(&plr, sizeof(float), "moe: PLR head (D, plr_dim)", c->D, c->plr_dim)))
+        return s;
+    rd_moe_param_sizes(sizes, c);
+    for (int i = 0; i < RD_MOE_NPARAM; i++)
+        if (__builtin_add_overflow(total, sizes[i], &total))
+            return rd_fail(RD_EINVAL, "moe: the parameters of D=%lld E=%lld He=%lld plr_dim=%lld "
+                           "are more than a 64-bit size counts", (long long)c->D,
+                           (long long)c->E, (long long)c->He, (long long)c->plr_dim);
     return RD_OK;
 }
 
@@ -261,20 +274,25 @@ static int grow(void **p, size_t bytes) {
  * comes with the first backward (reserve_backward): a layer only ever run forward (eval,
  * inference) never holds it. */
 static rd_status reserve(rd_moe_state *st, int64_t N, int64_t D, int64_t E) {
-    if (N * D > st->cap_ND) {
-        size_t b = (size_t)(N * D) * sizeof(float);
+    int64_t ND, NE; /* element sizes: the bytes one (t, d) or (t, e) takes over its buffers */
+    rd_status s;
+    if ((s = RD_SIZE(&ND, 2 * sizeof(float), "moe: (N, D) buffers", N, D)) ||
+        (s = RD_SIZE(&NE, 2 * sizeof(float) + 1, "moe: (N, E) buffers", N, E)))
+        return s;
+    if (ND > st->cap_ND) {
+        size_t b = (size_t)ND * sizeof(float);
         if (grow((void **)&st->hpre, b) || grow((void **)&st->h, b))
             return rd_fail(RD_ENOMEM, "moe: out of memory for %lld tokens x D=%lld", (long long)N,
                            (long long)D);
-        st->cap_ND = N * D;
+        st->cap_ND = ND;
     }
-    if (N * E > st->cap_NE) {
-        size_t b = (size_t)(N * E) * sizeof(float);
+    if (NE > st->cap_NE) {
+        size_t b = (size_t)NE * sizeof(float);
         if (grow((void **)&st->R, b) || grow((void **)&st->G, b) ||
-            grow((void **)&st->mask, (size_t)(N * E)))
+            grow((void **)&st->mask, (size_t)NE))
             return rd_fail(RD_ENOMEM, "moe: out of memory for %lld tokens x E=%lld", (long long)N,
                            (long long)E);
-        st->cap_NE = N * E;
+        st->cap_NE = NE;
     }
     return RD_OK;
 }

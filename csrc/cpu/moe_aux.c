@@ -30,8 +30,11 @@ void rd_moe_aux_free(rd_moe_aux_state *a) {
     free(a);
 }
 
-/* Grow the one or two buffers of a group to n elements of `elem` bytes each. */
-static int grow(int64_t *cap, int64_t n, size_t elem, void **b1, void **b2) {
+/* Grow the one or two buffers of a group to rows x cols elements of `elem` bytes each;
+ * -1 when out of memory or when the size does not fit (RD_MAX_ALLOC_BYTES). */
+static int grow(int64_t *cap, int64_t rows, int64_t cols, size_t elem, void **b1, void **b2) {
+    int64_t n;
+    if (!rd_mul_ok(rows, cols, &n) || (double)n * (double)elem > RD_MAX_ALLOC_BYTES) return -1;
     if (n <= *cap) return 0;
     void *q = realloc(*b1, (size_t)n * elem);
     if (!q) return -1;
@@ -50,13 +53,13 @@ static int grow(int64_t *cap, int64_t n, size_t elem, void **b1, void **b2) {
 static rd_status reserve(rd_moe_aux_state *a, const rd_moe_cfg *c, int64_t N, int need_P,
                          int need_plr) {
     int64_t E = c->E, Pd = need_plr ? c->plr_dim : 0;
-    if (grow(&a->cap_NE, need_P ? N * E : 0, sizeof(float), (void **)&a->P, (void **)&a->S) ||
-        grow(&a->cap_NP, N * Pd, sizeof(float), (void **)&a->T, (void **)&a->dT) ||
-        grow(&a->cap_ND, Pd ? N * c->D : 0, sizeof(float), (void **)&a->dh, NULL) ||
-        grow(&a->cap_EE, E * E, sizeof(int64_t), (void **)&a->W, (void **)&a->C) ||
-        grow(&a->cap_E, E, sizeof(int64_t), (void **)&a->f, (void **)&a->load))
-        return rd_fail(RD_ENOMEM, "moe aux: out of memory for N=%lld E=%lld", (long long)N,
-                       (long long)E);
+    if (grow(&a->cap_NE, need_P ? N : 0, E, sizeof(float), (void **)&a->P, (void **)&a->S) ||
+        grow(&a->cap_NP, N, Pd, sizeof(float), (void **)&a->T, (void **)&a->dT) ||
+        grow(&a->cap_ND, Pd ? N : 0, c->D, sizeof(float), (void **)&a->dh, NULL) ||
+        grow(&a->cap_EE, E, E, sizeof(int64_t), (void **)&a->W, (void **)&a->C) ||
+        grow(&a->cap_E, E, 1, sizeof(int64_t), (void **)&a->f, (void **)&a->load))
+        return rd_fail(RD_ENOMEM, "moe aux: out of memory for N=%lld E=%lld plr_dim=%lld",
+                       (long long)N, (long long)E, (long long)Pd);
     return RD_OK;
 }
 

@@ -93,6 +93,11 @@ rd_status rd_route_plan(int64_t *ngroups, int64_t *K, int64_t B, int64_t L, int6
     if (k < 0 || k > E)
         return rd_fail(RD_EINVAL, "route: k must be in [0, E] = [0, %lld], got k=%lld",
                        (long long)E, (long long)k);
+    int64_t BL, BLE; /* every product below is at most B*L*E */
+    if (!rd_mul_ok(B, L, &BL) || !rd_mul_ok(BL, E, &BLE))
+        return rd_fail(RD_EINVAL, "route: scores shape (B, L, E) = (%lld, %lld, %lld) has %.4g "
+                       "elements, more than a 64-bit size counts", (long long)B, (long long)L,
+                       (long long)E, (double)B * (double)L * (double)E);
     int64_t num = 0, den = 1, ng = 0, gsize = 0;
     const char *formula = "";
     switch (s) {
