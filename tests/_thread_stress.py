@@ -91,6 +91,8 @@ def model_round(obj, rng, maps):
     x = as_input(rng, rng.standard_normal((B, C, S, S)).astype(np.float32), maps)
     plr = as_input(rng, np.zeros((B, C, S, S), np.float32), maps) if rng.random() < 0.5 else None
     out = obj.forward(x, rng.uniform(0, 1000, B), rng.integers(0, obj.num_classes, B), plr)
+    if rng.random() < 0.3:  # the inference arena grows while a forward could be using it
+        obj.infer(x, rng.uniform(0, 1000, B), rng.integers(0, obj.num_classes, B))
     obj.backward(as_input(rng, np.ones(out.shape, np.float32), maps))
     obj.branch_norms(), obj.layer_stats(), obj.thresholds
 
