@@ -46,7 +46,7 @@ def test_train_sample_report(tmp_path):
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
     ck = os.path.join(run, "checkpoints", "0000003.safetensors")
     assert os.path.exists(ck)
-    assert os.path.exists(os.path.join(run, "routing_report.png"))
+    assert os.path.exists(os.path.join(run, "routing_report-0000003.png"))
     assert os.path.exists(os.path.join(run, "samples", "0000003.png"))
 
     _cli("sample", "--ckpt", ck, "--num-sampling-steps", "2", "--class-labels", "0,1,9",
@@ -54,7 +54,7 @@ def test_train_sample_report(tmp_path):
     assert os.path.getsize(tmp_path / "s.png") > 100 and os.path.exists(tmp_path / "s.npz")
 
     _cli("report", "--ckpt", ck, "--batch", "8", cwd=tmp_path)
-    rep = json.load(open(os.path.join(run, "routing_report.json")))
+    rep = json.load(open(os.path.join(run, "routing_report-0000003.json")))
     assert rep["model"] == "RaceDiT-tiny/4-2in4"
 
     p = _cli("train", "--resume", ck, "--steps", "4", "--no-progress", "--no-report", cwd=tmp_path)
