@@ -816,9 +816,15 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     before the first step; OSError when writing fails later (a full disk); and
     TrainingDiverged when the loss or a gradient turns NaN/Inf.
     """
+    with thread_limit(threads):
+        return _start(model, preset, resume, init_from, dataset, progress, out, final_samples,
+                      report, device, precision, kwargs)
+
+
+def _start(model, preset, resume, init_from, dataset, progress, out, final_samples, report,
+           device, precision, kwargs):
     out = out or sys.stdout
     t_start = time.time()
-    limit = thread_limit(threads)
     meta = load_checkpoint(resume)[1] if resume is not None else None
     cfg, changes = _resolve_config(model, preset, meta, kwargs)
     _validate(cfg)
@@ -846,8 +852,7 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
 
         tf32_was = tf32(precision in ("tf32", "bf16"))
     try:
-        with limit:
-            return _train(cfg, job)
+        return _train(cfg, job)
     finally:
         if tf32_was is not None:
             tf32(tf32_was)
@@ -1149,7 +1154,8 @@ def _set_thresholds(m, tensors):
 
 def _validate(cfg):
     if cfg.steps is None and cfg.epochs is None:
-        raise ValueError("train: give --steps N or --epochs N (steps= or epochs= in Python)")
+        raise ValueError("give --steps N or --epochs N (steps= or epochs= in Python): the "
+                         "run has no length")
     if cfg.global_batch_size < 1:
         raise ValueError(f"global_batch_size: expected >= 1, got {cfg.global_batch_size}")
     if cfg.steps is not None and cfg.steps < 0:

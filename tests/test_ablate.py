@@ -216,3 +216,4 @@ def test_routing_notebook_runs(tmp_path, monkeypatch):
     outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outs) >= 2
     assert any("Expert race" in o.get("data", {}).get("text/markdown", "") for o in outs)
+    assert os.listdir(tmp_path) == []  # nothing written next to the notebook
