@@ -82,6 +82,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("PYTHONPATH", PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the notebook's run goes
     monkeypatch.setenv("RACEDIT_QUICKSTART_STEPS", "30")  # the notebook's 1500 take minutes
     nb = nbformat.read(os.path.join(ROOT, "examples", "quickstart.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
@@ -92,4 +94,4 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "30 steps in" in text
-    assert os.listdir(tmp_path) == []  # nothing written next to the notebook
+    assert os.listdir(tmp_path) == ["tmp"]  # nothing written next to the notebook

@@ -70,6 +70,17 @@ def test_read_log_takes_each_steps_latest_record(tmp_path):
         read_log(str(p))
 
 
+def test_appending_starts_a_new_line(tmp_path):
+    p = tmp_path / "log.jsonl"
+    p.write_text('{"step": 1}\n{"step": 2}')  # complete, only the newline missing
+    train_mod._repair_tail(str(p), io.StringIO())
+    assert p.read_text() == '{"step": 1}\n{"step": 2}\n'
+    p.write_text('{"step": 1}\n{"step": 2, "lo')
+    out = io.StringIO()
+    train_mod._repair_tail(str(p), out)
+    assert p.read_text() == '{"step": 1}\n' and "torn last line (15 bytes" in out.getvalue()
+
+
 def test_torn_last_line_is_dropped_with_a_warning(tmp_path, capsys):
     a = _run(tmp_path, 4, ckpt_every=2)
     log = os.path.join(a.run_dir, "log.jsonl")
