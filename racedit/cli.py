@@ -34,8 +34,8 @@ def _add_train(sub):
     g.add_argument("--hidden", type=int, help="width D")
     g.add_argument("--heads", type=int, help="attention heads (divide --hidden)")
     g.add_argument("--patch", type=int, help="patch size")
-    g.add_argument("--experts", type=int, dest="num_experts", help="experts per MoE layer E "
-                                                                   "(0: a dense DiT)")
+    g.add_argument("--experts", type=int, dest="num_experts", metavar="E",
+                   help="experts per MoE layer (0: a dense DiT)")
     g.add_argument("--k", type=int, help="experts per token on average")
     g.add_argument("--expert-hidden", type=int,
                    help="expert width (default 4*hidden/k: the dense DiT's activated FLOPs)")
@@ -48,7 +48,8 @@ def _add_train(sub):
     p.add_argument("--channels", type=int, choices=(1, 3),
                    help="image channels: 1 trains grayscale data as one channel (default: "
                         "the data's own, RGB for folders)")
-    p.add_argument("--num-classes", type=int, help="number of classes (default: from the labels)")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: from the labels); "
+                                                   "must match the data's (latents: may exceed it)")
     p.add_argument("--global-batch-size", type=int)
     p.add_argument("--steps", type=int, help="training steps (wins over --epochs)")
     p.add_argument("--epochs", type=int)
