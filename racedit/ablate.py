@@ -262,7 +262,8 @@ def _train_one(run, seed, b, budget, ds, rdir, device):
                 balance_weight=s["balance_weight"], global_batch_size=b["batch"],
                 steps=b["steps"], lr=b["lr"], warmup_steps=b["warmup"], grad_clip=b["clip"],
                 ema_decay=b["ema"], seed=seed, results_dir=rdir, ckpt_every=0,
-                log_every=max(1, b["steps"] // 10), progress=False, out=io.StringIO(),
+                log_every=max(1, b["steps"] // 10), log_layers_every_step=True,
+                progress=False, out=io.StringIO(),
                 final_samples=False, report=False, device=device)
     return res
 
@@ -318,9 +319,9 @@ def _train_routing(rec):
     """(MaxVio, combination usage) in training (batch top-K routing): means over the MoE
     layers and the last tenth of the steps of the run's log; (None, None) when dense."""
     if "train_routing" not in rec:  # records written before the field existed
-        from .train import _read_log
+        from .train import read_log
 
-        log = _read_log(os.path.join(rec["run_dir"], "log.jsonl"))
+        log = read_log(os.path.join(rec["run_dir"], "log.jsonl"))
         rec["train_routing"] = _tail_routing(log, rec["steps"])
     return rec["train_routing"]
 

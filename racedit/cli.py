@@ -25,14 +25,31 @@ def _add_train(sub):
                    help="a tested setting: 'quick' trains a small RaceDiT on the built-in "
                         "shapes in minutes on 2 CPU cores")
     p.add_argument("--model", help="config name, e.g. RaceDiT-S/2-2in8, DiT-S/2, "
-                                   "RaceDiT-B/2-4in32 (any RaceDiT-<size>/<p>-<k>in<E>)")
+                                   "RaceDiT-B/2-4in32 (any RaceDiT-<size>/<p>-<k>in<E>), or a "
+                                   "preset's model (RaceDiT-quick/4-2in8, RaceDiT-tiny/4-2in4)")
+    g = p.add_argument_group("model shape", "change the --model's (or preset's) shape, for sizes "
+                             "between the table's; the run is then named "
+                             "RaceDiT-<depth>x<hidden>/<p>-<k>in<E>")
+    g.add_argument("--depth", type=int, help="transformer blocks")
+    g.add_argument("--hidden", type=int, help="width D")
+    g.add_argument("--heads", type=int, help="attention heads (divide --hidden)")
+    g.add_argument("--patch", type=int, help="patch size")
+    g.add_argument("--experts", type=int, dest="num_experts", metavar="E",
+                   help="experts per MoE layer (0: a dense DiT)")
+    g.add_argument("--k", type=int, help="experts per token on average")
+    g.add_argument("--expert-hidden", type=int,
+                   help="expert width (default 4*hidden/k: the dense DiT's activated FLOPs)")
     p.add_argument("--data", nargs="+", metavar="KIND [PATH]",
                    help=f"training data: {' | '.join(k + ('' if k == 'builtin' else ' PATH') for k in DATA_KINDS)}"
                         " (default builtin)")
     p.add_argument("--data-path", help="image folder in ImageNet layout (same as --data folder PATH)")
     p.add_argument("--num-samples", type=int, help="size of the built-in data set")
     p.add_argument("--image-size", type=int, help="image side in pixels (folders, MNIST)")
-    p.add_argument("--num-classes", type=int, help="number of classes (default: from the labels)")
+    p.add_argument("--channels", type=int, choices=(1, 3),
+                   help="image channels: 1 trains grayscale data as one channel (default: "
+                        "the data's own, RGB for folders)")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: from the labels); "
+                                                   "must match the data's (latents: may exceed it)")
     p.add_argument("--global-batch-size", type=int)
     p.add_argument("--steps", type=int, help="training steps (wins over --epochs)")
     p.add_argument("--epochs", type=int)
@@ -57,14 +74,22 @@ def _add_train(sub):
     p.add_argument("--results-dir", help="where numbered run folders go (results)")
     p.add_argument("--ckpt", help="initialise the weights from this checkpoint (fine-tune)")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--log-every", type=int,
+                   help="a log.txt line and the per-layer statistics in log.jsonl every N steps")
+    p.add_argument("--log-layers-every-step", action="store_true", default=None,
+                   help="per-layer statistics in every log.jsonl record")
     p.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: off)")
     p.add_argument("--cfg-scale", type=float, help="guidance scale of the samples written")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"))
     p.add_argument("--num-sampling-steps", type=int)
-    p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    p.add_argument("--resume", metavar="CKPT",
+                   help="continue a run from its checkpoint, in its run folder (or, with "
+                        "--results-dir, in a new one there); only --steps, --epochs, the "
+                        "--*-every cadences and the sample settings may change")
     _add_device(p, "default cpu; on --resume, the run's")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none when stderr is not a terminal)")
     p.add_argument("--no-report", action="store_true", help="skip the routing report")
     return p
 
@@ -122,8 +147,10 @@ def _add_sample(sub):
 
 def _add_report(sub):
     p = sub.add_parser("report", help="routing report (JSON + PNG) of an MoE checkpoint")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--ckpt", required=True, help="a training checkpoint; the report is "
+                   "<run>/routing_report-<step>.json and .png (beside a checkpoint kept "
+                   "outside a run folder)")
+    p.add_argument("--batch", type=int, default=64, help="images per timestep bucket (64)")
     return p
 
 
@@ -173,11 +200,13 @@ def build_parser():
     return ap
 
 
-TRAIN_KEYS = ("num_samples", "image_size", "num_classes", "global_batch_size", "steps", "epochs",
-              "lr", "weight_decay", "grad_clip", "warmup_steps", "ema_decay", "objective",
-              "learn_sigma", "routing", "gating", "plr_weight", "sim_weight", "balance_weight",
-              "beta", "class_dropout_prob", "hflip", "seed", "results_dir", "ckpt_every",
-              "log_every", "sample_every", "cfg_scale", "sampler", "num_sampling_steps")
+TRAIN_KEYS = ("num_samples", "image_size", "channels", "num_classes", "global_batch_size",
+              "steps", "epochs", "lr", "weight_decay", "grad_clip", "warmup_steps", "ema_decay",
+              "objective", "learn_sigma", "routing", "gating", "plr_weight", "sim_weight",
+              "balance_weight", "beta", "class_dropout_prob", "hflip", "seed", "results_dir",
+              "ckpt_every", "log_every", "log_layers_every_step", "sample_every", "cfg_scale",
+              "sampler", "num_sampling_steps")
+SHAPE_FLAGS = ("depth", "hidden", "heads", "patch", "num_experts", "k", "expert_hidden")
 
 
 def _train(args, ap):
@@ -195,9 +224,14 @@ def _train(args, ap):
         kw["data_path"] = args.data[1] if len(args.data) > 1 else None
     elif args.data_path:
         kw["data"], kw["data_path"] = "folder", args.data_path
+    shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
+    if shape:
+        kw["model_config"] = shape
+    if args.resume and args.ckpt:
+        ap.error("--resume continues a run; --ckpt starts a new one from its weights: give one")
     res = train(args.model, preset=args.preset, resume=args.resume, init_from=args.ckpt,
-                progress=not args.no_progress, report=not args.no_report,
-                device=args.device, precision=args.precision, **kw)
+                progress=False if args.no_progress else None, report=not args.no_report,
+                device=args.device, precision=args.precision, threads=args.threads, **kw)
     print(f"racedit: done in {res.wall_time:.1f} s; run folder {res.run_dir}")
     return 0
 
@@ -219,41 +253,53 @@ def _sample(args):
 def _report(args):
     import os
 
-    from .data import load_data
     from .diffusion import make_objective
     from .report import routing_report
-    from .train import _read_log, model_from_checkpoint
+    from .train import _config_from_dict, _load_data, model_from_checkpoint, read_log, run_folder
 
+    if args.batch < 1:
+        raise ValueError(f"--batch: expected >= 1, got {args.batch}")
     m, meta = model_from_checkpoint(args.ckpt, use_ema=True)
     if not m.config.is_moe:
         print(f"racedit: {m.config.name} is dense: no routing to report", file=sys.stderr)
         return 1
-    c = meta["config"]
-    ds = load_data(c["data"], c["data_path"], image_size=c["image_size"],
-                   num_classes=c["num_classes"], seed=c["seed"], n=c["num_samples"])
-    run = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
-    rep = routing_report(m, None, make_objective(c["objective"], learn_sigma=c["learn_sigma"]),
-                         ds, _read_log(os.path.join(run, "log.jsonl")), run, seed=c["seed"],
-                         batch=args.batch)
-    print(f"racedit: routing report {rep['json']} and {rep['png']}")
+    cfg = _config_from_dict(meta["config"])
+    ds = _load_data(cfg)
+    run = run_folder(args.ckpt)
+    records = read_log(os.path.join(run, "log.jsonl"), upto_step=meta["step"],
+                       upto_bytes=meta.get("log_bytes")) if run else []
+    rep = routing_report(m, None, make_objective(cfg.objective, learn_sigma=cfg.learn_sigma),
+                         ds, records, run or os.path.dirname(os.path.abspath(args.ckpt)),
+                         seed=cfg.seed, batch=args.batch, step=meta["step"])
+    again = " (replacing the earlier report of this step)" if rep["replaced"] else ""
+    print(f"racedit: routing report {rep['json']} and {rep['png']}{again}")
     return 0
 
 
+def _error(e):
+    """One line for an expected failure: an OSError as 'path: reason'."""
+    if isinstance(e, OSError) and e.strerror:
+        names = [n for n in (e.filename, e.filename2) if n is not None]
+        return f"{' -> '.join(map(str, names))}: {e.strerror}" if names else e.strerror
+    return str(e)
+
+
 def main(argv=None):
-    """Entry point of ``python -m racedit``; returns the exit status. Errors in the
-    settings or the data are printed as one line (exit status 2), not a traceback."""
-    from .data import DataError
+    """Entry point of ``python -m racedit``; returns the exit status. Expected failures
+    (bad settings or data, unreadable checkpoints, output folders that cannot be written, a
+    full disk, a diverged run) print one line, ``racedit <command>: error: ...``, and exit
+    with 2; Ctrl-C exits with 130."""
+    from .train import TrainingDiverged
 
     ap = build_parser()
     args = ap.parse_args(argv)
+    run = {"train": lambda: _train(args, ap), "sample": lambda: _sample(args),
+           "ablate": lambda: _ablate(args, ap), "report": lambda: _report(args)}[args.command]
     try:
-        if args.command == "train":
-            return _train(args, ap)
-        if args.command == "sample":
-            return _sample(args)
-        if args.command == "ablate":
-            return _ablate(args, ap)
-        return _report(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"racedit {args.command}: error: {e}", file=sys.stderr)
+        return run()
+    except KeyboardInterrupt:
+        print(f"racedit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, TrainingDiverged) as e:  # DataError, CheckpointError too
+        print(f"racedit {args.command}: error: {_error(e)}", file=sys.stderr)
         return 2

@@ -4,8 +4,9 @@ the harder steps) and how the load spreads over experts, per layer.
 
 It is measured twice: at inference (EMA weights, eval-mode threshold routing, a fixed batch
 of training images noised to the centre of each timestep bucket) and from the training log
-(batch top-K routing, the last fifth of the steps). Written as ``routing_report.json`` and
-``routing_report.png`` (matplotlib) in the run folder.
+(batch top-K routing, the last fifth of the steps). Written per checkpoint step as
+``routing_report-<step:07d>.json`` and ``.png`` (matplotlib) in the run folder, so a later
+report never replaces an earlier one of another step.
 """
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 
 from .sample import set_weights
 
-__all__ = ["routing_report", "plot_routing_report"]
+__all__ = ["routing_report", "plot_routing_report", "report_path"]
 
 
 def _t_for_fraction(obj, frac, n):
@@ -23,14 +24,25 @@ def _t_for_fraction(obj, frac, n):
     return np.full(n, frac, np.float64)
 
 
+def report_path(run_dir, step, ext="json"):
+    """``<run_dir>/routing_report-<step:07d>.<ext>`` (``routing_report.<ext>`` for step None)."""
+    name = "routing_report" if step is None else f"routing_report-{int(step):07d}"
+    return os.path.join(run_dir, f"{name}.{ext}")
+
+
 def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch=64,
-                   buckets=10, plot=True):
-    """Measure and write the report; returns its dict with the paths under "json"/"png".
+                   buckets=10, plot=True, step=None):
+    """Measure and write the report of checkpoint step ``step`` (:func:`report_path`);
+    returns its dict with the paths under "json"/"png" and "replaced": whether a report of
+    that step was there before.
 
     model: a MoE RaceDiT; weights: the flat buffer to evaluate (EMA) or None for the live
     weights; obj: the training objective; dataset: the training ArrayDataset; records: the
-    training log (list of dicts with "ept_by_t"). The model's weights and mode are
-    restored afterwards."""
+    training log up to ``step`` (list of dicts; those with "ept_by_t" are used); batch:
+    images per timestep bucket (>= 1). The model's weights and mode are restored
+    afterwards."""
+    if isinstance(batch, bool) or int(batch) != batch or batch < 1:
+        raise ValueError(f"batch: expected an integer >= 1, got {batch!r}")
     rng = np.random.default_rng([seed, 7])
     idx = rng.permutation(len(dataset))[:batch]
     x0, y = dataset.batch(idx)
@@ -85,12 +97,16 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
             rep["train"]["branch_norms"] = {
                 key: np.mean([r[key + "_norm"] for r in tail], axis=0).tolist()
                 for key in ("attn", "ffn")}
-    rep["json"] = os.path.join(run_dir, "routing_report.json")
-    rep["png"] = os.path.join(run_dir, "routing_report.png") if plot else None
+    if step is not None:
+        rep["step"] = int(step)
+    rep["json"] = report_path(run_dir, step)
+    rep["png"] = report_path(run_dir, step, "png") if plot else None
+    replaced = os.path.exists(rep["json"])
     with open(rep["json"], "w") as f:
         json.dump(rep, f, indent=1)
     if plot:
         plot_routing_report(rep, rep["png"])
+    rep["replaced"] = replaced
     return rep
 
 

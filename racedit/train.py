@@ -6,21 +6,31 @@ One step: a batch in a seeded order -> (t, noise) from the objective -> label dr
 warm-up -> fused AdamW over the flat parameter buffer -> EMA. Everything numeric runs in C
 (model, racedit.optim); Python never loops over parameters, tokens or experts.
 
-A run lives in ``<results_dir>/NNN-<model>/`` (DiT's numbered folders): ``config.json``,
-``log.jsonl`` (one record per step: losses, grad norm, lr, per-block ``attn_norm`` /
-``ffn_norm`` (what each branch added to the residual stream), for MoE models the aux
-losses, per-layer MaxVio / combination usage / dead experts / experts per token / tau and
-experts per token by timestep bucket ``ept_by_t``; images/s),
-``checkpoints/NNNNNNN.safetensors``, ``samples/``.
+A run lives in ``<results_dir>/NNN-<model>/`` (DiT's numbered folders): ``config.json``
+(the settings, the racedit version and git commit), ``log.txt`` (a line per ``log_every``
+steps for people: loss, images/s; checkpoints, resumptions, errors), ``log.jsonl`` (for
+machines: one record per step with losses, grad norm, lr, images/s; every ``log_every``
+steps, or every step with ``log_layers_every_step``, also per-block ``attn_norm`` /
+``ffn_norm`` (what each branch added to the residual stream) and for MoE models per-layer
+MaxVio / combination usage / dead experts / experts per token / tau and experts per token
+by timestep bucket ``ept_by_t`` (the mean since the previous such record)),
+``checkpoints/NNNNNNN.safetensors``, ``samples/`` and ``routing_report-NNNNNNN.{json,png}``.
+
 Resuming from a checkpoint restores parameters, EMA, AdamW moments, routing thresholds,
 step and the random generator; the data order is a function of (seed, step), so on CPU the
-resumed run's losses equal the uninterrupted run's bit for bit.
+resumed run's losses equal the uninterrupted run's bit for bit. The log is never cut:
+resuming appends ``{"event": "resume", "step": N, "from": CKPT, ...}`` and the records that
+follow supersede those of steps > N written before it (:func:`read_log` returns each step's
+latest record). log.jsonl is flushed and fsync'd before every checkpoint, so a checkpoint's
+records survive a kill; a last line cut short by one is dropped with a warning.
 """
 import dataclasses
+import io
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -30,9 +40,10 @@ from . import optim
 from .checkpoint import load_checkpoint, rng_from_state, rng_state, save_checkpoint
 from .data import ArrayDataset, load_data
 from .diffusion import make_objective
+from .threads import thread_limit
 
 __all__ = ["train", "TrainConfig", "TrainResult", "TrainingDiverged", "PRESETS", "build_model",
-           "model_from_checkpoint", "NUM_T_BUCKETS", "DEVICES", "PRECISIONS"]
+           "model_from_checkpoint", "read_log", "NUM_T_BUCKETS", "DEVICES", "PRECISIONS"]
 
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")  # tf32 / bf16: cuda only
@@ -49,11 +60,17 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     """Every setting of a run (saved as config.json and in each checkpoint).
 
-    model: a name from racedit.configs (``"RaceDiT-S/2-2in8"``, ``"DiT-S/2"``, ...);
-    model_config: optional dict of ModelConfig fields overriding the named one (presets use
-    it for sizes between the table's); data: one of racedit.data.DATA_KINDS with data_path;
+    model: a name from racedit.configs (``"RaceDiT-S/2-2in8"``, ``"DiT-S/2"``, ...) or a
+    preset's model (``"RaceDiT-quick/4-2in8"``); model_config: ModelConfig fields (depth,
+    hidden, heads, patch, num_experts, k, expert_hidden) overriding the named model's, for
+    sizes between the table's; train() completes it (expert_hidden follows 4*hidden/k unless
+    given) and names a changed model ``RaceDiT-<depth>x<hidden>/<p>-<k>in<E>``. data: one of
+    racedit.data.DATA_KINDS with data_path; channels: 1 (grayscale) or 3 for image data
+    (None: the data's own); num_classes: must match the data's (latents: may exceed it);
     steps or epochs (steps wins; an epoch is len(data) // global_batch_size steps);
-    grad_clip <= 0 disables clipping; warmup_steps: linear lr warm-up; the rest as DiT.
+    grad_clip <= 0 disables clipping; warmup_steps: linear lr warm-up; log_every: the
+    cadence of log.txt and of the per-layer statistics in log.jsonl (every step with
+    log_layers_every_step); the rest as DiT.
     """
 
     model: str = "RaceDiT-S/2-2in8"
@@ -62,6 +79,7 @@ class TrainConfig:
     data_path: str = None
     num_samples: int = 10000
     image_size: int = 32
+    channels: int = None
     num_classes: int = None
     objective: str = "ddpm"
     learn_sigma: bool = False
@@ -88,6 +106,7 @@ class TrainConfig:
     results_dir: str = "results"
     ckpt_every: int = 0
     log_every: int = 100
+    log_layers_every_step: bool = False
     sample_every: int = 0
     cfg_scale: float = 4.0
     sampler: str = None
@@ -119,7 +138,8 @@ PRESETS = {
 @dataclasses.dataclass
 class TrainResult:
     """What :func:`train` returns: the run folder, the last checkpoint written, the per-step
-    log records, the trained model (live weights) and its EMA buffer (float32 (n,))."""
+    log records (each step's latest, from step 1), the trained model (live weights) and its
+    EMA buffer (float32 (n,))."""
 
     run_dir: str
     checkpoint: str
@@ -129,6 +149,7 @@ class TrainResult:
     config: TrainConfig
     dataset: object = None
     wall_time: float = 0.0
+    report: str = None  # the routing report's JSON (MoE runs with report=True)
 
 
 # ---- models --------------------------------------------------------------------------
@@ -139,6 +160,62 @@ def _model_config(cfg):
     if cfg.model_config:
         return ModelConfig(name=cfg.model, **cfg.model_config)
     return get_config(cfg.model)
+
+
+SHAPE_KEYS = ("depth", "hidden", "heads", "patch", "num_experts", "k", "expert_hidden")
+
+
+def _base_shape(name):
+    """The ModelConfig fields of a preset's model or a configs-table name; None for a name
+    neither knows (then model_config must describe the whole model)."""
+    from .configs import get_config
+
+    if _preset_shape(name) is not None:
+        return _preset_shape(name)
+    try:
+        c = get_config(name)
+    except ValueError:
+        return None
+    return {k: getattr(c, k) for k in SHAPE_KEYS}
+
+
+def _model_shape(name, overrides):
+    """(model name, model_config) of a new run: ``overrides`` (ModelConfig fields) applied to
+    the named model's shape. A changed shape gets a name that says it; expert_hidden follows
+    the configs table's 4*hidden/k unless given."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(SHAPE_KEYS))
+    if unknown:
+        raise ValueError(f"model_config: unknown fields {unknown}; expected some of {SHAPE_KEYS}")
+    base = _base_shape(name)
+    if base is None:
+        missing = [k for k in SHAPE_KEYS[:4] if k not in overrides]
+        if missing and overrides:
+            raise ValueError(f"model {name!r} is not a known config: model_config (the --depth, "
+                             f"--hidden, --heads, --patch flags) needs {missing} as well")
+        return name, overrides or None
+    shape = {**base, **overrides}
+    if overrides.get("num_experts") == 0:
+        shape.update(k=0, expert_hidden=0)
+    elif shape["num_experts"] and "expert_hidden" not in overrides:
+        if not shape["k"]:
+            raise ValueError(f"model_config: num_experts {shape['num_experts']} (--experts) "
+                             f"needs k (--k), the experts per token; {name} is dense")
+        if (4 * shape["hidden"]) % shape["k"]:
+            raise ValueError(f"model_config: expert width 4*hidden/k = {4 * shape['hidden']}/"
+                             f"{shape['k']} is not an integer; give expert_hidden (--expert-hidden)")
+        shape["expert_hidden"] = 4 * shape["hidden"] // shape["k"]
+    if shape == base:
+        return name, _preset_shape(name)
+    d, D, p = shape["depth"], shape["hidden"], shape["patch"]
+    if shape["num_experts"]:
+        return f"RaceDiT-{d}x{D}/{p}-{shape['k']}in{shape['num_experts']}", shape
+    return f"DiT-{d}x{D}/{p}", shape
+
+
+def _preset_shape(name):
+    """A copy of the model_config of the preset whose model is called ``name``, or None."""
+    return next((dict(p["model_config"]) for p in PRESETS.values() if p["model"] == name), None)
 
 
 def check_device(device, precision):
@@ -269,6 +346,169 @@ def _new_run_dir(results_dir, model_name):
     return run
 
 
+def run_folder(ckpt):
+    """The run folder of checkpoint ``ckpt`` (``<run>/checkpoints/<step>.safetensors`` with
+    ``<run>/config.json``), or None for a checkpoint kept anywhere else."""
+    folder = os.path.dirname(os.path.abspath(ckpt))
+    run = os.path.dirname(folder)
+    if os.path.basename(folder) == "checkpoints" and os.path.isfile(os.path.join(run, "config.json")):
+        return run
+    return None
+
+
+def _check_out_dir(path, what):
+    """ValueError, before any work, when folder ``path`` cannot be created or written: it
+    is a file, lies under a file, or its nearest existing ancestor is not writable."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ValueError(f"{what}: {path} cannot be a folder: {p} is a file")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: {path}: cannot write in {p} (permission denied)")
+
+
+# The data settings each data kind reads (config.json records only these).
+DATA_SETTINGS = {"builtin": ("num_samples", "image_size", "num_classes"),
+                 "folder": ("data_path", "image_size", "channels", "num_classes"),
+                 "latents": ("data_path", "num_classes"),
+                 "mnist": ("data_path", "image_size", "channels", "num_classes"),
+                 "cifar10": ("data_path", "channels", "num_classes")}
+
+
+def _source_root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def version_info():
+    """{"racedit_version", "git_commit"}: the commit of the git checkout racedit runs from
+    (an editable install or the source tree), None for an installed package."""
+    from . import __version__
+
+    root, commit = _source_root(), None
+    if os.path.exists(os.path.join(root, ".git")):  # a file in a git worktree
+        try:
+            p = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                               text=True, timeout=10)
+            commit = p.stdout.strip() if p.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"racedit_version": __version__, "git_commit": commit or None}
+
+
+def _write_config(run_dir, cfg):
+    """config.json: the settings (of the data, only those its kind reads) and the version."""
+    d = dataclasses.asdict(cfg)
+    for k in {k for v in DATA_SETTINGS.values() for k in v} - set(DATA_SETTINGS[cfg.data]):
+        d.pop(k)
+    d.update(version_info())
+    tmp = os.path.join(run_dir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(d, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, "config.json"))
+
+
+# ---- logs -----------------------------------------------------------------------------
+
+class _RunLog:
+    """A run's two logs, appended to: log.jsonl (a record per step) and log.txt (timestamped
+    lines for people). ``sync`` flushes and fsyncs both; the trainer calls it before every
+    checkpoint so that the records a checkpoint covers are on disk when it is."""
+
+    def __init__(self, run_dir, out):
+        self.out = out
+        self.jsonl = open(os.path.join(run_dir, "log.jsonl"), "a")
+        try:
+            self.txt = open(os.path.join(run_dir, "log.txt"), "a")
+        except BaseException:
+            self.jsonl.close()
+            raise
+
+    def record(self, rec):
+        self.jsonl.write(json.dumps(rec) + "\n")
+
+    def line(self, msg, echo=True):
+        """A log.txt line; echoed to ``out`` as ``racedit: msg`` unless echo is False."""
+        self.txt.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
+        self.txt.flush()
+        if echo:
+            print(f"racedit: {msg}", file=self.out)
+
+    def flush(self):
+        self.jsonl.flush()
+
+    def sync(self):
+        """Flush and fsync both logs; returns log.jsonl's size in bytes."""
+        for f in (self.jsonl, self.txt):
+            f.flush()
+            os.fsync(f.fileno())
+        return self.jsonl.tell()
+
+    def close(self):
+        self.jsonl.close()
+        self.txt.close()
+
+
+def _log_lines(path, upto_bytes=None):
+    """(objects of the complete lines, bytes of a torn last line) of log.jsonl, read up to
+    ``upto_bytes``. A last line that does not parse was cut short by a kill; any other line
+    that does not parse is an error naming the file and line."""
+    with open(path, "rb") as f:
+        data = f.read() if upto_bytes is None else f.read(upto_bytes)
+    lines = data.split(b"\n")
+    objs = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            objs.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                return objs, len(line)
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e})") from None
+    return objs, 0
+
+
+def read_log(path, upto_step=None, upto_bytes=None, out=None):
+    """The step records of a run's log.jsonl, one per step in step order: a ``resume``
+    event at step N drops the records of steps > N written before it. ``upto_step`` /
+    ``upto_bytes`` (a checkpoint's step and ``log_bytes``) give the log as that checkpoint
+    saw it. A torn last line is dropped with a warning on ``out`` (stderr); a missing file
+    reads as no records."""
+    if not os.path.exists(path):
+        return []
+    objs, torn = _log_lines(path, upto_bytes)
+    if torn:
+        print(f"racedit: warning: {path}: dropped a torn last line ({torn} bytes; a write "
+              "cut short)", file=out or sys.stderr)
+    recs = []
+    for r in objs:
+        if r.get("event") == "resume":
+            while recs and recs[-1]["step"] > r["step"]:
+                recs.pop()
+        elif "event" not in r:
+            recs.append(r)
+    return [r for r in recs if upto_step is None or r["step"] <= upto_step]
+
+
+def _repair_tail(path, out):
+    """Before appending to log.jsonl: cut a torn last line (with a warning) or end a
+    complete last record that lacks its newline, so the next record starts a line."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        _, torn = _log_lines(path)
+        if torn:
+            f.truncate(f.seek(0, os.SEEK_END) - torn)
+            print(f"racedit: warning: {path}: dropped a torn last line ({torn} bytes; a write "
+                  "cut short)", file=out)
+        else:
+            f.write(b"\n")
+
+
 # ---- the loop -------------------------------------------------------------------------
 
 class _Trainer:
@@ -288,6 +528,8 @@ class _Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"global_batch_size {self.B} exceeds the {len(dataset)} samples")
         self.is_moe = model.config.is_moe
+        self.log = None  # a _RunLog: synced before every checkpoint
+        self._ept = np.zeros((2, NUM_T_BUCKETS))  # experts-per-token sums / counts since the last record
 
     # data order: a permutation per epoch, a pure function of (seed, epoch)
     def batch_indices(self, step):
@@ -297,7 +539,8 @@ class _Trainer:
             self._perm_epoch = epoch
         return self._perm[k * self.B:(k + 1) * self.B]
 
-    def train_step(self):
+    def train_step(self, layers=True):
+        """One step; returns its log record, with the per-layer statistics when ``layers``."""
         cfg, m, obj = self.cfg, self.m, self.obj
         x0, y = self.ds.batch(self.batch_indices(self.step))        # (B,C,H,W), (B,)
         if cfg.hflip:
@@ -308,7 +551,7 @@ class _Trainer:
         y = np.where(drop, m.num_classes, y)
         x_t, target = obj.make_batch(x0, t, noise)
         if self.device == "cuda":
-            return self._device_step(x0, y, t, x_t, target)
+            return self._device_step(x0, y, t, x_t, target, layers)
         m.zero_grad()
         step = self.step + 1
         try:
@@ -340,12 +583,9 @@ class _Trainer:
             rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in m.aux().items()})
             rec["aux"] = aux_total
         rec.update({"grad_norm": gnorm, "lr": lr})
-        rec.update(_norm_record(m))
-        if self.is_moe:
-            rec.update(_routing_record(m, obj.time_fraction(t)))
-        return rec
+        return self._statistics(rec, t, layers)
 
-    def _device_step(self, x0, y, t, x_t, target):
+    def _device_step(self, x0, y, t, x_t, target, layers):
         """train_step on the GPU: the whole step runs on the device (CudaRaceDiT.step) and
         only scalars come back; DiT's hybrid loss (ddpm + learn_sigma), whose VLB term is
         computed on the host, goes forward -> loss -> backward(dout) -> optimizer_step.
@@ -399,9 +639,23 @@ class _Trainer:
             rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in aux.items()})
             rec["aux"] = aux_total
         rec.update({"grad_norm": None if gnorm is None else float(gnorm), "lr": lr})
+        return self._statistics(rec, t, layers)
+
+    def _statistics(self, rec, t, layers):
+        """Add the per-layer statistics of this step's forward to ``rec`` when ``layers``;
+        experts per token by timestep bucket is counted every step and recorded (as the mean
+        since the last record holding it) with them."""
+        m = self.m
+        if self.is_moe:
+            self._ept += _ept_by_t(m, self.obj.time_fraction(t))
+        if not layers:
+            return rec
         rec.update(_norm_record(m))
         if self.is_moe:
-            rec.update(_routing_record(m, obj.time_fraction(t)))
+            rec.update(_routing_record(m))
+            sums, cnt = self._ept
+            rec["ept_by_t"] = {str(i): float(sums[i] / cnt[i]) for i in np.flatnonzero(cnt)}
+            self._ept[:] = 0
         return rec
 
     def sync_host(self):
@@ -442,6 +696,7 @@ class _Trainer:
     # checkpoints
     def save(self, path):
         m = self.m
+        log_bytes = self.log.sync() if self.log is not None else None
         self.sync_host()
         tensors = {}
         tensors.update(_pack(m, m.param_buffer, "model."))
@@ -455,7 +710,7 @@ class _Trainer:
                 "data": {"kind": self.ds.kind, "channels": self.ds.channels,
                          "image_size": self.ds.image_size, "num_classes": self.ds.num_classes,
                          "class_names": list(self.ds.class_names), "source": self.ds.source},
-                "run_dir": os.path.abspath(self.run_dir),
+                "run_dir": os.path.abspath(self.run_dir), "log_bytes": log_bytes,
                 "device": self.device, "precision": self.precision}
         save_checkpoint(path, tensors, meta)
 
@@ -481,20 +736,23 @@ def _norm_record(m):
     return {"attn_norm": bn["attn"].tolist(), "ffn_norm": bn["ffn"].tolist()}
 
 
-def _routing_record(m, tfrac):
-    """Per-layer routing diagnostics of the last forward and experts per token by timestep
-    bucket (keys are bucket indices, 0 = least noise)."""
+def _routing_record(m):
+    """Per-layer routing diagnostics of the last forward."""
     stats = m.layer_stats()
     rec = {}
     for key in ("max_violation", "combination_usage", "dead_experts", "experts_per_token", "tau"):
         if stats and key in stats[0]:
             rec[key] = [_num(s[key]) for s in stats]
+    return rec
+
+
+def _ept_by_t(m, tfrac):
+    """(2, NUM_T_BUCKETS): the sums and counts of the last forward's experts per token by
+    timestep bucket (0 = least noise)."""
     ept = np.asarray(m.experts_per_token_by_sample(), np.float64)            # (B,)
     b = np.minimum((np.asarray(tfrac) * NUM_T_BUCKETS).astype(np.int64), NUM_T_BUCKETS - 1)
-    sums = np.bincount(b, weights=ept, minlength=NUM_T_BUCKETS)
-    cnt = np.bincount(b, minlength=NUM_T_BUCKETS)
-    rec["ept_by_t"] = {str(i): float(sums[i] / cnt[i]) for i in np.flatnonzero(cnt)}
-    return rec
+    return np.stack([np.bincount(b, weights=ept, minlength=NUM_T_BUCKETS),
+                     np.bincount(b, minlength=NUM_T_BUCKETS)])
 
 
 def _num(v):
@@ -506,28 +764,56 @@ def _num(v):
 def _total_steps(cfg, n):
     if cfg.steps is not None:
         return int(cfg.steps)
-    if cfg.epochs is not None:
-        return int(cfg.epochs) * (n // cfg.global_batch_size)
-    raise ValueError("train: give steps or epochs")
+    return int(cfg.epochs) * (n // cfg.global_batch_size)
+
+
+# What a resumed run may change; every other setting given must equal the run's.
+# results_dir: continue in a new numbered run folder there.
+RESUMABLE = ("steps", "epochs", "log_every", "log_layers_every_step", "ckpt_every",
+             "sample_every", "cfg_scale", "sampler", "num_sampling_steps", "results_dir")
+
+
+@dataclasses.dataclass
+class _Job:
+    """How train() was called, beyond the TrainConfig."""
+
+    resume: str
+    meta: dict              # the resumed checkpoint's metadata
+    changes: dict           # resumable settings changed on resume: name -> [run's, new]
+    run_dir: str            # the folder to continue in; None: a new numbered folder
+    init_from: str
+    dataset: object
+    progress: bool
+    out: object
+    final_samples: bool
+    report: bool
+    device: str
+    precision: str
+    t_start: float
 
 
 def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
-          progress=True, out=None, final_samples=True, report=True, device=None,
-          precision=None, **kwargs):
+          progress=None, out=None, final_samples=True, report=True, device=None,
+          precision=None, threads=None, **kwargs):
     """Train a RaceDiT (or dense DiT) and return a :class:`TrainResult`.
 
-    ``model``: a config name (default TrainConfig.model, ``"RaceDiT-S/2-2in8"``).
+    ``model``: a config name (default TrainConfig.model, ``"RaceDiT-S/2-2in8"``) or a
+    preset's model name; ``model_config=`` changes its shape (see :class:`TrainConfig`).
 
     Keyword arguments are :class:`TrainConfig` fields (``steps=``, ``global_batch_size=``,
     ``objective=``, ``routing=``, ``data=``/``data_path=`` ...). ``preset`` ("quick",
     "tiny") fills in a tested set of fields first; explicit arguments override it.
-    ``resume``: a checkpoint path; training continues in that run's folder with that run's
-    settings (only ``steps``/``epochs`` and the logging cadence may change), bit-exactly.
+    ``resume``: a checkpoint path; training continues with that run's settings,
+    bit-exactly. Only the settings in RESUMABLE (steps/epochs, the cadences, the sample
+    grids' settings) may change; any other one given must equal the run's. The run goes on
+    in the checkpoint's run folder (``<run>/checkpoints/``), appending to its logs, or with
+    ``results_dir`` in a new numbered folder there (needed for a checkpoint kept elsewhere).
     ``init_from``: a checkpoint whose weights (the live ones, not the EMA) start a new run
     (fine-tuning; fresh optimiser state). ``dataset``: an ArrayDataset to use instead of
-    loading ``data``. progress: a tqdm bar;
-    out: a stream for messages (stdout). final_samples: write a sample grid at the end;
-    report: write the routing report (MoE models).
+    loading ``data``. progress: a tqdm bar (None: when stderr is a terminal); out: a stream
+    for messages (stdout; log.txt gets them too). final_samples: write a sample grid at the
+    end; report: write the routing report (MoE models). threads: limit the OpenMP and BLAS
+    threads (racedit.threads.thread_limit).
     device: "cpu" or "cuda" (the whole step on the GPU: racedit.RaceDiT(device="cuda"));
     precision: "fp32", or on cuda "tf32" (TF32 GEMMs) or "bf16" (bf16 operands and fp32
     accumulation in every linear layer, the attention and the expert GEMMs, with fp32
@@ -535,17 +821,26 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     the checkpoint's for ``resume``; checkpoints are the same on either device (a GPU
     run resumes on the CPU and vice versa, bit-exactly only on the same device).
 
-    Raises ValueError for bad settings or data (racedit.data.DataError names the file),
-    or for device "cuda" when CUDA is not available, before the first step, and
+    Raises ValueError for bad settings or data (racedit.data.DataError names the file), an
+    output folder that cannot be written, or device "cuda" when CUDA is not available,
+    before the first step; OSError when writing fails later (a full disk); and
     TrainingDiverged when the loss or a gradient turns NaN/Inf.
     """
+    with thread_limit(threads):
+        return _start(model, preset, resume, init_from, dataset, progress, out, final_samples,
+                      report, device, precision, kwargs)
+
+
+def _start(model, preset, resume, init_from, dataset, progress, out, final_samples, report,
+           device, precision, kwargs):
     out = out or sys.stdout
     t_start = time.time()
-    cfg = _resolve_config(model, preset, resume, kwargs)
+    meta = load_checkpoint(resume)[1] if resume is not None else None
+    cfg, changes = _resolve_config(model, preset, meta, kwargs)
     _validate(cfg)
+    run_dir = _output_folder(cfg, resume, kwargs.get("results_dir"))
     inherited = resume is not None and device is None
     if inherited:
-        meta = load_checkpoint(resume)[1]
         device = meta.get("device", "cpu")
         precision = precision or meta.get("precision", "fp32")
     device = device or "cpu"
@@ -557,83 +852,221 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
             raise
         raise ValueError(f"{e}; {resume} comes from a {device} ({precision}) run: pass "
                          "device='cpu' (--device cpu) to resume it on the CPU") from None
+    if progress is None:
+        progress = sys.stderr.isatty()
+    job = _Job(resume, meta, changes, run_dir, init_from, dataset, progress, out,
+               final_samples, report, device, precision, t_start)
     tf32_was = None
     if device == "cuda":
         from .cuda import tf32
 
         tf32_was = tf32(precision in ("tf32", "bf16"))
     try:
-        return _train(cfg, model, resume, init_from, dataset, progress, out, final_samples,
-                      report, device, precision, t_start)
+        return _train(cfg, job)
     finally:
         if tf32_was is not None:
             tf32(tf32_was)
 
 
-def _train(cfg, model, resume, init_from, dataset, progress, out, final_samples, report,
-           device, precision, t_start):
-    ds = dataset if dataset is not None else load_data(
-        cfg.data, cfg.data_path, image_size=cfg.image_size, num_classes=cfg.num_classes,
-        seed=cfg.seed, n=cfg.num_samples)
-    if not isinstance(ds, ArrayDataset):
-        raise TypeError(f"dataset: expected a racedit.data.ArrayDataset, got {type(ds).__name__}")
-    if len(ds) < cfg.global_batch_size:
-        raise ValueError(f"global_batch_size {cfg.global_batch_size} exceeds the {len(ds)} "
+def _output_folder(cfg, resume, results_dir):
+    """The run folder a resumed run continues in (None: a new numbered one in
+    cfg.results_dir), after checking that the output can be written."""
+    if resume is None or results_dir is not None:
+        _check_out_dir(cfg.results_dir, "results_dir (--results-dir)")
+        return None
+    run = run_folder(resume)
+    if run is None:
+        raise ValueError(f"resume: {resume} is not in a run folder (<run>/checkpoints/ with "
+                         "<run>/config.json); give --results-dir DIR (results_dir=) to continue "
+                         "it in a new numbered run folder there")
+    _check_out_dir(run, "resume")
+    return run
+
+
+def _load_data(cfg, dataset=None):
+    """The run's data set (``dataset``, or loaded as cfg says), checked against the
+    settings that describe it (num_classes, channels)."""
+    if dataset is None:
+        # channels None: the loader's own (RGB for images)
+        extra = {} if cfg.channels is None else {"channels": cfg.channels}
+        dataset = load_data(cfg.data, cfg.data_path, image_size=cfg.image_size,
+                            num_classes=cfg.num_classes, seed=cfg.seed, n=cfg.num_samples,
+                            **extra)
+    if not isinstance(dataset, ArrayDataset):
+        raise TypeError(f"dataset: expected a racedit.data.ArrayDataset, got {type(dataset).__name__}")
+    for key in ("num_classes", "channels"):
+        want = getattr(cfg, key)
+        if want is not None and want != getattr(dataset, key):
+            raise ValueError(f"{key} (--{key.replace('_', '-')}): {want} does not match the "
+                             f"data, which has {getattr(dataset, key)} ({dataset.source or cfg.data})")
+    if len(dataset) < cfg.global_batch_size:
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} exceeds the {len(dataset)} "
                          "samples of the data set")
+    return dataset
+
+
+def _train(cfg, job):
+    ds = _load_data(cfg, job.dataset)
     total = _total_steps(cfg, len(ds))
-    m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes, device, precision)
-    if resume is not None:
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume)))
-    else:
-        run_dir = _new_run_dir(cfg.results_dir, m.config.name)
-    tr = _Trainer(cfg, ds, m, run_dir, progress, out, precision)
-    log_path = os.path.join(run_dir, "log.jsonl")
-    if resume is not None:
-        tensors, meta = load_checkpoint(resume)
-        tr.restore(tensors, meta, resume)
-        _truncate_log(log_path, tr.step)
-        print(f"racedit: resumed {run_dir} at step {tr.step}", file=out)
-    elif init_from is not None:
-        tensors, _ = load_checkpoint(init_from)
-        _load_params(m, tensors, "model.", init_from)
+    m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes, job.device, job.precision)
+    run_dir = job.run_dir or _new_run_dir(cfg.results_dir, m.config.name)
+    tr = _Trainer(cfg, ds, m, run_dir, job.progress, job.out, job.precision)
+    records, notes = [], []
+    if job.resume is not None:
+        tensors, _ = load_checkpoint(job.resume)
+        tr.restore(tensors, job.meta, job.resume)
+        records, notes = _resume_history(tr, job)
+    elif job.init_from is not None:
+        tensors, _ = load_checkpoint(job.init_from)
+        _load_params(m, tensors, "model.", job.init_from)
         _set_thresholds(m, tensors)
         tr.ema[...] = m.param_buffer
         tr.push_device()
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    on = f" on cuda ({precision})" if device == "cuda" else ""
-    print(f"racedit: {m.config.name}, {m.num_params():,} parameters "
-          f"({m.num_activated_params():,} activated), data {ds!r}, {total} steps of "
-          f"{cfg.global_batch_size}{on} -> {run_dir}", file=out)
-    records = _read_log(log_path)
-    _loop(tr, total, records, log_path)
+    tr.log = log = _RunLog(run_dir, job.out)
+    try:
+        if job.resume is not None:
+            _log_resume(tr, job, notes)
+        _write_config(run_dir, cfg)
+        on = f" on cuda ({job.precision})" if job.device == "cuda" else ""
+        log.line(f"{m.config.name}, {m.num_params():,} parameters "
+                 f"({m.num_activated_params():,} activated), data {ds!r}, {total} steps of "
+                 f"{cfg.global_batch_size}{on} -> {run_dir}")
+        _loop(tr, total, records, log)
+        return _finish(tr, job, records, log)
+    except KeyboardInterrupt:
+        _last_words(log, f"interrupted at step {tr.step}; {_latest_checkpoint(tr)}", job.out)
+        raise
+    except Exception as e:
+        _last_words(log, f"stopped at step {tr.step}: {type(e).__name__}: {e}", None)
+        raise
+    finally:
+        log.close()
+
+
+def _finish(tr, job, records, log):
+    """The last checkpoint, the sample grid and the routing report of a finished run."""
+    cfg, m, run_dir = tr.cfg, tr.m, tr.run_dir
     last_ckpt = tr.ckpt_path(tr.step)
     tr.save(last_ckpt)  # also brings a GPU run's EMA to the host (tr.ema)
-    print(f"racedit: saved {last_ckpt}", file=out)
-    if final_samples:
+    log.line(f"saved {last_ckpt}")
+    if job.final_samples:
         p = os.path.join(run_dir, "samples", f"{tr.step:07d}.png")
-        _sample_grid(tr, p, 8, progress=progress)
-        print(f"racedit: sample grid {p}", file=out)
-    if report and m.config.is_moe:
+        _sample_grid(tr, p, 8, progress=job.progress)
+        log.line(f"sample grid {p}")
+    rep = None
+    if job.report and m.config.is_moe:
         from .report import routing_report
 
-        rep = routing_report(m, tr.ema, tr.obj, ds, records, run_dir, seed=cfg.seed)
-        print(f"racedit: routing report {rep['json']} and {rep['png']}", file=out)
-    return TrainResult(run_dir, last_ckpt, records, m, tr.ema, cfg, ds, time.time() - t_start)
+        rep = routing_report(m, tr.ema, tr.obj, tr.ds, records, run_dir, seed=cfg.seed,
+                             step=tr.step)
+        log.line(f"routing report {rep['json']} and {rep['png']}"
+                 + (" (replacing the earlier report of this step)" if rep["replaced"] else ""))
+    wall = time.time() - job.t_start
+    log.line(f"done at step {tr.step} in {wall:.1f} s", echo=False)
+    return TrainResult(run_dir, last_ckpt, records, m, tr.ema, cfg, tr.ds, wall,
+                       rep and rep["json"])
 
 
-def _resolve_config(model, preset, resume, kwargs):
-    """The TrainConfig of a new run (preset, then model, then explicit settings) or of a
-    resumed one (the checkpoint's, with steps/epochs and the cadences overridable)."""
-    if resume is not None:
-        _, meta = load_checkpoint(resume)
-        fields = dict(meta["config"])
-        for k in ("steps", "epochs", "log_every", "ckpt_every", "sample_every"):
-            if kwargs.get(k) is not None:
-                fields[k] = kwargs[k]
-        if kwargs.get("steps") is not None:
-            fields["epochs"] = None
-        return _config_from_dict(fields)
+def _last_words(log, msg, out):
+    """A last log.txt line (echoed to ``out`` when given) that never hides the error that
+    ended the run (writing may be what failed)."""
+    try:
+        log.line(msg, echo=False)
+    except OSError:
+        pass
+    if out is not None:
+        print(f"racedit: {msg}", file=out)
+
+
+def _latest_checkpoint(tr):
+    d = os.path.join(tr.run_dir, "checkpoints")
+    steps = sorted(int(f[:7]) for f in os.listdir(d) if re.fullmatch(r"\d{7}\.safetensors", f))
+    done = [s for s in steps if s <= tr.step]
+    if not done:
+        return "no checkpoint written yet"
+    p = tr.ckpt_path(done[-1])
+    return f"the latest checkpoint is {p} (continue with --resume {p})"
+
+
+# ---- resuming -------------------------------------------------------------------------
+
+def _resume_history(tr, job):
+    """(records of steps <= N as the checkpoint's log holds them, notes for the log). In
+    the run's own folder the log's torn tail is cut first; a new run folder gets those
+    records copied into its log.jsonl. The notes say what the resumed run will supersede
+    or replace (records, checkpoints, sample grids of steps > N) and what is missing."""
+    n, notes = tr.step, []
+    src_run = run_folder(job.resume)
+    src = os.path.join(src_run, "log.jsonl") if src_run else None
+    same = job.run_dir is not None
+    if same:
+        _repair_tail(src, job.out)
+    recs = read_log(src, upto_step=n, upto_bytes=job.meta.get("log_bytes"),
+                    out=job.out) if src else []
+    if same:
+        later = [r["step"] for r in read_log(src, out=io.StringIO()) if r["step"] > n]
+        if later:
+            notes.append(f"log.jsonl keeps the records of steps {later[0]}-{later[-1]} written "
+                         f"before; the records from step {n + 1} on supersede them")
+        files = _files_after(tr.run_dir, n)
+        if files:
+            notes.append(f"{files} of the earlier run will be replaced as the run reaches "
+                         "their steps")
+    else:
+        with open(os.path.join(tr.run_dir, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        notes.append(f"copied the log records of steps 1-{n} from {src}" if src else
+                     f"{job.resume} has no run folder: the log starts at step {n + 1}")
+    have = recs[-1]["step"] if recs else 0
+    if src and have < n:
+        notes.append(f"warning: the log holds records up to step {have} only")
+    return recs, notes
+
+
+def _files_after(run_dir, n):
+    """'checkpoints 0000008, 0000010 and sample grids 0000010' for the files of steps > n."""
+    parts = []
+    for what, sub, pat in (("checkpoints", "checkpoints", r"(\d{7})\.safetensors"),
+                           ("sample grids", "samples", r"(\d{7})\.(png|npy)")):
+        d = os.path.join(run_dir, sub)
+        names = os.listdir(d) if os.path.isdir(d) else []
+        found = sorted({m.group(1) for m in (re.fullmatch(pat, f) for f in names)
+                        if m and int(m.group(1)) > n})
+        if found:
+            parts.append(f"{what} {', '.join(found)}")
+    return " and ".join(parts)
+
+
+def _log_resume(tr, job, notes):
+    tr.log.record({"event": "resume", "step": tr.step, "from": os.path.abspath(job.resume),
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": job.changes})
+    changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in job.changes.items())
+    tr.log.line(f"resumed {tr.run_dir} at step {tr.step} from {job.resume}"
+                + (f"; changed: {changed}" if changed else ""))
+    for note in notes:
+        tr.log.line(note)
+
+
+# Command-line spellings of TrainConfig / ModelConfig fields, for messages.
+_FLAGS = {"beta": "--threshold-beta", "data_path": "--data", "num_experts": "--experts"}
+
+
+def _flag(key):
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
+def _check_unknown(kwargs):
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"train: unknown settings {unknown}; see racedit.TrainConfig")
+
+
+def _resolve_config(model, preset, meta, kwargs):
+    """(TrainConfig, changes) of a new run (preset, then model, then explicit settings) or
+    of a resumed one (:func:`_resume_config`)."""
+    _check_unknown(kwargs)
+    if meta is not None:
+        return _resume_config(model, preset, meta, kwargs)
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     fields = dict(PRESETS[preset]) if preset else {}
@@ -641,25 +1074,63 @@ def _resolve_config(model, preset, resume, kwargs):
         if model != fields.get("model"):
             fields.pop("model_config", None)  # the preset's sizes belong to its model
         fields["model"] = model
+    if kwargs.get("epochs") is not None and kwargs.get("steps") is None:
+        fields.pop("steps", None)  # the epochs asked for, not the preset's steps
     fields.update({k: v for k, v in kwargs.items() if v is not None})
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise TypeError(f"train: unknown settings {unknown}; see racedit.TrainConfig")
-    return TrainConfig(**fields)
+    fields["model"], fields["model_config"] = _model_shape(
+        fields.get("model", TrainConfig.model), fields.get("model_config"))
+    return TrainConfig(**fields), {}
 
 
-def _loop(tr, total, records, log_path):
-    """Steps until ``total``: a JSONL record per step, a summary every log_every steps
-    (the tqdm bar's postfix, or a printed line), checkpoints and sample grids on cadence."""
+def _resume_config(model, preset, meta, kwargs):
+    """The checkpoint's TrainConfig with the RESUMABLE settings given applied, and those
+    changes; ValueError listing every other setting given that differs from the run's."""
+    fields = dict(meta["config"])
+    clash = [f"preset {preset!r} (--preset) was given"] if preset is not None else []
+    if model is not None and model != fields["model"]:
+        clash.append(_differs("model", model, fields["model"]))
+    shape = dataclasses.asdict(_model_config(_config_from_dict(fields)))
+    clash += [_differs(k, v, shape.get(k)) for k, v in (kwargs.get("model_config") or {}).items()
+              if shape.get(k) != v]
+    changes = {}
+    for k, v in kwargs.items():
+        if v is None or k == "model_config" or fields.get(k) == v:
+            continue
+        if k in RESUMABLE:
+            changes[k] = [fields.get(k), v]
+            fields[k] = v
+        else:
+            clash.append(_differs(k, v, fields.get(k)))
+    if clash:
+        raise ValueError("resume: a resumed run keeps its settings, but " + "; ".join(clash)
+                         + ". Only " + ", ".join(_flag(k) for k in RESUMABLE) + " may change; "
+                         "to train on with other settings start a new run from the "
+                         "checkpoint's weights (--ckpt CKPT, init_from=)")
+    if kwargs.get("steps") is not None and fields.get("epochs") is not None:
+        changes["epochs"] = [fields["epochs"], None]
+        fields["epochs"] = None
+    return _config_from_dict(fields), changes
+
+
+def _differs(key, value, run_value):
+    return f"{key} {value!r} ({_flag(key)}) differs from the run's {run_value!r}"
+
+
+def _loop(tr, total, records, log):
+    """Steps until ``total``: a log.jsonl record per step (per-layer statistics every
+    log_every steps and at the end, or every step), a summary every log_every steps (log.txt
+    and the bar's postfix, or a printed line), checkpoints and sample grids on cadence."""
     cfg = tr.cfg
     bar = _bar(tr.progress, total, tr.step)
     window = []
-    with open(log_path, "a") as log:
+    try:
         while tr.step < total:
+            nxt = tr.step + 1
+            layers = cfg.log_layers_every_step or nxt % cfg.log_every == 0 or nxt == total
             t0 = time.perf_counter()
-            rec = tr.train_step()
+            rec = tr.train_step(layers)
             rec["images_per_s"] = cfg.global_batch_size / max(time.perf_counter() - t0, 1e-9)
-            log.write(json.dumps(rec) + "\n")
+            log.record(rec)
             records.append(rec)
             window.append(rec)
             if bar is not None:
@@ -667,6 +1138,7 @@ def _loop(tr, total, records, log_path):
             if tr.step % cfg.log_every == 0 or tr.step == total:
                 msg = _summary(window)
                 window = []
+                log.line(f"step {tr.step}/{total}: {msg}", echo=False)
                 if bar is not None:
                     bar.set_postfix_str(msg)
                 else:
@@ -674,10 +1146,12 @@ def _loop(tr, total, records, log_path):
                 log.flush()
             if cfg.ckpt_every and tr.step % cfg.ckpt_every == 0 and tr.step < total:
                 tr.save(tr.ckpt_path(tr.step))
+                log.line(f"saved {tr.ckpt_path(tr.step)}", echo=False)
             if cfg.sample_every and tr.step % cfg.sample_every == 0 and tr.step < total:
                 _sample_grid(tr, os.path.join(tr.run_dir, "samples", f"{tr.step:07d}.png"), 4)
-    if bar is not None:
-        bar.close()
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _set_thresholds(m, tensors, path="checkpoint"):
@@ -694,6 +1168,9 @@ def _set_thresholds(m, tensors, path="checkpoint"):
 
 
 def _validate(cfg):
+    if cfg.steps is None and cfg.epochs is None:
+        raise ValueError("give --steps N or --epochs N (steps= or epochs= in Python): the "
+                         "run has no length")
     if cfg.global_batch_size < 1:
         raise ValueError(f"global_batch_size: expected >= 1, got {cfg.global_batch_size}")
     if cfg.steps is not None and cfg.steps < 0:
@@ -702,6 +1179,8 @@ def _validate(cfg):
         raise ValueError(f"epochs: expected >= 0, got {cfg.epochs}")
     if cfg.objective not in ("ddpm", "flow"):
         raise ValueError(f"objective: expected 'ddpm' or 'flow', got {cfg.objective!r}")
+    if cfg.data not in DATA_SETTINGS:
+        raise ValueError(f"data: expected one of {tuple(DATA_SETTINGS)}, got {cfg.data!r}")
     for k in ("lr", "weight_decay", "grad_clip", "plr_weight", "sim_weight", "balance_weight"):
         v = getattr(cfg, k)
         if not (math.isfinite(v) and v >= 0):
@@ -716,6 +1195,31 @@ def _validate(cfg):
     for k in ("ckpt_every", "sample_every", "warmup_steps"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"{k}: expected >= 0, got {getattr(cfg, k)}")
+    _validate_sampling(cfg)
+    _validate_data(cfg)
+
+
+def _validate_sampling(cfg):
+    """The sample grids' settings, checked before training rather than after it."""
+    from .diffusion import SAMPLERS
+
+    if not (math.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 0):
+        raise ValueError(f"cfg_scale (--cfg-scale): expected a finite value >= 0, got {cfg.cfg_scale}")
+    if cfg.num_sampling_steps is not None and cfg.num_sampling_steps < 1:
+        raise ValueError(f"num_sampling_steps (--num-sampling-steps): expected >= 1, got "
+                         f"{cfg.num_sampling_steps}")
+    if cfg.sampler is not None and cfg.sampler not in SAMPLERS[cfg.objective]:
+        raise ValueError(f"sampler (--sampler): a {cfg.objective} model samples with "
+                         f"{SAMPLERS[cfg.objective]}, got {cfg.sampler!r}")
+
+
+def _validate_data(cfg):
+    if cfg.channels not in (None, 1, 3):
+        raise ValueError(f"channels (--channels): expected 1 or 3, got {cfg.channels}")
+    for k in ("image_size", "num_samples", "num_classes"):
+        v = getattr(cfg, k)
+        if v is not None and v < 1:
+            raise ValueError(f"{k} ({_flag(k)}): expected >= 1, got {v}")
 
 
 def _summary(window):
@@ -736,23 +1240,6 @@ def _bar(progress, total, start):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _read_log(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_log(path, step):
-    """Drop records after ``step`` (a run that went on past its last checkpoint)."""
-    recs = [r for r in _read_log(path) if r["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def _sample_grid(tr, path, per_class, progress=False):

@@ -210,9 +210,12 @@ def test_routing_notebook_runs(tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     monkeypatch.setenv("PYTHONPATH", PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the notebook's run goes
     nb = nbformat.read(os.path.join(ROOT, "examples", "ablation_routing.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outs) >= 2
     assert any("Expert race" in o.get("data", {}).get("text/markdown", "") for o in outs)
+    assert os.listdir(tmp_path) == ["tmp"]  # nothing written next to the notebook

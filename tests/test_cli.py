@@ -46,7 +46,7 @@ def test_train_sample_report(tmp_path):
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
     ck = os.path.join(run, "checkpoints", "0000003.safetensors")
     assert os.path.exists(ck)
-    assert os.path.exists(os.path.join(run, "routing_report.png"))
+    assert os.path.exists(os.path.join(run, "routing_report-0000003.png"))
     assert os.path.exists(os.path.join(run, "samples", "0000003.png"))
 
     _cli("sample", "--ckpt", ck, "--num-sampling-steps", "2", "--class-labels", "0,1,9",
@@ -54,7 +54,7 @@ def test_train_sample_report(tmp_path):
     assert os.path.getsize(tmp_path / "s.png") > 100 and os.path.exists(tmp_path / "s.npz")
 
     _cli("report", "--ckpt", ck, "--batch", "8", cwd=tmp_path)
-    rep = json.load(open(os.path.join(run, "routing_report.json")))
+    rep = json.load(open(os.path.join(run, "routing_report-0000003.json")))
     assert rep["model"] == "RaceDiT-tiny/4-2in4"
 
     p = _cli("train", "--resume", ck, "--steps", "4", "--no-progress", "--no-report", cwd=tmp_path)
@@ -82,9 +82,16 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("PYTHONPATH", PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where the notebook's run goes
+    monkeypatch.setenv("RACEDIT_QUICKSTART_STEPS", "30")  # the notebook's 1500 take minutes
     nb = nbformat.read(os.path.join(ROOT, "examples", "quickstart.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # data, loss, samples, routing plots inline
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    assert "30 steps in" in text
+    assert os.listdir(tmp_path) == ["tmp"]  # nothing written next to the notebook

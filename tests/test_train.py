@@ -166,13 +166,14 @@ def test_latent_model_writes_npy_and_hint(tmp_path):
 
 def test_routing_report(tmp_path):
     res = _run(tmp_path, 3, report=True)
-    rep = json.load(open(os.path.join(res.run_dir, "routing_report.json")))
+    rep = json.load(open(os.path.join(res.run_dir, "routing_report-0000003.json")))
     assert len(rep["eval"]["experts_per_token"]) == 10
     assert len(rep["eval"]["load_share"]) == TINY_MOE["depth"]
     for part in ("eval", "train"):
         bn = rep[part]["branch_norms"]
         assert len(bn["attn"]) == len(bn["ffn"]) == TINY_MOE["depth"]
-    assert os.path.getsize(os.path.join(res.run_dir, "routing_report.png")) > 1000
+    assert os.path.getsize(os.path.join(res.run_dir, "routing_report-0000003.png")) > 1000
+    assert res.report == os.path.join(res.run_dir, "routing_report-0000003.json")
 
 
 def test_bad_settings(tmp_path):

@@ -157,7 +157,8 @@ def _losses(res):
 
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_device_path_equals_cpu(tmp_path, fake_cuda, clip):
-    kw = dict(objective="flow", warmup_steps=3, grad_clip=clip, weight_decay=0.01)
+    kw = dict(objective="flow", warmup_steps=3, grad_clip=clip, weight_decay=0.01,
+              log_layers_every_step=True)
     cpu = _run(tmp_path / "cpu", 6, **kw)
     dev = _run(tmp_path / "dev", 6, device="cuda", **kw)
     m = fake_cuda["models"][-1]
