@@ -196,7 +196,8 @@ def _check_families(path, tensors):
 # The metadata train._Trainer.save writes: key -> JSON types (None: may be null).
 _META = {"step": (int,), "rng": (dict,), "config": (dict,), "model_config": (dict,),
          "data": (dict,)}
-_META_OPTIONAL = {"device": (str,), "precision": (str,), "run_dir": (str,)}
+_META_OPTIONAL = {"device": (str,), "precision": (str,), "run_dir": (str,),
+                  "log_bytes": (int, type(None)), "ept_window": (list,)}
 _DATA = {"kind": (str,), "channels": (int,), "image_size": (int,), "num_classes": (int,),
          "class_names": (list,), "source": (str,)}
 # config keys read directly (evaluate, sample, the CLI); the rest default to TrainConfig's

@@ -37,7 +37,8 @@ import time
 import numpy as np
 
 from . import optim
-from .checkpoint import load_checkpoint, rng_from_state, rng_state, save_checkpoint
+from .checkpoint import (CheckpointError, load_checkpoint, rng_from_state, rng_state,
+                         save_checkpoint)
 from .data import ArrayDataset, load_data
 from .diffusion import make_objective
 from .threads import thread_limit
@@ -285,8 +286,6 @@ def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
     ``device``; the weights are the EMA's unless use_ema is False. The routing thresholds
     are restored too. CheckpointError (naming the file) when its contents (checked by
     load_checkpoint) do not describe a model, or its tensors do not fit that model."""
-    from .checkpoint import CheckpointError
-
     tensors, meta = load_checkpoint(path)
     check_device(device, precision)
     cfg = _config_from_dict(meta["config"])
@@ -313,8 +312,6 @@ def _pack(model, buf, prefix):
 
 def _unpack(model, tensors, prefix, buf, path):
     """Fill flat ``buf`` from the checkpoint's ``<prefix><name>`` tensors."""
-    from .checkpoint import CheckpointError
-
     for name, off, shape in model.layout:
         key = prefix + name
         if key not in tensors:
@@ -711,6 +708,7 @@ class _Trainer:
                          "image_size": self.ds.image_size, "num_classes": self.ds.num_classes,
                          "class_names": list(self.ds.class_names), "source": self.ds.source},
                 "run_dir": os.path.abspath(self.run_dir), "log_bytes": log_bytes,
+                "ept_window": self._ept.tolist(),
                 "device": self.device, "precision": self.precision}
         save_checkpoint(path, tensors, meta)
 
@@ -723,6 +721,13 @@ class _Trainer:
         _set_thresholds(m, tensors)
         self.step = int(meta["step"])
         self.rng = rng_from_state(meta["rng"])
+        # the experts-per-token sums since the last record, so that the next record of a
+        # resumed run averages the same steps as the uninterrupted run's
+        window = np.asarray(meta.get("ept_window", np.zeros_like(self._ept)), np.float64)
+        if window.shape != self._ept.shape:
+            raise CheckpointError(f"{path}: metadata 'ept_window': expected shape "
+                                  f"{self._ept.shape}, got {window.shape}")
+        self._ept[...] = window
         self.push_device()
 
     def ckpt_path(self, step):
@@ -1157,8 +1162,6 @@ def _loop(tr, total, records, log):
 def _set_thresholds(m, tensors, path="checkpoint"):
     """Restore the routing thresholds (NaN entries, saved before a layer's first training
     forward, leave that layer to initialise its threshold from its next batch)."""
-    from .checkpoint import CheckpointError
-
     th = tensors.get("thresholds")
     if th is not None and th.size:
         try:
