@@ -214,14 +214,12 @@ def _train(args, ap):
 
     kw = {k: getattr(args, k) for k in TRAIN_KEYS}
     if args.data:
-        kind = args.data[0]
-        if kind == "builtin":
-            if len(args.data) != 1:
-                ap.error("--data builtin takes no path")
-        elif len(args.data) != 2:
-            ap.error(f"--data {kind} needs exactly one PATH")
-        kw["data"] = kind
-        kw["data_path"] = args.data[1] if len(args.data) > 1 else None
+        from .data import parse_data_arg
+
+        try:
+            kw["data"], kw["data_path"] = parse_data_arg(args.data)
+        except ValueError as e:
+            ap.error(str(e))
     elif args.data_path:
         kw["data"], kw["data_path"] = "folder", args.data_path
     shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}

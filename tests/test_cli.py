@@ -69,6 +69,9 @@ def test_errors_are_one_line(tmp_path):
     assert "Traceback" not in p.stderr
     p = _cli("train", "--data", "mnist", cwd=tmp_path, check=False)
     assert p.returncode == 2 and "needs exactly one PATH" in p.stderr
+    p = _cli("train", "--data", str(tmp_path), cwd=tmp_path, check=False)  # a path, no kind
+    assert p.returncode == 2 and "is not a data kind" in p.stderr and "cifar10" in p.stderr
+    assert f"--data folder {tmp_path}" in p.stderr
     p = _cli("sample", "--ckpt", str(tmp_path / "none.safetensors"), cwd=tmp_path, check=False)
     assert p.returncode == 2 and "checkpoint not found" in p.stderr
     p = _cli("train", "--objective", "edm", cwd=tmp_path, check=False)
