@@ -26,6 +26,7 @@ import secrets
 
 import numpy as np
 
+from .configs import ModelConfig, TrainConfig
 from .data import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "rng_from_state",
@@ -241,10 +242,7 @@ def _check_meta(path, meta):
 
 def _config_types():
     """JSON types of TrainConfig's and ModelConfig's fields (a None default makes a field
-    nullable) and ModelConfig's fields without a default. Imported here: train imports
-    this module."""
-    from .configs import ModelConfig
-    from .train import TrainConfig
+    nullable) and ModelConfig's fields without a default."""
 
     def types(cls):
         out = {}

@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser"]
 def _add_train(sub):
     from .data import DATA_KINDS
     from .diffusion import OBJECTIVES
-    from .train import PRESETS
+    from .configs import PRESETS
 
     p = sub.add_parser("train", help="train a model (DiT's train.py)",
                        description="Train a RaceDiT or DiT. Unset flags take the preset's "
@@ -252,8 +252,9 @@ def _report(args):
     import os
 
     from .diffusion import make_objective
+    from .configs import TrainConfig
     from .report import routing_report
-    from .train import _config_from_dict, _load_data, model_from_checkpoint, read_log, run_folder
+    from .train import _load_data, model_from_checkpoint, read_log, run_folder
 
     if args.batch < 1:
         raise ValueError(f"--batch: expected >= 1, got {args.batch}")
@@ -261,7 +262,7 @@ def _report(args):
     if not m.config.is_moe:
         print(f"racedit: {m.config.name} is dense: no routing to report", file=sys.stderr)
         return 1
-    cfg = _config_from_dict(meta["config"])
+    cfg = TrainConfig.from_dict(meta["config"])
     ds = _load_data(cfg)
     run = run_folder(args.ckpt)
     records = read_log(os.path.join(run, "log.jsonl"), upto_step=meta["step"],

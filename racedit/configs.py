@@ -5,11 +5,17 @@ the activated FFN FLOPs equal the dense DiT's; SPEC §1-§2).
 
 Sizes (depth, hidden D, heads): T (2, 32, 2) for tests, S (12, 384, 6), B (12, 768, 12),
 M (16, 960, 16), L (24, 1024, 16), XL (28, 1152, 16); patches 2, 4, 8.
+
+A training run's settings are a :class:`TrainConfig` (the model's name or shape, the data,
+the objective, the optimiser and the cadences), saved as a run's config.json and in each
+checkpoint; :data:`PRESETS` are tested sets of them for CPU-scale runs.
 """
+import dataclasses
 import re
 from dataclasses import dataclass
 
-__all__ = ["ModelConfig", "SIZES", "CONFIGS", "get_config", "count_params"]
+__all__ = ["ModelConfig", "SIZES", "CONFIGS", "get_config", "count_params", "TrainConfig",
+           "PRESETS", "DATA_SETTINGS"]
 
 SIZES = {  # name: (depth, hidden, heads)
     "T": (2, 32, 2),
@@ -126,3 +132,106 @@ def count_params(cfg, input_size=32, in_channels=4, num_classes=1000, learn_sigm
     n = c.depth
     return dict(total=emb + n * blk + final, activated=emb + n * blk_act + final,
                 blocks=n * paper, blocks_activated=n * paper_act)
+
+
+# ---- training runs ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a run (saved as config.json and in each checkpoint).
+
+    model: a name from racedit.configs (``"RaceDiT-S/2-2in8"``, ``"DiT-S/2"``, ...) or a
+    preset's model (``"RaceDiT-quick/4-2in8"``); model_config: ModelConfig fields (depth,
+    hidden, heads, patch, num_experts, k, expert_hidden) overriding the named model's, for
+    sizes between the table's; train() completes it (expert_hidden follows 4*hidden/k unless
+    given) and names a changed model ``RaceDiT-<depth>x<hidden>/<p>-<k>in<E>``. data: one of
+    racedit.data.DATA_KINDS with data_path; channels: 1 (grayscale) or 3 for image data
+    (None: the data's own); num_classes: must match the data's (latents: may exceed it);
+    steps or epochs (steps wins; an epoch is len(data) // global_batch_size steps);
+    grad_clip <= 0 disables clipping; warmup_steps: linear lr warm-up; log_every: the
+    cadence of log.txt and of the per-layer statistics in log.jsonl (every step with
+    log_layers_every_step); the rest as DiT.
+    """
+
+    model: str = "RaceDiT-S/2-2in8"
+    model_config: dict = None
+    data: str = "builtin"
+    data_path: str = None
+    num_samples: int = 10000
+    image_size: int = 32
+    channels: int = None
+    num_classes: int = None
+    objective: str = "ddpm"
+    learn_sigma: bool = False
+    routing: str = "race"
+    gating: str = "identity"
+    plr_weight: float = 1.0
+    sim_weight: float = 0.01
+    balance_weight: float = 0.0
+    beta: float = 0.99
+    global_batch_size: int = 32
+    steps: int = None
+    epochs: int = None
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    class_dropout_prob: float = 0.1
+    hflip: bool = False
+    seed: int = 0
+    results_dir: str = "results"
+    ckpt_every: int = 0
+    log_every: int = 100
+    log_layers_every_step: bool = False
+    sample_every: int = 0
+    cfg_scale: float = 4.0
+    sampler: str = None
+    num_sampling_steps: int = None
+
+
+    def to_model_config(self):
+        """The ModelConfig of the run: ``model_config``'s fields named ``model``, or the
+        configs table's ``model``."""
+        if self.model_config:
+            return ModelConfig(name=self.model, **self.model_config)
+        return get_config(self.model)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The TrainConfig of a checkpoint's or config.json's settings (other keys, such as
+        the version config.json records, are left out)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+# Sizes between the configs table's T and S, for CPU-scale runs. "quick": a 4-block
+# RaceDiT (D=128, patch 4, 8 experts, 2 per token on average, 1.35M activated parameters)
+# trained with rectified flow for 4000 steps of 32 built-in shapes: about 6 minutes on 2
+# cores (about 360 images/s, 12 CPU-minutes), after which the sample grid shows the
+# classes. "tiny": seconds, for smoke tests and the notebook.
+PRESETS = {
+    "quick": dict(
+        model="RaceDiT-quick/4-2in8",
+        model_config=dict(depth=4, hidden=128, heads=4, patch=4, num_experts=8, k=2,
+                          expert_hidden=256),
+        objective="flow", global_batch_size=32, steps=4000, lr=2e-3, warmup_steps=100,
+        grad_clip=1.0, ema_decay=0.995, log_every=50, ckpt_every=1000, sample_every=0,
+        num_samples=10000, cfg_scale=4.0, sampler="heun", num_sampling_steps=20),
+    "tiny": dict(
+        model="RaceDiT-tiny/4-2in4",
+        model_config=dict(depth=2, hidden=32, heads=2, patch=4, num_experts=4, k=2,
+                          expert_hidden=64),
+        objective="flow", global_batch_size=8, steps=20, lr=1e-3, ema_decay=0.9,
+        log_every=5, num_samples=200, sampler="euler", num_sampling_steps=4),
+}
+
+# The data settings each data kind reads (config.json records only these).
+DATA_SETTINGS = {"builtin": ("num_samples", "image_size", "num_classes"),
+                 "folder": ("data_path", "image_size", "channels", "num_classes"),
+                 "latents": ("data_path", "num_classes"),
+                 "mnist": ("data_path", "image_size", "channels", "num_classes"),
+                 "cifar10": ("data_path", "channels", "num_classes")}

@@ -184,12 +184,12 @@ def load_eval_model(path, eval_topk=False):
     says (``eval_topk`` as given: True keeps batch top-K routing in eval mode), holding the
     live weights and routing thresholds; ``ema`` is the EMA buffer (float32, the model's
     buffer layout). Raises FileNotFoundError / racedit.checkpoint.CheckpointError."""
+    from .configs import TrainConfig
     from .model import RaceDiT
-    from .train import _config_from_dict, _model_config
 
     tensors, meta = load_checkpoint(path)
     cfg, d = meta["config"], meta["data"]
-    mc = _model_config(_config_from_dict(cfg))
+    mc = TrainConfig.from_dict(cfg).to_model_config()
     m = RaceDiT(mc, input_size=d["image_size"], in_channels=d["channels"],
                 num_classes=d["num_classes"], seed=cfg["seed"], learn_sigma=cfg["learn_sigma"],
                 routing=cfg["routing"], gating=cfg["gating"], plr_weight=cfg["plr_weight"],

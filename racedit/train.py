@@ -39,6 +39,7 @@ import numpy as np
 from . import optim
 from .checkpoint import (CheckpointError, load_checkpoint, rng_from_state, rng_state,
                          save_checkpoint)
+from .configs import DATA_SETTINGS, PRESETS, TrainConfig, get_config
 from .data import ArrayDataset, load_data
 from .diffusion import make_objective
 from .threads import thread_limit
@@ -55,85 +56,6 @@ NUM_T_BUCKETS = 10  # experts-per-token statistics are grouped into this many ti
 class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN/Inf; the message names the step and the first
     parameter (in buffer order, i.e. the first layer) where it appeared."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a run (saved as config.json and in each checkpoint).
-
-    model: a name from racedit.configs (``"RaceDiT-S/2-2in8"``, ``"DiT-S/2"``, ...) or a
-    preset's model (``"RaceDiT-quick/4-2in8"``); model_config: ModelConfig fields (depth,
-    hidden, heads, patch, num_experts, k, expert_hidden) overriding the named model's, for
-    sizes between the table's; train() completes it (expert_hidden follows 4*hidden/k unless
-    given) and names a changed model ``RaceDiT-<depth>x<hidden>/<p>-<k>in<E>``. data: one of
-    racedit.data.DATA_KINDS with data_path; channels: 1 (grayscale) or 3 for image data
-    (None: the data's own); num_classes: must match the data's (latents: may exceed it);
-    steps or epochs (steps wins; an epoch is len(data) // global_batch_size steps);
-    grad_clip <= 0 disables clipping; warmup_steps: linear lr warm-up; log_every: the
-    cadence of log.txt and of the per-layer statistics in log.jsonl (every step with
-    log_layers_every_step); the rest as DiT.
-    """
-
-    model: str = "RaceDiT-S/2-2in8"
-    model_config: dict = None
-    data: str = "builtin"
-    data_path: str = None
-    num_samples: int = 10000
-    image_size: int = 32
-    channels: int = None
-    num_classes: int = None
-    objective: str = "ddpm"
-    learn_sigma: bool = False
-    routing: str = "race"
-    gating: str = "identity"
-    plr_weight: float = 1.0
-    sim_weight: float = 0.01
-    balance_weight: float = 0.0
-    beta: float = 0.99
-    global_batch_size: int = 32
-    steps: int = None
-    epochs: int = None
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0
-    warmup_steps: int = 0
-    ema_decay: float = 0.9999
-    class_dropout_prob: float = 0.1
-    hflip: bool = False
-    seed: int = 0
-    results_dir: str = "results"
-    ckpt_every: int = 0
-    log_every: int = 100
-    log_layers_every_step: bool = False
-    sample_every: int = 0
-    cfg_scale: float = 4.0
-    sampler: str = None
-    num_sampling_steps: int = None
-
-
-# Sizes between the configs table's T and S, for CPU-scale runs. "quick": a 4-block
-# RaceDiT (D=128, patch 4, 8 experts, 2 per token on average, 1.35M activated parameters)
-# trained with rectified flow for 4000 steps of 32 built-in shapes: about 6 minutes on 2
-# cores (about 360 images/s, 12 CPU-minutes), after which the sample grid shows the
-# classes. "tiny": seconds, for smoke tests and the notebook.
-PRESETS = {
-    "quick": dict(
-        model="RaceDiT-quick/4-2in8",
-        model_config=dict(depth=4, hidden=128, heads=4, patch=4, num_experts=8, k=2,
-                          expert_hidden=256),
-        objective="flow", global_batch_size=32, steps=4000, lr=2e-3, warmup_steps=100,
-        grad_clip=1.0, ema_decay=0.995, log_every=50, ckpt_every=1000, sample_every=0,
-        num_samples=10000, cfg_scale=4.0, sampler="heun", num_sampling_steps=20),
-    "tiny": dict(
-        model="RaceDiT-tiny/4-2in4",
-        model_config=dict(depth=2, hidden=32, heads=2, patch=4, num_experts=4, k=2,
-                          expert_hidden=64),
-        objective="flow", global_batch_size=8, steps=20, lr=1e-3, ema_decay=0.9,
-        log_every=5, num_samples=200, sampler="euler", num_sampling_steps=4),
-}
 
 
 @dataclasses.dataclass
@@ -155,22 +77,12 @@ class TrainResult:
 
 # ---- models --------------------------------------------------------------------------
 
-def _model_config(cfg):
-    from .configs import ModelConfig, get_config
-
-    if cfg.model_config:
-        return ModelConfig(name=cfg.model, **cfg.model_config)
-    return get_config(cfg.model)
-
-
 SHAPE_KEYS = ("depth", "hidden", "heads", "patch", "num_experts", "k", "expert_hidden")
 
 
 def _base_shape(name):
     """The ModelConfig fields of a preset's model or a configs-table name; None for a name
     neither knows (then model_config must describe the whole model)."""
-    from .configs import get_config
-
     if _preset_shape(name) is not None:
         return _preset_shape(name)
     try:
@@ -263,7 +175,7 @@ def build_model(cfg, in_channels, input_size, num_classes, device="cpu", precisi
     so the model's own dropout is off), on ``device`` ("cpu" | "cuda"; see
     :func:`check_device`) with ``precision`` ("fp32"; on cuda also "tf32" | "bf16")."""
     check_device(device, precision)
-    return _new_model(device, precision, _model_config(cfg), input_size=input_size,
+    return _new_model(device, precision, cfg.to_model_config(), input_size=input_size,
                       in_channels=in_channels, num_classes=num_classes, seed=cfg.seed,
                       learn_sigma=cfg.learn_sigma, routing=cfg.routing, gating=cfg.gating,
                       plr_weight=cfg.plr_weight, sim_weight=cfg.sim_weight,
@@ -288,7 +200,7 @@ def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
     load_checkpoint) do not describe a model, or its tensors do not fit that model."""
     tensors, meta = load_checkpoint(path)
     check_device(device, precision)
-    cfg = _config_from_dict(meta["config"])
+    cfg = TrainConfig.from_dict(meta["config"])
     d = meta["data"]
     try:
         m = build_model(cfg, d["channels"], d["image_size"], d["num_classes"], device, precision)
@@ -297,11 +209,6 @@ def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
     _load_params(m, tensors, "ema." if use_ema else "model.", path)
     _set_thresholds(m, tensors, path)
     return m, meta
-
-
-def _config_from_dict(d):
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in fields})
 
 
 def _pack(model, buf, prefix):
@@ -363,14 +270,6 @@ def _check_out_dir(path, what):
         raise ValueError(f"{what}: {path} cannot be a folder: {p} is a file")
     if not os.access(p, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: {path}: cannot write in {p} (permission denied)")
-
-
-# The data settings each data kind reads (config.json records only these).
-DATA_SETTINGS = {"builtin": ("num_samples", "image_size", "num_classes"),
-                 "folder": ("data_path", "image_size", "channels", "num_classes"),
-                 "latents": ("data_path", "num_classes"),
-                 "mnist": ("data_path", "image_size", "channels", "num_classes"),
-                 "cifar10": ("data_path", "channels", "num_classes")}
 
 
 def _source_root():
@@ -1094,7 +993,7 @@ def _resume_config(model, preset, meta, kwargs):
     clash = [f"preset {preset!r} (--preset) was given"] if preset is not None else []
     if model is not None and model != fields["model"]:
         clash.append(_differs("model", model, fields["model"]))
-    shape = dataclasses.asdict(_model_config(_config_from_dict(fields)))
+    shape = dataclasses.asdict(TrainConfig.from_dict(fields).to_model_config())
     clash += [_differs(k, v, shape.get(k)) for k, v in (kwargs.get("model_config") or {}).items()
               if shape.get(k) != v]
     changes = {}
@@ -1114,7 +1013,7 @@ def _resume_config(model, preset, meta, kwargs):
     if kwargs.get("steps") is not None and fields.get("epochs") is not None:
         changes["epochs"] = [fields["epochs"], None]
         fields["epochs"] = None
-    return _config_from_dict(fields), changes
+    return TrainConfig.from_dict(fields), changes
 
 
 def _differs(key, value, run_value):
