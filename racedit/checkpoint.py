@@ -5,6 +5,8 @@ named float32/int arrays — for training: the model parameters ``model.<name>``
 ``ema.<name>``, the AdamW moments ``opt.m.<name>`` / ``opt.v.<name>`` and the per-layer
 routing thresholds ``thresholds`` — and, in the header metadata, one JSON document (key
 ``racedit``) with the step, the model/training config and the random generator state.
+:func:`pack_params` names the slices of a flat buffer laid out like a model's
+``param_buffer`` (its ``layout``) and :func:`unpack_params` fills one back.
 
 Writing is atomic: the file is written to a temporary name in the same folder, flushed and
 fsync'd, renamed over the target with ``os.replace`` and the folder fsync'd. A crash at any
@@ -30,7 +32,8 @@ from .configs import ModelConfig, TrainConfig
 from .data import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "rng_from_state",
-           "CheckpointError", "FORMAT", "PARAM_FAMILIES"]
+           "CheckpointError", "FORMAT", "PARAM_FAMILIES", "pack_params", "unpack_params",
+           "set_thresholds"]
 
 FORMAT = "racedit-checkpoint/1"
 # Flat-buffer views saved per parameter name: live weights, EMA, AdamW first / second moments.
@@ -309,3 +312,38 @@ def _jsonable(x):
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+# ---- a model's buffers as named tensors ------------------------------------------------
+
+def pack_params(model, buf, prefix):
+    """Named views ``<prefix><name>`` of a flat buffer laid out like model.param_buffer
+    (model.layout: (name, offset, shape) per parameter), for :func:`save_checkpoint`."""
+    return {prefix + name: buf[off:off + int(np.prod(shape))].reshape(shape)
+            for name, off, shape in model.layout}
+
+
+def unpack_params(model, tensors, prefix, buf, path):
+    """Fill flat ``buf`` (laid out like model.param_buffer) from the checkpoint's
+    ``<prefix><name>`` tensors; CheckpointError naming ``path`` for a missing tensor or a
+    shape the model does not have."""
+    for name, off, shape in model.layout:
+        key = prefix + name
+        if key not in tensors:
+            raise CheckpointError(f"{path}: checkpoint has no tensor {key!r} (another model?)")
+        a = tensors[key]
+        if a.shape != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {a.shape}, the model "
+                                  f"expects {tuple(shape)}")
+        buf[off:off + a.size] = a.reshape(-1)
+
+
+def set_thresholds(m, tensors, path="checkpoint"):
+    """Restore the routing thresholds (NaN entries, saved before a layer's first training
+    forward, leave that layer to initialise its threshold from its next batch)."""
+    th = tensors.get("thresholds")
+    if th is not None and th.size:
+        try:
+            m.thresholds = th
+        except ValueError as e:  # one per MoE layer
+            raise CheckpointError(f"{path}: tensor 'thresholds' does not fit the model ({e})") from None

@@ -37,8 +37,8 @@ import time
 import numpy as np
 
 from . import optim
-from .checkpoint import (CheckpointError, load_checkpoint, rng_from_state, rng_state,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, load_checkpoint, pack_params, rng_from_state,
+                         rng_state, save_checkpoint, set_thresholds, unpack_params)
 from .configs import DATA_SETTINGS, PRESETS, TrainConfig, get_config
 from .data import ArrayDataset, load_data
 from .diffusion import make_objective
@@ -187,10 +187,10 @@ def _load_params(m, tensors, prefix, path):
     when ``m`` lives on the GPU)."""
     if _on_device(m):
         buf = np.empty(m.num_params(), np.float32)
-        _unpack(m, tensors, prefix, buf, path)
+        unpack_params(m, tensors, prefix, buf, path)
         m.set_param_buffer(buf)
     else:
-        _unpack(m, tensors, prefix, m.param_buffer, path)
+        unpack_params(m, tensors, prefix, m.param_buffer, path)
 
 
 def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
@@ -207,27 +207,8 @@ def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its config does not build a model ({e})") from None
     _load_params(m, tensors, "ema." if use_ema else "model.", path)
-    _set_thresholds(m, tensors, path)
+    set_thresholds(m, tensors, path)
     return m, meta
-
-
-def _pack(model, buf, prefix):
-    """Named views of a flat buffer laid out like model.param_buffer (model.layout)."""
-    return {prefix + name: buf[off:off + int(np.prod(shape))].reshape(shape)
-            for name, off, shape in model.layout}
-
-
-def _unpack(model, tensors, prefix, buf, path):
-    """Fill flat ``buf`` from the checkpoint's ``<prefix><name>`` tensors."""
-    for name, off, shape in model.layout:
-        key = prefix + name
-        if key not in tensors:
-            raise CheckpointError(f"{path}: checkpoint has no tensor {key!r} (another model?)")
-        a = tensors[key]
-        if a.shape != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {a.shape}, the model "
-                                  f"expects {tuple(shape)}")
-        buf[off:off + a.size] = a.reshape(-1)
 
 
 def _nonfinite_tensors(model, buf):
@@ -595,10 +576,10 @@ class _Trainer:
         log_bytes = self.log.sync() if self.log is not None else None
         self.sync_host()
         tensors = {}
-        tensors.update(_pack(m, m.param_buffer, "model."))
-        tensors.update(_pack(m, self.ema, "ema."))
-        tensors.update(_pack(m, self.adam_m, "opt.m."))
-        tensors.update(_pack(m, self.adam_v, "opt.v."))
+        tensors.update(pack_params(m, m.param_buffer, "model."))
+        tensors.update(pack_params(m, self.ema, "ema."))
+        tensors.update(pack_params(m, self.adam_m, "opt.m."))
+        tensors.update(pack_params(m, self.adam_v, "opt.v."))
         tensors["thresholds"] = np.asarray(m.thresholds, np.float32)
         meta = {"step": self.step, "rng": rng_state(self.rng),
                 "config": dataclasses.asdict(self.cfg),
@@ -614,10 +595,10 @@ class _Trainer:
     def restore(self, tensors, meta, path):
         m = self.m
         _load_params(m, tensors, "model.", path)
-        _unpack(m, tensors, "ema.", self.ema, path)
-        _unpack(m, tensors, "opt.m.", self.adam_m, path)
-        _unpack(m, tensors, "opt.v.", self.adam_v, path)
-        _set_thresholds(m, tensors)
+        unpack_params(m, tensors, "ema.", self.ema, path)
+        unpack_params(m, tensors, "opt.m.", self.adam_m, path)
+        unpack_params(m, tensors, "opt.v.", self.adam_v, path)
+        set_thresholds(m, tensors)
         self.step = int(meta["step"])
         self.rng = rng_from_state(meta["rng"])
         # the experts-per-token sums since the last record, so that the next record of a
@@ -823,7 +804,7 @@ def _train(cfg, job):
     elif job.init_from is not None:
         tensors, _ = load_checkpoint(job.init_from)
         _load_params(m, tensors, "model.", job.init_from)
-        _set_thresholds(m, tensors)
+        set_thresholds(m, tensors)
         tr.ema[...] = m.param_buffer
         tr.push_device()
     tr.log = log = _RunLog(run_dir, job.out)
@@ -1056,17 +1037,6 @@ def _loop(tr, total, records, log):
     finally:
         if bar is not None:
             bar.close()
-
-
-def _set_thresholds(m, tensors, path="checkpoint"):
-    """Restore the routing thresholds (NaN entries, saved before a layer's first training
-    forward, leave that layer to initialise its threshold from its next batch)."""
-    th = tensors.get("thresholds")
-    if th is not None and th.size:
-        try:
-            m.thresholds = th
-        except ValueError as e:  # one per MoE layer
-            raise CheckpointError(f"{path}: tensor 'thresholds' does not fit the model ({e})") from None
 
 
 def _validate(cfg):
