@@ -524,7 +524,7 @@ def _check_device(device):
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if device == "cuda":
-        from .train import check_device
+        from .factory import check_device
 
         check_device(device, "fp32")
 

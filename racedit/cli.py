@@ -253,8 +253,9 @@ def _report(args):
 
     from .diffusion import make_objective
     from .configs import TrainConfig
+    from .factory import build_dataset, model_from_checkpoint
     from .report import routing_report
-    from .train import _load_data, model_from_checkpoint, read_log, run_folder
+    from .train import read_log, run_folder
 
     if args.batch < 1:
         raise ValueError(f"--batch: expected >= 1, got {args.batch}")
@@ -263,7 +264,7 @@ def _report(args):
         print(f"racedit: {m.config.name} is dense: no routing to report", file=sys.stderr)
         return 1
     cfg = TrainConfig.from_dict(meta["config"])
-    ds = _load_data(cfg)
+    ds = build_dataset(cfg)
     run = run_folder(args.ckpt)
     records = read_log(os.path.join(run, "log.jsonl"), upto_step=meta["step"],
                        upto_bytes=meta.get("log_bytes")) if run else []

@@ -484,7 +484,7 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
     "tf32" / "bf16". ValueError for bad settings (before the checkpoint is read) or for
     device "cuda" when CUDA is not available. Returns a :class:`SampleResult`."""
     from .threads import thread_limit
-    from .train import check_device, model_from_checkpoint
+    from .factory import check_device, model_from_checkpoint
 
     stream = stream or sys.stdout
     _check_args(cfg_scale, num_sampling_steps, batch_size, seed, num_samples, class_labels,

@@ -40,15 +40,13 @@ from . import optim
 from .checkpoint import (CheckpointError, load_checkpoint, pack_params, rng_from_state,
                          rng_state, save_checkpoint, set_thresholds, unpack_params)
 from .configs import DATA_SETTINGS, PRESETS, TrainConfig, get_config
-from .data import ArrayDataset, load_data
+from .factory import (DEVICES, PRECISIONS, build_dataset, build_model, check_device,
+                      load_params, model_from_checkpoint, on_device)
 from .diffusion import make_objective
 from .threads import thread_limit
 
 __all__ = ["train", "TrainConfig", "TrainResult", "TrainingDiverged", "PRESETS", "build_model",
            "model_from_checkpoint", "read_log", "NUM_T_BUCKETS", "DEVICES", "PRECISIONS"]
-
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "tf32", "bf16")  # tf32 / bf16: cuda only
 
 NUM_T_BUCKETS = 10  # experts-per-token statistics are grouped into this many timestep bins
 
@@ -129,86 +127,6 @@ def _model_shape(name, overrides):
 def _preset_shape(name):
     """A copy of the model_config of the preset whose model is called ``name``, or None."""
     return next((dict(p["model_config"]) for p in PRESETS.values() if p["model"] == name), None)
-
-
-def check_device(device, precision):
-    """Validate a (device, precision) pair: ValueError for an unknown one, a reduced
-    precision on the CPU, or ``device="cuda"`` (the ``--device cuda`` flag) when CUDA is
-    not available, saying why (racedit built without CUDA, or no usable device)."""
-    if device not in DEVICES:
-        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if device == "cpu" and precision != "fp32":
-        raise ValueError(f"precision {precision!r} (--precision) needs device 'cuda' "
-                         "(--device cuda); the CPU trains in fp32")
-    if device == "cuda":
-        try:
-            _require_cuda()
-        except RuntimeError as e:
-            raise ValueError(f"device 'cuda' (--device cuda): {e}") from None
-
-
-def _require_cuda():
-    """RuntimeError saying why CUDA is not available (built without it, or no device)."""
-    from .cuda import _require
-
-    _require()
-
-
-def _new_model(device, precision, *args, **kwargs):
-    """RaceDiT on ``device``; the CUDA model's GEMMs are bf16 for precision "bf16"."""
-    from .model import RaceDiT
-
-    if device == "cuda":
-        return RaceDiT(*args, device="cuda", dtype="bf16" if precision == "bf16" else "fp32",
-                       **kwargs)
-    return RaceDiT(*args, **kwargs)
-
-
-def _on_device(m):
-    return getattr(m, "device", "cpu") == "cuda"
-
-
-def build_model(cfg, in_channels, input_size, num_classes, device="cpu", precision="fp32"):
-    """The RaceDiT that TrainConfig ``cfg`` describes (labels are dropped by the trainer,
-    so the model's own dropout is off), on ``device`` ("cpu" | "cuda"; see
-    :func:`check_device`) with ``precision`` ("fp32"; on cuda also "tf32" | "bf16")."""
-    check_device(device, precision)
-    return _new_model(device, precision, cfg.to_model_config(), input_size=input_size,
-                      in_channels=in_channels, num_classes=num_classes, seed=cfg.seed,
-                      learn_sigma=cfg.learn_sigma, routing=cfg.routing, gating=cfg.gating,
-                      plr_weight=cfg.plr_weight, sim_weight=cfg.sim_weight,
-                      balance_weight=cfg.balance_weight, beta=cfg.beta, class_dropout_prob=0.0)
-
-
-def _load_params(m, tensors, prefix, path):
-    """Set ``m``'s parameters from the checkpoint's ``<prefix><name>`` tensors (uploaded
-    when ``m`` lives on the GPU)."""
-    if _on_device(m):
-        buf = np.empty(m.num_params(), np.float32)
-        unpack_params(m, tensors, prefix, buf, path)
-        m.set_param_buffer(buf)
-    else:
-        unpack_params(m, tensors, prefix, m.param_buffer, path)
-
-
-def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
-    """(model, meta) rebuilt from a training checkpoint (written on either device) on
-    ``device``; the weights are the EMA's unless use_ema is False. The routing thresholds
-    are restored too. CheckpointError (naming the file) when its contents (checked by
-    load_checkpoint) do not describe a model, or its tensors do not fit that model."""
-    tensors, meta = load_checkpoint(path)
-    check_device(device, precision)
-    cfg = TrainConfig.from_dict(meta["config"])
-    d = meta["data"]
-    try:
-        m = build_model(cfg, d["channels"], d["image_size"], d["num_classes"], device, precision)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: its config does not build a model ({e})") from None
-    _load_params(m, tensors, "ema." if use_ema else "model.", path)
-    set_thresholds(m, tensors, path)
-    return m, meta
 
 
 def _nonfinite_tensors(model, buf):
@@ -391,7 +309,7 @@ def _repair_tail(path, out):
 class _Trainer:
     def __init__(self, cfg, dataset, model, run_dir, progress, out, precision="fp32"):
         self.cfg, self.ds, self.m, self.run_dir = cfg, dataset, model, run_dir
-        self.device, self.precision = ("cuda" if _on_device(model) else "cpu"), precision
+        self.device, self.precision = ("cuda" if on_device(model) else "cpu"), precision
         self.progress, self.out = progress, out
         self.obj = make_objective(cfg.objective, learn_sigma=cfg.learn_sigma)
         n = model.param_buffer.size
@@ -594,7 +512,7 @@ class _Trainer:
 
     def restore(self, tensors, meta, path):
         m = self.m
-        _load_params(m, tensors, "model.", path)
+        load_params(m, tensors, "model.", path)
         unpack_params(m, tensors, "ema.", self.ema, path)
         unpack_params(m, tensors, "opt.m.", self.adam_m, path)
         unpack_params(m, tensors, "opt.v.", self.adam_v, path)
@@ -768,30 +686,8 @@ def _output_folder(cfg, resume, results_dir):
     return run
 
 
-def _load_data(cfg, dataset=None):
-    """The run's data set (``dataset``, or loaded as cfg says), checked against the
-    settings that describe it (num_classes, channels)."""
-    if dataset is None:
-        # channels None: the loader's own (RGB for images)
-        extra = {} if cfg.channels is None else {"channels": cfg.channels}
-        dataset = load_data(cfg.data, cfg.data_path, image_size=cfg.image_size,
-                            num_classes=cfg.num_classes, seed=cfg.seed, n=cfg.num_samples,
-                            **extra)
-    if not isinstance(dataset, ArrayDataset):
-        raise TypeError(f"dataset: expected a racedit.data.ArrayDataset, got {type(dataset).__name__}")
-    for key in ("num_classes", "channels"):
-        want = getattr(cfg, key)
-        if want is not None and want != getattr(dataset, key):
-            raise ValueError(f"{key} (--{key.replace('_', '-')}): {want} does not match the "
-                             f"data, which has {getattr(dataset, key)} ({dataset.source or cfg.data})")
-    if len(dataset) < cfg.global_batch_size:
-        raise ValueError(f"global_batch_size {cfg.global_batch_size} exceeds the {len(dataset)} "
-                         "samples of the data set")
-    return dataset
-
-
 def _train(cfg, job):
-    ds = _load_data(cfg, job.dataset)
+    ds = build_dataset(cfg, job.dataset)
     total = _total_steps(cfg, len(ds))
     m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes, job.device, job.precision)
     run_dir = job.run_dir or _new_run_dir(cfg.results_dir, m.config.name)
@@ -803,7 +699,7 @@ def _train(cfg, job):
         records, notes = _resume_history(tr, job)
     elif job.init_from is not None:
         tensors, _ = load_checkpoint(job.init_from)
-        _load_params(m, tensors, "model.", job.init_from)
+        load_params(m, tensors, "model.", job.init_from)
         set_thresholds(m, tensors)
         tr.ema[...] = m.param_buffer
         tr.push_device()

@@ -18,7 +18,7 @@ from racedit.diffusion import _mse
 from racedit.model import RaceDiT
 from racedit.train import TrainingDiverged, model_from_checkpoint, train
 
-train_mod = importlib.import_module("racedit.train")  # racedit.train is also the function
+factory = importlib.import_module("racedit.factory")  # where the trainer builds its model
 
 TINY_MOE = dict(depth=2, hidden=32, heads=2, patch=4, num_experts=4, k=2, expert_hidden=64)
 TINY_DENSE = dict(depth=2, hidden=32, heads=2, patch=4)
@@ -127,8 +127,8 @@ def fake_cuda(monkeypatch):
             return made[-1]
         return RaceDiT(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "_require_cuda", lambda: None)
-    monkeypatch.setattr(train_mod, "_new_model", new_model)
+    monkeypatch.setattr(factory, "_require_cuda", lambda: None)
+    monkeypatch.setattr(factory, "_new_model", new_model)
     tf = {"on": False, "calls": []}
 
     def tf32(on=None):
@@ -264,7 +264,7 @@ def test_cuda_checkpoint_resume_without_gpu_says_how(tmp_path, fake_cuda, monkey
     def no_gpu():
         raise RuntimeError("CUDA not available: racedit was built without CUDA (test)")
 
-    monkeypatch.setattr(train_mod, "_require_cuda", no_gpu)
+    monkeypatch.setattr(factory, "_require_cuda", no_gpu)
     with pytest.raises(ValueError, match=r"--device cuda.*CUDA not available.*--device cpu"):
         train(resume=ck, progress=False, final_samples=False, report=False, out=io.StringIO())
     again = train(resume=ck, device="cpu", progress=False, final_samples=False, report=False,
