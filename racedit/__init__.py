@@ -61,7 +61,7 @@ def _import_core():
 
 _C = _import_core()
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 
 def build_info():

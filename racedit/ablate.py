@@ -319,7 +319,7 @@ def _train_routing(rec):
     """(MaxVio, combination usage) in training (batch top-K routing): means over the MoE
     layers and the last tenth of the steps of the run's log; (None, None) when dense."""
     if "train_routing" not in rec:  # records written before the field existed
-        from .train import read_log
+        from .runs import read_log
 
         log = read_log(os.path.join(rec["run_dir"], "log.jsonl"))
         rec["train_routing"] = _tail_routing(log, rec["steps"])

@@ -255,7 +255,7 @@ def _report(args):
     from .configs import TrainConfig
     from .factory import build_dataset, model_from_checkpoint
     from .report import routing_report
-    from .train import read_log, run_folder
+    from .runs import read_log, run_folder
 
     if args.batch < 1:
         raise ValueError(f"--batch: expected >= 1, got {args.batch}")

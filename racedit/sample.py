@@ -17,12 +17,10 @@ from the shards present.
 """
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import json
 import math
 import os
-import re
 import sys
 import zipfile
 
@@ -30,6 +28,7 @@ import numpy as np
 
 from .diffusion import default_sampler, default_steps, guided, make_objective, space_timesteps
 from .diffusion import sample as run_sampler
+from .runs import latest_checkpoint
 
 __all__ = ["sample", "generate", "generate_npz", "mass_labels", "latest_checkpoint",
            "set_weights", "save_grid", "to_uint8", "SampleResult", "VAE_HINT", "DEFAULT_BATCH",
@@ -405,21 +404,6 @@ def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sa
 
 
 # ---- from a checkpoint -----------------------------------------------------------------------
-
-def latest_checkpoint(path):
-    """``path`` itself for a file; for a run folder, its checkpoint of the highest step
-    (``<run>/checkpoints/<step>.safetensors``; a folder of checkpoints works too).
-    FileNotFoundError when there is none."""
-    if not os.path.isdir(path):
-        return path
-    folder = os.path.join(path, "checkpoints")
-    folder = folder if os.path.isdir(folder) else path
-    steps = [(int(m.group(1)), p) for p in glob.glob(os.path.join(folder, "*.safetensors"))
-             if (m := re.fullmatch(r"(\d+)\.safetensors", os.path.basename(p)))]
-    if not steps:
-        raise FileNotFoundError(f"{path}: no checkpoint (<step>.safetensors) in {folder}")
-    return max(steps)[1]
-
 
 def _parse_labels(class_labels, num_classes, per_class):
     if class_labels is None:

@@ -29,8 +29,6 @@ import io
 import json
 import math
 import os
-import re
-import subprocess
 import sys
 import time
 
@@ -40,13 +38,17 @@ from . import optim
 from .checkpoint import (CheckpointError, load_checkpoint, pack_params, rng_from_state,
                          rng_state, save_checkpoint, set_thresholds, unpack_params)
 from .configs import DATA_SETTINGS, PRESETS, TrainConfig, get_config
+from .diffusion import make_objective
 from .factory import (DEVICES, PRECISIONS, build_dataset, build_model, check_device,
                       load_params, model_from_checkpoint, on_device)
-from .diffusion import make_objective
+from .runs import (RunLog, check_out_dir, checkpoint_path, files_after, list_checkpoints,
+                   new_run_dir, read_log, repair_tail, run_folder, version_info,
+                   write_config)
 from .threads import thread_limit
 
 __all__ = ["train", "TrainConfig", "TrainResult", "TrainingDiverged", "PRESETS", "build_model",
-           "model_from_checkpoint", "read_log", "NUM_T_BUCKETS", "DEVICES", "PRECISIONS"]
+           "model_from_checkpoint", "read_log", "NUM_T_BUCKETS", "DEVICES", "PRECISIONS",
+           "check_device", "run_folder", "version_info", "DATA_SETTINGS"]
 
 NUM_T_BUCKETS = 10  # experts-per-token statistics are grouped into this many timestep bins
 
@@ -138,172 +140,6 @@ def _nonfinite_tensors(model, buf):
             if optim.nonfinite_index(buf[off:off + int(np.prod(shape))]) >= 0]
 
 
-# ---- run folders ----------------------------------------------------------------------
-
-def _new_run_dir(results_dir, model_name):
-    os.makedirs(results_dir, exist_ok=True)
-    idx = [int(m.group(1)) for m in (re.match(r"^(\d+)-", n) for n in os.listdir(results_dir)) if m]
-    run = os.path.join(results_dir, f"{(max(idx) + 1) if idx else 0:03d}-{model_name.replace('/', '-')}")
-    os.makedirs(os.path.join(run, "checkpoints"))
-    os.makedirs(os.path.join(run, "samples"))
-    return run
-
-
-def run_folder(ckpt):
-    """The run folder of checkpoint ``ckpt`` (``<run>/checkpoints/<step>.safetensors`` with
-    ``<run>/config.json``), or None for a checkpoint kept anywhere else."""
-    folder = os.path.dirname(os.path.abspath(ckpt))
-    run = os.path.dirname(folder)
-    if os.path.basename(folder) == "checkpoints" and os.path.isfile(os.path.join(run, "config.json")):
-        return run
-    return None
-
-
-def _check_out_dir(path, what):
-    """ValueError, before any work, when folder ``path`` cannot be created or written: it
-    is a file, lies under a file, or its nearest existing ancestor is not writable."""
-    p = os.path.abspath(path)
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise ValueError(f"{what}: {path} cannot be a folder: {p} is a file")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}: {path}: cannot write in {p} (permission denied)")
-
-
-def _source_root():
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def version_info():
-    """{"racedit_version", "git_commit"}: the commit of the git checkout racedit runs from
-    (an editable install or the source tree), None for an installed package."""
-    from . import __version__
-
-    root, commit = _source_root(), None
-    if os.path.exists(os.path.join(root, ".git")):  # a file in a git worktree
-        try:
-            p = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                               text=True, timeout=10)
-            commit = p.stdout.strip() if p.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    return {"racedit_version": __version__, "git_commit": commit or None}
-
-
-def _write_config(run_dir, cfg):
-    """config.json: the settings (of the data, only those its kind reads) and the version."""
-    d = dataclasses.asdict(cfg)
-    for k in {k for v in DATA_SETTINGS.values() for k in v} - set(DATA_SETTINGS[cfg.data]):
-        d.pop(k)
-    d.update(version_info())
-    tmp = os.path.join(run_dir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(d, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "config.json"))
-
-
-# ---- logs -----------------------------------------------------------------------------
-
-class _RunLog:
-    """A run's two logs, appended to: log.jsonl (a record per step) and log.txt (timestamped
-    lines for people). ``sync`` flushes and fsyncs both; the trainer calls it before every
-    checkpoint so that the records a checkpoint covers are on disk when it is."""
-
-    def __init__(self, run_dir, out):
-        self.out = out
-        self.jsonl = open(os.path.join(run_dir, "log.jsonl"), "a")
-        try:
-            self.txt = open(os.path.join(run_dir, "log.txt"), "a")
-        except BaseException:
-            self.jsonl.close()
-            raise
-
-    def record(self, rec):
-        self.jsonl.write(json.dumps(rec) + "\n")
-
-    def line(self, msg, echo=True):
-        """A log.txt line; echoed to ``out`` as ``racedit: msg`` unless echo is False."""
-        self.txt.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}\n")
-        self.txt.flush()
-        if echo:
-            print(f"racedit: {msg}", file=self.out)
-
-    def flush(self):
-        self.jsonl.flush()
-
-    def sync(self):
-        """Flush and fsync both logs; returns log.jsonl's size in bytes."""
-        for f in (self.jsonl, self.txt):
-            f.flush()
-            os.fsync(f.fileno())
-        return self.jsonl.tell()
-
-    def close(self):
-        self.jsonl.close()
-        self.txt.close()
-
-
-def _log_lines(path, upto_bytes=None):
-    """(objects of the complete lines, bytes of a torn last line) of log.jsonl, read up to
-    ``upto_bytes``. A last line that does not parse was cut short by a kill; any other line
-    that does not parse is an error naming the file and line."""
-    with open(path, "rb") as f:
-        data = f.read() if upto_bytes is None else f.read(upto_bytes)
-    lines = data.split(b"\n")
-    objs = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            objs.append(json.loads(line))
-        except ValueError as e:
-            if i == len(lines) - 1:
-                return objs, len(line)
-            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e})") from None
-    return objs, 0
-
-
-def read_log(path, upto_step=None, upto_bytes=None, out=None):
-    """The step records of a run's log.jsonl, one per step in step order: a ``resume``
-    event at step N drops the records of steps > N written before it. ``upto_step`` /
-    ``upto_bytes`` (a checkpoint's step and ``log_bytes``) give the log as that checkpoint
-    saw it. A torn last line is dropped with a warning on ``out`` (stderr); a missing file
-    reads as no records."""
-    if not os.path.exists(path):
-        return []
-    objs, torn = _log_lines(path, upto_bytes)
-    if torn:
-        print(f"racedit: warning: {path}: dropped a torn last line ({torn} bytes; a write "
-              "cut short)", file=out or sys.stderr)
-    recs = []
-    for r in objs:
-        if r.get("event") == "resume":
-            while recs and recs[-1]["step"] > r["step"]:
-                recs.pop()
-        elif "event" not in r:
-            recs.append(r)
-    return [r for r in recs if upto_step is None or r["step"] <= upto_step]
-
-
-def _repair_tail(path, out):
-    """Before appending to log.jsonl: cut a torn last line (with a warning) or end a
-    complete last record that lacks its newline, so the next record starts a line."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        _, torn = _log_lines(path)
-        if torn:
-            f.truncate(f.seek(0, os.SEEK_END) - torn)
-            print(f"racedit: warning: {path}: dropped a torn last line ({torn} bytes; a write "
-                  "cut short)", file=out)
-        else:
-            f.write(b"\n")
-
-
 # ---- the loop -------------------------------------------------------------------------
 
 class _Trainer:
@@ -323,7 +159,7 @@ class _Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError(f"global_batch_size {self.B} exceeds the {len(dataset)} samples")
         self.is_moe = model.config.is_moe
-        self.log = None  # a _RunLog: synced before every checkpoint
+        self.log = None  # a RunLog: synced before every checkpoint
         self._ept = np.zeros((2, NUM_T_BUCKETS))  # experts-per-token sums / counts since the last record
 
     # data order: a permutation per epoch, a pure function of (seed, epoch)
@@ -529,7 +365,7 @@ class _Trainer:
         self.push_device()
 
     def ckpt_path(self, step):
-        return os.path.join(self.run_dir, "checkpoints", f"{step:07d}.safetensors")
+        return checkpoint_path(self.run_dir, step)
 
 
 def _norm_record(m):
@@ -675,14 +511,14 @@ def _output_folder(cfg, resume, results_dir):
     """The run folder a resumed run continues in (None: a new numbered one in
     cfg.results_dir), after checking that the output can be written."""
     if resume is None or results_dir is not None:
-        _check_out_dir(cfg.results_dir, "results_dir (--results-dir)")
+        check_out_dir(cfg.results_dir, "results_dir (--results-dir)")
         return None
     run = run_folder(resume)
     if run is None:
         raise ValueError(f"resume: {resume} is not in a run folder (<run>/checkpoints/ with "
                          "<run>/config.json); give --results-dir DIR (results_dir=) to continue "
                          "it in a new numbered run folder there")
-    _check_out_dir(run, "resume")
+    check_out_dir(run, "resume")
     return run
 
 
@@ -690,7 +526,7 @@ def _train(cfg, job):
     ds = build_dataset(cfg, job.dataset)
     total = _total_steps(cfg, len(ds))
     m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes, job.device, job.precision)
-    run_dir = job.run_dir or _new_run_dir(cfg.results_dir, m.config.name)
+    run_dir = job.run_dir or new_run_dir(cfg.results_dir, m.config.name)
     tr = _Trainer(cfg, ds, m, run_dir, job.progress, job.out, job.precision)
     records, notes = [], []
     if job.resume is not None:
@@ -703,11 +539,11 @@ def _train(cfg, job):
         set_thresholds(m, tensors)
         tr.ema[...] = m.param_buffer
         tr.push_device()
-    tr.log = log = _RunLog(run_dir, job.out)
+    tr.log = log = RunLog(run_dir, job.out)
     try:
         if job.resume is not None:
             _log_resume(tr, job, notes)
-        _write_config(run_dir, cfg)
+        write_config(run_dir, cfg)
         on = f" on cuda ({job.precision})" if job.device == "cuda" else ""
         log.line(f"{m.config.name}, {m.num_params():,} parameters "
                  f"({m.num_activated_params():,} activated), data {ds!r}, {total} steps of "
@@ -715,7 +551,7 @@ def _train(cfg, job):
         _loop(tr, total, records, log)
         return _finish(tr, job, records, log)
     except KeyboardInterrupt:
-        _last_words(log, f"interrupted at step {tr.step}; {_latest_checkpoint(tr)}", job.out)
+        _last_words(log, f"interrupted at step {tr.step}; {_resume_hint(tr)}", job.out)
         raise
     except Exception as e:
         _last_words(log, f"stopped at step {tr.step}: {type(e).__name__}: {e}", None)
@@ -759,14 +595,14 @@ def _last_words(log, msg, out):
         print(f"racedit: {msg}", file=out)
 
 
-def _latest_checkpoint(tr):
-    d = os.path.join(tr.run_dir, "checkpoints")
-    steps = sorted(int(f[:7]) for f in os.listdir(d) if re.fullmatch(r"\d{7}\.safetensors", f))
-    done = [s for s in steps if s <= tr.step]
+def _resume_hint(tr):
+    """The run's checkpoint of the highest step reached (a resumed run's folder may hold
+    later ones, written before) and how to continue from it."""
+    done = [p for s, p in list_checkpoints(os.path.join(tr.run_dir, "checkpoints"))
+            if s <= tr.step]
     if not done:
         return "no checkpoint written yet"
-    p = tr.ckpt_path(done[-1])
-    return f"the latest checkpoint is {p} (continue with --resume {p})"
+    return f"the latest checkpoint is {done[-1]} (continue with --resume {done[-1]})"
 
 
 # ---- resuming -------------------------------------------------------------------------
@@ -781,7 +617,7 @@ def _resume_history(tr, job):
     src = os.path.join(src_run, "log.jsonl") if src_run else None
     same = job.run_dir is not None
     if same:
-        _repair_tail(src, job.out)
+        repair_tail(src, job.out)
     recs = read_log(src, upto_step=n, upto_bytes=job.meta.get("log_bytes"),
                     out=job.out) if src else []
     if same:
@@ -789,7 +625,7 @@ def _resume_history(tr, job):
         if later:
             notes.append(f"log.jsonl keeps the records of steps {later[0]}-{later[-1]} written "
                          f"before; the records from step {n + 1} on supersede them")
-        files = _files_after(tr.run_dir, n)
+        files = files_after(tr.run_dir, n)
         if files:
             notes.append(f"{files} of the earlier run will be replaced as the run reaches "
                          "their steps")
@@ -802,20 +638,6 @@ def _resume_history(tr, job):
     if src and have < n:
         notes.append(f"warning: the log holds records up to step {have} only")
     return recs, notes
-
-
-def _files_after(run_dir, n):
-    """'checkpoints 0000008, 0000010 and sample grids 0000010' for the files of steps > n."""
-    parts = []
-    for what, sub, pat in (("checkpoints", "checkpoints", r"(\d{7})\.safetensors"),
-                           ("sample grids", "samples", r"(\d{7})\.(png|npy)")):
-        d = os.path.join(run_dir, sub)
-        names = os.listdir(d) if os.path.isdir(d) else []
-        found = sorted({m.group(1) for m in (re.fullmatch(pat, f) for f in names)
-                        if m and int(m.group(1)) > n})
-        if found:
-            parts.append(f"{what} {', '.join(found)}")
-    return " and ".join(parts)
 
 
 def _log_resume(tr, job, notes):

@@ -14,6 +14,7 @@ import pytest
 from test_train import _run
 
 import racedit
+from racedit import runs
 from racedit.checkpoint import load_checkpoint
 from racedit.train import read_log, train
 
@@ -73,11 +74,11 @@ def test_read_log_takes_each_steps_latest_record(tmp_path):
 def test_appending_starts_a_new_line(tmp_path):
     p = tmp_path / "log.jsonl"
     p.write_text('{"step": 1}\n{"step": 2}')  # complete, only the newline missing
-    train_mod._repair_tail(str(p), io.StringIO())
+    runs.repair_tail(str(p), io.StringIO())
     assert p.read_text() == '{"step": 1}\n{"step": 2}\n'
     p.write_text('{"step": 1}\n{"step": 2, "lo')
     out = io.StringIO()
-    train_mod._repair_tail(str(p), out)
+    runs.repair_tail(str(p), out)
     assert p.read_text() == '{"step": 1}\n' and "torn last line (15 bytes" in out.getvalue()
 
 
@@ -163,13 +164,13 @@ def test_config_json_records_version_commit_and_the_data_settings_that_apply(tmp
     a = _run(tmp_path, 1)
     cfg = json.load(open(os.path.join(a.run_dir, "config.json")))
     assert cfg["racedit_version"] == racedit.__version__
-    root = train_mod._source_root()
+    root = runs._source_root()
     if os.path.exists(os.path.join(root, ".git")):
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
         assert cfg["git_commit"] == head
     assert cfg["num_samples"] == 64 and "data_path" not in cfg  # builtin
-    monkeypatch.setattr(train_mod, "_source_root", lambda: str(tmp_path))  # not a checkout
+    monkeypatch.setattr(runs, "_source_root", lambda: str(tmp_path))  # not a checkout
     lat = tmp_path / "lat"
     for sub in ("features", "labels"):
         (lat / sub).mkdir(parents=True)
