@@ -14,9 +14,9 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_train(sub):
+    from .configs import PRESETS
     from .data import DATA_KINDS
     from .diffusion import OBJECTIVES
-    from .configs import PRESETS
 
     p = sub.add_parser("train", help="train a model (DiT's train.py)",
                        description="Train a RaceDiT or DiT. Unset flags take the preset's "
@@ -251,8 +251,8 @@ def _sample(args):
 def _report(args):
     import os
 
-    from .diffusion import make_objective
     from .configs import TrainConfig
+    from .diffusion import make_objective
     from .factory import build_dataset, model_from_checkpoint
     from .report import routing_report
     from .runs import read_log, run_folder
