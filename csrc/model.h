@@ -1,5 +1,5 @@
 /* model.h — the DiT backbone of SPEC §1: its layers (csrc/cpu/dit.c) and the whole
- * model with MoE or dense blocks (csrc/cpu/model.c). Included by racedit.h; see there
+ * model with MoE or dense blocks, one graph on any backend's op table (csrc/core). Included by racedit.h; see there
  * for the conventions (row-major float32, parameter grads +=, activation grads =
  * unless named *_acc).
  *

@@ -46,60 +46,26 @@ def _require():
 
 
 # ---- the ops on the GPU (aliases) ----------------------------------------------------------
-def route(scores, k, strategy="race", return_tau=False):
-    return ops.route(scores, k, strategy, return_tau, device=CUDA)
+def _on_cuda(op):
+    """``op`` with device="cuda": the alias of its former racedit.cuda name."""
+    def alias(*args, **kwargs):
+        return op(*args, device=CUDA, **kwargs)
+
+    alias.__name__, alias.__doc__ = op.__name__, op.__doc__
+    return alias
 
 
-def route_threshold(scores, tau):
-    return ops.route_threshold(scores, tau, device=CUDA)
-
-
-def gate_forward(R, gating="identity"):
-    return ops.gate_forward(R, gating, device=CUDA)
-
-
-def gate_backward(dG, G, gating="identity"):
-    return ops.gate_backward(dG, G, gating, device=CUDA)
-
-
-def router_forward(x, Wr, br, Wg, bg):
-    return ops.router_forward(x, Wr, br, Wg, bg, device=CUDA)
-
-
-def router_backward(dR, hpre, h, x, Wr, Wg, dh_extra=None):
-    return ops.router_backward(dR, hpre, h, x, Wr, Wg, dh_extra, device=CUDA)
-
-
-def experts_forward(x, mask, G, w1, b1, w2, b2, precision="fp32"):
-    return ops.experts_forward(x, mask, G, w1, b1, w2, b2, precision, device=CUDA)
-
-
-def experts_backward(dy, x, mask, G, w1, b1, w2, b2, precision="fp32"):
-    return ops.experts_backward(dy, x, mask, G, w1, b1, w2, b2, precision, device=CUDA)
-
-
-def layernorm_forward(inp):
-    return _C.dit_layernorm_forward(inp, device=CUDA)
-
-
-def layernorm_backward(dout, out, rstd, dinp_acc=None):
-    return _C.dit_layernorm_backward(dout, out, rstd, dinp_acc, device=CUDA)
-
-
-def modulate_forward(inp, shift, scale):
-    return _C.dit_modulate_forward(inp, shift, scale, device=CUDA)
-
-
-def modulate_backward(dout, inp, scale):
-    return _C.dit_modulate_backward(dout, inp, scale, device=CUDA)
-
-
-def gated_residual_forward(inp, h, gate):
-    return _C.dit_gated_residual_forward(inp, h, gate, device=CUDA)
-
-
-def gated_residual_backward(dout, h, gate):
-    return _C.dit_gated_residual_backward(dout, h, gate, device=CUDA)
+route, route_threshold = _on_cuda(ops.route), _on_cuda(ops.route_threshold)
+gate_forward, gate_backward = _on_cuda(ops.gate_forward), _on_cuda(ops.gate_backward)
+router_forward, router_backward = _on_cuda(ops.router_forward), _on_cuda(ops.router_backward)
+experts_forward, experts_backward = _on_cuda(ops.experts_forward), _on_cuda(ops.experts_backward)
+layernorm_forward = _on_cuda(_C.dit_layernorm_forward)
+layernorm_backward = _on_cuda(_C.dit_layernorm_backward)
+modulate_forward = _on_cuda(_C.dit_modulate_forward)
+modulate_backward = _on_cuda(_C.dit_modulate_backward)
+gated_residual_forward = _on_cuda(_C.dit_gated_residual_forward)
+gated_residual_backward = _on_cuda(_C.dit_gated_residual_backward)
+grad_norm, nonfinite_index = _on_cuda(optim.grad_norm), _on_cuda(optim.nonfinite_index)
 
 
 def silu_forward(inp):
@@ -136,14 +102,6 @@ def adamw_step(params, grads, m, v, step, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
     optim.adamw_step(params, grads, m, v, lr=lr, step=step, beta1=betas[0], beta2=betas[1],
                      eps=eps, weight_decay=weight_decay, grad_scale=grad_scale, ema=ema,
                      ema_decay=ema_decay, device=CUDA)
-
-
-def grad_norm(grads):
-    return optim.grad_norm(grads, device=CUDA)
-
-
-def nonfinite_index(x):
-    return optim.nonfinite_index(x, device=CUDA)
 
 
 # ---- a MoE layer state fed with external parameters ---------------------------------------

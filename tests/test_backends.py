@@ -12,12 +12,7 @@ from racedit import _C, ops, optim
 CHECK = "check"
 
 
-@pytest.fixture(autouse=True)
-def clean_pool():
-    _C.check_pool(reset=True)
-    yield
-    pool = _C.check_pool()
-    assert pool["errors"] == 0, pool["first_error"]
+pytestmark = pytest.mark.usefixtures("clean_check_pool")
 
 
 def rand(*shape, seed=0):

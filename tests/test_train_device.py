@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import racedit
-from racedit import _C
 from racedit.checkpoint import load_checkpoint, save_checkpoint
 from racedit.train import TrainingDiverged, model_from_checkpoint, train
 
@@ -21,12 +20,7 @@ TINY_MOE = dict(depth=2, hidden=32, heads=2, patch=4, num_experts=4, k=2, expert
 TINY_DENSE = dict(depth=2, hidden=32, heads=2, patch=4)
 
 
-@pytest.fixture(autouse=True)
-def clean_pool():
-    _C.check_pool(reset=True)
-    yield
-    pool = _C.check_pool()
-    assert pool["errors"] == 0, pool["first_error"]
+pytestmark = pytest.mark.usefixtures("clean_check_pool")
 
 
 def _run(tmp_path, steps, mc=TINY_MOE, model="RaceDiT-tiny/4-2in4", **kw):

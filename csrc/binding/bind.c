@@ -416,6 +416,16 @@ int rd_parse_moe_settings(PyObject *kw, rd_moe_cfg *c, int check) {
     return 0;
 }
 
+PyObject *rd_split_settings(PyObject *kw, PyObject **device, PyObject **precision) {
+    *device = kw ? PyDict_GetItemString(kw, "device") : NULL;
+    *precision = kw ? PyDict_GetItemString(kw, "precision") : NULL;
+    PyObject *rest = kw ? PyDict_Copy(kw) : PyDict_New();
+    if (rest && ((*device && PyDict_DelItemString(rest, "device") < 0) ||
+                 (*precision && PyDict_DelItemString(rest, "precision") < 0)))
+        Py_CLEAR(rest);
+    return rest;
+}
+
 PyObject *rd_moe_settings_dict(const rd_moe_cfg *c) {
     return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:s,s:s,s:d,s:O,s:d,s:d,s:d}",
                          "dim", (long long)c->D, "num_experts", (long long)c->E, "expert_hidden",

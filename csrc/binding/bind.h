@@ -136,6 +136,9 @@ int rd_stage_end(rd_stage *s, rd_status st);           /* 0, or -1 with the exce
  * not); `c` is unchanged on failure. The one parser of a MoE configuration: the layer's
  * and the model's. */
 int rd_parse_moe_settings(PyObject *kw, rd_moe_cfg *c, int check);
+/* A copy of the keyword dict `kw` (may be NULL) without its "device" and "precision"
+ * entries, which go to *device and *precision (borrowed from kw; NULL when absent). */
+PyObject *rd_split_settings(PyObject *kw, PyObject **device, PyObject **precision);
 /* The settings of `c` as a dict with the keys rd_parse_moe_settings reads. */
 PyObject *rd_moe_settings_dict(const rd_moe_cfg *c);
 /* What the last forward of backend MoE state `st` left, by name: "threshold" (tau, None

@@ -59,6 +59,24 @@ static int new_ctx(const rd_backend *be, int prec, void **ctx) {
 
 /* ---- patches and embeddings --------------------------------------------------------- */
 
+/* tok <- img (to_tok) or img <- tok on the device; a new reference to the output. */
+static PyObject *patch_run(const rd_backend *be, int to_tok, PyArrayObject *tok,
+                           PyArrayObject *img, int64_t B, int64_t C, int64_t H, int64_t W,
+                           int64_t p, rd_patch_order order) {
+    PyArrayObject *out = to_tok ? tok : img;
+    rd_stage sg;
+    if (B > 0) {
+        if (rd_stage_init(&sg, be) < 0) return NULL;
+        const float *in = rd_stage_in(&sg, to_tok ? img : tok);
+        float *o = rd_stage_out(&sg, out);
+        RD_RUN_STAGED(sg, to_tok ? be->patchify(o, in, B, C, H, W, p, order)
+                                 : be->unpatchify(o, in, B, C, H, W, p, order));
+    }
+    return Py_NewRef((PyObject *)out);
+done:
+    return NULL;
+}
+
 static PyObject *py_patchify(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kws[] = {"img", "p", "order", "device", NULL};
@@ -67,7 +85,6 @@ static PyObject *py_patchify(PyObject *self, PyObject *args, PyObject *kw) {
     PyArrayObject *img = NULL, *tok = NULL;
     rd_patch_order order = RD_PATCH_IJC;
     const rd_backend *be;
-    rd_stage sg;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OL|O$O", kws, &o, &p, &ord, &odev) ||
         rd_parse_device(odev, &be) < 0 || positive(p, "p") < 0 || (ord && parse_order(ord, &order) < 0))
         return NULL;
@@ -81,13 +98,7 @@ static PyObject *py_patchify(PyObject *self, PyObject *args, PyObject *kw) {
     int64_t ppc;
     SIZE(ppc, "tok: patch width p*p*C", p, p, C);
     NEW(tok, 3, B, (H / p) * (W / p), ppc);
-    if (B > 0) {
-        if (rd_stage_init(&sg, be) < 0) goto done;
-        const float *di = rd_stage_in(&sg, img);
-        float *dt = rd_stage_out(&sg, tok);
-        RD_RUN_STAGED(sg, be->patchify(dt, di, B, C, H, W, p, order));
-    }
-    ret = Py_NewRef((PyObject *)tok);
+    ret = patch_run(be, 1, tok, img, B, C, H, W, p, order);
 done:
     Py_XDECREF(img);
     Py_XDECREF(tok);
@@ -102,7 +113,6 @@ static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
     PyArrayObject *tok = NULL, *img = NULL;
     rd_patch_order order = RD_PATCH_IJC;
     const rd_backend *be;
-    rd_stage sg;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OLLLL|O$O", kws, &o, &C, &H, &W, &p, &ord, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
@@ -118,13 +128,7 @@ static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
     IN(tok, o, "tok", F32, 3, RD_ANY, L, ppc);
     const int64_t B = DIM(tok, 0);
     NEW(img, 4, B, C, H, W);
-    if (B > 0) {
-        if (rd_stage_init(&sg, be) < 0) goto done;
-        const float *dt = rd_stage_in(&sg, tok);
-        float *di = rd_stage_out(&sg, img);
-        RD_RUN_STAGED(sg, be->unpatchify(di, dt, B, C, H, W, p, order));
-    }
-    ret = Py_NewRef((PyObject *)img);
+    ret = patch_run(be, 0, tok, img, B, C, H, W, p, order);
 done:
     Py_XDECREF(tok);
     Py_XDECREF(img);

@@ -68,14 +68,8 @@ static PyObject *py_model_new(PyObject *self, PyObject *args, PyObject *kw) {
     long long depth, D, NH, p, S, C, Co, ncls;
     if (!PyArg_ParseTuple(args, "LLLLLLLL:model_new", &depth, &D, &NH, &p, &S, &C, &Co, &ncls))
         return NULL;
-    PyObject *odev = kw ? PyDict_GetItemString(kw, "device") : NULL;
-    PyObject *oprec = kw ? PyDict_GetItemString(kw, "precision") : NULL;
-    PyObject *settings = kw ? PyDict_Copy(kw) : PyDict_New(), *cap = NULL;
-    if (!settings || (odev && PyDict_DelItemString(settings, "device") < 0) ||
-        (oprec && PyDict_DelItemString(settings, "precision") < 0)) {
-        Py_XDECREF(settings);
-        return NULL;
-    }
+    PyObject *odev, *oprec, *cap = NULL, *settings = rd_split_settings(kw, &odev, &oprec);
+    if (!settings) return NULL;
     rd_model_cfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.depth = depth, cfg.D = D, cfg.NH = NH, cfg.patch = p, cfg.input_size = S;

@@ -338,15 +338,8 @@ static PyObject *py_moe_new(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "moe_new: settings are keyword-only");
         return NULL;
     }
-    /* device and precision (borrowed from kw, which outlives the call), the rest settings */
-    PyObject *odev = kw ? PyDict_GetItemString(kw, "device") : NULL;
-    PyObject *oprec = kw ? PyDict_GetItemString(kw, "precision") : NULL;
-    PyObject *settings = kw ? PyDict_Copy(kw) : PyDict_New(), *cap = NULL;
-    if (!settings || (odev && PyDict_DelItemString(settings, "device") < 0) ||
-        (oprec && PyDict_DelItemString(settings, "precision") < 0)) {
-        Py_XDECREF(settings);
-        return NULL;
-    }
+    PyObject *odev, *oprec, *cap = NULL, *settings = rd_split_settings(kw, &odev, &oprec);
+    if (!settings) return NULL;
     const rd_backend *be;
     rd_moe_cfg c = {0};
     c.strategy = RD_ROUTE_RACE;

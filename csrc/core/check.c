@@ -92,7 +92,8 @@ static void ck_free(void *p) {
         misuse("check backend: %s of %s, a pointer the pool did not hand out", "free", "p");
     } else {
         if (!guards_intact(&pool.c[i]))
-            misuse("check backend: %s: the guard bytes of %s were overwritten", "free", "an allocation");
+            misuse("check backend: %s: the guard bytes of %s were overwritten", "free",
+                   "an allocation");
         free(pool.c[i].p - GUARD);
         pool.bytes -= (int64_t)pool.c[i].bytes;
         pool.c[i] = pool.c[--pool.n];
@@ -185,181 +186,112 @@ void rd_check_pool_reset(void) {
 /* ---- ops: the CPU table's, after the pointer checks -------------------------------- */
 #define CPU rd_backend_cpu
 
-static rd_status ck_patchify(float *tok, const float *img, int64_t B, int64_t C, int64_t H,
-                             int64_t W, int64_t p, rd_patch_order o) {
-    CK("patchify", tok, img);
-    return CPU.patchify(tok, img, B, C, H, W, p, o);
-}
-static rd_status ck_unpatchify(float *img, const float *tok, int64_t B, int64_t C, int64_t H,
-                               int64_t W, int64_t p, rd_patch_order o) {
-    CK("unpatchify", img, tok);
-    return CPU.unpatchify(img, tok, B, C, H, W, p, o);
-}
-static rd_status ck_patch_embed(void *ctx, float *x, const float *patches, const float *W,
-                                const float *b, const float *pe, int64_t B, int64_t L,
-                                int64_t IC, int64_t D) {
-    CK("patch_embed", x, patches, W, b, pe);
-    return CPU.patch_embed(ctx, x, patches, W, b, pe, B, L, IC, D);
-}
-static rd_status ck_timestep_embedding(float *emb, const float *t, int64_t B, int64_t F, float mp) {
-    CK("timestep_embedding", emb, t);
-    return CPU.timestep_embedding(emb, t, B, F, mp);
-}
-static rd_status ck_linear_forward(void *ctx, float *out, const float *inp, const float *W,
-                                   const float *b, int64_t N, int64_t IC, int64_t OC) {
-    CK("linear_forward", out, inp, W, b);
-    return CPU.linear_forward(ctx, out, inp, W, b, N, IC, OC);
-}
-static rd_status ck_linear_backward(void *ctx, float *dinp, float *dW, float *db, const float *dout,
-                                    const float *inp, const float *W, int64_t N, int64_t IC,
-                                    int64_t OC) {
-    CK("linear_backward", dinp, dW, db, dout, inp, W);
-    return CPU.linear_backward(ctx, dinp, dW, db, dout, inp, W, N, IC, OC);
-}
-static rd_status ck_layernorm_forward(float *out, float *rstd, const float *inp, int64_t N, int64_t D) {
-    CK("layernorm_forward", out, rstd, inp);
-    return CPU.layernorm_forward(out, rstd, inp, N, D);
-}
-static rd_status ck_layernorm_backward(float *dinp_acc, const float *dout, const float *out,
-                                       const float *rstd, int64_t N, int64_t D) {
-    CK("layernorm_backward", dinp_acc, dout, out, rstd);
-    return CPU.layernorm_backward(dinp_acc, dout, out, rstd, N, D);
-}
-static rd_status ck_modulate_forward(float *out, const float *inp, const float *shift,
-                                     const float *scale, int64_t B, int64_t L, int64_t D, int64_t S) {
-    CK("modulate_forward", out, inp, shift, scale);
-    return CPU.modulate_forward(out, inp, shift, scale, B, L, D, S);
-}
-static rd_status ck_modulate_backward(float *dinp, float *dshift, float *dscale, const float *dout,
-                                      const float *inp, const float *scale, int64_t B, int64_t L,
-                                      int64_t D, int64_t S) {
-    CK("modulate_backward", dinp, dshift, dscale, dout, inp, scale);
-    return CPU.modulate_backward(dinp, dshift, dscale, dout, inp, scale, B, L, D, S);
-}
-static rd_status ck_gated_residual_forward(float *out, const float *inp, const float *h,
-                                           const float *gate, int64_t B, int64_t L, int64_t D,
-                                           int64_t S) {
-    CK("gated_residual_forward", out, inp, h, gate);
-    return CPU.gated_residual_forward(out, inp, h, gate, B, L, D, S);
-}
-static rd_status ck_gated_residual_backward(float *dh, float *dgate, const float *dout,
-                                            const float *h, const float *gate, int64_t B,
-                                            int64_t L, int64_t D, int64_t S) {
-    CK("gated_residual_backward", dh, dgate, dout, h, gate);
-    return CPU.gated_residual_backward(dh, dgate, dout, h, gate, B, L, D, S);
-}
-static rd_status ck_attention_forward(void *ctx, float *out, float *att, const float *qkv,
-                                      int64_t B, int64_t L, int64_t D, int64_t NH) {
-    CK("attention_forward", out, att, qkv);
-    return CPU.attention_forward(ctx, out, att, qkv, B, L, D, NH);
-}
-static rd_status ck_attention_backward(void *ctx, float *dqkv, float *datt, const float *dout,
-                                       const float *qkv, const float *att, int64_t B, int64_t L,
-                                       int64_t D, int64_t NH) {
-    CK("attention_backward", dqkv, datt, dout, qkv, att);
-    return CPU.attention_backward(ctx, dqkv, datt, dout, qkv, att, B, L, D, NH);
-}
-static rd_status ck_silu_forward(float *out, const float *inp, int64_t n) {
-    CK("silu_forward", out, inp);
-    return CPU.silu_forward(out, inp, n);
-}
-static rd_status ck_silu_backward(float *dinp, const float *dout, const float *inp, int64_t n) {
-    CK("silu_backward", dinp, dout, inp);
-    return CPU.silu_backward(dinp, dout, inp, n);
-}
-static rd_status ck_gelu_forward(float *out, const float *inp, int64_t n) {
-    CK("gelu_forward", out, inp);
-    return CPU.gelu_forward(out, inp, n);
-}
-static rd_status ck_gelu_backward(float *dinp, const float *dout, const float *inp, int64_t n) {
-    CK("gelu_backward", dinp, dout, inp);
-    return CPU.gelu_backward(dinp, dout, inp, n);
-}
-static rd_status ck_embedding_forward(float *out, const int64_t *y, const float *table, int64_t B,
-                                      int64_t V, int64_t D) {
-    CK("embedding_forward", out, y, table);
-    return CPU.embedding_forward(out, y, table, B, V, D);
-}
-static rd_status ck_embedding_backward(float *dtable, const float *dout, const int64_t *y,
-                                       int64_t B, int64_t V, int64_t D) {
-    CK("embedding_backward", dtable, dout, y);
-    return CPU.embedding_backward(dtable, dout, y, B, V, D);
-}
-static rd_status ck_add(float *y, const float *x, int64_t n) {
-    CK("add", y, x);
-    return CPU.add(y, x, n);
-}
-static rd_status ck_mse(void *ctx, double *loss, float *dout, const float *out, const float *target,
-                        int64_t B, int64_t C, int64_t Co, int64_t HW) {
-    CK("mse", dout, out, target);
-    return CPU.mse(ctx, loss, dout, out, target, B, C, Co, HW);
-}
-static rd_status ck_gated_norm(void *ctx, double *out, const float *v, const float *gate,
-                               int64_t B, int64_t L, int64_t D, int64_t S) {
-    CK("gated_norm", v, gate);
-    return CPU.gated_norm(ctx, out, v, gate, B, L, D, S);
-}
-static rd_status ck_route(uint8_t *mask, float *tau_b, const float *scores, int64_t B, int64_t L,
-                          int64_t E, int64_t k, rd_strategy s) {
-    CK("route", mask, tau_b, scores);
-    return CPU.route(mask, tau_b, scores, B, L, E, k, s);
-}
-static rd_status ck_route_threshold(uint8_t *mask, const float *scores, int64_t n, float tau) {
-    CK("route_threshold", mask, scores);
-    return CPU.route_threshold(mask, scores, n, tau);
-}
-static rd_status ck_gate_forward(float *G, const float *R, int64_t N, int64_t E, rd_gating g) {
-    CK("gate_forward", G, R);
-    return CPU.gate_forward(G, R, N, E, g);
-}
-static rd_status ck_gate_backward(float *dR, const float *dG, const float *G, int64_t N, int64_t E,
-                                  rd_gating g) {
-    CK("gate_backward", dR, dG, G);
-    return CPU.gate_backward(dR, dG, G, N, E, g);
-}
-static rd_status ck_router_forward(float *hpre, float *h, float *R, const float *x, const float *Wr,
-                                   const float *br, const float *Wg, const float *bg, int64_t N,
-                                   int64_t D, int64_t E) {
-    CK("router_forward", hpre, h, R, x, Wr, br, Wg, bg);
-    return CPU.router_forward(hpre, h, R, x, Wr, br, Wg, bg, N, D, E);
-}
-static rd_status ck_router_backward(float *dx_acc, float *dWr, float *dbr, float *dWg, float *dbg,
-                                    float *dh, const float *dR, const float *dh_extra,
-                                    const float *hpre, const float *h, const float *x,
-                                    const float *Wr, const float *Wg, int64_t N, int64_t D,
-                                    int64_t E) {
-    CK("router_backward", dx_acc, dWr, dbr, dWg, dbg, dh, dR, dh_extra, hpre, h, x, Wr, Wg);
-    return CPU.router_backward(dx_acc, dWr, dbr, dWg, dbg, dh, dR, dh_extra, hpre, h, x, Wr, Wg,
-                               N, D, E);
-}
-static rd_status ck_experts_forward(void *ex, float *y, const uint8_t *mask, const float *G,
-                                    const float *x, const float *W1, const float *b1,
-                                    const float *W2, const float *b2, int64_t N, int64_t D,
-                                    int64_t E, int64_t He) {
-    CK("experts_forward", y, mask, G, x, W1, b1, W2, b2);
-    return CPU.experts_forward(ex, y, mask, G, x, W1, b1, W2, b2, N, D, E, He);
-}
-static rd_status ck_experts_backward(void *ex, float *dx, float *dG, float *dW1, float *db1,
-                                     float *dW2, float *db2, const float *dy, const float *W1,
-                                     const float *W2, int64_t N, int64_t D, int64_t E, int64_t He) {
-    CK("experts_backward", dx, dG, dW1, db1, dW2, db2, dy, W1, W2);
-    return CPU.experts_backward(ex, dx, dG, dW1, db1, dW2, db2, dy, W1, W2, N, D, E, He);
-}
-static rd_status ck_adamw_step(float *params, const float *grads, float *m, float *v, float *ema,
-                               int64_t n, double lr, double b1, double b2, double eps, double wd,
-                               int64_t step, double grad_scale, double ema_decay) {
-    CK("adamw_step", params, grads, m, v, ema);
-    return CPU.adamw_step(params, grads, m, v, ema, n, lr, b1, b2, eps, wd, step, grad_scale,
-                          ema_decay);
-}
-static rd_status ck_grad_norm(void *ctx, double *out, const float *grads, int64_t n) {
-    CK("grad_norm", grads);
-    return CPU.grad_norm(ctx, out, grads, n);
-}
-static rd_status ck_nonfinite_index(int64_t *index, const float *x, int64_t n) {
-    CK("nonfinite_index", x);
-    return CPU.nonfinite_index(index, x, n);
-}
+/* ck_<op>(params): CK of the listed pointer arguments, then the CPU op with args. */
+#define CHECKED(op, params, args, ...)                 \
+    static rd_status ck_##op params {                  \
+        CK(#op, __VA_ARGS__);                          \
+        return CPU.op args;                            \
+    }
+
+CHECKED(patchify, (float *tok, const float *img, int64_t B, int64_t C, int64_t H, int64_t W,
+        int64_t p, rd_patch_order o),
+        (tok, img, B, C, H, W, p, o), tok, img)
+CHECKED(unpatchify, (float *img, const float *tok, int64_t B, int64_t C, int64_t H, int64_t W,
+        int64_t p, rd_patch_order o),
+        (img, tok, B, C, H, W, p, o), img, tok)
+CHECKED(patch_embed, (void *ctx, float *x, const float *patches, const float *W, const float *b,
+        const float *pe, int64_t B, int64_t L, int64_t IC, int64_t D),
+        (ctx, x, patches, W, b, pe, B, L, IC, D), x, patches, W, b, pe)
+CHECKED(timestep_embedding, (float *emb, const float *t, int64_t B, int64_t F, float mp),
+        (emb, t, B, F, mp), emb, t)
+CHECKED(linear_forward, (void *ctx, float *out, const float *inp, const float *W, const float *b,
+        int64_t N, int64_t IC, int64_t OC),
+        (ctx, out, inp, W, b, N, IC, OC), out, inp, W, b)
+CHECKED(linear_backward, (void *ctx, float *dinp, float *dW, float *db, const float *dout,
+        const float *inp, const float *W, int64_t N, int64_t IC, int64_t OC),
+        (ctx, dinp, dW, db, dout, inp, W, N, IC, OC), dinp, dW, db, dout, inp, W)
+CHECKED(layernorm_forward, (float *out, float *rstd, const float *inp, int64_t N, int64_t D),
+        (out, rstd, inp, N, D), out, rstd, inp)
+CHECKED(layernorm_backward, (float *dinp_acc, const float *dout, const float *out,
+        const float *rstd, int64_t N, int64_t D),
+        (dinp_acc, dout, out, rstd, N, D), dinp_acc, dout, out, rstd)
+CHECKED(modulate_forward, (float *out, const float *inp, const float *shift, const float *scale,
+        int64_t B, int64_t L, int64_t D, int64_t S),
+        (out, inp, shift, scale, B, L, D, S), out, inp, shift, scale)
+CHECKED(modulate_backward, (float *dinp, float *dshift, float *dscale, const float *dout,
+        const float *inp, const float *scale, int64_t B, int64_t L, int64_t D, int64_t S),
+        (dinp, dshift, dscale, dout, inp, scale, B, L, D, S),
+        dinp, dshift, dscale, dout, inp, scale)
+CHECKED(gated_residual_forward, (float *out, const float *inp, const float *h, const float *gate,
+        int64_t B, int64_t L, int64_t D, int64_t S),
+        (out, inp, h, gate, B, L, D, S), out, inp, h, gate)
+CHECKED(gated_residual_backward, (float *dh, float *dgate, const float *dout, const float *h,
+        const float *gate, int64_t B, int64_t L, int64_t D, int64_t S),
+        (dh, dgate, dout, h, gate, B, L, D, S), dh, dgate, dout, h, gate)
+CHECKED(attention_forward, (void *ctx, float *out, float *att, const float *qkv, int64_t B,
+        int64_t L, int64_t D, int64_t NH),
+        (ctx, out, att, qkv, B, L, D, NH), out, att, qkv)
+CHECKED(attention_backward, (void *ctx, float *dqkv, float *datt, const float *dout,
+        const float *qkv, const float *att, int64_t B, int64_t L, int64_t D, int64_t NH),
+        (ctx, dqkv, datt, dout, qkv, att, B, L, D, NH), dqkv, datt, dout, qkv, att)
+CHECKED(silu_forward, (float *out, const float *inp, int64_t n),
+        (out, inp, n), out, inp)
+CHECKED(silu_backward, (float *dinp, const float *dout, const float *inp, int64_t n),
+        (dinp, dout, inp, n), dinp, dout, inp)
+CHECKED(gelu_forward, (float *out, const float *inp, int64_t n),
+        (out, inp, n), out, inp)
+CHECKED(gelu_backward, (float *dinp, const float *dout, const float *inp, int64_t n),
+        (dinp, dout, inp, n), dinp, dout, inp)
+CHECKED(embedding_forward, (float *out, const int64_t *y, const float *table, int64_t B,
+        int64_t V, int64_t D),
+        (out, y, table, B, V, D), out, y, table)
+CHECKED(embedding_backward, (float *dtable, const float *dout, const int64_t *y, int64_t B,
+        int64_t V, int64_t D),
+        (dtable, dout, y, B, V, D), dtable, dout, y)
+CHECKED(add, (float *y, const float *x, int64_t n),
+        (y, x, n), y, x)
+CHECKED(mse, (void *ctx, double *loss, float *dout, const float *out, const float *target,
+        int64_t B, int64_t C, int64_t Co, int64_t HW),
+        (ctx, loss, dout, out, target, B, C, Co, HW), dout, out, target)
+CHECKED(gated_norm, (void *ctx, double *out, const float *v, const float *gate, int64_t B,
+        int64_t L, int64_t D, int64_t S),
+        (ctx, out, v, gate, B, L, D, S), v, gate)
+CHECKED(route, (uint8_t *mask, float *tau_b, const float *scores, int64_t B, int64_t L, int64_t E,
+        int64_t k, rd_strategy s),
+        (mask, tau_b, scores, B, L, E, k, s), mask, tau_b, scores)
+CHECKED(route_threshold, (uint8_t *mask, const float *scores, int64_t n, float tau),
+        (mask, scores, n, tau), mask, scores)
+CHECKED(gate_forward, (float *G, const float *R, int64_t N, int64_t E, rd_gating g),
+        (G, R, N, E, g), G, R)
+CHECKED(gate_backward, (float *dR, const float *dG, const float *G, int64_t N, int64_t E,
+        rd_gating g),
+        (dR, dG, G, N, E, g), dR, dG, G)
+CHECKED(router_forward, (float *hpre, float *h, float *R, const float *x, const float *Wr,
+        const float *br, const float *Wg, const float *bg, int64_t N, int64_t D, int64_t E),
+        (hpre, h, R, x, Wr, br, Wg, bg, N, D, E), hpre, h, R, x, Wr, br, Wg, bg)
+CHECKED(router_backward, (float *dx_acc, float *dWr, float *dbr, float *dWg, float *dbg,
+        float *dh, const float *dR, const float *dh_extra, const float *hpre, const float *h,
+        const float *x, const float *Wr, const float *Wg, int64_t N, int64_t D, int64_t E),
+        (dx_acc, dWr, dbr, dWg, dbg, dh, dR, dh_extra, hpre, h, x, Wr, Wg, N, D, E),
+        dx_acc, dWr, dbr, dWg, dbg, dh, dR, dh_extra, hpre, h, x, Wr, Wg)
+CHECKED(experts_forward, (void *ex, float *y, const uint8_t *mask, const float *G, const float *x,
+        const float *W1, const float *b1, const float *W2, const float *b2, int64_t N, int64_t D,
+        int64_t E, int64_t He),
+        (ex, y, mask, G, x, W1, b1, W2, b2, N, D, E, He), y, mask, G, x, W1, b1, W2, b2)
+CHECKED(experts_backward, (void *ex, float *dx, float *dG, float *dW1, float *db1, float *dW2,
+        float *db2, const float *dy, const float *W1, const float *W2, int64_t N, int64_t D,
+        int64_t E, int64_t He),
+        (ex, dx, dG, dW1, db1, dW2, db2, dy, W1, W2, N, D, E, He),
+        dx, dG, dW1, db1, dW2, db2, dy, W1, W2)
+CHECKED(adamw_step, (float *params, const float *grads, float *m, float *v, float *ema, int64_t n,
+        double lr, double b1, double b2, double eps, double wd, int64_t step, double grad_scale,
+        double ema_decay),
+        (params, grads, m, v, ema, n, lr, b1, b2, eps, wd, step, grad_scale, ema_decay),
+        params, grads, m, v, ema)
+CHECKED(grad_norm, (void *ctx, double *out, const float *grads, int64_t n),
+        (ctx, out, grads, n), grads)
+CHECKED(nonfinite_index, (int64_t *index, const float *x, int64_t n),
+        (index, x, n), x)
 
 static rd_status ck_sync(void) { return RD_OK; }
 static rd_status ck_ctx_new(void **ctx) { return CPU.ctx_new(ctx); }
