@@ -207,20 +207,22 @@ __global__ void silu_bwd_kernel(float *dinp, const float *dout, const float *inp
     }
 }
 
-extern "C" rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n) {
-    if (n < 0) return rd_fail(RD_EINVAL, "silu_cuda: n must be >= 0, got %lld", (long long)n);
+/* An elementwise kernel over n items with arguments (args..., n), on the one stream. */
+template <typename K, typename... A>
+static rd_status ew_launch(const char *op, K kernel, int64_t n, A... args) {
+    if (n < 0) return rd_fail(RD_EINVAL, "%s: n must be >= 0, got %lld", op, (long long)n);
     if (n == 0) return RD_OK;
-    silu_fwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(out, inp, n);
-    CU_LAUNCHED("silu_fwd_kernel");
+    kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(args..., n);
+    CU_LAUNCHED(op);
     return RD_OK;
 }
 
+extern "C" rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n) {
+    return ew_launch("silu_cuda", silu_fwd_kernel, n, out, inp);
+}
+
 extern "C" rd_status rd_silu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n) {
-    if (n < 0) return rd_fail(RD_EINVAL, "silu_backward_cuda: n must be >= 0, got %lld", (long long)n);
-    if (n == 0) return RD_OK;
-    silu_bwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(dinp, dout, inp, n);
-    CU_LAUNCHED("silu_bwd_kernel");
-    return RD_OK;
+    return ew_launch("silu_backward_cuda", silu_bwd_kernel, n, dinp, dout, inp);
 }
 
 /* ---- timestep embedding ------------------------------------------------------------- */
@@ -307,19 +309,11 @@ __global__ void gelu_bwd_kernel(float *dinp, const float *dout, const float *inp
 }
 
 extern "C" rd_status rd_gelu_forward_cuda(float *out, const float *inp, int64_t n) {
-    if (n < 0) return rd_fail(RD_EINVAL, "gelu_cuda: n must be >= 0, got %lld", (long long)n);
-    if (n == 0) return RD_OK;
-    gelu_fwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(out, inp, n);
-    CU_LAUNCHED("gelu_fwd_kernel");
-    return RD_OK;
+    return ew_launch("gelu_cuda", gelu_fwd_kernel, n, out, inp);
 }
 
 extern "C" rd_status rd_gelu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n) {
-    if (n < 0) return rd_fail(RD_EINVAL, "gelu_backward_cuda: n must be >= 0, got %lld", (long long)n);
-    if (n == 0) return RD_OK;
-    gelu_bwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(dinp, dout, inp, n);
-    CU_LAUNCHED("gelu_bwd_kernel");
-    return RD_OK;
+    return ew_launch("gelu_backward_cuda", gelu_bwd_kernel, n, dinp, dout, inp);
 }
 
 /* out (B,D) = table[y[b]] (labels validated on the host). */
@@ -364,9 +358,5 @@ __global__ void add_kernel(float *y, const float *x, int64_t n) {
 }
 
 extern "C" rd_status rd_add_cuda(float *y, const float *x, int64_t n) {
-    if (n < 0) return rd_fail(RD_EINVAL, "add_cuda: n must be >= 0, got %lld", (long long)n);
-    if (n == 0) return RD_OK;
-    add_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(y, x, n);
-    CU_LAUNCHED("add_kernel");
-    return RD_OK;
+    return ew_launch("add_cuda", add_kernel, n, y, x);
 }

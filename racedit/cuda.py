@@ -236,8 +236,11 @@ def info():
 
 def bench_moe(state_cfg, x, params, dy, iters=20, precision="fp32"):
     """Device-resident timings (ms per call) of the layer described by ``state_cfg`` (a
-    :class:`MoEState`'s ``cfg``) on x, dy (B,L,D) and ``params`` (flat): routing, forward,
-    forward+backward, experts alone, and dense GEMMs of equal FLOPs, all with the expert
-    ``precision``. Returns a dict of ms and ``P``."""
+    :class:`MoEState`'s ``cfg``, or a dict with D, E, He for dim, num_experts, expert_hidden)
+    on x, dy (B,L,D) and ``params`` (flat): routing, forward, forward+backward, experts
+    alone, and dense GEMMs of equal FLOPs, all with the expert ``precision``. Returns a dict
+    of ms and ``P``."""
     _require()
-    return _C.cuda_bench_moe(x, params, dy, int(iters), precision, **state_cfg)
+    names = {"D": "dim", "E": "num_experts", "He": "expert_hidden"}
+    settings = {names.get(k, k): v for k, v in state_cfg.items()}
+    return _C.cuda_bench_moe(x, params, dy, int(iters), precision, **settings)

@@ -148,7 +148,12 @@ static PyObject *py_model_buffer(PyObject *self, PyObject *args) {
     const rd_backend *be = rd_model_backend(box->m);
     npy_intp n[1] = {(npy_intp)rd_model_num_params(box->m)};
     float *buf = rd_model_buffer(box->m, which);
-    if (!be->host_memory) return rd_download_array(be, buf, 1, n, F32);
+    if (!be->host_memory) { /* a copy, taken while no other call works on the model */
+        if (rd_take(&box->busy, "model") < 0) return NULL;
+        PyObject *copy = rd_download_array(be, buf, 1, n, F32);
+        rd_give(&box->busy);
+        return copy;
+    }
     PyObject *view = PyArray_SimpleNewFromData(1, n, F32, buf);
     if (view && PyArray_SetBaseObject((PyArrayObject *)view, Py_NewRef(cap)) < 0) Py_CLEAR(view);
     return view;
