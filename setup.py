@@ -262,12 +262,14 @@ def ext_include(ext):
     return ["-I" + d for d in ext.include_dirs]
 
 
-sources = sorted(glob.glob("csrc/cpu/*.c")) + sorted(glob.glob("csrc/binding/*.c"))
+sources = (sorted(glob.glob("csrc/cpu/*.c")) + sorted(glob.glob("csrc/core/*.c"))
+           + sorted(glob.glob("csrc/binding/*.c")))
 ext = Extension(
     "racedit._C",
     sources=sources,
     include_dirs=[np.get_include(), "csrc"],
-    depends=glob.glob("csrc/*.h") + glob.glob("csrc/binding/*.h") + glob.glob("cuda/*.cu*"),
+    depends=(glob.glob("csrc/*.h") + glob.glob("csrc/core/*.h") + glob.glob("csrc/binding/*.h")
+             + glob.glob("cuda/*.cu*")),
 )
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

@@ -1,6 +1,8 @@
-/* cuda.h — the CUDA backend's C API: the ops of route.h and moe.h as `rd_<op>_cuda`, with
- * the same argument order as the CPU ops but DEVICE pointers, plus the device-memory
- * functions the binding and benchmarks need. Included by racedit.h under RD_HAVE_CUDA.
+/* cuda.h — the CUDA backend's C API: the ops of route.h, moe.h and model.h as
+ * `rd_<op>_cuda`, with the same argument order as the CPU ops but DEVICE pointers, plus the
+ * device-memory functions; cuda/backend.cu puts them behind the op table of backend.h
+ * (rd_backend_cuda), which the model graph and the binding use. Included by racedit.h
+ * under RD_HAVE_CUDA.
  *
  * Every function runs on one stream (the legacy default stream, which cuBLAS also uses),
  * never exits or prints, checks every cudaError_t / cublasStatus_t and returns an
@@ -41,13 +43,12 @@ int rd_cuda_get_tf32(void);
 void rd_cuda_set_expert_gemm(int mode);
 int rd_cuda_get_expert_gemm(void);
 
-/* Precision of the expert GEMMs of a device MoE layer / experts handle:
- *  FP32  exact fp32 products (TF32 when rd_cuda_set_tf32(1) is on, as every fp32 GEMM);
- *  TF32  TF32 tensor cores, fp32 storage;
- *  BF16  bf16 copies of the activations and expert weights feed the GEMMs (fp32
- *        accumulation, CUBLAS_COMPUTE_32F); weights stay fp32 masters (converted on each
- *        forward), gradients, biases, the combine, router, gate and routing are fp32. */
-typedef enum { RD_PREC_FP32 = 0, RD_PREC_TF32 = 1, RD_PREC_BF16 = 2 } rd_precision;
+/* Precision (backend.h's rd_precision) of the expert GEMMs of a device MoE layer / experts
+ * handle: FP32 exact fp32 products (TF32 when rd_cuda_set_tf32(1) is on, as every fp32
+ * GEMM); TF32 tensor cores, fp32 storage; BF16 bf16 copies of the activations and expert
+ * weights feed the GEMMs (fp32 accumulation, CUBLAS_COMPUTE_32F); weights stay fp32 masters
+ * (converted on each forward), gradients, biases, the combine, router, gate and routing are
+ * fp32. */
 
 /* Row-major C (M,N) = alpha op(A) op(B) + beta C on device, exactly as rd_matmul. */
 rd_status rd_matmul_cuda(float *C, int ldc, const float *A, int lda, int transA,
@@ -122,18 +123,10 @@ rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const float *x,
 rd_status rd_moe_backward_cuda(rd_moe_cuda_state *st, float *dx, const rd_moe_params *grad,
                                const float *dy, const float *x,
                                const rd_moe_cfg *cfg, const rd_moe_params *p);
-/* What the last forward left in the state: sizes, DEVICE pointers (mask, G, R, h, valid
- * until the next forward or free), the per-expert counts as a HOST array, and tau/tau_b
- * read back from the device (synchronises). NULL / 0 before the first forward. */
-typedef struct {
-    int64_t B, L, N, D, E, He, P;
-    int have_forward, have_tau;
-    float tau, tau_b;
-    const uint8_t *mask;      /* (N,E) device */
-    const float *G, *R, *h;   /* (N,E), (N,E), (N,D) device */
-    const int64_t *counts;    /* (E) host */
-} rd_moe_cuda_view;
-rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *out);
+/* What the last forward left in the state (moe.h's rd_moe_view): sizes, DEVICE pointers
+ * (mask, G, R, h, valid until the next forward or free), the per-expert counts as a HOST
+ * array, and tau/tau_b read back from the device (synchronises). */
+rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_view *out);
 /* Precision of the layer's expert GEMMs (rd_precision, default fp32); the router, gate
  * and routing stay fp32 (TF32 router GEMMs only under rd_cuda_set_tf32(1)), so the masks
  * do not depend on it. A change drops the last forward. RD_EINVAL for an unknown value. */
@@ -169,6 +162,19 @@ rd_status rd_gated_residual_backward_cuda(float *dh, float *dgate, const float *
                                           const float *h, const float *gate, int64_t B, int64_t L,
                                           int64_t D, int64_t S);
 rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n);
+rd_status rd_gelu_forward_cuda(float *out, const float *inp, int64_t n);
+rd_status rd_gelu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n);
+rd_status rd_patchify_forward_cuda(float *tok, const float *img, int64_t B, int64_t C, int64_t H,
+                                   int64_t W, int64_t p, rd_patch_order order);
+rd_status rd_unpatchify_forward_cuda(float *img, const float *tok, int64_t B, int64_t C,
+                                     int64_t H, int64_t W, int64_t p, rd_patch_order order);
+/* y (device, validated by the caller) indexes table (V,D); the backward walks the batch in
+ * order per column (deterministic). y (n) += x (n). */
+rd_status rd_embedding_forward_cuda(float *out, const int64_t *y, const float *table, int64_t B,
+                                    int64_t V, int64_t D);
+rd_status rd_embedding_backward_cuda(float *dtable, const float *dout, const int64_t *y,
+                                     int64_t B, int64_t V, int64_t D);
+rd_status rd_add_cuda(float *y, const float *x, int64_t n);
 rd_status rd_silu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n);
 rd_status rd_timestep_embedding_forward_cuda(float *emb, const float *t, int64_t B, int64_t F,
                                              float max_period);
@@ -201,80 +207,6 @@ rd_status rd_ema_update_cuda(float *ema, const float *params, int64_t n, double 
 rd_status rd_grad_norm_cuda(double *out_dev, const float *grads, int64_t n);
 /* *index = the first i with x[i] NaN or +-Inf, or -1. Synchronises. */
 rd_status rd_nonfinite_index_cuda(int64_t *index, const float *x, int64_t n);
-
-/* ---- the whole model (model.cu) ---------------------------------------------------
- * Race-DiT / DiT of model.h on the device. The parameter layout is rd_model_new's for the
- * same configuration (rd_model_cuda_layout gives that CPU model: its tensor table, its
- * config), so one flat buffer serves both backends. The handle owns five device buffers
- * of rd_model_cuda_num_params floats (params, grads, AdamW m and v, EMA; zeros at
- * creation) and the activations (device, carved for the largest batch as the CPU).
- * forward / backward / train_step take HOST arrays and copy them at the boundary; t and
- * y are validated on the host (t in [0, RD_T_MAX], y in [0, num_classes]). Grads
- * ACCUMULATE in backward; train_step zeroes them first. */
-enum { RD_MODEL_CUDA_PARAMS = 0, RD_MODEL_CUDA_GRADS = 1, RD_MODEL_CUDA_ADAM_M = 2,
-       RD_MODEL_CUDA_ADAM_V = 3, RD_MODEL_CUDA_EMA = 4, RD_MODEL_CUDA_NBUF = 5 };
-typedef struct rd_model_cuda rd_model_cuda;
-rd_status rd_model_cuda_new(rd_model_cuda **out, const rd_model_cfg *cfg);
-void rd_model_cuda_free(rd_model_cuda *m);
-const rd_model *rd_model_cuda_layout(const rd_model_cuda *m);
-int64_t rd_model_cuda_num_params(const rd_model_cuda *m);
-/* DEVICE pointer of buffer `which` (RD_MODEL_CUDA_*), NULL for a bad index. */
-float *rd_model_cuda_buffer(rd_model_cuda *m, int which);
-int64_t rd_model_cuda_num_moe(const rd_model_cuda *m);
-rd_moe_cuda_state *rd_model_cuda_moe_state(rd_model_cuda *m, int64_t l);
-rd_status rd_model_cuda_reserve(rd_model_cuda *m, int64_t max_batch, int fixed);
-int64_t rd_model_cuda_max_batch(const rd_model_cuda *m);
-int64_t rd_model_cuda_last_batch(const rd_model_cuda *m);
-/* Precision of the model's GEMMs (rd_precision). RD_PREC_BF16: every linear layer (the
- * embedders, adaLN, qkv / proj, the dense FFN, the final layer), the attention products and
- * the MoE blocks' expert GEMMs take bf16 operands with fp32 accumulation and fp32 results;
- * the master weights, gradients, activations, softmax, layernorm, the routers and the
- * routing stay fp32. Each forward rounds the weights it uses into a bf16 copy that its
- * backward reads. RD_PREC_TF32 sets the expert GEMMs to TF32 (the rest follows
- * rd_cuda_set_tf32). Drops the last forward. */
-rd_status rd_model_cuda_set_precision(rd_model_cuda *m, int prec);
-/* AdamW steps taken (the bias correction's step count); settable for resuming. */
-int64_t rd_model_cuda_get_step(const rd_model_cuda *m);
-rd_status rd_model_cuda_set_step(rd_model_cuda *m, int64_t step);
-/* out (B,Co,H,W, HOST, may be NULL: kept on the device only) = model(x (B,C,H,W), t (B),
- * y (B)), all HOST; plr_target (B,C,H,W, HOST, may be NULL) as rd_model_forward. */
-rd_status rd_model_cuda_forward(rd_model_cuda *m, float *out, const float *x, const float *t,
-                                const int64_t *y, const float *plr_target, int64_t B,
-                                int training);
-/* rd_model_infer on the device: out (B,Co,H,W, HOST) = rd_model_cuda_forward(..., NULL,
- * B, 0), bit for bit, from x, t, y (HOST) in an inference arena of the model's own (one
- * block's activations shared by the blocks, one MoE workspace given each block's tau;
- * grown to the largest batch, max_batch does not apply), leaving the training activations,
- * the last forward and the thresholds as they were. Release frees that arena. */
-rd_status rd_model_cuda_infer(rd_model_cuda *m, float *out, const float *x, const float *t,
-                              const int64_t *y, int64_t B);
-void rd_model_cuda_infer_release(rd_model_cuda *m);
-int64_t rd_model_cuda_infer_batch(const rd_model_cuda *m);
-/* grads += d<dout (B,Co,H,W, HOST), out>/d params plus the MoE aux-loss gradients. */
-rd_status rd_model_cuda_backward(rd_model_cuda *m, const float *dout);
-/* out (depth, 2, HOST) as rd_model_branch_norms, computed on the device (only the
- * 2*depth results come back). RD_ESTATE before any forward. */
-rd_status rd_model_cuda_branch_norms(rd_model_cuda *m, double *out);
-/* One training step on the device: forward (training; the MoE PLR heads regress `target`
- * when plr_weight != 0), loss = mean((out[:, :C] - target)^2) over (B,C,H,W) (with
- * learn_sigma the variance channels get no gradient), grads zeroed then backward, the
- * optional clip to max_grad_norm (0: off; one read-back of the norm), then AdamW (step
- * count + 1) fused with the EMA (ema_decay < 0: no EMA). x, t, y, target are HOST arrays;
- * the loss comes back, nothing else (the MoE layers keep their aux values). */
-typedef struct {
-    double lr, beta1, beta2, eps, weight_decay, max_grad_norm, ema_decay;
-} rd_model_cuda_opt;
-typedef struct {
-    double loss, grad_norm; /* grad_norm: NaN when not clipping */
-    int64_t step;
-} rd_model_cuda_step_out;
-rd_status rd_model_cuda_train_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
-                                   const float *x, const float *t, const int64_t *y,
-                                   const float *target, int64_t B, const rd_model_cuda_opt *o);
-/* The optimiser part of train_step alone (clip, AdamW + EMA) on the device gradients as
- * they are (e.g. after rd_model_cuda_backward with a host-computed dout); res->loss NaN. */
-rd_status rd_model_cuda_optimizer_step(rd_model_cuda *m, rd_model_cuda_step_out *res,
-                                       const rd_model_cuda_opt *o);
 
 /* ---- benchmark ----------------------------------------------------------------------
  * Device-resident timings (CUDA events, mean ms per call over `iters` after a warm-up)

@@ -1,5 +1,5 @@
 /* model.h — the DiT backbone of SPEC §1: its layers (csrc/cpu/dit.c) and the whole
- * model with MoE or dense blocks (csrc/cpu/model.c). Included by racedit.h; see there
+ * model with MoE or dense blocks, one graph on any backend's op table (csrc/core). Included by racedit.h; see there
  * for the conventions (row-major float32, parameter grads +=, activation grads =
  * unless named *_acc).
  *
@@ -129,30 +129,51 @@ typedef struct {
 } rd_tensor_info;
 
 typedef struct rd_model rd_model;
+struct rd_backend;
 
-/* Validates the configuration and builds the layout; no activation memory yet. */
-rd_status rd_model_new(rd_model **out, const rd_model_cfg *cfg);
+/* Validates the configuration, builds the layout and allocates, in the memory of backend
+ * `be` (backend.h), the five buffers of rd_model_num_params floats the model owns, the
+ * llm.c way: parameters, gradients, the AdamW moments m and v, and the EMA of the
+ * parameters (zeros; the caller initialises the parameters and the EMA). No activation
+ * memory yet. */
+rd_status rd_model_new(rd_model **out, const rd_model_cfg *cfg, const struct rd_backend *be);
 void rd_model_free(rd_model *m);
+const struct rd_backend *rd_model_backend(const rd_model *m);
 const rd_model_cfg *rd_model_config(const rd_model *m);
-int64_t rd_model_num_params(const rd_model *m);     /* floats in the parameter buffer */
+int64_t rd_model_num_params(const rd_model *m);     /* floats in each buffer */
 int rd_model_num_tensors(const rd_model *m);
 const rd_tensor_info *rd_model_tensor(const rd_model *m, int i);
-/* Number of MoE blocks (depth, or 0 when dense) and the state of MoE block l. */
+enum { RD_BUF_PARAMS = 0, RD_BUF_GRADS = 1, RD_BUF_ADAM_M = 2, RD_BUF_ADAM_V = 3,
+       RD_BUF_EMA = 4, RD_MODEL_NBUF = 5 };
+/* Buffer `which` (RD_BUF_*), backend memory laid out by the tensor table; NULL for a bad
+ * index. Read on every call (never cached): writing it takes effect at once. */
+float *rd_model_buffer(rd_model *m, int which);
+/* Number of MoE blocks (depth, or 0 when dense) and the backend MoE state of block l. */
 int64_t rd_model_num_moe(const rd_model *m);
-rd_moe_state *rd_model_moe_state(rd_model *m, int64_t l);
+void *rd_model_moe_state(rd_model *m, int64_t l);
+/* Precision of the model's GEMMs (rd_precision; the CPU has fp32 only). bf16: every linear
+ * layer, the attention products and the MoE blocks' expert GEMMs take bf16 operands with
+ * fp32 accumulation; each forward rounds the weights it uses into copies its backward
+ * reads. Drops the last forward. */
+rd_status rd_model_set_precision(rd_model *m, int prec);
+/* AdamW steps taken (the bias correction's count); settable for resuming. */
+int64_t rd_model_get_step(const rd_model *m);
+rd_status rd_model_set_step(rd_model *m, int64_t step);
 
 /* Allocate activations for batches up to max_batch. fixed=1: a larger batch is an error
  * naming max_batch; fixed=0: the buffers grow when a larger batch arrives. */
 rd_status rd_model_reserve(rd_model *m, int64_t max_batch, int fixed);
 int64_t rd_model_max_batch(const rd_model *m);       /* 0 before any allocation */
 
-/* out (B,Co,H,W) = model(x (B,C,H,W), t (B) in [0,1000], y (B) in [0,num_classes]).
- * params: the flat parameter buffer, read on every call (never cached).
+/* The entry points below take HOST arrays (x, t, y, targets, dout, out), validate t in
+ * [0, RD_T_MAX], y in [0, num_classes] and the targets' finiteness on the host, and copy
+ * them into the backend at the boundary; everything else stays in backend memory.
+ *
+ * out (B,Co,H,W, may be NULL: kept in the backend) = model(x (B,C,H,W), t (B), y (B)).
  * plr_target (B,C,H,W, may be NULL): the diffusion regression target, patchified here
  * for the MoE blocks' PLR heads. training selects the MoE routing mode. */
-rd_status rd_model_forward(rd_model *m, float *out, const float *params, const float *x,
-                           const float *t, const int64_t *y, const float *plr_target,
-                           int64_t B, int training);
+rd_status rd_model_forward(rd_model *m, float *out, const float *x, const float *t,
+                           const int64_t *y, const float *plr_target, int64_t B, int training);
 /* out (B,Co,H,W) = rd_model_forward(..., plr_target NULL, training 0), bit for bit, keeping
  * nothing for a backward: the blocks share one block's activations in an inference arena
  * of the model's own (grown to the largest batch seen, max_batch does not apply) and the
@@ -160,22 +181,50 @@ rd_status rd_model_forward(rd_model *m, float *out, const float *params, const f
  * routes by batch top-K). Memory O(B * one block), not O(B * depth). The training
  * activations, the last forward (backward, branch norms, the MoE layers' views) and the
  * thresholds are left as they were. */
-rd_status rd_model_infer(rd_model *m, float *out, const float *params, const float *x,
-                         const float *t, const int64_t *y, int64_t B);
+rd_status rd_model_infer(rd_model *m, float *out, const float *x, const float *t,
+                         const int64_t *y, int64_t B);
 /* Free the inference arena and workspace (the next rd_model_infer allocates them again),
  * and the batch it holds (0: none). */
 void rd_model_infer_release(rd_model *m);
 int64_t rd_model_infer_batch(const rd_model *m);
-/* Backward of the last forward: grads (flat, the parameters' layout) ACCUMULATE the
- * gradient of <dout (B,Co,H,W), out> plus the MoE blocks' weighted aux losses.
- * params must hold the values the forward used. RD_ESTATE before any forward. */
-rd_status rd_model_backward(rd_model *m, float *grads, const float *dout, const float *params);
+/* Backward of the last forward: the gradient buffer ACCUMULATES the gradient of
+ * <dout (B,Co,H,W), out> plus the MoE blocks' weighted aux losses. The parameters must
+ * hold the values the forward used. RD_ESTATE before any forward. */
+rd_status rd_model_backward(rd_model *m, const float *dout);
 /* Batch size of the last forward (0 before any). */
 int64_t rd_model_last_batch(const rd_model *m);
 /* What each block of the last forward added to the residual stream (SPEC §5, the paper's
- * Fig. 5): out (depth, 2) = per block, the mean over its B*L tokens of the L2 norm of
- * gate1 * attention output and of gate2 * FFN/MoE output (the two branches before their
+ * Fig. 5): out (depth, 2, host) = per block, the mean over its B*L tokens of the L2 norm
+ * of gate1 * attention output and of gate2 * FFN/MoE output (the two branches before their
  * residual adds), summed in double. RD_ESTATE before any forward. */
-rd_status rd_model_branch_norms(const rd_model *m, double *out);
+rd_status rd_model_branch_norms(rd_model *m, double *out);
+
+/* ---- training ---------------------------------------------------------------------- */
+/* The optimiser's settings: AdamW (torch.optim.AdamW), the clip of the gradient norm
+ * (max_grad_norm 0: the norm is not even computed; inf: computed, never clipping) and the
+ * EMA decay (< 0: no EMA). */
+typedef struct {
+    double lr, beta1, beta2, eps, weight_decay, max_grad_norm, ema_decay;
+} rd_model_opt;
+typedef struct {
+    double loss;      /* the diffusion MSE (train_step; NaN for optimizer_step)             */
+    double aux;       /* the MoE blocks' weighted aux losses of the forward (0 when dense)   */
+    double grad_norm; /* NaN when not computed                                              */
+    int64_t step;     /* AdamW steps taken, after this one                                   */
+    int updated;      /* 0: the loss or the gradient norm was not finite; nothing changed   */
+} rd_model_step_out;
+/* The optimiser on the gradients as they are: the gradient norm (when max_grad_norm > 0),
+ * the clip scale min(1, max_grad_norm / (norm + 1e-6)), then AdamW (step count + 1) fused
+ * with the EMA of the updated parameters. A non-finite norm stops before any update
+ * (res->updated 0). */
+rd_status rd_model_optimizer_step(rd_model *m, rd_model_step_out *res, const rd_model_opt *o);
+/* One training step: forward in training mode (the MoE PLR heads regress `target`), loss =
+ * mean((out[:, :C] - target)^2) over (B,C,H,W) (with learn_sigma the variance channels get
+ * no gradient; summed in double in NumPy's pairwise order on the CPU), gradients zeroed
+ * then backward, and rd_model_optimizer_step. A non-finite loss + aux stops before the
+ * backward (res->updated 0). x, t, y, target are HOST arrays. */
+rd_status rd_model_train_step(rd_model *m, rd_model_step_out *res, const float *x,
+                              const float *t, const int64_t *y, const float *target, int64_t B,
+                              const rd_model_opt *o);
 
 #endif

@@ -85,6 +85,7 @@ float rd_gelu_erf_grad(float x);
 #include "losses.h"
 #include "model.h"
 #include "optim.h"
+#include "backend.h"
 #ifdef RD_HAVE_CUDA
 #include "cuda.h"
 #endif

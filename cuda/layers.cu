@@ -207,20 +207,22 @@ __global__ void silu_bwd_kernel(float *dinp, const float *dout, const float *inp
     }
 }
 
-extern "C" rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n) {
-    if (n < 0) return rd_fail(RD_EINVAL, "silu_cuda: n must be >= 0, got %lld", (long long)n);
+/* An elementwise kernel over n items with arguments (args..., n), on the one stream. */
+template <typename K, typename... A>
+static rd_status ew_launch(const char *op, K kernel, int64_t n, A... args) {
+    if (n < 0) return rd_fail(RD_EINVAL, "%s: n must be >= 0, got %lld", op, (long long)n);
     if (n == 0) return RD_OK;
-    silu_fwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(out, inp, n);
-    CU_LAUNCHED("silu_fwd_kernel");
+    kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(args..., n);
+    CU_LAUNCHED(op);
     return RD_OK;
 }
 
+extern "C" rd_status rd_silu_forward_cuda(float *out, const float *inp, int64_t n) {
+    return ew_launch("silu_cuda", silu_fwd_kernel, n, out, inp);
+}
+
 extern "C" rd_status rd_silu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n) {
-    if (n < 0) return rd_fail(RD_EINVAL, "silu_backward_cuda: n must be >= 0, got %lld", (long long)n);
-    if (n == 0) return RD_OK;
-    silu_bwd_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(dinp, dout, inp, n);
-    CU_LAUNCHED("silu_bwd_kernel");
-    return RD_OK;
+    return ew_launch("silu_backward_cuda", silu_bwd_kernel, n, dinp, dout, inp);
 }
 
 /* ---- timestep embedding ------------------------------------------------------------- */
@@ -246,4 +248,115 @@ extern "C" rd_status rd_timestep_embedding_forward_cuda(float *emb, const float 
         emb, t, B, F / 2, log((double)max_period));
     CU_LAUNCHED("timestep_kernel");
     return RD_OK;
+}
+
+/* ---- patches, GELU, label embedding, add: the rest of the model graph's elementwise ops --- */
+
+/* Between images (B,C,H,W) and patch tokens (B,L,p*p*C): one thread per element, a
+ * bijection, so either direction writes each element once. to_tok: tok <- img. */
+__global__ void patch_kernel(float *tok, float *img, int to_tok, int64_t C, int64_t H, int64_t W,
+                             int64_t p, int ijc, int64_t n) {
+    const int64_t gw = W / p, L = (H / p) * gw, F = p * p * C;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        int64_t f = e % F, bl = e / F, l = bl % L, b = bl / L;
+        int64_t c, i, j;
+        if (ijc) { c = f % C; j = (f / C) % p; i = f / (C * p); }
+        else { j = f % p; i = (f / p) % p; c = f / (p * p); }
+        int64_t hi = l / gw, wi = l % gw;
+        int64_t g = ((b * C + c) * H + hi * p + i) * W + wi * p + j;
+        if (to_tok) tok[e] = img[g];
+        else img[g] = tok[e];
+    }
+}
+
+static rd_status patch_op(float *tok, float *img, int to_tok, int64_t B, int64_t C, int64_t H,
+                          int64_t W, int64_t p, rd_patch_order order) {
+    if (B < 0 || C <= 0 || p <= 0 || H % p || W % p)
+        return rd_fail(RD_EINVAL, "patchify_cuda: bad sizes B=%lld C=%lld H=%lld W=%lld p=%lld",
+                       (long long)B, (long long)C, (long long)H, (long long)W, (long long)p);
+    const int64_t n = B * C * H * W;
+    if (n == 0) return RD_OK;
+    patch_kernel<<<rd_grid(n, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(tok, img, to_tok, C, H, W, p,
+                                                                       order == RD_PATCH_IJC, n);
+    CU_LAUNCHED("patch_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_patchify_forward_cuda(float *tok, const float *img, int64_t B, int64_t C,
+                                              int64_t H, int64_t W, int64_t p,
+                                              rd_patch_order order) {
+    return patch_op(tok, (float *)img, 1, B, C, H, W, p, order);
+}
+
+extern "C" rd_status rd_unpatchify_forward_cuda(float *img, const float *tok, int64_t B, int64_t C,
+                                                int64_t H, int64_t W, int64_t p,
+                                                rd_patch_order order) {
+    return patch_op((float *)tok, img, 0, B, C, H, W, p, order);
+}
+
+__global__ void gelu_fwd_kernel(float *out, const float *inp, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = d_gelu_tanh(inp[i]);
+}
+
+/* dinp = dout * gelu'(inp); dinp may alias dout. */
+__global__ void gelu_bwd_kernel(float *dinp, const float *dout, const float *inp, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        dinp[i] = dout[i] * d_gelu_tanh_grad(inp[i]);
+}
+
+extern "C" rd_status rd_gelu_forward_cuda(float *out, const float *inp, int64_t n) {
+    return ew_launch("gelu_cuda", gelu_fwd_kernel, n, out, inp);
+}
+
+extern "C" rd_status rd_gelu_backward_cuda(float *dinp, const float *dout, const float *inp, int64_t n) {
+    return ew_launch("gelu_backward_cuda", gelu_bwd_kernel, n, dinp, dout, inp);
+}
+
+/* out (B,D) = table[y[b]] (labels validated on the host). */
+__global__ void embed_fwd_kernel(float *out, const float *table, const int64_t *y, int64_t D,
+                                 int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = table[y[i / D] * D + i % D];
+}
+
+/* dtable (V,D) += scatter of dout (B,D) by y: thread d walks the batch in order, so repeated
+ * labels add in batch order (deterministic, no atomics). */
+__global__ void embed_bwd_kernel(float *dtable, const float *dout, const int64_t *y, int64_t B,
+                                 int64_t D) {
+    int64_t d = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= D) return;
+    for (int64_t b = 0; b < B; b++) dtable[y[b] * D + d] += dout[b * D + d];
+}
+
+extern "C" rd_status rd_embedding_forward_cuda(float *out, const int64_t *y, const float *table,
+                                               int64_t B, int64_t V, int64_t D) {
+    if (B < 0 || V <= 0 || D <= 0) return rd_fail(RD_EINVAL, "embedding_cuda: bad sizes");
+    if (B == 0) return RD_OK;
+    embed_fwd_kernel<<<rd_grid(B * D, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(out, table, y, D, B * D);
+    CU_LAUNCHED("embed_fwd_kernel");
+    return RD_OK;
+}
+
+extern "C" rd_status rd_embedding_backward_cuda(float *dtable, const float *dout, const int64_t *y,
+                                                int64_t B, int64_t V, int64_t D) {
+    if (B < 0 || V <= 0 || D <= 0) return rd_fail(RD_EINVAL, "embedding_backward_cuda: bad sizes");
+    if (B == 0) return RD_OK;
+    embed_bwd_kernel<<<rd_blocks(D, LY_THREADS), LY_THREADS, 0, RD_STREAM>>>(dtable, dout, y, B, D);
+    CU_LAUNCHED("embed_bwd_kernel");
+    return RD_OK;
+}
+
+__global__ void add_kernel(float *y, const float *x, int64_t n) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        y[i] += x[i];
+}
+
+extern "C" rd_status rd_add_cuda(float *y, const float *x, int64_t n) {
+    return ew_launch("add_cuda", add_kernel, n, y, x);
 }

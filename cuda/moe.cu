@@ -323,7 +323,7 @@ extern "C" int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st) {
     return st ? rd_experts_cuda_get_precision(st->ex) : 0;
 }
 
-extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_cuda_view *v) {
+extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_view *v) {
     memset(v, 0, sizeof *v);
     if (!st) return rd_fail(RD_EINVAL, "moe_cuda_state_view: NULL state");
     v->have_tau = st->have_tau;

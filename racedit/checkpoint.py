@@ -33,7 +33,7 @@ from .data import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "rng_from_state",
            "CheckpointError", "FORMAT", "PARAM_FAMILIES", "pack_params", "unpack_params",
-           "set_thresholds"]
+           "unpacked_params", "set_thresholds"]
 
 FORMAT = "racedit-checkpoint/1"
 # Flat-buffer views saved per parameter name: live weights, EMA, AdamW first / second moments.
@@ -336,6 +336,14 @@ def unpack_params(model, tensors, prefix, buf, path):
             raise CheckpointError(f"{path}: tensor {key!r} has shape {a.shape}, the model "
                                   f"expects {tuple(shape)}")
         buf[off:off + a.size] = a.reshape(-1)
+
+
+def unpacked_params(model, tensors, prefix, path):
+    """A new flat float32 buffer filled by :func:`unpack_params` (for the models' setters:
+    ``set_param_buffer``, ``set_ema_buffer``, ``load_optimizer_state``)."""
+    buf = np.empty(model.num_params(), np.float32)
+    unpack_params(model, tensors, prefix, buf, path)
+    return buf
 
 
 def set_thresholds(m, tensors, path="checkpoint"):

@@ -139,7 +139,7 @@ def evaluate(model, val, weights=None):
     was_training = model.training
     try:
         if weights is not None:
-            model.param_buffer[...] = weights
+            model.set_param_buffer(np.ascontiguousarray(weights, np.float32))
         model.eval()
         for x_t, tm, y, target, b in val.batches():
             out = model.forward(x_t, tm, y)                              # (B,C_out,H,W)
@@ -158,7 +158,7 @@ def evaluate(model, val, weights=None):
                 loads = ld if loads is None else loads + ld
                 pairs = co if pairs is None else pairs + co
     finally:
-        model.param_buffer[...] = saved
+        model.set_param_buffer(saved)
         model.train(was_training)
     by_t = sq_sum / np.maximum(cnt, 1)
     res = {"loss": float(by_t[cnt > 0].mean()), "loss_by_t": by_t.tolist(),

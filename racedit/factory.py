@@ -3,14 +3,13 @@ precision) and the data set of a :class:`racedit.configs.TrainConfig`, new or re
 from a training checkpoint. The trainer, the sampler, the evaluation and the CLI build
 them here, so a checkpoint written by any of them loads the same way in all of them.
 """
-import numpy as np
-
-from .checkpoint import CheckpointError, load_checkpoint, set_thresholds, unpack_params
+from .checkpoint import CheckpointError, load_checkpoint, set_thresholds, unpacked_params
 from .configs import TrainConfig
+from .cuda import require_cuda
 from .data import ArrayDataset, load_data
 from .model import RaceDiT
 
-__all__ = ["DEVICES", "PRECISIONS", "check_device", "on_device", "build_model",
+__all__ = ["DEVICES", "PRECISIONS", "check_device", "build_model",
            "build_dataset", "load_params", "model_from_checkpoint"]
 
 DEVICES = ("cpu", "cuda")
@@ -21,38 +20,23 @@ def check_device(device, precision):
     """Validate a (device, precision) pair: ValueError for an unknown one, a reduced
     precision on the CPU, or ``device="cuda"`` (the ``--device cuda`` flag) when CUDA is
     not available, saying why (racedit built without CUDA, or no usable device)."""
-    if device not in DEVICES:
+    if device not in DEVICES + ("check",):  # "check": the checking backend, for the tests
         raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if device == "cpu" and precision != "fp32":
+    if device != "cuda" and precision != "fp32":
         raise ValueError(f"precision {precision!r} (--precision) needs device 'cuda' "
                          "(--device cuda); the CPU trains in fp32")
     if device == "cuda":
         try:
-            _require_cuda()
+            require_cuda()
         except RuntimeError as e:
             raise ValueError(f"device 'cuda' (--device cuda): {e}") from None
 
 
-def _require_cuda():
-    """RuntimeError saying why CUDA is not available (built without it, or no device)."""
-    from .cuda import _require
-
-    _require()
-
-
 def _new_model(device, precision, *args, **kwargs):
-    """RaceDiT on ``device``; the CUDA model's GEMMs are bf16 for precision "bf16"."""
-    if device == "cuda":
-        return RaceDiT(*args, device="cuda", dtype="bf16" if precision == "bf16" else "fp32",
-                       **kwargs)
-    return RaceDiT(*args, **kwargs)
-
-
-def on_device(m):
-    """True for a model whose buffers live on the GPU."""
-    return getattr(m, "device", "cpu") == "cuda"
+    """RaceDiT on ``device``; its GEMMs are bf16 for precision "bf16"."""
+    return RaceDiT(*args, device=device, dtype="bf16" if precision == "bf16" else "fp32", **kwargs)
 
 
 def build_model(cfg, in_channels, input_size, num_classes, device="cpu", precision="fp32"):
@@ -68,14 +52,8 @@ def build_model(cfg, in_channels, input_size, num_classes, device="cpu", precisi
 
 
 def load_params(m, tensors, prefix, path):
-    """Set ``m``'s parameters from the checkpoint's ``<prefix><name>`` tensors (uploaded
-    when ``m`` lives on the GPU)."""
-    if on_device(m):
-        buf = np.empty(m.num_params(), np.float32)
-        unpack_params(m, tensors, prefix, buf, path)
-        m.set_param_buffer(buf)
-    else:
-        unpack_params(m, tensors, prefix, m.param_buffer, path)
+    """Set ``m``'s parameters from the checkpoint's ``<prefix><name>`` tensors."""
+    m.set_param_buffer(unpacked_params(m, tensors, prefix, path))
 
 
 def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):

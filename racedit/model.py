@@ -1,16 +1,23 @@
-"""RaceDiT: the whole diffusion transformer (SPEC §1-§3) as one object over the C core.
+"""RaceDiT: the whole diffusion transformer (SPEC §1-§3) as one object over the C core, on
+any device.
 
-Python only orchestrates: it owns the flat parameter and gradient buffers (named views,
-no copies), initialises them, drops labels for classifier-free guidance in training, and
-calls racedit._C.model_forward / model_backward, which run every layer in C.
+Python only orchestrates: it initialises the parameters, drops labels for classifier-free
+guidance in training, and calls racedit._C.model_*, which run the model graph of
+csrc/core (every layer, the loss and the optimiser) on the device's op table. The model
+owns its five flat buffers (parameters, gradients, AdamW moments, EMA) in the device's
+memory.
 """
 import numpy as np
 
 from . import _C
 from .configs import count_params, get_config
-from .moe import _weight_arg
+from .moe import GATINGS, STRATEGIES, check_loss_weight
 
-__all__ = ["RaceDiT"]
+__all__ = ["RaceDiT", "DEVICES", "DTYPES"]
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("fp32", "bf16")
+_PARAMS, _GRADS, _ADAM_M, _ADAM_V, _EMA = range(5)
 
 
 def _xavier(rng, shape, fan_in, fan_out):
@@ -18,156 +25,9 @@ def _xavier(rng, shape, fan_in, fan_out):
     return rng.uniform(-bound, bound, size=shape)
 
 
-class ModelBase:
-    """What the CPU :class:`RaceDiT` and the GPU :class:`racedit.cuda_model.CudaRaceDiT`
-    share: the mode switches, the t / y checks and label dropout, sizes, the thresholds'
-    shape check, the aux losses and layer diagnostics, per-sample experts per token, branch
-    norms, state_dict and repr. A backend provides ``_batch()`` -> (max_batch, last batch),
-    ``params``, ``num_params()``, ``_views()`` (per MoE layer a dict with ``have_forward``,
-    ``have_tau``, ``tau`` and, after a forward, the keys of layer_stats and ``plr``, ``sim``,
-    ``balance``), ``routing_masks()``, ``_get_thresholds()`` (list of float or None per MoE
-    layer), ``_set_threshold(layer, tau or None)``, ``_branch_norms()`` ((depth, 2)
-    float64) and ``_reserve(max_batch, fixed)``; and sets ``_drop_rng``."""
-
-    _repr_extra = ""
-
-    def _reserve_fixed(self, max_batch):
-        """Allocate the activations for batches up to max_batch now, as a hard limit
-        (None: allocate on the first forward and grow as needed)."""
-        if max_batch is not None:
-            if int(max_batch) < 1:
-                raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
-            self._reserve(int(max_batch), True)
-
-    def _ty(self, t, y, drop):
-        """A forward's t as float32 and y as int64, checked (TypeError for a wrong dtype,
-        ValueError for labels outside [0, num_classes]); with ``drop``, labels replaced by
-        the null label with class_dropout_prob (classifier-free guidance)."""
-        t = np.asarray(t)
-        if t.dtype == np.bool_ or not (np.issubdtype(t.dtype, np.integer)
-                                       or np.issubdtype(t.dtype, np.floating)):
-            raise TypeError(f"t: expected an int or float array, got dtype {t.dtype}")
-        t = t.astype(np.float32)
-        y = np.asarray(y)
-        if not np.issubdtype(y.dtype, np.integer):
-            raise TypeError(f"y: expected an integer array, got dtype {y.dtype}")
-        if y.ndim == 1 and y.size and (y.min() < 0 or y.max() > self.num_classes):
-            raise ValueError(f"y: labels must lie in [0, {self.num_classes}] "
-                             f"({self.num_classes} = null label), got [{y.min()}, {y.max()}]")
-        if drop and self.class_dropout_prob > 0 and y.ndim == 1:
-            d = self._drop_rng.random(y.shape[0]) < self.class_dropout_prob
-            y = np.where(d, self.num_classes, y)
-        return t, y.astype(np.int64, copy=False)
-
-    def train(self, mode=True):
-        """Training mode (labels dropped, MoE batch top-K routing, thresholds updated)."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        """Evaluation mode: no label dropout; each MoE block selects G >= its threshold
-        tau, or, while it has none (the model never ran a training forward and no
-        ``thresholds`` were set, e.g. trained 0 steps), the training routing's batch top-K
-        (nothing updated); with ``eval_topk`` always batch top-K."""
-        return self.train(False)
-
-    @property
-    def num_moe_layers(self):
-        """Number of MoE blocks (depth for MoE configs, 0 for dense)."""
-        return self.config.depth if self.config.is_moe else 0
-
-    @property
-    def max_batch(self):
-        """Batch the activations are allocated for (0 before the first forward)."""
-        return self._batch()[0]
-
-    def num_activated_params(self):
-        """Parameters one token uses at inference (see racedit.configs.count_params)."""
-        return count_params(self.config, self.input_size, self.in_channels, self.num_classes,
-                            self.learn_sigma)["activated"]
-
-    def experts_per_token_by_sample(self):
-        """(B,) float64: for each sample of the last forward, the mean over MoE layers of
-        its experts per token (zeros for a dense model)."""
-        masks = self.routing_masks()
-        if not masks:
-            return np.zeros(self._batch()[1], dtype=np.float64)
-        L = masks[0].shape[1]
-        return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
-
-    @property
-    def thresholds(self):
-        """(num_moe_layers,) float32 thresholds tau of the MoE layers, NaN where not yet
-        set (before the first training forward). Settable with an array of that shape
-        (e.g. from a checkpoint); NaN entries forget the layer's threshold, so its next
-        training forward initialises it again."""
-        return np.array([np.nan if tau is None else tau for tau in self._get_thresholds()],
-                        dtype=np.float32)
-
-    @thresholds.setter
-    def thresholds(self, value):
-        value = np.asarray(value, dtype=np.float32)
-        if value.shape != (self.num_moe_layers,):
-            raise ValueError(f"thresholds: expected shape ({self.num_moe_layers},), got {value.shape}")
-        for l, tau in enumerate(value):
-            self._set_threshold(l, None if np.isnan(tau) else float(tau))
-
-    def state_dict(self):
-        """dict name -> float32 copy of each parameter (DiT's names for the backbone)."""
-        return {name: view.copy() for name, view in self.params.items()}
-
-    def aux(self):
-        """Unweighted aux losses of the last forward, each the mean over MoE layers:
-        {"plr": L_PLR, "sim": L_sim, "balance": L_bal} as floats. A loss the last forward
-        did not compute (eval mode, weight 0, no plr_target, dense model) is NaN."""
-        views = [v for v in self._views() if v["have_forward"]]
-        return {k: float(np.mean([v[k] for v in views])) if views else float("nan")
-                for k in ("plr", "sim", "balance")}
-
-    def layer_stats(self):
-        """Per MoE layer diagnostics of the last forward: a list of dicts with ``load``
-        (E,) int64 tokens per expert, ``dead_experts``, ``max_violation`` ((max - mean) /
-        mean load), ``combination_usage`` (fraction of expert pairs holding 95 % of the
-        co-selections), ``experts_per_token`` (selected pairs / tokens), ``tau`` (NaN
-        before it is set), ``tau_b`` (batch threshold of the last training forward) and the
-        layer's unweighted ``plr``, ``sim``, ``balance`` losses (NaN if not computed).
-        [] for a dense model or before any forward."""
-        keys = ("load", "dead_experts", "max_violation", "combination_usage",
-                "experts_per_token", "tau_b", "plr", "sim", "balance")
-        stats = []
-        for v in self._views():
-            if not v["have_forward"]:
-                return []
-            d = {k: v[k] for k in keys}
-            d["tau"] = v["tau"] if v["have_tau"] else float("nan")
-            stats.append(d)
-        return stats
-
-    def branch_norms(self):
-        """What each block of the last forward added to the residual stream (SPEC §5, the
-        paper's Fig. 5): {"attn": (depth,), "ffn": (depth,)} float64, the mean over the
-        batch's tokens of ||gate1 * attention output|| and ||gate2 * FFN (MoE) output||.
-        Small values in the first blocks are what PLR counters. RuntimeError before any
-        forward."""
-        a = self._branch_norms()
-        return {"attn": a[:, 0].copy(), "ffn": a[:, 1].copy()}
-
-    def __copy__(self):
-        raise TypeError(f"{type(self).__name__} cannot be copied: a copy would share the model's C "
-                        "state (activations, last forward, thresholds); build a new model and "
-                        "copy param_buffer into it")
-
-    def __deepcopy__(self, memo):
-        return self.__copy__()
-
-    def __repr__(self):
-        return (f"RaceDiT({self.config.name!r}, input_size={self.input_size}, "
-                f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"params={self.num_params():,}{self._repr_extra})")
-
-
-class RaceDiT(ModelBase):
-    """Race-DiT (or a dense DiT) with forward and backward in C.
+class RaceDiT:
+    """Race-DiT (or a dense DiT) with forward, backward and the training step in C, on the
+    CPU or the GPU.
 
     Parameters
     ----------
@@ -198,11 +58,11 @@ class RaceDiT(ModelBase):
         ValueError. None: allocated at the first forward and grown when a larger batch
         arrives.
     device : {"cpu", "cuda"}, default "cpu"
-        "cuda" returns a racedit.cuda_model.CudaRaceDiT: the same methods on the GPU, whose
-        ``params`` / ``grads`` are host copies, plus a device training ``step``.
+        Where the model's buffers live and its graph runs (the same C graph on either
+        device's op table; see Memory). RuntimeError "CUDA not available: ..." when there
+        is no usable GPU.
     dtype : {"fp32", "bf16"}, default "fp32"
-        Expert GEMM precision on CUDA ("bf16": bf16 operands, fp32 accumulation and
-        master weights); the CPU model is fp32 only.
+        Precision of the GEMMs on CUDA (see :meth:`set_dtype`); the CPU computes in fp32.
 
     Layout
     ------
@@ -212,9 +72,18 @@ class RaceDiT(ModelBase):
     torch.nn.Linear; ``x_embedder.proj.weight`` is the conv weight (D, C, p, p)); an MoE
     block has ``blocks.<i>.moe.{router_w (D,D), router_b, gate_w (D,E), gate_b,
     w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D), plr_w (D,p*p*C), plr_b}`` (the (in, out)
-    layout of racedit.MoE) in place of ``blocks.<i>.mlp.*``. The model reads the buffer
-    on every call, so writing into ``param_buffer[...]`` (e.g. EMA weights) takes effect
-    at once; rebinding the attribute does not.
+    layout of racedit.MoE) in place of ``blocks.<i>.mlp.*``.
+
+    Memory
+    ------
+    The model owns five flat buffers of ``num_params()`` floats on its device, the llm.c
+    way: ``param_buffer``, ``grad_buffer``, the AdamW moments (``optimizer_state()``) and
+    ``ema_buffer`` (initialised to the parameters). On the CPU each is a live NumPy view of
+    the model's memory: the model reads it on every call, so ``param_buffer[...] = w``
+    takes effect at once (the attributes cannot be rebound). On CUDA each access returns a
+    host COPY (writing into it changes nothing); ``set_param_buffer`` /
+    ``set_ema_buffer`` / ``load_optimizer_state`` upload. Code written against the second
+    contract (read the property, write with the setters) runs on either device.
 
     Initialisation (DiT's)
     ----------------------
@@ -273,26 +142,22 @@ class RaceDiT(ModelBase):
     actual), RuntimeError for backward before forward.
     """
 
-    def __new__(cls, *args, device="cpu", dtype="fp32", **kwargs):
-        if device == "cuda":
-            from .cuda_model import CudaRaceDiT
-
-            return CudaRaceDiT(*args, dtype=dtype, **kwargs)
-        return super().__new__(cls)
-
     def __init__(self, config, input_size=32, in_channels=4, num_classes=10, seed=0,
                  learn_sigma=False, routing="race", gating="identity", plr_weight=1.0,
                  sim_weight=0.01, balance_weight=0.0, beta=0.99, eval_topk=False,
                  class_dropout_prob=0.1, max_batch=None, device="cpu", dtype="fp32"):
-        if device != "cpu":
-            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-        if dtype != "fp32":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+        if device == "cpu" and dtype != "fp32":
             raise ValueError(f"dtype: the CPU model is fp32 only, got {dtype!r}")
         cfg = get_config(config)
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob: expected a value in [0, 1], got {class_dropout_prob}")
-        plr_weight, sim_weight, balance_weight = (_weight_arg(n, w) for n, w in (
+        plr_weight, sim_weight, balance_weight = (check_loss_weight(n, w) for n, w in (
             ("plr_weight", plr_weight), ("sim_weight", sim_weight), ("balance_weight", balance_weight)))
+        for name, value, allowed in (("routing", routing, STRATEGIES), ("gating", gating, GATINGS)):
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
         self.config = cfg
         self.input_size = int(input_size)
         self.in_channels = int(in_channels)
@@ -305,28 +170,29 @@ class RaceDiT(ModelBase):
         self.balance_weight, self.beta, self.eval_topk = float(balance_weight), float(beta), bool(eval_topk)
         self._model = _C.model_new(
             cfg.depth, cfg.hidden, cfg.heads, cfg.patch, self.input_size, self.in_channels,
-            self.out_channels, self.num_classes, num_experts=cfg.num_experts, k=max(cfg.k, 1),
-            expert_hidden=cfg.expert_hidden, strategy=routing, gating=gating, beta=beta,
-            eval_topk=bool(eval_topk), plr_weight=plr_weight, sim_weight=sim_weight,
-            balance_weight=balance_weight)
+            self.out_channels, self.num_classes, device=device, precision=dtype,
+            num_experts=cfg.num_experts, k=max(cfg.k, 1), expert_hidden=cfg.expert_hidden,
+            strategy=routing, gating=gating, beta=beta, eval_topk=bool(eval_topk),
+            plr_weight=plr_weight, sim_weight=sim_weight, balance_weight=balance_weight)
+        self.device, self.dtype = device, dtype
         self.layout = _C.model_layout(self._model)
-        n = _C.model_num_params(self._model)
-        self.param_buffer = np.zeros(n, dtype=np.float32)
-        self.grad_buffer = np.zeros(n, dtype=np.float32)
-        self.params, self.grads = {}, {}
-        for name, off, shape in self.layout:
-            size = int(np.prod(shape))
-            self.params[name] = self.param_buffer[off:off + size].reshape(shape)
-            self.grads[name] = self.grad_buffer[off:off + size].reshape(shape)
-        self._init_params(np.random.default_rng(seed))
+        self._n = _C.model_num_params(self._model)
+        # on the CPU the buffers are the model's memory itself: views made once
+        self._live = [_C.model_buffer(self._model, i) for i in range(5)] if device == "cpu" else None
+        init = np.zeros(self._n, np.float32)
+        self._init_params(self._named(init), np.random.default_rng(seed))
+        self.set_param_buffer(init, ema=True)
         self._drop_rng = np.random.default_rng([seed, 1])
         self.training = True
-        self._reserve_fixed(max_batch)
+        if max_batch is not None:
+            if int(max_batch) < 1:
+                raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
+            _C.model_reserve(self._model, int(max_batch), True)
 
     # ---- initialisation -----------------------------------------------------------------
-    def _init_params(self, rng):
+    def _init_params(self, params, rng):
         D, p, C = self.config.hidden, self.config.patch, self.in_channels
-        for name, view in self.params.items():
+        for name, view in params.items():
             short = name.rsplit(".", 1)[-1]
             if name.endswith(".bias") or short.endswith("_b") or short in ("b1", "b2"):
                 continue  # zero
@@ -344,7 +210,142 @@ class RaceDiT(ModelBase):
                 raise AssertionError(f"no initialiser for {name}")
             view[...] = w
 
-    # ---- modes --------------------------------------------------------------------------
+    # ---- buffers ------------------------------------------------------------------------
+    def _buffer(self, which):
+        return self._live[which] if self._live else _C.model_buffer(self._model, which)
+
+    def _named(self, flat):
+        return {name: flat[off:off + int(np.prod(shape))].reshape(shape)
+                for name, off, shape in self.layout}
+
+    @property
+    def param_buffer(self):
+        """(num_params,) float32 parameters: a live view on the CPU, a copy on CUDA."""
+        return self._buffer(_PARAMS)
+
+    @property
+    def grad_buffer(self):
+        """(num_params,) float32 gradients: a live view on the CPU, a copy on CUDA."""
+        return self._buffer(_GRADS)
+
+    @property
+    def ema_buffer(self):
+        """(num_params,) float32 EMA of the parameters: a live view on the CPU, a copy on
+        CUDA."""
+        return self._buffer(_EMA)
+
+    @property
+    def params(self):
+        """dict name -> array: views of :attr:`param_buffer` (live on the CPU; of one copy on
+        CUDA)."""
+        if self._live:
+            if not hasattr(self, "_pviews"):
+                self._pviews = self._named(self._live[_PARAMS])
+            return self._pviews
+        return self._named(self.param_buffer)
+
+    @property
+    def grads(self):
+        """dict name -> array: views of :attr:`grad_buffer` (live on the CPU)."""
+        if self._live:
+            if not hasattr(self, "_gviews"):
+                self._gviews = self._named(self._live[_GRADS])
+            return self._gviews
+        return self._named(self.grad_buffer)
+
+    def set_param_buffer(self, values, ema=False):
+        """Set the parameters to (num_params,) float32 ``values`` (ema=True: the EMA too).
+        ValueError / TypeError for a wrong shape or dtype."""
+        _C.model_set_buffer(self._model, _PARAMS, values)
+        if ema:
+            _C.model_set_buffer(self._model, _EMA, values)
+
+    def set_ema_buffer(self, values):
+        """Set the EMA weights to (num_params,) float32 ``values``."""
+        _C.model_set_buffer(self._model, _EMA, values)
+
+    def optimizer_state(self):
+        """dict with the AdamW moments ``m``, ``v`` ((num_params,) float32; live views on the
+        CPU, copies on CUDA) and the ``step`` count."""
+        return {"m": self._buffer(_ADAM_M), "v": self._buffer(_ADAM_V),
+                "step": _C.model_step(self._model)}
+
+    def load_optimizer_state(self, state):
+        """Restore :meth:`optimizer_state` (``m``, ``v`` (num_params,) float32, ``step``)."""
+        _C.model_set_buffer(self._model, _ADAM_M, state["m"])
+        _C.model_set_buffer(self._model, _ADAM_V, state["v"])
+        _C.model_step(self._model, int(state["step"]))
+
+    def ema_state_dict(self):
+        """dict name -> float32 copy of each EMA weight."""
+        return {k: v.copy() for k, v in self._named(self.ema_buffer).items()}
+
+    def state_dict(self):
+        """dict name -> float32 copy of each parameter (DiT's names for the backbone)."""
+        return {name: view.copy() for name, view in self._named(self.param_buffer).items()}
+
+    def load_state_dict(self, state, ema=False):
+        """Set the parameters from a full dict name -> array (every parameter, this model's
+        shapes); ema=True also sets the EMA weights. ValueError for missing / unexpected
+        keys or shapes (nothing changed)."""
+        missing = sorted(set(self.params) - set(state))
+        extra = sorted(set(state) - set(self.params))
+        if missing or extra:
+            raise ValueError(f"load_state_dict: missing keys {missing}, unexpected keys {extra}")
+        flat = np.empty(self._n, np.float32)
+        for name, view in self._named(flat).items():
+            v = np.asarray(state[name])
+            if v.shape != view.shape:
+                raise ValueError(f"load_state_dict: {name}: expected shape {view.shape}, got {v.shape}")
+            view[...] = v
+        self.set_param_buffer(flat, ema=ema)
+
+    def set_dtype(self, dtype):
+        """The GEMM precision on CUDA: "bf16" — every linear layer (embedders, adaLN, qkv,
+        proj, the dense FFN, the final layer), the attention products and the MoE blocks'
+        expert GEMMs take bf16 operands with fp32 accumulation and fp32 results; the master
+        weights, gradients, AdamW state, activations, softmax, layernorm, the routers and the
+        routing stay fp32 (each forward rounds the weights it uses into bf16 copies its
+        backward reads); "fp32": fp32 GEMMs (TF32 under ``racedit.cuda.tf32(True)``). Drops
+        the last forward. The CPU has fp32 only (ValueError)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+        _C.model_precision(self._model, dtype)
+        self.dtype = dtype
+
+    # ---- modes and inputs ----------------------------------------------------------------
+    def _ty(self, t, y, drop):
+        """A forward's t as float32 and y as int64, checked (TypeError for a wrong dtype,
+        ValueError for labels outside [0, num_classes]); with ``drop``, labels replaced by
+        the null label with class_dropout_prob (classifier-free guidance)."""
+        t = np.asarray(t)
+        if t.dtype == np.bool_ or not (np.issubdtype(t.dtype, np.integer)
+                                       or np.issubdtype(t.dtype, np.floating)):
+            raise TypeError(f"t: expected an int or float array, got dtype {t.dtype}")
+        t = t.astype(np.float32)
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"y: expected an integer array, got dtype {y.dtype}")
+        if y.ndim == 1 and y.size and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"y: labels must lie in [0, {self.num_classes}] "
+                             f"({self.num_classes} = null label), got [{y.min()}, {y.max()}]")
+        if drop and self.class_dropout_prob > 0 and y.ndim == 1:
+            d = self._drop_rng.random(y.shape[0]) < self.class_dropout_prob
+            y = np.where(d, self.num_classes, y)
+        return t, y.astype(np.int64, copy=False)
+
+    def train(self, mode=True):
+        """Training mode (labels dropped, MoE batch top-K routing, thresholds updated)."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no label dropout; each MoE block selects G >= its threshold
+        tau, or, while it has none (the model never ran a training forward and no
+        ``thresholds`` were set, e.g. trained 0 steps), the training routing's batch top-K
+        (nothing updated); with ``eval_topk`` always batch top-K."""
+        return self.train(False)
+
     # ---- compute ------------------------------------------------------------------------
     def forward(self, x, t, y, plr_target=None):
         """out (B, out_channels, H, W) float32 for x (B, in_channels, H, W) float32 (float64
@@ -355,7 +356,7 @@ class RaceDiT(ModelBase):
         Raises TypeError for a wrong dtype, ValueError for a wrong shape, out-of-range
         t or y, or a batch above max_batch."""
         t, y = self._ty(t, y, self.training)
-        return _C.model_forward(self._model, self.param_buffer, x, t, y, plr_target, self.training)
+        return _C.model_forward(self._model, x, t, y, plr_target, self.training)
 
     __call__ = forward
 
@@ -375,7 +376,7 @@ class RaceDiT(ModelBase):
         ``branch_norms``, ``layer_stats`` and ``routing_masks`` see, and no threshold
         changes."""
         t, y = self._ty(t, y, False)
-        return _C.model_infer(self._model, self.param_buffer, x, t, y)
+        return _C.model_infer(self._model, x, t, y)
 
     @property
     def infer_batch(self):
@@ -390,70 +391,184 @@ class RaceDiT(ModelBase):
     def backward(self, dout):
         """Backpropagate dout (B, out_channels, H, W) through the last forward. Gradients
         ACCUMULATE into grad_buffer (call zero_grad() between steps), including the MoE
-        blocks' weighted aux-loss gradients. RuntimeError before any forward; ValueError
-        when grad_buffer shares memory with param_buffer or dout."""
-        _C.model_backward(self._model, self.param_buffer, self.grad_buffer, dout)
+        blocks' weighted aux-loss gradients. RuntimeError before any forward."""
+        _C.model_backward(self._model, dout)
 
     def zero_grad(self):
         """Set every gradient to 0."""
-        self.grad_buffer.fill(0.0)
+        _C.model_zero_grad(self._model)
+
+    @staticmethod
+    def _opt(lr, betas, eps, weight_decay, max_grad_norm, ema_decay):
+        return dict(lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
+                    weight_decay=float(weight_decay), max_grad_norm=float(max_grad_norm),
+                    ema_decay=-1.0 if ema_decay is None else float(ema_decay))
+
+    def step(self, x, t, y, target, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+             max_grad_norm=0.0, ema_decay=0.9999, return_aux=True):
+        """One fused training step in C: forward in training mode (labels dropped with
+        class_dropout_prob; the MoE PLR heads regress ``target``), loss = mean((out[:, :C]
+        - target)^2) (the diffusion MSE; with learn_sigma the variance channels get no
+        gradient), gradients zeroed then backward (aux-loss gradients included), the
+        gradient norm (clipped to ``max_grad_norm`` when > 0; ``inf``: computed, never
+        clipping; 0: not computed), one AdamW step (torch.optim.AdamW) fused with the EMA
+        update (``ema_decay`` None: no EMA).
+
+        x, target (B, in_channels, H, W) float32; t (B,) in [0, 1000]; y (B,) int labels.
+        Returns a dict: ``loss`` (the MSE), ``aux`` (the weighted aux losses), ``grad_norm``
+        (None when not computed), ``step`` (AdamW steps so far), ``updated`` (False: the
+        loss + aux or the gradient norm was not finite and nothing changed) and, for MoE
+        models with return_aux, ``aux_loss`` and the unweighted ``plr``, ``sim``,
+        ``balance`` (means over layers, NaN when not computed). Only these scalars cross
+        from the device."""
+        t, y = self._ty(t, y, True)
+        r = _C.model_train_step(self._model, x, t, y, target,
+                                **self._opt(lr, betas, eps, weight_decay, max_grad_norm, ema_decay))
+        if return_aux and self.num_moe_layers:
+            r["aux_loss"] = r["aux"]
+            r.update(self.aux())
+        return r
+
+    def optimizer_step(self, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                       max_grad_norm=0.0, ema_decay=0.9999):
+        """The optimiser part of :meth:`step` alone, on the gradients as they are (e.g.
+        after :meth:`backward` with a dout computed on the host, such as DiT's hybrid loss
+        with learn_sigma): gradient norm and clip, AdamW, EMA. Returns {"grad_norm" (None
+        when not computed), "step", "updated" (False for a non-finite norm: nothing
+        changed), ...}. ValueError for bad arguments."""
+        return _C.model_optimizer_step(
+            self._model, **self._opt(lr, betas, eps, weight_decay, max_grad_norm, ema_decay))
 
     # ---- MoE losses and diagnostics ------------------------------------------------------
-    def _views(self):
-        return [_C.model_moe_view(self._model, l) for l in range(self.num_moe_layers)]
+    @property
+    def num_moe_layers(self):
+        """Number of MoE blocks (depth for MoE configs, 0 for dense)."""
+        return self.config.depth if self.config.is_moe else 0
+
+    def _moe_get(self, name):
+        """Per MoE layer, ``name`` of its last forward (racedit.MoE's names: "aux" the dict of
+        racedit.MoE.aux, "mask" the (B, L, E) selection, ...), None before any."""
+        return [_C.model_moe_get(self._model, l, name) for l in range(self.num_moe_layers)]
+
+    def _auxes(self):
+        return self._moe_get("aux")
+
+    def aux(self):
+        """Unweighted aux losses of the last forward, each the mean over MoE layers:
+        {"plr": L_PLR, "sim": L_sim, "balance": L_bal} as floats. A loss the last forward
+        did not compute (eval mode, weight 0, no plr_target, dense model) is NaN."""
+        auxes = [a for a in self._auxes() if a is not None]
+        return {k: float(np.mean([_nan(a[k + "_loss"]) for a in auxes])) if auxes else float("nan")
+                for k in ("plr", "sim", "balance")}
 
     def aux_loss(self):
         """plr_weight*L_PLR + sim_weight*L_sim + balance_weight*L_bal of the last forward
         (the losses averaged over MoE layers, only those computed; 0.0 when none). This is
         what backward() adds the gradient of."""
-        return float(sum(v["aux_loss"] for v in self._views() if v["have_forward"]))
+        return float(sum(a["aux_loss"] for a in self._auxes() if a is not None))
 
     def routing_masks(self):
         """list (one per MoE layer) of the (B, L, E) bool selection of the last forward
         (copies); [] for a dense model or before any forward."""
-        return [v["mask"] for v in self._views() if v["have_forward"]]
+        return [m for m in self._moe_get("mask") if m is not None]
 
-    # ---- sizes and state ------------------------------------------------------------------
+    def layer_stats(self):
+        """Per MoE layer diagnostics of the last forward: a list of dicts with ``load``
+        (E,) int64 tokens per expert, ``dead_experts``, ``max_violation`` ((max - mean) /
+        mean load), ``combination_usage`` (fraction of expert pairs holding 95 % of the
+        co-selections), ``experts_per_token`` (selected pairs / tokens), ``tau`` (NaN
+        before it is set), ``tau_b`` (batch threshold of the last training forward) and the
+        layer's unweighted ``plr``, ``sim``, ``balance`` losses (NaN if not computed).
+        [] for a dense model or before any forward."""
+        stats = []
+        for a in self._auxes():
+            if a is None:
+                return []
+            stats.append(dict(load=a["expert_load"], dead_experts=a["dead_experts"],
+                              max_violation=a["max_violation"],
+                              combination_usage=a["combination_usage"],
+                              experts_per_token=a["experts_per_token"],
+                              tau_b=_nan(a["batch_threshold"]), plr=_nan(a["plr_loss"]),
+                              sim=_nan(a["sim_loss"]), balance=_nan(a["balance_loss"]),
+                              tau=_nan(a["threshold"])))
+        return stats
+
+    def experts_per_token_by_sample(self):
+        """(B,) float64: for each sample of the last forward, the mean over MoE layers of
+        its experts per token (zeros for a dense model)."""
+        masks = self.routing_masks()
+        if not masks:
+            return np.zeros(self._batch()[1], dtype=np.float64)
+        L = masks[0].shape[1]
+        return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
+
+    @property
+    def thresholds(self):
+        """(num_moe_layers,) float32 thresholds tau of the MoE layers, NaN where not yet
+        set (before the first training forward). Settable with an array of that shape
+        (e.g. from a checkpoint); NaN entries forget the layer's threshold, so its next
+        training forward initialises it again."""
+        return np.array([_nan(_C.model_threshold(self._model, l))
+                         for l in range(self.num_moe_layers)], dtype=np.float32)
+
+    @thresholds.setter
+    def thresholds(self, value):
+        value = np.asarray(value, dtype=np.float32)
+        if value.shape != (self.num_moe_layers,):
+            raise ValueError(f"thresholds: expected shape ({self.num_moe_layers},), got {value.shape}")
+        for l, tau in enumerate(value):
+            _C.model_threshold(self._model, l, None if np.isnan(tau) else float(tau))
+
+    def branch_norms(self):
+        """What each block of the last forward added to the residual stream (SPEC §5, the
+        paper's Fig. 5): {"attn": (depth,), "ffn": (depth,)} float64, the mean over the
+        batch's tokens of ||gate1 * attention output|| and ||gate2 * FFN (MoE) output||.
+        Small values in the first blocks are what PLR counters. RuntimeError before any
+        forward."""
+        a = _C.model_branch_norms(self._model)
+        return {"attn": a[:, 0].copy(), "ffn": a[:, 1].copy()}
+
+    # ---- sizes ------------------------------------------------------------------------------
     def _batch(self):
+        """(max_batch, batch of the last forward)."""
         return _C.model_batch(self._model)
 
-    def _get_thresholds(self):
-        return [v["tau"] if v["have_tau"] else None for v in self._views()]
-
-    def _set_threshold(self, layer, tau):
-        _C.model_set_threshold(self._model, layer, tau)
-
-    def _branch_norms(self):
-        return _C.model_branch_norms(self._model)
-
-    def _reserve(self, max_batch, fixed):
-        _C.model_reserve(self._model, max_batch, fixed)
+    @property
+    def max_batch(self):
+        """Batch the activations are allocated for (0 before the first forward)."""
+        return self._batch()[0]
 
     def num_params(self):
         """Floats in the parameter buffer (every parameter)."""
-        return int(self.param_buffer.size)
+        return int(self._n)
+
+    def num_activated_params(self):
+        """Parameters one token uses at inference (see racedit.configs.count_params)."""
+        return count_params(self.config, self.input_size, self.in_channels, self.num_classes,
+                            self.learn_sigma)["activated"]
 
     def load_dit_state_dict(self, state):
         """Load a facebookresearch/DiT state dict given as a dict of NumPy arrays (see the
-        class docstring for converting a .pt file). Dense configs only. Every parameter
-        must be present with DiT's shape; ``pos_embed`` (1, L, D) may be present and must
-        equal the fixed sin-cos embedding (it is not a parameter here). Missing or
-        unexpected keys, wrong shapes (e.g. learn_sigma mismatch on
-        final_layer.linear.*) raise ValueError."""
+        class docstring for converting a .pt file) as the parameters and the EMA. Dense
+        configs only. Every parameter must be present with DiT's shape; ``pos_embed``
+        (1, L, D) may be present and must equal the fixed sin-cos embedding (it is not a
+        parameter here). Missing or unexpected keys, wrong shapes (e.g. learn_sigma mismatch
+        on final_layer.linear.*) raise ValueError."""
         if self.config.is_moe:
             raise ValueError(f"load_dit_state_dict: {self.config.name} is an MoE model; "
                              "DiT checkpoints fit dense configs (DiT-<size>/<p>) only")
         state = dict(state)
         pe = state.pop("pos_embed", None)
-        missing = sorted(set(self.params) - set(state))
-        extra = sorted(set(state) - set(self.params))
+        shapes = {name: tuple(shape) for name, _, shape in self.layout}
+        missing = sorted(set(shapes) - set(state))
+        extra = sorted(set(state) - set(shapes))
         if missing or extra:
             raise ValueError(f"load_dit_state_dict: missing keys {missing}, unexpected keys {extra}")
-        for name, view in self.params.items():
+        for name, shape in shapes.items():
             v = np.asarray(state[name])
-            if v.shape != view.shape:
+            if v.shape != shape:
                 hint = (" (learn_sigma mismatch?)" if name.startswith("final_layer.linear") else "")
-                raise ValueError(f"load_dit_state_dict: {name}: expected shape {view.shape}, "
+                raise ValueError(f"load_dit_state_dict: {name}: expected shape {shape}, "
                                  f"got {v.shape}{hint}")
         if pe is not None:
             g = self.input_size // self.config.patch
@@ -462,5 +577,22 @@ class RaceDiT(ModelBase):
             if pe.shape != want.shape or not np.allclose(pe, want, atol=1e-4):
                 raise ValueError(f"load_dit_state_dict: pos_embed {pe.shape} is not the fixed "
                                  f"2-D sin-cos embedding of shape {want.shape}")
-        for name, view in self.params.items():
-            view[...] = np.asarray(state[name], dtype=np.float32)
+        self.load_state_dict(state, ema=True)
+
+    def __copy__(self):
+        raise TypeError(f"{type(self).__name__} cannot be copied: a copy would share the model's C "
+                        "state (activations, last forward, thresholds); build a new model and "
+                        "copy param_buffer into it")
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
+    def __repr__(self):
+        extra = "" if self.device == "cpu" else f", device={self.device!r}, dtype={self.dtype!r}"
+        return (f"RaceDiT({self.config.name!r}, input_size={self.input_size}, "
+                f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+                f"params={self.num_params():,}{extra})")
+
+
+def _nan(v):
+    return float("nan") if v is None else float(v)

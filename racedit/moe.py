@@ -1,19 +1,21 @@
 """racedit.MoE — one Mixture-of-Experts FFN layer of Race-DiT (SPEC §2), forward and
-backward on CPU through the C core.
+backward through the C core, on the CPU or the GPU.
 
-The layer owns its parameters and gradients as float32 views into one flat buffer each
-(the layout of csrc/moe.h, shared by grads and optimiser moments), and an opaque C state
-holding the last forward's activations, the dispatch workspace and the threshold tau.
+The layer owns its parameters and gradients as float32 host views into one flat buffer
+each (the layout of csrc/moe.h, shared by grads and optimiser moments), and an opaque state
+of its device holding the last forward's activations, the dispatch workspace and the
+threshold tau. On CUDA the buffers are copied to the device on each call and the
+gradients back: the same host buffers serve every device.
 """
 import numpy as np
 
 from . import _C
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "STRATEGIES", "GATINGS", "check_loss_weight"]
 
 _NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2", "plr_w", "plr_b")
-_STRATEGIES = ("token", "expert", "bl", "be", "le", "race")
-_GATINGS = ("identity", "sigmoid", "softmax")
+STRATEGIES = ("token", "expert", "bl", "be", "le", "race")
+GATINGS = ("identity", "sigmoid", "softmax")
 
 
 def _int_arg(name, v, lo):
@@ -24,7 +26,9 @@ def _int_arg(name, v, lo):
     return int(v)
 
 
-def _weight_arg(name, v):
+def check_loss_weight(name, v):
+    """``v`` as a float: TypeError unless a real number, ValueError unless finite and >= 0
+    (the aux-loss weights of MoE and RaceDiT)."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
     if not np.isfinite(v) or v < 0:
@@ -76,8 +80,12 @@ class MoE:
         balance_weight: weight of the Switch/GShard balance loss; 0 (default): off.
         plr_weight: weight of this layer's PLR loss (default 1.0). A model averaging L_PLR
             over its layers passes lambda_PLR / num_layers here.
-        device: ``"cpu"`` (default) or ``"cuda"``: a racedit.cuda_moe.CudaMoE, the same
-            layer computed on the GPU (also takes ``precision="fp32"|"tf32"|"bf16"``).
+        device: ``"cpu"`` (default) or ``"cuda"``: where the layer is computed (RuntimeError
+            "CUDA not available: ..." without a usable GPU). Parameters and gradients stay
+            host arrays on either (copied to the device and back on each call).
+        precision: of the expert GEMMs on CUDA: ``"fp32"`` (default), ``"tf32"`` or
+            ``"bf16"`` (bf16 operands, fp32 accumulation); the router, gate and routing stay
+            fp32, so the masks do not depend on it. The CPU computes in fp32 only.
 
     Aux losses (training mode only): ``forward(x, plr_target=...)`` with a target
     (B,L,plr_dim) for the head (the patchified diffusion target: eps or velocity)
@@ -107,18 +115,9 @@ class MoE:
         TypeError / ValueError naming the argument for a bad size, strategy or gating.
     """
 
-    def __new__(cls, *args, device="cpu", **kwargs):
-        if device == "cuda" and cls is MoE:
-            from .cuda_moe import CudaMoE
-
-            return object.__new__(CudaMoE)
-        return super().__new__(cls)
-
     def __init__(self, dim, num_experts, k, strategy="race", gating="identity", seed=0,
                  hidden=None, beta=0.99, eval_topk=False, plr_dim=0, sim_weight=0.0,
-                 balance_weight=0.0, plr_weight=1.0, device="cpu"):
-        if device != "cpu":
-            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+                 balance_weight=0.0, plr_weight=1.0, device="cpu", precision="fp32"):
         dim = _int_arg("dim", dim, 1)
         num_experts = _int_arg("num_experts", num_experts, 1)
         k = _int_arg("k", k, 0)
@@ -131,15 +130,16 @@ class MoE:
             hidden = 4 * dim // k
         hidden = _int_arg("hidden", hidden, 1)
         plr_dim = _int_arg("plr_dim", plr_dim, 0)
-        weights = {n: _weight_arg(n, v) for n, v in (("sim_weight", sim_weight),
+        weights = {n: check_loss_weight(n, v) for n, v in (("sim_weight", sim_weight),
                    ("balance_weight", balance_weight), ("plr_weight", plr_weight))}
         if num_experts < 2 and (weights["sim_weight"] > 0 or weights["balance_weight"] > 0):
             raise ValueError(f"sim_weight / balance_weight > 0 need num_experts >= 2, got {num_experts}")
-        if strategy not in _STRATEGIES:
-            raise ValueError(f"strategy: expected one of {', '.join(_STRATEGIES)}, got {strategy!r}")
-        if gating not in _GATINGS:
-            raise ValueError(f"gating: expected one of {', '.join(_GATINGS)}, got {gating!r}")
-        self._state = _C.moe_new(dim=dim, num_experts=num_experts, hidden=hidden, k=k,
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if gating not in GATINGS:
+            raise ValueError(f"gating: expected one of {', '.join(GATINGS)}, got {gating!r}")
+        self._state = _C.moe_new(device=device, precision=precision, dim=dim,
+                                 num_experts=num_experts, expert_hidden=hidden, k=k,
                                  strategy=strategy, gating=gating, beta=float(beta),
                                  eval_topk=bool(eval_topk), plr_dim=plr_dim, **weights)
         self._dims = (dim, num_experts, k, hidden, strategy, gating, plr_dim)
@@ -178,6 +178,16 @@ class MoE:
     strategy = property(lambda self: self._dims[4], doc="Routing strategy (read-only).")
     gating = property(lambda self: self._dims[5], doc="Gate function (read-only).")
     plr_dim = property(lambda self: self._dims[6], doc="Width of the PLR head, 0: none (read-only).")
+    device = property(lambda self: _C.moe_device(self._state), doc="Where the layer is computed.")
+
+    @property
+    def precision(self):
+        """Expert GEMM precision (str); settable (a change drops the last forward)."""
+        return _C.moe_precision(self._state)
+
+    @precision.setter
+    def precision(self, p):
+        _C.moe_precision(self._state, p)
 
     @property
     def beta(self):
@@ -202,7 +212,7 @@ class MoE:
             return _C.moe_configure(self._state)[name]
 
         def set(self, v):
-            v = _weight_arg(name, v)
+            v = check_loss_weight(name, v)
             if self.num_experts < 2 and v > 0 and name != "plr_weight":
                 raise ValueError(f"{name} > 0 needs num_experts >= 2, got {self.num_experts}")
             _C.moe_configure(self._state, **{name: v})
@@ -331,7 +341,7 @@ class MoE:
         return dict(dim=D, num_experts=E, k=k, strategy=strategy, gating=gating, seed=self._seed,
                     hidden=He, beta=self.beta, eval_topk=self.eval_topk, plr_dim=plr_dim,
                     sim_weight=self.sim_weight, balance_weight=self.balance_weight,
-                    plr_weight=self.plr_weight)
+                    plr_weight=self.plr_weight, device=self.device, precision=self.precision)
 
     def __deepcopy__(self, memo):
         """A new layer with the same settings, parameters, gradients, threshold and mode
@@ -350,4 +360,8 @@ class MoE:
                 f"beta={self.beta:g}, eval_topk={self.eval_topk}, plr_dim={self.plr_dim}, "
                 f"sim_weight={self.sim_weight:g}, balance_weight={self.balance_weight:g}, "
                 f"plr_weight={self.plr_weight:g}, training={self.training}, "
-                f"params={self.param_buffer.size})")
+                f"params={self.param_buffer.size}{self._repr_device()})")
+
+    def _repr_device(self):
+        d = self.device
+        return "" if d == "cpu" else f", device={d!r}, precision={self.precision!r}"

@@ -20,24 +20,27 @@ __all__ = [
 
 
 def adamw_step(params, grads, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
-               weight_decay=0.0, grad_scale=1.0):
+               weight_decay=0.0, grad_scale=1.0, ema=None, ema_decay=0.9999, device="cpu"):
     """One AdamW update in place, as ``torch.optim.AdamW`` (decoupled weight decay).
 
-    params, grads, m, v: float32 (n,) buffers; params, m, v are written. lr >= 0;
-    step: the 1-based number of this update (bias correction); betas in [0, 1); eps > 0;
-    weight_decay >= 0; grad_scale >= 0 multiplies the gradients (clipping; see
-    :func:`clip_scale`). Raises TypeError/ValueError naming the bad argument; the four
-    buffers must not share memory.
+    params, grads, m, v: float32 (n,) host buffers; params, m, v are written (on another
+    device: copied there and back). lr >= 0; step: the 1-based number of this update (bias
+    correction); betas in [0, 1); eps > 0; weight_decay >= 0; grad_scale >= 0 multiplies
+    the gradients (clipping; see :func:`clip_scale`). ema (n,), when given, gets
+    ``ema_decay*ema + (1-ema_decay)*params`` of the updated params in the same pass.
+    Raises TypeError/ValueError naming the bad argument; the buffers must not share memory.
     """
-    _C.adamw_step(params, grads, m, v, float(lr), _int("step", step), float(beta1),
-                  float(beta2), float(eps), float(weight_decay), float(grad_scale))
+    _C.adamw_step(params, grads, m, v, lr=float(lr), step=_int("step", step),
+                  beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                  weight_decay=float(weight_decay), grad_scale=float(grad_scale), ema=ema,
+                  ema_decay=float(ema_decay), device=device)
 
 
-def grad_norm(grads):
+def grad_norm(grads, device="cpu"):
     """L2 norm of a float32 (n,) buffer, accumulated in double over fixed chunks, so the
     result is bit-identical whatever the number of threads. Returns a Python float (inf or
     nan when the buffer holds them)."""
-    return _C.grad_norm(grads)
+    return _C.grad_norm(grads, device=device)
 
 
 def ema_update(ema, params, decay):
@@ -46,9 +49,9 @@ def ema_update(ema, params, decay):
     _C.ema_update(ema, params, float(decay))
 
 
-def nonfinite_index(x):
+def nonfinite_index(x, device="cpu"):
     """Index of the first NaN/Inf in a float32 (n,) buffer, or -1 when all are finite."""
-    return _C.nonfinite_index(x)
+    return _C.nonfinite_index(x, device=device)
 
 
 def clip_scale(norm, max_norm):

@@ -113,13 +113,8 @@ def _save_npz(path, **arrays):
 
 
 def set_weights(model, weights):
-    """Load a flat float32 buffer as ``model``'s parameters: written into
-    ``model.param_buffer`` on the CPU, uploaded with ``set_param_buffer`` for a GPU model
-    (whose ``param_buffer`` is a host copy)."""
-    if getattr(model, "device", "cpu") == "cuda":
-        model.set_param_buffer(np.ascontiguousarray(weights, np.float32))
-    else:
-        model.param_buffer[...] = weights
+    """Load a flat float32 buffer as ``model``'s parameters (on any device)."""
+    model.set_param_buffer(np.ascontiguousarray(weights, np.float32))
 
 
 # ---- one model evaluation, per-sample noise, settings ------------------------------------
@@ -478,11 +473,6 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
         ckpt = latest_checkpoint(ckpt)
         model, meta = model_from_checkpoint(ckpt, use_ema=use_ema, device=device,
                                             precision=precision)
-        tf32_was = None
-        if device == "cuda":
-            from .cuda import tf32
-
-            tf32_was = tf32(precision in ("tf32", "bf16"))
         call = _Call(ckpt=ckpt, meta=meta, model=model, class_labels=class_labels,
                      per_class=per_class, cfg_scale=cfg_scale,
                      num_sampling_steps=num_sampling_steps, sampler=sampler, seed=seed,
@@ -490,11 +480,10 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
                      progress=progress, stream=stream, batch_size=batch_size, device=device,
                      precision=precision, num_samples=num_samples,
                      random_labels=random_labels, shard_size=shard_size)
-        try:
+        from .cuda import precision_scope
+
+        with precision_scope(device, precision):
             return call.run_many() if num_samples is not None else call.run()
-        finally:
-            if tf32_was is not None:
-                tf32(tf32_was)
 
 
 @dataclasses.dataclass

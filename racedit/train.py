@@ -36,11 +36,11 @@ import numpy as np
 
 from . import optim
 from .checkpoint import (CheckpointError, load_checkpoint, pack_params, rng_from_state,
-                         rng_state, save_checkpoint, set_thresholds, unpack_params)
+                         rng_state, save_checkpoint, set_thresholds, unpacked_params)
 from .configs import DATA_SETTINGS, PRESETS, TrainConfig, get_config
 from .diffusion import make_objective
 from .factory import (DEVICES, PRECISIONS, build_dataset, build_model, check_device,
-                      load_params, model_from_checkpoint, on_device)
+                      load_params, model_from_checkpoint)
 from .runs import (RunLog, check_out_dir, checkpoint_path, files_after, list_checkpoints,
                    new_run_dir, read_log, repair_tail, run_folder, version_info,
                    write_config)
@@ -61,8 +61,8 @@ class TrainingDiverged(RuntimeError):
 @dataclasses.dataclass
 class TrainResult:
     """What :func:`train` returns: the run folder, the last checkpoint written, the per-step
-    log records (each step's latest, from step 1), the trained model (live weights) and its
-    EMA buffer (float32 (n,))."""
+    log records (each step's latest, from step 1), the trained model (live weights) and a
+    copy of its EMA buffer (float32 (n,))."""
 
     run_dir: str
     checkpoint: str
@@ -143,15 +143,14 @@ def _nonfinite_tensors(model, buf):
 # ---- the loop -------------------------------------------------------------------------
 
 class _Trainer:
+    """The training loop's state. The model owns the EMA and the AdamW moments (on its
+    device); the trainer owns the data order, the random generator and the step count."""
+
     def __init__(self, cfg, dataset, model, run_dir, progress, out, precision="fp32"):
         self.cfg, self.ds, self.m, self.run_dir = cfg, dataset, model, run_dir
-        self.device, self.precision = ("cuda" if on_device(model) else "cpu"), precision
+        self.device, self.precision = model.device, precision
         self.progress, self.out = progress, out
         self.obj = make_objective(cfg.objective, learn_sigma=cfg.learn_sigma)
-        n = model.param_buffer.size
-        self.ema = model.param_buffer.copy()
-        self.adam_m = np.zeros(n, np.float32)
-        self.adam_v = np.zeros(n, np.float32)
         self.rng = np.random.default_rng([cfg.seed, 3])
         self.step = 0
         self.B = cfg.global_batch_size
@@ -171,7 +170,12 @@ class _Trainer:
         return self._perm[k * self.B:(k + 1) * self.B]
 
     def train_step(self, layers=True):
-        """One step; returns its log record, with the per-layer statistics when ``layers``."""
+        """One step; returns its log record, with the per-layer statistics when ``layers``.
+        The MSE objectives run the model's fused step (forward, loss, backward, clip, AdamW,
+        EMA in C); DiT's hybrid loss (ddpm with learn_sigma) computes its variational bound
+        on the host between the model's forward / backward and its optimizer step. The
+        gradient norm is always computed (an infinite max norm when not clipping: scale 1),
+        so that NaN/Inf gradients stop the run before they reach the weights."""
         cfg, m, obj = self.cfg, self.m, self.obj
         x0, y = self.ds.batch(self.batch_indices(self.step))        # (B,C,H,W), (B,)
         if cfg.hflip:
@@ -181,32 +185,35 @@ class _Trainer:
         drop = self.rng.random(self.B) < cfg.class_dropout_prob
         y = np.where(drop, m.num_classes, y)
         x_t, target = obj.make_batch(x0, t, noise)
-        if self.device == "cuda":
-            return self._device_step(x0, y, t, x_t, target, layers)
-        m.zero_grad()
         step = self.step + 1
+        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+        opt = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                   weight_decay=cfg.weight_decay,
+                   max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
+                   ema_decay=cfg.ema_decay)
         try:
-            out = m.forward(x_t, obj.model_time(t), y, plr_target=target if self.is_moe else None)
+            if obj.learn_sigma and obj.name == "ddpm":
+                m.zero_grad()
+                out = m.forward(x_t, obj.model_time(t), y, plr_target=target if self.is_moe else None)
+                diff, parts, dout = obj.loss(out, target, x0=x0, x_t=x_t, t=t)
+                m.backward(dout)
+                aux_total = float(m.aux_loss())
+                r = m.optimizer_step(**opt) if math.isfinite(diff + aux_total) else None
+            else:
+                r = m.step(x_t, obj.model_time(t), y, target, return_aux=False, **opt)
+                diff, aux_total = r["loss"], r["aux"]
+                parts = {"mse": diff}
         except ValueError as e:  # the MoE router refuses NaN scores
             if "NaN" not in str(e):
                 raise
             raise TrainingDiverged(self._where(step, f"the forward pass failed ({e})", x_t)) from None
-        diff, parts, dout = obj.loss(out, target, x0=x0, x_t=x_t, t=t)
-        m.backward(dout)
-        aux_total = float(m.aux_loss())
         loss = diff + aux_total
         if not math.isfinite(loss):
             raise TrainingDiverged(self._where(step, f"loss is {loss} (diffusion {diff}, "
                                                      f"aux {aux_total})", x_t))
-        gnorm = optim.grad_norm(m.grad_buffer)
-        if not math.isfinite(gnorm):
+        gnorm = r["grad_norm"]
+        if not r["updated"]:
             raise TrainingDiverged(self._where(step, f"gradient norm is {gnorm}"))
-        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-        optim.adamw_step(m.param_buffer, m.grad_buffer, self.adam_m, self.adam_v, lr=lr,
-                         step=step, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                         weight_decay=cfg.weight_decay,
-                         grad_scale=optim.clip_scale(gnorm, cfg.grad_clip))
-        optim.ema_update(self.ema, m.param_buffer, cfg.ema_decay)
         self.step = step
         rec = {"step": step, "loss": loss, "diffusion": diff}
         rec.update({k: v for k, v in parts.items()})
@@ -214,62 +221,6 @@ class _Trainer:
             rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in m.aux().items()})
             rec["aux"] = aux_total
         rec.update({"grad_norm": gnorm, "lr": lr})
-        return self._statistics(rec, t, layers)
-
-    def _device_step(self, x0, y, t, x_t, target, layers):
-        """train_step on the GPU: the whole step runs on the device (CudaRaceDiT.step) and
-        only scalars come back; DiT's hybrid loss (ddpm + learn_sigma), whose VLB term is
-        computed on the host, goes forward -> loss -> backward(dout) -> optimizer_step.
-        Without clipping the step still asks the device for the gradient norm (an infinite
-        max norm: scale 1, as on the CPU) so that NaN/Inf gradients stop the run before
-        they reach the weights."""
-        cfg, m, obj = self.cfg, self.m, self.obj
-        step = self.step + 1
-        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-        opt = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                   weight_decay=cfg.weight_decay,
-                   max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
-                   ema_decay=cfg.ema_decay)
-        mt = obj.model_time(t)
-        plr_target = target if self.is_moe else None
-        try:
-            if obj.learn_sigma and obj.name == "ddpm":
-                m.zero_grad()
-                out = m.forward(x_t, mt, y, plr_target=plr_target)
-                diff, parts, dout = obj.loss(out, target, x0=x0, x_t=x_t, t=t)
-                m.backward(dout)
-                aux_total = float(m.aux_loss()) if self.is_moe else 0.0
-                aux = m.aux() if self.is_moe else {}
-                loss = diff + aux_total
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(self._where(step, f"loss is {loss} (diffusion {diff}, "
-                                                             f"aux {aux_total})", x_t))
-                r = m.optimizer_step(**opt)
-            else:
-                r = m.step(x_t, mt, y, target, return_aux=self.is_moe, **opt)
-                diff = float(r["loss"])
-                parts = {"mse": diff}
-                aux_total = float(r.get("aux_loss", 0.0))
-                aux = {k: r[k] for k in ("plr", "sim", "balance") if k in r}
-                loss = diff + aux_total
-        except ValueError as e:  # NaN routing scores, or a non-finite gradient norm
-            msg = str(e)
-            if "NaN" not in msg and "non-finite" not in msg:
-                raise
-            what = ("gradient norm is not finite" if "gradient norm" in msg
-                    else f"the forward pass failed ({msg})")
-            raise TrainingDiverged(self._where(step, f"{what} (on the device)", x_t)) from None
-        if not math.isfinite(loss):
-            raise TrainingDiverged(self._where(step, f"loss is {loss} (diffusion {diff}, "
-                                                     f"aux {aux_total}) (on the device)", x_t))
-        gnorm = r["grad_norm"]
-        self.step = step
-        rec = {"step": step, "loss": loss, "diffusion": diff}
-        rec.update(parts)
-        if self.is_moe:
-            rec.update({k: (float(v) if math.isfinite(v) else None) for k, v in aux.items()})
-            rec["aux"] = aux_total
-        rec.update({"grad_norm": None if gnorm is None else float(gnorm), "lr": lr})
         return self._statistics(rec, t, layers)
 
     def _statistics(self, rec, t, layers):
@@ -288,20 +239,6 @@ class _Trainer:
             rec["ept_by_t"] = {str(i): float(sums[i] / cnt[i]) for i in np.flatnonzero(cnt)}
             self._ept[:] = 0
         return rec
-
-    def sync_host(self):
-        """GPU runs: copy the device EMA and AdamW moments into the host arrays (``ema``,
-        ``adam_m``, ``adam_v``) that checkpoints, sampling and the result use."""
-        if self.device == "cuda":
-            self.ema = self.m.ema_buffer
-            st = self.m.optimizer_state()
-            self.adam_m, self.adam_v = st["m"], st["v"]
-
-    def push_device(self):
-        """GPU runs: upload the host EMA, AdamW moments and step (after a restore)."""
-        if self.device == "cuda":
-            self.m.set_ema_buffer(self.ema)
-            self.m.load_optimizer_state({"m": self.adam_m, "v": self.adam_v, "step": self.step})
 
     def _where(self, step, what, x_t=None):
         """The diverged message: a non-finite parameter is the cause when there is one, then
@@ -328,12 +265,12 @@ class _Trainer:
     def save(self, path):
         m = self.m
         log_bytes = self.log.sync() if self.log is not None else None
-        self.sync_host()
+        opt = m.optimizer_state()
         tensors = {}
         tensors.update(pack_params(m, m.param_buffer, "model."))
-        tensors.update(pack_params(m, self.ema, "ema."))
-        tensors.update(pack_params(m, self.adam_m, "opt.m."))
-        tensors.update(pack_params(m, self.adam_v, "opt.v."))
+        tensors.update(pack_params(m, m.ema_buffer, "ema."))
+        tensors.update(pack_params(m, opt["m"], "opt.m."))
+        tensors.update(pack_params(m, opt["v"], "opt.v."))
         tensors["thresholds"] = np.asarray(m.thresholds, np.float32)
         meta = {"step": self.step, "rng": rng_state(self.rng),
                 "config": dataclasses.asdict(self.cfg),
@@ -349,10 +286,11 @@ class _Trainer:
     def restore(self, tensors, meta, path):
         m = self.m
         load_params(m, tensors, "model.", path)
-        unpack_params(m, tensors, "ema.", self.ema, path)
-        unpack_params(m, tensors, "opt.m.", self.adam_m, path)
-        unpack_params(m, tensors, "opt.v.", self.adam_v, path)
-        set_thresholds(m, tensors)
+        m.set_ema_buffer(unpacked_params(m, tensors, "ema.", path))
+        m.load_optimizer_state({"m": unpacked_params(m, tensors, "opt.m.", path),
+                                "v": unpacked_params(m, tensors, "opt.v.", path),
+                                "step": int(meta["step"])})
+        set_thresholds(m, tensors, path)
         self.step = int(meta["step"])
         self.rng = rng_from_state(meta["rng"])
         # the experts-per-token sums since the last record, so that the next record of a
@@ -362,7 +300,6 @@ class _Trainer:
             raise CheckpointError(f"{path}: metadata 'ept_window': expected shape "
                                   f"{self._ept.shape}, got {window.shape}")
         self._ept[...] = window
-        self.push_device()
 
     def ckpt_path(self, step):
         return checkpoint_path(self.run_dir, step)
@@ -495,16 +432,10 @@ def _start(model, preset, resume, init_from, dataset, progress, out, final_sampl
         progress = sys.stderr.isatty()
     job = _Job(resume, meta, changes, run_dir, init_from, dataset, progress, out,
                final_samples, report, device, precision, t_start)
-    tf32_was = None
-    if device == "cuda":
-        from .cuda import tf32
+    from .cuda import precision_scope
 
-        tf32_was = tf32(precision in ("tf32", "bf16"))
-    try:
+    with precision_scope(device, precision):
         return _train(cfg, job)
-    finally:
-        if tf32_was is not None:
-            tf32(tf32_was)
 
 
 def _output_folder(cfg, resume, results_dir):
@@ -536,15 +467,14 @@ def _train(cfg, job):
     elif job.init_from is not None:
         tensors, _ = load_checkpoint(job.init_from)
         load_params(m, tensors, "model.", job.init_from)
-        set_thresholds(m, tensors)
-        tr.ema[...] = m.param_buffer
-        tr.push_device()
+        set_thresholds(m, tensors, job.init_from)
+        m.set_ema_buffer(m.param_buffer)
     tr.log = log = RunLog(run_dir, job.out)
     try:
         if job.resume is not None:
             _log_resume(tr, job, notes)
         write_config(run_dir, cfg)
-        on = f" on cuda ({job.precision})" if job.device == "cuda" else ""
+        on = f" on {job.device} ({job.precision})" if job.device != "cpu" else ""
         log.line(f"{m.config.name}, {m.num_params():,} parameters "
                  f"({m.num_activated_params():,} activated), data {ds!r}, {total} steps of "
                  f"{cfg.global_batch_size}{on} -> {run_dir}")
@@ -564,7 +494,7 @@ def _finish(tr, job, records, log):
     """The last checkpoint, the sample grid and the routing report of a finished run."""
     cfg, m, run_dir = tr.cfg, tr.m, tr.run_dir
     last_ckpt = tr.ckpt_path(tr.step)
-    tr.save(last_ckpt)  # also brings a GPU run's EMA to the host (tr.ema)
+    tr.save(last_ckpt)
     log.line(f"saved {last_ckpt}")
     if job.final_samples:
         p = os.path.join(run_dir, "samples", f"{tr.step:07d}.png")
@@ -574,13 +504,13 @@ def _finish(tr, job, records, log):
     if job.report and m.config.is_moe:
         from .report import routing_report
 
-        rep = routing_report(m, tr.ema, tr.obj, tr.ds, records, run_dir, seed=cfg.seed,
+        rep = routing_report(m, m.ema_buffer, tr.obj, tr.ds, records, run_dir, seed=cfg.seed,
                              step=tr.step)
         log.line(f"routing report {rep['json']} and {rep['png']}"
                  + (" (replacing the earlier report of this step)" if rep["replaced"] else ""))
     wall = time.time() - job.t_start
     log.line(f"done at step {tr.step} in {wall:.1f} s", echo=False)
-    return TrainResult(run_dir, last_ckpt, records, m, tr.ema, cfg, tr.ds, wall,
+    return TrainResult(run_dir, last_ckpt, records, m, np.array(m.ema_buffer), cfg, tr.ds, wall,
                        rep and rep["json"])
 
 
@@ -840,8 +770,7 @@ def _sample_grid(tr, path, per_class, progress=False):
     ncls = min(tr.ds.num_classes, 10)
     labels = np.repeat(np.arange(ncls), per_class)
     cfg = tr.cfg
-    tr.sync_host()
-    x = generate(tr.m, tr.obj, labels, weights=tr.ema, cfg_scale=cfg.cfg_scale,
+    x = generate(tr.m, tr.obj, labels, weights=tr.m.ema_buffer, cfg_scale=cfg.cfg_scale,
                  sampler=cfg.sampler, num_steps=cfg.num_sampling_steps, seed=cfg.seed,
                  clip_denoised=tr.ds.kind == "pixels", progress=progress)
     if tr.ds.kind == "pixels":

@@ -8,8 +8,10 @@ holding NaN / inf; scalars of the wrong kind (None, negatives, 2**40, NaN, strin
 lists, objects); argument counts one short or one long. The expert ops also get
 well-formed cases with one argument replaced; the model and the MoE layer get random
 batches, gradients and thresholds. The racedit.cuda ops are included (on a machine
-without a GPU their argument checks run, then RuntimeError)."""
+without a GPU their argument checks run, then RuntimeError), and so are the ops, the model
+and the layer on the checking backend (device="check": every array staged into its pool)."""
 import faulthandler
+import functools
 import inspect
 import sys
 
@@ -59,6 +61,8 @@ def fuzz(seed, calls=400, models=60):
 
     funcs = [(n, getattr(ops, n)) for n in dir(ops) if not n.startswith("_")
              and callable(getattr(ops, n)) and n not in ("losses", "moe")]
+    funcs += [(n + "@check", functools.partial(f, device="check")) for n, f in funcs
+              if "device" in inspect.signature(f).parameters]
     funcs += [(n, getattr(cuda, n)) for n in cuda.__all__
               if callable(getattr(cuda, n)) and n not in SKIP_CUDA]
     for _ in range(calls):
@@ -76,7 +80,8 @@ def fuzz(seed, calls=400, models=60):
     for _ in range(models):
         try:
             m = racedit.RaceDiT("RaceDiT-T/2-2in4", input_size=int(rng.choice([4, 8])),
-                                in_channels=int(rng.choice([1, 4])), num_classes=3)
+                                in_channels=int(rng.choice([1, 4])), num_classes=3,
+                                device=str(rng.choice(["cpu", "check"])))
             B, C, S = int(rng.integers(0, 3)), m.in_channels, m.input_size
             pick = lambda good: rand_array() if rng.random() < 0.3 else good  # noqa: E731
             out = m.forward(pick(np.zeros((B, C, S, S), np.float32)), pick(np.zeros(B, np.float32)),
@@ -88,7 +93,8 @@ def fuzz(seed, calls=400, models=60):
             pass
         try:
             moe = racedit.MoE(int(rng.integers(1, 6)), int(rng.integers(1, 5)), int(rng.integers(0, 3)),
-                              strategy=["race", "token", "expert", "bl", "be", "le"][rng.integers(0, 6)])
+                              strategy=["race", "token", "expert", "bl", "be", "le"][rng.integers(0, 6)],
+                              device=str(rng.choice(["cpu", "check"])))
             y = moe.forward(rand_array() if rng.random() < 0.4 else np.zeros((2, 3, moe.dim), np.float32))
             moe.backward(rand_array() if rng.random() < 0.4 else np.zeros_like(y))
         except Exception:

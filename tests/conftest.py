@@ -14,3 +14,15 @@ def gemm_mode(request):
     prev = cuda.expert_gemm(request.param)
     yield request.param
     cuda.expert_gemm(prev)
+
+
+@pytest.fixture
+def clean_check_pool():
+    """Around a test on the checking backend (device="check"): its pool must have seen no
+    misuse (a host pointer handed to an op, an overrun, a free of a foreign pointer)."""
+    from racedit import _C
+
+    _C.check_pool(reset=True)
+    yield
+    pool = _C.check_pool()
+    assert pool["errors"] == 0, pool["first_error"]

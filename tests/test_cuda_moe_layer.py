@@ -1,4 +1,4 @@
-"""racedit.MoE(device="cuda") (racedit.cuda_moe.CudaMoE) against the CPU racedit.MoE with the
+"""racedit.MoE(device="cuda") against the CPU racedit.MoE with the
 same seed: identical initial parameters, forward / backward (fp32, tight) with the aux
 losses, the views of the last forward, the threshold in eval mode, settable weights read
 by the next forward, bf16 experts within a stated tolerance. Skipped without a GPU, except

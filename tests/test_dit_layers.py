@@ -185,8 +185,11 @@ def test_layernorm(N, D):
     g = rng.normal(size=(N, D))
     acc0 = rng.normal(size=(N, D))
     acc = f32(acc0)
-    _C.dit_layernorm_backward(acc, f32(g), out, rstd)
-    close(acc, acc0 + ref.dit_layernorm_backward(g, rout, rrstd), rtol=1e-4, atol=1e-4)
+    got = _C.dit_layernorm_backward(f32(g), out, rstd, dinp_acc=acc)
+    close(got, acc0 + ref.dit_layernorm_backward(g, rout, rrstd), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(acc, f32(acc0))                # the accumulator is not modified
+    close(_C.dit_layernorm_backward(f32(g), out, rstd), ref.dit_layernorm_backward(g, rout, rrstd),
+          rtol=1e-4, atol=1e-4)
 
 
 def test_layernorm_ref_fd():
@@ -199,9 +202,9 @@ def test_layernorm_ref_fd():
 def test_layernorm_bad_inputs():
     out, rstd = _C.dit_layernorm_forward(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="rstd: expected shape"):
-        _C.dit_layernorm_backward(np.zeros((2, 3), np.float32), out, out, rstd[:1].copy())
-    with pytest.raises(TypeError, match="dinp_acc"):
-        _C.dit_layernorm_backward(np.zeros((2, 3)), out, out, rstd)
+        _C.dit_layernorm_backward(out, out, rstd[:1].copy())
+    with pytest.raises(ValueError, match="dinp_acc: expected shape"):
+        _C.dit_layernorm_backward(out, out, rstd, np.zeros((3, 3), np.float32))
 
 
 @pytest.mark.parametrize("B,L,D", [(2, 5, 8), (1, 1, 3), (3, 16, 33)])

@@ -10,19 +10,10 @@ import racedit
 
 ROOT = os.path.dirname(os.path.abspath(racedit.__file__))
 
-# Private names still imported across modules, all from files of the device classes
-# (model.py, moe.py, cuda.py, cuda_model.py, cuda_moe.py), which are being redesigned as one
-# class per concept; the list shrinks to nothing with that work, never grows.
-PRIVATE_ALLOWED = {
-    ("racedit.model", "racedit.moe", "_weight_arg"),
-    ("racedit.cuda_moe", "racedit.moe", "_input_copy"),
-    ("racedit.cuda_model", "racedit.cuda", "_require"),
-    ("racedit.factory", "racedit.cuda", "_require"),  # racedit.cuda has no public check yet
-}
-# The circles of the device subclasses and their parents (RaceDiT.__new__ returns a
-# CudaRaceDiT, MoE.__new__ a CudaMoE); they go with cuda_model.py and cuda_moe.py.
-CYCLE_EXCLUDED = {frozenset({"racedit.model", "racedit.cuda_model"}),
-                  frozenset({"racedit.moe", "racedit.cuda_moe"})}
+# Private names imported across modules: none (the list may only shrink).
+PRIVATE_ALLOWED = set()
+# Import circles tolerated: none.
+CYCLE_EXCLUDED = set()
 # What the trainer builds on; none of it may import the trainer.
 BELOW_TRAIN = ("racedit.configs", "racedit.checkpoint", "racedit.factory", "racedit.runs",
                "racedit.sample", "racedit.evaluate", "racedit.report", "racedit.data",

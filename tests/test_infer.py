@@ -2,8 +2,9 @@
 forward in eval mode (dense and MoE, thresholds set or not, growing batches, learn_sigma),
 the training state (activations, last forward, thresholds) untouched by it, its own arena
 (max_batch does not apply, free_infer gives it back), bad input, and its peak memory against
-the training forward's (in subprocesses). The GPU twin (CudaRaceDiT.infer) is compared with
-its own forward; those tests are skipped without a CUDA device."""
+the training forward's (in subprocesses); the same on the checking backend (device="check",
+a device whose memory the host must not touch). On the GPU it is compared with its own
+forward; those tests are skipped without a CUDA device."""
 import json
 import os
 
@@ -24,11 +25,7 @@ gpu = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA devic
 def model(config, device="cpu", **kw):
     m = RaceDiT(config, input_size=S, in_channels=C, num_classes=NCLS, device=device, **kw)
     rng = np.random.default_rng(3)
-    buf = (0.2 * rng.standard_normal(m.num_params())).astype(np.float32)
-    if device == "cuda":
-        m.set_param_buffer(buf)
-    else:
-        m.param_buffer[...] = buf
+    m.set_param_buffer((0.2 * rng.standard_normal(m.num_params())).astype(np.float32))
     return m
 
 
@@ -49,8 +46,9 @@ def eval_forward(m, x, t, y):
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_infer_equals_eval_forward(config, learn_sigma):
-    m = model(config, learn_sigma=learn_sigma)
+@pytest.mark.parametrize("device", ["cpu", "check"])
+def test_infer_equals_eval_forward(config, learn_sigma, device):
+    m = model(config, device, learn_sigma=learn_sigma)
     for B, seed in ((3, 1), (6, 2), (2, 3)):          # the arena grows, then serves a smaller batch
         x, t, y = batch(B, seed)
         out = m.infer(x, t, y)                        # MoE: no threshold yet (batch top-K)
@@ -80,10 +78,11 @@ def test_infer_is_eval_mode_whatever_the_mode():
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_infer_leaves_the_training_state(config):
+@pytest.mark.parametrize("device", ["cpu", "check"])
+def test_infer_leaves_the_training_state(config, device):
     """forward / infer / backward: the backward, branch norms, routing masks and layer
     stats are the last forward's, as without the infer; thresholds unchanged."""
-    m = model(config, class_dropout_prob=0.0)
+    m = model(config, device, class_dropout_prob=0.0)
     x, t, y = batch(4)
     xi, ti, yi = batch(7, seed=5)
     dout = np.random.default_rng(9).normal(size=(4, m.out_channels, S, S)).astype(np.float32)

@@ -1,6 +1,7 @@
 /* bind.c — argument validation and error translation shared by every binding file. */
 #include "bind.h"
 
+#include <math.h>
 #include <string.h>
 
 int rd_try_take(rd_busy *flag) { return atomic_exchange(flag, 1) == 0; }
@@ -274,4 +275,262 @@ int rd_threshold_args(PyObject *o_scores, PyObject *o_tau, PyArrayObject **score
     }
     *scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, nd, NULL);
     return *scores ? 0 : -1;
+}
+
+int rd_parse_precision(PyObject *obj, const char *name, int *out) {
+    static const char *const names[3] = {"fp32", "tf32", "bf16"};
+    *out = RD_PREC_FP32;
+    return obj && obj != Py_None ? parse_name(obj, name, names, 3, out) : 0;
+}
+
+/* ---- devices ------------------------------------------------------------------------ */
+
+int rd_parse_device(PyObject *obj, const rd_backend **out) {
+    *out = &rd_backend_cpu;
+    if (!obj || obj == Py_None) return 0;
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "device: expected a str ('cpu' or 'cuda'), got %s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *s = rd_str_text(obj);
+    if (!s && PyErr_Occurred()) return -1;
+    rd_status st = rd_backend_get(s ? s : "", out);
+    if (st == RD_EINVAL)
+        PyErr_Format(PyExc_ValueError, "device: expected 'cpu' or 'cuda', got %R", obj);
+    else if (st)
+        rd_raise(st);
+    return st ? -1 : 0;
+}
+
+int rd_device_ready(const rd_backend *be) {
+#ifdef RD_HAVE_CUDA
+    if (be == &rd_backend_cuda && rd_cuda_device_count() == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "CUDA not available: racedit was built with CUDA "
+                        "but no CUDA device is usable (no GPU or no driver)");
+        return -1;
+    }
+#else
+    (void)be;
+#endif
+    return 0;
+}
+
+int rd_stage_init(rd_stage *s, const rd_backend *be) {
+    memset(s, 0, sizeof *s);
+    s->be = be;
+    return rd_device_ready(be);
+}
+
+static void *stage(rd_stage *s, PyArrayObject *a, int out) {
+    if (!a) return NULL;
+    if (s->be->host_memory) return PyArray_DATA(a);
+    if (s->status) return NULL;
+    if (s->n == RD_STAGE_MAX) {
+        s->status = rd_fail(RD_EINVAL, "binding: more than %d staged arrays", RD_STAGE_MAX);
+        return NULL;
+    }
+    void *dev = NULL;
+    const size_t bytes = (size_t)PyArray_NBYTES(a);
+    s->status = s->be->alloc(&dev, bytes);
+    if (!s->status) s->status = s->be->upload(dev, PyArray_DATA(a), bytes);
+    if (dev) s->item[s->n++] = (rd_stage_item){a, dev, out};
+    return s->status ? NULL : dev;
+}
+
+void *rd_stage_in(rd_stage *s, PyArrayObject *a) { return stage(s, a, 0); }
+void *rd_stage_out(rd_stage *s, PyArrayObject *a) { return stage(s, a, 1); }
+
+int rd_stage_end(rd_stage *s, rd_status st) {
+    if (!st) st = s->status;
+    for (int i = 0; i < s->n; i++) {
+        if (!st && s->item[i].out)
+            st = s->be->download(PyArray_DATA(s->item[i].a), s->item[i].dev,
+                                 (size_t)PyArray_NBYTES(s->item[i].a));
+        s->be->free(s->item[i].dev);
+    }
+    s->n = 0;
+    if (st) rd_raise(st);
+    return st ? -1 : 0;
+}
+
+/* ---- the MoE configuration ------------------------------------------------------------ */
+
+/* The int or float field of `c` named k, or NULL. */
+static int64_t *int_field(rd_moe_cfg *c, const char *k) {
+    return !strcmp(k, "dim") ? &c->D : !strcmp(k, "num_experts") ? &c->E
+         : !strcmp(k, "expert_hidden") ? &c->He : !strcmp(k, "k") ? &c->k
+         : !strcmp(k, "plr_dim") ? &c->plr_dim : NULL;
+}
+
+static float *float_field(rd_moe_cfg *c, const char *k) {
+    return !strcmp(k, "beta") ? &c->beta : !strcmp(k, "sim_weight") ? &c->sim_weight
+         : !strcmp(k, "balance_weight") ? &c->balance_weight
+         : !strcmp(k, "plr_weight") ? &c->plr_weight : NULL;
+}
+
+static int set_setting(rd_moe_cfg *n, const char *k, PyObject *val) {
+    int64_t *iv = int_field(n, k);
+    float *fv = float_field(n, k);
+    if (iv) return rd_parse_int(val, k, iv);
+    if (fv) {
+        double v;
+        if (rd_parse_real(val, k, &v) < 0) return -1;
+        if (!isfinite(v)) {
+            PyErr_Format(PyExc_ValueError, "%s: expected a finite number, got %R", k, val);
+            return -1;
+        }
+        *fv = (float)v;
+        return 0;
+    }
+    if (!strcmp(k, "strategy")) return rd_parse_strategy(val, "strategy", &n->strategy);
+    if (!strcmp(k, "gating")) return rd_parse_gating(val, "gating", &n->gating);
+    if (!strcmp(k, "eval_topk")) {
+        int b = PyObject_IsTrue(val);
+        if (b >= 0) n->eval_topk = b;
+        return b < 0 ? -1 : 0;
+    }
+    PyErr_Format(PyExc_TypeError, "unknown MoE setting '%s'", k);
+    return -1;
+}
+
+int rd_parse_moe_settings(PyObject *kw, rd_moe_cfg *c, int check) {
+    rd_moe_cfg n = *c;
+    PyObject *key, *val;
+    Py_ssize_t pos = 0;
+    while (kw && PyDict_Next(kw, &pos, &key, &val)) {
+        const char *k = rd_str_text(key);
+        if (!k) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "unknown MoE setting %R", key);
+            return -1;
+        }
+        if (set_setting(&n, k, val) < 0) return -1;
+    }
+    rd_status s = check ? rd_moe_cfg_check(&n) : RD_OK;
+    if (!s && check) s = rd_moe_aux_weights_check(&n);
+    if (s) {
+        rd_raise(s);
+        return -1;
+    }
+    *c = n;
+    return 0;
+}
+
+PyObject *rd_split_settings(PyObject *kw, PyObject **device, PyObject **precision) {
+    *device = kw ? PyDict_GetItemString(kw, "device") : NULL;
+    *precision = kw ? PyDict_GetItemString(kw, "precision") : NULL;
+    PyObject *rest = kw ? PyDict_Copy(kw) : PyDict_New();
+    if (rest && ((*device && PyDict_DelItemString(rest, "device") < 0) ||
+                 (*precision && PyDict_DelItemString(rest, "precision") < 0)))
+        Py_CLEAR(rest);
+    return rest;
+}
+
+PyObject *rd_moe_settings_dict(const rd_moe_cfg *c) {
+    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:s,s:s,s:d,s:O,s:d,s:d,s:d}",
+                         "dim", (long long)c->D, "num_experts", (long long)c->E, "expert_hidden",
+                         (long long)c->He, "k", (long long)c->k, "plr_dim", (long long)c->plr_dim,
+                         "strategy", rd_strategy_name(c->strategy), "gating",
+                         rd_gating_name(c->gating), "beta", (double)c->beta, "eval_topk",
+                         c->eval_topk ? Py_True : Py_False, "sim_weight", (double)c->sim_weight,
+                         "balance_weight", (double)c->balance_weight, "plr_weight",
+                         (double)c->plr_weight);
+}
+
+/* ---- what a MoE layer's forward left --------------------------------------------------- */
+
+PyObject *rd_download_array(const rd_backend *be, const void *src, int ndim,
+                            const npy_intp *shape, int typenum) {
+    PyArrayObject *a = rd_new_array(ndim, shape, typenum);
+    if (!a) return NULL;
+    rd_status s = be->download(PyArray_DATA(a), src, (size_t)PyArray_NBYTES(a));
+    if (s) {
+        Py_DECREF(a);
+        return rd_raise(s);
+    }
+    return (PyObject *)a;
+}
+
+static int dict_put(PyObject *d, const char *key, PyObject *v) {
+    if (!v) return -1;
+    int r = PyDict_SetItemString(d, key, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *loss_or_none(int has, float v) {
+    return has ? PyFloat_FromDouble((double)v) : Py_NewRef(Py_None);
+}
+
+static PyObject *tau_or_none(int have, float v) {
+    return have ? PyFloat_FromDouble((double)v) : Py_NewRef(Py_None);
+}
+
+static PyObject *int64_copy(const int64_t *src, int64_t n) {
+    npy_intp s[1] = {(npy_intp)n};
+    PyArrayObject *a = rd_new_array(1, s, NPY_INT64);
+    if (a && n) memcpy(PyArray_DATA(a), src, (size_t)n * sizeof(int64_t));
+    return (PyObject *)a;
+}
+
+/* The entries that come from arrays: expert_load, plr_pred. */
+static int aux_arrays(PyObject *d, const rd_backend *be, const rd_moe_view *v,
+                      const rd_moe_aux *a) {
+    npy_intp sp[3] = {v->B, v->L, (npy_intp)a->plr_dim};
+    if (dict_put(d, "expert_load", int64_copy(a->load, a->E)) < 0) return -1;
+    PyObject *pred = a->plr_pred ? rd_download_array(be, a->plr_pred, 3, sp, NPY_FLOAT32)
+                                 : Py_NewRef(Py_None);
+    return dict_put(d, "plr_pred", pred);
+}
+
+static PyObject *moe_aux_dict(const rd_backend *be, void *st) {
+    rd_moe_view v;
+    rd_moe_aux a;
+    rd_status s = be->moe_view(st, &v);
+    if (!s && v.have_forward) s = be->moe_aux(st, &a);
+    if (s) return rd_raise(s);
+    if (!v.have_forward) Py_RETURN_NONE;
+    PyObject *d = PyDict_New();
+    if (!d || dict_put(d, "sim_loss", loss_or_none(a.has_sim, a.sim_loss)) ||
+        dict_put(d, "balance_loss", loss_or_none(a.has_balance, a.balance_loss)) ||
+        dict_put(d, "plr_loss", loss_or_none(a.has_plr, a.plr_loss)) ||
+        dict_put(d, "aux_loss", PyFloat_FromDouble((double)a.aux_loss)) ||
+        dict_put(d, "max_violation", PyFloat_FromDouble(a.max_violation)) ||
+        dict_put(d, "combination_usage", PyFloat_FromDouble(a.combination_usage)) ||
+        dict_put(d, "dead_experts", PyLong_FromLongLong((long long)a.dead_experts)) ||
+        dict_put(d, "experts_per_token", PyFloat_FromDouble(a.experts_per_token)) ||
+        dict_put(d, "threshold", tau_or_none(v.have_tau, v.tau)) ||
+        dict_put(d, "batch_threshold", tau_or_none(v.have_tau, v.tau_b)) ||
+        dict_put(d, "training", PyBool_FromLong(a.training)) ||
+        aux_arrays(d, be, &v, &a) < 0)
+        Py_CLEAR(d);
+    return d;
+}
+
+PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name) {
+    static const char *const known[] = {"threshold", "aux", "batch_threshold", "mask", "gates",
+                                        "logits", "hidden", "counts", "pairs"};
+    int k = 0;
+    while (k < 9 && strcmp(name, known[k])) k++;
+    if (k == 9) {
+        PyErr_Format(PyExc_ValueError, "name: expected one of threshold, batch_threshold, mask, "
+                     "gates, logits, hidden, counts, pairs, aux; got '%s'", name);
+        return NULL;
+    }
+    if (k == 1) return moe_aux_dict(be, st);
+    rd_moe_view v;
+    rd_status s = be->moe_view(st, &v);
+    if (s) return rd_raise(s);
+    if (k == 0) return v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
+    if (!v.have_forward) Py_RETURN_NONE;
+    npy_intp sE3[3] = {v.B, v.L, v.E}, sD3[3] = {v.B, v.L, v.D};
+    switch (k) {
+    case 2: return PyFloat_FromDouble(v.tau_b);
+    case 3: return rd_download_array(be, v.mask, 3, sE3, NPY_BOOL);
+    case 4: return rd_download_array(be, v.G, 3, sE3, NPY_FLOAT32);
+    case 5: return rd_download_array(be, v.R, 3, sE3, NPY_FLOAT32);
+    case 6: return rd_download_array(be, v.h, 3, sD3, NPY_FLOAT32);
+    case 7: return int64_copy(v.counts, v.E);
+    default: return PyLong_FromLongLong(v.P);
+    }
 }

@@ -83,13 +83,83 @@ int rd_threshold_args(PyObject *o_scores, PyObject *o_tau, PyArrayObject **score
 /* Format a shape like "(2, 3, 4)" into buf. */
 void rd_shape_str(char *buf, size_t n, int ndim, const npy_intp *shape);
 
-/* The aux losses and diagnostics of a MoE layer's last forward as a dict (bind_losses.c). */
-PyObject *rd_moe_aux_dict(const rd_moe_state *st, const rd_moe_cfg *cfg);
+/* Precision by name ("fp32", "tf32", "bf16"; NULL: fp32) into an rd_precision, or -1
+ * with ValueError naming `name`. */
+int rd_parse_precision(PyObject *obj, const char *name, int *out);
+
+/* ---- devices ------------------------------------------------------------------------
+ * The backend named by the keyword argument `device` ("cpu" when NULL): TypeError for a
+ * non-str, ValueError for an unknown name, RuntimeError "CUDA not available: ..." for
+ * "cuda" in a build without it. Whether a device is usable is checked later, by
+ * rd_stage_init, so that bad arguments are reported first on any build. */
+int rd_parse_device(PyObject *obj, const rd_backend **out);
+/* RuntimeError "CUDA not available: ..." when be is CUDA's and no device is usable. */
+int rd_device_ready(const rd_backend *be);
+
+/* The arrays of one call in backend memory: on a host-memory backend (the CPU) the NumPy
+ * data itself; elsewhere copies allocated and uploaded here (the GIL held), the outputs'
+ * copies downloaded into their arrays by rd_stage_end, which frees every copy. A failed
+ * upload is kept as the stage's status: the op is skipped and the failure raised by
+ * rd_stage_end. Outputs start as their arrays' contents (zeros for new arrays). */
+#define RD_STAGE_MAX 24
+typedef struct {
+    PyArrayObject *a;
+    void *dev;
+    int out;
+} rd_stage_item;
+typedef struct {
+    const rd_backend *be;
+    rd_status status;
+    int n;
+    rd_stage_item item[RD_STAGE_MAX];
+} rd_stage;
+int rd_stage_init(rd_stage *s, const rd_backend *be); /* rd_device_ready, then empty */
+void *rd_stage_in(rd_stage *s, PyArrayObject *a);      /* NULL array: NULL */
+void *rd_stage_out(rd_stage *s, PyArrayObject *a);
+int rd_stage_end(rd_stage *s, rd_status st);           /* 0, or -1 with the exception */
+/* `call` on the staged arrays with the GIL released, then rd_stage_end; goto done on a
+ * failure (the exception set). */
+#define RD_RUN_STAGED(s, call)                                   \
+    do {                                                         \
+        rd_status st_ = (s).status;                              \
+        if (!st_) {                                              \
+            Py_BEGIN_ALLOW_THREADS st_ = (call);                 \
+            Py_END_ALLOW_THREADS                                 \
+        }                                                        \
+        if (rd_stage_end(&(s), st_) < 0) goto done;              \
+    } while (0)
+
+/* ---- the MoE configuration and what a MoE layer's forward left ------------------------ */
+/* Set the fields of `c` named in the dict `kw` (dim, num_experts, expert_hidden, k,
+ * plr_dim, strategy, gating, beta, eval_topk, sim_weight, balance_weight, plr_weight), then,
+ * with `check`, check the whole (rd_moe_cfg_check; a dense model's unused settings are
+ * not); `c` is unchanged on failure. The one parser of a MoE configuration: the layer's
+ * and the model's. */
+int rd_parse_moe_settings(PyObject *kw, rd_moe_cfg *c, int check);
+/* A copy of the keyword dict `kw` (may be NULL) without its "device" and "precision"
+ * entries, which go to *device and *precision (borrowed from kw; NULL when absent). */
+PyObject *rd_split_settings(PyObject *kw, PyObject **device, PyObject **precision);
+/* The settings of `c` as a dict with the keys rd_parse_moe_settings reads. */
+PyObject *rd_moe_settings_dict(const rd_moe_cfg *c);
+/* What the last forward of backend MoE state `st` left, by name: "threshold" (tau, None
+ * when unset), "batch_threshold", "mask" (B,L,E) bool, "gates", "logits" (B,L,E), "hidden"
+ * (B,L,D), "counts" (E,) int64, "pairs" (None before a forward), or "aux": the aux losses and
+ * diagnostics as a dict (None before a forward): sim_loss, balance_loss, plr_loss (None
+ * when not computed), aux_loss, max_violation, combination_usage, dead_experts,
+ * experts_per_token, expert_load (E,), threshold, batch_threshold (None before the first
+ * training forward), plr_pred (B,L,plr_dim) or None, training. Copies. One set of names
+ * and one dict shape for a MoE layer and a model's MoE blocks on every device;
+ * ValueError for another name. */
+PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name);
+/* A copy of what the view's backend pointer `src` holds, as a new array. */
+PyObject *rd_download_array(const rd_backend *be, const void *src, int ndim,
+                            const npy_intp *shape, int typenum);
 
 /* Each area registers its functions on the module. */
 int rd_bind_route(PyObject *m);
 int rd_bind_moe(PyObject *m);
 int rd_bind_losses(PyObject *m);
+int rd_bind_dit(PyObject *m);
 int rd_bind_model(PyObject *m);
 int rd_bind_train(PyObject *m);
 

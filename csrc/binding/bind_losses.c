@@ -334,56 +334,6 @@ fail:
     return ret;
 }
 
-/* ---- the MoE layer's aux values --------------------------------------------------- */
-
-static int dict_set(PyObject *d, const char *key, PyObject *v) {
-    if (!v) return -1;
-    int r = PyDict_SetItemString(d, key, v);
-    Py_DECREF(v);
-    return r;
-}
-
-static PyObject *loss_or_none(int has, float v) {
-    return has ? PyFloat_FromDouble((double)v) : Py_NewRef(Py_None);
-}
-
-PyObject *rd_moe_aux_dict(const rd_moe_state *st, const rd_moe_cfg *cfg) {
-    rd_moe_view view;
-    rd_moe_aux a;
-    rd_moe_state_view(st, &view);
-    if (!view.have_forward) Py_RETURN_NONE;
-    rd_status s = rd_moe_get_aux(st, &a);
-    if (s) return rd_raise(s);
-    PyObject *d = PyDict_New();
-    if (!d) return NULL;
-    npy_intp se[1] = {(npy_intp)a.E}, sp[3] = {view.B, view.L, (npy_intp)cfg->plr_dim};
-    PyArrayObject *load = rd_new_array(1, se, NPY_INT64), *pred = NULL;
-    if (load) memcpy(PyArray_DATA(load), a.load, (size_t)a.E * sizeof(int64_t));
-    if (load && a.plr_pred && a.plr_dim == cfg->plr_dim) {
-        if ((pred = rd_new_array(3, sp, NPY_FLOAT32)))
-            memcpy(PyArray_DATA(pred), a.plr_pred, (size_t)PyArray_SIZE(pred) * sizeof(float));
-    }
-    if (!load || (a.plr_pred && !pred) ||
-        dict_set(d, "sim_loss", loss_or_none(a.has_sim, a.sim_loss)) ||
-        dict_set(d, "balance_loss", loss_or_none(a.has_balance, a.balance_loss)) ||
-        dict_set(d, "plr_loss", loss_or_none(a.has_plr, a.plr_loss)) ||
-        dict_set(d, "aux_loss", PyFloat_FromDouble((double)a.aux_loss)) ||
-        dict_set(d, "max_violation", PyFloat_FromDouble(a.max_violation)) ||
-        dict_set(d, "combination_usage", PyFloat_FromDouble(a.combination_usage)) ||
-        dict_set(d, "dead_experts", PyLong_FromLongLong((long long)a.dead_experts)) ||
-        dict_set(d, "experts_per_token", PyFloat_FromDouble(a.experts_per_token)) ||
-        dict_set(d, "expert_load", Py_NewRef((PyObject *)load)) ||
-        dict_set(d, "threshold", view.have_tau ? PyFloat_FromDouble((double)a.tau) : Py_NewRef(Py_None)) ||
-        dict_set(d, "batch_threshold", view.have_tau ? PyFloat_FromDouble((double)a.tau_b) : Py_NewRef(Py_None)) ||
-        dict_set(d, "plr_pred", pred ? Py_NewRef((PyObject *)pred) : Py_NewRef(Py_None)) ||
-        dict_set(d, "training", PyBool_FromLong(a.training))) {
-        Py_CLEAR(d);
-    }
-    Py_XDECREF(load);
-    Py_XDECREF(pred);
-    return d;
-}
-
 static PyMethodDef losses_methods[] = {
     {"router_similarity_loss", py_router_similarity_loss, METH_VARARGS,
      "router_similarity_loss(R, mask) -> (loss, dR)"},

@@ -1,451 +1,16 @@
-/* bind_model.c — Python functions of the model area: the DiT layers one by one (for the
- * tests and notebooks: racedit._C.dit_<layer>_forward/_backward) and the whole model
- * behind an opaque capsule (racedit._C.model_*), which racedit.model.RaceDiT wraps. */
+/* bind_model.c — the whole model behind an opaque capsule (racedit._C.model_*), which
+ * racedit.RaceDiT wraps, on any device: the model graph of csrc/core with the table of the
+ * device it was made on. Inputs and outputs are host arrays; the model's five buffers
+ * (parameters, gradients, AdamW moments, EMA) live in the device's memory and are handed
+ * out as live NumPy views on the CPU, as copies elsewhere. */
 #include "bind.h"
 
+#include <math.h>
 #include <string.h>
 
 #define F32 NPY_FLOAT32
-#define I64 NPY_INT64
-
-/* Input array with the given shape (RD_ANY wildcards), or `goto done` with the exception. */
-#define IN(var, obj, name, type, nd, ...)                                     \
-    do {                                                                      \
-        npy_intp sh_[] = {__VA_ARGS__};                                       \
-        if (!((var) = rd_in_array((obj), (name), (type), (nd), sh_))) goto done; \
-    } while (0)
-/* A checked size product (RD_SIZE), or `goto done` with its exception. */
-#define SIZE(var, what, ...)                                                 \
-    do {                                                                     \
-        rd_status sz_ = RD_SIZE(&(var), sizeof(float), (what), __VA_ARGS__); \
-        if (sz_) { rd_raise(sz_); goto done; }                               \
-    } while (0)
-/* The C kernel, with the GIL released; a failure raises and jumps to done. */
-#define RUN(call)                              \
-    do {                                       \
-        rd_status st_;                         \
-        Py_BEGIN_ALLOW_THREADS st_ = (call);   \
-        Py_END_ALLOW_THREADS                   \
-        if (st_) { rd_raise(st_); goto done; } \
-    } while (0)
-#define NEW(var, nd, ...)                                              \
-    do {                                                               \
-        npy_intp sh_[] = {__VA_ARGS__};                                \
-        if (!((var) = rd_new_array((nd), sh_, F32))) goto done;        \
-    } while (0)
-#define DIM(a, i) ((int64_t)PyArray_DIM((a), (i)))
-#define FP(a) ((float *)PyArray_DATA(a))
-#define IP(a) ((int64_t *)PyArray_DATA(a))
-
-static int positive(long long v, const char *name) {
-    if (v >= 1) return 0;
-    PyErr_Format(PyExc_ValueError, "%s: expected >= 1, got %lld", name, v);
-    return -1;
-}
-
-static int parse_order(PyObject *obj, rd_patch_order *out) {
-    const char *s = rd_str_text(obj);
-    if (s && strcmp(s, "cij") == 0) { *out = RD_PATCH_CIJ; return 0; }
-    if (s && strcmp(s, "ijc") == 0) { *out = RD_PATCH_IJC; return 0; }
-    if (!PyErr_Occurred())
-        PyErr_Format(PyExc_ValueError, "order: expected 'cij' or 'ijc', got %R", obj);
-    return -1;
-}
-
-/* ---- layers -------------------------------------------------------------------------- */
-
-static PyObject *py_patchify(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"img", "p", "order", NULL};
-    PyObject *o, *ord = NULL, *ret = NULL;
-    long long p;
-    PyArrayObject *img = NULL, *tok = NULL;
-    rd_patch_order order = RD_PATCH_IJC;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OL|O", kws, &o, &p, &ord)) return NULL;
-    if (positive(p, "p") < 0 || (ord && parse_order(ord, &order) < 0)) return NULL;
-    IN(img, o, "img", F32, 4, RD_ANY, RD_ANY, RD_ANY, RD_ANY);
-    const int64_t B = DIM(img, 0), C = DIM(img, 1), H = DIM(img, 2), W = DIM(img, 3);
-    if (H % p || W % p) {
-        PyErr_Format(PyExc_ValueError, "img: spatial size %lldx%lld is not a multiple of p=%lld",
-                     (long long)H, (long long)W, p);
-        goto done;
-    }
-    int64_t ppc;
-    SIZE(ppc, "tok: patch width p*p*C", p, p, C);
-    NEW(tok, 3, B, (H / p) * (W / p), ppc);
-    if (B > 0) RUN(rd_patchify_forward(FP(tok), FP(img), B, C, H, W, p, order));
-    ret = (PyObject *)tok;
-    tok = NULL;
-done:
-    Py_XDECREF(img);
-    Py_XDECREF(tok);
-    return ret;
-}
-
-static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"tok", "C", "H", "W", "p", "order", NULL};
-    PyObject *o, *ord = NULL, *ret = NULL;
-    long long C, H, W, p;
-    PyArrayObject *tok = NULL, *img = NULL;
-    rd_patch_order order = RD_PATCH_IJC;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OLLLL|O", kws, &o, &C, &H, &W, &p, &ord))
-        return NULL;
-    if (positive(C, "C") < 0 || positive(H, "H") < 0 || positive(W, "W") < 0 ||
-        positive(p, "p") < 0 || (ord && parse_order(ord, &order) < 0))
-        return NULL;
-    if (H % p || W % p)
-        return PyErr_Format(PyExc_ValueError, "H, W: %lldx%lld is not a multiple of p=%lld", H,
-                            W, p);
-    int64_t L, ppc;
-    SIZE(L, "tok: tokens (H/p)*(W/p)", H / p, W / p);
-    SIZE(ppc, "tok: patch width p*p*C", p, p, C);
-    IN(tok, o, "tok", F32, 3, RD_ANY, L, ppc);
-    const int64_t B = DIM(tok, 0);
-    NEW(img, 4, B, C, H, W);
-    if (B > 0) RUN(rd_unpatchify_forward(FP(img), FP(tok), B, C, H, W, p, order));
-    ret = (PyObject *)img;
-    img = NULL;
-done:
-    Py_XDECREF(tok);
-    Py_XDECREF(img);
-    return ret;
-}
-
-static PyObject *py_pos_embed(PyObject *self, PyObject *args) {
-    (void)self;
-    long long gh, gw, D;
-    PyObject *ret = NULL;
-    PyArrayObject *pe = NULL;
-    if (!PyArg_ParseTuple(args, "LLL", &gh, &gw, &D)) return NULL;
-    if (positive(gh, "gh") < 0 || positive(gw, "gw") < 0 || positive(D, "D") < 0) return NULL;
-    if (D % 4) return PyErr_Format(PyExc_ValueError, "D: expected a multiple of 4, got %lld", D);
-    int64_t L, n;
-    SIZE(L, "pe: tokens gh*gw", gh, gw);
-    SIZE(n, "pe (gh*gw, D)", L, D);
-    NEW(pe, 2, L, D);
-    RUN(rd_pos_embed_2d(FP(pe), gh, gw, D));
-    ret = (PyObject *)pe;
-    pe = NULL;
-done:
-    Py_XDECREF(pe);
-    return ret;
-}
-
-static PyObject *py_timestep_embedding(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"t", "dim", "max_period", NULL};
-    PyObject *o, *ret = NULL;
-    long long F = RD_FREQ_DIM;
-    float mp = RD_MAX_PERIOD;
-    PyArrayObject *t = NULL, *e = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Lf", kws, &o, &F, &mp)) return NULL;
-    if (positive(F, "dim") < 0) return NULL;
-    if (F % 2) return PyErr_Format(PyExc_ValueError, "dim: expected an even number, got %lld", F);
-    IN(t, o, "t", F32, 1, RD_ANY);
-    NEW(e, 2, DIM(t, 0), F);
-    if (DIM(t, 0) > 0) RUN(rd_timestep_embedding_forward(FP(e), FP(t), DIM(t, 0), F, mp));
-    ret = (PyObject *)e;
-    e = NULL;
-done:
-    Py_XDECREF(t);
-    Py_XDECREF(e);
-    return ret;
-}
-
-static PyObject *py_linear_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oi, *ow, *ob = Py_None, *ret = NULL;
-    PyArrayObject *inp = NULL, *W = NULL, *b = NULL, *out = NULL;
-    if (!PyArg_ParseTuple(args, "OO|O", &oi, &ow, &ob)) return NULL;
-    IN(inp, oi, "inp", F32, 2, RD_ANY, RD_ANY);
-    IN(W, ow, "W", F32, 2, RD_ANY, DIM(inp, 1));
-    if (ob != Py_None) IN(b, ob, "b", F32, 1, DIM(W, 0));
-    NEW(out, 2, DIM(inp, 0), DIM(W, 0));
-    RUN(rd_linear_forward(FP(out), FP(inp), FP(W), b ? FP(b) : NULL, DIM(inp, 0), DIM(inp, 1),
-                          DIM(W, 0)));
-    ret = (PyObject *)out;
-    out = NULL;
-done:
-    Py_XDECREF(inp);
-    Py_XDECREF(W);
-    Py_XDECREF(b);
-    Py_XDECREF(out);
-    return ret;
-}
-
-static PyObject *py_linear_backward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *od, *oi, *ow, *odw, *odb = Py_None, *ret = NULL;
-    PyArrayObject *dout = NULL, *inp = NULL, *W = NULL, *dW, *db = NULL, *dinp = NULL;
-    if (!PyArg_ParseTuple(args, "OOOO|O", &od, &oi, &ow, &odw, &odb)) return NULL;
-    IN(dout, od, "dout", F32, 2, RD_ANY, RD_ANY);
-    IN(inp, oi, "inp", F32, 2, DIM(dout, 0), RD_ANY);
-    IN(W, ow, "W", F32, 2, DIM(dout, 1), DIM(inp, 1));
-    {
-        npy_intp s[] = {DIM(W, 0), DIM(W, 1)};
-        if (!(dW = rd_out_array(odw, "dW", F32, 2, s))) goto done;
-    }
-    if (odb != Py_None) {
-        npy_intp s[] = {DIM(W, 0)};
-        if (!(db = rd_out_array(odb, "db", F32, 1, s))) goto done;
-    }
-    NEW(dinp, 2, DIM(inp, 0), DIM(inp, 1));
-    RUN(rd_linear_backward(FP(dinp), FP(dW), db ? FP(db) : NULL, FP(dout), FP(inp), FP(W),
-                           DIM(inp, 0), DIM(inp, 1), DIM(W, 0)));
-    ret = (PyObject *)dinp;
-    dinp = NULL;
-done:
-    Py_XDECREF(dout);
-    Py_XDECREF(inp);
-    Py_XDECREF(W);
-    Py_XDECREF(dinp);
-    return ret;
-}
-
-static PyObject *py_layernorm_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oi, *ret = NULL;
-    PyArrayObject *inp = NULL, *out = NULL, *rstd = NULL;
-    if (!PyArg_ParseTuple(args, "O", &oi)) return NULL;
-    IN(inp, oi, "inp", F32, 2, RD_ANY, RD_ANY);
-    NEW(out, 2, DIM(inp, 0), DIM(inp, 1));
-    NEW(rstd, 1, DIM(inp, 0));
-    RUN(rd_layernorm_forward(FP(out), FP(rstd), FP(inp), DIM(inp, 0), DIM(inp, 1)));
-    ret = Py_BuildValue("OO", out, rstd);
-done:
-    Py_XDECREF(inp);
-    Py_XDECREF(out);
-    Py_XDECREF(rstd);
-    return ret;
-}
-
-static PyObject *py_layernorm_backward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oa, *od, *oo, *orr, *ret = NULL;
-    PyArrayObject *dacc, *dout = NULL, *out = NULL, *rstd = NULL;
-    if (!PyArg_ParseTuple(args, "OOOO", &oa, &od, &oo, &orr)) return NULL;
-    IN(dout, od, "dout", F32, 2, RD_ANY, RD_ANY);
-    IN(out, oo, "out", F32, 2, DIM(dout, 0), DIM(dout, 1));
-    IN(rstd, orr, "rstd", F32, 1, DIM(dout, 0));
-    {
-        npy_intp s[] = {DIM(dout, 0), DIM(dout, 1)};
-        if (!(dacc = rd_out_array(oa, "dinp_acc", F32, 2, s))) goto done;
-    }
-    RUN(rd_layernorm_backward(FP(dacc), FP(dout), FP(out), FP(rstd), DIM(dout, 0), DIM(dout, 1)));
-    ret = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(dout);
-    Py_XDECREF(out);
-    Py_XDECREF(rstd);
-    return ret;
-}
-
-/* modulate and gated residual share the shape check: x (B,L,D) and per-sample rows (B,D). */
-static PyObject *py_modulate_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oi, *osh, *osc, *ret = NULL;
-    PyArrayObject *inp = NULL, *sh = NULL, *sc = NULL, *out = NULL;
-    if (!PyArg_ParseTuple(args, "OOO", &oi, &osh, &osc)) return NULL;
-    IN(inp, oi, "inp", F32, 3, RD_ANY, RD_ANY, RD_ANY);
-    const int64_t B = DIM(inp, 0), L = DIM(inp, 1), D = DIM(inp, 2);
-    IN(sh, osh, "shift", F32, 2, B, D);
-    IN(sc, osc, "scale", F32, 2, B, D);
-    NEW(out, 3, B, L, D);
-    RUN(rd_modulate_forward(FP(out), FP(inp), FP(sh), FP(sc), B, L, D, D));
-    ret = (PyObject *)out;
-    out = NULL;
-done:
-    Py_XDECREF(inp);
-    Py_XDECREF(sh);
-    Py_XDECREF(sc);
-    Py_XDECREF(out);
-    return ret;
-}
-
-static PyObject *py_modulate_backward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *od, *oi, *osc, *ret = NULL;
-    PyArrayObject *dout = NULL, *inp = NULL, *sc = NULL, *dinp = NULL, *dsh = NULL, *dsc = NULL;
-    if (!PyArg_ParseTuple(args, "OOO", &od, &oi, &osc)) return NULL;
-    IN(dout, od, "dout", F32, 3, RD_ANY, RD_ANY, RD_ANY);
-    const int64_t B = DIM(dout, 0), L = DIM(dout, 1), D = DIM(dout, 2);
-    IN(inp, oi, "inp", F32, 3, B, L, D);
-    IN(sc, osc, "scale", F32, 2, B, D);
-    NEW(dinp, 3, B, L, D);
-    NEW(dsh, 2, B, D);
-    NEW(dsc, 2, B, D);
-    RUN(rd_modulate_backward(FP(dinp), FP(dsh), FP(dsc), FP(dout), FP(inp), FP(sc), B, L, D, D));
-    ret = Py_BuildValue("OOO", dinp, dsh, dsc);
-done:
-    Py_XDECREF(dout);
-    Py_XDECREF(inp);
-    Py_XDECREF(sc);
-    Py_XDECREF(dinp);
-    Py_XDECREF(dsh);
-    Py_XDECREF(dsc);
-    return ret;
-}
-
-static PyObject *py_gated_residual_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oi, *oh, *og, *ret = NULL;
-    PyArrayObject *inp = NULL, *h = NULL, *g = NULL, *out = NULL;
-    if (!PyArg_ParseTuple(args, "OOO", &oi, &oh, &og)) return NULL;
-    IN(inp, oi, "inp", F32, 3, RD_ANY, RD_ANY, RD_ANY);
-    const int64_t B = DIM(inp, 0), L = DIM(inp, 1), D = DIM(inp, 2);
-    IN(h, oh, "h", F32, 3, B, L, D);
-    IN(g, og, "gate", F32, 2, B, D);
-    NEW(out, 3, B, L, D);
-    RUN(rd_gated_residual_forward(FP(out), FP(inp), FP(h), FP(g), B, L, D, D));
-    ret = (PyObject *)out;
-    out = NULL;
-done:
-    Py_XDECREF(inp);
-    Py_XDECREF(h);
-    Py_XDECREF(g);
-    Py_XDECREF(out);
-    return ret;
-}
-
-static PyObject *py_gated_residual_backward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *od, *oh, *og, *ret = NULL;
-    PyArrayObject *dout = NULL, *h = NULL, *g = NULL, *dh = NULL, *dg = NULL;
-    if (!PyArg_ParseTuple(args, "OOO", &od, &oh, &og)) return NULL;
-    IN(dout, od, "dout", F32, 3, RD_ANY, RD_ANY, RD_ANY);
-    const int64_t B = DIM(dout, 0), L = DIM(dout, 1), D = DIM(dout, 2);
-    IN(h, oh, "h", F32, 3, B, L, D);
-    IN(g, og, "gate", F32, 2, B, D);
-    NEW(dh, 3, B, L, D);
-    NEW(dg, 2, B, D);
-    RUN(rd_gated_residual_backward(FP(dh), FP(dg), FP(dout), FP(h), FP(g), B, L, D, D));
-    ret = Py_BuildValue("OO", dh, dg);
-done:
-    Py_XDECREF(dout);
-    Py_XDECREF(h);
-    Py_XDECREF(g);
-    Py_XDECREF(dh);
-    Py_XDECREF(dg);
-    return ret;
-}
-
-static int check_heads(int64_t D3, long long NH) {
-    if (positive(NH, "heads") < 0) return -1;
-    if (D3 % 3 || (D3 / 3) % NH) {
-        PyErr_Format(PyExc_ValueError, "qkv: last dim %lld is not 3*D with D a multiple of "
-                     "heads=%lld", (long long)D3, NH);
-        return -1;
-    }
-    return 0;
-}
-
-static PyObject *py_attention_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oq, *ret = NULL;
-    long long NH;
-    PyArrayObject *qkv = NULL, *out = NULL, *att = NULL;
-    if (!PyArg_ParseTuple(args, "OL", &oq, &NH)) return NULL;
-    IN(qkv, oq, "qkv", F32, 3, RD_ANY, RD_ANY, RD_ANY);
-    const int64_t B = DIM(qkv, 0), L = DIM(qkv, 1), D = DIM(qkv, 2) / 3;
-    if (check_heads(DIM(qkv, 2), NH) < 0) goto done;
-    NEW(out, 3, B, L, D);
-    NEW(att, 4, B, NH, L, L);
-    RUN(rd_attention_forward(FP(out), FP(att), FP(qkv), B, L, D, NH));
-    ret = Py_BuildValue("OO", out, att);
-done:
-    Py_XDECREF(qkv);
-    Py_XDECREF(out);
-    Py_XDECREF(att);
-    return ret;
-}
-
-static PyObject *py_attention_backward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *od, *oq, *oa, *ret = NULL;
-    long long NH;
-    PyArrayObject *dout = NULL, *qkv = NULL, *att = NULL, *dqkv = NULL, *datt = NULL;
-    if (!PyArg_ParseTuple(args, "OOOL", &od, &oq, &oa, &NH)) return NULL;
-    IN(qkv, oq, "qkv", F32, 3, RD_ANY, RD_ANY, RD_ANY);
-    const int64_t B = DIM(qkv, 0), L = DIM(qkv, 1), D = DIM(qkv, 2) / 3;
-    if (check_heads(DIM(qkv, 2), NH) < 0) goto done;
-    IN(dout, od, "dout", F32, 3, B, L, D);
-    IN(att, oa, "att", F32, 4, B, NH, L, L);
-    NEW(dqkv, 3, B, L, 3 * D);
-    NEW(datt, 4, B, NH, L, L);
-    RUN(rd_attention_backward(FP(dqkv), FP(datt), FP(dout), FP(qkv), FP(att), B, L, D, NH));
-    ret = (PyObject *)dqkv;
-    dqkv = NULL;
-done:
-    Py_XDECREF(dout);
-    Py_XDECREF(qkv);
-    Py_XDECREF(att);
-    Py_XDECREF(dqkv);
-    Py_XDECREF(datt);
-    return ret;
-}
-
-/* Elementwise SiLU / GELU-tanh on 1-D arrays: forward(x) or backward(dout, x). */
-typedef rd_status (*ew_fwd)(float *, const float *, int64_t);
-typedef rd_status (*ew_bwd)(float *, const float *, const float *, int64_t);
-
-static PyObject *elementwise(PyObject *args, ew_fwd fwd, ew_bwd bwd) {
-    PyObject *o1, *o2 = NULL, *ret = NULL;
-    PyArrayObject *a = NULL, *b = NULL, *out = NULL;
-    if (!PyArg_ParseTuple(args, bwd ? "OO" : "O", &o1, &o2)) return NULL;
-    IN(a, o1, bwd ? "dout" : "inp", F32, 1, RD_ANY);
-    if (bwd) IN(b, o2, "inp", F32, 1, DIM(a, 0));
-    NEW(out, 1, DIM(a, 0));
-    if (bwd) RUN(bwd(FP(out), FP(a), FP(b), DIM(a, 0)));
-    else RUN(fwd(FP(out), FP(a), DIM(a, 0)));
-    ret = (PyObject *)out;
-    out = NULL;
-done:
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    Py_XDECREF(out);
-    return ret;
-}
-static PyObject *py_silu_forward(PyObject *s, PyObject *a) { (void)s; return elementwise(a, rd_silu_forward, NULL); }
-static PyObject *py_silu_backward(PyObject *s, PyObject *a) { (void)s; return elementwise(a, NULL, rd_silu_backward); }
-static PyObject *py_gelu_forward(PyObject *s, PyObject *a) { (void)s; return elementwise(a, rd_gelu_forward, NULL); }
-static PyObject *py_gelu_backward(PyObject *s, PyObject *a) { (void)s; return elementwise(a, NULL, rd_gelu_backward); }
-
-static PyObject *py_embedding_forward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oy, *ot, *ret = NULL;
-    PyArrayObject *y = NULL, *tab = NULL, *out = NULL;
-    if (!PyArg_ParseTuple(args, "OO", &oy, &ot)) return NULL;
-    IN(y, oy, "y", I64, 1, RD_ANY);
-    IN(tab, ot, "table", F32, 2, RD_ANY, RD_ANY);
-    NEW(out, 2, DIM(y, 0), DIM(tab, 1));
-    RUN(rd_embedding_forward(FP(out), IP(y), FP(tab), DIM(y, 0), DIM(tab, 0), DIM(tab, 1)));
-    ret = (PyObject *)out;
-    out = NULL;
-done:
-    Py_XDECREF(y);
-    Py_XDECREF(tab);
-    Py_XDECREF(out);
-    return ret;
-}
-
-static PyObject *py_embedding_backward(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *od, *oy, *ot, *ret = NULL;
-    PyArrayObject *dout = NULL, *y = NULL, *dtab;
-    if (!PyArg_ParseTuple(args, "OOO", &od, &oy, &ot)) return NULL;
-    IN(y, oy, "y", I64, 1, RD_ANY);
-    if (!(dtab = rd_out_array(ot, "dtable", F32, 2, NULL))) goto done;
-    IN(dout, od, "dout", F32, 2, DIM(y, 0), DIM(dtab, 1));
-    RUN(rd_embedding_backward(FP(dtab), FP(dout), IP(y), DIM(y, 0), DIM(dtab, 0), DIM(dtab, 1)));
-    ret = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(dout);
-    Py_XDECREF(y);
-    return ret;
-}
-
-/* ---- the model --------------------------------------------------------------------------- */
+#define KW (PyCFunction)(void (*)(void))
+#define ARGS METH_VARARGS | METH_KEYWORDS
 
 /* The capsule's payload. `busy` refuses a second thread entering the same model while
  * the first works on it (take_box / rd_give). */
@@ -464,10 +29,14 @@ static void capsule_free(PyObject *cap) {
     }
 }
 
+static model_box *box_of(PyObject *cap) {
+    return rd_capsule_ptr(cap, CAPSULE_NAME, "model", "a capsule from racedit._C.model_new()");
+}
+
+/* The box for a call that only reads what construction fixed (layout, sizes). */
 static model_box *get_box(PyObject *cap) {
-    model_box *box = PyCapsule_GetPointer(cap, CAPSULE_NAME);
-    if (!box) return NULL;
-    if (box->busy) {
+    model_box *box = box_of(cap);
+    if (box && box->busy) {
         PyErr_SetString(PyExc_RuntimeError, "model: in use by another thread");
         return NULL;
     }
@@ -477,49 +46,54 @@ static model_box *get_box(PyObject *cap) {
 /* The box claimed for this call (give it back with rd_give(&box->busy)), or NULL with the
  * exception: taken before anything that may release the GIL. */
 static model_box *take_box(PyObject *cap) {
-    model_box *box = PyCapsule_GetPointer(cap, CAPSULE_NAME);
+    model_box *box = box_of(cap);
     if (box && rd_take(&box->busy, "model") < 0) return NULL;
     return box;
 }
 
+/* `call` with the GIL released; a failure raises and jumps to done. */
+#define RUN(call)                              \
+    do {                                       \
+        rd_status st_;                         \
+        Py_BEGIN_ALLOW_THREADS st_ = (call);   \
+        Py_END_ALLOW_THREADS                   \
+        if (st_) { rd_raise(st_); goto done; } \
+    } while (0)
+
+/* model_new(depth, hidden, heads, patch, input_size, in_channels, out_channels, num_classes,
+ * device='cpu', precision='fp32', **moe settings (rd_parse_moe_settings; num_experts=0:
+ * dense blocks)) -> capsule. */
 static PyObject *py_model_new(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kws[] = {"depth", "hidden", "heads", "patch", "input_size", "in_channels",
-                          "out_channels", "num_classes", "num_experts", "k", "expert_hidden",
-                          "strategy", "gating", "beta", "eval_topk", "plr_weight", "sim_weight",
-                          "balance_weight", NULL};
-    long long depth, D, NH, p, S, C, Co, ncls, E = 0, k = 1, He = 0;
-    PyObject *ostrat = NULL, *ogate = NULL;
-    float beta = 0.99f, plr_w = 1.0f, sim_w = 0.01f, bal_w = 0.0f;
-    int eval_topk = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "LLLLLLLL|LLLOOfpfff", kws, &depth, &D, &NH, &p, &S,
-                                     &C, &Co, &ncls, &E, &k, &He, &ostrat, &ogate, &beta,
-                                     &eval_topk, &plr_w, &sim_w, &bal_w))
+    long long depth, D, NH, p, S, C, Co, ncls;
+    if (!PyArg_ParseTuple(args, "LLLLLLLL:model_new", &depth, &D, &NH, &p, &S, &C, &Co, &ncls))
         return NULL;
+    PyObject *odev, *oprec, *cap = NULL, *settings = rd_split_settings(kw, &odev, &oprec);
+    if (!settings) return NULL;
     rd_model_cfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.depth = depth, cfg.D = D, cfg.NH = NH, cfg.patch = p, cfg.input_size = S;
     cfg.in_channels = C, cfg.out_channels = Co, cfg.num_classes = ncls;
-    cfg.moe.D = D, cfg.moe.E = E, cfg.moe.k = k, cfg.moe.He = He;
-    cfg.moe.strategy = RD_ROUTE_RACE, cfg.moe.gating = RD_GATE_IDENTITY;
-    if (ostrat && ostrat != Py_None && rd_parse_strategy(ostrat, "routing", &cfg.moe.strategy) < 0)
-        return NULL;
-    if (ogate && ogate != Py_None && rd_parse_gating(ogate, "gating", &cfg.moe.gating) < 0)
-        return NULL;
-    cfg.moe.beta = beta, cfg.moe.eval_topk = eval_topk;
-    cfg.moe.plr_weight = plr_w, cfg.moe.sim_weight = sim_w, cfg.moe.balance_weight = bal_w;
-    model_box *box = PyMem_Calloc(1, sizeof *box);
-    if (!box) return PyErr_NoMemory();
-    rd_status st = rd_model_new(&box->m, &cfg);
-    if (st) {
-        PyMem_Free(box);
-        return rd_raise(st);
-    }
-    PyObject *cap = PyCapsule_New(box, CAPSULE_NAME, capsule_free);
-    if (!cap) {
+    rd_moe_cfg *mc = &cfg.moe;
+    mc->D = D, mc->k = 1, mc->strategy = RD_ROUTE_RACE, mc->gating = RD_GATE_IDENTITY;
+    mc->beta = 0.99f, mc->plr_weight = 1.0f, mc->sim_weight = 0.01f;
+    const rd_backend *be;
+    int prec;
+    model_box *box = NULL;
+    if (rd_parse_device(odev, &be) < 0 || rd_parse_precision(oprec, "precision", &prec) < 0 ||
+        rd_parse_moe_settings(settings, mc, 0) < 0 || /* rd_model_new checks */
+        rd_device_ready(be) < 0)
+        goto done;
+    if (!(box = PyMem_Calloc(1, sizeof *box))) { PyErr_NoMemory(); goto done; }
+    RUN(rd_model_new(&box->m, &cfg, be));
+    RUN(rd_model_set_precision(box->m, prec));
+    if ((cap = PyCapsule_New(box, CAPSULE_NAME, capsule_free))) box = NULL;
+done:
+    if (box) {
         rd_model_free(box->m);
         PyMem_Free(box);
     }
+    Py_DECREF(settings);
     return cap;
 }
 
@@ -530,16 +104,14 @@ static PyObject *py_model_layout(PyObject *self, PyObject *cap) {
     if (!box) return NULL;
     const int n = rd_model_num_tensors(box->m);
     PyObject *list = PyList_New(n);
-    if (!list) return NULL;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; list && i < n; i++) {
         const rd_tensor_info *t = rd_model_tensor(box->m, i);
         PyObject *shape = PyTuple_New(t->ndim);
-        if (!shape) { Py_DECREF(list); return NULL; }
-        for (int d = 0; d < t->ndim; d++)
+        for (int d = 0; shape && d < t->ndim; d++)
             PyTuple_SET_ITEM(shape, d, PyLong_FromLongLong(t->shape[d]));
-        PyObject *item = Py_BuildValue("(sLN)", t->name, (long long)t->offset, shape);
-        if (!item) { Py_DECREF(list); return NULL; }
-        PyList_SET_ITEM(list, i, item);
+        PyObject *item = shape ? Py_BuildValue("(sLN)", t->name, (long long)t->offset, shape) : NULL;
+        if (!item) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, item);
     }
     return list;
 }
@@ -548,6 +120,77 @@ static PyObject *py_model_num_params(PyObject *self, PyObject *cap) {
     (void)self;
     model_box *box = get_box(cap);
     return box ? PyLong_FromLongLong(rd_model_num_params(box->m)) : NULL;
+}
+
+static PyObject *py_model_device(PyObject *self, PyObject *cap) {
+    (void)self;
+    model_box *box = box_of(cap);
+    return box ? PyUnicode_FromString(rd_model_backend(box->m)->name) : NULL;
+}
+
+static int parse_which(int which) {
+    if (which >= 0 && which < RD_MODEL_NBUF) return 0;
+    PyErr_Format(PyExc_ValueError, "which: expected 0..%d (params, grads, adam_m, adam_v, ema), "
+                 "got %d", RD_MODEL_NBUF - 1, which);
+    return -1;
+}
+
+/* model_buffer(model, which) -> (num_params,) float32: on the CPU a live, writeable view of
+ * the model's buffer (it keeps the model alive), elsewhere a copy. */
+static PyObject *py_model_buffer(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    int which;
+    if (!PyArg_ParseTuple(args, "Oi:model_buffer", &cap, &which) || parse_which(which) < 0)
+        return NULL;
+    model_box *box = box_of(cap);
+    if (!box) return NULL;
+    const rd_backend *be = rd_model_backend(box->m);
+    npy_intp n[1] = {(npy_intp)rd_model_num_params(box->m)};
+    float *buf = rd_model_buffer(box->m, which);
+    if (!be->host_memory) { /* a copy, taken while no other call works on the model */
+        if (rd_take(&box->busy, "model") < 0) return NULL;
+        PyObject *copy = rd_download_array(be, buf, 1, n, F32);
+        rd_give(&box->busy);
+        return copy;
+    }
+    PyObject *view = PyArray_SimpleNewFromData(1, n, F32, buf);
+    if (view && PyArray_SetBaseObject((PyArrayObject *)view, Py_NewRef(cap)) < 0) Py_CLEAR(view);
+    return view;
+}
+
+/* model_set_buffer(model, which, values (num_params,) float32): the buffer = values. */
+static PyObject *py_model_set_buffer(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *ov, *ret = NULL;
+    int which;
+    if (!PyArg_ParseTuple(args, "OiO:model_set_buffer", &cap, &which, &ov) || parse_which(which) < 0)
+        return NULL;
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
+    npy_intp n[1] = {(npy_intp)rd_model_num_params(box->m)};
+    PyArrayObject *a = rd_in_array(ov, "values", F32, 1, n);
+    if (!a) goto done;
+    RUN(rd_model_backend(box->m)->upload(rd_model_buffer(box->m, which), PyArray_DATA(a),
+                                         (size_t)PyArray_NBYTES(a)));
+    ret = Py_NewRef(Py_None);
+done:
+    rd_give(&box->busy);
+    Py_XDECREF(a);
+    return ret;
+}
+
+static PyObject *py_model_zero_grad(PyObject *self, PyObject *cap) {
+    (void)self;
+    PyObject *ret = NULL;
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
+    const size_t bytes = (size_t)rd_model_num_params(box->m) * sizeof(float);
+    RUN(rd_model_backend(box->m)->memset(rd_model_buffer(box->m, RD_BUF_GRADS), 0, bytes));
+    ret = Py_NewRef(Py_None);
+done:
+    rd_give(&box->busy);
+    return ret;
 }
 
 static PyObject *py_model_batch(PyObject *self, PyObject *cap) {
@@ -572,95 +215,92 @@ static PyObject *py_model_branch_norms(PyObject *self, PyObject *cap) {
 
 static PyObject *py_model_reserve(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *cap;
+    PyObject *cap, *ret = NULL;
     long long mb;
     int fixed;
     if (!PyArg_ParseTuple(args, "OLp", &cap, &mb, &fixed)) return NULL;
     if (mb < 1) return PyErr_Format(PyExc_ValueError, "max_batch: expected >= 1, got %lld", mb);
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    rd_status st;
-    Py_BEGIN_ALLOW_THREADS st = rd_model_reserve(box->m, mb, fixed);
-    Py_END_ALLOW_THREADS
+    RUN(rd_model_reserve(box->m, mb, fixed));
+    ret = Py_NewRef(Py_None);
+done:
     rd_give(&box->busy);
-    if (st) return rd_raise(st);
-    Py_RETURN_NONE;
+    return ret;
 }
 
-/* params as a read-only flat float32 array of the model's size (not converted: a copy
- * would hide that the caller's buffer is not the one read). */
-static PyArrayObject *param_array(PyObject *o, const char *name, const rd_model *m) {
-    npy_intp n[] = {rd_model_num_params(m)};
-    if (!PyArray_Check(o) || PyArray_TYPE((PyArrayObject *)o) != NPY_FLOAT32 ||
-        PyArray_NDIM((PyArrayObject *)o) != 1 || PyArray_DIM((PyArrayObject *)o, 0) != n[0] ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o) || !PyArray_ISALIGNED((PyArrayObject *)o)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a contiguous 1-d float32 array of %lld "
-                     "elements", name, (long long)n[0]);
-        return NULL;
+/* The inputs x (B,C,S,S) f32, t (B,) f32, y (B,) i64 and an optional (B,C,S,S) f32 `zname`
+ * into a[0..3]; B >= 1. */
+static int model_inputs(const rd_model *m, PyObject *ox, PyObject *ot, PyObject *oy,
+                        PyObject *oz, const char *zname, PyArrayObject **a, int64_t *B) {
+    const rd_model_cfg *c = rd_model_config(m);
+    const npy_intp S = (npy_intp)c->input_size, C = (npy_intp)c->in_channels;
+    npy_intp sx[4] = {RD_ANY, C, S, S};
+    if (!(a[0] = rd_in_array(ox, "x", F32, 4, sx))) return -1;
+    *B = PyArray_DIM(a[0], 0);
+    if (*B < 1) {
+        PyErr_SetString(PyExc_ValueError, "x: expected a batch of at least 1 image");
+        return -1;
     }
-    return (PyArrayObject *)o;
+    npy_intp sb[1] = {(npy_intp)*B}, sz[4] = {(npy_intp)*B, C, S, S};
+    if (!(a[1] = rd_in_array(ot, "t", F32, 1, sb))) return -1;
+    if (!(a[2] = rd_in_array(oy, "y", NPY_INT64, 1, sb))) return -1;
+    if (oz && oz != Py_None && !(a[3] = rd_in_array(oz, zname, F32, 4, sz))) return -1;
+    return 0;
 }
 
-/* out (B,Co,S,S) of x, t, y (and plr_target, None or an array): rd_model_forward, or
- * with `infer` rd_model_infer (plr_target None), run with the GIL released. */
-static PyObject *model_run(PyObject *cap, PyObject *op, PyObject *ox, PyObject *ot,
-                           PyObject *oy, PyObject *oplr, int training, int infer) {
+#define FP(a) ((float *)PyArray_DATA(a))
+#define IP(a) ((int64_t *)PyArray_DATA(a))
+
+/* out (B,Co,S,S) of x, t, y (and plr_target): rd_model_forward, or with `infer`
+ * rd_model_infer (plr_target None). */
+static PyObject *model_run(PyObject *cap, PyObject *ox, PyObject *ot, PyObject *oy,
+                           PyObject *oplr, int training, int infer) {
     PyObject *ret = NULL;
-    PyArrayObject *x = NULL, *t = NULL, *y = NULL, *plr = NULL, *out = NULL, *P;
+    PyArrayObject *a[4] = {0}, *out = NULL;
+    int64_t B;
     model_box *box = take_box(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(box->m);
-    const int64_t S = c->input_size;
-    if (!(P = param_array(op, "params", box->m))) goto done;
-    IN(x, ox, "x", F32, 4, RD_ANY, c->in_channels, S, S);
-    const int64_t B = DIM(x, 0);
-    if (B < 1) {
-        PyErr_SetString(PyExc_ValueError, "x: expected a batch of at least 1 image");
-        goto done;
-    }
-    IN(t, ot, "t", F32, 1, B);
-    IN(y, oy, "y", I64, 1, B);
-    if (oplr != Py_None) IN(plr, oplr, "plr_target", F32, 4, B, c->in_channels, S, S);
-    NEW(out, 4, B, c->out_channels, S, S);
-    RUN(infer ? rd_model_infer(box->m, FP(out), FP(P), FP(x), FP(t), IP(y), B)
-              : rd_model_forward(box->m, FP(out), FP(P), FP(x), FP(t), IP(y),
-                                 plr ? FP(plr) : NULL, B, training));
-    ret = (PyObject *)out;
-    out = NULL;
+    if (model_inputs(box->m, ox, ot, oy, oplr, "plr_target", a, &B) < 0) goto done;
+    npy_intp so[4] = {B, c->out_channels, c->input_size, c->input_size};
+    if (!(out = rd_new_array(4, so, F32))) goto done;
+    RUN(infer ? rd_model_infer(box->m, FP(out), FP(a[0]), FP(a[1]), IP(a[2]), B)
+              : rd_model_forward(box->m, FP(out), FP(a[0]), FP(a[1]), IP(a[2]),
+                                 a[3] ? FP(a[3]) : NULL, B, training));
+    ret = Py_NewRef((PyObject *)out);
 done:
     rd_give(&box->busy);
-    Py_XDECREF(x);
-    Py_XDECREF(t);
-    Py_XDECREF(y);
-    Py_XDECREF(plr);
+    for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
     Py_XDECREF(out);
     return ret;
 }
 
 static PyObject *py_model_forward(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kws[] = {"model", "params", "x", "t", "y", "plr_target", "training", NULL};
-    PyObject *cap, *op, *ox, *ot, *oy, *oplr = Py_None;
+    static char *kws[] = {"model", "x", "t", "y", "plr_target", "training", NULL};
+    PyObject *cap, *ox, *ot, *oy, *oplr = Py_None;
     int training = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|Op", kws, &cap, &op, &ox, &ot, &oy, &oplr,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|Op", kws, &cap, &ox, &ot, &oy, &oplr,
                                      &training))
         return NULL;
-    return model_run(cap, op, ox, ot, oy, oplr, training, 0);
+    return model_run(cap, ox, ot, oy, oplr, training, 0);
 }
 
-/* model_infer(model, params, x, t, y) -> out: rd_model_infer (eval mode, no backward). */
+/* model_infer(model, x, t, y) -> out: rd_model_infer (eval mode, no backward). */
 static PyObject *py_model_infer(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *cap, *op, *ox, *ot, *oy;
-    if (!PyArg_ParseTuple(args, "OOOOO", &cap, &op, &ox, &ot, &oy)) return NULL;
-    return model_run(cap, op, ox, ot, oy, Py_None, 0, 1);
+    PyObject *cap, *ox, *ot, *oy;
+    if (!PyArg_ParseTuple(args, "OOOO", &cap, &ox, &ot, &oy)) return NULL;
+    return model_run(cap, ox, ot, oy, Py_None, 0, 1);
 }
 
+/* model_backward(model, dout): the gradients accumulate. */
 static PyObject *py_model_backward(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *cap, *op, *og, *od, *ret = NULL;
-    PyArrayObject *P, *G, *dout = NULL;
-    if (!PyArg_ParseTuple(args, "OOOO", &cap, &op, &og, &od)) return NULL;
+    PyObject *cap, *od, *ret = NULL;
+    PyArrayObject *dout = NULL;
+    if (!PyArg_ParseTuple(args, "OO", &cap, &od)) return NULL;
     model_box *box = take_box(cap);
     if (!box) return NULL;
     const rd_model_cfg *c = rd_model_config(box->m);
@@ -669,18 +309,109 @@ static PyObject *py_model_backward(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "backward called before forward");
         goto done;
     }
-    if (!(P = param_array(op, "params", box->m))) goto done;
-    npy_intp n[] = {rd_model_num_params(box->m)};
-    if (!(G = rd_out_array(og, "grads", F32, 1, n))) goto done;
-    IN(dout, od, "dout", F32, 4, B, c->out_channels, S, S);
-    if (rd_check_disjoint(G, "grads", (PyArrayObject *[]){P, dout}, 2,
-                          (const char *[]){"params", "dout"}) < 0)
-        goto done;
-    RUN(rd_model_backward(box->m, FP(G), FP(dout), FP(P)));
+    npy_intp sd[4] = {B, c->out_channels, S, S};
+    if (!(dout = rd_in_array(od, "dout", F32, 4, sd))) goto done;
+    RUN(rd_model_backward(box->m, FP(dout)));
     ret = Py_NewRef(Py_None);
 done:
     rd_give(&box->busy);
     Py_XDECREF(dout);
+    return ret;
+}
+
+/* The step's result: loss (None for optimizer_step), aux, grad_norm (None when not
+ * computed), step, updated. */
+static PyObject *step_result(const rd_model_step_out *r, int has_loss, int has_norm) {
+    PyObject *loss = has_loss ? PyFloat_FromDouble(r->loss) : Py_NewRef(Py_None);
+    PyObject *gn = has_norm ? PyFloat_FromDouble(r->grad_norm) : Py_NewRef(Py_None);
+    return Py_BuildValue("{s:N,s:d,s:N,s:L,s:O}", "loss", loss, "aux", r->aux, "grad_norm", gn,
+                         "step", (long long)r->step, "updated", r->updated ? Py_True : Py_False);
+}
+
+
+/* model_train_step(model, x, t, y, target, *, lr, beta1, beta2, eps, weight_decay,
+ * max_grad_norm, ema_decay) -> dict: rd_model_train_step. */
+static PyObject *py_model_train_step(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    PyObject *cap, *ox, *ot, *oy, *oz, *ret = NULL;
+    PyArrayObject *a[4] = {0};
+    rd_model_opt o;
+    rd_model_step_out r;
+    int64_t B;
+    static char *kws[] = {"model", "x", "t", "y", "target", "lr", "beta1", "beta2", "eps",
+                          "weight_decay", "max_grad_norm", "ema_decay", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO$ddddddd:model_train_step", kws, &cap, &ox,
+                                     &ot, &oy, &oz, &o.lr, &o.beta1, &o.beta2, &o.eps,
+                                     &o.weight_decay, &o.max_grad_norm, &o.ema_decay))
+        return NULL;
+    if (oz == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "target: expected a float32 array, got None");
+        return NULL;
+    }
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
+    if (model_inputs(box->m, ox, ot, oy, oz, "target", a, &B) < 0) goto done;
+    RUN(rd_model_train_step(box->m, &r, FP(a[0]), FP(a[1]), IP(a[2]), FP(a[3]), B, &o));
+    ret = step_result(&r, 1, o.max_grad_norm > 0.0);
+done:
+    rd_give(&box->busy);
+    for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
+    return ret;
+}
+
+/* model_optimizer_step(model, *, lr, beta1, ..., ema_decay) -> dict: rd_model_optimizer_step. */
+static PyObject *py_model_optimizer_step(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    PyObject *cap, *ret = NULL;
+    rd_model_opt o;
+    rd_model_step_out r;
+    static char *kws[] = {"model", "lr", "beta1", "beta2", "eps", "weight_decay",
+                          "max_grad_norm", "ema_decay", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O$ddddddd:model_optimizer_step", kws, &cap, &o.lr,
+                                     &o.beta1, &o.beta2, &o.eps, &o.weight_decay,
+                                     &o.max_grad_norm, &o.ema_decay))
+        return NULL;
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
+    RUN(rd_model_optimizer_step(box->m, &r, &o));
+    ret = step_result(&r, 0, o.max_grad_norm > 0.0);
+done:
+    rd_give(&box->busy);
+    return ret;
+}
+
+/* model_step(model[, step]) -> AdamW steps taken (before setting). */
+static PyObject *py_model_step(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *os = NULL, *ret = NULL;
+    int64_t s = 0;
+    if (!PyArg_ParseTuple(args, "O|O:model_step", &cap, &os) ||
+        (os && rd_parse_int(os, "step", &s) < 0))
+        return NULL;
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
+    const long long prev = (long long)rd_model_get_step(box->m);
+    if (os) RUN(rd_model_set_step(box->m, s));
+    ret = PyLong_FromLongLong(prev);
+done:
+    rd_give(&box->busy);
+    return ret;
+}
+
+/* model_precision(model, precision): the GEMM precision (rd_model_set_precision). */
+static PyObject *py_model_precision(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *oprec, *ret = NULL;
+    int prec;
+    if (!PyArg_ParseTuple(args, "OO:model_precision", &cap, &oprec) ||
+        rd_parse_precision(oprec, "precision", &prec) < 0)
+        return NULL;
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
+    RUN(rd_model_set_precision(box->m, prec));
+    ret = Py_NewRef(Py_None);
+done:
+    rd_give(&box->busy);
     return ret;
 }
 
@@ -701,7 +432,7 @@ static PyObject *py_model_infer_batch(PyObject *self, PyObject *cap) {
 }
 
 /* Claims the model (take_box) and finds MoE layer l; on failure nothing stays claimed. */
-static int get_layer(PyObject *cap, long long l, model_box **box, rd_moe_state **st) {
+static int get_layer(PyObject *cap, long long l, model_box **box, void **st) {
     if (!(*box = take_box(cap))) return -1;
     const int64_t n = rd_model_num_moe((*box)->m);
     if (l < 0 || l >= n) {
@@ -714,128 +445,88 @@ static int get_layer(PyObject *cap, long long l, model_box **box, rd_moe_state *
     return 0;
 }
 
-/* A float, or NaN when the loss was not computed by the last forward. */
-static double loss_or_nan(int has, float v) { return has ? (double)v : Py_NAN; }
-
-/* dict of MoE layer l's last forward: have_forward, have_tau, tau, tau_b, pairs,
- * mask (B,L,E) bool and load (E,) int64 (copies, None before any forward), the unweighted
- * losses sim, balance, plr (NaN when not computed), aux_loss (this layer's weighted sum),
- * max_violation, combination_usage, experts_per_token, dead_experts. */
-static PyObject *py_model_moe_view(PyObject *self, PyObject *args) {
+/* model_moe_get(model, layer, name) -> what MoE block `layer`'s last forward left
+ * (rd_moe_get: the names and the aux dict of racedit.MoE). */
+static PyObject *py_model_moe_get(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *cap, *mask = NULL, *load = NULL, *ret = NULL;
+    PyObject *cap;
     long long l;
+    const char *name;
     model_box *box;
-    rd_moe_state *st;
-    if (!PyArg_ParseTuple(args, "OL", &cap, &l) || get_layer(cap, l, &box, &st) < 0) return NULL;
-    rd_moe_view v;
-    rd_moe_aux a;
-    rd_moe_state_view(st, &v);
-    rd_status s = rd_moe_get_aux(st, &a);
-    if (s) { rd_raise(s); goto done; }
-    if (v.have_forward) {
-        npy_intp ms[] = {v.B, v.L, v.E}, cs[] = {v.E};
-        if (!(mask = PyArray_SimpleNew(3, ms, NPY_BOOL))) goto done;
-        memcpy(PyArray_DATA((PyArrayObject *)mask), v.mask, (size_t)(v.N * v.E));
-        if (!(load = PyArray_SimpleNew(1, cs, NPY_INT64))) goto done;
-        memcpy(PyArray_DATA((PyArrayObject *)load), v.counts, (size_t)v.E * sizeof(int64_t));
-    }
-    ret = Py_BuildValue(
-        "{s:O,s:O,s:d,s:d,s:L,s:O,s:O,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L}",
-        "have_forward", v.have_forward ? Py_True : Py_False,
-        "have_tau", v.have_tau ? Py_True : Py_False, "tau", (double)v.tau,
-        "tau_b", (double)v.tau_b, "pairs", (long long)v.P, "mask", mask ? mask : Py_None,
-        "load", load ? load : Py_None, "sim", loss_or_nan(a.has_sim, a.sim_loss),
-        "balance", loss_or_nan(a.has_balance, a.balance_loss),
-        "plr", loss_or_nan(a.has_plr, a.plr_loss), "aux_loss", (double)a.aux_loss,
-        "max_violation", a.max_violation, "combination_usage", a.combination_usage,
-        "experts_per_token", a.experts_per_token, "dead_experts", (long long)a.dead_experts);
-done:
+    void *st;
+    if (!PyArg_ParseTuple(args, "OLs", &cap, &l, &name) || get_layer(cap, l, &box, &st) < 0)
+        return NULL;
+    PyObject *ret = rd_moe_get(rd_model_backend(box->m), st, name);
     rd_give(&box->busy);
-    Py_XDECREF(mask);
-    Py_XDECREF(load);
     return ret;
 }
 
-/* Set MoE layer l's threshold to tau, or forget it when tau is None. */
-static PyObject *py_model_set_threshold(PyObject *self, PyObject *args) {
+/* model_threshold(model, layer[, tau]) -> MoE block `layer`'s threshold (None when unset),
+ * before setting it to tau (None: forget it) when given. */
+static PyObject *py_model_threshold(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *cap, *otau;
+    PyObject *cap, *otau = NULL, *ret = NULL;
     long long l;
     model_box *box;
-    rd_moe_state *st;
-    if (!PyArg_ParseTuple(args, "OLO", &cap, &l, &otau)) return NULL;
-    const double d = otau == Py_None ? 0.0 : PyFloat_AsDouble(otau);
-    if (d == -1.0 && PyErr_Occurred()) return NULL;
-    if (get_layer(cap, l, &box, &st) < 0) return NULL;
+    void *st;
+    double d = 0.0;
+    if (!PyArg_ParseTuple(args, "OL|O", &cap, &l, &otau) ||
+        (otau && otau != Py_None && rd_parse_real(otau, "tau", &d) < 0) ||
+        get_layer(cap, l, &box, &st) < 0)
+        return NULL;
+    const rd_backend *be = rd_model_backend(box->m);
+    rd_moe_view v;
     const float tau = (float)d;
-    rd_status s = rd_moe_set_threshold(st, otau == Py_None ? NULL : &tau);
+    RUN(be->moe_view(st, &v));
+    if (otau) RUN(be->moe_set_threshold(st, otau == Py_None ? NULL : &tau));
+    ret = v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
+done:
     rd_give(&box->busy);
-    if (s) return rd_raise(s);
-    Py_RETURN_NONE;
+    return ret;
 }
 
-#define KW (PyCFunction)(void (*)(void))
 static PyMethodDef model_methods[] = {
-    {"dit_patchify", KW py_patchify, METH_VARARGS | METH_KEYWORDS,
-     "dit_patchify(img (B,C,H,W), p, order='ijc') -> tok (B,L,p*p*C)"},
-    {"dit_unpatchify", KW py_unpatchify, METH_VARARGS | METH_KEYWORDS,
-     "dit_unpatchify(tok (B,L,p*p*C), C, H, W, p, order='ijc') -> img (B,C,H,W)"},
-    {"dit_pos_embed", py_pos_embed, METH_VARARGS, "dit_pos_embed(gh, gw, D) -> pe (gh*gw, D)"},
-    {"dit_timestep_embedding", KW py_timestep_embedding, METH_VARARGS | METH_KEYWORDS,
-     "dit_timestep_embedding(t (B,), dim=256, max_period=10000) -> (B, dim)"},
-    {"dit_linear_forward", py_linear_forward, METH_VARARGS,
-     "dit_linear_forward(inp (N,IC), W (OC,IC), b (OC,)=None) -> out (N,OC)"},
-    {"dit_linear_backward", py_linear_backward, METH_VARARGS,
-     "dit_linear_backward(dout, inp, W, dW, db=None) -> dinp; dW, db accumulate in place"},
-    {"dit_layernorm_forward", py_layernorm_forward, METH_VARARGS,
-     "dit_layernorm_forward(inp (N,D)) -> (out (N,D), rstd (N,))"},
-    {"dit_layernorm_backward", py_layernorm_backward, METH_VARARGS,
-     "dit_layernorm_backward(dinp_acc, dout, out, rstd): dinp_acc (N,D) accumulates in place"},
-    {"dit_modulate_forward", py_modulate_forward, METH_VARARGS,
-     "dit_modulate_forward(inp (B,L,D), shift (B,D), scale (B,D)) -> out"},
-    {"dit_modulate_backward", py_modulate_backward, METH_VARARGS,
-     "dit_modulate_backward(dout, inp, scale) -> (dinp, dshift, dscale)"},
-    {"dit_gated_residual_forward", py_gated_residual_forward, METH_VARARGS,
-     "dit_gated_residual_forward(inp (B,L,D), h (B,L,D), gate (B,D)) -> inp + gate*h"},
-    {"dit_gated_residual_backward", py_gated_residual_backward, METH_VARARGS,
-     "dit_gated_residual_backward(dout, h, gate) -> (dh, dgate)"},
-    {"dit_attention_forward", py_attention_forward, METH_VARARGS,
-     "dit_attention_forward(qkv (B,L,3D), heads) -> (out (B,L,D), att (B,NH,L,L))"},
-    {"dit_attention_backward", py_attention_backward, METH_VARARGS,
-     "dit_attention_backward(dout (B,L,D), qkv, att, heads) -> dqkv (B,L,3D)"},
-    {"dit_silu_forward", py_silu_forward, METH_VARARGS, "dit_silu_forward(inp (n,)) -> out"},
-    {"dit_silu_backward", py_silu_backward, METH_VARARGS, "dit_silu_backward(dout, inp) -> dinp"},
-    {"dit_gelu_forward", py_gelu_forward, METH_VARARGS, "dit_gelu_forward(inp (n,)) -> out"},
-    {"dit_gelu_backward", py_gelu_backward, METH_VARARGS, "dit_gelu_backward(dout, inp) -> dinp"},
-    {"dit_embedding_forward", py_embedding_forward, METH_VARARGS,
-     "dit_embedding_forward(y (B,) int64, table (V,D)) -> (B,D)"},
-    {"dit_embedding_backward", py_embedding_backward, METH_VARARGS,
-     "dit_embedding_backward(dout (B,D), y, dtable (V,D)): dtable accumulates in place"},
-    {"model_new", KW py_model_new, METH_VARARGS | METH_KEYWORDS,
+    {"model_new", KW py_model_new, ARGS,
      "model_new(depth, hidden, heads, patch, input_size, in_channels, out_channels, "
-     "num_classes, num_experts=0, k=1, expert_hidden=0, strategy='race', gating='identity', "
-     "beta=0.99, eval_topk=False, plr_weight=1, sim_weight=0.01, balance_weight=0) -> capsule"},
+     "num_classes, device='cpu', precision='fp32', num_experts=0, k=1, expert_hidden=0, "
+     "strategy='race', gating='identity', beta=0.99, eval_topk=False, plr_weight=1, "
+     "sim_weight=0.01, balance_weight=0) -> capsule"},
     {"model_layout", py_model_layout, METH_O, "model_layout(model) -> [(name, offset, shape)]"},
     {"model_num_params", py_model_num_params, METH_O, "model_num_params(model) -> int"},
+    {"model_device", py_model_device, METH_O, "model_device(model) -> the device name"},
+    {"model_buffer", py_model_buffer, METH_VARARGS,
+     "model_buffer(model, which) -> buffer `which` (0 params, 1 grads, 2 adam_m, 3 adam_v, "
+     "4 ema): a live view on the CPU, a copy elsewhere"},
+    {"model_set_buffer", py_model_set_buffer, METH_VARARGS,
+     "model_set_buffer(model, which, values): buffer `which` = values"},
+    {"model_zero_grad", py_model_zero_grad, METH_O, "model_zero_grad(model): gradients = 0"},
     {"model_batch", py_model_batch, METH_O, "model_batch(model) -> (max_batch, last_batch)"},
     {"model_reserve", py_model_reserve, METH_VARARGS, "model_reserve(model, max_batch, fixed)"},
     {"model_branch_norms", py_model_branch_norms, METH_O,
      "model_branch_norms(model) -> (depth, 2) mean norms of the gated attention / FFN outputs"},
-    {"model_forward", KW py_model_forward, METH_VARARGS | METH_KEYWORDS,
-     "model_forward(model, params, x, t, y, plr_target=None, training=True) -> out"},
+    {"model_forward", KW py_model_forward, ARGS,
+     "model_forward(model, x, t, y, plr_target=None, training=True) -> out"},
     {"model_infer", py_model_infer, METH_VARARGS,
-     "model_infer(model, params, x, t, y) -> out: eval-mode forward keeping nothing for backward"},
+     "model_infer(model, x, t, y) -> out: eval-mode forward keeping nothing for backward"},
     {"model_infer_release", py_model_infer_release, METH_O,
      "model_infer_release(model): free the inference activations"},
     {"model_infer_batch", py_model_infer_batch, METH_O,
      "model_infer_batch(model) -> batch the inference activations are allocated for (0: none)"},
     {"model_backward", py_model_backward, METH_VARARGS,
-     "model_backward(model, params, grads, dout): grads accumulate in place"},
-    {"model_moe_view", py_model_moe_view, METH_VARARGS,
-     "model_moe_view(model, layer) -> dict of MoE layer `layer`'s last forward"},
-    {"model_set_threshold", py_model_set_threshold, METH_VARARGS,
-     "model_set_threshold(model, layer, tau or None)"},
+     "model_backward(model, dout): the gradients accumulate"},
+    {"model_train_step", KW py_model_train_step, ARGS,
+     "model_train_step(model, x, t, y, target, *, lr, beta1, beta2, eps, weight_decay, "
+     "max_grad_norm, ema_decay) -> {loss, aux, grad_norm, step, updated}"},
+    {"model_optimizer_step", KW py_model_optimizer_step, ARGS,
+     "model_optimizer_step(model, *, lr, beta1, beta2, eps, weight_decay, max_grad_norm, "
+     "ema_decay) -> {loss: None, aux, grad_norm, step, updated}"},
+    {"model_step", py_model_step, METH_VARARGS, "model_step(model[, step]) -> AdamW steps taken"},
+    {"model_precision", py_model_precision, METH_VARARGS, "model_precision(model, precision)"},
+    {"model_moe_get", py_model_moe_get, METH_VARARGS,
+     "model_moe_get(model, layer, name) -> a copy of what MoE block `layer`'s last forward "
+     "left (the names of moe_get)"},
+    {"model_threshold", py_model_threshold, METH_VARARGS,
+     "model_threshold(model, layer[, tau or None]) -> the threshold (None: unset), then set"},
     {NULL, NULL, 0, NULL}};
 
 int rd_bind_model(PyObject *m) { return PyModule_AddFunctions(m, model_methods); }

@@ -1,7 +1,9 @@
-/* bind_moe.c — Python functions of the MoE block: the ops (gate, router, experts) as
- * functions on NumPy arrays, and the per-layer state behind racedit.MoE (a PyCapsule
- * owning an rd_moe_state and its rd_moe_cfg). Every argument is validated here; the
- * GIL is released around the C kernels only. */
+/* bind_moe.c — Python functions of the MoE block: the ops (gate, router, experts) on
+ * NumPy arrays on any device, and the per-layer state behind racedit.MoE (a PyCapsule
+ * owning a backend MoE state, its rd_moe_cfg and the last forward's input). Parameters and
+ * gradients are host arrays on every device: a device layer gets them staged (copied in,
+ * gradients copied back) on each call. Every argument is validated here; the GIL is
+ * released around the ops only. */
 #include "bind.h"
 
 #include <math.h>
@@ -9,65 +11,49 @@
 
 #define NIN 12 /* most input arrays one function converts */
 
-static void release(PyArrayObject **in) {
-    for (int i = 0; i < NIN; i++) Py_XDECREF(in[i]);
+static void release(PyArrayObject **in, int n) {
+    for (int i = 0; i < n; i++) Py_XDECREF(in[i]);
 }
 
-#define F32(a) ((float *)PyArray_DATA(a))
-#define U8(a) ((uint8_t *)PyArray_DATA(a))
+#define KW (PyCFunction)(void (*)(void))
 
 /* ---- gating ---------------------------------------------------------------- */
 
-static PyObject *py_gate_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"R", "gating", NULL};
-    PyObject *oR, *og = NULL, *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *G = NULL;
+/* gate_forward(R, gating) / gate_backward(dG, G, gating): G (N,E) or dR (N,E). */
+static PyObject *gate_op(PyObject *args, PyObject *kw, int backward) {
+    static char *kf[] = {"R", "gating", "device", NULL}, *kb[] = {"dG", "G", "gating", "device", NULL};
+    PyObject *o0, *o1 = NULL, *og = NULL, *odev = NULL, *ret = NULL;
+    PyArrayObject *in[2] = {0}, *out = NULL;
+    const rd_backend *be;
     rd_gating g = RD_GATE_IDENTITY;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:gate_forward", kws, &oR, &og)) return NULL;
-    if (og && rd_parse_gating(og, "gating", &g) < 0) return NULL;
-    if (!(in[0] = rd_in_array(oR, "R", NPY_FLOAT32, 2, NULL))) goto done;
-    npy_intp N = PyArray_DIM(in[0], 0), E = PyArray_DIM(in[0], 1);
-    if (E < 1) { PyErr_Format(PyExc_ValueError, "R: expected E >= 1 columns, got shape (%zd, %zd)", N, E); goto done; }
-    npy_intp sh[2] = {N, E};
-    if (!(G = rd_new_array(2, sh, NPY_FLOAT32))) goto done;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_gate_forward(F32(G), F32(in[0]), N, E, g);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
-    ret = (PyObject *)G; G = NULL;
+    rd_stage sg;
+    int ok = backward ? PyArg_ParseTupleAndKeywords(args, kw, "OO|O$O:gate_backward", kb, &o0, &o1,
+                                                    &og, &odev)
+                      : PyArg_ParseTupleAndKeywords(args, kw, "O|O$O:gate_forward", kf, &o0, &og,
+                                                    &odev);
+    if (!ok || rd_parse_device(odev, &be) < 0 || (og && rd_parse_gating(og, "gating", &g) < 0))
+        return NULL;
+    const char *name = backward ? "G" : "R";
+    if (!(in[0] = rd_in_array(backward ? o1 : o0, name, NPY_FLOAT32, 2, NULL))) goto done;
+    npy_intp N = PyArray_DIM(in[0], 0), E = PyArray_DIM(in[0], 1), sh[2] = {N, E};
+    if (E < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected E >= 1 columns, got shape (%zd, %zd)", name, N, E);
+        goto done;
+    }
+    if (backward && !(in[1] = rd_in_array(o0, "dG", NPY_FLOAT32, 2, sh))) goto done;
+    if (!(out = rd_new_array(2, sh, NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0) goto done;
+    const float *a = rd_stage_in(&sg, in[0]), *b = rd_stage_in(&sg, in[1]);
+    float *o = rd_stage_out(&sg, out);
+    RD_RUN_STAGED(sg, backward ? be->gate_backward(o, b, a, N, E, g) : be->gate_forward(o, a, N, E, g));
+    ret = Py_NewRef((PyObject *)out);
 done:
-    Py_XDECREF(G);
-    release(in);
+    Py_XDECREF(out);
+    release(in, 2);
     return ret;
 }
 
-static PyObject *py_gate_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"dG", "G", "gating", NULL};
-    PyObject *odG, *oG, *og = NULL, *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *dR = NULL;
-    rd_gating g = RD_GATE_IDENTITY;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:gate_backward", kws, &odG, &oG, &og)) return NULL;
-    if (og && rd_parse_gating(og, "gating", &g) < 0) return NULL;
-    if (!(in[0] = rd_in_array(oG, "G", NPY_FLOAT32, 2, NULL))) goto done;
-    npy_intp N = PyArray_DIM(in[0], 0), E = PyArray_DIM(in[0], 1);
-    if (E < 1) { PyErr_Format(PyExc_ValueError, "G: expected E >= 1 columns, got shape (%zd, %zd)", N, E); goto done; }
-    npy_intp sh[2] = {N, E};
-    if (!(in[1] = rd_in_array(odG, "dG", NPY_FLOAT32, 2, sh))) goto done;
-    if (!(dR = rd_new_array(2, sh, NPY_FLOAT32))) goto done;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_gate_backward(F32(dR), F32(in[1]), F32(in[0]), N, E, g);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
-    ret = (PyObject *)dR; dR = NULL;
-done:
-    Py_XDECREF(dR);
-    release(in);
-    return ret;
-}
+static PyObject *py_gate_forward(PyObject *s, PyObject *a, PyObject *k) { (void)s; return gate_op(a, k, 0); }
+static PyObject *py_gate_backward(PyObject *s, PyObject *a, PyObject *k) { (void)s; return gate_op(a, k, 1); }
 
 /* ---- router ---------------------------------------------------------------- */
 
@@ -80,198 +66,164 @@ static int router_inputs(PyArrayObject **in, PyObject *ox, PyObject *oWr, PyObje
     if (*D < 1) { PyErr_SetString(PyExc_ValueError, "x: expected D >= 1 columns, got 0"); return -1; }
     npy_intp sWr[2] = {*D, *D}, sbr[1] = {*D}, sWg[2] = {*D, RD_ANY};
     if (!(in[1] = rd_in_array(oWr, "Wr", NPY_FLOAT32, 2, sWr))) return -1;
-    if (!(in[2] = rd_in_array(obr, "br", NPY_FLOAT32, 1, sbr))) return -1;
+    if (obr && !(in[2] = rd_in_array(obr, "br", NPY_FLOAT32, 1, sbr))) return -1;
     if (!(in[3] = rd_in_array(oWg, "Wg", NPY_FLOAT32, 2, sWg))) return -1;
     *E = PyArray_DIM(in[3], 1);
     if (*E < 1) { PyErr_SetString(PyExc_ValueError, "Wg: expected E >= 1 columns, got 0"); return -1; }
     npy_intp sbg[1] = {*E};
-    if (!(in[4] = rd_in_array(obg, "bg", NPY_FLOAT32, 1, sbg))) return -1;
+    if (obg && !(in[4] = rd_in_array(obg, "bg", NPY_FLOAT32, 1, sbg))) return -1;
     return 0;
 }
 
 static PyObject *py_router_forward(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kws[] = {"x", "Wr", "br", "Wg", "bg", NULL};
-    PyObject *ox, *oWr, *obr, *oWg, *obg, *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *hpre = NULL, *h = NULL, *R = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:router_forward", kws, &ox, &oWr, &obr,
-                                     &oWg, &obg))
-        return NULL;
+    static char *kws[] = {"x", "Wr", "br", "Wg", "bg", "device", NULL};
+    PyObject *ox, *oWr, *obr, *oWg, *obg, *odev = NULL, *ret = NULL;
+    PyArrayObject *in[5] = {0}, *out[3] = {0};
+    const rd_backend *be;
+    rd_stage sg;
     npy_intp N, D, E;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|$O:router_forward", kws, &ox, &oWr, &obr,
+                                     &oWg, &obg, &odev) ||
+        rd_parse_device(odev, &be) < 0)
+        return NULL;
     if (router_inputs(in, ox, oWr, obr, oWg, obg, &N, &D, &E) < 0) goto done;
     npy_intp sND[2] = {N, D}, sNE[2] = {N, E};
-    if (!(hpre = rd_new_array(2, sND, NPY_FLOAT32)) || !(h = rd_new_array(2, sND, NPY_FLOAT32)) ||
-        !(R = rd_new_array(2, sNE, NPY_FLOAT32)))
+    if (!(out[0] = rd_new_array(2, sND, NPY_FLOAT32)) || !(out[1] = rd_new_array(2, sND, NPY_FLOAT32)) ||
+        !(out[2] = rd_new_array(2, sNE, NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0)
         goto done;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_router_forward(F32(hpre), F32(h), F32(R), F32(in[0]), F32(in[1]), F32(in[2]),
-                          F32(in[3]), F32(in[4]), N, D, E);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
-    ret = Py_BuildValue("(NNN)", hpre, h, R);
-    if (ret) hpre = h = R = NULL;
+    float *d[8];
+    for (int i = 0; i < 5; i++) d[i] = rd_stage_in(&sg, in[i]);
+    for (int i = 0; i < 3; i++) d[5 + i] = rd_stage_out(&sg, out[i]);
+    RD_RUN_STAGED(sg, be->router_forward(d[5], d[6], d[7], d[0], d[1], d[2], d[3], d[4], N, D, E));
+    ret = PyTuple_Pack(3, out[0], out[1], out[2]);
 done:
-    Py_XDECREF(hpre); Py_XDECREF(h); Py_XDECREF(R);
-    release(in);
+    release(out, 3);
+    release(in, 5);
     return ret;
 }
 
 static PyObject *py_router_backward(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kws[] = {"dR", "hpre", "h", "x", "Wr", "Wg", "dh_extra", NULL};
-    PyObject *odR, *ohpre, *oh, *ox, *oWr, *oWg, *oextra = Py_None, *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *out[5] = {0}, *dh = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|O:router_backward", kws, &odR, &ohpre,
-                                     &oh, &ox, &oWr, &oWg, &oextra))
+    static char *kws[] = {"dR", "hpre", "h", "x", "Wr", "Wg", "dh_extra", "device", NULL};
+    PyObject *odR, *ohpre, *oh, *ox, *oWr, *oWg, *oextra = Py_None, *odev = NULL, *ret = NULL;
+    PyArrayObject *in[NIN] = {0}, *out[6] = {0};
+    const rd_backend *be;
+    rd_stage sg;
+    npy_intp N, D, E;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|O$O:router_backward", kws, &odR, &ohpre,
+                                     &oh, &ox, &oWr, &oWg, &oextra, &odev) ||
+        rd_parse_device(odev, &be) < 0)
         return NULL;
-    if (!(in[0] = rd_in_array(ox, "x", NPY_FLOAT32, 2, NULL))) goto done;
-    npy_intp N = PyArray_DIM(in[0], 0), D = PyArray_DIM(in[0], 1);
-    if (D < 1) { PyErr_SetString(PyExc_ValueError, "x: expected D >= 1 columns, got 0"); goto done; }
-    npy_intp sDD[2] = {D, D}, sWg[2] = {D, RD_ANY}, sND[2] = {N, D};
-    if (!(in[1] = rd_in_array(oWr, "Wr", NPY_FLOAT32, 2, sDD))) goto done;
-    if (!(in[2] = rd_in_array(oWg, "Wg", NPY_FLOAT32, 2, sWg))) goto done;
-    npy_intp E = PyArray_DIM(in[2], 1);
-    if (E < 1) { PyErr_SetString(PyExc_ValueError, "Wg: expected E >= 1 columns, got 0"); goto done; }
-    npy_intp sNE[2] = {N, E}, sD[1] = {D}, sE[1] = {E}, sDE[2] = {D, E};
-    if (!(in[3] = rd_in_array(odR, "dR", NPY_FLOAT32, 2, sNE))) goto done;
-    if (!(in[4] = rd_in_array(ohpre, "hpre", NPY_FLOAT32, 2, sND))) goto done;
-    if (!(in[5] = rd_in_array(oh, "h", NPY_FLOAT32, 2, sND))) goto done;
-    if (oextra != Py_None && !(in[6] = rd_in_array(oextra, "dh_extra", NPY_FLOAT32, 2, sND))) goto done;
+    if (router_inputs(in, ox, oWr, NULL, oWg, NULL, &N, &D, &E) < 0) goto done;
+    npy_intp sNE[2] = {N, E}, sD[1] = {D}, sE[1] = {E}, sDE[2] = {D, E}, sND[2] = {N, D},
+             sDD[2] = {D, D};
+    if (!(in[5] = rd_in_array(odR, "dR", NPY_FLOAT32, 2, sNE))) goto done;
+    if (!(in[6] = rd_in_array(ohpre, "hpre", NPY_FLOAT32, 2, sND))) goto done;
+    if (!(in[7] = rd_in_array(oh, "h", NPY_FLOAT32, 2, sND))) goto done;
+    if (oextra != Py_None && !(in[8] = rd_in_array(oextra, "dh_extra", NPY_FLOAT32, 2, sND))) goto done;
     if (!(out[0] = rd_new_array(2, sND, NPY_FLOAT32)) || !(out[1] = rd_new_array(2, sDD, NPY_FLOAT32)) ||
         !(out[2] = rd_new_array(1, sD, NPY_FLOAT32)) || !(out[3] = rd_new_array(2, sDE, NPY_FLOAT32)) ||
-        !(out[4] = rd_new_array(1, sE, NPY_FLOAT32)) || !(dh = rd_new_array(2, sND, NPY_FLOAT32)))
+        !(out[4] = rd_new_array(1, sE, NPY_FLOAT32)) || !(out[5] = rd_new_array(2, sND, NPY_FLOAT32)) ||
+        rd_stage_init(&sg, be) < 0)
         goto done;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_router_backward(F32(out[0]), F32(out[1]), F32(out[2]), F32(out[3]), F32(out[4]),
-                           F32(dh), F32(in[3]), in[6] ? F32(in[6]) : NULL, F32(in[4]), F32(in[5]),
-                           F32(in[0]), F32(in[1]), F32(in[2]), N, D, E);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
-    ret = Py_BuildValue("(NNNNN)", out[0], out[1], out[2], out[3], out[4]);
-    if (ret) memset(out, 0, sizeof out);
+    float *d[NIN], *g[6];
+    for (int i = 0; i < 9; i++) d[i] = rd_stage_in(&sg, in[i]);
+    for (int i = 0; i < 6; i++) g[i] = rd_stage_out(&sg, out[i]);
+    /* outputs start at zero: the parameter grads accumulate, dx_acc too; g[5] is scratch */
+    RD_RUN_STAGED(sg, be->router_backward(g[0], g[1], g[2], g[3], g[4], g[5], d[5], d[8], d[6],
+                                          d[7], d[0], d[1], d[3], N, D, E));
+    ret = PyTuple_Pack(5, out[0], out[1], out[2], out[3], out[4]);
 done:
-    for (int i = 0; i < 5; i++) Py_XDECREF(out[i]);
-    Py_XDECREF(dh);
-    release(in);
+    release(out, 6);
+    release(in, NIN);
     return ret;
 }
 
 /* ---- experts --------------------------------------------------------------- */
 
-/* One workspace kept for the op-level calls so that repeated calls (notebooks,
- * benchmarks) do not reallocate; a call made while another thread uses it gets a fresh
- * one. */
-static rd_experts *g_ws = NULL;
-static rd_busy g_ws_busy;
-
-static rd_experts *ws_take(void) {
-    if (rd_try_take(&g_ws_busy)) {
-        if (!g_ws) g_ws = rd_experts_new();
-        if (g_ws) return g_ws;
-        rd_give(&g_ws_busy);
-    }
-    return rd_experts_new();
-}
-
-static void ws_give(rd_experts *ex) {
-    if (ex && ex == g_ws) rd_give(&g_ws_busy);
-    else rd_experts_free(ex);
-}
-
 /* x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D). */
-static int expert_inputs(PyArrayObject **in, PyObject *ox, PyObject *omask, PyObject *oG,
-                         PyObject *ow1, PyObject *ob1, PyObject *ow2, PyObject *ob2,
-                         npy_intp *N, npy_intp *D, npy_intp *E, npy_intp *He) {
-    if (!(in[0] = rd_in_array(ox, "x", NPY_FLOAT32, 2, NULL))) return -1;
+static int expert_inputs(PyArrayObject **in, PyObject **o, npy_intp *N, npy_intp *D,
+                         npy_intp *E, npy_intp *He) {
+    if (!(in[0] = rd_in_array(o[0], "x", NPY_FLOAT32, 2, NULL))) return -1;
     *N = PyArray_DIM(in[0], 0);
     *D = PyArray_DIM(in[0], 1);
     npy_intp sw1[3] = {RD_ANY, *D, RD_ANY};
-    if (!(in[1] = rd_in_array(ow1, "w1", NPY_FLOAT32, 3, sw1))) return -1;
-    *E = PyArray_DIM(in[1], 0);
-    *He = PyArray_DIM(in[1], 2);
+    if (!(in[3] = rd_in_array(o[3], "w1", NPY_FLOAT32, 3, sw1))) return -1;
+    *E = PyArray_DIM(in[3], 0);
+    *He = PyArray_DIM(in[3], 2);
     if (*D < 1 || *E < 1 || *He < 1) {
         PyErr_Format(PyExc_ValueError, "w1: expected shape (E, D, He) with D, E, He >= 1, got "
                      "D=%zd (from x) E=%zd He=%zd", *D, *E, *He);
         return -1;
     }
     npy_intp sNE[2] = {*N, *E}, sb1[2] = {*E, *He}, sw2[3] = {*E, *He, *D}, sb2[2] = {*E, *D};
-    if (!(in[2] = rd_in_array(omask, "mask", NPY_BOOL, 2, sNE))) return -1;
-    if (!(in[3] = rd_in_array(oG, "G", NPY_FLOAT32, 2, sNE))) return -1;
-    if (!(in[4] = rd_in_array(ob1, "b1", NPY_FLOAT32, 2, sb1))) return -1;
-    if (!(in[5] = rd_in_array(ow2, "w2", NPY_FLOAT32, 3, sw2))) return -1;
-    if (!(in[6] = rd_in_array(ob2, "b2", NPY_FLOAT32, 2, sb2))) return -1;
+    if (!(in[1] = rd_in_array(o[1], "mask", NPY_BOOL, 2, sNE))) return -1;
+    if (!(in[2] = rd_in_array(o[2], "G", NPY_FLOAT32, 2, sNE))) return -1;
+    if (!(in[4] = rd_in_array(o[4], "b1", NPY_FLOAT32, 2, sb1))) return -1;
+    if (!(in[5] = rd_in_array(o[5], "w2", NPY_FLOAT32, 3, sw2))) return -1;
+    if (!(in[6] = rd_in_array(o[6], "b2", NPY_FLOAT32, 2, sb2))) return -1;
     return 0;
 }
 
-static PyObject *py_experts_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"x", "mask", "G", "w1", "b1", "w2", "b2", NULL};
-    PyObject *o[7], *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *y = NULL;
-    rd_experts *ex = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO:experts_forward", kws, &o[0], &o[1],
-                                     &o[2], &o[3], &o[4], &o[5], &o[6]))
-        return NULL;
+/* The forward into g[0] and, with backward, the backward into g[1..6] (d: the inputs). */
+static rd_status experts_run(const rd_backend *be, void *ex, int backward, void **g, void **d,
+                             int64_t N, int64_t D, int64_t E, int64_t He) {
+    rd_status s = be->experts_forward(ex, g[0], d[1], d[2], d[0], d[3], d[4], d[5], d[6], N, D,
+                                      E, He);
+    if (s || !backward) return s;
+    return be->experts_backward(ex, g[1], g[2], g[3], g[4], g[5], g[6], d[7], d[3], d[5], N, D,
+                                E, He);
+}
+
+/* experts_forward(x, mask, G, w1, b1, w2, b2) -> y; experts_backward(dy, x, ...) -> (dx,
+ * dG, dw1, db1, dw2, db2), the forward recomputed first. precision of the GEMMs. */
+static PyObject *experts_op(PyObject *args, PyObject *kw, int backward) {
+    static char *kf[] = {"x", "mask", "G", "w1", "b1", "w2", "b2", "precision", "device", NULL};
+    static char *kb[] = {"dy", "x", "mask", "G", "w1", "b1", "w2", "b2", "precision", "device", NULL};
+    PyObject *o[8], *oprec = NULL, *odev = NULL, *ret = NULL;
+    PyArrayObject *in[8] = {0}, *out[7] = {0};
+    const rd_backend *be;
+    rd_stage sg;
+    void *ex = NULL;
+    int prec;
     npy_intp N, D, E, He;
-    if (expert_inputs(in, o[0], o[1], o[2], o[3], o[4], o[5], o[6], &N, &D, &E, &He) < 0) goto done;
+    int ok = backward ? PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO|O$O:experts_backward", kb,
+                                                    &o[7], &o[0], &o[1], &o[2], &o[3], &o[4],
+                                                    &o[5], &o[6], &oprec, &odev)
+                      : PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOO|O$O:experts_forward", kf,
+                                                    &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                                                    &o[6], &oprec, &odev);
+    if (!ok || rd_parse_device(odev, &be) < 0 || rd_parse_precision(oprec, "precision", &prec) < 0)
+        return NULL;
+    if (expert_inputs(in, o, &N, &D, &E, &He) < 0) goto done;
     npy_intp sND[2] = {N, D};
-    if (!(y = rd_new_array(2, sND, NPY_FLOAT32))) goto done;
-    if (!(ex = ws_take())) { PyErr_NoMemory(); goto done; }
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_experts_forward(ex, F32(y), U8(in[2]), F32(in[3]), F32(in[0]), F32(in[1]), F32(in[4]),
-                           F32(in[5]), F32(in[6]), N, D, E, He);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
-    ret = (PyObject *)y; y = NULL;
+    if (backward && !(in[7] = rd_in_array(o[7], "dy", NPY_FLOAT32, 2, sND))) goto done;
+    /* y, then (backward) dx like x, dG like G, the parameter grads like the parameters */
+    if (!(out[0] = rd_new_array(2, sND, NPY_FLOAT32))) goto done;
+    for (int i = 1; backward && i < 7; i++) {
+        PyArrayObject *like = in[i == 1 ? 0 : i];
+        if (!(out[i] = rd_new_array(PyArray_NDIM(like), PyArray_DIMS(like), NPY_FLOAT32))) goto done;
+    }
+    rd_status st = be->experts_new(&ex);
+    if (!st) st = be->experts_set_precision(ex, prec);
+    if (st) { rd_raise(st); goto done; }
+    if (rd_stage_init(&sg, be) < 0) goto done;
+    void *d[8], *g[7];
+    for (int i = 0; i < 8; i++) d[i] = rd_stage_in(&sg, in[i]);
+    for (int i = 0; i < 7; i++) g[i] = rd_stage_out(&sg, out[i]);
+    RD_RUN_STAGED(sg, experts_run(be, ex, backward, g, d, N, D, E, He));
+    ret = backward ? PyTuple_Pack(6, out[1], out[2], out[3], out[4], out[5], out[6])
+                   : Py_NewRef((PyObject *)out[0]);
 done:
-    ws_give(ex);
-    Py_XDECREF(y);
-    release(in);
+    if (ex) be->experts_free(ex);
+    release(out, 7);
+    release(in, 8);
     return ret;
 }
 
-static PyObject *py_experts_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *kws[] = {"dy", "x", "mask", "G", "w1", "b1", "w2", "b2", NULL};
-    PyObject *ody, *o[7], *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *out[6] = {0}, *y = NULL;
-    rd_experts *ex = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:experts_backward", kws, &ody, &o[0],
-                                     &o[1], &o[2], &o[3], &o[4], &o[5], &o[6]))
-        return NULL;
-    npy_intp N, D, E, He;
-    if (expert_inputs(in, o[0], o[1], o[2], o[3], o[4], o[5], o[6], &N, &D, &E, &He) < 0) goto done;
-    npy_intp sND[2] = {N, D}, sNE[2] = {N, E}, sw1[3] = {E, D, He}, sb1[2] = {E, He},
-             sw2[3] = {E, He, D}, sb2[2] = {E, D};
-    if (!(in[7] = rd_in_array(ody, "dy", NPY_FLOAT32, 2, sND))) goto done;
-    if (!(out[0] = rd_new_array(2, sND, NPY_FLOAT32)) || !(out[1] = rd_new_array(2, sNE, NPY_FLOAT32)) ||
-        !(out[2] = rd_new_array(3, sw1, NPY_FLOAT32)) || !(out[3] = rd_new_array(2, sb1, NPY_FLOAT32)) ||
-        !(out[4] = rd_new_array(3, sw2, NPY_FLOAT32)) || !(out[5] = rd_new_array(2, sb2, NPY_FLOAT32)) ||
-        !(y = rd_new_array(2, sND, NPY_FLOAT32)))
-        goto done;
-    if (!(ex = ws_take())) { PyErr_NoMemory(); goto done; }
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_experts_forward(ex, F32(y), U8(in[2]), F32(in[3]), F32(in[0]), F32(in[1]), F32(in[4]),
-                           F32(in[5]), F32(in[6]), N, D, E, He);
-    if (!s)
-        s = rd_experts_backward(ex, F32(out[0]), F32(out[1]), F32(out[2]), F32(out[3]),
-                                F32(out[4]), F32(out[5]), F32(in[7]), F32(in[1]), F32(in[5]),
-                                N, D, E, He);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
-    ret = Py_BuildValue("(NNNNNN)", out[0], out[1], out[2], out[3], out[4], out[5]);
-    if (ret) memset(out, 0, sizeof out);
-done:
-    ws_give(ex);
-    for (int i = 0; i < 6; i++) Py_XDECREF(out[i]);
-    Py_XDECREF(y);
-    release(in);
-    return ret;
-}
+static PyObject *py_experts_forward(PyObject *s, PyObject *a, PyObject *k) { (void)s; return experts_op(a, k, 0); }
+static PyObject *py_experts_backward(PyObject *s, PyObject *a, PyObject *k) { (void)s; return experts_op(a, k, 1); }
 
 static PyObject *py_moe_threading(PyObject *self, PyObject *args) {
     (void)self;
@@ -341,8 +293,10 @@ static void find_blas_thread_control(void) {}
 #define MOE_CAPSULE "racedit._C.moe_state"
 
 typedef struct {
-    rd_moe_state *st;
+    const rd_backend *be;
+    void *st;      /* the backend's layer state */
     rd_moe_cfg cfg;
+    int prec;      /* of the expert GEMMs */
     rd_busy busy;  /* a call works on this state (rd_take) */
     PyObject *x;   /* the input of the last forward, what moe_backward differentiates at */
 } moe_holder;
@@ -350,7 +304,7 @@ typedef struct {
 static void moe_capsule_free(PyObject *cap) {
     moe_holder *hd = (moe_holder *)PyCapsule_GetPointer(cap, MOE_CAPSULE);
     if (!hd) { PyErr_Clear(); return; }
-    rd_moe_state_free(hd->st);
+    if (hd->st) hd->be->moe_free(hd->st);
     Py_XDECREF(hd->x);
     PyMem_Free(hd);
 }
@@ -377,93 +331,51 @@ static PyObject *with_holder(PyObject *cap, PyObject *(*fn)(moe_holder *, const 
     return ret;
 }
 
-/* Set the configuration fields named in `kw` (dim, num_experts, hidden, k, strategy,
- * gating, beta, eval_topk, plr_dim, sim_weight, balance_weight, plr_weight), then check
- * the whole; `c` is left unchanged on failure. */
-static int cfg_update(rd_moe_cfg *c, PyObject *kw) {
-    rd_moe_cfg n = *c;
-    PyObject *key, *val;
-    Py_ssize_t pos = 0;
-    while (kw && PyDict_Next(kw, &pos, &key, &val)) {
-        const char *k = rd_str_text(key);
-        if (!k) {
-            if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "unknown MoE setting %R", key);
-            return -1;
-        }
-        int64_t *iv = !strcmp(k, "dim") ? &n.D : !strcmp(k, "num_experts") ? &n.E
-                    : !strcmp(k, "hidden") ? &n.He : !strcmp(k, "k") ? &n.k
-                    : !strcmp(k, "plr_dim") ? &n.plr_dim : NULL;
-        float *fv = !strcmp(k, "beta") ? &n.beta : !strcmp(k, "sim_weight") ? &n.sim_weight
-                  : !strcmp(k, "balance_weight") ? &n.balance_weight
-                  : !strcmp(k, "plr_weight") ? &n.plr_weight : NULL;
-        if (iv) {
-            if (!PyLong_Check(val) || PyBool_Check(val)) {
-                PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", k, Py_TYPE(val)->tp_name);
-                return -1;
-            }
-            long long v = PyLong_AsLongLong(val);
-            if (v == -1 && PyErr_Occurred()) return -1;
-            *iv = v;
-        } else if (fv) {
-            double v = PyFloat_AsDouble(val);
-            if (v == -1.0 && PyErr_Occurred()) return -1;
-            if (!isfinite(v)) { PyErr_Format(PyExc_ValueError, "%s: expected a finite number, got %R", k, val); return -1; }
-            *fv = (float)v;
-        } else if (!strcmp(k, "strategy")) {
-            if (rd_parse_strategy(val, "strategy", &n.strategy) < 0) return -1;
-        } else if (!strcmp(k, "gating")) {
-            if (rd_parse_gating(val, "gating", &n.gating) < 0) return -1;
-        } else if (!strcmp(k, "eval_topk")) {
-            int b = PyObject_IsTrue(val);
-            if (b < 0) return -1;
-            n.eval_topk = b;
-        } else {
-            PyErr_Format(PyExc_TypeError, "unknown MoE setting %R", key);
-            return -1;
-        }
-    }
-    rd_status s = rd_moe_cfg_check(&n);
-    if (s) { rd_raise(s); return -1; }
-    *c = n;
-    return 0;
-}
-
+/* moe_new(device='cpu', precision='fp32', **settings) -> state capsule. */
 static PyObject *py_moe_new(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     if (PyTuple_GET_SIZE(args) != 0) {
         PyErr_SetString(PyExc_TypeError, "moe_new: settings are keyword-only");
         return NULL;
     }
+    PyObject *odev, *oprec, *cap = NULL, *settings = rd_split_settings(kw, &odev, &oprec);
+    if (!settings) return NULL;
+    const rd_backend *be;
     rd_moe_cfg c = {0};
     c.strategy = RD_ROUTE_RACE;
     c.gating = RD_GATE_IDENTITY;
     c.beta = 0.99f;
-    if (cfg_update(&c, kw) < 0) return NULL;
-    moe_holder *hd = (moe_holder *)PyMem_Calloc(1, sizeof *hd);
-    if (!hd) return PyErr_NoMemory();
-    hd->cfg = c;
-    if (!(hd->st = rd_moe_state_new())) { PyMem_Free(hd); return PyErr_NoMemory(); }
-    PyObject *cap = PyCapsule_New(hd, MOE_CAPSULE, moe_capsule_free);
-    if (!cap) { rd_moe_state_free(hd->st); PyMem_Free(hd); }
+    c.plr_weight = 1.0f;
+    int prec;
+    moe_holder *hd = NULL;
+    if (rd_parse_device(odev, &be) < 0 || rd_parse_precision(oprec, "precision", &prec) < 0 ||
+        rd_parse_moe_settings(settings, &c, 1) < 0 || rd_device_ready(be) < 0)
+        goto done;
+    if (!(hd = (moe_holder *)PyMem_Calloc(1, sizeof *hd))) { PyErr_NoMemory(); goto done; }
+    hd->be = be, hd->cfg = c, hd->prec = prec;
+    rd_status st = be->moe_new(&hd->st);
+    if (!st) st = be->moe_set_precision(hd->st, prec);
+    if (st) { rd_raise(st); goto done; }
+    if ((cap = PyCapsule_New(hd, MOE_CAPSULE, moe_capsule_free))) hd = NULL;
+done:
+    if (hd) {
+        if (hd->st) be->moe_free(hd->st);
+        PyMem_Free(hd);
+    }
+    Py_DECREF(settings);
     return cap;
 }
 
 static PyObject *moe_configure(moe_holder *hd, const void *kw) {
     rd_moe_cfg c = hd->cfg;
-    if (cfg_update(&c, (PyObject *)kw) < 0) return NULL;
+    if (rd_parse_moe_settings((PyObject *)kw, &c, 1) < 0) return NULL;
     if (c.D != hd->cfg.D || c.E != hd->cfg.E || c.He != hd->cfg.He || c.plr_dim != hd->cfg.plr_dim) {
-        PyErr_SetString(PyExc_ValueError, "moe_configure: dim, num_experts, hidden and plr_dim "
-                        "are fixed when the state is made");
+        PyErr_SetString(PyExc_ValueError, "moe_configure: dim, num_experts, expert_hidden and "
+                        "plr_dim are fixed when the state is made");
         return NULL;
     }
     hd->cfg = c;
-    return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:s,s:s,s:d,s:O,s:d,s:d,s:d}",
-                         "dim", (long long)c.D, "num_experts", (long long)c.E, "hidden",
-                         (long long)c.He, "k", (long long)c.k, "plr_dim", (long long)c.plr_dim,
-                         "strategy", rd_strategy_name(c.strategy), "gating", rd_gating_name(c.gating),
-                         "beta", (double)c.beta, "eval_topk", c.eval_topk ? Py_True : Py_False,
-                         "sim_weight", (double)c.sim_weight, "balance_weight",
-                         (double)c.balance_weight, "plr_weight", (double)c.plr_weight);
+    return rd_moe_settings_dict(&c);
 }
 
 /* The settings are read by a forward running with the GIL released: changed only while
@@ -495,17 +407,20 @@ static int64_t total_params(const rd_moe_cfg *c) {
     return rd_moe_param_sizes(sz, c);
 }
 
+/* moe_forward(state, x, params, training=True, plr_target=None) -> y (B,L,D). */
 static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kws[] = {"state", "x", "params", "training", "plr_target", NULL};
     PyObject *cap, *ox, *op, *ot = Py_None, *ret = NULL;
     int training = 1;
-    PyArrayObject *in[NIN] = {0}, *y = NULL;
+    PyArrayObject *in[3] = {0}, *y = NULL;
+    rd_stage sg;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pO:moe_forward", kws, &cap, &ox, &op, &training,
                                      &ot))
         return NULL;
     moe_holder *hd = take_holder(cap);
     if (!hd) return NULL;
+    const rd_backend *be = hd->be;
     npy_intp sx[3] = {RD_ANY, RD_ANY, hd->cfg.D}, sp[1] = {total_params(&hd->cfg)};
     if (!(in[0] = rd_in_array(ox, "x", NPY_FLOAT32, 3, sx))) goto done;
     if (!(in[1] = rd_in_array(op, "params", NPY_FLOAT32, 1, sp))) goto done;
@@ -523,36 +438,38 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
         npy_intp st3[3] = {B, L, hd->cfg.plr_dim};
         if (!(in[2] = rd_in_array(ot, "plr_target", NPY_FLOAT32, 3, st3))) goto done;
     }
-    if (!(y = rd_new_array(3, PyArray_DIMS(in[0]), NPY_FLOAT32))) goto done;
-    rd_moe_params p;
-    rd_moe_params_point(&p, F32(in[1]), &hd->cfg);
-    const float *target = in[2] ? F32(in[2]) : NULL;
-    rd_status s;
+    if (!(y = rd_new_array(3, PyArray_DIMS(in[0]), NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0)
+        goto done;
     Py_CLEAR(hd->x);
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_moe_forward(hd->st, F32(y), F32(in[0]), &hd->cfg, &p, B, L, training, target);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
+    const float *dx = rd_stage_in(&sg, in[0]), *dt = rd_stage_in(&sg, in[2]);
+    rd_moe_params p;
+    rd_moe_params_point(&p, rd_stage_in(&sg, in[1]), &hd->cfg);
+    float *dy = rd_stage_out(&sg, y);
+    RD_RUN_STAGED(sg, be->moe_forward(hd->st, dy, dx, &hd->cfg, &p, B, L, training, dt));
     hd->x = Py_NewRef((PyObject *)in[0]);
-    ret = (PyObject *)y; y = NULL;
+    ret = Py_NewRef((PyObject *)y);
 done:
     Py_XDECREF(y);
-    release(in);
+    release(in, 3);
     rd_give(&hd->busy);
     return ret;
 }
 
+/* moe_backward(state, dy, x, params, grads) -> dx; grads accumulate in place. */
 static PyObject *py_moe_backward(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kws[] = {"state", "dy", "x", "params", "grads", NULL};
     PyObject *cap, *ody, *ox, *op, *og, *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *dx = NULL, *grads;
+    PyArrayObject *in[3] = {0}, *dx = NULL, *grads;
+    rd_stage sg;
+    rd_moe_view v;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:moe_backward", kws, &cap, &ody, &ox, &op, &og))
         return NULL;
     moe_holder *hd = take_holder(cap);
     if (!hd) return NULL;
-    rd_moe_view v;
-    rd_moe_state_view(hd->st, &v);
+    const rd_backend *be = hd->be;
+    rd_status s = be->moe_view(hd->st, &v);
+    if (s) { rd_raise(s); goto done; }
     if (!v.have_forward || (ox == Py_None && !hd->x)) {
         PyErr_SetString(PyExc_RuntimeError, "moe_backward: no forward to differentiate (call forward first)");
         goto done;
@@ -564,54 +481,23 @@ static PyObject *py_moe_backward(PyObject *self, PyObject *args, PyObject *kw) {
     if (!(grads = rd_out_array(og, "grads", NPY_FLOAT32, 1, sp))) goto done;
     if (rd_check_disjoint(grads, "grads", in, 3, (const char *[]){"dy", "x", "params"}) < 0)
         goto done;
-    if (!(dx = rd_new_array(3, sx, NPY_FLOAT32))) goto done;
+    if (!(dx = rd_new_array(3, sx, NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0) goto done;
+    const float *ddy = rd_stage_in(&sg, in[0]), *dxin = rd_stage_in(&sg, in[1]);
     rd_moe_params p, g;
-    rd_moe_params_point(&p, F32(in[2]), &hd->cfg);
-    rd_moe_params_point(&g, F32(grads), &hd->cfg);
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_moe_backward(hd->st, F32(dx), &g, F32(in[0]), F32(in[1]), &hd->cfg, &p);
-    Py_END_ALLOW_THREADS
-    if (s) { rd_raise(s); goto done; }
-    ret = (PyObject *)dx; dx = NULL;
+    rd_moe_params_point(&p, rd_stage_in(&sg, in[2]), &hd->cfg);
+    rd_moe_params_point(&g, rd_stage_out(&sg, grads), &hd->cfg); /* accumulates into them */
+    float *ddx = rd_stage_out(&sg, dx);
+    RD_RUN_STAGED(sg, be->moe_backward(hd->st, ddx, &g, ddy, dxin, &hd->cfg, &p));
+    ret = Py_NewRef((PyObject *)dx);
 done:
     Py_XDECREF(dx);
-    release(in);
+    release(in, 3);
     rd_give(&hd->busy);
     return ret;
 }
 
-/* A copy of a state buffer as a new array of `ndim` dims `shape`. */
-static PyObject *copy_out(const void *src, int ndim, npy_intp *shape, int typenum, size_t elsize) {
-    PyArrayObject *a = rd_new_array(ndim, shape, typenum);
-    if (!a) return NULL;
-    memcpy(PyArray_DATA(a), src, (size_t)PyArray_SIZE(a) * elsize);
-    return (PyObject *)a;
-}
-
 static PyObject *moe_get(moe_holder *hd, const void *arg) {
-    const char *name = arg;
-    rd_moe_view v;
-    rd_moe_state_view(hd->st, &v);
-    if (!strcmp(name, "threshold")) return v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
-    if (!strcmp(name, "aux")) return rd_moe_aux_dict(hd->st, &hd->cfg);
-    int known = !strcmp(name, "batch_threshold") || !strcmp(name, "mask") ||
-                !strcmp(name, "gates") || !strcmp(name, "logits") || !strcmp(name, "hidden") ||
-                !strcmp(name, "counts") || !strcmp(name, "pairs");
-    if (!known) {
-        PyErr_Format(PyExc_ValueError, "name: expected one of threshold, batch_threshold, mask, "
-                     "gates, logits, hidden, counts, pairs, aux; got '%s'", name);
-        return NULL;
-    }
-    if (!v.have_forward) Py_RETURN_NONE;
-    npy_intp sE3[3] = {v.B, v.L, v.E}, sD3[3] = {v.B, v.L, v.D}, sE[1] = {v.E};
-    if (!strcmp(name, "batch_threshold")) return PyFloat_FromDouble(v.tau_b);
-    if (!strcmp(name, "mask")) return copy_out(v.mask, 3, sE3, NPY_BOOL, 1);
-    if (!strcmp(name, "gates")) return copy_out(v.G, 3, sE3, NPY_FLOAT32, sizeof(float));
-    if (!strcmp(name, "logits")) return copy_out(v.R, 3, sE3, NPY_FLOAT32, sizeof(float));
-    if (!strcmp(name, "hidden")) return copy_out(v.h, 3, sD3, NPY_FLOAT32, sizeof(float));
-    if (!strcmp(name, "counts")) return copy_out(v.counts, 1, sE, NPY_INT64, sizeof(int64_t));
-    return PyLong_FromLongLong(v.P);
+    return rd_moe_get(hd->be, hd->st, (const char *)arg);
 }
 
 /* Held while copying out: a forward of another thread could otherwise regrow the buffers
@@ -628,16 +514,16 @@ static PyObject *moe_set_threshold(moe_holder *hd, const void *arg) {
     PyObject *otau = (PyObject *)arg;
     rd_status s;
     if (otau == Py_None) {
-        s = rd_moe_set_threshold(hd->st, NULL);
+        s = hd->be->moe_set_threshold(hd->st, NULL);
     } else {
-        double d = PyFloat_AsDouble(otau);
-        if (d == -1.0 && PyErr_Occurred()) return NULL;
+        double d;
+        if (rd_parse_real(otau, "threshold", &d) < 0) return NULL;
         if (isnan(d)) {
             PyErr_SetString(PyExc_ValueError, "threshold: expected a number or None, got nan");
             return NULL;
         }
         float f = (float)d;
-        s = rd_moe_set_threshold(hd->st, &f);
+        s = hd->be->moe_set_threshold(hd->st, &f);
     }
     if (s) return rd_raise(s);
     Py_RETURN_NONE;
@@ -650,35 +536,65 @@ static PyObject *py_moe_set_threshold(PyObject *self, PyObject *args) {
     return with_holder(cap, moe_set_threshold, otau);
 }
 
+/* moe_precision(state, precision=None) -> the previous precision's name; sets it when given
+ * (a change drops the last forward). */
+static PyObject *moe_precision(moe_holder *hd, const void *arg) {
+    static const char *const names[3] = {"fp32", "tf32", "bf16"};
+    const int prev = hd->prec;
+    int prec;
+    if (arg && rd_parse_precision((PyObject *)arg, "precision", &prec) < 0) return NULL;
+    rd_status s = arg ? hd->be->moe_set_precision(hd->st, prec) : RD_OK;
+    if (s) return rd_raise(s);
+    if (arg) hd->prec = prec;
+    return PyUnicode_FromString(names[prev]);
+}
+
+static PyObject *py_moe_precision(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *oprec = NULL;
+    if (!PyArg_ParseTuple(args, "O|O:moe_precision", &cap, &oprec)) return NULL;
+    return with_holder(cap, moe_precision, oprec == Py_None ? NULL : oprec);
+}
+
+static PyObject *py_moe_device(PyObject *self, PyObject *cap) {
+    (void)self;
+    moe_holder *hd = get_holder(cap);
+    return hd ? PyUnicode_FromString(hd->be->name) : NULL;
+}
+
 static PyMethodDef moe_methods[] = {
-    {"gate_forward", (PyCFunction)(void (*)(void))py_gate_forward, METH_VARARGS | METH_KEYWORDS,
-     "gate_forward(R, gating='identity') -> G (N,E) float32."},
-    {"gate_backward", (PyCFunction)(void (*)(void))py_gate_backward, METH_VARARGS | METH_KEYWORDS,
-     "gate_backward(dG, G, gating='identity') -> dR (N,E) float32."},
-    {"router_forward", (PyCFunction)(void (*)(void))py_router_forward, METH_VARARGS | METH_KEYWORDS,
-     "router_forward(x, Wr, br, Wg, bg) -> (hpre, h, R)."},
-    {"router_backward", (PyCFunction)(void (*)(void))py_router_backward, METH_VARARGS | METH_KEYWORDS,
-     "router_backward(dR, hpre, h, x, Wr, Wg, dh_extra=None) -> (dx, dWr, dbr, dWg, dbg)."},
-    {"experts_forward", (PyCFunction)(void (*)(void))py_experts_forward, METH_VARARGS | METH_KEYWORDS,
-     "experts_forward(x, mask, G, w1, b1, w2, b2) -> y (N,D)."},
-    {"experts_backward", (PyCFunction)(void (*)(void))py_experts_backward, METH_VARARGS | METH_KEYWORDS,
-     "experts_backward(dy, x, mask, G, w1, b1, w2, b2) -> (dx, dG, dw1, db1, dw2, db2)."},
+    {"gate_forward", KW py_gate_forward, METH_VARARGS | METH_KEYWORDS,
+     "gate_forward(R, gating='identity', device='cpu') -> G (N,E) float32."},
+    {"gate_backward", KW py_gate_backward, METH_VARARGS | METH_KEYWORDS,
+     "gate_backward(dG, G, gating='identity', device='cpu') -> dR (N,E) float32."},
+    {"router_forward", KW py_router_forward, METH_VARARGS | METH_KEYWORDS,
+     "router_forward(x, Wr, br, Wg, bg, device='cpu') -> (hpre, h, R)."},
+    {"router_backward", KW py_router_backward, METH_VARARGS | METH_KEYWORDS,
+     "router_backward(dR, hpre, h, x, Wr, Wg, dh_extra=None, device='cpu') -> (dx, dWr, dbr, dWg, dbg)."},
+    {"experts_forward", KW py_experts_forward, METH_VARARGS | METH_KEYWORDS,
+     "experts_forward(x, mask, G, w1, b1, w2, b2, precision='fp32', device='cpu') -> y (N,D)."},
+    {"experts_backward", KW py_experts_backward, METH_VARARGS | METH_KEYWORDS,
+     "experts_backward(dy, x, mask, G, w1, b1, w2, b2, precision='fp32', device='cpu') -> "
+     "(dx, dG, dw1, db1, dw2, db2)."},
     {"moe_threading", py_moe_threading, METH_VARARGS,
      "moe_threading(mode=None) -> previous mode, 'blas' or 'omp'."},
     {"blas_thread_control", py_blas_thread_control, METH_NOARGS,
      "True when racedit can set the BLAS thread count (for the 'omp' threading mode)."},
-    {"moe_new", (PyCFunction)(void (*)(void))py_moe_new, METH_VARARGS | METH_KEYWORDS,
-     "moe_new(**settings) -> state capsule."},
-    {"moe_configure", (PyCFunction)(void (*)(void))py_moe_configure, METH_VARARGS | METH_KEYWORDS,
+    {"moe_new", KW py_moe_new, METH_VARARGS | METH_KEYWORDS,
+     "moe_new(device='cpu', precision='fp32', **settings) -> state capsule."},
+    {"moe_configure", KW py_moe_configure, METH_VARARGS | METH_KEYWORDS,
      "moe_configure(state, **settings) -> dict of all settings."},
     {"moe_param_sizes", py_moe_param_sizes, METH_O, "moe_param_sizes(state) -> sizes of the parameters."},
-    {"moe_forward", (PyCFunction)(void (*)(void))py_moe_forward, METH_VARARGS | METH_KEYWORDS,
+    {"moe_forward", KW py_moe_forward, METH_VARARGS | METH_KEYWORDS,
      "moe_forward(state, x, params, training=True, plr_target=None) -> y (B,L,D)."},
-    {"moe_backward", (PyCFunction)(void (*)(void))py_moe_backward, METH_VARARGS | METH_KEYWORDS,
+    {"moe_backward", KW py_moe_backward, METH_VARARGS | METH_KEYWORDS,
      "moe_backward(state, dy, x, params, grads) -> dx (B,L,D); grads accumulate. x=None: the "
      "last forward's own input (which the state keeps)."},
     {"moe_get", py_moe_get, METH_VARARGS, "moe_get(state, name) -> a copy of what the last forward left."},
     {"moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "moe_set_threshold(state, tau or None)."},
+    {"moe_precision", py_moe_precision, METH_VARARGS,
+     "moe_precision(state, precision=None) -> the previous expert GEMM precision."},
+    {"moe_device", py_moe_device, METH_O, "moe_device(state) -> the device name."},
     {NULL, NULL, 0, NULL}};
 
 int rd_bind_moe(PyObject *m) {

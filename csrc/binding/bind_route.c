@@ -1,57 +1,68 @@
-/* bind_route.c — Python functions of the route area: route, route_threshold, route_plan. */
+/* bind_route.c — Python functions of the route area: route, route_threshold (on any
+ * device), route_plan. */
 #include "bind.h"
 
-/* Shape and k checks with messages in Python terms, before the C core's own checks. */
-static PyObject *py_route(PyObject *self, PyObject *args) {
+/* route(scores, k, strategy, device="cpu") -> (mask, tau_b). Shape and k checks with
+ * messages in Python terms, before the C core's own checks. */
+static PyObject *py_route(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    PyObject *o_scores, *o_k, *o_strategy, *ret = NULL;
-    PyArrayObject *scores = NULL, *mask = NULL;
-    int64_t k;
+    static char *kws[] = {"scores", "k", "strategy", "device", NULL};
+    PyObject *o_scores, *o_k, *o_strategy, *odev = NULL, *ret = NULL;
+    PyArrayObject *scores = NULL, *mask = NULL, *tau = NULL;
+    const rd_backend *be;
+    int64_t k, ng, K;
     rd_strategy s;
-    if (!PyArg_ParseTuple(args, "OOO:route", &o_scores, &o_k, &o_strategy)) return NULL;
-    if (rd_parse_int(o_k, "k", &k) < 0 || rd_parse_strategy(o_strategy, "strategy", &s) < 0)
+    rd_stage sg;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$O:route", kws, &o_scores, &o_k, &o_strategy,
+                                     &odev) ||
+        rd_parse_device(odev, &be) < 0 || rd_parse_int(o_k, "k", &k) < 0 ||
+        rd_parse_strategy(o_strategy, "strategy", &s) < 0)
         return NULL;
-    scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, 3, NULL);
-    if (!scores) goto fail;
-    npy_intp *dims = PyArray_DIMS(scores);
-    int64_t B = dims[0], L = dims[1], E = dims[2];
-    if (rd_check_route_args(B, L, E, k) < 0) goto fail;
-    int64_t ng, K;
+    if (!(scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, 3, NULL))) goto done;
+    npy_intp *dims = PyArray_DIMS(scores), one[1] = {1};
+    const int64_t B = dims[0], L = dims[1], E = dims[2];
+    if (rd_check_route_args(B, L, E, k) < 0) goto done;
     rd_status st = rd_route_plan(&ng, &K, B, L, E, k, s);
-    if (st != RD_OK) { rd_raise(st); goto fail; }
-    mask = rd_new_array(3, dims, NPY_BOOL);
-    if (!mask) goto fail;
-    float tau = 0.0f;
-    Py_BEGIN_ALLOW_THREADS
-    st = rd_route((uint8_t *)PyArray_DATA(mask), &tau, (const float *)PyArray_DATA(scores), B, L,
-                  E, k, s);
-    Py_END_ALLOW_THREADS
-    if (st != RD_OK) { rd_raise(st); goto fail; }
-    ret = Py_BuildValue("Od", (PyObject *)mask, (double)tau);
-fail:
+    if (st != RD_OK) { rd_raise(st); goto done; }
+    if (!(mask = rd_new_array(3, dims, NPY_BOOL)) || !(tau = rd_new_array(1, one, NPY_FLOAT32)) ||
+        rd_stage_init(&sg, be) < 0)
+        goto done;
+    const float *ds = rd_stage_in(&sg, scores);
+    uint8_t *dm = rd_stage_out(&sg, mask);
+    float *dt = rd_stage_out(&sg, tau);
+    RD_RUN_STAGED(sg, be->route(dm, dt, ds, B, L, E, k, s));
+    ret = Py_BuildValue("Od", (PyObject *)mask, (double)*(float *)PyArray_DATA(tau));
+done:
     Py_XDECREF(scores);
     Py_XDECREF(mask);
+    Py_XDECREF(tau);
     return ret;
 }
 
-static PyObject *py_route_threshold(PyObject *self, PyObject *args) {
+/* route_threshold(scores, tau, device="cpu") -> mask = scores >= tau. */
+static PyObject *py_route_threshold(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    PyObject *o_scores, *o_tau;
+    static char *kws[] = {"scores", "tau", "device", NULL};
+    PyObject *o_scores, *o_tau, *odev = NULL, *ret = NULL;
     PyArrayObject *scores = NULL, *mask = NULL;
+    const rd_backend *be;
     double tau;
-    if (!PyArg_ParseTuple(args, "OO:route_threshold", &o_scores, &o_tau)) return NULL;
-    if (rd_threshold_args(o_scores, o_tau, &scores, &tau) < 0) return NULL;
-    mask = rd_new_array(PyArray_NDIM(scores), PyArray_DIMS(scores), NPY_BOOL);
-    if (!mask) goto fail;
-    rd_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = rd_route_threshold((uint8_t *)PyArray_DATA(mask), (const float *)PyArray_DATA(scores),
-                            (int64_t)PyArray_SIZE(scores), (float)tau);
-    Py_END_ALLOW_THREADS
-    if (st != RD_OK) { rd_raise(st); Py_CLEAR(mask); }
-fail:
-    Py_DECREF(scores);
-    return (PyObject *)mask;
+    rd_stage sg;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$O:route_threshold", kws, &o_scores, &o_tau,
+                                     &odev) ||
+        rd_parse_device(odev, &be) < 0 || rd_threshold_args(o_scores, o_tau, &scores, &tau) < 0)
+        return NULL;
+    if (!(mask = rd_new_array(PyArray_NDIM(scores), PyArray_DIMS(scores), NPY_BOOL)) ||
+        rd_stage_init(&sg, be) < 0)
+        goto done;
+    const float *ds = rd_stage_in(&sg, scores);
+    uint8_t *dm = rd_stage_out(&sg, mask);
+    RD_RUN_STAGED(sg, be->route_threshold(dm, ds, (int64_t)PyArray_SIZE(scores), (float)tau));
+    ret = Py_NewRef((PyObject *)mask);
+done:
+    Py_XDECREF(scores);
+    Py_XDECREF(mask);
+    return ret;
 }
 
 static PyObject *py_route_plan(PyObject *self, PyObject *args) {
@@ -77,11 +88,12 @@ static PyObject *py_route_plan(PyObject *self, PyObject *args) {
     return Py_BuildValue("LL", (long long)ng, (long long)K);
 }
 
+#define KW (PyCFunction)(void (*)(void))
 static PyMethodDef route_methods[] = {
-    {"route", py_route, METH_VARARGS,
-     "route(scores (B,L,E) float32, k, strategy) -> (mask (B,L,E) bool, tau_b float)"},
-    {"route_threshold", py_route_threshold, METH_VARARGS,
-     "route_threshold(scores float32, tau) -> mask bool = scores >= tau"},
+    {"route", KW py_route, METH_VARARGS | METH_KEYWORDS,
+     "route(scores (B,L,E) float32, k, strategy, device='cpu') -> (mask (B,L,E) bool, tau_b)"},
+    {"route_threshold", KW py_route_threshold, METH_VARARGS | METH_KEYWORDS,
+     "route_threshold(scores float32, tau, device='cpu') -> mask bool = scores >= tau"},
     {"route_plan", py_route_plan, METH_VARARGS,
      "route_plan(B, L, E, k, strategy) -> (ngroups, K)"},
     {NULL, NULL, 0, NULL}};

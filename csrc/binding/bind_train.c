@@ -1,7 +1,7 @@
 /* bind_train.c — Python functions of the optimiser area (racedit._C.adamw_step,
- * grad_norm, ema_update, nonfinite_index). The buffers written to are never
- * converted (rd_out_array); the read-only ones must already be float32, 1-D,
- * contiguous and of the same length, and no two may overlap. */
+ * grad_norm, nonfinite_index on any device; ema_update). The buffers written to are never
+ * converted (rd_out_array); the read-only ones must already be float32, 1-D, contiguous
+ * and of the same length, and no two may overlap. */
 #include "bind.h"
 
 #include <math.h>
@@ -65,29 +65,32 @@ static int bad_value(const char *name, const char *expect, double x) {
     return -1;
 }
 
+/* adamw_step(params, grads, m, v, *, lr, step, beta1, beta2, eps, weight_decay, grad_scale,
+ * ema=None, ema_decay=0.9999, device='cpu'): params, m, v (and ema, from the updated
+ * params) updated in place. */
 static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kwlist[] = {"params", "grads", "m", "v", "lr", "step", "beta1", "beta2",
-                             "eps", "weight_decay", "grad_scale", NULL};
-    PyObject *po, *go, *mo, *vo;
-    double lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0, grad_scale = 1.0;
+    static char *kwlist[] = {"params", "grads", "m", "v", "lr", "step", "beta1", "beta2", "eps",
+                             "weight_decay", "grad_scale", "ema", "ema_decay", "device", NULL};
+    PyObject *po, *go, *mo, *vo, *eo = Py_None, *odev = NULL, *ret = NULL;
+    double lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0, grad_scale = 1.0, ema_decay = 0.9999;
     long long step;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOdL|ddddd", kwlist, &po, &go, &mo, &vo, &lr,
-                                     &step, &beta1, &beta2, &eps, &wd, &grad_scale))
+    const rd_backend *be;
+    rd_stage sg;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO$dLdddddOdO", kwlist, &po, &go, &mo, &vo, &lr,
+                                     &step, &beta1, &beta2, &eps, &wd, &grad_scale, &eo, &ema_decay,
+                                     &odev) ||
+        rd_parse_device(odev, &be) < 0)
         return NULL;
-    PyArrayObject *p = rd_out_array(po, "params", NPY_FLOAT32, 1, NULL);
-    if (!p) return NULL;
-    npy_intp n = PyArray_DIM(p, 0);
-    npy_intp shp[1] = {n};
-    PyArrayObject *g = in_buffer(go, "grads", n);
-    if (!g) return NULL;
-    PyArrayObject *m = rd_out_array(mo, "m", NPY_FLOAT32, 1, shp);
-    if (!m) return NULL;
-    PyArrayObject *v = rd_out_array(vo, "v", NPY_FLOAT32, 1, shp);
-    if (!v) return NULL;
-    PyArrayObject *all[4] = {p, g, m, v};
-    const char *names[4] = {"params", "grads", "m", "v"};
-    if (check_disjoint(all, names, 4) < 0) return NULL;
+    PyArrayObject *a[5] = {rd_out_array(po, "params", NPY_FLOAT32, 1, NULL)};
+    if (!a[0]) return NULL;
+    npy_intp n = PyArray_DIM(a[0], 0), shp[1] = {n};
+    if (!(a[1] = in_buffer(go, "grads", n)) || !(a[2] = rd_out_array(mo, "m", NPY_FLOAT32, 1, shp)) ||
+        !(a[3] = rd_out_array(vo, "v", NPY_FLOAT32, 1, shp)) ||
+        (eo != Py_None && !(a[4] = rd_out_array(eo, "ema", NPY_FLOAT32, 1, shp))))
+        return NULL;
+    const char *names[5] = {"params", "grads", "m", "v", "ema"};
+    if (check_disjoint(a, names, eo != Py_None ? 5 : 4) < 0) return NULL;
     if (!isfinite(lr) || lr < 0) return (void)bad_value("lr", "a finite value >= 0", lr), NULL;
     if (!(beta1 >= 0 && beta1 < 1))
         return (void)bad_value("beta1", "a value in [0, 1)", beta1), NULL;
@@ -98,34 +101,44 @@ static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kw) {
         return (void)bad_value("weight_decay", "a finite value >= 0", wd), NULL;
     if (!isfinite(grad_scale) || grad_scale < 0)
         return (void)bad_value("grad_scale", "a finite value >= 0", grad_scale), NULL;
+    if (a[4] && !(ema_decay >= 0 && ema_decay <= 1))
+        return (void)bad_value("ema_decay", "a value in [0, 1]", ema_decay), NULL;
     if (step < 1) {
         PyErr_Format(PyExc_ValueError, "step: expected an int >= 1 (1-based), got %lld", step);
         return NULL;
     }
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_adamw_step((float *)PyArray_DATA(p), (const float *)PyArray_DATA(g),
-                      (float *)PyArray_DATA(m), (float *)PyArray_DATA(v), (int64_t)n,
-                      lr, beta1, beta2, eps, wd, (int64_t)step, grad_scale);
-    Py_END_ALLOW_THREADS
-    if (s != RD_OK) return rd_raise(s);
-    Py_RETURN_NONE;
+    if (rd_stage_init(&sg, be) < 0) return NULL;
+    const float *dg = rd_stage_in(&sg, a[1]);
+    float *d[5];
+    for (int i = 0; i < 5; i++) d[i] = i == 1 ? NULL : rd_stage_out(&sg, a[i]);
+    RD_RUN_STAGED(sg, be->adamw_step(d[0], dg, d[2], d[3], d[4], (int64_t)n, lr, beta1, beta2,
+                                     eps, wd, (int64_t)step, grad_scale, ema_decay));
+    ret = Py_NewRef(Py_None);
+done:
+    return ret;
 }
 
 static PyObject *py_grad_norm(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kwlist[] = {"grads", NULL};
-    PyObject *go;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O", kwlist, &go)) return NULL;
-    PyArrayObject *g = in_buffer(go, "grads", RD_ANY);
-    if (!g) return NULL;
+    static char *kwlist[] = {"grads", "device", NULL};
+    PyObject *go, *odev = NULL, *ret = NULL;
+    const rd_backend *be;
+    rd_stage sg;
+    void *ctx = NULL;
     double out = 0.0;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_grad_norm(&out, (const float *)PyArray_DATA(g), (int64_t)PyArray_DIM(g, 0));
-    Py_END_ALLOW_THREADS
-    if (s != RD_OK) return rd_raise(s);
-    return PyFloat_FromDouble(out);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$O", kwlist, &go, &odev) ||
+        rd_parse_device(odev, &be) < 0)
+        return NULL;
+    PyArrayObject *g = in_buffer(go, "grads", RD_ANY);
+    if (!g || rd_stage_init(&sg, be) < 0) return NULL;
+    rd_status s = be->ctx_new(&ctx);
+    if (s) return rd_raise(s);
+    const float *dg = rd_stage_in(&sg, g);
+    RD_RUN_STAGED(sg, be->grad_norm(ctx, &out, dg, (int64_t)PyArray_DIM(g, 0)));
+    ret = PyFloat_FromDouble(out);
+done:
+    be->ctx_free(ctx);
+    return ret;
 }
 
 static PyObject *py_ema_update(PyObject *self, PyObject *args, PyObject *kw) {
@@ -154,31 +167,36 @@ static PyObject *py_ema_update(PyObject *self, PyObject *args, PyObject *kw) {
 
 static PyObject *py_nonfinite_index(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kwlist[] = {"x", NULL};
-    PyObject *xo;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O", kwlist, &xo)) return NULL;
-    PyArrayObject *x = in_buffer(xo, "x", RD_ANY);
-    if (!x) return NULL;
+    static char *kwlist[] = {"x", "device", NULL};
+    PyObject *xo, *odev = NULL, *ret = NULL;
+    const rd_backend *be;
+    rd_stage sg;
     int64_t idx = -1;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_nonfinite_index(&idx, (const float *)PyArray_DATA(x), (int64_t)PyArray_DIM(x, 0));
-    Py_END_ALLOW_THREADS
-    if (s != RD_OK) return rd_raise(s);
-    return PyLong_FromLongLong((long long)idx);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$O", kwlist, &xo, &odev) ||
+        rd_parse_device(odev, &be) < 0)
+        return NULL;
+    PyArrayObject *x = in_buffer(xo, "x", RD_ANY);
+    if (!x || rd_stage_init(&sg, be) < 0) return NULL;
+    const float *dx = rd_stage_in(&sg, x);
+    RD_RUN_STAGED(sg, be->nonfinite_index(&idx, dx, (int64_t)PyArray_DIM(x, 0)));
+    ret = PyLong_FromLongLong((long long)idx);
+done:
+    return ret;
 }
 
+#define KW (PyCFunction)(void (*)(void))
 static PyMethodDef train_methods[] = {
-    {"adamw_step", (PyCFunction)(void (*)(void))py_adamw_step, METH_VARARGS | METH_KEYWORDS,
-     "adamw_step(params, grads, m, v, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,"
-     " weight_decay=0, grad_scale=1): one fused AdamW update in place (float32 1-D buffers)."},
-    {"grad_norm", (PyCFunction)(void (*)(void))py_grad_norm, METH_VARARGS | METH_KEYWORDS,
-     "grad_norm(grads) -> float: the L2 norm, accumulated in double, thread-count independent."},
-    {"ema_update", (PyCFunction)(void (*)(void))py_ema_update, METH_VARARGS | METH_KEYWORDS,
+    {"adamw_step", KW py_adamw_step, METH_VARARGS | METH_KEYWORDS,
+     "adamw_step(params, grads, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, "
+     "weight_decay=0, grad_scale=1, ema=None, ema_decay=0.9999, device='cpu'): one fused AdamW "
+     "update in place (float32 1-D buffers), with the EMA of the updated params when ema is given."},
+    {"grad_norm", KW py_grad_norm, METH_VARARGS | METH_KEYWORDS,
+     "grad_norm(grads, device='cpu') -> float: the L2 norm, accumulated in double, "
+     "thread-count independent."},
+    {"ema_update", KW py_ema_update, METH_VARARGS | METH_KEYWORDS,
      "ema_update(ema, params, decay): ema <- decay*ema + (1-decay)*params in place."},
-    {"nonfinite_index", (PyCFunction)(void (*)(void))py_nonfinite_index,
-     METH_VARARGS | METH_KEYWORDS,
-     "nonfinite_index(x) -> int: the first index holding NaN/Inf, or -1."},
+    {"nonfinite_index", KW py_nonfinite_index, METH_VARARGS | METH_KEYWORDS,
+     "nonfinite_index(x, device='cpu') -> int: the first index holding NaN/Inf, or -1."},
     {NULL, NULL, 0, NULL}};
 
 int rd_bind_train(PyObject *m) { return PyModule_AddFunctions(m, train_methods); }

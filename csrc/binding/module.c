@@ -1,7 +1,9 @@
 /* module.c — racedit._C: module init. Registers SciPy's BLAS sgemm with the C core,
- * then the functions of each area (route, moe, losses, model, train). */
+ * then the functions of each area (route, moe, losses, dit, model, train, cuda). */
 #define RD_BIND_MAIN
 #include "bind.h"
+
+#include <string.h>
 
 #ifdef RD_HAVE_CUDA
 int rd_cuda_device_count(void);
@@ -71,7 +73,48 @@ static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
 #endif
 }
 
+/* check_pool() -> dict: the checking backend's pool (backend.h's rd_check_report);
+ * check_pool(reset=True) also forgets the misuses seen so far. */
+static PyObject *py_check_pool(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    static char *kws[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kws, &reset)) return NULL;
+    rd_check_report r;
+    rd_check_pool_report(&r);
+    if (reset) rd_check_pool_reset();
+    return Py_BuildValue("{s:L,s:L,s:L,s:s}", "live", (long long)r.live, "bytes",
+                         (long long)r.bytes, "errors", (long long)r.errors, "first_error",
+                         r.first_error);
+}
+
+/* check_probe(kind) -> the message of the checking backend's refusal of a mix-up made on
+ * purpose (for its tests): "host", a host array handed to an op; "upload", backend memory
+ * uploaded from as if it were a host array; "guard", bytes written past an allocation
+ * (reported when it is freed). The misuses seen before are forgotten first. */
+static PyObject *py_check_probe(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *kind;
+    if (!PyArg_ParseTuple(args, "s", &kind)) return NULL;
+    const rd_backend *be = &rd_backend_check;
+    rd_check_pool_reset();
+    float host[4] = {0}, *dev = NULL;
+    rd_status s = be->alloc((void **)&dev, sizeof host);
+    if (s) return rd_raise(s);
+    if (!strcmp(kind, "host")) s = be->add(dev, host, 4);
+    else if (!strcmp(kind, "upload")) s = be->upload(dev, dev, sizeof host);
+    else if (!strcmp(kind, "guard")) ((char *)dev)[sizeof host] = 0;
+    be->free(dev);
+    rd_check_report r;
+    rd_check_pool_report(&r);
+    return PyUnicode_FromString(s ? rd_last_error() : r.first_error);
+}
+
 static PyMethodDef core_methods[] = {
+    {"check_probe", py_check_probe, METH_VARARGS,
+     "check_probe(kind) -> the checking backend's message for a mix-up made on purpose."},
+    {"check_pool", (PyCFunction)(void (*)(void))py_check_pool, METH_VARARGS | METH_KEYWORDS,
+     "check_pool(reset=False) -> the checking backend's pool: live allocations, bytes, errors."},
     {"build_info", py_build_info, METH_NOARGS, "What the C core was built with."},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "Number of CUDA devices usable by the compiled CUDA code (0 when none or not built)."},
@@ -87,7 +130,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (rd_bind_route(m) < 0 || rd_bind_moe(m) < 0 || rd_bind_losses(m) < 0 ||
-        rd_bind_model(m) < 0 || rd_bind_train(m) < 0) {
+        rd_bind_dit(m) < 0 || rd_bind_model(m) < 0 || rd_bind_train(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

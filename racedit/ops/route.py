@@ -8,7 +8,7 @@ __all__ = ["route", "route_threshold", "route_plan"]
 STRATEGIES = ("token", "expert", "bl", "be", "le", "race")
 
 
-def route(scores, k, strategy="race", return_tau=False):
+def route(scores, k, strategy="race", return_tau=False, device="cpu"):
     """Select exactly K (token, expert) pairs in every group of ``scores``.
 
     Parameters
@@ -26,6 +26,8 @@ def route(scores, k, strategy="race", return_tau=False):
     return_tau : bool
         Also return ``tau_b``, the mean over groups of each group's K-th largest score
         (``inf`` when K = 0).
+    device : str
+        ``"cpu"`` or ``"cuda"`` (the same mask, bit for bit).
 
     Returns
     -------
@@ -44,20 +46,20 @@ def route(scores, k, strategy="race", return_tau=False):
         ``scores.ndim != 3`` or an empty dimension; unknown ``strategy``; ``k`` outside
         [0, E]; K not an integer for the strategy (e.g. k·L/E); NaN in ``scores``.
     """
-    mask, tau = _C.route(scores, k, strategy)
+    mask, tau = _C.route(scores, k, strategy, device=device)
     return (mask, tau) if return_tau else mask
 
 
-def route_threshold(scores, tau):
+def route_threshold(scores, tau, device="cpu"):
     """Eval-mode selection: ``scores >= tau`` per pair, independent of the batch.
 
     ``scores`` is a float32 ndarray of any shape with ndim >= 1 (float64/float16 or
     non-contiguous input is converted to float32); ``tau`` a real number (compared in
     float32). Returns a bool ndarray of the same shape. TypeError for a non-array, a
     non-float dtype or a non-number ``tau``; ValueError for ndim 0, NaN ``tau`` or NaN in
-    ``scores``.
+    ``scores``. device: ``"cpu"`` or ``"cuda"``.
     """
-    return _C.route_threshold(scores, tau)
+    return _C.route_threshold(scores, tau, device=device)
 
 
 def route_plan(B, L, E, k, strategy):

@@ -1,5 +1,5 @@
 """NumPy float64 twins of the DiT layers (csrc/cpu/dit.c) and of the whole model
-(csrc/cpu/model.c): the reference the C model is tested against, itself checked by finite
+(csrc/core/model.c): the reference the C model is tested against, itself checked by finite
 differences. Written for clarity, not speed.
 
 Shape letters: B batch, C channels, H W image, p patch, L tokens, D width, NH heads,
