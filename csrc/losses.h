@@ -86,9 +86,10 @@ rd_status rd_max_violation(double *out, const int64_t *load /* E */, int64_t E);
 rd_status rd_dead_experts(int64_t *out, const int64_t *load /* E */, int64_t E);
 /* Combination usage from co-selection counts C (E,E) (rd_coselect_counts): the C(E,2)
  * unordered pairs i<j are a histogram with C[i,j] in bin (i,j); sorted descending, the
- * smallest number n of bins whose cumulative count reaches coverage * total (with a
- * relative 1e-12 tolerance for rounding) gives out = n / C(E,2). So a uniform histogram
- * gives ceil(coverage * C(E,2)) / C(E,2) and a single used pair 1 / C(E,2).
+ * number n of bins whose cumulative count stays strictly below coverage * total (a
+ * cumulative count within a relative 1e-12 of it counts as reaching it) gives
+ * out = n / C(E,2). So a uniform histogram gives (ceil(coverage * C(E,2)) - 1) / C(E,2)
+ * and one pair holding at least `coverage` of the mass gives 0.
  * out = 0 when E < 2 or no token has two experts. coverage in (0, 1]. */
 rd_status rd_combination_usage(double *out, const int64_t *C /* E,E */, int64_t E,
                                double coverage);

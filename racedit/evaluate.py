@@ -103,9 +103,10 @@ def validation_set(objective, dataset, num_buckets=10, seed=0, batch_size=64, ma
 
 
 def usage_from_pairs(pairs, coverage=0.95):
-    """Combination usage (SPEC §5) from an (E, E) co-selection count matrix (M^T M summed
-    over tokens): the fraction of the C(E,2) expert pairs, taken in decreasing order of
-    count, needed to hold ``coverage`` of the pair mass; 0.0 with no co-selected pair."""
+    """Combination usage (docs/method.md §6) from an (E, E) co-selection count matrix
+    (M^T M summed over tokens): the fraction of the C(E,2) expert pairs, taken in
+    decreasing order of count, whose cumulative share of the pair mass stays strictly
+    below ``coverage``; 0.0 with no co-selected pair or one pair holding ``coverage``."""
     pairs = np.asarray(pairs, np.float64)
     E = pairs.shape[0]
     if E < 2:
@@ -115,7 +116,7 @@ def usage_from_pairs(pairs, coverage=0.95):
     if total <= 0:
         return 0.0
     cum = np.cumsum(bins / total)
-    return (int(np.argmax(cum >= coverage * (1 - 1e-12))) + 1) / bins.size
+    return int(np.count_nonzero(cum < coverage * (1 - 1e-12))) / bins.size
 
 
 def evaluate(model, val, weights=None):
