@@ -1,4 +1,4 @@
-"""racedit.ablate — the paper's ablation studies (SPEC §7) from one command.
+"""racedit.ablate — the paper's ablation studies (docs/method.md §8) from one command.
 
     python -m racedit ablate --study routing --budget small --seeds 0,1,2
     racedit.ablate("routing", budget="toy")            # in a notebook

@@ -1,7 +1,7 @@
 """Model configurations: a table like facebookresearch/DiT's (``"DiT-XL/2"`` -> depth,
 width, heads, patch) extended with Race-DiT's MoE variants ``"RaceDiT-<size>/<p>-<k>in<E>"``
 (E candidate experts, k activated per token on average, expert hidden width He = 4*D/k so
-the activated FFN FLOPs equal the dense DiT's; SPEC §1-§2).
+the activated FFN FLOPs equal the dense DiT's; docs/method.md §1-§2).
 
 Sizes (depth, hidden D, heads): T (2, 32, 2) for tests, S (12, 384, 6), B (12, 768, 12),
 M (16, 960, 16), L (24, 1024, 16), XL (28, 1152, 16); patches 2, 4, 8.

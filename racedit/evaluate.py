@@ -14,7 +14,7 @@ and noise) is recorded with every result, so a pairing can be checked after the 
 threshold, or by batch top-K when ``eval_topk``) over the fixed batches and returns the
 mean squared error of the model's prediction (eps for ddpm, velocity for flow; the first
 C channels under learn_sigma) overall (the mean over buckets) and per bucket, plus, for an
-MoE model, the routing diagnostics of that pass (SPEC §5): MaxVio of the per-expert
+MoE model, the routing diagnostics of that pass (docs/method.md §6): MaxVio of the per-expert
 load summed over the pass, combination usage of the co-selection counts summed over the
 pass, and experts per token by timestep bucket (the paper's Fig. 6) and by layer.
 Shapes: x0, noise (n*nb, C, H, W) float32; y, t (n*nb,).

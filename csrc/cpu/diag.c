@@ -1,4 +1,4 @@
-/* diag.c — routing diagnostics of SPEC §5 (the paper's MaxVio and combination usage,
+/* diag.c — routing diagnostics of docs/method.md §6 (the paper's MaxVio and combination usage,
  * dead experts, experts per token by diffusion-step bucket). Cheap enough to run on
  * every training step: O(N*E) for loads, O(E^2 log E) for the pair histogram, which
  * is the upper triangle of the co-selection counts M^T M (rd_coselect_counts). */

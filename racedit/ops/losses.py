@@ -1,4 +1,4 @@
-"""The router's auxiliary losses and the routing diagnostics (SPEC §3-§5), as thin
+"""The router's auxiliary losses and the routing diagnostics (docs/method.md §4-§6), as thin
 functions over the C core.
 
 Shapes: ``R`` router logits and ``mask`` the selection are (N, E) or (B, L, E) (only the
@@ -37,7 +37,7 @@ __all__ = [
 
 
 def router_similarity_loss(R, mask):
-    """Router-similarity loss of SPEC §4 and its gradient.
+    """Router-similarity loss of docs/method.md §5 and its gradient.
 
     P = softmax(R) over E; M' = mask^T mask (E, E) co-selection counts (no gradient);
     W[i,i] = E M'[i,i] / sum_k M'[k,k], W[i,j] = (E^2-E) M'[i,j] / sum_{k!=l} M'[k,l];
@@ -73,7 +73,7 @@ def balance_loss(R, mask):
 
 
 def plr_head_forward(h, wt, bt):
-    """Per-layer regularization head ``T = h @ wt + bt`` (SPEC §3).
+    """Per-layer regularization head ``T = h @ wt + bt`` (docs/method.md §4).
 
     Args:
         h: float (N, D) router hidden state.

@@ -1,4 +1,4 @@
-"""NumPy float64 twins of the losses ops (racedit.ops.losses): written from SPEC §3-§5
+"""NumPy float64 twins of the losses ops (racedit.ops.losses): written from docs/method.md §4-§6
 as directly as possible, with the same conventions for degenerate masks."""
 import numpy as np
 
@@ -38,7 +38,7 @@ def _softmax_backward(dP, P):
 
 
 def similarity_weights(mask):
-    """W (E, E) of SPEC §4 from a bool mask (N, E)."""
+    """W (E, E) of docs/method.md §5 from a bool mask (N, E)."""
     M = _rows(mask).astype(np.float64)                    # (N, E)
     E = M.shape[1]
     C = M.T @ M                                           # (E, E)
