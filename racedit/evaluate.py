@@ -190,10 +190,10 @@ def load_eval_model(path, eval_topk=False):
 
     tensors, meta = load_checkpoint(path)
     cfg, d = meta["config"], meta["data"]
-    mc = TrainConfig.from_dict(cfg).to_model_config()
-    m = RaceDiT(mc, input_size=d["image_size"], in_channels=d["channels"],
+    tc = TrainConfig.from_dict(cfg)
+    m = RaceDiT(tc.to_model_config(), input_size=d["image_size"], in_channels=d["channels"],
                 num_classes=d["num_classes"], seed=cfg["seed"], learn_sigma=cfg["learn_sigma"],
-                routing=cfg["routing"], gating=cfg["gating"], plr_weight=cfg["plr_weight"],
+                routing=cfg["routing"], gating=cfg["gating"], plr_weight=tc.model_plr_weight(),
                 sim_weight=cfg["sim_weight"], balance_weight=cfg["balance_weight"],
                 beta=cfg["beta"], eval_topk=eval_topk, class_dropout_prob=0.0)
     ema = np.empty_like(m.param_buffer)
