@@ -515,7 +515,9 @@ def _configuration(study, budget, runs):
              f"batch {b['batch']}, AdamW lr {b['lr']:g} with {b['warmup']} warm-up steps, "
              f"gradient clip {b['clip']:g}, weight EMA {b['ema']:g}."]
     if moe:
-        get = (lambda k: lambda r: r.settings[k])
+        def get(key):
+            return lambda r: r.settings[key]
+
         lines.append(
             f"Routing {_one_or_all(moe, get('routing'), _ROUTING_NAMES.get)}; gating "
             f"{_one_or_all(moe, get('gating'))}; PLR {_one_or_all(moe, _plr_text)}; router "
