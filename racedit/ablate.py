@@ -59,8 +59,8 @@ built-in shapes; every value is in ``BUDGETS``):
   single-threaded on a free core. Measured on a shared, loaded 2-core machine, one thread
   per study, the routing and balance studies side by side with seeds 0,1,2: routing (18
   runs, 24-107 s each) 18.6 min, balance (9 runs of 4in16, 48-107 s each) 11 min. The plr
-  study trains its 12-block runs for 400 steps (6 blocks: 800) to fit about 40 minutes
-  per seed.
+  study trains its 12-block runs for 400 steps (6 blocks: 800): 29 min for one seed (14
+  runs, 86-127 s each), one thread.
 - ``medium`` (a GPU): 6 / 256 / 4 / p2 on 32x32 (L = 256), 2in8 (balance 4in32),
   20000 steps of batch 64, 50000 training images, 512 held-out images.
 - ``large`` (a GPU): 12 / 384 / 6 / p2 (DiT-S width) on 32x32 (L = 256), 2in8 (balance
