@@ -1,8 +1,8 @@
-/* losses.h — the router's auxiliary losses and the routing diagnostics (SPEC §3-§5):
+/* losses.h — the router's auxiliary losses and the routing diagnostics (docs/method.md §4-§6):
  * the router-similarity loss, the balance loss, the per-layer regularization (PLR) head
  * and its loss, MaxVio, combination usage, per-expert load, dead experts and the
  * allocation of experts by a per-sample key. Included by racedit.h; see there for
- * conventions. `mask` is the selection M (N,E) of SPEC §2, one byte per pair (0 or 1).
+ * conventions. `mask` is the selection M (N,E) of docs/method.md §2, one byte per pair (0 or 1).
  *
  * Degenerate masks never give NaN:
  *  - similarity loss: when no pair is selected the diagonal weights are 0; when no two
@@ -29,7 +29,7 @@ rd_status rd_expert_load(int64_t *load, const uint8_t *mask /* N,E */, int64_t N
  * the diagonal is the load. Enumerates the selected experts of each token, O(N*E + N*k^2). */
 rd_status rd_coselect_counts(int64_t *C, const uint8_t *mask /* N,E */, int64_t N, int64_t E);
 
-/* ---- router-similarity loss (SPEC §4) ----------------------------------------- */
+/* ---- router-similarity loss (docs/method.md §5) ----------------------------------------- */
 
 /* P = softmax(R); M' = M^T M; W[i,i] = E M'[i,i] / sum_k M'[k,k];
  * W[i,j] = (E^2-E) M'[i,j] / sum_{k!=l} M'[k,l] (i != j); loss = (1/N) sum W o (P^T P).
@@ -47,7 +47,7 @@ rd_status rd_router_similarity_value(float *loss, const float *P, const float *W
 rd_status rd_router_similarity_backward(float *dR, float dloss, const float *P /* N,E */,
                                         const float *W /* E,E */, int64_t N, int64_t E);
 
-/* ---- balance loss (SPEC §4, Switch/GShard) ------------------------------------ */
+/* ---- balance loss (docs/method.md §5, Switch/GShard) ------------------------------------ */
 
 /* loss = E sum_i f_i Pbar_i, f_i = load_i / sum_k load_k (0 when nothing is selected),
  * Pbar_i = mean_t P[t,i], P = softmax(R). Saved for backward: P (N,E), f (E). */
@@ -61,7 +61,7 @@ rd_status rd_balance_value(float *loss, float *f, const float *P, const int64_t 
 rd_status rd_balance_backward(float *dR, float dloss, const float *P /* N,E */,
                               const float *f /* E */, int64_t N, int64_t E);
 
-/* ---- per-layer regularization head (SPEC §3) ---------------------------------- */
+/* ---- per-layer regularization head (docs/method.md §4) ---------------------------------- */
 
 /* T (N,Pd) = h (N,D) Wt (D,Pd) + bt (Pd). */
 rd_status rd_plr_forward(float *T, const float *h, const float *Wt, const float *bt,
@@ -78,7 +78,7 @@ rd_status rd_plr_loss_forward(float *loss, const float *T, const float *target, 
 rd_status rd_plr_loss_backward(float *dT, float dloss, const float *T, const float *target,
                                int64_t n);
 
-/* ---- diagnostics (SPEC §5), O(N*E + N*k^2 + E^2 log E) ------------------------- */
+/* ---- diagnostics (docs/method.md §6), O(N*E + N*k^2 + E^2 log E) ------------------------- */
 
 /* (max_i load_i - mean_i load_i) / mean_i load_i; 0 when nothing is selected. */
 rd_status rd_max_violation(double *out, const int64_t *load /* E */, int64_t E);
@@ -86,9 +86,10 @@ rd_status rd_max_violation(double *out, const int64_t *load /* E */, int64_t E);
 rd_status rd_dead_experts(int64_t *out, const int64_t *load /* E */, int64_t E);
 /* Combination usage from co-selection counts C (E,E) (rd_coselect_counts): the C(E,2)
  * unordered pairs i<j are a histogram with C[i,j] in bin (i,j); sorted descending, the
- * smallest number n of bins whose cumulative count reaches coverage * total (with a
- * relative 1e-12 tolerance for rounding) gives out = n / C(E,2). So a uniform histogram
- * gives ceil(coverage * C(E,2)) / C(E,2) and a single used pair 1 / C(E,2).
+ * number n of bins whose cumulative count stays strictly below coverage * total (a
+ * cumulative count within a relative 1e-12 of it counts as reaching it) gives
+ * out = n / C(E,2). So a uniform histogram gives (ceil(coverage * C(E,2)) - 1) / C(E,2)
+ * and one pair holding at least `coverage` of the mass gives 0.
  * out = 0 when E < 2 or no token has two experts. coverage in (0, 1]. */
 rd_status rd_combination_usage(double *out, const int64_t *C /* E,E */, int64_t E,
                                double coverage);

@@ -1,5 +1,6 @@
-/* model.h — the DiT backbone of SPEC §1: its layers (csrc/cpu/dit.c) and the whole
- * model with MoE or dense blocks, one graph on any backend's op table (csrc/core). Included by racedit.h; see there
+/* model.h — the DiT backbone of docs/method.md §1: its layers (csrc/cpu/dit.c) and the whole
+ * model with MoE or dense blocks, one graph on any backend's op table (csrc/core). Included
+ * by racedit.h; see there
  * for the conventions (row-major float32, parameter grads +=, activation grads =
  * unless named *_acc).
  *
@@ -193,9 +194,9 @@ int64_t rd_model_infer_batch(const rd_model *m);
 rd_status rd_model_backward(rd_model *m, const float *dout);
 /* Batch size of the last forward (0 before any). */
 int64_t rd_model_last_batch(const rd_model *m);
-/* What each block of the last forward added to the residual stream (SPEC §5, the paper's
- * Fig. 5): out (depth, 2, host) = per block, the mean over its B*L tokens of the L2 norm
- * of gate1 * attention output and of gate2 * FFN/MoE output (the two branches before their
+/* What each block of the last forward added to the residual stream (docs/method.md §6, the
+ * paper's Fig. 5): out (depth, 2, host) = per block, the mean over its B*L tokens of the L2
+ * norm of gate1 * attention output and of gate2 * FFN/MoE output (the two branches before their
  * residual adds), summed in double. RD_ESTATE before any forward. */
 rd_status rd_model_branch_norms(rd_model *m, double *out);
 

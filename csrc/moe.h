@@ -1,4 +1,4 @@
-/* moe.h — the MoE block of SPEC §2: router MLP, gating, dropless expert FFN,
+/* moe.h — the MoE block of docs/method.md §2-§3: router MLP, gating, dropless expert FFN,
  * and the composite layer (router -> gate -> route -> experts -> combine) with its
  * learnable threshold. Included by racedit.h; see there for conventions. */
 #ifndef RACEDIT_MOE_H
@@ -99,9 +99,9 @@ typedef struct {
     rd_gating gating;
     float beta;              /* threshold EMA: tau <- beta*tau + (1-beta)*tau_b */
     int eval_topk;           /* 1: eval mode keeps batch top-K instead of G >= tau */
-    float sim_weight;        /* lambda of the router-similarity loss (SPEC §4), 0: off */
+    float sim_weight;        /* lambda of router similarity (docs/method.md §5), 0: off */
     float balance_weight;    /* lambda of the balance loss, 0: off */
-    float plr_weight;        /* lambda of the PLR loss (SPEC §3), used when plr_dim > 0 */
+    float plr_weight;        /* lambda of PLR (docs/method.md §4), used when plr_dim > 0 */
 } rd_moe_cfg;
 
 /* The layer's parameters, in this order, in one flat buffer (grads share the layout). */

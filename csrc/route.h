@@ -1,4 +1,4 @@
-/* route.h — selection of (token, expert) pairs: the six strategies of SPEC §2.
+/* route.h — selection of (token, expert) pairs: the six strategies of docs/method.md §2.
  * Included by racedit.h; see there for conventions. */
 #ifndef RACEDIT_ROUTE_H
 #define RACEDIT_ROUTE_H
@@ -24,7 +24,7 @@ rd_status rd_route_plan(int64_t *ngroups, int64_t *K, int64_t B, int64_t L, int6
 /* mask (B,L,E) <- 1 on exactly K pairs of every group, the K largest scores;
  * ties broken towards the lower flat index (deterministic). Linear-time selection.
  * tau_b (may be NULL) <- mean over groups of each group's K-th largest score
- * (the batch threshold of SPEC §2). NaN in scores -> RD_EINVAL. */
+ * (the batch threshold of docs/method.md §3). NaN in scores -> RD_EINVAL. */
 rd_status rd_route(uint8_t *mask, float *tau_b, const float *scores /* B,L,E */,
                    int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s);
 

@@ -1,5 +1,5 @@
-/* experts.cu — the dropless expert FFN of SPEC §2 on the device, laid out exactly as the
- * CPU's csrc/cpu/experts.c: the P selected pairs become expert-major rows (rows of
+/* experts.cu — the dropless expert FFN of docs/method.md §2 on the device, laid out exactly
+ * as the CPU's csrc/cpu/experts.c: the P selected pairs become expert-major rows (rows of
  * expert e are offsets[e]..offsets[e+1]-1, tokens ascending inside an expert), and a
  * per-token CSR (tok_ptr, tok_row) lists each token's rows in ascending expert order.
  *

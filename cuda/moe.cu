@@ -1,7 +1,8 @@
-/* moe.cu — the MoE block of SPEC §2 on the device, minus the experts (experts.cu): the
- * gate functions, the router MLP (cuBLAS GEMMs with fused bias + GELU_erf kernels), and
- * the composite layer router -> gate -> route / threshold -> experts with its threshold
- * tau, forward and backward, mirroring rd_moe_forward / rd_moe_backward of csrc/moe.h.
+/* moe.cu — the MoE block of docs/method.md §2-§3 on the device, minus the experts
+ * (experts.cu): the gate functions, the router MLP (cuBLAS GEMMs with fused bias + GELU_erf
+ * kernels), and the composite layer router -> gate -> route / threshold -> experts with its
+ * threshold tau, forward and backward, mirroring rd_moe_forward / rd_moe_backward of
+ * csrc/moe.h.
  *
  * The layer makes one synchronising device->host copy per forward (the experts' per-expert
  * counts, which carry the routing's NaN flag along; the aux terms' results ride on it, see

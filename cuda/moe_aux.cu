@@ -1,9 +1,9 @@
-/* moe_aux.cu — the MoE layer's auxiliary losses and diagnostics (SPEC §3-§5) on the device,
- * with the semantics of the CPU's csrc/cpu/moe_aux.c: router similarity and balance losses
- * on P = softmax(R) (training only), the PLR head T = h Wt + bt and its MSE against a target
- * (training only), and on every forward the diagnostics from the co-selection counts
- * C = M^T M (loads on its diagonal, MaxVio, dead experts, combination usage, experts per
- * token).
+/* moe_aux.cu — the MoE layer's auxiliary losses and diagnostics (docs/method.md §4-§6) on the
+ * device, with the semantics of the CPU's csrc/cpu/moe_aux.c: router similarity and balance
+ * losses on P = softmax(R) (training only), the PLR head T = h Wt + bt and its MSE against a
+ * target (training only), and on every forward the diagnostics from the co-selection
+ * counts C = M^T M (loads on its diagonal, MaxVio, dead experts, combination usage,
+ * experts per token).
  *
  * Split between device and host: everything of size N (softmax, P^T P, the column sums of P,
  * the counts, the PLR GEMMs and the squared errors) runs on the device; what is of size E or

@@ -1,7 +1,7 @@
-/* route.cu — the six selection strategies of SPEC §2 on the device, with the CPU's exact
- * semantics (csrc/cpu/route.c): exactly K per group, ties to the lower flat index, the
- * same groups walked in ascending flat order, NaN -> RD_EINVAL, tau_b = mean over groups
- * of each group's K-th largest score (+inf when K = 0).
+/* route.cu — the six selection strategies of docs/method.md §2 on the device, with the CPU's
+ * exact semantics (csrc/cpu/route.c): exactly K per group, ties to the lower flat index, the
+ * same groups walked in ascending flat order, NaN -> RD_EINVAL, tau_b = mean over groups of
+ * each group's K-th largest score (+inf when K = 0).
  *
  * Two paths, chosen by the group size n:
  *  - n <= 256 (token choice, expert choice at DiT sizes): one warp per group ranks every

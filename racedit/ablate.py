@@ -1,4 +1,4 @@
-"""racedit.ablate — the paper's ablation studies (SPEC §7) from one command.
+"""racedit.ablate — the paper's ablation studies (docs/method.md §8) from one command.
 
     python -m racedit ablate --study routing --budget small --seeds 0,1,2
     racedit.ablate("routing", budget="toy")            # in a notebook
@@ -6,19 +6,31 @@
 Studies (each a list of runs that differ only in the studied setting):
 
 * ``routing`` (Table 6): token, expert, BL, BE, LE choice and expert race; identity gating.
-* ``gating`` (Table 1): {token, expert, race} x {softmax, sigmoid, identity}.
+* ``gating`` (Table 1): {token, expert, race} x {softmax, sigmoid, identity} in the paper's
+  bare setting of that table (its numbers are Table 3's first rows): no PLR, no router
+  similarity, batch top-K at evaluation (no learned threshold). Its race / softmax and
+  race / identity runs are the components study's first two.
 * ``components`` (Table 3): race + softmax (no PLR, no router similarity, batch top-K at
   evaluation) -> + identity gating -> + threshold (eval-mode routing by the learned
   threshold instead of batch top-K) -> + PLR -> + router similarity.
-* ``balance`` (Table 2, a k-in-E with more experts): no constraint vs the balance loss
-  (weight 0.01) vs router similarity (0.01): metric, MaxVio, combination usage.
+* ``balance`` (Table 2, a k-in-E with more experts: 4-in-32, the paper's, from the medium
+  budget up): no constraint vs the balance loss (weight 0.01) vs router similarity (0.01):
+  metric, MaxVio, combination usage. MaxVio lies in [0, E/k - 1], so it is compared only
+  between runs of one k-in-E.
 * ``scaling`` (Tables 4-5 and the "7.2x"): dense DiT vs MoE at equal activated parameters
   at two widths, and several k-in-E at the larger width (He = 4D/k keeps the activated
   FLOPs); the iteration speed-up of each MoE = steps the dense model of its width needed
   for its final (smoothed) training loss / steps the MoE needed to reach it.
+* ``plr`` (the PLR weight, and the paper's Fig. 5): lambda_PLR in :data:`PLR_WEIGHTS` x the
+  layers' PLR losses averaged ("mean", lambda / depth per layer) or summed ("sum", lambda
+  per layer), and PLR off, at the depths and steps of :data:`PLR_DEPTHS` (6 and 12
+  blocks); each run is compared with PLR off at its depth, and the tables add the
+  per-block norms of what the attention and MoE branches add to the residual stream (the
+  training log's attn_norm / ffn_norm, mean over the last tenth of the steps).
 
-Unless a study varies them, every run uses race routing, identity gating, PLR weight 1.0,
-router-similarity weight 0.01, no balance loss, threshold routing at evaluation. Within a
+Unless a study varies them, every run uses race routing, identity gating, PLR weight 1.0
+(mean over layers), router-similarity weight 0.01, no balance loss, threshold routing at
+evaluation. Each table states its study's exact configuration above it. Within a
 study every run of one seed index has the same training data and data order, the same
 initial weights (the seed), the same noise/timestep/label-dropout stream, the same steps
 and batch and the same activated FLOPs (He = 4D/k); the training data are the built-in
@@ -46,7 +58,9 @@ built-in shapes; every value is in ``BUDGETS``):
   800 steps of batch 32, 4096 training images, 64 held-out images. One run takes 25-35 s
   single-threaded on a free core. Measured on a shared, loaded 2-core machine, one thread
   per study, the routing and balance studies side by side with seeds 0,1,2: routing (18
-  runs, 24-107 s each) 18.6 min, balance (9 runs of 4in16, 48-107 s each) 11 min.
+  runs, 24-107 s each) 18.6 min, balance (9 runs of 4in16, 48-107 s each) 11 min. The plr
+  study trains its 12-block runs for 400 steps (6 blocks: 800): 29 min for one seed (14
+  runs, 86-127 s each), one thread.
 - ``medium`` (a GPU): 6 / 256 / 4 / p2 on 32x32 (L = 256), 2in8 (balance 4in32),
   20000 steps of batch 64, 50000 training images, 512 held-out images.
 - ``large`` (a GPU): 12 / 384 / 6 / p2 (DiT-S width) on 32x32 (L = 256), 2in8 (balance
@@ -85,9 +99,9 @@ import numpy as np
 from .threads import thread_limit
 
 __all__ = ["ablate", "STUDIES", "BUDGETS", "StudyRun", "study_runs", "AblationResult",
-           "budgets_help"]
+           "budgets_help", "PLR_DEPTHS", "PLR_WEIGHTS"]
 
-STUDIES = ("routing", "gating", "components", "balance", "scaling")
+STUDIES = ("routing", "gating", "components", "balance", "scaling", "plr")
 TRAIN_DATA_SEED = 0
 VAL_DATA_SEED = 1000003
 VAL_NOISE_SEED = 0
@@ -112,9 +126,17 @@ BUDGETS = {
                   warmup=1000, ema=0.9999, clip=1.0),
 }
 
+# The plr study: (depth, steps) per budget (the width, heads and patch are the budget's),
+# and the PLR weights tried in each mode besides 0 (off).
+PLR_DEPTHS = {"toy": ((2, 6), (3, 6)), "small": ((6, 800), (12, 400)),
+              "medium": ((6, 20000), (12, 20000)), "large": ((6, 100000), (12, 100000))}
+PLR_WEIGHTS = (0.01, 0.1, 1.0)
+
 # every run's settings unless its study varies them
 _BASE = dict(routing="race", gating="identity", plr_weight=1.0, sim_weight=0.01,
              balance_weight=0.0)
+# the paper's bare setting (Table 1, the first rows of Table 3)
+_BARE = dict(plr_weight=0.0, sim_weight=0.0)
 
 
 @dataclasses.dataclass
@@ -122,7 +144,9 @@ class StudyRun:
     """One run of a study: ``name`` (folder name), ``label`` (table row), ``settings``
     (TrainConfig fields: routing, gating, aux weights), ``moe`` ((k, E), or None for a
     dense DiT), ``hidden`` (width), ``eval_topk`` (batch top-K routing at evaluation),
-    ``group`` (a tuple used by grid tables and the speed-up: e.g. (routing, gating))."""
+    ``group`` (a tuple used by grid tables and the speed-up: e.g. (routing, gating)),
+    ``depth`` and ``steps`` (None: the budget's), ``reference`` (the run this one is
+    compared with; None: the study's reference)."""
 
     name: str
     label: str
@@ -131,6 +155,9 @@ class StudyRun:
     hidden: int
     eval_topk: bool = False
     group: tuple = ()
+    depth: int = None
+    steps: int = None
+    reference: str = None
 
 
 def _run(name, label, moe, hidden, eval_topk=False, group=(), **settings):
@@ -151,14 +178,15 @@ def study_runs(study, budget="small"):
                  ("be", "BE choice"), ("le", "LE choice"), ("race", "Expert race")]
         return [_run(r, lab, moe, D, group=(r,), routing=r) for r, lab in names]
     if study == "gating":
-        return [_run(f"{r}-{g}", f"{r} / {g}", moe, D, group=(r, g), routing=r, gating=g)
+        return [_run(f"{r}-{g}", f"{r} / {g}", moe, D, True, group=(r, g), routing=r, gating=g,
+                     **_BARE)
                 for g in ("softmax", "sigmoid", "identity") for r in ("token", "expert", "race")]
     if study == "components":
-        none = dict(plr_weight=0.0, sim_weight=0.0)
         return [
-            _run("race-softmax", "Expert race + softmax", moe, D, True, gating="softmax", **none),
-            _run("identity", "+ identity gating", moe, D, True, **none),
-            _run("threshold", "+ learnable threshold", moe, D, **none),
+            _run("race-softmax", "Expert race + softmax", moe, D, True, gating="softmax",
+                 **_BARE),
+            _run("identity", "+ identity gating", moe, D, True, **_BARE),
+            _run("threshold", "+ learnable threshold", moe, D, **_BARE),
             _run("plr", "+ per-layer regularization", moe, D, sim_weight=0.0),
             _run("router-sim", "+ router similarity", moe, D)]
     if study == "balance":
@@ -166,6 +194,8 @@ def study_runs(study, budget="small"):
         return [_run("none", "No constraint", kb, D, sim_weight=0.0),
                 _run("balance-loss", "Balance loss", kb, D, sim_weight=0.0, balance_weight=0.01),
                 _run("router-sim", "Router similarity", kb, D)]
+    if study == "plr":
+        return _plr_runs(budget, moe, D)
     runs = []  # scaling: dense vs MoE at two widths, several k-in-E at the larger one
     half = D // 2
     kmax = tuple(b["scaling_k"][-1])
@@ -176,6 +206,27 @@ def study_runs(study, budget="small"):
     for k, E in b["scaling_k"]:
         runs.append(_run(f"{k}in{E}-d{D}", f"MoE {k}-in-{E} (D={D})", (k, E), D, group=(D,)))
     return runs
+
+
+def _plr_runs(budget, moe, D):
+    """The plr study: per depth, PLR off (the depth's reference), then each weight of
+    PLR_WEIGHTS averaged and summed over the layers."""
+    runs = []
+    for depth, steps in PLR_DEPTHS[budget]:
+        off = f"d{depth}-off"
+        runs.append(dataclasses.replace(
+            _run(off, f"{depth} blocks, PLR off", moe, D, group=(depth, "off", 0.0),
+                 plr_weight=0.0), depth=depth, steps=steps, reference=off))
+        for mode in ("mean", "sum"):
+            for w in PLR_WEIGHTS:
+                r = _run(f"d{depth}-{mode}-{w:g}", f"{depth} blocks, λ {w:g} {mode}", moe, D,
+                         group=(depth, mode, w), plr_weight=w, plr_over_layers=mode)
+                runs.append(dataclasses.replace(r, depth=depth, steps=steps, reference=off))
+    return runs
+
+
+def _steps(run, b):
+    return run.steps or b["steps"]
 
 
 def budgets_help():
@@ -205,16 +256,17 @@ def _reference(study, runs):
 
 
 def _model_args(run, b, budget):
-    p = b["patch"]
+    p, depth = b["patch"], run.depth or b["depth"]
+    size = f"{depth}x{run.hidden}" if run.depth else f"d{run.hidden}"
     if run.moe is None:
-        name = f"DiT-{budget}-d{run.hidden}/{p}"
-        mc = dict(depth=b["depth"], hidden=run.hidden, heads=b["heads"], patch=p)
+        name = f"DiT-{budget}-{size}/{p}"
+        mc = dict(depth=depth, hidden=run.hidden, heads=b["heads"], patch=p)
     else:
         k, E = run.moe
         if (4 * run.hidden) % k:
             raise ValueError(f"{run.name}: 4*D = {4 * run.hidden} is not divisible by k = {k}")
-        name = f"RaceDiT-{budget}-d{run.hidden}/{p}-{k}in{E}"
-        mc = dict(depth=b["depth"], hidden=run.hidden, heads=b["heads"], patch=p,
+        name = f"RaceDiT-{budget}-{size}/{p}-{k}in{E}"
+        mc = dict(depth=depth, hidden=run.hidden, heads=b["heads"], patch=p,
                   num_experts=E, k=k, expert_hidden=4 * run.hidden // k)
     return name, mc
 
@@ -255,14 +307,15 @@ def _train_one(run, seed, b, budget, ds, rdir, device):
     from .train import train
 
     name, mc = _model_args(run, b, budget)
-    s = run.settings
+    s, steps = run.settings, _steps(run, b)
     res = train(name, model_config=mc, dataset=ds, image_size=b["image_size"],
                 num_samples=b["num_samples"], objective="flow", routing=s["routing"],
-                gating=s["gating"], plr_weight=s["plr_weight"], sim_weight=s["sim_weight"],
+                gating=s["gating"], plr_weight=s["plr_weight"],
+                plr_over_layers=s.get("plr_over_layers", "mean"), sim_weight=s["sim_weight"],
                 balance_weight=s["balance_weight"], global_batch_size=b["batch"],
-                steps=b["steps"], lr=b["lr"], warmup_steps=b["warmup"], grad_clip=b["clip"],
+                steps=steps, lr=b["lr"], warmup_steps=b["warmup"], grad_clip=b["clip"],
                 ema_decay=b["ema"], seed=seed, results_dir=rdir, ckpt_every=0,
-                log_every=max(1, b["steps"] // 10), log_layers_every_step=True,
+                log_every=max(1, steps // 10), log_layers_every_step=True,
                 progress=False, out=io.StringIO(),
                 final_samples=False, report=False, device=device)
     return res
@@ -283,6 +336,7 @@ def _run_metrics(run, seed, res, val, steps):
         "params": m.num_params(), "activated_params": m.num_activated_params(),
         "final_train_loss": float(diff[-tail:].mean()),
         "train_routing": _tail_routing(res.log, steps),
+        "branch_norms": _tail_norms(res.log, steps),
         "train_curve": diff.tolist(), "eval": ev,
         "fingerprint": ev["ema"]["fingerprint"], "wall_time": res.wall_time}
 
@@ -333,6 +387,22 @@ def _tail_routing(log, steps):
     return [float(np.mean([r[k] for r in tail])) for k in ("max_violation", "combination_usage")]
 
 
+def _tail_norms(log, steps):
+    """Per block, the mean over the last tenth of the steps of what the attention and the
+    FFN / MoE branch added to the residual stream: {"attn": [...], "ffn": [...]}."""
+    tail = [r for r in log[-max(1, steps // 10):] if "ffn_norm" in r]
+    if not tail:
+        return None
+    return {k: np.mean([r[k + "_norm"] for r in tail], 0).tolist() for k in ("attn", "ffn")}
+
+
+def _mean_norms(rs):
+    """The runs' branch norms averaged over seeds (None when a record lacks them)."""
+    if not rs or any(r.get("branch_norms") is None for r in rs):
+        return None
+    return {k: np.mean([r["branch_norms"][k] for r in rs], 0).tolist() for k in ("attn", "ffn")}
+
+
 def _aggregate(study, runs, results, b):
     """Per-run means and stds over seeds, paired differences to the reference."""
     ref = _reference(study, runs)
@@ -357,10 +427,11 @@ def _aggregate(study, runs, results, b):
                           lambda r: r["eval"]["ema"].get("experts_per_token"))):
             a[key] = _mean_std([get(r) for r in rs])
         a["heldout_by_t"] = np.mean([r["eval"]["ema"]["loss_by_t"] for r in rs], 0).tolist()
+        a["branch_norms"] = _mean_norms(rs)
         if run.moe:
             a["ept_by_t"] = np.mean([r["eval"]["ema"]["ept_by_t"] for r in rs], 0).tolist()
         if ref is not None:
-            byseed = {r["seed"]: r for r in results[ref]}
+            byseed = {r["seed"]: r for r in results[run.reference or ref]}
             a["delta_vs_ref"] = _mean_std([r["eval"]["ema"]["loss"] -
                                            byseed[r["seed"]]["eval"]["ema"]["loss"]
                                            for r in rs if r["seed"] in byseed])
@@ -389,18 +460,99 @@ _TITLES = {
     "components": "Components, added one at a time (paper Table 3)",
     "balance": "Load-balancing constraints (paper Table 2)",
     "scaling": "Dense vs MoE at equal activated parameters (paper Tables 4-5, 7.2x)",
+    "plr": "Per-layer regularization weight, mean vs sum over layers (paper Fig. 5)",
 }
+
+# Above each table, after its configuration: what the study's settings mean for reading it.
+_NOTES = {
+    "gating": "The paper's bare setting of Table 1 (its numbers are Table 3's first rows): "
+              "no learned threshold, no PLR, no router similarity. Race / softmax and race / "
+              "identity are the components study's first two runs.",
+    "components": "Each row adds one component to the row above.",
+    "balance": "MaxVio lies between 0 and E/k - 1 = {maxvio:g} at {k}-in-{E} (7 at the "
+               "paper's 4-in-32): compare it only between runs of one k-in-E, not with other "
+               "studies or budgets.",
+    "scaling": "He = 4D/k keeps every MoE's activated FFN FLOPs equal to the dense model's; "
+               "each MoE is compared with the dense model of its width.",
+    "plr": "Mean: each layer's PLR loss weighted λ/depth (racedit's default); sum: weighted "
+           "λ. Δ is paired with PLR off at the same depth.",
+}
+_ROUTING_NAMES = {"token": "token choice", "expert": "expert choice", "bl": "BL choice",
+                  "be": "BE choice", "le": "LE choice", "race": "expert race"}
+
+
+def _one_or_all(runs, get, fmt=str):
+    """The value every run shares, or "a / b / ... (varies)" over the distinct values."""
+    vals = []
+    for r in runs:
+        v = get(r)
+        if v not in vals:
+            vals.append(v)
+    return fmt(vals[0]) if len(vals) == 1 else " / ".join(fmt(v) for v in vals) + " (varies)"
+
+
+def _weight(w):
+    return "off" if w == 0 else f"λ {w:g}"
+
+
+def _plr_text(r):
+    w, mode = r.settings["plr_weight"], r.settings.get("plr_over_layers", "mean")
+    return "off" if w == 0 else f"λ {w:g} ({mode} over layers)"
+
+
+def _configuration(study, budget, runs):
+    """The study's configuration in words: what its runs share and what they vary."""
+    b = BUDGETS[budget]
+    L = (b["image_size"] // b["patch"]) ** 2
+    moe = [r for r in runs if r.moe]
+    experts = _one_or_all(runs, lambda r: r.moe, lambda m: f"{m[0]}-in-{m[1]}" if m else "dense")
+    experts += ", expert width He = 4D/k" if moe else ""
+    lines = [f"Model: blocks {_one_or_all(runs, lambda r: r.depth or b['depth'])}, width "
+             f"{_one_or_all(runs, lambda r: r.hidden)}, heads {b['heads']}, patch {b['patch']} "
+             f"on {b['image_size']}x{b['image_size']} built-in shapes (L = {L}); experts "
+             f"{experts}.",
+             f"Training: flow objective, steps {_one_or_all(runs, lambda r: _steps(r, b))}, "
+             f"batch {b['batch']}, AdamW lr {b['lr']:g} with {b['warmup']} warm-up steps, "
+             f"gradient clip {b['clip']:g}, weight EMA {b['ema']:g}."]
+    if moe:
+        def get(key):
+            return lambda r: r.settings[key]
+
+        lines.append(
+            f"Routing {_one_or_all(moe, get('routing'), _ROUTING_NAMES.get)}; gating "
+            f"{_one_or_all(moe, get('gating'))}; PLR {_one_or_all(moe, _plr_text)}; router "
+            f"similarity {_one_or_all(moe, get('sim_weight'), _weight)}; balance loss "
+            f"{_one_or_all(moe, get('balance_weight'), _weight)}; evaluation routing "
+            + _one_or_all(moe, lambda r: r.eval_topk,
+                          lambda t: "batch top-K (no learned threshold)" if t
+                          else "the learned threshold (docs/method.md §3)") + ".")
+    lines.append(_note(study, budget, moe))
+    return " ".join(x for x in lines if x)
+
+
+def _note(study, budget, moe):
+    """The study's reading note (:data:`_NOTES`) with its numbers filled in."""
+    note = _NOTES.get(study, "")
+    if study == "balance":
+        k, E = moe[0].moe
+        note = note.format(maxvio=E / k - 1, k=k, E=E)
+        if (k, E) == (4, 32):
+            note = note.replace(" (7 at the paper's 4-in-32)", " (as the paper's)")
+    if study == "plr":
+        note += " Steps per depth: " + ", ".join(f"{d} blocks {n}"
+                                                 for d, n in PLR_DEPTHS[budget]) + "."
+    return note
 
 
 def _table(study, budget, runs, agg, n_steps):
     A, ref = agg["runs"], agg["reference"]
     seeds = ",".join(map(str, agg["seeds"]))
     lines = [f"### {_TITLES[study]}", "",
-             f"Budget `{budget}`, {n_steps} steps, seeds {seeds}; held-out diffusion loss "
+             f"Budget `{budget}`, seeds {seeds}; held-out diffusion loss "
              "(flow, velocity MSE; EMA weights, eval-mode routing; same validation noise "
              "and timesteps for every run). Mean ± std over seeds; Δ is paired (same seed).",
-             ""]
-    refl = A[ref]["label"] if ref else None
+             "", _configuration(study, budget, runs), ""]
+    refl = "PLR off at the same depth" if study == "plr" else A[ref]["label"] if ref else None
     if study == "scaling":
         lines += ["| Model | activated params | total params | held-out loss ↓ | Δ vs dense "
                   "(paired) | held-out (raw) | final train loss | steps to dense loss | "
@@ -427,8 +579,9 @@ def _table(study, budget, runs, agg, n_steps):
             cu_s = " / ".join(f"{100 * c[0]:.0f} ± {100 * c[1]:.0f} %" if c[0] is not None
                               else "–" for c in (a["train_combination_usage"],
                                                  a["combination_usage"]))
+            isref = r.name == (r.reference or ref)
             lines.append(f"| {a['label']} | {_fmt(a['heldout_ema'])} | "
-                         f"{_fmt(a['delta_vs_ref'], 4, True) if r.name != ref else '0 (ref)'} | "
+                         f"{_fmt(a['delta_vs_ref'], 4, True) if not isref else '0 (ref)'} | "
                          f"{_fmt(a['heldout_raw'])} | {_fmt(a['final_train_loss'])} | "
                          f"{mv} | {cu_s} | {eps} |")
     if study == "gating":
@@ -444,7 +597,29 @@ def _table(study, budget, runs, agg, n_steps):
     for r in runs:
         lines.append(f"| {A[r.name]['label']} | " +
                      " | ".join(f"{v:.4f}" for v in A[r.name]["heldout_by_t"]) + " |")
+    if study == "plr":
+        lines += _norm_tables(runs, A)
     return "\n".join(lines) + "\n"
+
+
+def _norm_tables(runs, A):
+    """Per depth and branch, the per-block norms of what the branch adds to the residual
+    stream (mean over the last tenth of the training steps and over seeds)."""
+    lines = []
+    for depth in sorted({r.depth for r in runs}):
+        rs = [r for r in runs if r.depth == depth and A[r.name]["branch_norms"]]
+        for key, what in (("ffn", "MoE"), ("attn", "Attention")):
+            if not rs:
+                continue
+            lines += ["", f"{what} branch norm per block, {depth} blocks (the paper's Fig. 5; "
+                      "block 1 = first)", "",
+                      "| Run | " + " | ".join(str(i + 1) for i in range(depth)) + " |",
+                      "|---|" + "---:|" * depth]
+            for r in rs:
+                v = A[r.name]["branch_norms"][key]
+                lines.append(f"| {A[r.name]['label']} | " + " | ".join(f"{x:.3g}" for x in v)
+                             + " |")
+    return lines
 
 
 def _by_t(ax, runs, A, key, ylabel, title):
@@ -467,8 +642,8 @@ def _plots(study, runs, results, agg, out, w):
     for r in runs:
         c = np.mean([_smooth(x["train_curve"], w) for x in results[r.name]], 0)
         ax.plot(np.arange(1, c.size + 1), c, label=A[r.name]["label"])
-        ref = agg["reference"] or next(x.name for x in runs
-                                       if x.moe is None and x.hidden == r.hidden)
+        ref = r.reference or agg["reference"] or next(x.name for x in runs
+                                                      if x.moe is None and x.hidden == r.hidden)
         if r.name != ref:  # paired: the same seed's reference run
             by = {x["seed"]: x["train_curve"] for x in results[ref]}
             d = np.mean([_smooth(x["train_curve"], w) - _smooth(by[x["seed"]], w)
@@ -510,14 +685,49 @@ def _plots(study, runs, results, agg, out, w):
         fig.tight_layout()
         paths["allocation"] = os.path.join(out, "allocation.png")
         fig.savefig(paths["allocation"], dpi=100)
+    if study == "plr":
+        paths["branch_norms"] = _plot_norms(runs, A, out)
     return paths
+
+
+def _plot_norms(runs, A, out):
+    """branch_norms.png: per depth, the MoE branch norm per block of every run."""
+    from matplotlib.figure import Figure
+
+    depths = sorted({r.depth for r in runs})
+    fig = Figure(figsize=(6 * len(depths), 4))
+    for i, depth in enumerate(depths):
+        ax = fig.add_subplot(1, len(depths), i + 1)
+        for r in runs:
+            bn = A[r.name]["branch_norms"]
+            if r.depth == depth and bn:
+                ax.plot(np.arange(1, depth + 1), bn["ffn"], "o-", ms=3, label=A[r.name]["label"])
+        ax.set_xlabel("block")
+        ax.set_ylabel("MoE branch norm (end of training)")
+        ax.set_yscale("log")
+        ax.set_title(f"{depth} blocks: what each MoE block adds (Fig. 5)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "branch_norms.png")
+    fig.savefig(path, dpi=100)
+    return path
 
 
 def _settings(study, budget, b, seeds, runs):
     return {"study": study, "budget": budget, "budget_settings": b, "objective": "flow",
             "train_data_seed": TRAIN_DATA_SEED, "val_data_seed": VAL_DATA_SEED,
             "val_noise_seed": VAL_NOISE_SEED, "num_buckets": NUM_BUCKETS,
-            "runs": [dataclasses.asdict(r) for r in runs]}
+            "runs": [_run_settings(r) for r in runs]}
+
+
+def _run_settings(run):
+    """A run as study.json records it; depth, steps and reference only when set, so a
+    folder of a study that sets none of them is the same as before they existed."""
+    d = dataclasses.asdict(run)
+    for k in ("depth", "steps", "reference"):
+        if d[k] is None:
+            del d[k]
+    return d
 
 
 def _check_device(device):
@@ -610,7 +820,7 @@ def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stre
                 shutil.rmtree(rdir)  # interrupted: start that run again
             os.makedirs(rdir)
             res = _train_one(run, seed, b, budget, ds, rdir, device)
-            rec = _run_metrics(run, seed, res, val, b["steps"])
+            rec = _run_metrics(run, seed, res, val, _steps(run, b))
             _atomic_json(marker, rec)
             status = f"{res.wall_time:.0f} s"
         results[run.name].append(rec)

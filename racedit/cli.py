@@ -14,7 +14,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _add_train(sub):
-    from .configs import PRESETS
+    from .configs import PLR_OVER_LAYERS, PRESETS
     from .data import DATA_KINDS
     from .diffusion import OBJECTIVES
 
@@ -64,6 +64,8 @@ def _add_train(sub):
     p.add_argument("--routing", choices=("race", "token", "expert", "bl", "be", "le"))
     p.add_argument("--gating", choices=("identity", "sigmoid", "softmax"))
     p.add_argument("--plr-weight", type=float, help="per-layer regularization weight (1.0)")
+    p.add_argument("--plr-over-layers", choices=PLR_OVER_LAYERS,
+                   help="the layers' PLR losses: mean (plr weight / depth each; default) or sum")
     p.add_argument("--sim-weight", type=float, help="router similarity loss weight (0.01)")
     p.add_argument("--balance-weight", type=float, help="balance loss weight (0)")
     p.add_argument("--threshold-beta", type=float, dest="beta",
@@ -202,10 +204,10 @@ def build_parser():
 
 TRAIN_KEYS = ("num_samples", "image_size", "channels", "num_classes", "global_batch_size",
               "steps", "epochs", "lr", "weight_decay", "grad_clip", "warmup_steps", "ema_decay",
-              "objective", "learn_sigma", "routing", "gating", "plr_weight", "sim_weight",
-              "balance_weight", "beta", "class_dropout_prob", "hflip", "seed", "results_dir",
-              "ckpt_every", "log_every", "log_layers_every_step", "sample_every", "cfg_scale",
-              "sampler", "num_sampling_steps")
+              "objective", "learn_sigma", "routing", "gating", "plr_weight", "plr_over_layers",
+              "sim_weight", "balance_weight", "beta", "class_dropout_prob", "hflip", "seed",
+              "results_dir", "ckpt_every", "log_every", "log_layers_every_step", "sample_every",
+              "cfg_scale", "sampler", "num_sampling_steps")
 SHAPE_FLAGS = ("depth", "hidden", "heads", "patch", "num_experts", "k", "expert_hidden")
 
 

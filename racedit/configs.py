@@ -1,7 +1,7 @@
 """Model configurations: a table like facebookresearch/DiT's (``"DiT-XL/2"`` -> depth,
 width, heads, patch) extended with Race-DiT's MoE variants ``"RaceDiT-<size>/<p>-<k>in<E>"``
 (E candidate experts, k activated per token on average, expert hidden width He = 4*D/k so
-the activated FFN FLOPs equal the dense DiT's; SPEC §1-§2).
+the activated FFN FLOPs equal the dense DiT's; docs/method.md §1-§2).
 
 Sizes (depth, hidden D, heads): T (2, 32, 2) for tests, S (12, 384, 6), B (12, 768, 12),
 M (16, 960, 16), L (24, 1024, 16), XL (28, 1152, 16); patches 2, 4, 8.
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["ModelConfig", "SIZES", "CONFIGS", "get_config", "count_params", "TrainConfig",
-           "PRESETS", "DATA_SETTINGS"]
+           "PRESETS", "DATA_SETTINGS", "PLR_OVER_LAYERS"]
 
 SIZES = {  # name: (depth, hidden, heads)
     "T": (2, 32, 2),
@@ -27,6 +27,7 @@ SIZES = {  # name: (depth, hidden, heads)
 }
 PATCHES = (2, 4, 8)
 FREQ_DIM = 256  # sinusoidal timestep features (DiT)
+PLR_OVER_LAYERS = ("mean", "sum")  # how the layers' PLR losses combine (docs/method.md §4)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,9 @@ class TrainConfig:
     steps or epochs (steps wins; an epoch is len(data) // global_batch_size steps);
     grad_clip <= 0 disables clipping; warmup_steps: linear lr warm-up; log_every: the
     cadence of log.txt and of the per-layer statistics in log.jsonl (every step with
-    log_layers_every_step); the rest as DiT.
+    log_layers_every_step); plr_over_layers: ``"mean"`` (L_PLR is the mean of the layers'
+    losses, each weighted plr_weight / depth) or ``"sum"`` (their sum, each weighted
+    plr_weight); the rest as DiT.
     """
 
     model: str = "RaceDiT-S/2-2in8"
@@ -166,6 +169,7 @@ class TrainConfig:
     routing: str = "race"
     gating: str = "identity"
     plr_weight: float = 1.0
+    plr_over_layers: str = "mean"
     sim_weight: float = 0.01
     balance_weight: float = 0.0
     beta: float = 0.99
@@ -199,6 +203,17 @@ class TrainConfig:
         if self.model_config:
             return ModelConfig(name=self.model, **self.model_config)
         return get_config(self.model)
+
+    def model_plr_weight(self):
+        """The plr_weight the model is built with. The model takes the mean of its layers'
+        PLR losses, so the sum over layers is that mean with plr_weight * depth. ValueError
+        for an unknown ``plr_over_layers``."""
+        if self.plr_over_layers not in PLR_OVER_LAYERS:
+            raise ValueError(f"plr_over_layers: expected one of {PLR_OVER_LAYERS}, got "
+                             f"{self.plr_over_layers!r}")
+        if self.plr_over_layers == "sum":
+            return self.plr_weight * self.to_model_config().depth
+        return self.plr_weight
 
     @classmethod
     def from_dict(cls, d):

@@ -1,4 +1,4 @@
-"""racedit.diffusion — the two training objectives of SPEC §6 and their samplers, in
+"""racedit.diffusion — the two training objectives of docs/method.md §7 and their samplers, in
 vectorised NumPy (per-sample coefficients are gathered and broadcast; no loop over
 elements or samples).
 

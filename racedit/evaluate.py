@@ -14,7 +14,7 @@ and noise) is recorded with every result, so a pairing can be checked after the 
 threshold, or by batch top-K when ``eval_topk``) over the fixed batches and returns the
 mean squared error of the model's prediction (eps for ddpm, velocity for flow; the first
 C channels under learn_sigma) overall (the mean over buckets) and per bucket, plus, for an
-MoE model, the routing diagnostics of that pass (SPEC §5): MaxVio of the per-expert
+MoE model, the routing diagnostics of that pass (docs/method.md §6): MaxVio of the per-expert
 load summed over the pass, combination usage of the co-selection counts summed over the
 pass, and experts per token by timestep bucket (the paper's Fig. 6) and by layer.
 Shapes: x0, noise (n*nb, C, H, W) float32; y, t (n*nb,).
@@ -103,9 +103,10 @@ def validation_set(objective, dataset, num_buckets=10, seed=0, batch_size=64, ma
 
 
 def usage_from_pairs(pairs, coverage=0.95):
-    """Combination usage (SPEC §5) from an (E, E) co-selection count matrix (M^T M summed
-    over tokens): the fraction of the C(E,2) expert pairs, taken in decreasing order of
-    count, needed to hold ``coverage`` of the pair mass; 0.0 with no co-selected pair."""
+    """Combination usage (docs/method.md §6) from an (E, E) co-selection count matrix
+    (M^T M summed over tokens): the fraction of the C(E,2) expert pairs, taken in
+    decreasing order of count, whose cumulative share of the pair mass stays strictly
+    below ``coverage``; 0.0 with no co-selected pair or one pair holding ``coverage``."""
     pairs = np.asarray(pairs, np.float64)
     E = pairs.shape[0]
     if E < 2:
@@ -115,7 +116,7 @@ def usage_from_pairs(pairs, coverage=0.95):
     if total <= 0:
         return 0.0
     cum = np.cumsum(bins / total)
-    return (int(np.argmax(cum >= coverage * (1 - 1e-12))) + 1) / bins.size
+    return int(np.count_nonzero(cum < coverage * (1 - 1e-12))) / bins.size
 
 
 def evaluate(model, val, weights=None):
@@ -189,10 +190,10 @@ def load_eval_model(path, eval_topk=False):
 
     tensors, meta = load_checkpoint(path)
     cfg, d = meta["config"], meta["data"]
-    mc = TrainConfig.from_dict(cfg).to_model_config()
-    m = RaceDiT(mc, input_size=d["image_size"], in_channels=d["channels"],
+    tc = TrainConfig.from_dict(cfg)
+    m = RaceDiT(tc.to_model_config(), input_size=d["image_size"], in_channels=d["channels"],
                 num_classes=d["num_classes"], seed=cfg["seed"], learn_sigma=cfg["learn_sigma"],
-                routing=cfg["routing"], gating=cfg["gating"], plr_weight=cfg["plr_weight"],
+                routing=cfg["routing"], gating=cfg["gating"], plr_weight=tc.model_plr_weight(),
                 sim_weight=cfg["sim_weight"], balance_weight=cfg["balance_weight"],
                 beta=cfg["beta"], eval_topk=eval_topk, class_dropout_prob=0.0)
     ema = np.empty_like(m.param_buffer)

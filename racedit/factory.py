@@ -47,7 +47,7 @@ def build_model(cfg, in_channels, input_size, num_classes, device="cpu", precisi
     return _new_model(device, precision, cfg.to_model_config(), input_size=input_size,
                       in_channels=in_channels, num_classes=num_classes, seed=cfg.seed,
                       learn_sigma=cfg.learn_sigma, routing=cfg.routing, gating=cfg.gating,
-                      plr_weight=cfg.plr_weight, sim_weight=cfg.sim_weight,
+                      plr_weight=cfg.model_plr_weight(), sim_weight=cfg.sim_weight,
                       balance_weight=cfg.balance_weight, beta=cfg.beta, class_dropout_prob=0.0)
 
 

@@ -1,5 +1,5 @@
-"""RaceDiT: the whole diffusion transformer (SPEC §1-§3) as one object over the C core, on
-any device.
+"""RaceDiT: the whole diffusion transformer (docs/method.md §1, §2, §4) as one object over
+the C core, on any device.
 
 Python only orchestrates: it initialises the parameters, drops labels for classifier-free
 guidance in training, and calls racedit._C.model_*, which run the model graph of
@@ -98,7 +98,7 @@ class RaceDiT:
 
     MoE blocks
     ----------
-    Each block's MLP is racedit's MoE layer (SPEC §2-§4) with its PLR head predicting
+    Each block's MLP is racedit's MoE layer (docs/method.md §2, §4, §5) with its PLR head predicting
     the patchified ``plr_target`` (width p*p*in_channels, the (i, j, c) order of DiT's
     unpatchify). Each aux loss of the model is the mean over its MoE layers, so every
     layer gets weight/depth; ``aux()`` reports the means, ``aux_loss()`` the weighted sum
@@ -520,7 +520,7 @@ class RaceDiT:
             _C.model_threshold(self._model, l, None if np.isnan(tau) else float(tau))
 
     def branch_norms(self):
-        """What each block of the last forward added to the residual stream (SPEC §5, the
+        """What each block of the last forward added to the residual stream (docs/method.md §6, the
         paper's Fig. 5): {"attn": (depth,), "ffn": (depth,)} float64, the mean over the
         batch's tokens of ||gate1 * attention output|| and ||gate2 * FFN (MoE) output||.
         Small values in the first blocks are what PLR counters. RuntimeError before any

@@ -1,4 +1,4 @@
-"""racedit.MoE — one Mixture-of-Experts FFN layer of Race-DiT (SPEC §2), forward and
+"""racedit.MoE — one Mixture-of-Experts FFN layer of Race-DiT (docs/method.md §2), forward and
 backward through the C core, on the CPU or the GPU.
 
 The layer owns its parameters and gradients as float32 host views into one flat buffer
@@ -58,7 +58,7 @@ class MoE:
 
     ``y = sum_e M[t,e] G[t,e] FFN_e(x_t)`` with router ``R = GELU(x Wr + br) Wg + bg``,
     gates ``G = gate(R)`` and the selection ``M`` a top-K of G over the strategy's groups
-    (SPEC §2). Nothing is dropped or padded; a token may get 0..E experts.
+    (docs/method.md §2). Nothing is dropped or padded; a token may get 0..E experts.
 
     Args:
         dim: model width D (>= 1).
@@ -75,8 +75,8 @@ class MoE:
             training forward (tau = tau_b on the first).
         eval_topk: in eval mode keep the batch top-K selection instead of ``G >= tau``.
         plr_dim: width of the per-layer regularization head ``T = h plr_w + plr_b`` on the
-            router hidden h (SPEC §3; p·p·C_out in a DiT); 0 (default) means no head.
-        sim_weight: weight of the router-similarity loss (SPEC §4 uses 0.01); 0 (default): off.
+            router hidden h (docs/method.md §4; p·p·C_out in a DiT); 0 (default) means no head.
+        sim_weight: weight of the router-similarity loss (docs/method.md §5; the paper uses 0.01); 0 (default): off.
         balance_weight: weight of the Switch/GShard balance loss; 0 (default): off.
         plr_weight: weight of this layer's PLR loss (default 1.0). A model averaging L_PLR
             over its layers passes lambda_PLR / num_layers here.

@@ -1,6 +1,6 @@
-"""racedit.report — the routing report of a trained Race-DiT (SPEC §5): how many experts a
-token gets at each diffusion timestep (the paper's Fig. 6: expert race gives more compute to
-the harder steps) and how the load spreads over experts, per layer.
+"""racedit.report — the routing report of a trained Race-DiT (docs/method.md §6): how many
+experts a token gets at each diffusion timestep (the paper's Fig. 6: expert race gives more
+compute to the harder steps) and how the load spreads over experts, per layer.
 
 It is measured twice: at inference (EMA weights, eval-mode threshold routing, a fixed batch
 of training images noised to the centre of each timestep bucket) and from the training log

@@ -37,7 +37,7 @@ import numpy as np
 from . import optim
 from .checkpoint import (CheckpointError, load_checkpoint, pack_params, rng_from_state,
                          rng_state, save_checkpoint, set_thresholds, unpacked_params)
-from .configs import DATA_SETTINGS, PRESETS, TrainConfig, get_config
+from .configs import DATA_SETTINGS, PLR_OVER_LAYERS, PRESETS, TrainConfig, get_config
 from .diffusion import make_objective
 from .factory import (DEVICES, PRECISIONS, build_dataset, build_model, check_device,
                       load_params, model_from_checkpoint)
@@ -701,6 +701,9 @@ def _validate(cfg):
         raise ValueError(f"objective: expected 'ddpm' or 'flow', got {cfg.objective!r}")
     if cfg.data not in DATA_SETTINGS:
         raise ValueError(f"data: expected one of {tuple(DATA_SETTINGS)}, got {cfg.data!r}")
+    if cfg.plr_over_layers not in PLR_OVER_LAYERS:
+        raise ValueError(f"plr_over_layers (--plr-over-layers): expected one of "
+                         f"{PLR_OVER_LAYERS}, got {cfg.plr_over_layers!r}")
     for k in ("lr", "weight_decay", "grad_clip", "plr_weight", "sim_weight", "balance_weight"):
         v = getattr(cfg, k)
         if not (math.isfinite(v) and v >= 0):

@@ -13,7 +13,8 @@ import pytest
 import racedit
 from _subproc import PKG_PARENT
 
-from racedit.ablate import BUDGETS, STUDIES, _smooth, _speedup, ablate, study_runs
+from racedit.ablate import (BUDGETS, PLR_DEPTHS, PLR_WEIGHTS, STUDIES, _smooth, _speedup, ablate,
+                            study_runs)
 from racedit.model import RaceDiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +129,7 @@ def test_study_toy_end_to_end(study, tmp_path):
     runs = study_runs(study, "toy")
     for r in runs:
         assert f"| {r.label} |" in res.table
+    assert "Model: blocks " in res.table and "Training: flow objective" in res.table
     assert os.path.exists(tmp_path / "table.md") and os.path.exists(tmp_path / "summary.json")
     agg = res.summary["aggregate"]["runs"]
     if study == "scaling":
@@ -145,6 +147,80 @@ def test_study_toy_end_to_end(study, tmp_path):
         assert all(agg[r.name]["combination_usage"][0] is not None for r in runs)
     if study == "components":
         assert [r.eval_topk for r in runs] == [True, True, False, False, False]
+    if study == "plr":
+        _check_plr_toy(tmp_path, res, runs)
+
+
+def _check_plr_toy(out, res, runs):
+    """Every depth's runs train at that depth with the run's PLR weight and mode, are
+    compared with PLR off at their depth, and the table shows their branch norms."""
+    agg = res.summary["aggregate"]["runs"]
+    for r in runs:
+        with open(os.path.join(out, "runs", r.name, "seed0", "result.json")) as f:
+            rec = json.load(f)
+        with open(os.path.join(rec["run_dir"], "config.json")) as f:
+            cfg = json.load(f)
+        assert cfg["model_config"]["depth"] == r.depth and cfg["steps"] == r.steps
+        assert cfg["plr_weight"] == r.settings["plr_weight"]
+        assert cfg["plr_over_layers"] == r.settings.get("plr_over_layers", "mean")
+        assert [len(v) for v in rec["branch_norms"].values()] == [r.depth, r.depth]
+        assert len(agg[r.name]["branch_norms"]["ffn"]) == r.depth
+    assert res.table.count("| 0 (ref) |") == len(PLR_DEPTHS["toy"])
+    assert "Δ vs PLR off at the same depth" in res.table
+    for depth, _ in PLR_DEPTHS["toy"]:
+        assert f"MoE branch norm per block, {depth} blocks" in res.table
+        assert f"Attention branch norm per block, {depth} blocks" in res.table
+    assert os.path.exists(os.path.join(out, "branch_norms.png"))
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_gating_study_is_the_bare_setting(budget):
+    # the paper's Table 1 setting: batch top-K at evaluation, no PLR, no router similarity;
+    # its race rows are the components study's first two runs
+    runs = {r.name: r for r in study_runs("gating", budget)}
+    for r in runs.values():
+        assert r.eval_topk and r.settings["plr_weight"] == 0 and r.settings["sim_weight"] == 0
+    comp = {r.name: r for r in study_runs("components", budget)}
+    for g, c in (("race-softmax", "race-softmax"), ("race-identity", "identity")):
+        assert (runs[g].settings, runs[g].eval_topk) == (comp[c].settings, comp[c].eval_topk)
+    text = ABLATE._configuration("gating", budget, list(runs.values()))
+    assert "PLR off; router similarity off" in text and "batch top-K" in text
+
+
+@pytest.mark.parametrize("budget", ["medium", "large"])
+def test_balance_is_4_in_32_from_medium_up(budget):
+    runs = study_runs("balance", budget)
+    assert {r.moe for r in runs} == {(4, 32)}
+    assert "E/k - 1 = 7 at 4-in-32" in ABLATE._configuration("balance", budget, runs)
+
+
+def test_balance_configuration_bounds_maxvio_by_its_e():
+    text = ABLATE._configuration("balance", "small", study_runs("balance", "small"))
+    assert "experts 4-in-16" in text and "E/k - 1 = 3 at 4-in-16" in text
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_plr_study_grid(budget):
+    runs = study_runs("plr", budget)
+    assert len(runs) == len(PLR_DEPTHS[budget]) * (1 + 2 * len(PLR_WEIGHTS))
+    for depth, steps in PLR_DEPTHS[budget]:
+        rs = [r for r in runs if r.depth == depth]
+        assert all(r.steps == steps and r.reference == f"d{depth}-off" for r in rs)
+        grid = {(r.settings.get("plr_over_layers", "mean"), r.settings["plr_weight"]) for r in rs}
+        assert grid == {("mean", 0.0)} | {(m, w) for m in ("mean", "sum") for w in PLR_WEIGHTS}
+        assert all(r.settings["sim_weight"] == 0.01 and not r.eval_topk for r in rs)
+    if budget != "toy":
+        assert [d for d, _ in PLR_DEPTHS[budget]] == [6, 12]
+
+
+def test_study_json_of_other_studies_is_unchanged():
+    # depth / steps / reference appear only in studies that set them, so folders of the
+    # other studies made before they existed still resume
+    for study in STUDIES:
+        s = ABLATE._settings(study, "toy", BUDGETS["toy"], [0], study_runs(study, "toy"))
+        extra = {"depth", "steps", "reference"} if study == "plr" else set()
+        assert all(set(r) == {"name", "label", "settings", "moe", "hidden", "eval_topk",
+                              "group"} | extra for r in s["runs"])
 
 
 def test_two_seeds_give_std(tmp_path):

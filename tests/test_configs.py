@@ -1,8 +1,12 @@
-"""The configuration table, name parsing and parameter counts (paper Table 4 convention)."""
+"""The configuration table, name parsing and parameter counts (paper Table 4 convention);
+how a TrainConfig's PLR weight reaches the model."""
+import os
+
+import numpy as np
 import pytest
 
 from racedit import RaceDiT
-from racedit.configs import CONFIGS, SIZES, ModelConfig, count_params, get_config
+from racedit.configs import CONFIGS, SIZES, ModelConfig, TrainConfig, count_params, get_config
 
 
 def test_table_has_the_dit_and_paper_names():
@@ -91,3 +95,33 @@ def test_model_config_is_frozen():
     assert isinstance(c, ModelConfig) and not c.is_moe and get_config("RaceDiT-S/2-2in8").is_moe
     with pytest.raises(Exception):
         c.depth = 3
+
+
+@pytest.mark.parametrize("mode, depth_factor", [("mean", 1), ("sum", 2)])
+def test_plr_over_layers(mode, depth_factor):
+    # RaceDiT-T has 2 MoE layers; the model averages its layers' PLR losses, so "sum" builds
+    # it with plr_weight * depth and the weighted total is the sum of the layers' losses
+    from racedit.factory import build_model
+
+    cfg = TrainConfig(model="RaceDiT-T/4-2in4", plr_weight=0.3, plr_over_layers=mode,
+                      sim_weight=0.0)
+    assert cfg.model_plr_weight() == pytest.approx(0.3 * depth_factor)
+    m = build_model(cfg, in_channels=3, input_size=16, num_classes=10)
+    assert m.plr_weight == pytest.approx(0.3 * depth_factor)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    m.train()
+    m.forward(x, np.array([10.0, 500.0], np.float32), np.array([1, 2]), plr_target=x)
+    per_layer = [s["plr"] for s in m.layer_stats()]
+    want = 0.3 * (np.sum(per_layer) if mode == "sum" else np.mean(per_layer))
+    assert m.aux_loss() == pytest.approx(want, rel=1e-5)
+
+
+def test_plr_over_layers_rejects_unknown(tmp_path):
+    from racedit.train import train
+
+    with pytest.raises(ValueError, match="plr_over_layers"):
+        TrainConfig(model="RaceDiT-T/4-2in4", plr_over_layers="max").model_plr_weight()
+    with pytest.raises(ValueError, match=r"plr_over_layers \(--plr-over-layers\)"):
+        train("RaceDiT-T/4-2in4", plr_over_layers="max", steps=1, results_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []

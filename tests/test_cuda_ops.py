@@ -70,7 +70,7 @@ def test_without_gpu_every_entry_raises_runtime_error():
 
 # ---- routing ---------------------------------------------------------------------------
 def valid(B, L, E, k, s):
-    """K of SPEC §2 is a whole number in [0, group size] (the rule of route_plan)."""
+    """K of docs/method.md §2 is a whole number in [0, group size] (the rule of route_plan)."""
     num, den, size = {"token": (k, 1, E), "expert": (k * L, E, L), "bl": (B * L * k, E, B * L),
                       "be": (B * k, 1, B * E), "le": (L * k, 1, L * E),
                       "race": (B * L * k, 1, B * L * E)}[s]

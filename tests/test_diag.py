@@ -1,4 +1,4 @@
-"""Routing diagnostics (SPEC §5): expert load, co-selection counts, dead experts, MaxVio,
+"""Routing diagnostics (docs/method.md §6): expert load, co-selection counts, dead experts, MaxVio,
 combination usage and allocation by key — C against the float64 twins, hand-built masks
 with known answers, and bad input."""
 import math
@@ -56,38 +56,52 @@ def test_max_violation_known_answers():
 
 @pytest.mark.parametrize("E", [4, 5, 16, 21])
 def test_combination_usage_uniform(E):
-    # every unordered pair used by the same number of tokens
+    # every unordered pair used by the same number of tokens: the bins before the one
+    # whose cumulative share reaches the coverage
     pairs = [(i, j) for i in range(E) for j in range(i + 1, E)] * 2
     npairs = E * (E - 1) // 2
     mask = mask_from_pairs(E, pairs)
     got = ops.combination_usage(mask)
-    assert got == pytest.approx(math.ceil(0.95 * npairs) / npairs, abs=1e-15)
-    if E == 16:                       # C(16,2) = 120: exactly 95 % of the pairs
-        assert got == pytest.approx(0.95, abs=1e-15)
-    assert ops.combination_usage(mask, 1.0) == 1.0
-    assert ops.combination_usage(mask, 0.5) == pytest.approx(math.ceil(0.5 * npairs) / npairs)
+    assert got == pytest.approx((math.ceil(0.95 * npairs) - 1) / npairs, abs=1e-15)
+    if E == 16:                       # C(16,2) = 120: the 114th bin reaches exactly 95 %
+        assert got == pytest.approx(113 / 120, abs=1e-15)
+    assert ops.combination_usage(mask, 1.0) == pytest.approx((npairs - 1) / npairs)
+    assert ops.combination_usage(mask, 0.5) == pytest.approx(
+        (math.ceil(0.5 * npairs) - 1) / npairs)
 
 
 @pytest.mark.parametrize("E", [2, 3, 8, 32])
 def test_combination_usage_one_pair(E):
+    # one combination holds all the pair mass: no combination stays below 95 %
     mask = mask_from_pairs(E, [(0, E - 1)] * 7 + [(1,)] * 3)
-    assert ops.combination_usage(mask) == pytest.approx(1 / (E * (E - 1) // 2))
+    assert ops.combination_usage(mask) == 0.0
+    assert ref.combination_usage(mask) == 0.0
+
+
+def test_combination_usage_dominant_pair_edge():
+    # E = 3, pair counts (0,1): c, (1,2): 100 - c. At c = 95 the first bin alone reaches
+    # 95 % (usage 0); at c = 94 it stays below and the second reaches it (usage 1/3).
+    for c, want in ((95, 0.0), (94, 1 / 3), (50, 1 / 3)):
+        mask = mask_from_pairs(3, [(0, 1)] * c + [(1, 2)] * (100 - c))
+        assert ops.combination_usage(mask) == pytest.approx(want, abs=1e-15)
+        assert ref.combination_usage(mask) == pytest.approx(want, abs=1e-15)
 
 
 def test_combination_usage_hand_built():
-    # pair counts (0,1):5 (0,2):3 (1,2):1 (2,3):1 over C(4,2) = 6 bins, total 10
+    # pair counts (0,1):5 (0,2):3 (1,2):1 (2,3):1 over C(4,2) = 6 bins, total 10;
+    # cumulative 5, 8, 9, 10: counted are the bins strictly below coverage * 10
     E = 4
     mask = mask_from_pairs(E, [(0, 1)] * 4 + [(0, 2)] * 2 + [(0, 1, 2)] + [(2, 3)])
     C = ops.coselect_counts(mask)
     assert (C[0, 1], C[0, 2], C[1, 2], C[2, 3], C[0, 3], C[1, 3]) == (5, 3, 1, 1, 0, 0)
     np.testing.assert_array_equal(C, C.T)
     np.testing.assert_array_equal(np.diag(C), ops.expert_load(mask))
-    assert ops.combination_usage(mask, 0.5) == pytest.approx(1 / 6)    # 5 >= 5
-    assert ops.combination_usage(mask, 0.51) == pytest.approx(2 / 6)   # 8 >= 5.1
-    assert ops.combination_usage(mask, 0.8) == pytest.approx(2 / 6)    # 8 >= 8
-    assert ops.combination_usage(mask, 0.9) == pytest.approx(3 / 6)    # 9 >= 9
-    assert ops.combination_usage(mask, 0.95) == pytest.approx(4 / 6)   # 10 >= 9.5
-    assert ops.combination_usage(mask, 1.0) == pytest.approx(4 / 6)
+    assert ops.combination_usage(mask, 0.5) == 0.0                     # 5 reaches 5
+    assert ops.combination_usage(mask, 0.51) == pytest.approx(1 / 6)   # 5 < 5.1
+    assert ops.combination_usage(mask, 0.8) == pytest.approx(1 / 6)    # 8 reaches 8
+    assert ops.combination_usage(mask, 0.9) == pytest.approx(2 / 6)    # 5, 8 < 9
+    assert ops.combination_usage(mask, 0.95) == pytest.approx(3 / 6)   # 5, 8, 9 < 9.5
+    assert ops.combination_usage(mask, 1.0) == pytest.approx(3 / 6)
 
 
 def test_combination_usage_degenerate():

@@ -120,6 +120,19 @@ def test_usage_from_pairs_matches_reference(seed):
     assert usage_from_pairs(np.ones((1, 1))) == 0.0
 
 
+def test_usage_from_pairs_counts_bins_strictly_below_coverage():
+    # pair counts 5, 3, 1, 1 of C(4,2) = 6 bins: cumulative shares 0.5, 0.8, 0.9, 1.0;
+    # three stay below 95 % (the fourth, which reaches it, is not counted)
+    P = np.zeros((4, 4))
+    for (i, j), c in {(0, 1): 5, (0, 2): 3, (1, 2): 1, (2, 3): 1}.items():
+        P[i, j] = P[j, i] = c
+    assert usage_from_pairs(P) == pytest.approx(3 / 6)
+    assert usage_from_pairs(P, coverage=0.5) == 0.0
+    one = np.zeros((4, 4))
+    one[0, 1] = one[1, 0] = 9                          # one pair holds all the mass
+    assert usage_from_pairs(one) == 0.0
+
+
 def test_missing_checkpoint(tmp_path, data16):
     val = validation_set(make_objective("flow"), data16, num_buckets=2)
     with pytest.raises(FileNotFoundError):

@@ -1,6 +1,7 @@
 """``racedit.cli.main`` in process: every expected failure of train / report is one line
 (``racedit <cmd>: error: ...``, exit 2; Ctrl-C exit 130), and the run-control flags
-(--threads, the model shape flags, --channels, --log-layers-every-step) reach the run."""
+(--threads, the model shape flags, --channels, --log-layers-every-step, --plr-over-layers)
+reach the run."""
 import errno
 import importlib
 import inspect
@@ -110,11 +111,12 @@ def test_report_errors(tmp_path, capsys):
 def test_run_control_flags(tmp_path, capsys):
     argv = TINY + ["--steps", "2", "--results-dir", str(tmp_path), "--threads", "1",
                    "--depth", "3", "--hidden", "48", "--heads", "3", "--experts", "6",
-                   "--k", "3", "--log-layers-every-step", "--log-every", "5"]
+                   "--k", "3", "--log-layers-every-step", "--log-every", "5",
+                   "--plr-over-layers", "sum"]
     assert main(argv) == 0
     run = os.path.join(tmp_path, "000-RaceDiT-3x48-4-3in6")
     cfg = json.load(open(os.path.join(run, "config.json")))
-    assert cfg["model"] == "RaceDiT-3x48/4-3in6"
+    assert cfg["model"] == "RaceDiT-3x48/4-3in6" and cfg["plr_over_layers"] == "sum"
     assert cfg["model_config"] == dict(depth=3, hidden=48, heads=3, patch=4, num_experts=6,
                                        k=3, expert_hidden=64)
     with open(os.path.join(run, "log.jsonl")) as f:

@@ -1,4 +1,4 @@
-/* model.c — the whole Race-DiT (SPEC §1-§3), written once against the op table of
+/* model.c — the whole Race-DiT (docs/method.md §1, §2, §4), written once against the op table of
  * backend.h: DiT's embeddings, `depth` adaLN-Zero blocks whose FFN is the MoE block of
  * moe.h (or a dense 4D GELU-tanh MLP), the final adaLN layer and unpatchify, forward and
  * backward. It reads like DiT's models.py top to bottom; every step is an op of the table.
@@ -171,7 +171,7 @@ static rd_status derive_sizes(rd_model *m) {
         return s;
     if (cfg->moe.E == 0) return RD_OK;
     m->cfg.moe.plr_dim = m->Pin;
-    /* each aux loss of the model is the mean over its layers (SPEC §3): per-layer weights */
+    /* each aux loss of the model is the mean over its layers (docs/method.md §4): per-layer weights */
     m->layer = m->cfg.moe;
     m->layer.plr_weight /= (float)cfg->depth;
     m->layer.sim_weight /= (float)cfg->depth;

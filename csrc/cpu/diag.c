@@ -1,4 +1,4 @@
-/* diag.c — routing diagnostics of SPEC §5 (the paper's MaxVio and combination usage,
+/* diag.c — routing diagnostics of docs/method.md §6 (the paper's MaxVio and combination usage,
  * dead experts, experts per token by diffusion-step bucket). Cheap enough to run on
  * every training step: O(N*E) for loads, O(E^2 log E) for the pair histogram, which
  * is the upper triangle of the co-selection counts M^T M (rd_coselect_counts). */
@@ -47,14 +47,17 @@ rd_status rd_combination_usage(double *out, const int64_t *C, int64_t E, double 
         for (int64_t j = i + 1; j < E; j++) { bins[n] = C[i * E + j]; total += bins[n++]; }
     if (total > 0) {
         qsort(bins, (size_t)npairs, sizeof *bins, cmp_desc);
-        /* Integer cumulative counts against coverage*total: no drift from summing fractions. */
+        /* Integer cumulative counts against coverage*total: no drift from summing fractions.
+         * Counted: the bins whose cumulative count stays strictly below the goal; the bin
+         * that reaches it is not (docs/method.md §6). */
         double goal = coverage * (double)total * (1.0 - 1e-12);
-        int64_t cum = 0, used = npairs;
+        int64_t cum = 0, below = 0;
         for (int64_t b = 0; b < npairs; b++) {
             cum += bins[b];
-            if ((double)cum >= goal) { used = b + 1; break; }
+            if ((double)cum >= goal) break;
+            below++;
         }
-        *out = (double)used / (double)npairs;
+        *out = (double)below / (double)npairs;
     }
     free(bins);
     return RD_OK;

@@ -1,10 +1,10 @@
-/* dit.c — the layers of the DiT backbone (SPEC §1) on CPU: patchify, the fixed position
- * and timestep embeddings, linear, LayerNorm without affine, adaLN modulate, gated
+/* dit.c — the layers of the DiT backbone (docs/method.md §1) on CPU: patchify, the fixed
+ * position and timestep embeddings, linear, LayerNorm without affine, adaLN modulate, gated
  * residual, multi-head attention, SiLU/GELU and the label embedding. Each is a
  * forward/backward pair in llm.c's argument order (outputs, saved activations, inputs,
- * parameters, sizes). Matrix products go through rd_matmul / rd_matmul_par (BLAS),
- * threaded as rd_get_threading() says (moe.h); the elementwise loops are OpenMP-parallel
- * over rows. The model (model.c) composes them. */
+ * parameters, sizes). Matrix products go through rd_matmul / rd_matmul_par (BLAS), threaded
+ * as rd_get_threading() says (moe.h); the elementwise loops are OpenMP-parallel over rows.
+ * The model (model.c) composes them. */
 #include "../racedit.h"
 #include "moe_math.h"
 

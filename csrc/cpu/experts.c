@@ -1,7 +1,7 @@
-/* experts.c — the dropless expert FFN of SPEC §2: dispatch the selected (token, expert)
- * pairs into expert-contiguous rows, run every expert as two sgemm calls on its rows
- * only, and combine the gated outputs back per token. Nothing is padded or dropped;
- * all buffers scale with P (selected pairs) and N (tokens), never with N*E*He.
+/* experts.c — the dropless expert FFN of docs/method.md §2: dispatch the selected (token,
+ * expert) pairs into expert-contiguous rows, run every expert as two sgemm calls on its rows
+ * only, and combine the gated outputs back per token. Nothing is padded or dropped; all
+ * buffers scale with P (selected pairs) and N (tokens), never with N*E*He.
  *
  * Layout of the P rows: expert-major (rows of expert e are offsets[e]..offsets[e+1]-1),
  * tokens ascending inside an expert. A per-token CSR (tok_ptr, tok_row) lists the rows

@@ -1,8 +1,8 @@
-/* losses.c — the router's auxiliary losses (SPEC §3-§4) on the CPU: the router-similarity
- * loss, the balance loss, the per-layer regularization head and its MSE. Everything is
- * O(N*E + N*E^2) at most (the E x E products go through sgemm); nothing is N x N.
- * The selection mask is a constant of these losses: gradients flow through softmax(R)
- * and the PLR head only. */
+/* losses.c — the router's auxiliary losses (docs/method.md §4-§5) on the CPU: the
+ * router-similarity loss, the balance loss, the per-layer regularization head and its MSE.
+ * Everything is O(N*E + N*E^2) at most (the E x E products go through sgemm); nothing is N x
+ * N. The selection mask is a constant of these losses: gradients flow through softmax(R) and
+ * the PLR head only. */
 #include "../racedit.h"
 
 #include <math.h>

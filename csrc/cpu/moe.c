@@ -1,7 +1,7 @@
-/* moe.c — the MoE block of SPEC §2 minus the experts (experts.c): the gate functions,
- * the router MLP, and the composite layer router -> gate -> route -> experts -> combine
- * with its learnable threshold tau, forward and backward. The per-layer state keeps the
- * saved activations of the last forward and grows its buffers on demand. */
+/* moe.c — the MoE block of docs/method.md §2-§3 minus the experts (experts.c): the gate
+ * functions, the router MLP, and the composite layer router -> gate -> route -> experts ->
+ * combine with its learnable threshold tau, forward and backward. The per-layer state keeps
+ * the saved activations of the last forward and grows its buffers on demand. */
 #include "../racedit.h"
 #include "moe_math.h"
 
@@ -316,9 +316,9 @@ static rd_status reserve_backward(rd_moe_state *st) {
     return RD_OK;
 }
 
-/* The selection of SPEC §2: batch top-K in training (recording tau_b), and in eval either
- * G >= tau per pair or, with eval_topk, without a threshold yet (a layer never trained),
- * and always for token choice (per token already), the same batch top-K, recording
+/* The selection of docs/method.md §2-§3: batch top-K in training (recording tau_b), and in
+ * eval either G >= tau per pair or, with eval_topk, without a threshold yet (a layer never
+ * trained), and always for token choice (per token already), the same batch top-K, recording
  * nothing. */
 static rd_status select_pairs(rd_moe_state *st, float *tau_b, const rd_moe_cfg *c, int64_t B,
                               int64_t L, int training) {

@@ -1,8 +1,8 @@
-/* moe_aux.c — the MoE layer's auxiliary losses and diagnostics (SPEC §3-§5), as two hooks
- * that rd_moe_forward / rd_moe_backward call, plus the state they keep between the two:
+/* moe_aux.c — the MoE layer's auxiliary losses and diagnostics (docs/method.md §4-§6), as two
+ * hooks that rd_moe_forward / rd_moe_backward call, plus the state they keep between the two:
  * the router softmax P, the similarity weights W, the balance shares f, the PLR head's
- * prediction T and its weighted gradient. The co-selection counts M^T M are computed once
- * and serve the similarity weights, the loads and the combination usage. */
+ * prediction T and its weighted gradient. The co-selection counts M^T M are computed once and
+ * serve the similarity weights, the loads and the combination usage. */
 #include "../racedit.h"
 
 #include <math.h>
@@ -75,7 +75,7 @@ rd_status rd_moe_aux_weights_check(const rd_moe_cfg *c) {
     return RD_OK;
 }
 
-/* The diagnostics of SPEC §5 from the counts. */
+/* The diagnostics of docs/method.md §6 from the counts. */
 static rd_status diagnose(rd_moe_aux_state *a, const uint8_t *mask, int64_t N, int64_t E) {
     rd_status st = rd_coselect_counts(a->C, mask, N, E);
     if (st) return st;

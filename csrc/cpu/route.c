@@ -1,4 +1,4 @@
-/* route.c — the six selection strategies of SPEC §2.
+/* route.c — the six selection strategies of docs/method.md §2.
  *
  * Every strategy is one top-K over groups of the (B,L,E) score tensor. A group is
  * described by an offset and two (count, stride) levels; walking it outer-major gives

@@ -1,4 +1,4 @@
-"""The router's auxiliary losses and the routing diagnostics (SPEC §3-§5), as thin
+"""The router's auxiliary losses and the routing diagnostics (docs/method.md §4-§6), as thin
 functions over the C core.
 
 Shapes: ``R`` router logits and ``mask`` the selection are (N, E) or (B, L, E) (only the
@@ -15,7 +15,8 @@ Conventions for degenerate inputs (documented here once, tested in tests/):
   weights are 0; the loss is the remaining terms (0 if nothing is selected), never NaN.
   The balance loss is 0 with zero gradient when nothing is selected.
 - ``max_violation`` is 0 when nothing is selected.
-- ``combination_usage`` is 0.0 when E < 2 or no token has two experts.
+- ``combination_usage`` is 0.0 when E < 2, no token has two experts, or one pair holds at
+  least ``coverage`` of the pair mass.
 - ``allocation_by_key`` gives NaN for an empty bucket (its count is 0).
 """
 from .. import _C
@@ -36,7 +37,7 @@ __all__ = [
 
 
 def router_similarity_loss(R, mask):
-    """Router-similarity loss of SPEC §4 and its gradient.
+    """Router-similarity loss of docs/method.md §5 and its gradient.
 
     P = softmax(R) over E; M' = mask^T mask (E, E) co-selection counts (no gradient);
     W[i,i] = E M'[i,i] / sum_k M'[k,k], W[i,j] = (E^2-E) M'[i,j] / sum_{k!=l} M'[k,l];
@@ -72,7 +73,7 @@ def balance_loss(R, mask):
 
 
 def plr_head_forward(h, wt, bt):
-    """Per-layer regularization head ``T = h @ wt + bt`` (SPEC §3).
+    """Per-layer regularization head ``T = h @ wt + bt`` (docs/method.md §4).
 
     Args:
         h: float (N, D) router hidden state.
@@ -137,13 +138,16 @@ def max_violation(mask):
 
 
 def combination_usage(mask, coverage=0.95):
-    """Fraction of the C(E,2) expert pairs needed to hold ``coverage`` of the pair mass.
+    """Fraction of the C(E,2) expert pairs whose cumulative share of the pair mass stays
+    strictly below ``coverage`` (docs/method.md §6).
 
     Every unordered pair of experts co-selected on a token counts once into its bin; the
-    bins are sorted descending and the result is n / C(E,2), n the smallest number of bins
-    whose cumulative count reaches ``coverage`` of the total (relative tolerance 1e-12).
-    A uniform histogram gives ceil(coverage*C(E,2)) / C(E,2); one pair only, 1 / C(E,2).
-    Returns 0.0 when E < 2 or no token has two experts.
+    bins are sorted descending and the result is n / C(E,2), n the number of bins whose
+    cumulative count stays strictly below ``coverage`` of the total (a cumulative count
+    within a relative 1e-12 of it counts as reaching it): the bin that reaches it is not
+    counted. A uniform histogram gives (ceil(coverage*C(E,2)) - 1) / C(E,2); one pair
+    holding at least ``coverage`` of the mass gives 0.0, as do E < 2 and no token with two
+    experts.
 
     Args:
         mask: bool (N, E) or (B, L, E).

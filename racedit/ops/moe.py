@@ -1,4 +1,4 @@
-"""The MoE block's ops (SPEC §2) as thin functions on NumPy arrays: gating, the router
+"""The MoE block's ops (docs/method.md §2) as thin functions on NumPy arrays: gating, the router
 MLP and the dropless experts with their combine. The layer itself is :class:`racedit.MoE`.
 
 Shapes: N tokens, D width, E experts, He expert hidden width. All results are new

@@ -1,6 +1,6 @@
 """Routing: which (token, expert) pairs are computed. One top-K over a chosen set of
 dimensions of the gate scores viewed as (B, L, E); the other dimensions form independent
-groups (SPEC §2). Ties go to the lower flat index, so the result is deterministic."""
+groups (docs/method.md §2). Ties go to the lower flat index, so the result is deterministic."""
 from .. import _C
 
 __all__ = ["route", "route_threshold", "route_plan"]

@@ -379,7 +379,7 @@ def _block_backward(P, G, i, c, dh, sc, NH, moe):
 def dit_branch_norms(cache):
     """(depth, 2): per block of the forward that made ``cache`` (dit_model_forward), the
     mean over its B*L tokens of ||gate1 * attention output|| and ||gate2 * FFN output||,
-    what the two branches add to the residual stream (SPEC §5, the paper's Fig. 5)."""
+    what the two branches add to the residual stream (docs/method.md §6, the paper's Fig. 5)."""
     D = cache["D"]
     out = np.zeros((len(cache["blocks"]), 2))
     for i, c in enumerate(cache["blocks"]):

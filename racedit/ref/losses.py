@@ -1,4 +1,4 @@
-"""NumPy float64 twins of the losses ops (racedit.ops.losses): written from SPEC §3-§5
+"""NumPy float64 twins of the losses ops (racedit.ops.losses): written from docs/method.md §4-§6
 as directly as possible, with the same conventions for degenerate masks."""
 import numpy as np
 
@@ -38,7 +38,7 @@ def _softmax_backward(dP, P):
 
 
 def similarity_weights(mask):
-    """W (E, E) of SPEC §4 from a bool mask (N, E)."""
+    """W (E, E) of docs/method.md §5 from a bool mask (N, E)."""
     M = _rows(mask).astype(np.float64)                    # (N, E)
     E = M.shape[1]
     C = M.T @ M                                           # (E, E)
@@ -114,7 +114,8 @@ def max_violation(mask):
 
 
 def combination_usage(mask, coverage=0.95):
-    """Fraction of the C(E,2) pair bins needed for ``coverage`` of the pair mass, by
+    """Fraction of the C(E,2) pair bins, in decreasing order of count, whose cumulative
+    share of the pair mass stays strictly below ``coverage`` (docs/method.md §6), by
     enumerating the pairs of every token (independent of the M^T M route of the C op)."""
     M = _rows(mask).astype(bool)
     E = M.shape[1]
@@ -132,8 +133,7 @@ def combination_usage(mask, coverage=0.95):
     if total == 0:
         return 0.0
     cum = np.cumsum(bins / total)
-    n = int(np.argmax(cum >= coverage * (1 - 1e-12))) + 1
-    return n / len(bins)
+    return int(np.count_nonzero(cum < coverage * (1 - 1e-12))) / len(bins)
 
 
 def allocation_by_key(mask, keys, num_buckets):

@@ -1,4 +1,4 @@
-"""NumPy float64 twins of the MoE ops (SPEC §2): gating, the router MLP, the dropless
+"""NumPy float64 twins of the MoE ops (docs/method.md §2): gating, the router MLP, the dropless
 experts with their combine, and the composite layer given a selection function.
 
 The experts use the dense masked formulation (every expert on every token, then the

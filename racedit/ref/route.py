@@ -1,5 +1,5 @@
 """NumPy float64 twins of the route ops: a plain sort per group (no selection tricks),
-against which the C radix select is checked. Selection has no gradient (SPEC §2)."""
+against which the C radix select is checked. Selection has no gradient (docs/method.md §2)."""
 from fractions import Fraction
 
 import numpy as np
