@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = [
     "SHAPE_CLASSES", "DataError", "ArrayDataset", "make_shapes", "load_builtin",
-    "load_folder", "load_latents", "load_mnist", "load_cifar10", "load_data",
+    "folder_files", "load_folder", "load_latents", "load_mnist", "load_cifar10", "load_data",
     "parse_data_arg", "center_crop_arr", "DATA_KINDS", "MAX_CLASSES", "MAX_IMAGE_SIZE",
     "MAX_CHANNELS", "MAX_IMAGE_PIXELS",
 ]
@@ -262,6 +262,28 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
+def folder_files(path):
+    """(files, labels, classes) of an ImageNet-layout folder (``path/<class>/<image>``):
+    the image paths relative to ``path``, class by class in sorted order, each class's
+    images sorted by name; labels (N,) int64; the sorted class names. DataError for a
+    missing folder, no classes or an empty class."""
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: image folder not found")
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise DataError(f"{path}: no class sub-folders (expected ImageNet layout "
+                        "path/<class>/<image>)")
+    files, labels = [], []
+    for ci, cname in enumerate(classes):
+        cdir = os.path.join(path, cname)
+        names = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTS))
+        if not names:
+            raise DataError(f"{cdir}: class folder holds no images ({', '.join(IMAGE_EXTS)})")
+        files += [os.path.join(cname, f) for f in names]
+        labels += [ci] * len(names)
+    return files, np.asarray(labels, np.int64), classes
+
+
 def load_folder(path, image_size=32, channels=3):
     """Images in ImageNet layout (``path/<class>/<image>``), every image opened, converted to
     RGB (``channels=3``) or grayscale (``channels=1``, Pillow's "L") and center-cropped to
@@ -271,23 +293,10 @@ def load_folder(path, image_size=32, channels=3):
     _check_image_size(image_size)
     if channels not in (1, 3):
         raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB), got {channels!r}")
-    if not os.path.isdir(path):
-        raise DataError(f"{path}: image folder not found")
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if not classes:
-        raise DataError(f"{path}: no class sub-folders (expected ImageNet layout "
-                        "path/<class>/<image>)")
-    xs, ys = [], []
-    for ci, cname in enumerate(classes):
-        cdir = os.path.join(path, cname)
-        files = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTS))
-        if not files:
-            raise DataError(f"{cdir}: class folder holds no images ({', '.join(IMAGE_EXTS)})")
-        for f in files:
-            arr = _read_image(os.path.join(cdir, f), image_size, channels)
-            xs.append(arr.reshape(image_size, image_size, channels).transpose(2, 0, 1))
-            ys.append(ci)
-    return ArrayDataset(np.stack(xs), np.array(ys), len(classes), classes, "pixels", path)
+    files, labels, classes = folder_files(path)
+    xs = [_read_image(os.path.join(path, f), image_size, channels)
+          .reshape(image_size, image_size, channels).transpose(2, 0, 1) for f in files]
+    return ArrayDataset(np.stack(xs), labels, len(classes), classes, "pixels", path)
 
 
 def _read_image(fp, image_size, channels):

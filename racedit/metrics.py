@@ -153,7 +153,7 @@ def _iter_npz(path, batch_size):
             yield np.frombuffer(buf, np.uint8).reshape((n,) + tuple(shape[1:]))
 
 
-def _folder_files(path):
+def _image_files(path):
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                    if f.lower().endswith(IMAGE_EXTS))
     if not files:
@@ -178,7 +178,7 @@ def _read_rgb(fp, image_size):
 
 
 def _iter_folder(path, batch_size, image_size):
-    files = _folder_files(path)
+    files = _image_files(path)
     for lo in range(0, len(files), batch_size):
         out = [_read_rgb(fp, image_size) for fp in files[lo:lo + batch_size]]
         shapes = {a.shape for a in out}
@@ -204,7 +204,7 @@ def iter_images(path, batch_size=50, image_size=None):
 def count_images(path):
     """Number of images in the set ``path`` (from the .npz header, or the folder listing)."""
     if os.path.isdir(path):
-        return len(_folder_files(path))
+        return len(_image_files(path))
     zf, f, shape = _npz_member(path, "arr_0")
     f.close()
     zf.close()

@@ -113,27 +113,6 @@ def load_vae(path, device="cpu"):
 
 # ---- encoding an image folder ------------------------------------------------------------
 
-def _class_files(path):
-    """(files, labels, class names) of an ImageNet-layout folder, as racedit.data reads it."""
-    from .data import IMAGE_EXTS, DataError
-
-    if not os.path.isdir(path):
-        raise DataError(f"{path}: image folder not found")
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if not classes:
-        raise DataError(f"{path}: no class sub-folders (expected ImageNet layout "
-                        "path/<class>/<image>)")
-    files, labels = [], []
-    for ci, c in enumerate(classes):
-        names = sorted(f for f in os.listdir(os.path.join(path, c))
-                       if f.lower().endswith(IMAGE_EXTS))
-        if not names:
-            raise DataError(f"{os.path.join(path, c)}: class folder holds no images")
-        files += [os.path.join(c, f) for f in names]
-        labels += [ci] * len(names)
-    return files, np.asarray(labels, np.int64), classes
-
-
 def _manifest(out, settings):
     """Write ``out``/encode.json, or check an existing one against ``settings``."""
     path = os.path.join(out, "encode.json")
@@ -198,7 +177,7 @@ def encode_folder(data_path, vae, out, image_size=256, hflip=False, batch_size=1
     resumably. image_size: the side images are center-cropped to (256 for the paper's
     32 x 32 latents); hflip: also encode every image mirrored; shard_size: source images
     per file (:data:`SHARD_SIZE`). Returns the number of latents written in all."""
-    from .data import _check_image_size
+    from .data import _check_image_size, folder_files
 
     stream = stream or sys.stdout
     _check_image_size(image_size)
@@ -206,7 +185,7 @@ def encode_folder(data_path, vae, out, image_size=256, hflip=False, batch_size=1
     if shard_size < 1 or int(batch_size) < 1:
         raise ValueError(f"shard_size, batch_size (--shard-size, --batch-size): expected >= 1, "
                          f"got {shard_size}, {batch_size}")
-    files, labels, classes = _class_files(data_path)
+    files, labels, classes = folder_files(data_path)
     vae = vae if isinstance(vae, VAE) else load_vae(vae, device)
     if image_size % vae.factor:
         raise ValueError(f"image_size (--image-size): {image_size} is not a multiple of the "
