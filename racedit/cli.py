@@ -167,13 +167,14 @@ def _add_report(sub):
 
 
 def _add_ablate(sub):
-    from .ablate import BUDGETS, STUDIES, budgets_help
+    from .ablate import BUDGETS, METRICS, STUDIES, budgets_help
 
     p = sub.add_parser("ablate", help="run one of the paper's ablation studies",
                        description="Train every run of a study (paired: same data, seeds, "
                                    "steps and activated FLOPs), evaluate the held-out loss "
-                                   "and write a table, plots and a JSON summary. Finished "
-                                   "runs are skipped when restarted. " + budgets_help(),
+                                   "(with --metric samples|both also samples) and write a "
+                                   "table, plots and a JSON summary. Finished runs are "
+                                   "skipped when restarted. " + budgets_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, choices=STUDIES)
     p.add_argument("--budget", default="small", choices=tuple(BUDGETS))
@@ -183,7 +184,7 @@ def _add_ablate(sub):
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl); 1 is "
                                                "fastest for toy/small on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="one line per run, no bar")
-    p.add_argument("--metric", default="loss", choices=("loss", "samples", "both"),
+    p.add_argument("--metric", default="loss", choices=METRICS,
                    help="how runs are judged: the held-out loss (default), samples (class "
                         "accuracy and shapes-FD of samples drawn with fixed seeds, labels, "
                         "CFG and eval-mode routing; racedit.shapes_metric) or both")

@@ -441,6 +441,8 @@ def fid(samples, ref, inception=None, dims=2048, batch_size=50, device="cpu",
     import sys
 
     stream = stream or sys.stdout
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size): expected an integer >= 1, got {batch_size!r}")
     if not os.path.exists(ref):
         raise FileNotFoundError(f"ref (--ref): {ref}: no such image folder or .npz")
     net = load_inception(inception, dims, device)

@@ -143,11 +143,9 @@ def _imagenet256(model):
     0, EMA 0.9999, label dropout 0.1, patch 2, race routing with identity gating, PLR and
     router similarity on. racedit's choices, where the paper is silent, are DiT's recipe
     (marked "ours" below)."""
-    import dataclasses as dc
-
     from .configs import get_config
 
-    shape = {k: v for k, v in dc.asdict(get_config(model)).items() if k != "name"}
+    shape = {k: v for k, v in dataclasses.asdict(get_config(model)).items() if k != "name"}
     return dict(
         model=model, model_config=shape, data="latents", num_classes=1000,
         lr=1e-4, weight_decay=0.0, ema_decay=0.9999, class_dropout_prob=0.1,   # the paper's

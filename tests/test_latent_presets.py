@@ -1,6 +1,6 @@
 """The presets of the paper's ImageNet 256x256 models (racedit.train.PRESETS "imagenet256-*"):
 the models of its Table 4 on 32x32x4 SD-VAE latents with the paper's optimiser settings,
-checked without building them (XL-4in32 has 2.4 B parameters)."""
+checked without building them (XL-4in32 has 2.8 B parameters)."""
 import pytest
 
 from racedit.cli import main
