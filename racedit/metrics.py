@@ -106,9 +106,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 # ---- image sets --------------------------------------------------------------------------
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
 def _npz_keys(path):
     try:
         with zipfile.ZipFile(path) as zf:
@@ -118,10 +115,18 @@ def _npz_keys(path):
 
 
 def _npz_member(path, key):
-    """(open member file, shape, dtype) of ``key`` in the .npz ``path``, positioned at the
-    array's data (read in pieces: a 50k-image arr_0 is 10 GB)."""
-    zf = zipfile.ZipFile(path)
-    f = zf.open(key + ".npy")
+    """(open zip, open member, shape) of the uint8 image array ``key`` in the .npz
+    ``path``, the member positioned at the array's data (read in pieces: a 50k-image
+    arr_0 is 10 GB). ValueError for anything else."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz ({e})") from None
+    try:
+        f = zf.open(key + ".npy")
+    except KeyError:
+        zf.close()
+        raise ValueError(f"{path}: no {key} (expected images (N, H, W, C) uint8)") from None
     fmt = np.lib.format
     try:
         version = fmt.read_magic(f)
@@ -154,10 +159,12 @@ def _iter_npz(path, batch_size):
 
 
 def _image_files(path):
+    from .data import IMAGE_EXTS
+
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
                    if f.lower().endswith(IMAGE_EXTS))
     if not files:
-        raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in the folder")
+        raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) under the folder")
     return files
 
 
@@ -194,21 +201,22 @@ def iter_images(path, batch_size=50, image_size=None):
     when given, else all images must share one size)."""
     if os.path.isdir(path):
         return _iter_folder(path, batch_size, image_size)
+    _npz_shape(path)  # errors now, not at the first batch
+    return _iter_npz(path, batch_size)
+
+
+def _npz_shape(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image folder or .npz")
-    if "arr_0" not in _npz_keys(path):
-        raise ValueError(f"{path}: no arr_0 (expected images (N, H, W, C) uint8)")
-    return _iter_npz(path, batch_size)
+    zf, f, shape = _npz_member(path, "arr_0")
+    f.close()
+    zf.close()
+    return shape
 
 
 def count_images(path):
     """Number of images in the set ``path`` (from the .npz header, or the folder listing)."""
-    if os.path.isdir(path):
-        return len(_image_files(path))
-    zf, f, shape = _npz_member(path, "arr_0")
-    f.close()
-    zf.close()
-    return int(shape[0])
+    return len(_image_files(path)) if os.path.isdir(path) else int(_npz_shape(path)[0])
 
 
 # ---- torch-fidelity's Inception ----------------------------------------------------------
@@ -272,14 +280,14 @@ class Inception:
                          "file": os.path.basename(path), "sha256": sha256_files([path])}
         try:  # weights_only first: the library's own load would unpickle anything
             torch.load(path, map_location="cpu", weights_only=True)
-            self.net = fe.FeatureExtractorInceptionV3(
+            net = fe.FeatureExtractorInceptionV3(
                 "inception-v3-compat", [str(self.dims), "logits_unbiased"],
-                feature_extractor_weights_path=path).to(device)
+                feature_extractor_weights_path=path)
         except Exception as e:  # a wrong or corrupt file: unpickling or key errors
             raise ValueError(f"inception (--inception): {path} is not torch-fidelity's "
                              f"Inception-v3 state dict ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        self.torch = torch
+        self.net, self.torch = net.to(device), torch
 
     def features(self, batches, progress=None):
         """(pool (N, dims), logits (N, 1008)) float64 of uint8 (B, H, W, C) batches (one
@@ -387,12 +395,7 @@ def _extract(net, path, batch_size, image_size, progress, desc):
 
 def _sample_size(path):
     """Side of the samples' images (for center-cropping a reference folder)."""
-    if os.path.isdir(path):
-        return None
-    zf, f, shape = _npz_member(path, "arr_0")
-    f.close()
-    zf.close()
-    return int(shape[1])
+    return None if os.path.isdir(path) else int(_npz_shape(path)[1])
 
 
 def _reference(net, ref, stats, batch_size, image_size, progress):

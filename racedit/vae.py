@@ -45,7 +45,8 @@ class VAE:
     """diffusers' AutoencoderKL from a local folder, on ``device`` ("cpu" | "cuda").
     ``encode(images uint8 (B, H, W, 3), keys)`` -> scaled latents (B, C, h, w) float32;
     ``decode(latents)`` -> images (B, 3, H, W) float32 in [-1, 1]; ``factor``: H / h;
-    ``identity``: the folder and the SHA-256 of its config and weights."""
+    ``identity``: the SHA-256 of its config and weights and its scaling factor (``path``:
+    the folder, which may move)."""
 
     def __init__(self, path, device="cpu"):
         torch = _need("torch")
@@ -68,8 +69,8 @@ class VAE:
 
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if f == "config.json" or f.endswith((".safetensors", ".bin")))
-        self.identity = {"path": os.path.abspath(path), "sha256": sha256_files(files),
-                         "scaling_factor": self.scale}
+        self.path = os.path.abspath(path)
+        self.identity = {"sha256": sha256_files(files), "scaling_factor": self.scale}
 
     def image_hwc(self, latent_size):
         """(H, W, C) of the images decoded from latents of side ``latent_size``."""
@@ -114,13 +115,14 @@ def load_vae(path, device="cpu"):
 # ---- encoding an image folder ------------------------------------------------------------
 
 def _manifest(out, settings):
-    """Write ``out``/encode.json, or check an existing one against ``settings``."""
+    """Write ``out``/encode.json, or check an existing one against ``settings`` (all but
+    where the images and the VAE lie: their listing and hash say what they are)."""
     path = os.path.join(out, "encode.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items()
-                if old.get(k) != v]
+                if k not in ("source", "vae_path") and old.get(k) != v]
         if diff:
             raise ValueError(f"{out} holds latents of other settings ({'; '.join(diff)}): "
                              "give another --out, or remove it to start over")
@@ -196,7 +198,7 @@ def encode_folder(data_path, vae, out, image_size=256, hflip=False, batch_size=1
     _manifest(out, {"source": os.path.abspath(data_path), "num_images": len(files),
                     "files_sha1": listing.hexdigest(), "classes": classes,
                     "image_size": int(image_size), "hflip": bool(hflip), "seed": int(seed),
-                    "shard_size": shard_size, "vae": vae.identity})
+                    "shard_size": shard_size, "vae": vae.identity, "vae_path": vae.path})
     h = image_size // vae.factor
     shape, per = (vae.latent_channels, h, h), 2 if hflip else 1
     spans = [(k, lo, min(lo + shard_size, len(files)))

@@ -96,6 +96,33 @@ def test_frechet_distance_and_stats_bad_input():
     np.testing.assert_allclose(sigma, np.cov(f, rowvar=False))
 
 
+def test_image_sets_are_streamed_and_checked(tmp_path):
+    from _eval_nets import write_folder
+
+    x = np.random.default_rng(3).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=x)
+    got = list(metrics.iter_images(str(tmp_path / "s.npz"), batch_size=2))
+    assert [b.shape[0] for b in got] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(got), x)
+    assert metrics.count_images(str(tmp_path / "s.npz")) == 5
+    write_folder(tmp_path / "imgs", x, [0, 0, 1, 1, 1])
+    big, _ = make_shapes(1, seed=0, image_size=12)
+    write_folder(tmp_path / "imgs" / "big", big.transpose(0, 2, 3, 1), [2])
+    assert metrics.count_images(str(tmp_path / "imgs")) == 6
+    with pytest.raises(ValueError, match="images of different sizes"):
+        list(metrics.iter_images(str(tmp_path / "imgs"), batch_size=6))
+    cropped = np.concatenate(list(metrics.iter_images(str(tmp_path / "imgs"), 4, 8)))
+    assert cropped.shape == (6, 8, 8, 3)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        metrics.count_images(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "nox.npz", y=np.zeros(2))
+    with pytest.raises(ValueError, match="no arr_0"):
+        metrics.iter_images(str(tmp_path / "nox.npz"))
+    with pytest.raises(FileNotFoundError, match="no such image folder or .npz"):
+        metrics.count_images(str(tmp_path / "none.npz"))
+
+
 BLOCK_TORCH = r"""
 import sys
 class Block:
