@@ -138,8 +138,11 @@ def test_racedit_imports_and_measures_without_torch(tmp_path):
     that do say which extra to install, and the CLI prints that as one line."""
     code = BLOCK_TORCH + r"""
 import numpy as np
-import racedit, racedit.metrics as M, racedit.vae, racedit.shapes_metric, racedit.cli
+import racedit
+import racedit.cli
+M = racedit.metrics
 assert not any(m.split(".")[0] in ("torch", "torch_fidelity", "diffusers") for m in sys.modules)
+print("shapes", racedit.shapes_metric.shapes_judge(8, cache=False).weights.shape)
 print("fd", M.frechet_distance([0.0], [[1.0]], [1.0], [[1.0]]))
 for call, extra in ((lambda: M.load_inception("x.pth"), "racedit[eval]"),
                     (lambda: racedit.vae.load_vae("somewhere"), "racedit[vae]")):
@@ -155,7 +158,7 @@ print("rc", rc)
         np.savez(tmp_path / f, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     r = run_python(["-c", code], cwd=str(tmp_path), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "fd 1.0" in r.stdout and "rc 2" in r.stdout
+    assert "fd 1.0" in r.stdout and "rc 2" in r.stdout and "shapes (29, 10)" in r.stdout
     assert r.stdout.count("missing") == 2
     assert 'pip install "racedit[eval]"' in r.stderr
 
