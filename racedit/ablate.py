@@ -49,6 +49,17 @@ timestep bucket (Fig. 6) from the evaluation pass. Tables give mean ± std over 
 (sample std) and, per run, the paired difference to the study's reference run (mean ± std
 over seeds of run - reference); a difference within about one std of zero is seed noise.
 
+Sample metric (``metric="samples"`` or ``"both"``, ``--metric``): each run's EMA weights
+also draw :data:`SAMPLE_EVAL` [budget] ``num`` samples, labels ``i % 10``, sample i's noise
+keyed by (:data:`SAMPLE_SEED`, i) — the same labels and noise for every run — with
+classifier-free guidance, eval-mode routing (the learned thresholds; batch top-K for runs
+that evaluate so), the flow objective's sampler, every model call a batch of one timestep;
+racedit.shapes_metric judges them: class accuracy (how often a sample is recognised as its
+label) and shapes-FD (a Fréchet distance to held-out real shapes in that recogniser's
+feature space; docs/evaluation.md places its values). The tables gain these columns and
+the paired difference of shapes-FD to the reference run. Runs finished without them get
+them from their checkpoint when a study is run again with samples.
+
 Budgets (model: depth / width D / heads / patch, tokens per image L; images are the
 built-in shapes; every value is in ``BUDGETS``):
 
@@ -99,7 +110,8 @@ import numpy as np
 from .threads import thread_limit
 
 __all__ = ["ablate", "STUDIES", "BUDGETS", "StudyRun", "study_runs", "AblationResult",
-           "budgets_help", "PLR_DEPTHS", "PLR_WEIGHTS"]
+           "budgets_help", "PLR_DEPTHS", "PLR_WEIGHTS", "METRICS", "SAMPLE_EVAL",
+           "SAMPLE_SEED"]
 
 STUDIES = ("routing", "gating", "components", "balance", "scaling", "plr")
 TRAIN_DATA_SEED = 0
@@ -131,6 +143,17 @@ BUDGETS = {
 PLR_DEPTHS = {"toy": ((2, 6), (3, 6)), "small": ((6, 800), (12, 400)),
               "medium": ((6, 20000), (12, 20000)), "large": ((6, 100000), (12, 100000))}
 PLR_WEIGHTS = (0.01, 0.1, 1.0)
+
+METRICS = ("loss", "samples", "both")
+SAMPLE_SEED = 0
+# How runs are judged by sampling (metric "samples" / "both"): samples per run, sampler and
+# its steps, guidance scale, images per model call.
+SAMPLE_EVAL = {
+    "toy": dict(num=20, sampler="euler", steps=4, cfg_scale=1.5, batch=20),
+    "small": dict(num=500, sampler="heun", steps=10, cfg_scale=1.5, batch=100),
+    "medium": dict(num=2000, sampler="heun", steps=25, cfg_scale=1.5, batch=200),
+    "large": dict(num=5000, sampler="heun", steps=25, cfg_scale=1.5, batch=200),
+}
 
 # every run's settings unless its study varies them
 _BASE = dict(routing="race", gating="identity", plr_weight=1.0, sim_weight=0.01,
@@ -341,6 +364,23 @@ def _run_metrics(run, seed, res, val, steps):
         "fingerprint": ev["ema"]["fingerprint"], "wall_time": res.wall_time}
 
 
+def _sample_metrics(run, ckpt, budget):
+    """The shapes metric of samples drawn from the checkpoint's EMA weights with the
+    budget's :data:`SAMPLE_EVAL` settings (see the module docstring), with those settings."""
+    from .diffusion import make_objective
+    from .evaluate import load_eval_model
+    from .sample import generate
+    from .shapes_metric import shapes_judge
+
+    s = SAMPLE_EVAL[budget]
+    m, ema, meta = load_eval_model(ckpt, eval_topk=run.eval_topk)
+    labels = np.arange(s["num"]) % m.num_classes
+    x = generate(m, make_objective(meta["config"]["objective"]), labels, weights=ema,
+                 cfg_scale=s["cfg_scale"], sampler=s["sampler"], num_steps=s["steps"],
+                 seed=SAMPLE_SEED, clip_denoised=True, progress=False, batch_size=s["batch"])
+    return dict(shapes_judge(m.input_size).score(x, labels), settings=dict(s, seed=SAMPLE_SEED))
+
+
 def _mean_std(v):
     v = np.asarray([x for x in v if x is not None and math.isfinite(x)], np.float64)
     if v.size == 0:
@@ -426,6 +466,8 @@ def _aggregate(study, runs, results, b):
                          ("experts_per_token",
                           lambda r: r["eval"]["ema"].get("experts_per_token"))):
             a[key] = _mean_std([get(r) for r in rs])
+        a["sample_fd"] = _mean_std([r["samples"]["fd"] for r in rs if "samples" in r])
+        a["sample_accuracy"] = _mean_std([r["samples"]["accuracy"] for r in rs if "samples" in r])
         a["heldout_by_t"] = np.mean([r["eval"]["ema"]["loss_by_t"] for r in rs], 0).tolist()
         a["branch_norms"] = _mean_norms(rs)
         if run.moe:
@@ -435,6 +477,7 @@ def _aggregate(study, runs, results, b):
             a["delta_vs_ref"] = _mean_std([r["eval"]["ema"]["loss"] -
                                            byseed[r["seed"]]["eval"]["ema"]["loss"]
                                            for r in rs if r["seed"] in byseed])
+            a["delta_fd_vs_ref"] = _paired_fd(rs, byseed)
         agg[run.name] = a
     if study == "scaling":
         for run in runs:
@@ -451,7 +494,14 @@ def _aggregate(study, runs, results, b):
             a["delta_vs_dense"] = _mean_std(
                 [r["eval"]["ema"]["loss"] - dby[r["seed"]]["eval"]["ema"]["loss"]
                  for r in results[run.name] if r["seed"] in dby])
+            a["delta_fd_vs_dense"] = _paired_fd(results[run.name], dby)
     return {"reference": ref, "seeds": seeds, "smoothing_window": w, "runs": agg}
+
+
+def _paired_fd(rs, byseed):
+    """Mean and std over seeds of shapes-FD(run) - shapes-FD(reference), same seed."""
+    return _mean_std([r["samples"]["fd"] - byseed[r["seed"]]["samples"]["fd"] for r in rs
+                      if "samples" in r and "samples" in byseed.get(r["seed"], {})])
 
 
 _TITLES = {
@@ -544,52 +594,113 @@ def _note(study, budget, moe):
     return note
 
 
-def _table(study, budget, runs, agg, n_steps):
+def _delta(r, a, ref, key, nd):
+    """The paired difference cell: "0 (ref)" for the reference, "–" where there is none."""
+    if r.name == (r.reference or ref):
+        return "0 (ref)"
+    return _fmt(a[key], nd, True) if key in a else "–"
+
+
+def _loss_columns(ref, refl, delta_key):
+    """(header, align, cell(run, a)) of the held-out loss columns."""
+    def delta(r, a):
+        return _delta(r, a, ref, delta_key, 4)
+
+    return [("held-out loss ↓", "---:", lambda r, a: _fmt(a["heldout_ema"])),
+            (f"Δ vs {refl} (paired)", "---:", delta),
+            ("held-out (raw)", "---:", lambda r, a: _fmt(a["heldout_raw"])),
+            ("final train loss", "---:", lambda r, a: _fmt(a["final_train_loss"]))]
+
+
+def _sample_columns(ref, refl, delta_key):
+    """(header, align, cell(run, a)) of the sample-metric columns."""
+    def delta(r, a):
+        return _delta(r, a, ref, delta_key, 3)
+
+    return [("shapes-FD ↓", "---:", lambda r, a: _fmt(a["sample_fd"], 3)),
+            (f"Δ FD vs {refl} (paired)", "---:", delta),
+            ("class acc ↑", "---:", lambda r, a: _fmt(a["sample_accuracy"], 3))]
+
+
+def _routing_columns():
+    def ept(r, a):
+        v = a.get("ept_by_t")
+        return " ".join(f"{x:.2f}" for x in v[::max(1, len(v) // 5)]) if v else "–"
+
+    def usage(r, a):
+        return " / ".join(f"{100 * c[0]:.0f} ± {100 * c[1]:.0f} %" if c[0] is not None
+                          else "–" for c in (a["train_combination_usage"],
+                                             a["combination_usage"]))
+
+    return [("MaxVio ↓ train / eval", "---:", lambda r, a:
+             f"{_fmt(a['train_max_violation'], 2)} / {_fmt(a['max_violation'], 2)}"),
+            ("Comb. usage train / eval", "---:", usage),
+            ("experts/token, t: low → high", "---", ept)]
+
+
+def _scaling_columns(n_steps):
+    def speedup(r, a):
+        return (f"{_fmt(a['speedup'], 2)}× ({a['reached']}/{len(a['seeds'])} reached)"
+                if r.moe else "1 (reference)")
+
+    return [("steps to dense loss", "---:", lambda r, a:
+             _fmt(a["steps_to_dense_loss"], 0) if r.moe else str(n_steps)),
+            ("speed-up ↑", "---:", speedup)]
+
+
+def _columns(study, metric, ref, refl, n_steps):
+    if study == "scaling":
+        cols = [("activated params", "---:", lambda r, a: f"{a['activated_params']:,}"),
+                ("total params", "---:", lambda r, a: f"{a['params']:,}")]
+        dense = None  # every MoE is compared with the dense model of its width
+        if metric != "samples":
+            cols += _loss_columns(dense, "dense", "delta_vs_dense")
+        if metric != "loss":
+            cols += _sample_columns(dense, "dense", "delta_fd_vs_dense")
+        return cols + _scaling_columns(n_steps)
+    cols = _loss_columns(ref, refl, "delta_vs_ref") if metric != "samples" else []
+    if metric != "loss":
+        cols += _sample_columns(ref, refl, "delta_fd_vs_ref")
+    return cols + _routing_columns()
+
+
+def _caption(budget, seeds, metric):
+    parts = [f"Budget `{budget}`, seeds {seeds}."]
+    if metric != "samples":
+        parts.append("Held-out diffusion loss (flow, velocity MSE; EMA weights, eval-mode "
+                     "routing; same validation noise and timesteps for every run).")
+    if metric != "loss":
+        s = SAMPLE_EVAL[budget]
+        parts.append(f"Samples: {s['num']} per run (labels i % 10, seed {SAMPLE_SEED}, "
+                     f"{s['sampler']} {s['steps']} steps, CFG {s['cfg_scale']:g}, EMA weights, "
+                     "eval-mode routing) judged by racedit.shapes_metric: shapes-FD to "
+                     "held-out real shapes and class accuracy.")
+    parts.append("Mean ± std over seeds; Δ is paired (same seed).")
+    return " ".join(parts)
+
+
+def _table(study, budget, runs, agg, n_steps, metric="loss"):
     A, ref = agg["runs"], agg["reference"]
     seeds = ",".join(map(str, agg["seeds"]))
-    lines = [f"### {_TITLES[study]}", "",
-             f"Budget `{budget}`, seeds {seeds}; held-out diffusion loss "
-             "(flow, velocity MSE; EMA weights, eval-mode routing; same validation noise "
-             "and timesteps for every run). Mean ± std over seeds; Δ is paired (same seed).",
-             "", _configuration(study, budget, runs), ""]
     refl = "PLR off at the same depth" if study == "plr" else A[ref]["label"] if ref else None
-    if study == "scaling":
-        lines += ["| Model | activated params | total params | held-out loss ↓ | Δ vs dense "
-                  "(paired) | held-out (raw) | final train loss | steps to dense loss | "
-                  "speed-up ↑ |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in runs:
-            a = A[r.name]
-            sp = (f"{_fmt(a['speedup'], 2)}× ({a['reached']}/{len(a['seeds'])} reached)"
-                  if r.moe else "1 (reference)")
-            st = _fmt(a["steps_to_dense_loss"], 0) if r.moe else str(n_steps)
-            dl = _fmt(a["delta_vs_dense"], 4, True) if r.moe else "–"
-            lines.append(f"| {a['label']} | {a['activated_params']:,} | {a['params']:,} | "
-                         f"{_fmt(a['heldout_ema'])} | {dl} | {_fmt(a['heldout_raw'])} | "
-                         f"{_fmt(a['final_train_loss'])} | {st} | {sp} |")
-    else:
-        head = ("| Run | held-out loss ↓ | Δ vs " + refl + " (paired) | held-out (raw) | "
-                "final train loss | MaxVio ↓ train / eval | Comb. usage train / eval | "
-                "experts/token, t: low → high |")
-        lines += [head, "|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in runs:
-            a = A[r.name]
-            ept = a.get("ept_by_t")
-            eps = (" ".join(f"{v:.2f}" for v in ept[::max(1, len(ept) // 5)]) if ept else "–")
-            mv = f"{_fmt(a['train_max_violation'], 2)} / {_fmt(a['max_violation'], 2)}"
-            cu_s = " / ".join(f"{100 * c[0]:.0f} ± {100 * c[1]:.0f} %" if c[0] is not None
-                              else "–" for c in (a["train_combination_usage"],
-                                                 a["combination_usage"]))
-            isref = r.name == (r.reference or ref)
-            lines.append(f"| {a['label']} | {_fmt(a['heldout_ema'])} | "
-                         f"{_fmt(a['delta_vs_ref'], 4, True) if not isref else '0 (ref)'} | "
-                         f"{_fmt(a['heldout_raw'])} | {_fmt(a['final_train_loss'])} | "
-                         f"{mv} | {cu_s} | {eps} |")
+    cols = _columns(study, metric, ref, refl, n_steps)
+    lines = [f"### {_TITLES[study]}", "", _caption(budget, seeds, metric), "",
+             _configuration(study, budget, runs), "",
+             "| " + ("Model" if study == "scaling" else "Run") + " | "
+             + " | ".join(c[0] for c in cols) + " |",
+             "|---|" + "|".join(c[1] for c in cols) + "|"]
+    for r in runs:
+        a = A[r.name]
+        lines.append(f"| {a['label']} | " + " | ".join(c[2](r, a) for c in cols) + " |")
     if study == "gating":
-        lines += ["", "Held-out loss ↓ (rows: gating, columns: routing)", "",
-                  "| gating | token | expert | race |", "|---|---:|---:|---:|"]
-        for g in ("softmax", "sigmoid", "identity"):
-            cells = [_fmt(A[f"{r}-{g}"]["heldout_ema"]) for r in ("token", "expert", "race")]
-            lines.append(f"| {g} | " + " | ".join(cells) + " |")
+        grids = ([("Held-out loss ↓", "heldout_ema", 4)] if metric != "samples" else []) + \
+                ([("shapes-FD ↓", "sample_fd", 3)] if metric != "loss" else [])
+        for title, key, nd in grids:
+            lines += ["", f"{title} (rows: gating, columns: routing)", "",
+                      "| gating | token | expert | race |", "|---|---:|---:|---:|"]
+            for g in ("softmax", "sigmoid", "identity"):
+                cells = [_fmt(A[f"{r}-{g}"][key], nd) for r in ("token", "expert", "race")]
+                lines.append(f"| {g} | " + " | ".join(cells) + " |")
     nb = len(next(iter(A.values()))["heldout_by_t"])
     lines += ["", "Held-out loss by timestep bucket (mean over seeds; t = 0 clean → 1 noise)",
               "", "| Run | " + " | ".join(f"{(i + .5) / nb:.2f}" for i in range(nb)) + " |",
@@ -740,7 +851,7 @@ def _check_device(device):
 
 
 def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=True,
-           stream=None, threads=None):
+           stream=None, threads=None, metric="loss"):
     """Run (or finish) an ablation study and return an :class:`AblationResult`.
 
     study: one of :data:`STUDIES`; budget: a key of :data:`BUDGETS` ("toy", "small",
@@ -751,11 +862,17 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     stream: where one line per run is printed (default stdout); threads: limit the
     OpenMP and BLAS threads to this many while the study runs (needs threadpoolctl; 1 is
     fastest for the toy and small models on a shared machine), None leaves them alone.
+    metric: "loss" (the held-out loss), "samples" (the sample metric; see the module
+    docstring) or "both" — which columns the tables show; "samples" and "both" also
+    sample every run (the held-out evaluation runs in every case: it gives the routing
+    statistics).
 
     A folder with a ``result.json`` for a (run, seed) skips that run; a run folder without
     it (interrupted) is deleted and trained again. ValueError for an unknown study, budget
     or device, empty seeds, or a folder made with other settings."""
     stream = stream or sys.stdout
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     b = _budget(budget)
     runs = study_runs(study, budget)
     _check_device(device)
@@ -784,14 +901,15 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
                          batch_size=b["eval_batch"])
     with thread_limit(threads):
         results = _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress,
-                           stream)
+                           stream, metric != "loss")
     fps = {r["fingerprint"] for rs in results.values() for r in rs}
     if len(fps) != 1:
         raise RuntimeError(f"{out}: runs were evaluated on different validation sets")
     agg = _aggregate(study, runs, results, b)
-    table = _table(study, budget, runs, agg, b["steps"])
+    table = _table(study, budget, runs, agg, b["steps"], metric)
     plots = _plots(study, runs, results, agg, out, agg["smoothing_window"])
-    summary = dict(settings, seeds=seeds, fingerprint=fps.pop(), aggregate=agg,
+    summary = dict(settings, seeds=seeds, fingerprint=fps.pop(), aggregate=agg, metric=metric,
+                   sample_eval=dict(SAMPLE_EVAL[budget], seed=SAMPLE_SEED),
                    train_time_s=sum(r["wall_time"] for rs in results.values() for r in rs),
                    per_run={k: [{kk: vv for kk, vv in r.items() if kk != "train_curve"}
                                 for r in v] for k, v in results.items()},
@@ -803,8 +921,11 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     return AblationResult(out, table, summary, plots)
 
 
-def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stream):
-    """Train and evaluate every (run, seed) without a result.json; {run: [records]}."""
+def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stream,
+             samples=False):
+    """Train and evaluate every (run, seed) without a result.json, and with ``samples``
+    judge by sampling every run whose record lacks it (or has other sample settings);
+    {run: [records]}."""
     jobs = [(r, s) for s in seeds for r in runs]
     bar = _bar(progress, len(jobs), study)
     results = {r.name: [] for r in runs}
@@ -821,11 +942,17 @@ def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stre
             os.makedirs(rdir)
             res = _train_one(run, seed, b, budget, ds, rdir, device)
             rec = _run_metrics(run, seed, res, val, _steps(run, b))
-            _atomic_json(marker, rec)
+            _atomic_json(marker, rec)  # the training is safe; samples may follow
             status = f"{res.wall_time:.0f} s"
+        want = dict(SAMPLE_EVAL[budget], seed=SAMPLE_SEED)
+        if samples and rec.get("samples", {}).get("settings") != want:
+            rec["samples"] = _sample_metrics(run, rec["checkpoint"], budget)
+            _atomic_json(marker, rec)
         results[run.name].append(rec)
+        judged = (f", samples FD {rec['samples']['fd']:.3f} acc {rec['samples']['accuracy']:.3f}"
+                  if samples else "")
         msg = (f"{study}/{run.name} seed {seed}: held-out {rec['eval']['ema']['loss']:.4f}, "
-               f"train {rec['final_train_loss']:.4f} ({status})")
+               f"train {rec['final_train_loss']:.4f}{judged} ({status})")
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(msg)

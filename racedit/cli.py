@@ -1,11 +1,17 @@
-"""racedit.cli — ``python -m racedit {train,sample,report}``, flags named as DiT's
-train.py / sample.py plus Race-DiT's own (routing, gating, objective, aux-loss weights).
+"""racedit.cli — ``python -m racedit {train,sample,report,ablate,fid,encode}``, flags named
+as DiT's train.py / sample.py plus Race-DiT's own (routing, gating, objective, aux-loss
+weights).
 
     python -m racedit train --preset quick                  # the built-in shapes, a few minutes
     python -m racedit train --model RaceDiT-S/2-2in8 --data folder /data/train --steps 100000
     python -m racedit train --resume results/000-.../checkpoints/0001000.safetensors
     python -m racedit sample --ckpt results/000-.../checkpoints/0001500.safetensors --cfg-scale 3
-    python -m racedit ablate --study routing --budget small --seeds 0,1,2
+    python -m racedit ablate --study routing --budget small --seeds 0,1,2 --metric both
+    python -m racedit fid --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
+        --inception weights-inception-2015-12-05-6726825d.pth
+    python -m racedit fid --samples samples.npz --ref builtin      # the shapes metric
+    python -m racedit encode --data folder /data/train --vae sd-vae-ft-ema --out latents
+    python -m racedit sample --ckpt results/003-RaceDiT-B-2-4in32 --vae sd-vae-ft-ema
 """
 import argparse
 import sys
@@ -23,7 +29,9 @@ def _add_train(sub):
                                    "value, then racedit.TrainConfig's default.")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a tested setting: 'quick' trains a small RaceDiT on the built-in "
-                        "shapes in minutes on 2 CPU cores")
+                        "shapes in minutes on 2 CPU cores; imagenet256-* are the paper's "
+                        "ImageNet 256x256 models (RaceDiT-*/2-4in32, dense DiT-*/2) with "
+                        "--data latents PATH (racedit encode)")
     p.add_argument("--model", help="config name, e.g. RaceDiT-S/2-2in8, DiT-S/2, "
                                    "RaceDiT-B/2-4in32 (any RaceDiT-<size>/<p>-<k>in<E>), or a "
                                    "preset's model (RaceDiT-quick/4-2in8, RaceDiT-tiny/4-2in4)")
@@ -139,6 +147,10 @@ def _add_sample(sub):
     p.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA")
     p.add_argument("--batch-size", type=int, help=f"images per model call ({DEFAULT_BATCH}; 2x with guidance)")
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl)")
+    p.add_argument("--vae", metavar="DIR",
+                   help="a latent model's samples decoded by this diffusers AutoencoderKL "
+                        "folder (pip install \"racedit[vae]\"): PNG grid and --npz of "
+                        "images, and --num-samples for fid")
     _add_device(p, "default cpu")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -157,13 +169,14 @@ def _add_report(sub):
 
 
 def _add_ablate(sub):
-    from .ablate import BUDGETS, STUDIES, budgets_help
+    from .ablate import BUDGETS, METRICS, STUDIES, budgets_help
 
     p = sub.add_parser("ablate", help="run one of the paper's ablation studies",
                        description="Train every run of a study (paired: same data, seeds, "
                                    "steps and activated FLOPs), evaluate the held-out loss "
-                                   "and write a table, plots and a JSON summary. Finished "
-                                   "runs are skipped when restarted. " + budgets_help(),
+                                   "(with --metric samples|both also samples) and write a "
+                                   "table, plots and a JSON summary. Finished runs are "
+                                   "skipped when restarted. " + budgets_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, choices=STUDIES)
     p.add_argument("--budget", default="small", choices=tuple(BUDGETS))
@@ -173,7 +186,95 @@ def _add_ablate(sub):
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl); 1 is "
                                                "fastest for toy/small on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="one line per run, no bar")
+    p.add_argument("--metric", default="loss", choices=METRICS,
+                   help="how runs are judged: the held-out loss (default), samples (class "
+                        "accuracy and shapes-FD of samples drawn with fixed seeds, labels, "
+                        "CFG and eval-mode routing; racedit.shapes_metric) or both")
     return p
+
+
+def _add_fid(sub):
+    from .metrics import DIMS, INCEPTION_URL
+
+    p = sub.add_parser("fid", help="FID, IS, precision/recall of samples (ADM's evaluator)",
+                       description="FID, Inception Score and k-NN precision/recall (k=3) of "
+                                   "--samples against --ref with torch-fidelity's Inception "
+                                   "(pip install \"racedit[eval]\"); prints them and writes "
+                                   "JSON. --ref builtin judges built-in shapes samples "
+                                   "instead (class accuracy and shapes-FD; NumPy only). "
+                                   f"Inception weights: {INCEPTION_URL}")
+    p.add_argument("--samples", required=True,
+                   help=".npz with arr_0 (N, H, W, C) uint8 (racedit sample --num-samples), "
+                        "or an image folder")
+    p.add_argument("--ref", required=True,
+                   help="image folder, .npz of images (arr_0), statistics .npz (mu, sigma: "
+                        "an ADM reference batch or --save-ref's), or 'builtin'")
+    p.add_argument("--inception", metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: "
+                        "torch's hub cache; nothing is downloaded)")
+    p.add_argument("--dims", type=int, default=2048, choices=DIMS,
+                   help="Inception feature layer of FID and precision/recall (2048)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception call")
+    p.add_argument("--image-size", type=int,
+                   help="center-crop a reference folder to this side (default: the samples')")
+    p.add_argument("--save-ref", metavar="NPZ",
+                   help="also write the reference statistics here (reuse them as --ref)")
+    p.add_argument("--out", help="JSON path (default <samples>.metrics.json)")
+    p.add_argument("--device", default="cpu", help="torch device of the Inception (cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _add_encode(sub):
+    p = sub.add_parser("encode", help="encode an image folder to VAE latents for --data latents",
+                       description="Encode an ImageNet-layout image folder with a diffusers "
+                                   "AutoencoderKL (pip install \"racedit[vae]\") into "
+                                   "fast-DiT's latent layout (OUT/features, OUT/labels), "
+                                   "scaled by the VAE's scaling factor; resumable.")
+    p.add_argument("--data", nargs="+", required=True, metavar="folder PATH",
+                   help="the images: folder PATH (ImageNet layout)")
+    p.add_argument("--vae", required=True, metavar="DIR",
+                   help="AutoencoderKL folder (save_pretrained), e.g. sd-vae-ft-ema")
+    p.add_argument("--out", required=True, help="latent folder to write")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="center-crop side (256: the paper's 32x32x4 latents)")
+    p.add_argument("--hflip", action="store_true", help="also encode every image mirrored")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE call")
+    p.add_argument("--shard-size", type=int, help="images per output file (1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the encoder's noise")
+    p.add_argument("--device", default="cpu", help="torch device of the VAE (cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _fid(args):
+    if args.ref == "builtin":
+        from .shapes_metric import score_npz
+
+        score_npz(args.samples, out=args.out)
+        return 0
+    from .metrics import fid
+
+    fid(args.samples, args.ref, inception=args.inception, dims=args.dims,
+        batch_size=args.batch_size, device=args.device, image_size=args.image_size,
+        save_ref=args.save_ref, out=args.out, progress=not args.no_progress)
+    return 0
+
+
+def _encode(args, ap):
+    from .data import parse_data_arg
+    from .vae import encode_folder
+
+    try:
+        kind, path = parse_data_arg(args.data)
+    except ValueError as e:
+        ap.error(str(e))
+    if kind != "folder":
+        ap.error(f"--data: encode reads image folders (--data folder PATH), got {kind}")
+    encode_folder(path, args.vae, args.out, image_size=args.image_size, hflip=args.hflip,
+                  batch_size=args.batch_size, shard_size=args.shard_size, seed=args.seed,
+                  device=args.device, progress=not args.no_progress)
+    return 0
 
 
 def _ablate(args, ap):
@@ -184,7 +285,8 @@ def _ablate(args, ap):
     except ValueError:
         ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     res = ablate(args.study, budget=args.budget, seeds=seeds, device=args.device,
-                 out=args.out, progress=not args.no_progress, threads=args.threads)
+                 out=args.out, progress=not args.no_progress, threads=args.threads,
+                 metric=args.metric)
     print(res.table)
     return 0
 
@@ -199,6 +301,8 @@ def build_parser():
     _add_sample(sub)
     _add_report(sub)
     _add_ablate(sub)
+    _add_fid(sub)
+    _add_encode(sub)
     return ap
 
 
@@ -242,7 +346,7 @@ def _sample(args):
     sample(args.ckpt, class_labels=args.class_labels, per_class=args.per_class,
            cfg_scale=args.cfg_scale, num_sampling_steps=args.num_sampling_steps,
            sampler=args.sampler, seed=args.seed, use_ema=not args.no_ema, out=args.out,
-           npz=args.npz, grid_columns=args.grid_columns,
+           npz=args.npz, grid_columns=args.grid_columns, vae=args.vae,
            progress="always" if args.progress else not args.no_progress,
            batch_size=args.batch_size, device=args.device or "cpu",
            precision=args.precision or "fp32", num_samples=args.num_samples,
@@ -291,17 +395,19 @@ def main(argv=None):
     (bad settings or data, unreadable checkpoints, output folders that cannot be written, a
     full disk, a diverged run) print one line, ``racedit <command>: error: ...``, and exit
     with 2; Ctrl-C exits with 130."""
+    from .metrics import MissingExtra
     from .train import TrainingDiverged
 
     ap = build_parser()
     args = ap.parse_args(argv)
     run = {"train": lambda: _train(args, ap), "sample": lambda: _sample(args),
-           "ablate": lambda: _ablate(args, ap), "report": lambda: _report(args)}[args.command]
+           "ablate": lambda: _ablate(args, ap), "report": lambda: _report(args),
+           "fid": lambda: _fid(args), "encode": lambda: _encode(args, ap)}[args.command]
     try:
         return run()
     except KeyboardInterrupt:
         print(f"racedit {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, TrainingDiverged) as e:  # DataError, CheckpointError too
+    except (ValueError, OSError, MissingExtra, TrainingDiverged) as e:  # DataError, CheckpointError too
         print(f"racedit {args.command}: error: {_error(e)}", file=sys.stderr)
         return 2

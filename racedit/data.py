@@ -31,9 +31,9 @@ import numpy as np
 
 __all__ = [
     "SHAPE_CLASSES", "DataError", "ArrayDataset", "make_shapes", "load_builtin",
-    "load_folder", "load_latents", "load_mnist", "load_cifar10", "load_data",
+    "folder_files", "load_folder", "load_latents", "load_mnist", "load_cifar10", "load_data",
     "parse_data_arg", "center_crop_arr", "DATA_KINDS", "MAX_CLASSES", "MAX_IMAGE_SIZE",
-    "MAX_CHANNELS", "MAX_IMAGE_PIXELS",
+    "MAX_CHANNELS", "MAX_IMAGE_PIXELS", "read_image", "check_image_size",
 ]
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "horizontal bars",
@@ -262,35 +262,44 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
-def load_folder(path, image_size=32, channels=3):
-    """Images in ImageNet layout (``path/<class>/<image>``), every image opened, converted to
-    RGB (``channels=3``) or grayscale (``channels=1``, Pillow's "L") and center-cropped to
-    ``image_size`` now. Class indices follow the sorted folder names. DataError for a
-    missing folder, no classes, an empty class or an unreadable image or one of more than
-    :data:`MAX_IMAGE_PIXELS` pixels (naming it)."""
-    _check_image_size(image_size)
-    if channels not in (1, 3):
-        raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB), got {channels!r}")
+def folder_files(path):
+    """(files, labels, classes) of an ImageNet-layout folder (``path/<class>/<image>``):
+    the image paths relative to ``path``, class by class in sorted order, each class's
+    images sorted by name; labels (N,) int64; the sorted class names. DataError for a
+    missing folder, no classes or an empty class."""
     if not os.path.isdir(path):
         raise DataError(f"{path}: image folder not found")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
         raise DataError(f"{path}: no class sub-folders (expected ImageNet layout "
                         "path/<class>/<image>)")
-    xs, ys = [], []
+    files, labels = [], []
     for ci, cname in enumerate(classes):
         cdir = os.path.join(path, cname)
-        files = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTS))
-        if not files:
+        names = sorted(f for f in os.listdir(cdir) if f.lower().endswith(IMAGE_EXTS))
+        if not names:
             raise DataError(f"{cdir}: class folder holds no images ({', '.join(IMAGE_EXTS)})")
-        for f in files:
-            arr = _read_image(os.path.join(cdir, f), image_size, channels)
-            xs.append(arr.reshape(image_size, image_size, channels).transpose(2, 0, 1))
-            ys.append(ci)
-    return ArrayDataset(np.stack(xs), np.array(ys), len(classes), classes, "pixels", path)
+        files += [os.path.join(cname, f) for f in names]
+        labels += [ci] * len(names)
+    return files, np.asarray(labels, np.int64), classes
 
 
-def _read_image(fp, image_size, channels):
+def load_folder(path, image_size=32, channels=3):
+    """Images in ImageNet layout (``path/<class>/<image>``), every image opened, converted to
+    RGB (``channels=3``) or grayscale (``channels=1``, Pillow's "L") and center-cropped to
+    ``image_size`` now. Class indices follow the sorted folder names. DataError for a
+    missing folder, no classes, an empty class or an unreadable image or one of more than
+    :data:`MAX_IMAGE_PIXELS` pixels (naming it)."""
+    check_image_size(image_size)
+    if channels not in (1, 3):
+        raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB), got {channels!r}")
+    files, labels, classes = folder_files(path)
+    xs = [read_image(os.path.join(path, f), image_size, channels)
+          .reshape(image_size, image_size, channels).transpose(2, 0, 1) for f in files]
+    return ArrayDataset(np.stack(xs), labels, len(classes), classes, "pixels", path)
+
+
+def read_image(fp, image_size, channels):
     """One image, its size checked from the header before it is decoded, converted to
     "L" or "RGB" and center-cropped."""
     from PIL import Image, UnidentifiedImageError
@@ -311,7 +320,8 @@ def _read_image(fp, image_size, channels):
         raise DataError(f"{fp}: cannot read image ({e})") from None
 
 
-def _check_image_size(image_size):
+def check_image_size(image_size):
+    """ValueError unless image_size is an int in [1, MAX_IMAGE_SIZE]."""
     if (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
             or not 1 <= image_size <= MAX_IMAGE_SIZE):
         raise ValueError(f"image_size: expected an int in [1, {MAX_IMAGE_SIZE}], "
@@ -470,7 +480,7 @@ def _read_upto(f, n, chunk=1 << 24):
 def load_mnist(path, split="train", image_size=32):
     """MNIST (or Fashion-MNIST) from its IDX files in ``path``; the square digits (28x28)
     are padded with black to ``image_size`` (>= their side). One channel, 10 classes."""
-    _check_image_size(image_size)
+    check_image_size(image_size)
     if not os.path.isdir(path):
         raise DataError(f"{path}: MNIST folder not found")
     pre = "train" if split == "train" else "t10k"
@@ -626,7 +636,7 @@ def load_data(kind="builtin", path=None, image_size=32, num_classes=None, seed=0
     Settings are checked before any file is read (ValueError naming the setting)."""
     if kind not in DATA_KINDS:
         raise ValueError(f"data: {kind!r} is not a data kind; expected one of {_kinds_usage()}")
-    _check_image_size(image_size)
+    check_image_size(image_size)
     _check_num_classes(num_classes)
     if channels not in (None, 1, 3) and kind != "latents":
         raise ValueError(f"channels: expected 1 or 3, got {channels!r}")

@@ -10,10 +10,11 @@ images per call (:data:`DEFAULT_BATCH`; twice that with guidance), whatever the 
 samples; one progress bar covers every batch and sampler step.
 
 Pixel-space models write a PNG grid (Pillow) and optionally an .npz with the same base
-name; latent-space models write the latents (.npy) and print how to decode them with a VAE
-you have. Mass sampling (``num_samples``) writes uint8 shards and a merged ``.npz``
-(``arr_0`` N x H x W x C uint8, as ADM's evaluator reads, plus ``labels``) and resumes
-from the shards present.
+name; latent-space models write the latents (.npy) and, given a VAE (``vae``, racedit.vae),
+decode them to the same PNG grid and .npz of images, else print how to decode them. Mass
+sampling (``num_samples``) writes uint8 shards and a merged ``.npz``
+(``arr_0`` N x H x W x C uint8, as ADM's evaluator reads, plus ``labels``; a latent
+model's samples decoded by the VAE batch by batch) and resumes from the shards present.
 """
 import contextlib
 import dataclasses
@@ -353,7 +354,7 @@ def _write_merged(path, shard_paths, labels, hwc):
 
 def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sampler=None,
                  num_steps=None, seed=0, clip_denoised=True, progress=True, batch_size=None,
-                 shard_size=None, info=None, stream=None):
+                 shard_size=None, info=None, stream=None, decoder=None):
     """Sample one image per label into ``path`` (.npz: ``arr_0`` (N, H, W, C) uint8 and
     ``labels``), resumably and in bounded memory.
 
@@ -363,8 +364,9 @@ def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sa
     whose folder already holds shards of the same settings samples only the missing ones
     (ValueError when the settings differ). Sample i is keyed (seed, i) as in
     :func:`generate`, so the result does not depend on batch_size or on resumes. Only one
-    shard of uint8 images is held at a time. Other arguments as :func:`generate`.
-    Returns (path, manifest path)."""
+    shard of uint8 images is held at a time. decoder: a racedit.vae.VAE that turns each
+    batch of a latent model's samples into images (its identity belongs in ``info``).
+    Other arguments as :func:`generate`. Returns (path, manifest path)."""
     stream = stream or sys.stdout
     if not str(path).endswith(".npz"):
         raise ValueError(f"path: expected a file name ending in .npz, got {path!r}")
@@ -372,7 +374,8 @@ def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sa
     plan = _plan(objective, sampler, num_steps, cfg_scale, seed, clip_denoised, batch_size)
     shard_size = SHARD_SIZE if shard_size is None else _int_at_least(
         "shard_size", "--shard-size", shard_size, 1)
-    hwc = (model.input_size, model.input_size, model.in_channels)
+    hwc = (decoder.image_hwc(model.input_size) if decoder is not None
+           else (model.input_size, model.input_size, model.in_channels))
     folder = os.path.splitext(path)[0]
     manifest = dict(info or {}, **dataclasses.asdict(plan), num_samples=int(labels.size),
                     shard_size=shard_size, image_shape=list(hwc),
@@ -390,7 +393,7 @@ def generate_npz(model, objective, path, labels, weights=None, cfg_scale=4.0, sa
             imgs = np.empty((hi - lo,) + hwc, np.uint8)                   # (n,H,W,C)
             j = 0
             for x in _batches(model, objective, labels[lo:hi], lo, plan, bar):
-                imgs[j:j + x.shape[0]] = to_uint8(x)
+                imgs[j:j + x.shape[0]] = to_uint8(x if decoder is None else decoder.decode(x))
                 j += x.shape[0]
             _save_npz(_shard_path(folder, k), arr_0=imgs, labels=labels[lo:hi])
     _write_merged(path, [_shard_path(folder, k) for k, _, _ in spans], labels, hwc)
@@ -438,7 +441,7 @@ def _check_args(cfg_scale, num_sampling_steps, batch_size, seed, num_samples, cl
 def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_steps=None,
            sampler=None, seed=0, use_ema=True, out=None, npz=False, grid_columns=None,
            progress=True, stream=None, batch_size=None, device="cpu", precision="fp32",
-           num_samples=None, random_labels=False, shard_size=None, threads=None):
+           num_samples=None, random_labels=False, shard_size=None, threads=None, vae=None):
     """Sample from a training checkpoint and write the results.
 
     ckpt: a checkpoint file, or a run folder (its latest checkpoint).
@@ -449,7 +452,9 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
     seed<seed>.png``, with the labels, ``-live`` (use_ema False) and the device added when
     not the defaults, so that other settings never overwrite a file); npz: also write the samples, with the same base name, as an .npz (uint8 HWC
     ``arr_0`` as DiT's sample_ddp, plus ``labels``). grid_columns: columns of the grid.
-    Latent models write ``.npy`` latents instead and print :data:`VAE_HINT`.
+    Latent models write ``.npy`` latents instead and print :data:`VAE_HINT`; with ``vae``
+    (a diffusers AutoencoderKL folder, racedit.vae) they also decode them to the PNG (and
+    .npz) of images, and may mass-sample.
 
     num_samples: mass sampling (DiT's sample_ddp) of N images spread evenly over all
     classes (or uniformly random labels, ``random_labels``) with :func:`generate_npz`:
@@ -473,17 +478,31 @@ def sample(ckpt, class_labels=None, per_class=8, cfg_scale=4.0, num_sampling_ste
         ckpt = latest_checkpoint(ckpt)
         model, meta = model_from_checkpoint(ckpt, use_ema=use_ema, device=device,
                                             precision=precision)
+        decoder = _load_decoder(vae, meta, device)
         call = _Call(ckpt=ckpt, meta=meta, model=model, class_labels=class_labels,
                      per_class=per_class, cfg_scale=cfg_scale,
                      num_sampling_steps=num_sampling_steps, sampler=sampler, seed=seed,
                      use_ema=use_ema, out=out, npz=npz, grid_columns=grid_columns,
                      progress=progress, stream=stream, batch_size=batch_size, device=device,
                      precision=precision, num_samples=num_samples,
-                     random_labels=random_labels, shard_size=shard_size)
+                     random_labels=random_labels, shard_size=shard_size, decoder=decoder)
         from .cuda import precision_scope
 
         with precision_scope(device, precision):
             return call.run_many() if num_samples is not None else call.run()
+
+
+def _load_decoder(vae, meta, device):
+    """The racedit.vae.VAE of the folder ``vae`` for a latent checkpoint (None without
+    one); ValueError for a pixel-space checkpoint."""
+    if vae is None:
+        return None
+    if meta["data"]["kind"] != "latents":
+        raise ValueError(f"vae (--vae): this checkpoint's model samples pixels "
+                         f"({meta['data']['kind']} data); a VAE decodes latents")
+    from .vae import load_vae
+
+    return load_vae(vae, device)
 
 
 @dataclasses.dataclass
@@ -511,6 +530,7 @@ class _Call:
     num_samples: int
     random_labels: bool
     shard_size: int
+    decoder: object = None
 
     def __post_init__(self):
         cfg = self.meta["config"]
@@ -555,11 +575,14 @@ class _Call:
                     np.save(f, x)
             print(f"racedit: wrote {x.shape[0]} latents {x.shape[1:]} to {res.npy}",
                   file=self.stream)
-            print(VAE_HINT.format(path=res.npy), file=self.stream)
-            return res
+            if self.decoder is None:
+                print(VAE_HINT.format(path=res.npy), file=self.stream)
+                return res
+            x = self.decoder.decode(x)                                    # (N,3,H,W)
         ncol = self.grid_columns or (self.per_class if self.class_labels is None
                                      else min(8, labels.size))
-        res.png = save_grid(x, self.out or base + ".png", ncol=ncol)
+        res.png = save_grid(x, self.out or base + ".png", ncol=ncol,
+                            scale=2 if self.decoder is None else 1)
         print(f"racedit: wrote {res.png}", file=self.stream)
         if self.npz:
             res.npz = _save_npz(base + ".npz", arr_0=to_uint8(x), labels=labels)
@@ -567,9 +590,10 @@ class _Call:
         return res
 
     def run_many(self):
-        if self.latent:
+        if self.latent and self.decoder is None:
             raise ValueError("num_samples (--num-samples) writes uint8 images; this "
-                             "checkpoint's model samples latents (sample without it for .npy)")
+                             "checkpoint's model samples latents: give a VAE to decode them "
+                             "(--vae DIR), or sample without it for .npy")
         labels = mass_labels(self.num_samples, self.model.num_classes, self.seed,
                              self.random_labels)
         path = self.out or self.base(f"-n{self.num_samples}"
@@ -579,9 +603,12 @@ class _Call:
                 "step": self.step, "model": self.meta.get("model_config", {}).get("name"),
                 "use_ema": self.use_ema, "labels": "random" if self.random_labels else "even",
                 "device": self.device, "precision": self.precision}
+        if self.decoder is not None:
+            info["vae"] = self.decoder.identity
         npz, man = generate_npz(self.model, self.obj, path, labels, cfg_scale=self.cfg_scale,
                                 sampler=self.sampler, num_steps=self.num_sampling_steps,
-                                seed=self.seed, clip_denoised=True, progress=self.progress,
-                                batch_size=self.batch_size, shard_size=self.shard_size,
-                                info=info, stream=self.stream)
+                                seed=self.seed, clip_denoised=not self.latent,
+                                progress=self.progress, batch_size=self.batch_size,
+                                shard_size=self.shard_size, info=info, stream=self.stream,
+                                decoder=self.decoder)
         return SampleResult(None, labels, npz=npz, manifest=man)
