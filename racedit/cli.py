@@ -50,7 +50,11 @@ def _add_train(sub):
                         "the data's own, RGB for folders)")
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the labels); "
                                                    "must match the data's (latents: may exceed it)")
-    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--global-batch-size", type=int,
+                   help="samples per optimizer step, over all ranks and accumulations")
+    p.add_argument("--grad-accum", type=int,
+                   help="micro-batches per rank per optimizer step (1); the global batch is "
+                        "split into ranks x grad_accum micro-batches")
     p.add_argument("--steps", type=int, help="training steps (wins over --epochs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
@@ -201,6 +205,7 @@ def build_parser():
 
 
 TRAIN_KEYS = ("num_samples", "image_size", "channels", "num_classes", "global_batch_size",
+              "grad_accum",
               "steps", "epochs", "lr", "weight_decay", "grad_clip", "warmup_steps", "ema_decay",
               "objective", "learn_sigma", "routing", "gating", "plr_weight", "sim_weight",
               "balance_weight", "beta", "class_dropout_prob", "hflip", "seed", "results_dir",
@@ -230,7 +235,8 @@ def _train(args, ap):
     res = train(args.model, preset=args.preset, resume=args.resume, init_from=args.ckpt,
                 progress=False if args.no_progress else None, report=not args.no_report,
                 device=args.device, precision=args.precision, threads=args.threads, **kw)
-    print(f"racedit: done in {res.wall_time:.1f} s; run folder {res.run_dir}")
+    if res.rank == 0:
+        print(f"racedit: done in {res.wall_time:.1f} s; run folder {res.run_dir}")
     return 0
 
 

@@ -150,7 +150,8 @@ class TrainConfig:
     steps or epochs (steps wins; an epoch is len(data) // global_batch_size steps);
     grad_clip <= 0 disables clipping; warmup_steps: linear lr warm-up; log_every: the
     cadence of log.txt and of the per-layer statistics in log.jsonl (every step with
-    log_layers_every_step); the rest as DiT.
+    log_layers_every_step); grad_accum: micro-batches per rank per optimizer step, each
+    global_batch_size / (ranks x grad_accum) samples (racedit.distributed); the rest as DiT.
     """
 
     model: str = "RaceDiT-S/2-2in8"
@@ -170,6 +171,7 @@ class TrainConfig:
     balance_weight: float = 0.0
     beta: float = 0.99
     global_batch_size: int = 32
+    grad_accum: int = 1
     steps: int = None
     epochs: int = None
     lr: float = 1e-4
