@@ -38,7 +38,7 @@ import traceback
 import numpy as np
 
 __all__ = ["World", "world", "NullLog", "micro_layout", "accum_step", "check_resume",
-           "checkpoint_meta"]
+           "checkpoint_meta", "select_device"]
 
 # Variables an MPI launcher sets to the world size: MPICH / Intel MPI (hydra), Open MPI,
 # PMIx launchers and Slurm's srun.
@@ -151,6 +151,19 @@ def world():
                                    "an MPI)") from None
             _WORLD = World(MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None)
     return _WORLD
+
+
+def select_device(world, device):
+    """Give each rank of a multi-rank CUDA run its GPU (local rank -> device, before the
+    first allocation); ValueError when racedit has no NCCL to sum the ranks' gradients."""
+    if device != "cuda" or world.size == 1:
+        return
+    from . import _C
+
+    if not _C.nccl_built()[0]:
+        raise ValueError(f"device 'cuda' with {world.size} ranks needs NCCL: pip install "
+                         "nvidia-nccl-cu13 and rebuild racedit (or train on --device cpu)")
+    _C.cuda_select_device(world.local_rank)
 
 
 class NullLog:

@@ -451,6 +451,7 @@ def _start(model, preset, resume, init_from, dataset, progress, out, final_sampl
             raise
         raise ValueError(f"{e}; {resume} comes from a {device} ({precision}) run: pass "
                          "device='cpu' (--device cpu) to resume it on the CPU") from None
+    distributed.select_device(world, device)
     if progress is None:
         progress = sys.stderr.isatty()
     job = _Job(resume, meta, changes, run_dir, init_from, dataset, progress, out,
