@@ -296,7 +296,7 @@ def _reduce_grads(tr, world, runs):
     model's gradient buffer."""
     m = tr.m
     J = world.size * tr.cfg.grad_accum
-    if m.device == "cuda":  # the backward accumulates on the device; NCCL sums the ranks
+    if not m._live:  # device memory: the backward accumulates there; NCCL sums the ranks
         m.zero_grad()
         stats = list(runs(lambda: None))
         if world.size > 1:

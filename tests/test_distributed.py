@@ -128,6 +128,15 @@ def test_grad_accum_is_the_mean_of_micro_batch_gradients(tmp_path):
     assert not np.array_equal(grads[0], grads[1])
 
 
+def test_grad_accum_in_device_memory_matches_the_host(tmp_path):
+    """The device path (the backward accumulating in the model's buffer, then the scale),
+    run on the checking backend: the same training as the host's pairwise sums, to
+    rounding (another summation order)."""
+    host = train(**TINY, grad_accum=2, results_dir=str(tmp_path / "h"))
+    dev = train(**TINY, grad_accum=2, device="check", results_dir=str(tmp_path / "d"))
+    np.testing.assert_allclose(dev.model.param_buffer, host.model.param_buffer, atol=1e-5)
+
+
 def test_grad_accum_resume_is_bit_exact(tmp_path):
     full = train(**TINY, grad_accum=2, results_dir=str(tmp_path / "full"))
     part = train(**{**TINY, "steps": 3}, grad_accum=2, results_dir=str(tmp_path / "part"))
