@@ -90,6 +90,7 @@ class World:
     def abort(self, msg, code=1):
         """Print ``msg`` (naming this rank) and end every rank of the job."""
         print(f"racedit: rank {self.rank}/{self.size}: {msg}", file=sys.stderr, flush=True)
+        time.sleep(0.5)  # the launcher forwards output asynchronously: let it take the message
         self.comm.Abort(code)
 
     @contextlib.contextmanager
@@ -231,16 +232,8 @@ class _PairwiseSum:
 
 def _micro_forward(tr, j, x0, y):
     """Forward and loss of micro-batch j; (diff, parts, dout, t, x_t)."""
-    cfg, m, obj = tr.cfg, tr.m, tr.obj
-    rng = micro_rng(cfg.seed, tr.step, j)
-    n = x0.shape[0]
-    if cfg.hflip:
-        flip = rng.random(n) < 0.5
-        x0[flip] = x0[flip][..., ::-1]
-    t, noise = obj.draw(rng, x0)
-    drop = rng.random(n) < cfg.class_dropout_prob
-    y = np.where(drop, m.num_classes, y)
-    x_t, target = obj.make_batch(x0, t, noise)
+    m, obj = tr.m, tr.obj
+    t, y, x_t, target = tr.noised(micro_rng(tr.cfg.seed, tr.step, j), x0, y)
     out = m.forward(x_t, obj.model_time(t), y, plr_target=target if tr.is_moe else None)
     diff, parts, dout = obj.loss(out, target, x0=x0, x_t=x_t, t=t)
     return diff, parts, dout, t, x_t

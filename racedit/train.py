@@ -183,13 +183,7 @@ class _Trainer:
             return distributed.accum_step(self, self.world, layers)
         cfg, m, obj = self.cfg, self.m, self.obj
         x0, y = self.ds.batch(self.batch_indices(self.step))        # (B,C,H,W), (B,)
-        if cfg.hflip:
-            flip = self.rng.random(self.B) < 0.5
-            x0[flip] = x0[flip][..., ::-1]
-        t, noise = obj.draw(self.rng, x0)
-        drop = self.rng.random(self.B) < cfg.class_dropout_prob
-        y = np.where(drop, m.num_classes, y)
-        x_t, target = obj.make_batch(x0, t, noise)
+        t, y, x_t, target = self.noised(self.rng, x0, y)
         step = self.step + 1
         lr, opt = self.opt_settings(step)
         try:
@@ -223,6 +217,18 @@ class _Trainer:
             rec["aux"] = aux_total
         rec.update({"grad_norm": gnorm, "lr": lr})
         return self._statistics(rec, t, layers)
+
+    def noised(self, rng, x0, y):
+        """(t, y, x_t, target) of a batch: flips (hflip), timesteps and noise, labels
+        dropped for classifier-free guidance, drawn from ``rng`` in that order."""
+        cfg, n = self.cfg, x0.shape[0]
+        if cfg.hflip:
+            flip = rng.random(n) < 0.5
+            x0[flip] = x0[flip][..., ::-1]
+        t, noise = self.obj.draw(rng, x0)
+        drop = rng.random(n) < cfg.class_dropout_prob
+        y = np.where(drop, self.m.num_classes, y)
+        return (t, y) + tuple(self.obj.make_batch(x0, t, noise))
 
     def opt_settings(self, step):
         """(lr, optimizer_step's keyword arguments) of step ``step`` (1-based)."""
