@@ -89,7 +89,8 @@ def _add_train(sub):
     p.add_argument("--resume", metavar="CKPT",
                    help="continue a run from its checkpoint, in its run folder (or, with "
                         "--results-dir, in a new one there); only --steps, --epochs, the "
-                        "--*-every cadences and the sample settings may change")
+                        "--*-every cadences, the sample settings and --grad-accum (keeping ranks x "
+                        "grad-accum) may change")
     _add_device(p, "default cpu; on --resume, the run's")
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl)")
     p.add_argument("--no-progress", action="store_true",

@@ -419,6 +419,11 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     the checkpoint's for ``resume``; checkpoints are the same on either device (a GPU
     run resumes on the CPU and vice versa, bit-exactly only on the same device).
 
+    Under an MPI launcher (``mpirun -n N``) the N ranks train one model, data parallel:
+    each step's ``global_batch_size`` samples are split into N x ``grad_accum`` micro-batches
+    whose gradients are averaged (racedit.distributed, docs/distributed.md); rank 0 writes
+    the run folder and an error on any rank ends every rank.
+
     Raises ValueError for bad settings or data (racedit.data.DataError names the file), an
     output folder that cannot be written, or device "cuda" when CUDA is not available,
     before the first step; OSError when writing fails later (a full disk); and
