@@ -241,27 +241,19 @@ def _micro_forward(tr, j, x0, y):
 
 def _micro_stats(tr, diff, parts, t, layers):
     """What the log needs of the micro-batch just run (small, sent to every rank)."""
-    from .train import _ept_by_t
-
     m = tr.m
     s = {"diffusion": float(diff), "parts": {k: float(v) for k, v in parts.items()},
          "aux": float(m.aux_loss())}
     if tr.is_moe:
         s["aux_parts"] = m.aux()
         s["tau_b"] = [st["tau_b"] for st in m.layer_stats()]
-        s["ept"] = _ept_by_t(m, tr.obj.time_fraction(t))
+        s["ept"] = tr.ept_counts(t)
     if layers:
         s["norms"] = m.branch_norms()
         if tr.is_moe:
             s["layers"] = [{k: st[k] for k in ("load", "combination_usage", "experts_per_token")}
                            for st in m.layer_stats()]
     return s
-
-
-def _diverged(tr, what, x_t=None):
-    from .train import TrainingDiverged
-
-    return TrainingDiverged(tr._where(tr.step + 1, what, x_t))
 
 
 def _run_micro(tr, j, idx, layers):
@@ -273,12 +265,12 @@ def _run_micro(tr, j, idx, layers):
     except ValueError as e:  # the MoE router refuses NaN scores
         if "NaN" not in str(e):
             raise
-        raise _diverged(tr, f"the forward pass of micro-batch {j} failed ({e})", None) from None
+        raise tr.diverged(f"the forward pass of micro-batch {j} failed ({e})") from None
     s = _micro_stats(tr, diff, parts, t, layers)
     loss = s["diffusion"] + s["aux"]
     if not np.isfinite(loss):
-        raise _diverged(tr, f"loss of micro-batch {j} is {loss} (diffusion {diff}, aux "
-                            f"{s['aux']})", x_t)
+        raise tr.diverged(f"loss of micro-batch {j} is {loss} (diffusion {diff}, aux "
+                          f"{s['aux']})", x_t)
     tr.m.backward(dout)
     return s
 
@@ -299,7 +291,7 @@ def _reduce_grads(tr, world, runs):
             _C.nccl_allreduce_grads(world.nccl(), m._model, 1.0 / J)
             world.comm_seconds += time.perf_counter() - t0
         elif J > 1:
-            _set_grads(m, m.grad_buffer * np.float32(1.0 / J))
+            m.set_grad_buffer(m.grad_buffer * np.float32(1.0 / J))
         return stats
     acc = _PairwiseSum()
 
@@ -311,15 +303,8 @@ def _reduce_grads(tr, world, runs):
     stats = list(runs(each))
     g = world.allreduce_sum_(acc.total())
     g *= np.float32(1.0 / J)
-    _set_grads(m, g)
+    m.set_grad_buffer(g)
     return stats
-
-
-def _set_grads(m, g):
-    from . import _C
-    from .model import _GRADS
-
-    _C.model_set_buffer(m._model, _GRADS, g)
 
 
 def accum_step(tr, world, layers):
@@ -346,7 +331,7 @@ def accum_step(tr, world, layers):
     lr, opt = tr.opt_settings(tr.step + 1)
     r = m.optimizer_step(**opt)
     if not r["updated"]:
-        raise _diverged(tr, f"gradient norm is {r['grad_norm']}")
+        raise tr.diverged(f"gradient norm is {r['grad_norm']}")
     tr.step += 1
     rec = _record(tr, stats, r["grad_norm"], lr, layers)
     if world.size > 1:

@@ -245,7 +245,7 @@ class _Trainer:
         since the last record holding it) with them."""
         m = self.m
         if self.is_moe:
-            self._ept += _ept_by_t(m, self.obj.time_fraction(t))
+            self._ept += self.ept_counts(t)
         if not layers:
             return rec
         rec.update(_norm_record(m))
@@ -255,6 +255,15 @@ class _Trainer:
             rec["ept_by_t"] = {str(i): float(sums[i] / cnt[i]) for i in np.flatnonzero(cnt)}
             self._ept[:] = 0
         return rec
+
+    def ept_counts(self, t):
+        """(2, NUM_T_BUCKETS) experts-per-token sums and counts by timestep bucket of the
+        last forward, whose timesteps were ``t``."""
+        return _ept_by_t(self.m, self.obj.time_fraction(t))
+
+    def diverged(self, what, x_t=None):
+        """The TrainingDiverged of the step being taken (the message of :meth:`_where`)."""
+        return TrainingDiverged(self._where(self.step + 1, what, x_t))
 
     def _where(self, step, what, x_t=None):
         """The diverged message: a non-finite parameter is the cause when there is one, then

@@ -23,7 +23,7 @@ nccl = pytest.mark.skipif(not (HAVE_GPU and _C.nccl_built()[0]),
 def test_nccl_allreduce_of_one_rank_scales_the_gradients():
     m = RaceDiT("DiT-T/2", input_size=8, in_channels=4, num_classes=10, device="cuda")
     g = np.random.default_rng(0).standard_normal(m.num_params()).astype(np.float32)
-    _C.model_set_buffer(m._model, 1, g)
+    m.set_grad_buffer(g)
     comm = _C.nccl_init(_C.nccl_unique_id(), 1, 0)
     _C.nccl_allreduce_grads(comm, m._model, 0.5)
     assert np.array_equal(m.grad_buffer, g * np.float32(0.5))
