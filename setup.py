@@ -4,6 +4,7 @@ printed and written to racedit/_build_info.py.
 
 Environment knobs:
   RACEDIT_NO_CUDA=1     do not compile CUDA even if nvcc is found
+  RACEDIT_NO_NCCL=1     do not use NCCL (multi-GPU data parallel) even if it is found
   RACEDIT_NO_OPENMP=1   do not use OpenMP
   RACEDIT_PORTABLE=1    no -march=native (for wheels meant for other machines)
   RACEDIT_DEBUG=1       -O0 -g (with RACEDIT_ASAN=1: AddressSanitizer, with
@@ -97,13 +98,31 @@ def site_dirs():
     return uniq
 
 
-def cublas_lib(libdir):
-    """The file to link: libcublas.so, else the highest versioned libcublas.so.N (wheels
+def cublas_lib(libdir, name="cublas"):
+    """The file to link: lib<name>.so, else the highest versioned lib<name>.so.N (wheels
     carry no unversioned symlink)."""
-    if os.path.exists(os.path.join(libdir, "libcublas.so")):
-        return "libcublas.so"
-    libs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(libdir, "libcublas.so.*")))
+    if os.path.exists(os.path.join(libdir, f"lib{name}.so")):
+        return f"lib{name}.so"
+    libs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(libdir, f"lib{name}.so.*")))
     return libs[-1] if libs else None
+
+
+def find_nccl(cuda_home, major):
+    """NCCL headers + library, looked for as cuBLAS is: the toolkit's, the system's, else
+    the nvidia-nccl-cu<major> wheel (nvidia/nccl/). Returns (include_dir, lib_dir, lib_file)
+    or Nones; racedit builds without NCCL then (data parallel on GPUs needs it)."""
+    if env_flag("RACEDIT_NO_NCCL"):
+        return None, None, None
+    arch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+    pairs = [(os.path.join(cuda_home, "include"), os.path.join(cuda_home, d)) for d in ("lib64", "lib")]
+    pairs.append(("/usr/include", os.path.join("/usr/lib", arch)))
+    pairs += [(os.path.join(d, sub, "include"), os.path.join(d, sub, "lib")) for sub in
+              ("nvidia/nccl", f"nvidia/cu{major}") for d in site_dirs()]
+    for inc, libdir in pairs:
+        lib = cublas_lib(libdir, "nccl") if os.path.isdir(libdir) else None
+        if lib and os.path.isfile(os.path.join(inc, "nccl.h")):
+            return inc, libdir, lib
+    return None, None, None
 
 
 def find_cublas(cuda_home, major):
@@ -164,7 +183,9 @@ class BuildExt(build_ext):
                 nvcc = None
         if nvcc:
             cub_inc, cub_dir, cub_lib = cublas
-            objs = self.compile_cuda(nvcc, cuda_home, ext, cub_inc)
+            nccl_inc, nccl_dir, nccl_lib = find_nccl(cuda_home, nvcc_major(nvcc))
+            nccl_flags = ["-DRD_HAVE_NCCL", "-I" + nccl_inc] if nccl_inc else []
+            objs = self.compile_cuda(nvcc, cuda_home, ext, cub_inc, nccl_flags)
             ext.extra_objects += objs
             ext.define_macros.append(("RD_HAVE_CUDA", "1"))
             ext.library_dirs.append(os.path.join(cuda_home, "lib64"))
@@ -174,6 +195,10 @@ class BuildExt(build_ext):
             info["cublas"] = os.path.join(cub_dir, cub_lib)
             info["cuda_home"] = cuda_home
             info["cuda_archs"] = CUDA_ARCHS
+            info["nccl"] = os.path.join(nccl_dir, nccl_lib) if nccl_inc else False
+            if nccl_inc:
+                ext.define_macros.append(("RD_HAVE_NCCL", "1"))
+                ldflags += ["-L" + nccl_dir, "-l:" + nccl_lib, "-Wl,-rpath," + nccl_dir]
         else:
             info["cuda_reason"] = why
         ext.extra_compile_args += cflags
@@ -229,7 +254,7 @@ class BuildExt(build_ext):
                   "`python -m racedit` then works from any folder but the project root",
                   flush=True)
 
-    def compile_cuda(self, nvcc, cuda_home, ext, cublas_inc):
+    def compile_cuda(self, nvcc, cuda_home, ext, cublas_inc, extra=()):
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
         objs = []
@@ -239,7 +264,7 @@ class BuildExt(build_ext):
         for src in sorted(glob.glob(os.path.join(HERE, "cuda", "*.cu"))):
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-Wall",
-                   "-I" + os.path.join(HERE, "csrc"), "-I" + cublas_inc] + ext_include(ext) + gencode
+                   "-I" + os.path.join(HERE, "csrc"), "-I" + cublas_inc, *extra] + ext_include(ext) + gencode
             print(" ".join(cmd), flush=True)
             subprocess.check_call(cmd)
             objs.append(obj)

@@ -58,7 +58,11 @@ def _add_train(sub):
                         "the data's own, RGB for folders)")
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the labels); "
                                                    "must match the data's (latents: may exceed it)")
-    p.add_argument("--global-batch-size", type=int)
+    p.add_argument("--global-batch-size", type=int,
+                   help="samples per optimizer step, over all ranks and accumulations")
+    p.add_argument("--grad-accum", type=int,
+                   help="micro-batches per rank per optimizer step (1); the global batch is "
+                        "split into ranks x grad_accum micro-batches")
     p.add_argument("--steps", type=int, help="training steps (wins over --epochs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="AdamW learning rate (1e-4)")
@@ -95,7 +99,8 @@ def _add_train(sub):
     p.add_argument("--resume", metavar="CKPT",
                    help="continue a run from its checkpoint, in its run folder (or, with "
                         "--results-dir, in a new one there); only --steps, --epochs, the "
-                        "--*-every cadences and the sample settings may change")
+                        "--*-every cadences, the sample settings and --grad-accum (keeping ranks x "
+                        "grad-accum) may change")
     _add_device(p, "default cpu; on --resume, the run's")
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl)")
     p.add_argument("--no-progress", action="store_true",
@@ -307,6 +312,7 @@ def build_parser():
 
 
 TRAIN_KEYS = ("num_samples", "image_size", "channels", "num_classes", "global_batch_size",
+              "grad_accum",
               "steps", "epochs", "lr", "weight_decay", "grad_clip", "warmup_steps", "ema_decay",
               "objective", "learn_sigma", "routing", "gating", "plr_weight", "plr_over_layers",
               "sim_weight", "balance_weight", "beta", "class_dropout_prob", "hflip", "seed",
@@ -336,7 +342,8 @@ def _train(args, ap):
     res = train(args.model, preset=args.preset, resume=args.resume, init_from=args.ckpt,
                 progress=False if args.no_progress else None, report=not args.no_report,
                 device=args.device, precision=args.precision, threads=args.threads, **kw)
-    print(f"racedit: done in {res.wall_time:.1f} s; run folder {res.run_dir}")
+    if res.rank == 0:
+        print(f"racedit: done in {res.wall_time:.1f} s; run folder {res.run_dir}")
     return 0
 
 

@@ -153,7 +153,8 @@ class TrainConfig:
     cadence of log.txt and of the per-layer statistics in log.jsonl (every step with
     log_layers_every_step); plr_over_layers: ``"mean"`` (L_PLR is the mean of the layers'
     losses, each weighted plr_weight / depth) or ``"sum"`` (their sum, each weighted
-    plr_weight); the rest as DiT.
+    plr_weight); grad_accum: micro-batches per rank per optimizer step, each
+    global_batch_size / (ranks x grad_accum) samples (racedit.distributed); the rest as DiT.
     """
 
     model: str = "RaceDiT-S/2-2in8"
@@ -174,6 +175,7 @@ class TrainConfig:
     balance_weight: float = 0.0
     beta: float = 0.99
     global_batch_size: int = 32
+    grad_accum: int = 1
     steps: int = None
     epochs: int = None
     lr: float = 1e-4

@@ -264,6 +264,10 @@ class RaceDiT:
         """Set the EMA weights to (num_params,) float32 ``values``."""
         _C.model_set_buffer(self._model, _EMA, values)
 
+    def set_grad_buffer(self, values):
+        """Set the gradients to (num_params,) float32 ``values`` (e.g. summed over ranks)."""
+        _C.model_set_buffer(self._model, _GRADS, values)
+
     def optimizer_state(self):
         """dict with the AdamW moments ``m``, ``v`` ((num_params,) float32; live views on the
         CPU, copies on CUDA) and the ``step`` count."""

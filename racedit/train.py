@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from . import optim
+from . import distributed, optim
 from .checkpoint import (CheckpointError, load_checkpoint, pack_params, rng_from_state,
                          rng_state, save_checkpoint, set_thresholds, unpacked_params)
 from .configs import DATA_SETTINGS, PLR_OVER_LAYERS, PRESETS, TrainConfig, get_config
@@ -73,6 +73,7 @@ class TrainResult:
     dataset: object = None
     wall_time: float = 0.0
     report: str = None  # the routing report's JSON (MoE runs with report=True)
+    rank: int = 0       # this process's rank (MPI); rank 0 wrote the run folder
 
 
 # ---- models --------------------------------------------------------------------------
@@ -146,8 +147,10 @@ class _Trainer:
     """The training loop's state. The model owns the EMA and the AdamW moments (on its
     device); the trainer owns the data order, the random generator and the step count."""
 
-    def __init__(self, cfg, dataset, model, run_dir, progress, out, precision="fp32"):
+    def __init__(self, cfg, dataset, model, run_dir, progress, out, precision="fp32",
+                 world=None):
         self.cfg, self.ds, self.m, self.run_dir = cfg, dataset, model, run_dir
+        self.world = world or distributed.World()
         self.device, self.precision = model.device, precision
         self.progress, self.out = progress, out
         self.obj = make_objective(cfg.objective, learn_sigma=cfg.learn_sigma)
@@ -176,21 +179,13 @@ class _Trainer:
         on the host between the model's forward / backward and its optimizer step. The
         gradient norm is always computed (an infinite max norm when not clipping: scale 1),
         so that NaN/Inf gradients stop the run before they reach the weights."""
+        if self.world.size * self.cfg.grad_accum > 1:
+            return distributed.accum_step(self, self.world, layers)
         cfg, m, obj = self.cfg, self.m, self.obj
         x0, y = self.ds.batch(self.batch_indices(self.step))        # (B,C,H,W), (B,)
-        if cfg.hflip:
-            flip = self.rng.random(self.B) < 0.5
-            x0[flip] = x0[flip][..., ::-1]
-        t, noise = obj.draw(self.rng, x0)
-        drop = self.rng.random(self.B) < cfg.class_dropout_prob
-        y = np.where(drop, m.num_classes, y)
-        x_t, target = obj.make_batch(x0, t, noise)
+        t, y, x_t, target = self.noised(self.rng, x0, y)
         step = self.step + 1
-        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-        opt = dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                   weight_decay=cfg.weight_decay,
-                   max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
-                   ema_decay=cfg.ema_decay)
+        lr, opt = self.opt_settings(step)
         try:
             if obj.learn_sigma and obj.name == "ddpm":
                 m.zero_grad()
@@ -223,13 +218,34 @@ class _Trainer:
         rec.update({"grad_norm": gnorm, "lr": lr})
         return self._statistics(rec, t, layers)
 
+    def noised(self, rng, x0, y):
+        """(t, y, x_t, target) of a batch: flips (hflip), timesteps and noise, labels
+        dropped for classifier-free guidance, drawn from ``rng`` in that order."""
+        cfg, n = self.cfg, x0.shape[0]
+        if cfg.hflip:
+            flip = rng.random(n) < 0.5
+            x0[flip] = x0[flip][..., ::-1]
+        t, noise = self.obj.draw(rng, x0)
+        drop = rng.random(n) < cfg.class_dropout_prob
+        y = np.where(drop, self.m.num_classes, y)
+        return (t, y) + tuple(self.obj.make_batch(x0, t, noise))
+
+    def opt_settings(self, step):
+        """(lr, optimizer_step's keyword arguments) of step ``step`` (1-based)."""
+        cfg = self.cfg
+        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+        return lr, dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                        weight_decay=cfg.weight_decay,
+                        max_grad_norm=cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
+                        ema_decay=cfg.ema_decay)
+
     def _statistics(self, rec, t, layers):
         """Add the per-layer statistics of this step's forward to ``rec`` when ``layers``;
         experts per token by timestep bucket is counted every step and recorded (as the mean
         since the last record holding it) with them."""
         m = self.m
         if self.is_moe:
-            self._ept += _ept_by_t(m, self.obj.time_fraction(t))
+            self._ept += self.ept_counts(t)
         if not layers:
             return rec
         rec.update(_norm_record(m))
@@ -239,6 +255,15 @@ class _Trainer:
             rec["ept_by_t"] = {str(i): float(sums[i] / cnt[i]) for i in np.flatnonzero(cnt)}
             self._ept[:] = 0
         return rec
+
+    def ept_counts(self, t):
+        """(2, NUM_T_BUCKETS) experts-per-token sums and counts by timestep bucket of the
+        last forward, whose timesteps were ``t``."""
+        return _ept_by_t(self.m, self.obj.time_fraction(t))
+
+    def diverged(self, what, x_t=None):
+        """The TrainingDiverged of the step being taken (the message of :meth:`_where`)."""
+        return TrainingDiverged(self._where(self.step + 1, what, x_t))
 
     def _where(self, step, what, x_t=None):
         """The diverged message: a non-finite parameter is the cause when there is one, then
@@ -263,7 +288,11 @@ class _Trainer:
 
     # checkpoints
     def save(self, path):
+        """Write a checkpoint (collective: rank 0 writes, with every rank's generator)."""
         m = self.m
+        layout = distributed.checkpoint_meta(self.world, self.cfg, rng_state(self.rng))
+        if not self.world.is_root:
+            return
         log_bytes = self.log.sync() if self.log is not None else None
         opt = m.optimizer_state()
         tensors = {}
@@ -280,7 +309,7 @@ class _Trainer:
                          "class_names": list(self.ds.class_names), "source": self.ds.source},
                 "run_dir": os.path.abspath(self.run_dir), "log_bytes": log_bytes,
                 "ept_window": self._ept.tolist(),
-                "device": self.device, "precision": self.precision}
+                "device": self.device, "precision": self.precision, "distributed": layout}
         save_checkpoint(path, tensors, meta)
 
     def restore(self, tensors, meta, path):
@@ -292,7 +321,7 @@ class _Trainer:
                                 "step": int(meta["step"])})
         set_thresholds(m, tensors, path)
         self.step = int(meta["step"])
-        self.rng = rng_from_state(meta["rng"])
+        self.rng = rng_from_state(distributed.rank_rng_state(meta, self.world))
         # the experts-per-token sums since the last record, so that the next record of a
         # resumed run averages the same steps as the uninterrupted run's
         window = np.asarray(meta.get("ept_window", np.zeros_like(self._ept)), np.float64)
@@ -346,7 +375,8 @@ def _total_steps(cfg, n):
 # What a resumed run may change; every other setting given must equal the run's.
 # results_dir: continue in a new numbered run folder there.
 RESUMABLE = ("steps", "epochs", "log_every", "log_layers_every_step", "ckpt_every",
-             "sample_every", "cfg_scale", "sampler", "num_sampling_steps", "results_dir")
+             "sample_every", "cfg_scale", "sampler", "num_sampling_steps", "results_dir",
+             "grad_accum")  # grad_accum: while ranks x grad_accum stays the same
 
 
 @dataclasses.dataclass
@@ -366,6 +396,7 @@ class _Job:
     device: str
     precision: str
     t_start: float
+    world: object = None
 
 
 def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
@@ -397,12 +428,18 @@ def train(model=None, *, preset=None, resume=None, init_from=None, dataset=None,
     the checkpoint's for ``resume``; checkpoints are the same on either device (a GPU
     run resumes on the CPU and vice versa, bit-exactly only on the same device).
 
+    Under an MPI launcher (``mpirun -n N``) the N ranks train one model, data parallel:
+    each step's ``global_batch_size`` samples are split into N x ``grad_accum`` micro-batches
+    whose gradients are averaged (racedit.distributed, docs/distributed.md); rank 0 writes
+    the run folder and an error on any rank ends every rank.
+
     Raises ValueError for bad settings or data (racedit.data.DataError names the file), an
     output folder that cannot be written, or device "cuda" when CUDA is not available,
     before the first step; OSError when writing fails later (a full disk); and
     TrainingDiverged when the loss or a gradient turns NaN/Inf.
     """
-    with thread_limit(threads):
+    world = distributed.world()
+    with world.guard(), thread_limit(threads):
         return _start(model, preset, resume, init_from, dataset, progress, out, final_samples,
                       report, device, precision, kwargs)
 
@@ -411,9 +448,15 @@ def _start(model, preset, resume, init_from, dataset, progress, out, final_sampl
            device, precision, kwargs):
     out = out or sys.stdout
     t_start = time.time()
+    world = distributed.world()
+    if not world.is_root:
+        out, progress = io.StringIO(), False
     meta = load_checkpoint(resume)[1] if resume is not None else None
     cfg, changes = _resolve_config(model, preset, meta, kwargs)
     _validate(cfg)
+    distributed.micro_layout(cfg.global_batch_size, world.size, cfg.grad_accum)
+    if meta is not None:
+        distributed.check_resume(meta, cfg, world, resume)
     run_dir = _output_folder(cfg, resume, kwargs.get("results_dir"))
     inherited = resume is not None and device is None
     if inherited:
@@ -428,10 +471,11 @@ def _start(model, preset, resume, init_from, dataset, progress, out, final_sampl
             raise
         raise ValueError(f"{e}; {resume} comes from a {device} ({precision}) run: pass "
                          "device='cpu' (--device cpu) to resume it on the CPU") from None
+    distributed.select_device(world, device)
     if progress is None:
         progress = sys.stderr.isatty()
     job = _Job(resume, meta, changes, run_dir, init_from, dataset, progress, out,
-               final_samples, report, device, precision, t_start)
+               final_samples, report, device, precision, t_start, world)
     from .cuda import precision_scope
 
     with precision_scope(device, precision):
@@ -457,23 +501,27 @@ def _train(cfg, job):
     ds = build_dataset(cfg, job.dataset)
     total = _total_steps(cfg, len(ds))
     m = build_model(cfg, ds.channels, ds.image_size, ds.num_classes, job.device, job.precision)
-    run_dir = job.run_dir or new_run_dir(cfg.results_dir, m.config.name)
-    tr = _Trainer(cfg, ds, m, run_dir, job.progress, job.out, job.precision)
+    root = job.world.is_root
+    run_dir = job.world.bcast(job.run_dir or (new_run_dir(cfg.results_dir, m.config.name)
+                                              if root else None))
+    tr = _Trainer(cfg, ds, m, run_dir, job.progress, job.out, job.precision, job.world)
     records, notes = [], []
     if job.resume is not None:
         tensors, _ = load_checkpoint(job.resume)
         tr.restore(tensors, job.meta, job.resume)
-        records, notes = _resume_history(tr, job)
+        if root:
+            records, notes = _resume_history(tr, job)
     elif job.init_from is not None:
         tensors, _ = load_checkpoint(job.init_from)
         load_params(m, tensors, "model.", job.init_from)
         set_thresholds(m, tensors, job.init_from)
         m.set_ema_buffer(m.param_buffer)
-    tr.log = log = RunLog(run_dir, job.out)
+    tr.log = log = RunLog(run_dir, job.out) if root else distributed.NullLog()
     try:
         if job.resume is not None:
             _log_resume(tr, job, notes)
-        write_config(run_dir, cfg)
+        if root:
+            write_config(run_dir, cfg)
         on = f" on {job.device} ({job.precision})" if job.device != "cpu" else ""
         log.line(f"{m.config.name}, {m.num_params():,} parameters "
                  f"({m.num_activated_params():,} activated), data {ds!r}, {total} steps of "
@@ -496,12 +544,13 @@ def _finish(tr, job, records, log):
     last_ckpt = tr.ckpt_path(tr.step)
     tr.save(last_ckpt)
     log.line(f"saved {last_ckpt}")
-    if job.final_samples:
+    root = tr.world.is_root
+    if job.final_samples and root:
         p = os.path.join(run_dir, "samples", f"{tr.step:07d}.png")
         _sample_grid(tr, p, 8, progress=job.progress)
         log.line(f"sample grid {p}")
     rep = None
-    if job.report and m.config.is_moe:
+    if job.report and m.config.is_moe and root:
         from .report import routing_report
 
         rep = routing_report(m, m.ema_buffer, tr.obj, tr.ds, records, run_dir, seed=cfg.seed,
@@ -511,7 +560,7 @@ def _finish(tr, job, records, log):
     wall = time.time() - job.t_start
     log.line(f"done at step {tr.step} in {wall:.1f} s", echo=False)
     return TrainResult(run_dir, last_ckpt, records, m, np.array(m.ema_buffer), cfg, tr.ds, wall,
-                       rep and rep["json"])
+                       rep and rep["json"], tr.world.rank)
 
 
 def _last_words(log, msg, out):
@@ -680,7 +729,8 @@ def _loop(tr, total, records, log):
             if cfg.ckpt_every and tr.step % cfg.ckpt_every == 0 and tr.step < total:
                 tr.save(tr.ckpt_path(tr.step))
                 log.line(f"saved {tr.ckpt_path(tr.step)}", echo=False)
-            if cfg.sample_every and tr.step % cfg.sample_every == 0 and tr.step < total:
+            if (cfg.sample_every and tr.step % cfg.sample_every == 0 and tr.step < total
+                    and tr.world.is_root):
                 _sample_grid(tr, os.path.join(tr.run_dir, "samples", f"{tr.step:07d}.png"), 4)
     finally:
         if bar is not None:

@@ -35,6 +35,10 @@ void rd_give(rd_busy *flag);
  * "<arg>: expected <what>, got <type>". */
 void *rd_capsule_ptr(PyObject *cap, const char *name, const char *arg, const char *what);
 
+/* The model of a racedit._C.model capsule, claimed for the caller (rd_give(*busy) after),
+ * or NULL with the exception: for binding files acting on a whole model (bind_dist.c). */
+struct rd_model *rd_bind_take_model(PyObject *cap, rd_busy **busy);
+
 /* Wildcard for one dimension of an expected shape. */
 #define RD_ANY (-1)
 
@@ -162,5 +166,6 @@ int rd_bind_losses(PyObject *m);
 int rd_bind_dit(PyObject *m);
 int rd_bind_model(PyObject *m);
 int rd_bind_train(PyObject *m);
+int rd_bind_dist(PyObject *m);
 
 #endif

@@ -51,6 +51,13 @@ static model_box *take_box(PyObject *cap) {
     return box;
 }
 
+rd_model *rd_bind_take_model(PyObject *cap, rd_busy **busy) {
+    model_box *box = take_box(cap);
+    if (!box) return NULL;
+    *busy = &box->busy;
+    return box->m;
+}
+
 /* `call` with the GIL released; a failure raises and jumps to done. */
 #define RUN(call)                              \
     do {                                       \

@@ -130,7 +130,8 @@ PyMODINIT_FUNC PyInit__C(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (rd_bind_route(m) < 0 || rd_bind_moe(m) < 0 || rd_bind_losses(m) < 0 ||
-        rd_bind_dit(m) < 0 || rd_bind_model(m) < 0 || rd_bind_train(m) < 0) {
+        rd_bind_dit(m) < 0 || rd_bind_model(m) < 0 || rd_bind_train(m) < 0 ||
+        rd_bind_dist(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
