@@ -18,7 +18,7 @@ import racedit
 from racedit.checkpoint import load_checkpoint
 from racedit.train import model_from_checkpoint
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 CKPT = os.path.join(DATA, "ckpt-0.1.0-step3.safetensors")
 
 

@@ -1,25 +1,21 @@
-"""The CUDA backend's expert precisions against the fp32 CPU ops and the float64 twins:
-bf16 (bf16 GEMM operands, fp32 accumulation, fp32 master weights) within bf16 tolerances,
-per-call TF32, the side-stream GEMM mode, routing masks that do not depend on the expert
-precision (router, gate and routing stay fp32), precision switching and its errors.
-Skipped without a CUDA device.
+"""The CUDA backend's precisions against the fp32 CPU ops and the float64 twins: bf16
+experts (bf16 GEMM operands, fp32 accumulation, fp32 master weights) within bf16
+tolerances, bf16 attention against the bf16 twin, per-call TF32, the side-stream GEMM mode,
+routing masks that do not depend on the expert precision (router, gate and routing stay
+fp32), precision switching and its errors. Skipped without a CUDA device.
 
 Tolerances for bf16 (unit roundoff 2^-9 ~ 2e-3, a few roundings deep): every output and
 gradient has a relative error norm ||got - want|| / ||want|| < 1e-2, and elementwise
 |got - want| <= 2e-2 |want| + 2e-2 max|want|."""
 import numpy as np
 import pytest
+from _moe_state import grad_of, layer_pair, masks_agree
 from _numerics import experts_case, rel_err
 
-import racedit
+from racedit import cuda as rc
 from racedit import ref
 
-HAVE_GPU = racedit.cuda_available()
-pytestmark = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or "
-                                "racedit built without CUDA")
-
-if HAVE_GPU:
-    from racedit import cuda as rc
+pytestmark = pytest.mark.gpu
 
 BF16_REL_NORM = 1e-2
 BF16_RTOL = 2e-2
@@ -95,42 +91,44 @@ def test_experts_side_streams_match_loop():
         rc.expert_gemm(prev)
 
 
+# ---- attention in bf16 -------------------------------------------------------------------
+@pytest.mark.parametrize("B,L,D,NH", [(1, 1, 2, 1), (2, 5, 12, 3), (2, 64, 64, 4), (1, 256, 96, 6)])
+def test_attention_bf16(B, L, D, NH):
+    """bf16 operands (fp32 accumulation, fp32 softmax) against the float64 twin that rounds
+    the same operands (ref.bf16_gemm_operands): relative error norm < 5e-4 for out and dqkv
+    (what is left is fp32 accumulation and the rare operand whose fp32 value rounds to the
+    other bf16 neighbour), < 1e-4 for att. The bf16 twin is 2-4e-3 from the unrounded one
+    (tests/layers/test_ref_bf16.py), so the fp32 path would fail here."""
+    rng = np.random.default_rng(L + D)
+    qkv = rng.standard_normal((B, L, 3 * D)).astype(np.float32)
+    out, att = rc.attention_forward(qkv, NH, precision="bf16")
+    with ref.bf16_gemm_operands():
+        want_out, want_att = ref.dit_attention_forward(qkv, NH)
+    assert rel_err(out, want_out) < 5e-4
+    assert rel_err(att, want_att) < 1e-4
+    g = rng.standard_normal((B, L, D)).astype(np.float32)
+    got = rc.attention_backward(g, qkv, att, NH, precision="bf16")
+    with ref.bf16_gemm_operands():
+        want = ref.dit_attention_backward(g, qkv, att, NH)
+    assert rel_err(got, want) < 5e-4
+    if L > 1:  # not the fp32 path: farther from the unrounded twin than from the rounded one
+        f32_out, _ = rc.attention_forward(qkv, NH)
+        assert rel_err(out, f32_out) > 4 * rel_err(out, want_out)
+
+
 # ---- the composite layer in bf16 ---------------------------------------------------------
-def layer_pair(strategy, gating, B, L, D, E, k, seed=0, precision="bf16"):
-    cpu = racedit.MoE(D, E, k, strategy=strategy, gating=gating, seed=seed)
-    st = rc.MoEState(D, E, k, hidden=cpu.hidden, strategy=strategy, gating=gating,
-                     precision=precision)
-    rng = np.random.default_rng(seed + 1)
-    cpu.param_buffer[...] += 0.05 * rng.standard_normal(cpu.param_buffer.size).astype(np.float32)
-    x = rng.standard_normal((B, L, D)).astype(np.float32)
-    dy = rng.standard_normal((B, L, D)).astype(np.float32)
-    return cpu, st, x, dy
-
-
-def masks_identical_or_tie(m_gpu, m_cpu, G):
-    """Routing is fp32 in every precision: the masks are the CPU's unless a gate score sits
-    on the selection boundary at fp32 noise (G comes from GEMMs of other summation orders)."""
-    diff = m_gpu != m_cpu
-    if not diff.any():
-        return True
-    only_gpu, only_cpu = np.sort(G[m_gpu & ~m_cpu]), np.sort(G[m_cpu & ~m_gpu])
-    assert only_gpu.size == only_cpu.size, "selected counts differ"
-    assert np.all(np.abs(only_gpu - only_cpu) < 1e-4), f"{diff.sum()} pairs differ away from a tie"
-    return False
-
-
 @pytest.mark.parametrize("strategy", ["race", "token", "expert"])
 @pytest.mark.parametrize("gating", ["identity", "softmax"])
 def test_layer_bf16_matches_cpu(strategy, gating):
     B, L, D, E, k = 2, 16, 24, 4, 2
-    cpu, st, x, dy = layer_pair(strategy, gating, B, L, D, E, k)
+    cpu, st, x, dy, _ = layer_pair(strategy, gating, B, L, D, E, k, precision="bf16")
     assert st.precision == "bf16"
     y_cpu = cpu.forward(x)
     y = rc.moe_forward(st, x, cpu.param_buffer, training=True)
     v = st.view()
     np.testing.assert_allclose(v["G"].reshape(B, L, E), cpu.gates, rtol=2e-4,
                                atol=2e-5 * max(1.0, np.abs(cpu.gates).max()))
-    if not masks_identical_or_tie(v["mask"].reshape(B, L, E), cpu.mask, cpu.gates):
+    if not masks_agree(v["mask"].reshape(B, L, E), cpu.mask, cpu.gates):
         pytest.skip("a gate score sits on the selection boundary at fp32 noise")
     np.testing.assert_array_equal(v["counts"], cpu.expert_counts)
     bf16_close(y, y_cpu, "y")
@@ -139,14 +137,12 @@ def test_layer_bf16_matches_cpu(strategy, gating):
     dx, grads = rc.moe_backward(st, dy, x, cpu.param_buffer)
     bf16_close(dx, dx_cpu, "dx")
     for name, g in cpu.grads.items():
-        off = g.ctypes.data - cpu.grad_buffer.ctypes.data
-        got = grads[off // 4: off // 4 + g.size].reshape(g.shape)
-        bf16_close(got, g, f"grad {name}")
+        bf16_close(grad_of(cpu, grads, name), g, f"grad {name}")
 
 
 def test_layer_masks_do_not_depend_on_precision():
     B, L, D, E, k = 2, 32, 16, 8, 2
-    cpu, st, x, _ = layer_pair("race", "identity", B, L, D, E, k, seed=7, precision="fp32")
+    cpu, st, x, _, _ = layer_pair("race", "identity", B, L, D, E, k, seed=7, precision="fp32")
     rc.moe_forward(st, x, cpu.param_buffer, training=True)
     v32 = st.view()
     st16 = rc.MoEState(D, E, k, hidden=cpu.hidden, strategy="race", precision="bf16")
@@ -159,7 +155,7 @@ def test_layer_masks_do_not_depend_on_precision():
 
 def test_layer_precision_switch_and_errors():
     B, L, D, E, k = 2, 8, 8, 4, 1
-    cpu, st, x, dy = layer_pair("race", "identity", B, L, D, E, k, precision="fp32")
+    cpu, st, x, dy, _ = layer_pair("race", "identity", B, L, D, E, k, precision="fp32")
     assert st.precision == "fp32"
     rc.moe_forward(st, x, cpu.param_buffer)
     st.precision = "bf16"
