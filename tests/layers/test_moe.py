@@ -536,15 +536,6 @@ def test_layer_on_a_device_matches_cpu(device, strategy, training):
         assert g.threshold == pytest.approx(c.threshold, rel=1e-5, abs=1e-7)
 
 
-def test_layer_device_dispatch():
-    assert type(racedit.MoE(8, 4, 2)) is racedit.MoE
-    with pytest.raises(ValueError, match="device"):
-        racedit.MoE(8, 4, 2, device="tpu")
-    if not racedit.cuda_available():
-        with pytest.raises(RuntimeError, match="CUDA not available"):
-            racedit.MoE(8, 4, 2, device="cuda")
-
-
 @pytest.mark.gpu
 def test_settable_weights_reach_the_device_and_bf16():
     g = racedit.MoE(16, 4, 2, plr_dim=3, sim_weight=0.1, device="cuda")

@@ -108,6 +108,12 @@ def test_device_argument():
         _C.dit_layernorm_forward(x, device=0)
     with pytest.raises(ValueError, match="device"):
         racedit.RaceDiT("DiT-T/2", input_size=8, device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        racedit.RaceDiT("DiT-T/2", input_size=8, dtype="bf16")
+    assert type(racedit.RaceDiT("DiT-T/2", input_size=8, device="cpu")) is racedit.RaceDiT
+    assert type(racedit.MoE(8, 4, 2)) is racedit.MoE
+    with pytest.raises(ValueError, match="device"):
+        racedit.MoE(8, 4, 2, device="tpu")
     with pytest.raises(ValueError, match="precision: the CPU computes in fp32 only"):
         ops.experts_forward(*op_args_experts(), precision="bf16")
     if not racedit.cuda_available():
@@ -115,6 +121,8 @@ def test_device_argument():
             _C.dit_layernorm_forward(x, device="cuda")
         with pytest.raises(RuntimeError, match="CUDA not available"):
             racedit.MoE(8, 4, 2, device="cuda")
+        with pytest.raises(RuntimeError, match="CUDA not available"):
+            racedit.RaceDiT("DiT-T/2", input_size=8, device="cuda")
 
 
 def op_args_experts():
