@@ -2,7 +2,7 @@
 (racedit.ref.moe_forward/moe_backward fed the C layer's own selection, so the comparison
 does not hinge on float32-vs-float64 near-ties), the selection itself against
 racedit.ref.route on the C layer's gates (exact), the threshold, the parameter layout,
-and bad input. Tolerances as in test_moe_ops.py: rtol 1e-4, atol 1e-5 * max(1, |ref|).
+and bad input. Tolerances as in ops/test_moe_ops.py: rtol 1e-4, atol 1e-5 * max(1, |ref|).
 """
 import numpy as np
 import pytest
