@@ -46,21 +46,38 @@ def rel_err(got, want):
     return float(np.linalg.norm(got - want) / (den if den > 0 else 1.0))
 
 
-def numgrad(f, arrays, i, eps=1e-6):
-    """Central-difference gradient of the scalar f() w.r.t. arrays[i] (modified in place)."""
-    a = arrays[i]
-    g = np.zeros_like(a)
-    it = np.nditer(a, flags=["multi_index"])
+def fd_grad(f, x, eps=1e-6):
+    """Central differences of the scalar f(x) w.r.t. every element of x (changed in place,
+    then restored)."""
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
     for _ in it:
         j = it.multi_index
-        old = a[j]
-        a[j] = old + eps
-        fp = f()
-        a[j] = old - eps
-        fm = f()
-        a[j] = old
+        old = x[j]
+        x[j] = old + eps
+        fp = f(x)
+        x[j] = old - eps
+        fm = f(x)
+        x[j] = old
         g[j] = (fp - fm) / (2 * eps)
     return g
+
+
+def numgrad(f, arrays, i, eps=1e-6):
+    """Central-difference gradient of the scalar f() w.r.t. arrays[i] (modified in place)."""
+    return fd_grad(lambda _: f(), arrays[i], eps)
+
+
+def route_valid(B, L, E, k, strategy):
+    """Whether K (docs/method.md section 2) is a whole number in [0, group size] for scores
+    (B, L, E), k and ``strategy`` (racedit.ref.route_plan's rule)."""
+    from racedit import ref
+
+    try:
+        ref.route_plan(B, L, E, k, strategy)
+        return True
+    except ValueError:
+        return False
 
 
 def fd_check(f, x, dout, grad, n=8, h=1e-6, rng=None):

@@ -7,7 +7,7 @@ are checked on each in tests/ops/."""
 import numpy as np
 import pytest
 from _moe_state import layer_pair, masks_agree
-from _numerics import STRATEGIES, experts_case
+from _numerics import STRATEGIES, experts_case, route_valid
 from _numerics import gpu_close as close
 
 import racedit
@@ -39,13 +39,15 @@ def test_without_gpu_every_entry_raises_runtime_error():
         lambda: rc.router_backward(R, xr, xr, xr, Wr, Wg),
         lambda: rc.experts_forward(xe, mask, G, w1, b1, w2, b2),
         lambda: rc.experts_backward(dy, xe, mask, G, w1, b1, w2, b2, precision="bf16"),
-        lambda: rc.layernorm_forward(z3[0]), lambda: rc.layernorm_backward(z3[0], z3[0], z3[0, :, 0]),
+        lambda: rc.layernorm_forward(z3[0]),
+        lambda: rc.layernorm_backward(z3[0], z3[0], z3[0, :, 0]),
         lambda: rc.modulate_forward(z3, rows, rows), lambda: rc.modulate_backward(z3, z3, rows),
         lambda: rc.gated_residual_forward(z3, z3, rows),
         lambda: rc.gated_residual_backward(z3, z3, rows),
         lambda: rc.silu_forward(z3), lambda: rc.silu_backward(z3, z3),
         lambda: rc.timestep_embedding(np.zeros(2, np.float32), 4),
-        lambda: rc.attention_forward(qkv, 2), lambda: rc.attention_forward(qkv, 2, precision="bf16"),
+        lambda: rc.attention_forward(qkv, 2),
+        lambda: rc.attention_forward(qkv, 2, precision="bf16"),
         lambda: rc.attention_backward(np.zeros((1, 2, 4), np.float32), qkv,
                                      np.zeros((1, 2, 2, 2), np.float32), 2),
         lambda: rc.adamw_step(p, p.copy(), p.copy(), p.copy(), 1), lambda: rc.grad_norm(p),
@@ -58,19 +60,12 @@ def test_without_gpu_every_entry_raises_runtime_error():
 
 
 # ---- routing ---------------------------------------------------------------------------
-def valid(B, L, E, k, s):
-    """K of docs/method.md §2 is a whole number in [0, group size] (the rule of route_plan)."""
-    num, den, size = {"token": (k, 1, E), "expert": (k * L, E, L), "bl": (B * L * k, E, B * L),
-                      "be": (B * k, 1, B * E), "le": (L * k, 1, L * E),
-                      "race": (B * L * k, 1, B * L * E)}[s]
-    return 0 <= k <= E and num % den == 0 and num // den <= size
-
-
 # (B, L, E, k): odd sizes, E=1, L=1, k=E, k=0; groups both <= 256 (warp ranking) and
 # > 256 elements (radix select, several 4096-element chunks)
 SHAPES = [(3, 5, 7, 7), (3, 5, 7, 0), (2, 6, 3, 1), (1, 1, 1, 1), (4, 1, 5, 2), (2, 8, 4, 2),
           (2, 40, 12, 3), (1, 64, 33, 11), (4, 300, 8, 2), (8, 256, 16, 4), (2, 2048, 8, 2)]
-CASES = [(B, L, E, k, s) for (B, L, E, k) in SHAPES for s in STRATEGIES if valid(B, L, E, k, s)]
+CASES = [(B, L, E, k, s) for (B, L, E, k) in SHAPES for s in STRATEGIES
+         if route_valid(B, L, E, k, s)]
 
 
 def route_both(x, k, s):
@@ -98,7 +93,7 @@ def test_route_random_matches_cpu(B, L, E, k, s):
 def test_route_heavy_ties_match_cpu(B, L, E, k, s):
     """Few distinct values: the K-th largest is tied across many elements and chunks, so
     the lower-flat-index rule decides; signed zeros and infinities are mixed in."""
-    if not valid(B, L, E, k, s):
+    if not route_valid(B, L, E, k, s):
         pytest.skip(f"K not an integer for {s} at {(B, L, E, k)}")
     rng = np.random.default_rng(B + L + E + k)
     vals = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 1.0, np.inf], np.float32)

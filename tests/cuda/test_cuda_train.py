@@ -19,7 +19,8 @@ from racedit.train import model_from_checkpoint, train
 
 # checkpoints need safetensors, sample grids Pillow (the trainer's own dependencies)
 MISSING = [m for m in ("safetensors", "PIL") if importlib.util.find_spec(m) is None]
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(MISSING), reason=f"training needs {MISSING}, not installed")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(bool(MISSING), reason=f"training needs {MISSING}, not installed")]
 
 
 def _tiny(tmp_path, device, **kw):

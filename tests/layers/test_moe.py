@@ -7,7 +7,7 @@ and bad input. Tolerances as in ops/test_moe_ops.py: rtol 1e-4, atol 1e-5 * max(
 import numpy as np
 import pytest
 
-from _numerics import GATINGS, STRATEGIES, assert_close, exact, on
+from _numerics import GATINGS, STRATEGIES, assert_close, exact, on, route_valid
 
 import racedit
 from racedit import ops, ref
@@ -325,14 +325,6 @@ def test_binding_state_checks():
 
 
 
-def valid(B, L, E, k, strategy):
-    try:
-        ref.route_plan(B, L, E, k, strategy)
-        return True
-    except ValueError:
-        return False
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("gating", GATINGS)
 def test_training_matches_ref(strategy, gating):
@@ -355,7 +347,7 @@ def test_training_matches_ref(strategy, gating):
 def test_training_odd_sizes(B, L, E, k, strategy):
     m = make(13, E, k, strategy=strategy, hidden=5)
     x = x_like(m, B, L)
-    if not valid(B, L, E, k, strategy):
+    if not route_valid(B, L, E, k, strategy):
         with pytest.raises(ValueError, match="integer"):
             m.forward(x)
         return

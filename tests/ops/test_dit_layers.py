@@ -335,7 +335,8 @@ def test_layernorm_on(device, N, D):
     acc0 = acc.copy()
     want = ref.dit_layernorm_backward(g, out, r)
     gpu_close(_C.dit_layernorm_backward(g, out, r, device=device), want, what="dinp")
-    gpu_close(_C.dit_layernorm_backward(g, out, r, acc, device=device), acc0 + want, what="dinp_acc")
+    gpu_close(_C.dit_layernorm_backward(g, out, r, acc, device=device), acc0 + want,
+              what="dinp_acc")
     np.testing.assert_array_equal(acc, acc0)  # the accumulator argument is not modified
 
 

@@ -332,8 +332,8 @@ def test_experts_on_match_cpu_op(device):
 def test_experts_on_all_or_no_pairs(device, case):
     dy, x, mask, *rest = experts_case(40, 16, 4, 8, 5)
     mask = np.full_like(mask, case == "all")
-    gpu_close(ops.experts_forward(x, mask, *rest, device=device), ref.experts_forward(x, mask, *rest),
-              what="y")
+    gpu_close(ops.experts_forward(x, mask, *rest, device=device),
+              ref.experts_forward(x, mask, *rest), what="y")
     for g, w in zip(ops.experts_backward(dy, x, mask, *rest, device=device),
                     ref.experts_backward(dy, x, mask, *rest)):
         gpu_close(g, w)

@@ -12,24 +12,13 @@ import os
 import numpy as np
 import pytest
 from _subproc import run_cli
+from test_train import TINY_DENSE, _run
 
 import racedit
 from racedit.checkpoint import load_checkpoint, save_checkpoint
 from racedit.train import TrainingDiverged, model_from_checkpoint, train
 
-TINY_MOE = dict(depth=2, hidden=32, heads=2, patch=4, num_experts=4, k=2, expert_hidden=64)
-TINY_DENSE = dict(depth=2, hidden=32, heads=2, patch=4)
-
-
 pytestmark = pytest.mark.usefixtures("clean_check_pool")
-
-
-def _run(tmp_path, steps, mc=TINY_MOE, model="RaceDiT-tiny/4-2in4", **kw):
-    args = dict(model_config=mc, steps=steps, global_batch_size=8, num_samples=64, lr=1e-3,
-                results_dir=str(tmp_path / "results"), log_every=5, progress=False,
-                final_samples=False, report=False, out=io.StringIO(), ema_decay=0.9)
-    args.update(kw)
-    return train(model, **args)
 
 
 def _records(res):
