@@ -3,6 +3,8 @@
 does not hinge on float32-vs-float64 near-ties), the selection itself against
 racedit.ref.route on the C layer's gates (exact), the threshold, the parameter layout,
 and bad input. Tolerances as in ops/test_moe_ops.py: rtol 1e-4, atol 1e-5 * max(1, |ref|).
+The layer on another device against the CPU layer: the checking backend bit for bit, the
+GPU within fp32 tolerances.
 """
 import numpy as np
 import pytest

@@ -1,6 +1,8 @@
 """The DiT layers one by one: the C kernels (racedit._C.dit_*) against the float64 twins
 (racedit.ref.dit), the twins against finite differences and against independent
-transcriptions of DiT's formulas, and bad inputs."""
+transcriptions of DiT's formulas, and bad inputs; the layers on every device (the checking
+backend bit for bit the CPU's, the GPU within fp32 tolerances: rtol 2e-4, atol 2e-5 times
+max(1, max|reference|)) against the twins and the CPU ops."""
 import numpy as np
 import pytest
 

@@ -1,6 +1,8 @@
 """The MoE block's ops (gating, router MLP, dropless experts): the float64 twins against
 central finite differences, the C ops against the twins over odd sizes and edge cases,
-and bad input for every function.
+and bad input for every function; the ops on every device (the checking backend, the GPU)
+against the CPU's and the twins within the fp32 tolerances of a GPU (rtol 2e-4 or 1e-5,
+atol 2e-5 or 1e-6 times max(1, max|reference|)).
 
 Tolerances: the C ops run in float32 and are compared with the float64 twins with
 rtol = 1e-4 and atol = 1e-5 * max(1, max|reference|) (float32 GEMM sums over at most a

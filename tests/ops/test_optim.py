@@ -1,5 +1,6 @@
 """The fused optimiser loops (AdamW, grad norm, EMA, NaN finder) against their float64
-twins, against torch.optim.AdamW when torch is installed, and on bad input."""
+twins, against torch.optim.AdamW when torch is installed, and on bad input; AdamW + EMA on
+every device bit for bit a float32 replica of the CPU's arithmetic."""
 
 from _numerics import on
 from _subproc import run_python
