@@ -4,7 +4,8 @@
 # from the wheels in .whl/ at the repository root (numpy, scipy, pytest and its
 # dependencies, setuptools; nvidia-cublas (+ nvidia-cuda-nvrtc) for CUDA 13 or
 # nvidia-cublas-cu12 for CUDA 12, needed only when the toolkit has no libcublas).
-# Steps: venv, install, build in place with CUDA, every tests/test_cuda_*.py, the benchmarks
+# Steps: venv, install, build in place with CUDA, the GPU tests (tests/cuda/, every test marked
+# gpu), the benchmarks
 # (racedit's block in fp32 / TF32 / bf16 per GEMM mode; PyTorch eager bf16 when torch has
 # CUDA), the whole-model train step against PyTorch eager / torch.compile, a compute-sanitizer
 # memcheck, 300 steps of `python -m racedit train --preset quick --device cuda` (images/s),
@@ -82,10 +83,14 @@ if python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     WARM_PID=$!
 fi
 
-step "tests (tests/test_cuda_*.py, tests/test_build.py)"
-timeout 200 python -m pytest -ra -q tests/test_cuda_*.py tests/test_build.py -p no:cacheprovider \
+step "tests (tests/cuda/, tests/test_build.py, the tests marked gpu in tests/ops, layers, train)"
+timeout 200 python -m pytest -ra -q tests/cuda tests/test_build.py -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest.log"
 TEST_RC=${PIPESTATUS[0]}
+timeout 200 python -m pytest -ra -q -m gpu tests/ops tests/layers tests/train -p no:cacheprovider \
+    2>&1 | tee -a "$OUT/pytest.log"
+GPU_MARKED_RC=${PIPESTATUS[0]}
+[ "$TEST_RC" -ne 0 ] || TEST_RC=$GPU_MARKED_RC
 
 if [ -n "$WARM_PID" ]; then
     step "waiting for the torch.compile warm-up (no benchmark shares the GPU with it)"

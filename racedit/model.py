@@ -133,7 +133,7 @@ class RaceDiT:
     bits at any thread count in the "omp" threading mode (``racedit._C.moe_threading()``,
     the default when racedit controls the BLAS's threads, as with SciPy's OpenBLAS):
     every BLAS call runs single-threaded on row blocks chosen from the product's shape
-    alone, and every reduction runs in a fixed order (tests/test_determinism.py). In
+    alone, and every reduction runs in a fixed order (tests/layers/test_determinism.py). In
     "blas" mode the BLAS threads the products itself, and OpenBLAS's threaded sgemm
     blocks the inner dimension differently from its single-threaded one for some sizes:
     results may then differ in the last bits between thread counts.

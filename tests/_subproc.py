@@ -27,3 +27,13 @@ def run_python(args, cwd=None, env_extra=None, env_drop=(), popen=False, **kw):
     if popen:
         return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, **kw)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, **kw)
+
+
+def run_cli(*args, cwd, check=False, timeout=300):
+    """``python -m racedit ARGS`` in ``cwd``, both streams captured as text; with ``check``,
+    a non-zero exit is an AssertionError that shows them."""
+    p = run_python(["-m", "racedit", *args], cwd=cwd, capture_output=True, text=True,
+                   timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p

@@ -1,7 +1,7 @@
 """A PyTorch eager DiT written after facebookresearch/DiT's models.py (same module names,
 so its state_dict is a DiT state dict), plus an MoE block with racedit's semantics
 (router MLP, identity gating, batch top-K "race" routing, dropless per-expert matmuls
-with index_add_). Used by tests/test_model_torch.py and benchmarks/bench_model.py;
+with index_add_). Used by tests/layers/test_model_torch.py and benchmarks/bench_model.py;
 imports torch, so only import it where torch is installed."""
 import math
 

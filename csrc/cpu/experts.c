@@ -204,7 +204,7 @@ void rd_blas_threads_restore(int prev) {
  * rows a multiple of 8, at least RD_MIN_ROWS. A function of the shape only, never of the
  * thread count: OpenBLAS's single-threaded sgemm picks its kernel and K blocking by the
  * call's shape, so a product split differently rounds differently. With the same calls at
- * any thread count, every output bit is the same (tests/test_determinism.py). */
+ * any thread count, every output bit is the same (tests/layers/test_determinism.py). */
 static int64_t block_rows(int64_t M, int64_t cols, int64_t K) {
     const double work = (double)M * (double)cols * (double)K;
     int64_t nb = 1;

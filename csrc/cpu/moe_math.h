@@ -8,7 +8,7 @@
  *   GELU_tanh(x) = x * sigma(2u),   u = sqrt(2/pi) (x + 0.044715 x^3),
  *   GELU_erf(x)  = x * Phi(x),      Phi(x) = 1 - erfc(z)/2 (x >= 0), erfc(|z|)/2 (x < 0),
  * with z = x/sqrt(2), so the negative tails keep their relative precision.
- * Accuracy (checked against float64 in tests/test_moe_ops.py): exp relative error
+ * Accuracy (checked against float64 in tests/ops/test_moe_ops.py): exp relative error
  * < 1e-7; erfc relative error < 5e-6 (< 2e-7 absolute); GELUs within a few float32 ulp. */
 #ifndef RACEDIT_MOE_MATH_H
 #define RACEDIT_MOE_MATH_H

@@ -3,23 +3,23 @@ forward in eval mode (dense and MoE, thresholds set or not, growing batches, lea
 the training state (activations, last forward, thresholds) untouched by it, its own arena
 (max_batch does not apply, free_infer gives it back), bad input, and its peak memory against
 the training forward's (in subprocesses); the same on the checking backend (device="check",
-a device whose memory the host must not touch). On the GPU it is compared with its own
-forward; those tests are skipped without a CUDA device."""
+a device whose memory the host must not touch) and on the GPU (fp32 and bf16), each
+against its own forward; the GPU runs are skipped without a CUDA device."""
 import json
 import os
 
 import numpy as np
 import pytest
+from _numerics import on
 from _subproc import run_python
 
-import racedit
 from racedit import RaceDiT
 
 S, C, NCLS = 8, 4, 5          # 8x8x4 input, p=2 -> L=16 tokens
 CONFIGS = ["DiT-T/2", "RaceDiT-T/2-2in4"]
-HAVE_GPU = racedit.cuda_available()
-gpu = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or racedit "
-                         "built without CUDA")
+DEVICE_DTYPES = [pytest.param(d, t, id=f"{d}-{t}", marks=pytest.mark.gpu if d == "cuda" else ())
+                 for d, t in (("cpu", "fp32"), ("check", "fp32"), ("cuda", "fp32"),
+                              ("cuda", "bf16"))]
 
 
 def model(config, device="cpu", **kw):
@@ -46,15 +46,15 @@ def eval_forward(m, x, t, y):
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("learn_sigma", [False, True])
-@pytest.mark.parametrize("device", ["cpu", "check"])
-def test_infer_equals_eval_forward(config, learn_sigma, device):
-    m = model(config, device, learn_sigma=learn_sigma)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_infer_equals_eval_forward(config, learn_sigma, device, dtype):
+    m = model(config, device, learn_sigma=learn_sigma, dtype=dtype)
     for B, seed in ((3, 1), (6, 2), (2, 3)):          # the arena grows, then serves a smaller batch
         x, t, y = batch(B, seed)
         out = m.infer(x, t, y)                        # MoE: no threshold yet (batch top-K)
         assert out.dtype == np.float32 and out.shape == (B, m.out_channels, S, S)
         np.testing.assert_array_equal(out, eval_forward(m, x, t, y))
-    assert m.infer_batch == 6
+    assert m.infer_batch == 6 and m.max_batch == 6
     if m.config.is_moe:                               # thresholds from a training forward
         x, t, y = batch(4, 7)
         m.train().forward(x, t, y, plr_target=x)
@@ -62,6 +62,8 @@ def test_infer_equals_eval_forward(config, learn_sigma, device):
         for B in (4, 9):
             x, t, y = batch(B, B)
             np.testing.assert_array_equal(m.infer(x, t, y), eval_forward(m, x, t, y))
+    m.free_infer()
+    assert m.infer_batch == 0
 
 
 def test_infer_is_eval_mode_whatever_the_mode():
@@ -78,7 +80,7 @@ def test_infer_is_eval_mode_whatever_the_mode():
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("device", ["cpu", "check"])
+@pytest.mark.parametrize("device", on())
 def test_infer_leaves_the_training_state(config, device):
     """forward / infer / backward: the backward, branch norms, routing masks and layer
     stats are the last forward's, as without the infer; thresholds unchanged."""
@@ -201,45 +203,3 @@ def test_infer_peak_memory_is_a_fraction_of_the_forwards():
     fwd, inf = peak_kib("forward", 64), peak_kib("infer", 64)
     assert fwd["sum"] == inf["sum"]
     assert inf["kib"] < 0.4 * fwd["kib"], (inf, fwd)
-
-
-# ---- the GPU twin -------------------------------------------------------------------------
-
-@gpu
-@pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_cuda_infer_equals_eval_forward(config, dtype):
-    m = model(config, device="cuda", dtype=dtype)
-    for B, seed in ((3, 1), (6, 2), (2, 3)):
-        x, t, y = batch(B, seed)
-        np.testing.assert_array_equal(m.infer(x, t, y), eval_forward(m, x, t, y))
-    assert m.infer_batch == 6 and m.max_batch == 6
-    if m.config.is_moe:
-        x, t, y = batch(4, 7)
-        m.train().forward(x, t, y, plr_target=x)
-        for B in (4, 9):
-            x, t, y = batch(B, B)
-            np.testing.assert_array_equal(m.infer(x, t, y), eval_forward(m, x, t, y))
-    m.free_infer()
-    assert m.infer_batch == 0
-
-
-@gpu
-def test_cuda_infer_leaves_the_training_state():
-    m = model("RaceDiT-T/2-2in4", device="cuda", class_dropout_prob=0.0)
-    x, t, y = batch(4)
-    dout = np.random.default_rng(9).normal(size=(4, C, S, S)).astype(np.float32)
-    m.thresholds = np.full(2, 0.1, np.float32)
-    m.zero_grad()
-    m.forward(x, t, y, plr_target=x)
-    m.backward(dout)
-    want = (m.grad_buffer, m.routing_masks(), m.thresholds)
-    m.zero_grad()
-    m.thresholds = np.full(2, 0.1, np.float32)
-    m.forward(x, t, y, plr_target=x)
-    m.infer(*batch(7, seed=5))
-    m.backward(dout)
-    np.testing.assert_array_equal(m.grad_buffer, want[0])
-    for a, b in zip(m.routing_masks(), want[1]):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(m.thresholds, want[2])

@@ -5,7 +5,7 @@ moments, thresholds) and log records equal, bit for bit, those the code of that 
 wrote when it resumed the same checkpoint to step 6 (their SHA-256 and records are in
 ckpt-0.1.0-step3-resumed-to-6.json); on the checking backend too. The records' combination
 usage is left out: its definition changed since (the expert pairs strictly below the 95 %
-coverage, docs/method.md §6), and tests/test_diag.py checks it against its twin."""
+coverage, docs/method.md §6), and tests/ops/test_diag.py checks it against its twin."""
 import hashlib
 import io
 import json
@@ -18,7 +18,7 @@ import racedit
 from racedit.checkpoint import load_checkpoint
 from racedit.train import model_from_checkpoint
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 CKPT = os.path.join(DATA, "ckpt-0.1.0-step3.safetensors")
 
 

@@ -1,7 +1,6 @@
 """Training and sampling on the GPU (``--device cuda``): the tiny preset's 20 steps on the
 GPU against the CPU with the same seed, exact resume on the GPU, GPU checkpoints on the CPU,
-the CLI; skipped without a GPU. Without one, ``--device cuda`` must fail with a clear
-message (that test is skipped when a GPU is present).
+the CLI; skipped without a GPU (tests/train/test_train_device.py checks the error then).
 
 Tolerances: fp32 (TF32 off) starts from identical weights and batches, so the first loss
 agrees to 1e-3 and the rest, where rounding differences compound through AdamW and can
@@ -14,17 +13,14 @@ import os
 
 import numpy as np
 import pytest
-from _subproc import run_python
+from _subproc import run_cli
 
-import racedit
 from racedit.train import model_from_checkpoint, train
 
-HAVE_GPU = racedit.cuda_available()
 # checkpoints need safetensors, sample grids Pillow (the trainer's own dependencies)
 MISSING = [m for m in ("safetensors", "PIL") if importlib.util.find_spec(m) is None]
-gpu = pytest.mark.skipif(not HAVE_GPU or bool(MISSING),
-                         reason="no CUDA device (or racedit built without CUDA)" if not HAVE_GPU
-                         else f"training needs {MISSING}, not installed")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(bool(MISSING), reason=f"training needs {MISSING}, not installed")]
 
 
 def _tiny(tmp_path, device, **kw):
@@ -38,7 +34,6 @@ def _losses(res):
     return np.array([r["loss"] for r in res.log])
 
 
-@gpu
 @pytest.mark.parametrize("precision,rtol", [("fp32", 0.02), ("bf16", 0.10)])
 def test_cuda_loss_curve_matches_cpu(tmp_path, precision, rtol):
     cpu = _tiny(tmp_path / "cpu", "cpu")
@@ -59,7 +54,6 @@ def test_cuda_loss_curve_matches_cpu(tmp_path, precision, rtol):
     assert not np.array_equal(dev.ema, dev.model.param_buffer)
 
 
-@gpu
 def test_cuda_resume_is_exact_and_loads_on_cpu(tmp_path):
     kw = dict(steps=8, ckpt_every=4, grad_clip=0.5, warmup_steps=3)
     full = _tiny(tmp_path, "cuda", **kw)
@@ -87,40 +81,15 @@ def test_cuda_resume_is_exact_and_loads_on_cpu(tmp_path):
     np.testing.assert_allclose(_losses(dev), _losses(cpu), rtol=0.02)
 
 
-def _cli(*args, cwd):
-    return run_python(["-m", "racedit", *args], cwd=cwd, capture_output=True, text=True,
-                      timeout=300)
-
-
-@gpu
 def test_cuda_cli_train_and_sample(tmp_path):
-    p = _cli("train", "--preset", "tiny", "--device", "cuda", "--precision", "bf16",
+    p = run_cli("train", "--preset", "tiny", "--device", "cuda", "--precision", "bf16",
              "--steps", "3", "--num-samples", "40", "--no-progress", "--results-dir", "res",
              cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "on cuda (bf16)" in p.stdout
     ck = sorted(glob.glob(str(tmp_path / "res" / "*" / "checkpoints" / "*.safetensors")))
     assert ck
-    p = _cli("sample", "--ckpt", ck[-1], "--device", "cuda", "--num-sampling-steps", "2",
+    p = run_cli("sample", "--ckpt", ck[-1], "--device", "cuda", "--num-sampling-steps", "2",
              "--class-labels", "0,1,2", "--out", "s.png", "--no-progress", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert os.path.exists(tmp_path / "s.png")
-
-
-@pytest.mark.skipif(HAVE_GPU, reason="a CUDA device is present")
-def test_device_cuda_without_gpu_is_a_clear_error(tmp_path):
-    why = "built without CUDA" if not racedit.build_info()["cuda"] else "no CUDA device"
-    with pytest.raises(ValueError, match="--device cuda.*CUDA not available") as e:
-        _tiny(tmp_path, "cuda", steps=1)
-    assert why in str(e.value)
-    assert not os.path.exists(tmp_path / "results")  # nothing started
-    p = _cli("train", "--preset", "tiny", "--steps", "1", "--device", "cuda",
-             "--results-dir", "res", cwd=tmp_path)
-    assert p.returncode == 2
-    assert "--device cuda" in p.stderr and "CUDA not available" in p.stderr and why in p.stderr
-    assert "Traceback" not in p.stderr
-    p = _cli("sample", "--ckpt", "missing.safetensors", "--device", "cuda", cwd=tmp_path)
-    assert p.returncode == 2
-    assert "--device cuda" in p.stderr and "CUDA not available" in p.stderr
-    with pytest.raises(ValueError, match="--device cuda.*CUDA not available"):
-        racedit.sample("missing.safetensors", device="cuda")

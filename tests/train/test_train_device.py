@@ -11,24 +11,14 @@ import os
 
 import numpy as np
 import pytest
+from _subproc import run_cli
+from test_train import TINY_DENSE, _run
 
 import racedit
 from racedit.checkpoint import load_checkpoint, save_checkpoint
 from racedit.train import TrainingDiverged, model_from_checkpoint, train
 
-TINY_MOE = dict(depth=2, hidden=32, heads=2, patch=4, num_experts=4, k=2, expert_hidden=64)
-TINY_DENSE = dict(depth=2, hidden=32, heads=2, patch=4)
-
-
 pytestmark = pytest.mark.usefixtures("clean_check_pool")
-
-
-def _run(tmp_path, steps, mc=TINY_MOE, model="RaceDiT-tiny/4-2in4", **kw):
-    args = dict(model_config=mc, steps=steps, global_batch_size=8, num_samples=64, lr=1e-3,
-                results_dir=str(tmp_path / "results"), log_every=5, progress=False,
-                final_samples=False, report=False, out=io.StringIO(), ema_decay=0.9)
-    args.update(kw)
-    return train(model, **args)
 
 
 def _records(res):
@@ -146,3 +136,23 @@ def test_cuda_checkpoint_resume_without_gpu_says_how(tmp_path):
         train(resume=ck, **again)
     on_cpu = train(resume=ck, device="cpu", **again)
     assert _records(on_cpu) == _records(res)
+
+
+@pytest.mark.skipif(racedit.cuda_available(), reason="a CUDA device is present")
+def test_device_cuda_without_gpu_is_a_clear_error(tmp_path):
+    why = "built without CUDA" if not racedit.build_info()["cuda"] else "no CUDA device"
+    with pytest.raises(ValueError, match="--device cuda.*CUDA not available") as e:
+        train(preset="tiny", steps=1, device="cuda", results_dir=str(tmp_path / "results"),
+              progress=False, final_samples=False, report=False, out=io.StringIO())
+    assert why in str(e.value)
+    assert not os.path.exists(tmp_path / "results")  # nothing started
+    p = run_cli("train", "--preset", "tiny", "--steps", "1", "--device", "cuda",
+             "--results-dir", "res", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "--device cuda" in p.stderr and "CUDA not available" in p.stderr and why in p.stderr
+    assert "Traceback" not in p.stderr
+    p = run_cli("sample", "--ckpt", "missing.safetensors", "--device", "cuda", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "--device cuda" in p.stderr and "CUDA not available" in p.stderr
+    with pytest.raises(ValueError, match="--device cuda.*CUDA not available"):
+        racedit.sample("missing.safetensors", device="cuda")

@@ -1,6 +1,8 @@
 """The fused optimiser loops (AdamW, grad norm, EMA, NaN finder) against their float64
-twins, against torch.optim.AdamW when torch is installed, and on bad input."""
+twins, against torch.optim.AdamW when torch is installed, and on bad input; AdamW + EMA on
+every device bit for bit a float32 replica of the CPU's arithmetic."""
 
+from _numerics import on
 from _subproc import run_python
 
 import numpy as np
@@ -214,3 +216,56 @@ def test_other_bad_inputs():
         optim.ema_update(e, e, 0.5)
     with pytest.raises(TypeError, match="ema"):
         optim.ema_update(e.astype(np.float64), np.zeros(4, np.float32), 0.5)
+
+
+# ---- every device: bit for bit the CPU optimiser's float32 arithmetic ------------------------
+def adamw_f32(p, g, m, v, step, lr, b1, b2, eps, wd, gs, ema=None, ema_decay=0.9999):
+    """The CPU optimiser's float32 arithmetic, operation by operation (no FMA)."""
+    f = np.float32
+    bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+    step_size, inv = f(lr / bc1), f(1.0 / np.sqrt(bc2))
+    decay = f(1.0 - lr * wd)
+    gg = g * f(gs)
+    m[...] = f(b1) * m + f(1.0 - b1) * gg
+    v[...] = f(b2) * v + f(1.0 - b2) * gg * gg
+    denom = np.sqrt(v) * inv + f(eps)
+    p[...] = p * decay - step_size * m / denom
+    if ema is not None:
+        ema[...] = ema * f(ema_decay) + p * f(1.0 - ema_decay)
+
+
+@pytest.mark.parametrize("device", on())
+@pytest.mark.parametrize("with_ema", [False, True])
+def test_adamw_ema_bitwise(device, with_ema):
+    rng = np.random.default_rng(7)
+    n = 10007
+    p = rng.standard_normal(n).astype(np.float32)
+    m = np.zeros(n, np.float32)
+    v = np.zeros(n, np.float32)
+    ema = p.copy() if with_ema else None
+    P, M, V = p.copy(), m.copy(), v.copy()
+    E = ema.copy() if with_ema else None
+    for step in range(1, 4):
+        g = rng.standard_normal(n).astype(np.float32)
+        g[::97] = 0.0
+        optim.adamw_step(p, g, m, v, lr=1e-3, step=step, beta1=0.9, beta2=0.999, eps=1e-8,
+                         weight_decay=0.01, grad_scale=0.5, ema=ema, ema_decay=0.99, device=device)
+        adamw_f32(P, g, M, V, step, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0.5, E, 0.99)
+        np.testing.assert_array_equal(p, P)
+        np.testing.assert_array_equal(m, M)
+        np.testing.assert_array_equal(v, V)
+        if with_ema:
+            np.testing.assert_array_equal(ema, E)
+
+
+@pytest.mark.parametrize("device", on())
+def test_grad_norm_and_nonfinite_on(device):
+    rng = np.random.default_rng(9)
+    for n in (0, 1, 8192, 8193, 100000):
+        g = rng.standard_normal(n).astype(np.float32)
+        want = np.sqrt(np.sum(g.astype(np.float64) ** 2))
+        assert optim.grad_norm(g, device=device) == pytest.approx(want, rel=1e-12, abs=0.0)
+        assert optim.nonfinite_index(g, device=device) == -1
+    x = np.zeros(50000, np.float32)
+    x[[40001, 12345]] = [np.inf, np.nan]
+    assert optim.nonfinite_index(x, device=device) == 12345

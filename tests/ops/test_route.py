@@ -2,6 +2,7 @@
 racedit.ref.route: exact K per group, ties to the lower flat index, tau_b, edge values,
 determinism, and the errors of bad input."""
 
+from _numerics import STRATEGIES, route_valid
 from _subproc import run_python
 
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 
 from racedit import ops, ref
 
-STRATEGIES = ["token", "expert", "bl", "be", "le", "race"]
 TOPK_AXES = {"token": (2,), "expert": (1,), "bl": (0, 1), "be": (0, 2), "le": (1, 2), "race": (0, 1, 2)}
 
 # (B, L, E, k): odd sizes, E=1, L=1, B=1, k=E, k=0, E not a power of 2
@@ -19,15 +19,8 @@ SHAPES = [
 ]
 
 
-def valid(B, L, E, k, s):
-    try:
-        ref.route_plan(B, L, E, k, s)
-        return True
-    except ValueError:
-        return False
-
-
-CASES = [(B, L, E, k, s) for (B, L, E, k) in SHAPES for s in STRATEGIES if valid(B, L, E, k, s)]
+CASES = [(B, L, E, k, s) for (B, L, E, k) in SHAPES for s in STRATEGIES
+         if route_valid(B, L, E, k, s)]
 
 
 def group_counts(mask, s):

@@ -1,6 +1,8 @@
 """The MoE block's ops (gating, router MLP, dropless experts): the float64 twins against
 central finite differences, the C ops against the twins over odd sizes and edge cases,
-and bad input for every function.
+and bad input for every function; the ops on every device (the checking backend, the GPU)
+against the CPU's and the twins within the fp32 tolerances of a GPU (rtol 2e-4 or 1e-5,
+atol 2e-5 or 1e-6 times max(1, max|reference|)).
 
 Tolerances: the C ops run in float32 and are compared with the float64 twins with
 rtol = 1e-4 and atol = 1e-5 * max(1, max|reference|) (float32 GEMM sums over at most a
@@ -11,36 +13,10 @@ are checked against finite differences in float64 with rtol = 1e-6, atol = 1e-8
 import numpy as np
 import pytest
 
+from _numerics import GATINGS, assert_close, experts_case, gpu_close, numgrad, on
+
 import racedit
 from racedit import ops, ref
-
-GATINGS = ["identity", "sigmoid", "softmax"]
-
-
-def assert_close(actual, expected, rtol=1e-4, atol=1e-5, name=""):
-    """float32 result vs float64 reference: rtol, and atol scaled by the reference's size."""
-    expected = np.asarray(expected, np.float64)
-    scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol,
-                               atol=atol * scale, err_msg=name)
-
-
-def numgrad(f, arrays, i, eps=1e-6):
-    """Central-difference gradient of the scalar f() w.r.t. arrays[i] (modified in place)."""
-    a = arrays[i]
-    g = np.zeros_like(a)
-    it = np.nditer(a, flags=["multi_index"])
-    for _ in it:
-        j = it.multi_index
-        old = a[j]
-        a[j] = old + eps
-        fp = f()
-        a[j] = old - eps
-        fm = f()
-        a[j] = old
-        g[j] = (fp - fm) / (2 * eps)
-    return g
-
 
 def f32(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -303,6 +279,66 @@ def _router_args(rng, N=4, D=3, E=2):
 
 def _expert_args(rng, N=4, D=3, E=2, He=5):
     return [f32(rng, N, D), rng.random((N, E)) < 0.5, f32(rng, N, E), *expert_params(rng, E, D, He)]
+
+
+# ---- every device (fp32 tolerances of a GPU: cuBLAS vs the CPU BLAS) ----------------------------
+
+@pytest.mark.parametrize("device", on("check", "cuda"))
+@pytest.mark.parametrize("gating", GATINGS)
+@pytest.mark.parametrize("N,E", [(1, 1), (7, 5), (33, 40), (300, 8)])
+def test_gate_on_matches_cpu(device, gating, N, E):
+    rng = np.random.default_rng(N * E)
+    R = (3 * rng.standard_normal((N, E))).astype(np.float32)
+    dG = rng.standard_normal((N, E)).astype(np.float32)
+    G = ops.gate_forward(R, gating, device=device)
+    gpu_close(G, ops.gate_forward(R, gating), 1e-5, 1e-6, "G")
+    gpu_close(ops.gate_backward(dG, G, gating, device=device), ops.gate_backward(dG, G, gating),
+              1e-5, 1e-6, "dR")
+
+
+@pytest.mark.parametrize("device", on())
+@pytest.mark.parametrize("N,D,E", [(1, 1, 1), (9, 13, 5), (64, 48, 8)])
+def test_router_on_matches_twin(device, N, D, E):
+    rng = np.random.default_rng(N + D + E)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    Wr = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+    br = rng.standard_normal(D).astype(np.float32)
+    Wg = (rng.standard_normal((D, E)) / np.sqrt(D)).astype(np.float32)
+    bg = rng.standard_normal(E).astype(np.float32)
+    hpre, h, R = ops.router_forward(x, Wr, br, Wg, bg, device=device)
+    rh, rhh, rR = ref.router_forward(x, Wr, br, Wg, bg)
+    gpu_close(hpre, rh, what="hpre")
+    gpu_close(h, rhh, what="h")
+    gpu_close(R, rR, what="R")
+    dR = rng.standard_normal((N, E)).astype(np.float32)
+    extra = rng.standard_normal((N, D)).astype(np.float32)
+    for dh_extra in (None, extra):
+        got = ops.router_backward(dR, hpre, h, x, Wr, Wg, dh_extra, device=device)
+        want = ref.router_backward(dR, rh, rhh, x, Wr, Wg, dh_extra)
+        for name, g, w in zip(("dx", "dWr", "dbr", "dWg", "dbg"), got, want):
+            gpu_close(g, w, what=name)
+
+
+@pytest.mark.parametrize("device", on("check", "cuda"))
+def test_experts_on_match_cpu_op(device):
+    dy, *args = experts_case(200, 32, 8, 48, 11)
+    gpu_close(ops.experts_forward(*args, device=device), ops.experts_forward(*args), what="y")
+    for name, g, w in zip(("dx", "dG", "dw1", "db1", "dw2", "db2"),
+                          ops.experts_backward(dy, *args, device=device),
+                          ops.experts_backward(dy, *args)):
+        gpu_close(g, w, what=name)
+
+
+@pytest.mark.parametrize("device", on())
+@pytest.mark.parametrize("case", ["all", "none"])
+def test_experts_on_all_or_no_pairs(device, case):
+    dy, x, mask, *rest = experts_case(40, 16, 4, 8, 5)
+    mask = np.full_like(mask, case == "all")
+    gpu_close(ops.experts_forward(x, mask, *rest, device=device),
+              ref.experts_forward(x, mask, *rest), what="y")
+    for g, w in zip(ops.experts_backward(dy, x, mask, *rest, device=device),
+                    ref.experts_backward(dy, x, mask, *rest)):
+        gpu_close(g, w)
 
 
 def test_gate_bad_inputs():

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from _subproc import run_python
+from _subproc import run_cli
 
 import racedit
 from racedit.diffusion import make_objective
@@ -260,8 +260,7 @@ def test_bad_labels(flow_ckpt):
 # ---- the command -------------------------------------------------------------------------------
 
 def _cli(*args, cwd):
-    return run_python(["-m", "racedit", "sample", *args], cwd=cwd, capture_output=True,
-                      text=True, timeout=300)
+    return run_cli("sample", *args, cwd=cwd)
 
 
 def test_cli_mass_sampling_and_grid(flow_ckpt, tmp_path):

@@ -5,6 +5,7 @@ import zlib
 
 import numpy as np
 import pytest
+from _numerics import fd_grad
 
 from racedit import ops, ref
 
@@ -13,22 +14,6 @@ ROUTER_LOSSES = ["router_similarity_loss", "balance_loss"]
 
 def rand_mask(rng, shape, p=0.4):
     return rng.random(shape) < p
-
-
-def fd_grad(f, x, eps=1e-6):
-    """Central differences of a scalar f at x (float64)."""
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        fp = f(x)
-        x[i] = old - eps
-        fm = f(x)
-        x[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
 
 
 # ---- twins vs finite differences -------------------------------------------------

@@ -1,8 +1,12 @@
 """The DiT layers one by one: the C kernels (racedit._C.dit_*) against the float64 twins
 (racedit.ref.dit), the twins against finite differences and against independent
-transcriptions of DiT's formulas, and bad inputs."""
+transcriptions of DiT's formulas, and bad inputs; the layers on every device (the checking
+backend bit for bit the CPU's, the GPU within fp32 tolerances: rtol 2e-4, atol 2e-5 times
+max(1, max|reference|)) against the twins and the CPU ops."""
 import numpy as np
 import pytest
+
+from _numerics import exact, fd_check, gpu_close, on
 
 from racedit import _C
 from racedit import ref
@@ -16,22 +20,6 @@ def f32(a):
 
 def close(c, r, rtol=RTOL, atol=ATOL):
     np.testing.assert_allclose(c, r, rtol=rtol, atol=atol)
-
-
-def fd_check(f, x, dout, grad, n=8, h=1e-6, rng=None):
-    """Central differences of <dout, f(x)> at n random coordinates of x vs `grad`."""
-    rng = rng or np.random.default_rng(0)
-    x = np.array(x, dtype=np.float64)
-    for _ in range(n):
-        i = tuple(rng.integers(0, s) for s in x.shape)
-        old = x[i]
-        x[i] = old + h
-        fp = np.sum(f(x) * dout)
-        x[i] = old - h
-        fm = np.sum(f(x) * dout)
-        x[i] = old
-        fd = (fp - fm) / (2 * h)
-        assert abs(fd - grad[i]) <= 1e-6 + 1e-5 * abs(fd), (i, fd, grad[i])
 
 
 # ---- patchify ------------------------------------------------------------------------------
@@ -324,3 +312,127 @@ def test_embedding():
         _C.dit_embedding_forward(np.array([-1]), f32(tab))
     with pytest.raises(TypeError, match="y"):
         _C.dit_embedding_forward(np.array([0.0]), f32(tab))
+
+
+# ---- every device against the twins (fp32 tolerances of a GPU: other summation orders) -----------
+
+def wide(a, S):
+    """(B, D) row gradients zero-padded to the (B, S) rows they were read from."""
+    out = np.zeros((a.shape[0], S))
+    out[:, :a.shape[1]] = a
+    return out
+
+
+@pytest.mark.parametrize("device", on())
+@pytest.mark.parametrize("N,D", [(1, 1), (5, 3), (7, 33), (64, 384), (3, 1152)])
+def test_layernorm_on(device, N, D):
+    rng = np.random.default_rng(N + D)
+    x = (3.0 + 2.0 * rng.standard_normal((N, D))).astype(np.float32)
+    out, r = _C.dit_layernorm_forward(x, device=device)
+    want_out, want_r = ref.dit_layernorm_forward(x)
+    gpu_close(out, want_out, what="out")
+    gpu_close(r, want_r, what="rstd")
+    g = rng.standard_normal((N, D)).astype(np.float32)
+    acc = rng.standard_normal((N, D)).astype(np.float32)
+    acc0 = acc.copy()
+    want = ref.dit_layernorm_backward(g, out, r)
+    gpu_close(_C.dit_layernorm_backward(g, out, r, device=device), want, what="dinp")
+    gpu_close(_C.dit_layernorm_backward(g, out, r, acc, device=device), acc0 + want,
+              what="dinp_acc")
+    np.testing.assert_array_equal(acc, acc0)  # the accumulator argument is not modified
+
+
+@pytest.mark.parametrize("device", on())
+@pytest.mark.parametrize("B,L,D,S", [(1, 1, 1, 1), (2, 5, 7, 42), (3, 64, 96, 576)])
+def test_modulate_and_gated_residual_on(device, B, L, D, S):
+    """The rows may be wider than D (adaLN's (B, 6D) chunks): the first D are read."""
+    rng = np.random.default_rng(B * L + D)
+    x, h, g = (rng.standard_normal((B, L, D)).astype(np.float32) for _ in range(3))
+    sh, sc, gt = (rng.standard_normal((B, S)).astype(np.float32) for _ in range(3))
+    gpu_close(_C.dit_modulate_forward(x, sh, sc, device=device),
+              ref.dit_modulate_forward(x, sh[:, :D], sc[:, :D]), what="modulate")
+    dx, dsh, dsc = ref.dit_modulate_backward(g, x, sc[:, :D])
+    for got, want, n in zip(_C.dit_modulate_backward(g, x, sc, device=device),
+                            (dx, wide(dsh, S), wide(dsc, S)), ("dinp", "dshift", "dscale")):
+        gpu_close(got, want, what=n)
+    gpu_close(_C.dit_gated_residual_forward(x, h, gt, device=device),
+              ref.dit_gated_residual_forward(x, h, gt[:, :D]), what="gated")
+    dh, dgt = ref.dit_gated_residual_backward(g, h, gt[:, :D])
+    for got, want, n in zip(_C.dit_gated_residual_backward(g, h, gt, device=device),
+                            (dh, wide(dgt, S)), ("dh", "dgate")):
+        gpu_close(got, want, what=n)
+
+
+@pytest.mark.parametrize("device", on())
+def test_silu_and_timestep_embedding_on(device):
+    rng = np.random.default_rng(3)
+    x = (6 * rng.standard_normal((3, 5, 7))).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    gpu_close(_C.dit_silu_forward(x, device=device), ref.dit_silu_forward(x), what="silu")
+    gpu_close(_C.dit_silu_backward(g, x, device=device), ref.dit_silu_backward(g, x), what="silu'")
+    t = np.array([0.0, 1.0, 17.5, 999.0], np.float32)
+    gpu_close(_C.dit_timestep_embedding(t, 256, 10000.0, device=device),
+              ref.dit_timestep_embedding(t, 256), 1e-6, 1e-6, "timestep embedding")
+    gpu_close(_C.dit_timestep_embedding(t, 6, 100.0, device=device),
+              ref.dit_timestep_embedding(t, 6, 100.0), 1e-6, 1e-6, "small")
+
+
+@pytest.mark.parametrize("device", on())
+@pytest.mark.parametrize("B,L,D,NH", [(1, 1, 2, 1), (2, 5, 12, 3), (2, 64, 64, 4), (1, 256, 96, 6)])
+def test_attention_on(device, B, L, D, NH):
+    rng = np.random.default_rng(L + D)
+    qkv = rng.standard_normal((B, L, 3 * D)).astype(np.float32)
+    out, att = _C.dit_attention_forward(qkv, NH, precision="fp32", device=device)
+    want_out, want_att = ref.dit_attention_forward(qkv, NH)
+    gpu_close(out, want_out, what="out")
+    gpu_close(att, want_att, what="att")
+    g = rng.standard_normal((B, L, D)).astype(np.float32)
+    gpu_close(_C.dit_attention_backward(g, qkv, att, NH, precision="fp32", device=device),
+              ref.dit_attention_backward(g, qkv, want_att, NH), what="dqkv")
+
+
+@pytest.mark.parametrize("device", on("check", "cuda"))
+def test_layers_match_cpu_ops(device):
+    """The same inputs through the CPU ops and those of ``device``: the checking backend bit
+    for bit, the GPU within its fp32 tolerances."""
+    def same(got, want, name, *tol):
+        if exact(device):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        else:
+            gpu_close(got, want, *tol, what=name)
+
+    rng = np.random.default_rng(11)
+    B, L, D, NH = 2, 16, 24, 4
+    x = rng.standard_normal((B * L, D)).astype(np.float32)
+    out_c, r_c = _C.dit_layernorm_forward(x)
+    out_g, r_g = _C.dit_layernorm_forward(x, device=device)
+    same(out_g, out_c, "layernorm out")
+    same(r_g, r_c, "rstd")
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    same(_C.dit_layernorm_backward(g, out_c, r_c, device=device),
+         _C.dit_layernorm_backward(g, out_c, r_c), "layernorm dinp")
+    x3, g3, h3 = (rng.standard_normal((B, L, D)).astype(np.float32) for _ in range(3))
+    sh, sc = (rng.standard_normal((B, D)).astype(np.float32) for _ in range(2))
+    same(_C.dit_modulate_forward(x3, sh, sc, device=device), _C.dit_modulate_forward(x3, sh, sc),
+         "modulate")
+    for a, b in zip(_C.dit_modulate_backward(g3, x3, sc, device=device),
+                    _C.dit_modulate_backward(g3, x3, sc)):
+        same(a, b, "modulate backward")
+    same(_C.dit_gated_residual_forward(x3, h3, sc, device=device),
+         _C.dit_gated_residual_forward(x3, h3, sc), "gated")
+    for a, b in zip(_C.dit_gated_residual_backward(g3, h3, sc, device=device),
+                    _C.dit_gated_residual_backward(g3, h3, sc)):
+        same(a, b, "gated backward")
+    qkv = rng.standard_normal((B, L, 3 * D)).astype(np.float32)
+    o_c, a_c = _C.dit_attention_forward(qkv, NH)
+    o_g, a_g = _C.dit_attention_forward(qkv, NH, device=device)
+    same(o_g, o_c, "attention out")
+    same(a_g, a_c, "attention att")
+    same(_C.dit_attention_backward(g3, qkv, a_c, NH, device=device),
+         _C.dit_attention_backward(g3, qkv, a_c, NH), "attention dqkv")
+    s = (4 * rng.standard_normal(1000)).astype(np.float32)
+    same(_C.dit_silu_forward(s, device=device), _C.dit_silu_forward(s), "silu")
+    same(_C.dit_silu_backward(s, s, device=device), _C.dit_silu_backward(s, s), "silu backward")
+    t = np.array([0.0, 3.0, 999.0], np.float32)
+    same(_C.dit_timestep_embedding(t, 256, 10000.0, device=device),
+         _C.dit_timestep_embedding(t, 256), "temb", 1e-6, 1e-6)

@@ -5,36 +5,18 @@ head's prediction, the diagnostics of training and eval forwards, and the errors
 both sides; skipped without a CUDA device."""
 import numpy as np
 import pytest
+from _moe_state import grad_of, layer_pair
+from _numerics import gpu_close as close
 
-import racedit
+from racedit import cuda as rc
 
-HAVE_GPU = racedit.cuda_available()
-pytestmark = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or "
-                                "racedit built without CUDA")
-
-if HAVE_GPU:
-    from racedit import cuda as rc
-
-RTOL, ATOL = 2e-4, 2e-5
-
-
-def close(a, b, rtol=RTOL, atol=ATOL, what=""):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale, err_msg=what)
+pytestmark = pytest.mark.gpu
 
 
 def pair(strategy="race", gating="identity", B=2, L=16, D=24, E=6, k=2, Pd=5, sim=0.3, bal=0.2,
          plr=0.7, seed=0):
-    kw = dict(plr_dim=Pd, sim_weight=sim, balance_weight=bal, plr_weight=plr)
-    cpu = racedit.MoE(D, E, k, strategy=strategy, gating=gating, seed=seed, **kw)
-    st = rc.MoEState(D, E, k, hidden=cpu.hidden, strategy=strategy, gating=gating, **kw)
-    rng = np.random.default_rng(seed + 1)
-    cpu.param_buffer[...] += 0.05 * rng.standard_normal(cpu.param_buffer.size).astype(np.float32)
-    x = rng.standard_normal((B, L, D)).astype(np.float32)
-    dy = rng.standard_normal((B, L, D)).astype(np.float32)
-    tgt = rng.standard_normal((B, L, Pd)).astype(np.float32) if Pd else None
-    return cpu, st, x, dy, tgt
+    return layer_pair(strategy, gating, B, L, D, E, k, seed, plr_dim=Pd, sim_weight=sim,
+                      balance_weight=bal, plr_weight=plr)
 
 
 def same_masks(st, cpu):
@@ -78,8 +60,7 @@ def test_aux_losses_and_grads_match_cpu(strategy, gating):
     dx, grads = rc.moe_backward(st, dy, x, cpu.param_buffer)
     close(dx, dx_cpu, what="dx")
     for name, g in cpu.grads.items():
-        off = (g.ctypes.data - cpu.grad_buffer.ctypes.data) // 4
-        close(grads[off:off + g.size].reshape(g.shape), g, what=f"grad {name}")
+        close(grad_of(cpu, grads, name), g, what=f"grad {name}")
 
 
 def test_aux_weights_change_only_the_router_grads():

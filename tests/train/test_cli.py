@@ -4,20 +4,16 @@ import glob
 import json
 import os
 
-from _subproc import PKG_PARENT, run_python
+from _subproc import PKG_PARENT, run_cli
 
 import pytest
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(*args, cwd, check=True):
-    p = run_python(["-m", "racedit", *args], cwd=cwd, capture_output=True, text=True,
-                   timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
-    return p
+    return run_cli(*args, cwd=cwd, check=check)
 
 
 def test_help(tmp_path):

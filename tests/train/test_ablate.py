@@ -17,7 +17,7 @@ from racedit.ablate import (BUDGETS, PLR_DEPTHS, PLR_WEIGHTS, STUDIES, _smooth, 
                             study_runs)
 from racedit.model import RaceDiT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ABLATE = sys.modules["racedit.ablate"]
 
 

@@ -2,14 +2,17 @@
 (racedit.ref.moe_forward/moe_backward fed the C layer's own selection, so the comparison
 does not hinge on float32-vs-float64 near-ties), the selection itself against
 racedit.ref.route on the C layer's gates (exact), the threshold, the parameter layout,
-and bad input. Tolerances as in test_moe_ops.py: rtol 1e-4, atol 1e-5 * max(1, |ref|).
+and bad input. Tolerances as in ops/test_moe_ops.py: rtol 1e-4, atol 1e-5 * max(1, |ref|).
+The layer on another device against the CPU layer: the checking backend bit for bit, the
+GPU within fp32 tolerances.
 """
 import numpy as np
 import pytest
 
+from _numerics import GATINGS, STRATEGIES, assert_close, exact, on, route_valid
+
 import racedit
 from racedit import ops, ref
-from test_moe_ops import GATINGS, assert_close
 
 NAMES = ["router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2"]
 
@@ -322,15 +325,6 @@ def test_binding_state_checks():
 
 # ---- training: batch top-K selection for every strategy ----------------------------------
 
-STRATEGIES = ["token", "expert", "bl", "be", "le", "race"]
-
-
-def valid(B, L, E, k, strategy):
-    try:
-        ref.route_plan(B, L, E, k, strategy)
-        return True
-    except ValueError:
-        return False
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -355,7 +349,7 @@ def test_training_matches_ref(strategy, gating):
 def test_training_odd_sizes(B, L, E, k, strategy):
     m = make(13, E, k, strategy=strategy, hidden=5)
     x = x_like(m, B, L)
-    if not valid(B, L, E, k, strategy):
+    if not route_valid(B, L, E, k, strategy):
         with pytest.raises(ValueError, match="integer"):
             m.forward(x)
         return
@@ -478,3 +472,79 @@ def test_k_not_an_integer_for_the_strategy():
         m.forward(x_like(m, 2, 3))
     m = make(13, 4, 2, strategy="expert")
     m.forward(x_like(m, 2, 2))                           # K = 2*2/4 = 1: fine
+
+
+# ---- the layer on another device against the CPU layer --------------------------------------
+def pair_on(device, strategy, seed, training=True, **kw):
+    """The CPU layer and one on ``device`` from the same seed (identical parameters), their
+    outputs on one input (in eval after a training forward when not ``training``)."""
+    kw = dict(plr_dim=3, sim_weight=0.1, balance_weight=0.05, strategy=strategy, seed=seed, **kw)
+    c, g = racedit.MoE(16, 4, 2, **kw), racedit.MoE(16, 4, 2, device=device, **kw)
+    assert g.device == device and g.precision == "fp32"
+    np.testing.assert_array_equal(g.param_buffer, c.param_buffer)
+    rng = np.random.default_rng(seed + 10)
+    x = rng.standard_normal((3, 8, 16)).astype(np.float32)
+    tgt = rng.standard_normal((3, 8, 3)).astype(np.float32)
+    if not training:
+        c.forward(x)
+        g.forward(x)
+        g.threshold = c.threshold
+        c.eval()
+        g.eval()
+        x = rng.standard_normal((3, 8, 16)).astype(np.float32)
+    return c, g, c.forward(x, plr_target=tgt), g.forward(x, plr_target=tgt)
+
+
+@pytest.mark.parametrize("device", on("check", "cuda"))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_on_a_device_matches_cpu(device, strategy, training):
+    """The checking backend bit for bit; the GPU within fp32 tolerances (rtol 1e-3, atol
+    1e-4 * max(|ref|, 1e-3)) once its masks equal the CPU's for one of five seeds."""
+    tol = dict(rtol=0, atol=0) if exact(device) else dict(rtol=1e-3, atol=1e-4, floor=1e-3)
+    for seed in range(1 if exact(device) else 5):
+        c, g, yc, yg = pair_on(device, strategy, seed, training)
+        if np.array_equal(c.mask, g.mask):
+            break
+    else:
+        pytest.fail("masks differ for every seed")
+    assert_close(yg, yc, name="y", **tol)
+    for k in ("gates", "logits", "router_hidden"):
+        assert_close(getattr(g, k), getattr(c, k), name=k, **tol)
+    np.testing.assert_array_equal(g.expert_counts, c.expert_counts)
+    ac, ag = c.aux, g.aux
+    if exact(device):
+        assert str(ag) == str(ac)
+    for k in ("sim_loss", "balance_loss", "plr_loss"):
+        assert (ag[k] is None) == (ac[k] is None), k
+        if ac[k] is not None:
+            assert ag[k] == pytest.approx(ac[k], rel=1e-3, abs=1e-6), k
+    dy = np.random.default_rng(seed).standard_normal(yc.shape).astype(np.float32)
+    assert_close(g.backward(dy), c.backward(dy), name="dx", **tol)
+    for name in c.grads:
+        assert_close(g.grads[name], c.grads[name], name=name, **tol)
+    if exact(device):
+        np.testing.assert_array_equal(g.grad_buffer, c.grad_buffer)
+        assert g.threshold == c.threshold
+    elif training:
+        assert g.threshold == pytest.approx(c.threshold, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.gpu
+def test_settable_weights_reach_the_device_and_bf16():
+    g = racedit.MoE(16, 4, 2, plr_dim=3, sim_weight=0.1, device="cuda")
+    x = np.random.default_rng(0).standard_normal((2, 8, 16)).astype(np.float32)
+    g.forward(x)
+    assert g.aux["sim_loss"] is not None
+    g.sim_weight = 0.0
+    g.forward(x)
+    assert g.aux["sim_loss"] is None
+    y32 = g.forward(x)
+    g.precision = "bf16"
+    assert g.precision == "bf16" and "bf16" in repr(g)
+    y16 = g.forward(x)
+    assert np.linalg.norm(y16 - y32) <= 3e-2 * np.linalg.norm(y32)
+    with pytest.raises(ValueError, match="precision"):
+        g.precision = "fp8"
+    with pytest.raises(TypeError, match="threshold"):
+        g.threshold = "high"
