@@ -1,0 +1,412 @@
+"""racedit.torch — Expert Race as a ``torch.nn.Module`` computed by racedit's C kernels.
+
+:class:`RaceMoE` is the MoE FFN of :class:`racedit.MoE` (SPEC §2) as a torch module: named
+parameters shaped like ``racedit.MoE.params``, the threshold tau as a buffer (so
+``state_dict()`` round-trips), ``train()`` / ``eval()`` switching batch top-K and threshold
+routing, and the aux losses as tensors in the autograd graph (``module.aux_loss``).
+
+The layer is a chain of ``torch.autograd.Function`` s, one per racedit op (router, gate,
+experts, each aux loss), so autograd composes the gradients and an aux loss contributes to
+the parameters' gradients exactly as much as the incoming gradient of that loss tensor
+says; nothing is added behind autograd's back. On CPU tensors every op reads the tensors'
+memory through NumPy views (no copy) and its outputs are NumPy arrays the C core
+allocated, handed to torch with ``torch.from_numpy`` (no copy). On CUDA tensors the ops run
+racedit's CUDA kernels on host-staged copies (see docs/torch.md).
+
+``import racedit`` never imports this module (nor torch); import ``racedit.torch``.
+"""
+import numpy as np
+import torch
+from torch import nn
+
+from . import _C
+from .moe import GATINGS, STRATEGIES, MoE, check_loss_weight
+from .ops import losses as _losses
+
+__all__ = ["RaceMoE", "from_racedit", "to_racedit", "PARAM_NAMES"]
+
+PARAM_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2")
+_PLR_NAMES = ("plr_w", "plr_b")
+
+
+class RaceMoEShapeError(ValueError, RuntimeError):
+    """A tensor of the wrong shape (a ValueError, and a RuntimeError as torch raises)."""
+
+
+class RaceMoETypeError(TypeError, RuntimeError):
+    """A tensor of the wrong dtype or device (a TypeError, and a RuntimeError as torch raises)."""
+
+
+# ---- tensors <-> the C core's arrays ---------------------------------------------------
+
+def _np(t):
+    """The float32 / bool C-contiguous NumPy array of tensor t: a view of its memory on the
+    CPU (no copy), a host copy of a CUDA tensor (the CUDA ops stage host arrays)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().numpy()
+
+
+def _t(a, device):
+    """A tensor holding NumPy array a: the same memory on the CPU, a copy on a device."""
+    t = torch.from_numpy(a)
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _op_device(t):
+    return "cuda" if t.device.type == "cuda" else "cpu"
+
+
+# ---- the ops as autograd Functions ------------------------------------------------------
+
+class _Router(torch.autograd.Function):
+    """(x (N,D), Wr, br, Wg, bg) -> (h (N,D), R (N,E)): h = GELU_erf(x Wr + br), R = h Wg + bg.
+    h is an output too, for the PLR head; its incoming gradient is the router's dh_extra."""
+
+    @staticmethod
+    def forward(ctx, x, Wr, br, Wg, bg):
+        hpre, h, R = _C.router_forward(_np(x), _np(Wr), _np(br), _np(Wg), _np(bg),
+                                       device=_op_device(x))
+        ctx.save_for_backward(x, Wr, Wg)
+        ctx.hpre, ctx.h = hpre, h
+        return _t(h, x.device), _t(R, x.device)
+
+    @staticmethod
+    def backward(ctx, dh, dR):
+        x, Wr, Wg = ctx.saved_tensors
+        dR = torch.zeros(x.shape[0], Wg.shape[1]) if dR is None else dR
+        extra = None if dh is None else _np(dh)
+        out = _C.router_backward(_np(dR), ctx.hpre, ctx.h, _np(x), _np(Wr), _np(Wg), extra,
+                                 device=_op_device(x))
+        return tuple(_t(a, x.device) for a in out)
+
+
+class _Gate(torch.autograd.Function):
+    """R (N,E) -> G (N,E) = gate(R)."""
+
+    @staticmethod
+    def forward(ctx, R, gating):
+        G = _t(_C.gate_forward(_np(R), gating, device=_op_device(R)), R.device)
+        ctx.gating = gating
+        ctx.save_for_backward(G)
+        return G
+
+    @staticmethod
+    def backward(ctx, dG):
+        (G,) = ctx.saved_tensors
+        dR = _C.gate_backward(_np(dG), _np(G), ctx.gating, device=_op_device(G))
+        return _t(dR, G.device), None
+
+
+class _Experts(torch.autograd.Function):
+    """(x (N,D), G (N,E), w1, b1, w2, b2; mask (N,E) bool) -> y (N,D), the dropless experts
+    and their gated combine; the mask is held constant."""
+
+    @staticmethod
+    def forward(ctx, x, G, w1, b1, w2, b2, mask, precision):
+        y = _C.experts_forward(*(_np(a) for a in (x, mask, G, w1, b1, w2, b2)), precision,
+                               device=_op_device(x))
+        ctx.precision = precision
+        ctx.save_for_backward(x, mask, G, w1, b1, w2, b2)
+        return _t(y, x.device)
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        out = _C.experts_backward(_np(dy), *(_np(a) for a in saved), ctx.precision,
+                                  device=_op_device(dy))
+        return (*(_t(a, dy.device) for a in out), None, None)
+
+
+class _RouterLoss(torch.autograd.Function):
+    """R (N,E) -> L_sim or L_bal (a 0-d tensor) for the selection mask; its gradient is the
+    incoming gradient of the loss times the C op's dL/dR."""
+
+    @staticmethod
+    def forward(ctx, R, mask, fn):
+        value, dR = fn(_np(R), _np(mask))
+        ctx.dR, ctx.device = dR, R.device
+        return torch.tensor(value, dtype=torch.float32, device=R.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * _t(ctx.dR, ctx.device), None, None
+
+
+class _PLRHead(torch.autograd.Function):
+    """(h (N,D), wt (D,P), bt (P)) -> T (N,P) = h wt + bt."""
+
+    @staticmethod
+    def forward(ctx, h, wt, bt):
+        T = _C.plr_head_forward(_np(h), _np(wt), _np(bt))
+        ctx.save_for_backward(h, wt)
+        return _t(T, h.device)
+
+    @staticmethod
+    def backward(ctx, dT):
+        h, wt = ctx.saved_tensors
+        out = _C.plr_head_backward(_np(dT), _np(h), _np(wt))
+        return tuple(_t(a, h.device) for a in out)
+
+
+class _PLRLoss(torch.autograd.Function):
+    """(T, target) -> mean((T - target)^2), a 0-d tensor."""
+
+    @staticmethod
+    def forward(ctx, T, target):
+        value, dT = _C.plr_loss(_np(T), _np(target))
+        ctx.dT, ctx.device = dT, T.device
+        return torch.tensor(value, dtype=torch.float32, device=T.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        dT = g * _t(ctx.dT, ctx.device)
+        return dT, -dT
+
+
+# ---- the module ----------------------------------------------------------------------------
+
+def _hidden_width(dim, k, hidden):
+    if hidden is not None:
+        return hidden
+    if k == 0 or (4 * dim) % k:
+        raise ValueError(f"hidden: 4*dim/k = {4 * dim}/{k} is not an integer; pass hidden= "
+                         "(the expert width) explicitly")
+    return 4 * dim // k
+
+
+class RaceMoE(nn.Module):
+    """A Mixture-of-Experts FFN routed by Expert Race, computed by racedit's kernels.
+
+    ``y = sum_e M[t,e] G[t,e] FFN_e(x_t)`` with the router ``R = GELU(x Wr + br) Wg + bg``,
+    gates ``G = gate(R)`` and M a top-K of G over the strategy's groups (training) or
+    ``G >= threshold`` (eval); exactly :class:`racedit.MoE`, see there for the arguments.
+
+    Args:
+        dim, num_experts, k, strategy, gating, hidden, beta, plr_dim, sim_weight,
+        balance_weight, plr_weight, eval_topk: as for :class:`racedit.MoE`.
+        precision: of the expert GEMMs on CUDA (``"fp32"``, ``"tf32"``, ``"bf16"``); under
+            ``torch.autocast("cuda", torch.bfloat16)`` the experts compute in bf16.
+        device, dtype: factory kwargs as for ``torch.nn`` modules; dtype must be float32.
+
+    Parameters (named and shaped like ``racedit.MoE.params``): ``router_w`` (D,D),
+    ``router_b`` (D), ``gate_w`` (D,E), ``gate_b`` (E), ``w1`` (E,D,He), ``b1`` (E,He),
+    ``w2`` (E,He,D), ``b2`` (E,D), and with plr_dim > 0 ``plr_w`` (D,plr_dim), ``plr_b``.
+    Buffers: ``threshold`` (0-d float32, NaN until the first training forward sets it).
+
+    After each forward: ``aux_loss`` (0-d tensor in the graph: the weighted sum of the aux
+    losses this forward computed; add it to your loss) and ``aux`` (a dict: ``sim_loss``,
+    ``balance_loss``, ``plr_loss`` as graph tensors or None, ``aux_loss``, ``plr_pred``
+    and the detached diagnostics ``mask`` (B,L,E) bool, ``max_violation``,
+    ``combination_usage``, ``experts_per_token``, ``dead_experts``, ``expert_load``,
+    ``threshold``, ``batch_threshold``, ``training``).
+    """
+
+    def __init__(self, dim, num_experts, k, strategy="race", gating="identity", hidden=None,
+                 beta=0.99, plr_dim=0, sim_weight=0.0, balance_weight=0.0, plr_weight=1.0,
+                 eval_topk=False, precision="fp32", device=None, dtype=None):
+        super().__init__()
+        if dtype is not None and dtype != torch.float32:
+            raise RaceMoETypeError(f"dtype: racedit computes in float32, got {dtype}")
+        # racedit.MoE validates every setting with the messages of the rest of racedit
+        hidden = _hidden_width(dim, k, hidden)
+        probe = MoE(dim, num_experts, k, strategy=strategy, gating=gating, hidden=hidden,
+                    beta=beta, eval_topk=eval_topk, plr_dim=plr_dim, sim_weight=sim_weight,
+                    balance_weight=balance_weight, plr_weight=plr_weight, precision=precision)
+        self.dim, self.num_experts, self.k, self.hidden = dim, num_experts, k, hidden
+        self.strategy, self.gating, self.plr_dim = strategy, gating, plr_dim
+        self.beta, self.eval_topk, self.precision = float(beta), bool(eval_topk), precision
+        self.sim_weight, self.balance_weight = probe.sim_weight, probe.balance_weight
+        self.plr_weight = probe.plr_weight
+        for name, arr in probe.params.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(arr.shape, device=device)))
+        self.register_buffer("threshold", torch.full((), float("nan"), device=device))
+        self.aux, self.aux_loss = None, None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """racedit.MoE's initialisation, drawn from torch's generator: zero biases,
+        xavier-uniform router_w, gate_w (and plr_w), and every expert a slice of a dense
+        4·D MLP (bound sqrt(6/(D+4D))). Forgets the threshold."""
+        D, E = self.dim, self.num_experts
+        bound = lambda fi, fo: (6.0 / (fi + fo)) ** 0.5  # noqa: E731
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.zero_()
+            self.router_w.uniform_(-bound(D, D), bound(D, D))
+            self.gate_w.uniform_(-bound(D, E), bound(D, E))
+            self.w1.uniform_(-bound(D, 4 * D), bound(D, 4 * D))
+            self.w2.uniform_(-bound(4 * D, D), bound(4 * D, D))
+            if self.plr_dim:
+                self.plr_w.uniform_(-bound(D, self.plr_dim), bound(D, self.plr_dim))
+            self.threshold.fill_(float("nan"))
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, "
+                f"hidden={self.hidden}, strategy={self.strategy!r}, gating={self.gating!r}, "
+                f"beta={self.beta:g}, plr_dim={self.plr_dim}, sim_weight={self.sim_weight:g}, "
+                f"balance_weight={self.balance_weight:g}")
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(self, x, plr_target=None):
+        """y (B,L,D) = MoE(x (B,L,D)); see the class. plr_target (B,L,plr_dim): the PLR
+        head's regression target (training mode, plr_dim > 0)."""
+        x, plr_target = self._check_input(x, plr_target)
+        return _race_forward(self, x, plr_target)
+
+    def _check_input(self, x, plr_target):
+        if not isinstance(x, torch.Tensor):
+            raise RaceMoETypeError(f"RaceMoE: expected x to be a torch.Tensor, got {type(x).__name__}")
+        x = self._as_float32(x, "x")
+        if x.dim() != 3 or x.shape[2] != self.dim:
+            raise RaceMoEShapeError(f"RaceMoE: expected x of shape (B, L, {self.dim}), but got "
+                                    f"input of size: {list(x.shape)}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise RaceMoEShapeError(f"RaceMoE: expected x with B, L >= 1, got input of size: {list(x.shape)}")
+        for name, p in self.named_parameters():
+            if p.dtype != torch.float32:
+                raise RaceMoETypeError(f"RaceMoE: parameter {name} must be float32 (racedit "
+                                       f"computes in float32), got {p.dtype}")
+            if p.device != x.device:
+                raise RaceMoETypeError(
+                    f"RaceMoE: expected all tensors to be on the same device, but found x on "
+                    f"{x.device} and parameter {name} on {p.device}")
+        if plr_target is not None:
+            if self.plr_dim == 0:
+                raise RaceMoEShapeError("plr_target: given, but the layer has no PLR head (plr_dim=0)")
+            plr_target = self._as_float32(plr_target, "plr_target")
+            want = (x.shape[0], x.shape[1], self.plr_dim)
+            if tuple(plr_target.shape) != want:
+                raise RaceMoEShapeError(f"plr_target: expected size {list(want)}, got {list(plr_target.shape)}")
+            if plr_target.device != x.device:
+                raise RaceMoETypeError(f"plr_target: expected device {x.device}, got {plr_target.device}")
+        return x, plr_target
+
+    @staticmethod
+    def _as_float32(t, name):
+        if t.dtype == torch.float32:
+            return t
+        if t.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(t.device.type):
+            return t.float()  # autocast's low-precision activations; racedit routes in fp32
+        raise RaceMoETypeError(f"RaceMoE: expected {name} of dtype torch.float32, got {t.dtype}")
+
+    def _precision(self, x):
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and \
+                torch.get_autocast_dtype("cuda") == torch.bfloat16:
+            return "bf16"
+        return self.precision
+
+    def _select(self, G, B, L):
+        """mask (B,L,E) bool ndarray and tau_b (None outside training), as racedit.MoE."""
+        Gv = _np(G).reshape(B, L, self.num_experts)
+        dev = _op_device(G)
+        tau = float(self.threshold)
+        if self.training or self.eval_topk or self.strategy == "token" or tau != tau:
+            mask, tau_b = _C.route(Gv, self.k, self.strategy, device=dev)
+            return mask, (tau_b if self.training else None)
+        return _C.route_threshold(Gv, tau, device=dev), None
+
+    def _update_threshold(self, tau_b):
+        tau = float(self.threshold)
+        b = np.float32(self.beta)
+        new = np.float32(tau_b) if tau != tau else b * np.float32(tau) + (np.float32(1) - b) * np.float32(tau_b)
+        self.threshold.fill_(float(new))
+
+    # ---- racedit interop ----------------------------------------------------------------
+    def racedit_settings(self):
+        """The racedit.MoE constructor arguments of this layer."""
+        return dict(dim=self.dim, num_experts=self.num_experts, k=self.k, strategy=self.strategy,
+                    gating=self.gating, hidden=self.hidden, beta=self.beta,
+                    eval_topk=self.eval_topk, plr_dim=self.plr_dim, sim_weight=self.sim_weight,
+                    balance_weight=self.balance_weight, plr_weight=self.plr_weight,
+                    precision=self.precision)
+
+
+@torch.compiler.disable
+def _race_forward(m, x, plr_target):
+    """The layer's op chain (outside torch.compile's graphs: the ops run in the C core)."""
+    B, L, D = x.shape
+    xf = x.reshape(B * L, D)
+    h, R = _Router.apply(xf, m.router_w, m.router_b, m.gate_w, m.gate_b)
+    G = _Gate.apply(R, m.gating)
+    mask_np, tau_b = m._select(G, B, L)
+    mask = _t(mask_np.reshape(B * L, -1), x.device)
+    y = _Experts.apply(xf, G, m.w1, m.b1, m.w2, m.b2, mask, m._precision(x))
+    if tau_b is not None:
+        m._update_threshold(tau_b)
+    losses = _aux_losses(m, R, h, mask, plr_target) if m.training else {}
+    _record_aux(m, mask_np, losses, tau_b)
+    return y.reshape(B, L, D)
+
+
+def _aux_losses(m, R, h, mask, plr_target):
+    """The training forward's aux losses (graph tensors), each only when its weight is > 0,
+    and the PLR head's prediction."""
+    out = {}
+    if m.sim_weight > 0:
+        out["sim_loss"] = _RouterLoss.apply(R, mask, _C.router_similarity_loss)
+    if m.balance_weight > 0:
+        out["balance_loss"] = _RouterLoss.apply(R, mask, _C.balance_loss)
+    if m.plr_dim:
+        out["plr_pred"] = _PLRHead.apply(h, m.plr_w, m.plr_b)
+        if plr_target is not None and m.plr_weight > 0:
+            target = plr_target.reshape(-1, m.plr_dim)
+            out["plr_loss"] = _PLRLoss.apply(out["plr_pred"], target)
+    return out
+
+
+def _record_aux(m, mask_np, losses, tau_b):
+    weights = dict(sim_loss=m.sim_weight, balance_loss=m.balance_weight, plr_loss=m.plr_weight)
+    terms = [weights[n] * losses[n] for n in weights if n in losses]
+    dev = m.threshold.device
+    m.aux_loss = sum(terms[1:], terms[0]) if terms else torch.zeros((), device=dev)
+    E = m.num_experts
+    flat = mask_np.reshape(-1, E)
+    tau = float(m.threshold)
+    pred = losses.get("plr_pred")
+    m.aux = dict(
+        sim_loss=losses.get("sim_loss"), balance_loss=losses.get("balance_loss"),
+        plr_loss=losses.get("plr_loss"), aux_loss=m.aux_loss,
+        plr_pred=None if pred is None else pred.detach(),
+        mask=_t(mask_np, dev),
+        max_violation=_losses.max_violation(flat),
+        combination_usage=_losses.combination_usage(flat),
+        experts_per_token=float(flat.sum()) / flat.shape[0],
+        dead_experts=_losses.dead_experts(flat),
+        expert_load=_t(_losses.expert_load(flat), dev),
+        threshold=None if tau != tau else tau,
+        batch_threshold=None if tau_b is None else float(tau_b),
+        training=m.training)
+
+
+# ---- racedit.MoE <-> RaceMoE -------------------------------------------------------------
+
+def from_racedit(moe, device=None):
+    """A RaceMoE with the settings, parameters, threshold and mode of racedit.MoE ``moe``
+    (copied: the two do not share memory)."""
+    if not isinstance(moe, MoE):
+        raise TypeError(f"moe: expected a racedit.MoE, got {type(moe).__name__}")
+    s = moe._settings()
+    for key in ("seed", "device"):
+        s.pop(key)
+    m = RaceMoE(**s, device=device)
+    with torch.no_grad():
+        for name, arr in moe.params.items():
+            getattr(m, name).copy_(torch.from_numpy(arr))
+        tau = moe.threshold
+        m.threshold.fill_(float("nan") if tau is None else tau)
+    return m.train(moe.training)
+
+
+def to_racedit(module, device="cpu"):
+    """A racedit.MoE (on racedit's ``device``) with the settings, parameters, threshold and
+    mode of RaceMoE ``module`` (copied)."""
+    if not isinstance(module, RaceMoE):
+        raise TypeError(f"module: expected a racedit.torch.RaceMoE, got {type(module).__name__}")
+    moe = MoE(**module.racedit_settings(), device=device)
+    for name, arr in moe.params.items():
+        arr[...] = getattr(module, name).detach().float().cpu().numpy()
+    tau = float(module.threshold)
+    moe.threshold = None if tau != tau else tau
+    return moe.train(module.training)
