@@ -21,7 +21,6 @@ from torch import nn
 
 from . import _C
 from .moe import GATINGS, STRATEGIES, MoE, check_loss_weight
-from .ops import losses as _losses
 
 __all__ = ["RaceMoE", "from_racedit", "to_racedit", "PARAM_NAMES"]
 
@@ -60,63 +59,79 @@ def _op_device(t):
 
 # ---- the ops as autograd Functions ------------------------------------------------------
 
-class _Router(torch.autograd.Function):
-    """(x (N,D), Wr, br, Wg, bg) -> (h (N,D), R (N,E)): h = GELU_erf(x Wr + br), R = h Wg + bg.
-    h is an output too, for the PLR head; its incoming gradient is the router's dh_extra."""
+class _Layer(torch.autograd.Function):
+    """(x (B,L,D), *params) -> (y (B,L,D), R (N,E) or None, h (N,D) or None): the layer's
+    fused forward / backward in racedit's per-layer state (csrc/moe.h) on the module's flat
+    parameter buffer. R and h, the router's logits and hidden state, are outputs for the aux
+    losses and the PLR head; the gradients reaching them go through one more router
+    backward. A backward whose forward a later forward of the same layer replaced (the
+    layer called twice in one graph) recomputes the experts from the saved mask and gates."""
 
     @staticmethod
-    def forward(ctx, x, Wr, br, Wg, bg):
-        hpre, h, R = _C.router_forward(_np(x), _np(Wr), _np(br), _np(Wg), _np(bg),
-                                       device=_op_device(x))
-        ctx.save_for_backward(x, Wr, Wg)
-        ctx.hpre, ctx.h = hpre, h
-        return _t(h, x.device), _t(R, x.device)
+    def forward(ctx, x, m, want_R, want_h, *params):
+        st = m._state(x)
+        y = _C.moe_forward(st, _np(x), _np(m._flat), m.training, None)
+        m._generation += 1
+        ctx.m, ctx.gen = m, m._generation
+        ctx.mask, ctx.G = _C.moe_get(st, "mask"), _C.moe_get(st, "gates")
+        ctx.save_for_backward(x, *params)
+        R = _t(_C.moe_get(st, "logits").reshape(-1, m.num_experts), x.device) if want_R else None
+        h = _t(_C.moe_get(st, "hidden").reshape(-1, m.dim), x.device) if want_h else None
+        return _t(y, x.device), R, h
 
     @staticmethod
-    def backward(ctx, dh, dR):
-        x, Wr, Wg = ctx.saved_tensors
-        dR = torch.zeros(x.shape[0], Wg.shape[1]) if dR is None else dR
-        extra = None if dh is None else _np(dh)
-        out = _C.router_backward(_np(dR), ctx.hpre, ctx.h, _np(x), _np(Wr), _np(Wg), extra,
-                                 device=_op_device(x))
-        return tuple(_t(a, x.device) for a in out)
+    def backward(ctx, dy, dR, dh):
+        x, *params = ctx.saved_tensors
+        m, dev = ctx.m, _op_device(x)
+        xf = _np(x).reshape(-1, x.shape[2])                         # (N,D)
+        dy = _np(torch.zeros_like(x) if dy is None else dy)          # (B,L,D)
+        if ctx.gen == m._generation:  # the state still holds this forward
+            flat_grad = torch.zeros(m._flat.numel())
+            dx = torch.from_numpy(_C.moe_backward(m._state(x), dy, _np(x), _np(m._flat),
+                                                  flat_grad.numpy()))
+            grads = _split(flat_grad, params)
+        else:
+            dx, dR_gate, expert_grads = _experts_gate_backward(dy.reshape(xf.shape), xf, ctx,
+                                                               params, dev)
+            dR = dR_gate if dR is None else dR_gate + dR.cpu()
+            grads = [torch.zeros(p.shape) for p in params[:4]] + expert_grads
+        if dR is not None or dh is not None:
+            dxr, router_grads = _router_backward(dR, dh, xf, params, dev)
+            dx = dx + dxr.reshape(dx.shape)
+            grads[:4] = [g + r for g, r in zip(grads[:4], router_grads)]
+        return (dx.reshape(x.shape).to(x.device), None, None, None,
+                *(g.to(x.device) for g in grads))
 
 
-class _Gate(torch.autograd.Function):
-    """R (N,E) -> G (N,E) = gate(R)."""
-
-    @staticmethod
-    def forward(ctx, R, gating):
-        G = _t(_C.gate_forward(_np(R), gating, device=_op_device(R)), R.device)
-        ctx.gating = gating
-        ctx.save_for_backward(G)
-        return G
-
-    @staticmethod
-    def backward(ctx, dG):
-        (G,) = ctx.saved_tensors
-        dR = _C.gate_backward(_np(dG), _np(G), ctx.gating, device=_op_device(G))
-        return _t(dR, G.device), None
+def _split(flat, like):
+    """Views of flat shaped like each tensor of `like`, in order."""
+    out, off = [], 0
+    for p in like:
+        out.append(flat[off:off + p.numel()].view(p.shape))
+        off += p.numel()
+    return out
 
 
-class _Experts(torch.autograd.Function):
-    """(x (N,D), G (N,E), w1, b1, w2, b2; mask (N,E) bool) -> y (N,D), the dropless experts
-    and their gated combine; the mask is held constant."""
+def _experts_gate_backward(dy, x, ctx, params, dev):
+    """dx (N,D), dR (N,E) tensor and [dw1, db1, dw2, db2] of the experts and the gate at the
+    mask and gates saved by the forward (N,E)."""
+    m = ctx.m
+    w = [_np(p) for p in params[4:8]]
+    mask, G = ctx.mask.reshape(x.shape[0], -1), ctx.G.reshape(x.shape[0], -1)
+    dx, dG, *dw = _C.experts_backward(dy, x, mask, G, *w, m.precision, device=dev)
+    dR = _C.gate_backward(dG, G, m.gating, device=dev)
+    return torch.from_numpy(dx), torch.from_numpy(dR), [torch.from_numpy(a) for a in dw]
 
-    @staticmethod
-    def forward(ctx, x, G, w1, b1, w2, b2, mask, precision):
-        y = _C.experts_forward(*(_np(a) for a in (x, mask, G, w1, b1, w2, b2)), precision,
-                               device=_op_device(x))
-        ctx.precision = precision
-        ctx.save_for_backward(x, mask, G, w1, b1, w2, b2)
-        return _t(y, x.device)
 
-    @staticmethod
-    def backward(ctx, dy):
-        saved = ctx.saved_tensors
-        out = _C.experts_backward(_np(dy), *(_np(a) for a in saved), ctx.precision,
-                                  device=_op_device(dy))
-        return (*(_t(a, dy.device) for a in out), None, None)
+def _router_backward(dR, dh, x, params, dev):
+    """dx (N,D) and [dWr, dbr, dWg, dbg] (tensors) of the router for dR (N,E) and dh (N,D)
+    (either may be None), its forward recomputed for the pre-activation."""
+    Wr, br, Wg, bg = (_np(p) for p in params[:4])
+    hpre, h, _ = _C.router_forward(x, Wr, br, Wg, bg, device=dev)
+    dR = np.zeros((x.shape[0], Wg.shape[1]), np.float32) if dR is None else _np(dR)
+    extra = None if dh is None else _np(dh)
+    dx, *g = _C.router_backward(dR, hpre, h, x, Wr, Wg, extra, device=dev)
+    return torch.from_numpy(dx), [torch.from_numpy(a) for a in g]
 
 
 class _RouterLoss(torch.autograd.Function):
@@ -223,6 +238,8 @@ class RaceMoE(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(arr.shape, device=device)))
         self.register_buffer("threshold", torch.full((), float("nan"), device=device))
         self.aux, self.aux_loss = None, None
+        self._states, self._flat, self._generation = {}, None, 0
+        self.flatten_parameters()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -297,21 +314,62 @@ class RaceMoE(nn.Module):
             return "bf16"
         return self.precision
 
-    def _select(self, G, B, L):
-        """mask (B,L,E) bool ndarray and tau_b (None outside training), as racedit.MoE."""
-        Gv = _np(G).reshape(B, L, self.num_experts)
-        dev = _op_device(G)
-        tau = float(self.threshold)
-        if self.training or self.eval_topk or self.strategy == "token" or tau != tau:
-            mask, tau_b = _C.route(Gv, self.k, self.strategy, device=dev)
-            return mask, (tau_b if self.training else None)
-        return _C.route_threshold(Gv, tau, device=dev), None
+    # ---- the flat parameter buffer and the C state --------------------------------------
+    def flatten_parameters(self):
+        """Make router_w ... b2 views of one contiguous float32 buffer in racedit's layout
+        (csrc/moe.h), the buffer the C core reads (as ``torch.nn.LSTM`` does for cuDNN).
+        Called on construction, after ``.to()`` / ``.cuda()`` and by a forward that finds
+        the parameters apart (a ``load_state_dict(assign=True)``): one copy then."""
+        params = [getattr(self, n) for n in PARAM_NAMES]
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).float() for p in params]).contiguous()
+            for p, view in zip(params, _split(flat, params)):
+                p.data = view
+        self._flat = flat
 
-    def _update_threshold(self, tau_b):
+    def _is_flat(self):
+        f, off = self._flat, 0
+        if f is None:
+            return False
+        for n in PARAM_NAMES:
+            p = getattr(self, n)
+            if p.device != f.device or p.dtype != torch.float32 or not p.is_contiguous() or \
+                    p.data_ptr() != f.data_ptr() + 4 * off:
+                return False
+            off += p.numel()
+        return True
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if all(getattr(self, n).dtype == torch.float32 for n in PARAM_NAMES):
+            self.flatten_parameters()
+        return out
+
+    def _state(self, x):
+        """racedit's layer state for x's device (made on first use), configured as self."""
+        dev = _op_device(x)
+        st = self._states.get(dev)
+        if st is None:
+            st = self._states[dev] = _C.moe_new(
+                device=dev, dim=self.dim, num_experts=self.num_experts,
+                expert_hidden=self.hidden, k=self.k, strategy=self.strategy, gating=self.gating)
+        return st
+
+    def _configure(self, x):
+        """Push beta, eval_topk, the GEMM precision and the threshold buffer into the state."""
+        st = self._state(x)
+        _C.moe_configure(st, beta=float(self.beta), eval_topk=bool(self.eval_topk))
+        prec = self._precision(x)
+        if _C.moe_precision(st) != prec:
+            _C.moe_precision(st, prec)
         tau = float(self.threshold)
-        b = np.float32(self.beta)
-        new = np.float32(tau_b) if tau != tau else b * np.float32(tau) + (np.float32(1) - b) * np.float32(tau_b)
-        self.threshold.fill_(float(new))
+        _C.moe_set_threshold(st, None if tau != tau else tau)
+        return st
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_states"] = {}  # the C states are remade on first use
+        return state
 
     # ---- racedit interop ----------------------------------------------------------------
     def racedit_settings(self):
@@ -325,19 +383,25 @@ class RaceMoE(nn.Module):
 
 @torch.compiler.disable
 def _race_forward(m, x, plr_target):
-    """The layer's op chain (outside torch.compile's graphs: the ops run in the C core)."""
+    """The layer on racedit's state (outside torch.compile's graphs: the ops run in the C
+    core), then the aux losses on its router outputs."""
     B, L, D = x.shape
-    xf = x.reshape(B * L, D)
-    h, R = _Router.apply(xf, m.router_w, m.router_b, m.gate_w, m.gate_b)
-    G = _Gate.apply(R, m.gating)
-    mask_np, tau_b = m._select(G, B, L)
+    if not m._is_flat():
+        m.flatten_parameters()
+    st = m._configure(x)
+    aux_on = m.training and (m.sim_weight > 0 or m.balance_weight > 0)
+    plr_on = m.training and m.plr_dim > 0
+    params = [getattr(m, n) for n in PARAM_NAMES]
+    y, R, h = _Layer.apply(x.contiguous(), m, aux_on, plr_on, *params)
+    info = _C.moe_get(st, "aux")
+    if m.training:
+        with torch.no_grad():
+            m.threshold.fill_(info["threshold"])
+    mask_np = _C.moe_get(st, "mask")                                   # (B,L,E)
     mask = _t(mask_np.reshape(B * L, -1), x.device)
-    y = _Experts.apply(xf, G, m.w1, m.b1, m.w2, m.b2, mask, m._precision(x))
-    if tau_b is not None:
-        m._update_threshold(tau_b)
     losses = _aux_losses(m, R, h, mask, plr_target) if m.training else {}
-    _record_aux(m, mask_np, losses, tau_b)
-    return y.reshape(B, L, D)
+    _record_aux(m, mask_np, losses, info)
+    return y
 
 
 def _aux_losses(m, R, h, mask, plr_target):
@@ -356,28 +420,19 @@ def _aux_losses(m, R, h, mask, plr_target):
     return out
 
 
-def _record_aux(m, mask_np, losses, tau_b):
+def _record_aux(m, mask_np, losses, info):
     weights = dict(sim_loss=m.sim_weight, balance_loss=m.balance_weight, plr_loss=m.plr_weight)
     terms = [weights[n] * losses[n] for n in weights if n in losses]
     dev = m.threshold.device
     m.aux_loss = sum(terms[1:], terms[0]) if terms else torch.zeros((), device=dev)
-    E = m.num_experts
-    flat = mask_np.reshape(-1, E)
-    tau = float(m.threshold)
     pred = losses.get("plr_pred")
     m.aux = dict(
         sim_loss=losses.get("sim_loss"), balance_loss=losses.get("balance_loss"),
         plr_loss=losses.get("plr_loss"), aux_loss=m.aux_loss,
         plr_pred=None if pred is None else pred.detach(),
-        mask=_t(mask_np, dev),
-        max_violation=_losses.max_violation(flat),
-        combination_usage=_losses.combination_usage(flat),
-        experts_per_token=float(flat.sum()) / flat.shape[0],
-        dead_experts=_losses.dead_experts(flat),
-        expert_load=_t(_losses.expert_load(flat), dev),
-        threshold=None if tau != tau else tau,
-        batch_threshold=None if tau_b is None else float(tau_b),
-        training=m.training)
+        mask=_t(mask_np, dev), expert_load=_t(info["expert_load"], dev),
+        **{k: info[k] for k in ("max_violation", "combination_usage", "experts_per_token",
+                                "dead_experts", "threshold", "batch_threshold", "training")})
 
 
 # ---- racedit.MoE <-> RaceMoE -------------------------------------------------------------
