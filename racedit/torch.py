@@ -429,7 +429,7 @@ def _record_aux(m, mask_np, losses, info):
     m.aux = dict(
         sim_loss=losses.get("sim_loss"), balance_loss=losses.get("balance_loss"),
         plr_loss=losses.get("plr_loss"), aux_loss=m.aux_loss,
-        plr_pred=None if pred is None else pred.detach(),
+        plr_pred=None if pred is None else pred.detach().reshape(*mask_np.shape[:2], -1),
         mask=_t(mask_np, dev), expert_load=_t(info["expert_load"], dev),
         **{k: info[k] for k in ("max_violation", "combination_usage", "experts_per_token",
                                 "dead_experts", "threshold", "batch_threshold", "training")})
