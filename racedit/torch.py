@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from . import _C
-from .moe import GATINGS, STRATEGIES, MoE, check_loss_weight
+from .moe import MoE
 
-__all__ = ["RaceMoE", "from_racedit", "to_racedit", "PARAM_NAMES"]
+__all__ = ["RaceMoE", "from_racedit", "to_racedit", "dit_state_dict_to_torch",
+           "load_torch_dit_state_dict", "PARAM_NAMES"]
 
 PARAM_NAMES = ("router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2")
-_PLR_NAMES = ("plr_w", "plr_b")
 
 
 class RaceMoEShapeError(ValueError, RuntimeError):
@@ -465,3 +465,33 @@ def to_racedit(module, device="cpu"):
     tau = float(module.threshold)
     moe.threshold = None if tau != tau else tau
     return moe.train(module.training)
+
+
+# ---- RaceDiT <-> a torch DiT with RaceMoE FFNs ----------------------------------------------
+
+def dit_state_dict_to_torch(model):
+    """RaceDiT ``model`` as the state dict of a torch DiT with facebookresearch/DiT's module
+    names whose MoE blocks hold a :class:`RaceMoE` as ``blocks.<i>.moe`` (with ``plr_dim`` =
+    p·p·in_channels): every parameter as a float32 tensor (a copy), each MoE block's tau as
+    ``blocks.<i>.moe.threshold`` and DiT's fixed sin-cos ``pos_embed`` (1, L, D)."""
+    state = {name: torch.from_numpy(arr) for name, arr in model.state_dict().items()}
+    for i, tau in enumerate(model.thresholds):
+        state[f"blocks.{i}.moe.threshold"] = torch.tensor(float(tau))
+    g = model.input_size // model.config.patch
+    state["pos_embed"] = torch.from_numpy(_C.dit_pos_embed(g, g, model.config.hidden)[None])
+    return state
+
+
+def load_torch_dit_state_dict(model, state):
+    """Set RaceDiT ``model``'s parameters and MoE thresholds from the state dict of such a
+    torch DiT (the layout of :func:`dit_state_dict_to_torch`; ``pos_embed`` is the fixed
+    embedding and is skipped, a missing threshold leaves that layer without one). Raises
+    ValueError for missing / unexpected keys or shapes, as ``RaceDiT.load_state_dict``."""
+    arrays = {name: t.detach().float().cpu().numpy() for name, t in state.items()}
+    arrays.pop("pos_embed", None)
+    taus = [float(arrays.pop(f"blocks.{i}.moe.threshold", np.nan))
+            for i in range(model.num_moe_layers)]
+    model.load_state_dict(arrays)
+    if taus:
+        model.thresholds = np.array(taus, np.float32)
+    return model
