@@ -15,6 +15,8 @@ racedit's CUDA kernels on host-staged copies (see docs/torch.md).
 
 ``import racedit`` never imports this module (nor torch); import ``racedit.torch``.
 """
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -70,37 +72,56 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, m, want_R, want_h, *params):
         st = m._state(x)
-        y = _C.moe_forward(st, _np(x), _np(m._flat), m.training, None)
+        B, L, D = x.shape
+        y = torch.empty_like(x)
+        with _racedit_stream(x):
+            _C.moe_forward_ptr(st, y.data_ptr(), x.data_ptr(), m._flat.data_ptr(), B, L, m.training)
         m._generation += 1
         ctx.m, ctx.gen = m, m._generation
-        ctx.mask, ctx.G = _C.moe_get(st, "mask"), _C.moe_get(st, "gates")
+        ctx.mask, ctx.G = _C.moe_get(st, "mask"), _C.moe_get(st, "gates")   # (B,L,E) host
+        m._last_mask = ctx.mask
         ctx.save_for_backward(x, *params)
         R = _t(_C.moe_get(st, "logits").reshape(-1, m.num_experts), x.device) if want_R else None
-        h = _t(_C.moe_get(st, "hidden").reshape(-1, m.dim), x.device) if want_h else None
-        return _t(y, x.device), R, h
+        h = _t(_C.moe_get(st, "hidden").reshape(-1, D), x.device) if want_h else None
+        return y, R, h
 
     @staticmethod
     def backward(ctx, dy, dR, dh):
         x, *params = ctx.saved_tensors
-        m, dev = ctx.m, _op_device(x)
-        xf = _np(x).reshape(-1, x.shape[2])                         # (N,D)
-        dy = _np(torch.zeros_like(x) if dy is None else dy)          # (B,L,D)
+        m = ctx.m
+        dy = torch.zeros_like(x) if dy is None else dy.to(torch.float32).contiguous()
         if ctx.gen == m._generation:  # the state still holds this forward
-            flat_grad = torch.zeros(m._flat.numel())
-            dx = torch.from_numpy(_C.moe_backward(m._state(x), dy, _np(x), _np(m._flat),
-                                                  flat_grad.numpy()))
-            grads = _split(flat_grad, params)
+            dx, grads = torch.empty_like(x), torch.zeros_like(m._flat)
+            with _racedit_stream(x):
+                _C.moe_backward_ptr(m._state(x), dx.data_ptr(), grads.data_ptr(), dy.data_ptr(),
+                                    x.data_ptr(), m._flat.data_ptr())
+            grads = _split(grads, params)
         else:
-            dx, dR_gate, expert_grads = _experts_gate_backward(dy.reshape(xf.shape), xf, ctx,
-                                                               params, dev)
-            dR = dR_gate if dR is None else dR_gate + dR.cpu()
-            grads = [torch.zeros(p.shape) for p in params[:4]] + expert_grads
+            dx, dR_gate, expert_grads = _experts_gate_backward(dy, x, ctx, params)
+            dR = dR_gate if dR is None else dR_gate + dR
+            grads = [torch.zeros_like(p) for p in params[:4]] + expert_grads
         if dR is not None or dh is not None:
-            dxr, router_grads = _router_backward(dR, dh, xf, params, dev)
+            dxr, router_grads = _router_backward(dR, dh, x, params)
             dx = dx + dxr.reshape(dx.shape)
             grads[:4] = [g + r for g, r in zip(grads[:4], router_grads)]
-        return (dx.reshape(x.shape).to(x.device), None, None, None,
-                *(g.to(x.device) for g in grads))
+        return (dx, None, None, None, *grads)
+
+
+@contextlib.contextmanager
+def _racedit_stream(x):
+    """racedit queues its CUDA work on the legacy default stream: order it after the work
+    of torch's current stream, and that stream's later work after it (waits on the GPU, no
+    host synchronisation). Nothing to do on the CPU or on the default stream."""
+    if not x.is_cuda:
+        yield
+        return
+    with torch.cuda.device(x.device):
+        cur, default = torch.cuda.current_stream(), torch.cuda.default_stream()
+        if cur != default:
+            default.wait_stream(cur)
+        yield
+        if cur != default:
+            cur.wait_stream(default)
 
 
 def _split(flat, like):
@@ -112,26 +133,30 @@ def _split(flat, like):
     return out
 
 
-def _experts_gate_backward(dy, x, ctx, params, dev):
-    """dx (N,D), dR (N,E) tensor and [dw1, db1, dw2, db2] of the experts and the gate at the
-    mask and gates saved by the forward (N,E)."""
-    m = ctx.m
-    w = [_np(p) for p in params[4:8]]
-    mask, G = ctx.mask.reshape(x.shape[0], -1), ctx.G.reshape(x.shape[0], -1)
-    dx, dG, *dw = _C.experts_backward(dy, x, mask, G, *w, m.precision, device=dev)
-    dR = _C.gate_backward(dG, G, m.gating, device=dev)
-    return torch.from_numpy(dx), torch.from_numpy(dR), [torch.from_numpy(a) for a in dw]
+def _experts_gate_backward(dy, x, ctx, params):
+    """dx (B,L,D), dR (N,E) and [dw1, db1, dw2, db2] of the experts and the gate at the
+    mask and gates the forward saved, on x's device (computed on staged host arrays)."""
+    m, N = ctx.m, x.shape[0] * x.shape[1]
+    mask, G = ctx.mask.reshape(N, -1), ctx.G.reshape(N, -1)
+    dx, dG, *dw = _C.experts_backward(_np(dy).reshape(N, -1), _np(x).reshape(N, -1), mask, G,
+                                      *(_np(p) for p in params[4:8]), m.precision,
+                                      device=_op_device(x))
+    dR = _C.gate_backward(dG, G, m.gating, device=_op_device(x))
+    return (_t(dx.reshape(x.shape), x.device), _t(dR, x.device),
+            [_t(a, x.device) for a in dw])
 
 
-def _router_backward(dR, dh, x, params, dev):
-    """dx (N,D) and [dWr, dbr, dWg, dbg] (tensors) of the router for dR (N,E) and dh (N,D)
-    (either may be None), its forward recomputed for the pre-activation."""
+def _router_backward(dR, dh, x, params):
+    """dx (N,D) and [dWr, dbr, dWg, dbg] of the router for dR (N,E) and dh (N,D) (either
+    may be None), its forward recomputed for the pre-activation; on x's device."""
+    xf = _np(x).reshape(x.shape[0] * x.shape[1], -1)
     Wr, br, Wg, bg = (_np(p) for p in params[:4])
-    hpre, h, _ = _C.router_forward(x, Wr, br, Wg, bg, device=dev)
-    dR = np.zeros((x.shape[0], Wg.shape[1]), np.float32) if dR is None else _np(dR)
+    dev = _op_device(x)
+    hpre, h, _ = _C.router_forward(xf, Wr, br, Wg, bg, device=dev)
+    dR = np.zeros((xf.shape[0], Wg.shape[1]), np.float32) if dR is None else _np(dR)
     extra = None if dh is None else _np(dh)
-    dx, *g = _C.router_backward(dR, hpre, h, x, Wr, Wg, extra, device=dev)
-    return torch.from_numpy(dx), [torch.from_numpy(a) for a in g]
+    dxr, *g = _C.router_backward(dR, hpre, h, xf, Wr, Wg, extra, device=dev)
+    return _t(dxr, x.device), [_t(a, x.device) for a in g]
 
 
 class _RouterLoss(torch.autograd.Function):
@@ -397,7 +422,7 @@ def _race_forward(m, x, plr_target):
     if m.training:
         with torch.no_grad():
             m.threshold.fill_(info["threshold"])
-    mask_np = _C.moe_get(st, "mask")                                   # (B,L,E)
+    mask_np = m._last_mask                                             # (B,L,E) bool
     mask = _t(mask_np.reshape(B * L, -1), x.device)
     losses = _aux_losses(m, R, h, mask, plr_target) if m.training else {}
     _record_aux(m, mask_np, losses, info)

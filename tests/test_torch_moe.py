@@ -229,13 +229,26 @@ def test_parameters_are_views_of_one_flat_buffer_the_core_reads():
         off += p.numel()
     assert off == flat.numel()
     x = inputs(m)
-    view = rt._np(x)
-    assert view.ctypes.data == x.data_ptr()  # the core reads the tensor's memory
-    assert rt._np(m.w1).ctypes.data == m.w1.data_ptr()
+    assert rt._np(x).ctypes.data == x.data_ptr()  # the staged ops read the tensor's memory
     with torch.no_grad():  # an in-place update (what an optimizer does) reaches the core
         m.w2.mul_(0.0)
         m.b2.zero_()
-    assert float(m(x).abs().max()) == 0.0
+        assert float(m(x).abs().max()) == 0.0
+
+
+def test_address_bindings_reject_bad_addresses():
+    from racedit import _C
+    m = make()
+    st = m._state(torch.zeros(1))
+    x = torch.zeros(1, 2, 16)
+    with pytest.raises(RuntimeError, match="no forward"):
+        _C.moe_backward_ptr(st, x.data_ptr(), m._flat.data_ptr(), x.data_ptr(), x.data_ptr(),
+                            m._flat.data_ptr())
+    for bad in (0, -1, "x", None):
+        with pytest.raises(ValueError, match="x: expected a non-zero memory address"):
+            _C.moe_forward_ptr(st, x.data_ptr(), bad, m._flat.data_ptr(), 1, 2, True)
+    with pytest.raises(ValueError, match="B, L: expected >= 1"):
+        _C.moe_forward_ptr(st, x.data_ptr(), x.data_ptr(), m._flat.data_ptr(), 0, 2, True)
 
 
 def test_parameters_replaced_are_flattened_again():
