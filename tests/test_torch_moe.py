@@ -297,7 +297,7 @@ def test_adamw_steps_change_the_output():
         loss = m(x).pow(2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert m._is_flat() and losses[-1] < losses[0]
 
 
