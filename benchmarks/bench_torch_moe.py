@@ -8,8 +8,8 @@ expert (stable argsort, megablocks' dispatch), a loop of per-expert GEMMs with G
 the gated ``index_add_`` combine; autograd does the backward. The model around either
 layer is LayerNorm -> MoE -> residual -> Linear, trained on an MSE loss with AdamW.
 
-Prints per configuration the median step time of each (interleaved, after a warm-up) and the ratio
-racedit/native (lower is better). Usage:
+Prints per configuration the median step time of each (rounds of one step each, after a
+warm-up) and the ratio racedit/native (lower is better). Usage:
     python benchmarks/bench_torch_moe.py [--iters 10] [--threads N] [--device cpu|cuda]
 """
 import argparse
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_model import alternate
 from racedit.torch import RaceMoE
 
 CONFIGS = [  # name, B, L, D, E, k
@@ -88,20 +89,6 @@ def stepper(model, x, target):
     return step
 
 
-def median_times(steps, iters):
-    """Median seconds per call of each function, the calls interleaved (one of each per
-    round) so that a change in the machine's load hits both alike."""
-    for step in steps:  # warm-up
-        step(), step()
-    times = [[] for _ in steps]
-    for _ in range(iters):
-        for t, step in zip(times, steps):
-            t0 = time.perf_counter()
-            step()
-            t.append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in times]
-
-
 def bench(name, B, L, D, E, k, iters, device):
     torch.manual_seed(0)
     race = RaceMoE(D, E, k, device=device)
@@ -112,9 +99,10 @@ def bench(name, B, L, D, E, k, iters, device):
     head = Model(race, D).to(device)
     base = Model(native, D).to(device)
     base.load_state_dict(head.state_dict())
-    t_race, t_native = median_times([stepper(head, x, target), stepper(base, x, target)], iters)
+    (min_r, t_race), (min_n, t_native) = alternate([stepper(head, x, target),
+                                                    stepper(base, x, target)], iters)
     print(f"{name:22s} racedit {t_race * 1e3:8.2f} ms   native {t_native * 1e3:8.2f} ms   "
-          f"racedit/native {t_race / t_native:5.2f}", flush=True)
+          f"racedit/native {t_race / t_native:5.2f} (median; min {min_r / min_n:5.2f})", flush=True)
     return t_race / t_native
 
 

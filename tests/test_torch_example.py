@@ -25,7 +25,8 @@ def test_example_trains_a_few_adamw_steps():
     assert math.isfinite(first) and math.isfinite(last)
 
 
-def _load_bench():
+def _load_bench(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     path = os.path.join(ROOT, "benchmarks", "bench_torch_moe.py")
     spec = importlib.util.spec_from_file_location("bench_torch_moe", path)
     mod = importlib.util.module_from_spec(spec)
@@ -34,8 +35,8 @@ def _load_bench():
 
 
 @pytest.mark.parametrize("gating", ["identity", "softmax"])
-def test_benchmark_native_layer_equals_racemoe(gating):
-    bench = _load_bench()
+def test_benchmark_native_layer_equals_racemoe(gating, monkeypatch):
+    bench = _load_bench(monkeypatch)
     torch.manual_seed(0)
     race = RaceMoE(16, 4, 2, gating=gating)
     native = bench.TorchNativeMoE(16, 4, 2, race.hidden, gating=gating)
