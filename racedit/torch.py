@@ -5,13 +5,13 @@ parameters shaped like ``racedit.MoE.params``, the threshold tau as a buffer (so
 ``state_dict()`` round-trips), ``train()`` / ``eval()`` switching batch top-K and threshold
 routing, and the aux losses as tensors in the autograd graph (``module.aux_loss``).
 
-The layer is a chain of ``torch.autograd.Function`` s, one per racedit op (router, gate,
-experts, each aux loss), so autograd composes the gradients and an aux loss contributes to
-the parameters' gradients exactly as much as the incoming gradient of that loss tensor
-says; nothing is added behind autograd's back. On CPU tensors every op reads the tensors'
-memory through NumPy views (no copy) and its outputs are NumPy arrays the C core
-allocated, handed to torch with ``torch.from_numpy`` (no copy). On CUDA tensors the ops run
-racedit's CUDA kernels on host-staged copies (see docs/torch.md).
+The layer's forward and backward are one ``torch.autograd.Function`` around racedit's
+per-layer state (csrc/moe.h), which reads and writes the tensors' memory by address: x, y,
+dx, the parameter gradients, and the parameters as views of one flat buffer in racedit's
+layout. Its outputs include the router's logits R and hidden h, on which the aux losses
+and the PLR head are autograd Functions of their own, so an aux loss contributes to the
+gradients exactly as much as the incoming gradient of that loss tensor says; nothing is
+added behind autograd's back. See docs/torch.md for what runs where and what is copied.
 
 ``import racedit`` never imports this module (nor torch); import ``racedit.torch``.
 """
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import _C
-from .moe import MoE
+from .moe import MoE, check_loss_weight
 
 __all__ = ["RaceMoE", "from_racedit", "to_racedit", "dit_state_dict_to_torch",
            "load_torch_dit_state_dict", "PARAM_NAMES"]
@@ -249,18 +249,23 @@ class RaceMoE(nn.Module):
         super().__init__()
         if dtype is not None and dtype != torch.float32:
             raise RaceMoETypeError(f"dtype: racedit computes in float32, got {dtype}")
-        # racedit.MoE validates every setting with the messages of the rest of racedit
         hidden = _hidden_width(dim, k, hidden)
-        probe = MoE(dim, num_experts, k, strategy=strategy, gating=gating, hidden=hidden,
-                    beta=beta, eval_topk=eval_topk, plr_dim=plr_dim, sim_weight=sim_weight,
-                    balance_weight=balance_weight, plr_weight=plr_weight, precision=precision)
+        weights = {n: check_loss_weight(n, v) for n, v in (
+            ("sim_weight", sim_weight), ("balance_weight", balance_weight), ("plr_weight", plr_weight))}
+        # racedit's own checks of every setting (the layer's C states are made on first use)
+        _C.moe_new(precision=precision, dim=dim, num_experts=num_experts, expert_hidden=hidden,
+                   k=k, strategy=strategy, gating=gating, beta=float(beta),
+                   eval_topk=bool(eval_topk), plr_dim=plr_dim, **weights)
         self.dim, self.num_experts, self.k, self.hidden = dim, num_experts, k, hidden
         self.strategy, self.gating, self.plr_dim = strategy, gating, plr_dim
         self.beta, self.eval_topk, self.precision = float(beta), bool(eval_topk), precision
-        self.sim_weight, self.balance_weight = probe.sim_weight, probe.balance_weight
-        self.plr_weight = probe.plr_weight
-        for name, arr in probe.params.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(arr.shape, device=device)))
+        self.sim_weight, self.balance_weight = weights["sim_weight"], weights["balance_weight"]
+        self.plr_weight = weights["plr_weight"]
+        D, E, He = dim, num_experts, hidden
+        shapes = dict(router_w=(D, D), router_b=(D,), gate_w=(D, E), gate_b=(E,), w1=(E, D, He),
+                      b1=(E, He), w2=(E, He, D), b2=(E, D), plr_w=(D, plr_dim), plr_b=(plr_dim,))
+        for name in PARAM_NAMES + (("plr_w", "plr_b") if plr_dim else ()):
+            self.register_parameter(name, nn.Parameter(torch.empty(shapes[name], device=device)))
         self.register_buffer("threshold", torch.full((), float("nan"), device=device))
         self.aux, self.aux_loss = None, None
         self._states, self._flat, self._generation = {}, None, 0
@@ -392,8 +397,10 @@ class RaceMoE(nn.Module):
         return st
 
     def __getstate__(self):
+        """For copy.deepcopy (an EMA copy) and pickle: without the C states (remade on first
+        use) and without what the last forward left (graph tensors cannot be copied)."""
         state = self.__dict__.copy()
-        state["_states"] = {}  # the C states are remade on first use
+        state.update(_states={}, aux=None, aux_loss=None, _last_mask=None)
         return state
 
     # ---- racedit interop ----------------------------------------------------------------

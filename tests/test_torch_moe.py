@@ -254,6 +254,7 @@ def test_address_bindings_reject_bad_addresses():
 def test_parameters_replaced_are_flattened_again():
     m = make()
     x = inputs(m)
+    m(x)
     m.eval()
     want = m(x)
     other = RaceMoE(16, 4, 2)
@@ -261,10 +262,20 @@ def test_parameters_replaced_are_flattened_again():
     assert not other._is_flat()
     other.eval()
     assert torch.equal(other(x), want) and other._is_flat()
-    moved = copy.deepcopy(m).to(torch.device("cpu"))
-    assert moved._is_flat() and torch.equal(moved(x), want)
-    clone = pickle.loads(pickle.dumps(m))
-    assert torch.equal(clone(x), want)
+
+
+def test_copies_after_a_training_forward():
+    """What a training forward leaves (graph tensors in aux) must not stop a deepcopy (an
+    EMA model) or pickle; the copies compute what the layer computes."""
+    m = make(sim_weight=0.1)
+    x = inputs(m)
+    m(x).sum().backward()
+    copies = [copy.deepcopy(m).to(torch.device("cpu")), pickle.loads(pickle.dumps(m))]
+    assert m.aux is not None and all(c.aux is None for c in copies)
+    m.eval()
+    want = m(x)
+    for c in copies:
+        assert torch.equal(c.eval()(x), want) and c._is_flat()
 
 
 def test_layer_called_twice_in_one_graph():
