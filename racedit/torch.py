@@ -160,12 +160,12 @@ def _router_backward(dR, dh, x, params):
 
 
 class _RouterLoss(torch.autograd.Function):
-    """R (N,E) -> L_sim or L_bal (a 0-d tensor) for the selection mask; its gradient is the
-    incoming gradient of the loss times the C op's dL/dR."""
+    """R (N,E) -> L_sim or L_bal (a 0-d tensor) for the selection mask (N,E) bool ndarray;
+    its gradient is the incoming gradient of the loss times the C op's dL/dR."""
 
     @staticmethod
     def forward(ctx, R, mask, fn):
-        value, dR = fn(_np(R), _np(mask))
+        value, dR = fn(_np(R), mask)
         ctx.dR, ctx.device = dR, R.device
         return torch.tensor(value, dtype=torch.float32, device=R.device)
 
@@ -417,7 +417,7 @@ class RaceMoE(nn.Module):
 def _race_forward(m, x, plr_target):
     """The layer on racedit's state (outside torch.compile's graphs: the ops run in the C
     core), then the aux losses on its router outputs."""
-    B, L, D = x.shape
+    B, L = x.shape[:2]
     if not m._is_flat():
         m.flatten_parameters()
     st = m._configure(x)
@@ -430,15 +430,14 @@ def _race_forward(m, x, plr_target):
         with torch.no_grad():
             m.threshold.fill_(info["threshold"])
     mask_np = m._last_mask                                             # (B,L,E) bool
-    mask = _t(mask_np.reshape(B * L, -1), x.device)
-    losses = _aux_losses(m, R, h, mask, plr_target) if m.training else {}
+    losses = _aux_losses(m, R, h, mask_np.reshape(B * L, -1), plr_target) if m.training else {}
     _record_aux(m, mask_np, losses, info)
     return y
 
 
 def _aux_losses(m, R, h, mask, plr_target):
     """The training forward's aux losses (graph tensors), each only when its weight is > 0,
-    and the PLR head's prediction."""
+    and the PLR head's prediction; mask (N,E) bool ndarray."""
     out = {}
     if m.sim_weight > 0:
         out["sim_loss"] = _RouterLoss.apply(R, mask, _C.router_similarity_loss)
