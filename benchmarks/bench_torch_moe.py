@@ -1,16 +1,16 @@
 """Benchmark (not a test): racedit.torch.RaceMoE against a PyTorch-native MoE with the same
-routing, each the FFN of the same small torch model, forward + backward + AdamW step.
+routing, each the FFN of the same small torch model: forward + backward (+ AdamW with --adamw).
 
 The native layer (:class:`TorchNativeMoE`) has RaceMoE's parameters and computes the same
 function: router MLP (matmul, GELU erf, matmul), identity/sigmoid/softmax gating, Expert
 Race selection (one ``torch.topk`` over all B·L·E gates), the selected pairs sorted by
 expert (stable argsort, megablocks' dispatch), a loop of per-expert GEMMs with GELU tanh,
 the gated ``index_add_`` combine; autograd does the backward. The model around either
-layer is LayerNorm -> MoE -> residual -> Linear, trained on an MSE loss with AdamW.
+layer is LayerNorm -> MoE -> residual -> Linear, trained on an MSE loss.
 
 Prints per configuration the median step time of each (rounds of one step each, after a
 warm-up) and the ratio racedit/native (lower is better). Usage:
-    python benchmarks/bench_torch_moe.py [--iters 10] [--threads N] [--device cpu|cuda]
+    python benchmarks/bench_torch_moe.py [--iters 10] [--threads N] [--device cpu|cuda] [--adamw]
 """
 import argparse
 import time
@@ -76,20 +76,22 @@ class Model(nn.Module):
         return self.head(x + self.ffn(self.norm(x)))
 
 
-def stepper(model, x, target):
-    """One training step of model (forward, MSE, backward, AdamW) as a function."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def stepper(model, x, target, adamw):
+    """One training step of model (forward, MSE, backward; with adamw an AdamW update too)
+    as a function."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else None
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         F.mse_loss(model(x), target).backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         sync()
     return step
 
 
-def bench(name, B, L, D, E, k, iters, device):
+def bench(name, B, L, D, E, k, iters, device, adamw):
     torch.manual_seed(0)
     race = RaceMoE(D, E, k, device=device)
     native = TorchNativeMoE(D, E, k, race.hidden).to(device)
@@ -99,8 +101,8 @@ def bench(name, B, L, D, E, k, iters, device):
     head = Model(race, D).to(device)
     base = Model(native, D).to(device)
     base.load_state_dict(head.state_dict())
-    (min_r, t_race), (min_n, t_native) = alternate([stepper(head, x, target),
-                                                    stepper(base, x, target)], iters)
+    (min_r, t_race), (min_n, t_native) = alternate([stepper(head, x, target, adamw),
+                                                    stepper(base, x, target, adamw)], iters)
     print(f"{name:22s} racedit {t_race * 1e3:8.2f} ms   native {t_native * 1e3:8.2f} ms   "
           f"racedit/native {t_race / t_native:5.2f} (median; min {min_r / min_n:5.2f})", flush=True)
     return t_race / t_native
@@ -111,12 +113,14 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--adamw", action="store_true", help="time the AdamW update too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"step: forward + backward{' + AdamW' if args.adamw else ''}")
     for cfg in CONFIGS:
-        bench(*cfg, args.iters, args.device)
+        bench(*cfg, args.iters, args.device, args.adamw)
 
 
 if __name__ == "__main__":
