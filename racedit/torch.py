@@ -371,7 +371,8 @@ class RaceMoE(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if all(getattr(self, n).dtype == torch.float32 for n in PARAM_NAMES):
+        # .to() / .cuda() make new tensors; share_memory() moves the one storage in place
+        if not self._is_flat() and all(getattr(self, n).dtype == torch.float32 for n in PARAM_NAMES):
             self.flatten_parameters()
         return out
 

@@ -264,6 +264,11 @@ def test_parameters_replaced_are_flattened_again():
     assert torch.equal(other(x), want) and other._is_flat()
 
 
+def test_share_memory_keeps_the_flat_buffer_shared():
+    m = make().share_memory()
+    assert m._is_flat() and m._flat.is_shared() and m.w1.is_shared()
+
+
 def test_copies_after_a_training_forward():
     """What a training forward leaves (graph tensors in aux) must not stop a deepcopy (an
     EMA model) or pickle; the copies compute what the layer computes."""
