@@ -77,7 +77,7 @@ class _Layer(torch.autograd.Function):
         with _racedit_stream(x):
             _C.moe_forward_ptr(st, y.data_ptr(), x.data_ptr(), m._flat.data_ptr(), B, L, m.training)
         m._generation += 1
-        ctx.m, ctx.gen = m, m._generation
+        ctx.m, ctx.gen, ctx.precision = m, m._generation, m._precision(x)
         ctx.mask, ctx.G = _C.moe_get(st, "mask"), _C.moe_get(st, "gates")   # (B,L,E) host
         m._last_mask = ctx.mask
         ctx.save_for_backward(x, *params)
@@ -139,7 +139,7 @@ def _experts_gate_backward(dy, x, ctx, params):
     m, N = ctx.m, x.shape[0] * x.shape[1]
     mask, G = ctx.mask.reshape(N, -1), ctx.G.reshape(N, -1)
     dx, dG, *dw = _C.experts_backward(_np(dy).reshape(N, -1), _np(x).reshape(N, -1), mask, G,
-                                      *(_np(p) for p in params[4:8]), m.precision,
+                                      *(_np(p) for p in params[4:8]), ctx.precision,
                                       device=_op_device(x))
     dR = _C.gate_backward(dG, G, m.gating, device=_op_device(x))
     return (_t(dx.reshape(x.shape), x.device), _t(dR, x.device),
