@@ -10,7 +10,7 @@ layer is LayerNorm -> MoE -> residual -> Linear, trained on an MSE loss.
 
 Prints per configuration the median step time of each (rounds of one step each, after a
 warm-up) and the ratio racedit/native (lower is better). Usage:
-    python benchmarks/bench_torch_moe.py [--iters 10] [--threads N] [--device cpu|cuda] [--adamw]
+    python benchmarks/bench_torch_moe.py [--iters 10] [--threads N] [--device cpu|cuda] [--adamw] [--bf16]
 """
 import argparse
 import time
@@ -62,7 +62,7 @@ class TorchNativeMoE(nn.Module):
             a = F.gelu(torch.addmm(self.b1[e], xe, self.w1[e]), approximate="tanh")
             outs.append(torch.addmm(self.b2[e], a, self.w2[e]))        # (n_e,D)
         o = torch.cat(outs) * G.reshape(-1)[pair].unsqueeze(1)         # (K,D)
-        return torch.zeros_like(xf).index_add_(0, token, o).reshape(B, L, D)
+        return torch.zeros_like(xf).index_add_(0, token, o.to(xf.dtype)).reshape(B, L, D)
 
 
 class Model(nn.Module):
@@ -76,22 +76,24 @@ class Model(nn.Module):
         return self.head(x + self.ffn(self.norm(x)))
 
 
-def stepper(model, x, target, adamw):
-    """One training step of model (forward, MSE, backward; with adamw an AdamW update too)
-    as a function."""
+def stepper(model, x, target, adamw, bf16):
+    """One training step of model (forward, MSE, backward; with adamw an AdamW update too;
+    with bf16 under torch.autocast(bfloat16)) as a function."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else None
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step():
         model.zero_grad(set_to_none=True)
-        F.mse_loss(model(x), target).backward()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.mse_loss(model(x).float(), target)
+        loss.backward()
         if opt is not None:
             opt.step()
         sync()
     return step
 
 
-def bench(name, B, L, D, E, k, iters, device, adamw):
+def bench(name, B, L, D, E, k, iters, device, adamw, bf16):
     torch.manual_seed(0)
     race = RaceMoE(D, E, k, device=device)
     native = TorchNativeMoE(D, E, k, race.hidden).to(device)
@@ -101,8 +103,8 @@ def bench(name, B, L, D, E, k, iters, device, adamw):
     head = Model(race, D).to(device)
     base = Model(native, D).to(device)
     base.load_state_dict(head.state_dict())
-    (min_r, t_race), (min_n, t_native) = alternate([stepper(head, x, target, adamw),
-                                                    stepper(base, x, target, adamw)], iters)
+    (min_r, t_race), (min_n, t_native) = alternate([stepper(head, x, target, adamw, bf16),
+                                                    stepper(base, x, target, adamw, bf16)], iters)
     print(f"{name:22s} racedit {t_race * 1e3:8.2f} ms   native {t_native * 1e3:8.2f} ms   "
           f"racedit/native {t_race / t_native:5.2f} (median; min {min_r / min_n:5.2f})", flush=True)
     return t_race / t_native
@@ -114,13 +116,15 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--adamw", action="store_true", help="time the AdamW update too")
+    ap.add_argument("--bf16", action="store_true", help="under torch.autocast(bfloat16)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"step: forward + backward{' + AdamW' if args.adamw else ''}")
+          f"step: forward + backward{' + AdamW' if args.adamw else ''}"
+          f"{', autocast bf16' if args.bf16 else ''}")
     for cfg in CONFIGS:
-        bench(*cfg, args.iters, args.device, args.adamw)
+        bench(*cfg, args.iters, args.device, args.adamw, args.bf16)
 
 
 if __name__ == "__main__":
