@@ -7,6 +7,7 @@
 #include "bind.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #define NIN 12 /* most input arrays one function converts */
@@ -496,6 +497,94 @@ done:
     return ret;
 }
 
+/* ---- the layer on memory given by address (racedit.torch: torch tensors' data_ptr()) ----
+ * The same forward / backward as moe_forward / moe_backward on memory of the state's
+ * backend (device memory for CUDA, host memory for the CPU) that the caller owns and sized:
+ * nothing is staged or copied, and the sizes cannot be checked here. CUDA work is queued on
+ * the legacy default stream (the caller orders its own stream against it). */
+
+/* An address argument: a non-zero int, or -1 with ValueError naming it. */
+static int parse_addr(PyObject *o, const char *name, void **out) {
+    unsigned long long v = PyLong_Check(o) ? PyLong_AsUnsignedLongLong(o) : 0;
+    if (PyErr_Occurred() || v == 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: expected a non-zero memory address (int), got %R", name, o);
+        return -1;
+    }
+    *out = (void *)(uintptr_t)v;
+    return 0;
+}
+
+/* moe_forward_ptr(state, y, x, params, B, L, training): y (B,L,D) = the layer on x (B,L,D)
+ * with the flat parameters `params`. */
+static PyObject *py_moe_forward_ptr(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *o[3];
+    long long B, L;
+    int training;
+    void *a[3];
+    if (!PyArg_ParseTuple(args, "OOOOLLp:moe_forward_ptr", &cap, &o[0], &o[1], &o[2], &B, &L,
+                          &training))
+        return NULL;
+    const char *names[3] = {"y", "x", "params"};
+    for (int i = 0; i < 3; i++)
+        if (parse_addr(o[i], names[i], &a[i]) < 0) return NULL;
+    if (B < 1 || L < 1) {
+        PyErr_Format(PyExc_ValueError, "B, L: expected >= 1, got %lld, %lld", B, L);
+        return NULL;
+    }
+    moe_holder *hd = take_holder(cap);
+    if (!hd) return NULL;
+    PyObject *ret = NULL;
+    if (rd_device_ready(hd->be) == 0) {
+        rd_moe_params p;
+        rd_moe_params_point(&p, (float *)a[2], &hd->cfg);
+        Py_CLEAR(hd->x);  /* moe_backward(x=None) has no array of this forward */
+        rd_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = hd->be->moe_forward(hd->st, (float *)a[0], (const float *)a[1], &hd->cfg, &p, B, L,
+                                 training, NULL);
+        Py_END_ALLOW_THREADS
+        ret = st ? rd_raise(st) : Py_NewRef(Py_None);
+    }
+    rd_give(&hd->busy);
+    return ret;
+}
+
+/* moe_backward_ptr(state, dx, grads, dy, x, params): dx (B,L,D) given dy (B,L,D) at the
+ * last forward's x; the flat parameter gradients ACCUMULATE into `grads`. */
+static PyObject *py_moe_backward_ptr(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *o[5];
+    void *a[5];
+    if (!PyArg_ParseTuple(args, "OOOOOO:moe_backward_ptr", &cap, &o[0], &o[1], &o[2], &o[3], &o[4]))
+        return NULL;
+    const char *names[5] = {"dx", "grads", "dy", "x", "params"};
+    for (int i = 0; i < 5; i++)
+        if (parse_addr(o[i], names[i], &a[i]) < 0) return NULL;
+    moe_holder *hd = take_holder(cap);
+    if (!hd) return NULL;
+    PyObject *ret = NULL;
+    rd_moe_view v;
+    rd_status s = hd->be->moe_view(hd->st, &v);
+    if (s) {
+        rd_raise(s);
+    } else if (!v.have_forward) {
+        PyErr_SetString(PyExc_RuntimeError, "moe_backward_ptr: no forward to differentiate (call forward first)");
+    } else {
+        rd_moe_params p, g;
+        rd_moe_params_point(&p, (float *)a[4], &hd->cfg);
+        rd_moe_params_point(&g, (float *)a[1], &hd->cfg);
+        Py_BEGIN_ALLOW_THREADS
+        s = hd->be->moe_backward(hd->st, (float *)a[0], &g, (const float *)a[2], (const float *)a[3],
+                                 &hd->cfg, &p);
+        Py_END_ALLOW_THREADS
+        ret = s ? rd_raise(s) : Py_NewRef(Py_None);
+    }
+    rd_give(&hd->busy);
+    return ret;
+}
+
 static PyObject *moe_get(moe_holder *hd, const void *arg) {
     return rd_moe_get(hd->be, hd->st, (const char *)arg);
 }
@@ -590,6 +679,12 @@ static PyMethodDef moe_methods[] = {
     {"moe_backward", KW py_moe_backward, METH_VARARGS | METH_KEYWORDS,
      "moe_backward(state, dy, x, params, grads) -> dx (B,L,D); grads accumulate. x=None: the "
      "last forward's own input (which the state keeps)."},
+    {"moe_forward_ptr", py_moe_forward_ptr, METH_VARARGS,
+     "moe_forward_ptr(state, y, x, params, B, L, training): moe_forward on memory of the "
+     "state's backend given by address (no staging)."},
+    {"moe_backward_ptr", py_moe_backward_ptr, METH_VARARGS,
+     "moe_backward_ptr(state, dx, grads, dy, x, params): moe_backward on memory given by "
+     "address; grads accumulate."},
     {"moe_get", py_moe_get, METH_VARARGS, "moe_get(state, name) -> a copy of what the last forward left."},
     {"moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "moe_set_threshold(state, tau or None)."},
     {"moe_precision", py_moe_precision, METH_VARARGS,
