@@ -186,8 +186,10 @@ def test_two_ranks_on_a_latent_folder_equal_one_rank(tmp_path):
     _latent_folder(tmp_path / "lat", n=40)
     flags = ("--steps", "6", "--global-batch-size", "8", "--data", "latents",
              str(tmp_path / "lat"))
-    _check(_cli(tmp_path, "two", *flags, ranks=2))
-    _check(_cli(tmp_path, "one", *flags, "--grad-accum", "2"))
+    two = _check(_cli(tmp_path, "two", *flags, ranks=2))
+    one = _check(_cli(tmp_path, "one", *flags, "--grad-accum", "2"))
+    assert "data LatentFolderDataset(40 x (4, 8, 8)" in two.stdout  # read per batch
+    assert "data ArrayDataset(40 x (4, 8, 8)" in one.stdout         # in memory
     _same(_tensors(tmp_path / "two"), _tensors(tmp_path / "one"))
     keys = ("loss", "grad_norm", "tau")
     assert ([[r.get(k) for k in keys] for r in _log(tmp_path / "two")]
