@@ -629,22 +629,22 @@ class LatentFolderDataset(LazyDataset):
         fp, k = self.features[f], int(self.starts[f + 1] - self.starts[f])
         with open(fp, "rb") as fh:
             shape, dtype, fortran = _npy_header(fh, fp, order=True)
-            if tuple(shape[-3:]) != self.shape or math.prod(shape[:-3]) != k:
-                raise DataError(f"{fp}: features of shape {shape} changed since they were "
-                                f"checked (expected {k} x {self.shape})")
-            if fortran:
-                fh.seek(0)
-                x = np.lib.format.read_array(fh, allow_pickle=False).reshape((k,) + self.shape)
-                with np.errstate(over="ignore"):
-                    out[at] = x[offsets].astype(np.float32)
-                return
-            start, n = fh.tell(), math.prod(self.shape) * dtype.itemsize
-            for b, o in zip(at, offsets):
-                fh.seek(start + int(o) * n)
-                buf = fh.read(n)
-                if len(buf) != n:
-                    raise DataError(f"{fp}: truncated since it was checked")
-                with np.errstate(over="ignore"):
+            if (dtype.kind != "f" or tuple(shape[-3:]) != self.shape
+                    or math.prod(shape[:-3]) != k):
+                raise DataError(f"{fp}: features of shape {shape} {dtype} changed since they "
+                                f"were checked (expected {k} x {self.shape} floats)")
+            with np.errstate(over="ignore"):  # as _real_values; checked values are finite
+                if fortran:  # samples are not contiguous: the whole file
+                    fh.seek(0)
+                    x = np.lib.format.read_array(fh, allow_pickle=False)
+                    out[at] = x.reshape((k,) + self.shape)[offsets].astype(np.float32)
+                    return
+                start, n = fh.tell(), math.prod(self.shape) * dtype.itemsize
+                for b, o in zip(at, offsets):
+                    fh.seek(start + int(o) * n)
+                    buf = fh.read(n)
+                    if len(buf) != n:
+                        raise DataError(f"{fp}: truncated since it was checked")
                     out[b] = np.frombuffer(buf, dtype).reshape(self.shape).astype(np.float32)
 
 

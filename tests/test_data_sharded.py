@@ -164,8 +164,13 @@ def test_a_file_changed_after_the_check_is_an_error(tmp_path):
     names = _latent_folder(tmp_path)
     ds = data.load_latents(str(tmp_path), lazy=True)
     np.save(tmp_path / "features" / names[2], np.zeros((1, 4, 8, 8), np.float32))
-    with pytest.raises(DataError, match=r"02\.npy: features of shape \(1, 4, 8, 8\) changed"):
+    with pytest.raises(DataError, match=r"02\.npy: features of shape \(1, 4, 8, 8\) float32 "
+                                        r"changed since they were checked \(expected 3 x"):
         ds.batch([3])
+    np.save(tmp_path / "features" / names[2], np.zeros((3, 4, 8, 8), np.int32))
+    with pytest.raises(DataError, match=r"02\.npy: .* int32 changed"):
+        ds.batch([3])
+    ds.batch([0, 1, 2, 6])  # the other files as they were
 
 
 def test_image_folder_share(tmp_path):
