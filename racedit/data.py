@@ -1,4 +1,4 @@
-"""racedit.data — the training sets, loaded and checked whole before training starts.
+"""racedit.data — the training sets, checked before training starts.
 
 * ``builtin``: 10 classes of coloured shapes (:data:`SHAPE_CLASSES`), 32x32 RGB, drawn
   deterministically from a seed by vectorised NumPy rasterisation (no download, no files).
@@ -11,8 +11,12 @@
   or not), padded to the image size.
 * ``cifar10 PATH``: the CIFAR-10 python batches (``data_batch_1..5``, ``batches.meta``).
 
-Every loader returns an :class:`ArrayDataset` held in memory (images as uint8, converted to
+The loaders return an :class:`ArrayDataset` held in memory (images as uint8, converted to
 float32 in [-1, 1] per batch; latents as float32), checked whole before training starts.
+Image and latent folders, which hold a file per sample (or per block of samples), can
+instead be read per batch (:class:`LazyDataset`): for each rank of a multi-rank run, which
+then checks only its share of the files (file i on rank i % W), and for a set of more than
+:data:`LAZY_BYTES`. The values are the same bit for bit either way.
 Files are untrusted: headers are checked against the file size before anything is
 allocated (``.npy``, IDX), images against :data:`MAX_IMAGE_PIXELS` before they are decoded,
 CIFAR-10 pickles are read by an unpickler that can build nothing but containers, strings,
@@ -33,7 +37,8 @@ __all__ = [
     "SHAPE_CLASSES", "DataError", "ArrayDataset", "make_shapes", "load_builtin",
     "folder_files", "load_folder", "load_latents", "load_mnist", "load_cifar10", "load_data",
     "parse_data_arg", "center_crop_arr", "DATA_KINDS", "MAX_CLASSES", "MAX_IMAGE_SIZE",
-    "MAX_CHANNELS", "MAX_IMAGE_PIXELS", "read_image", "check_image_size",
+    "MAX_CHANNELS", "MAX_IMAGE_PIXELS", "read_image", "check_image_size", "LAZY_BYTES",
+    "LazyDataset", "ImageFolderDataset", "LatentFolderDataset",
 ]
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring", "horizontal bars",
@@ -69,26 +74,13 @@ class ArrayDataset:
         y = np.asarray(y)
         if x.ndim != 4:
             raise DataError(f"{where}: expected images (N, C, H, W), got shape {x.shape}")
-        if x.shape[2] != x.shape[3]:
-            raise DataError(f"{where}: expected square images, got {x.shape[2]}x{x.shape[3]}")
-        if x.shape[1] > MAX_CHANNELS or x.shape[2] > MAX_IMAGE_SIZE:
-            raise DataError(f"{where}: at most {MAX_CHANNELS} channels of {MAX_IMAGE_SIZE}^2 "
-                            f"pixels (what a checkpoint may hold), got shape {x.shape[1:]}")
+        _check_sample_shape(where, x.shape[1:])
         if y.shape != (x.shape[0],):
             raise DataError(f"{where}: {x.shape[0]} images but labels of shape {y.shape}")
         if x.shape[0] == 0:
             raise DataError(f"{where}: no samples")
-        x = _real_values(x, where)
-        num_classes = _check_num_classes(num_classes)
-        y = _check_labels(y, where, num_classes)
-        if num_classes is None:
-            num_classes = int(y.max()) + 1
-        self.x, self.y = x, y
-        self.num_classes = int(num_classes)
-        self.class_names = (list(class_names) if class_names is not None
-                            else [str(i) for i in range(self.num_classes)])
-        self.kind = kind
-        self.source = source
+        self.x = _real_values(x, where)
+        _set_labels(self, y, num_classes, class_names, kind, source)
 
     def __len__(self):
         return self.x.shape[0]
@@ -105,12 +97,39 @@ class ArrayDataset:
         """(x float32 (B,C,H,W), y int64 (B,)) for the index array idx."""
         x = self.x[idx]
         if x.dtype == np.uint8:
-            x = x.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+            x = _unit_range(x)
         return np.ascontiguousarray(x, np.float32), self.y[idx]
 
     def __repr__(self):
         return (f"ArrayDataset({len(self)} x {tuple(self.x.shape[1:])}, {self.num_classes} "
                 f"classes, kind={self.kind!r}, source={self.source!r})")
+
+
+def _unit_range(x):
+    """uint8 pixels (0..255) as float32 in [-1, 1]."""
+    return x.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+def _check_sample_shape(where, shape):
+    """DataError unless a sample's (C, H, W) is square and within what a checkpoint holds."""
+    if shape[1] != shape[2]:
+        raise DataError(f"{where}: expected square images, got {shape[1]}x{shape[2]}")
+    if shape[0] > MAX_CHANNELS or shape[1] > MAX_IMAGE_SIZE:
+        raise DataError(f"{where}: at most {MAX_CHANNELS} channels of {MAX_IMAGE_SIZE}^2 "
+                        f"pixels (what a checkpoint may hold), got shape {tuple(shape)}")
+
+
+def _set_labels(ds, y, num_classes, class_names, kind, source):
+    """The label fields of a data set (y checked, num_classes inferred when None)."""
+    num_classes = _check_num_classes(num_classes)
+    ds.y = _check_labels(y, source or "data", num_classes)
+    if num_classes is None:
+        num_classes = int(ds.y.max()) + 1
+    ds.num_classes = int(num_classes)
+    ds.class_names = (list(class_names) if class_names is not None
+                      else [str(i) for i in range(ds.num_classes)])
+    ds.kind = kind
+    ds.source = source
 
 
 def _check_num_classes(num_classes, name="num_classes"):
@@ -284,16 +303,25 @@ def folder_files(path):
     return files, np.asarray(labels, np.int64), classes
 
 
-def load_folder(path, image_size=32, channels=3):
-    """Images in ImageNet layout (``path/<class>/<image>``), every image opened, converted to
-    RGB (``channels=3``) or grayscale (``channels=1``, Pillow's "L") and center-cropped to
-    ``image_size`` now. Class indices follow the sorted folder names. DataError for a
-    missing folder, no classes, an empty class or an unreadable image or one of more than
-    :data:`MAX_IMAGE_PIXELS` pixels (naming it)."""
+def load_folder(path, image_size=32, channels=3, shard=(0, 1), lazy=None):
+    """Images in ImageNet layout (``path/<class>/<image>``), converted to RGB
+    (``channels=3``) or grayscale (``channels=1``, Pillow's "L") and center-cropped to
+    ``image_size``. Class indices follow the sorted folder names. DataError for a missing
+    folder, no classes, an empty class or an unreadable image or one of more than
+    :data:`MAX_IMAGE_PIXELS` pixels (naming it).
+
+    ``shard`` = (rank, world size). In memory (an :class:`ArrayDataset`, every image
+    opened now) when ``lazy`` is False, or when it is None, the world size is 1 and the
+    decoded images fit :data:`LAZY_BYTES`; otherwise an :class:`ImageFolderDataset` that
+    decodes now only the images i with i % W == rank (to check them) and reads the
+    others' at ``batch()``."""
     check_image_size(image_size)
     if channels not in (1, 3):
         raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB), got {channels!r}")
+    rank, size = _check_shard(shard)
     files, labels, classes = folder_files(path)
+    if _use_lazy(lazy, size, lambda: len(files) * channels * image_size ** 2):
+        return ImageFolderDataset(path, files, labels, classes, image_size, channels, shard)
     xs = [read_image(os.path.join(path, f), image_size, channels)
           .reshape(image_size, image_size, channels).transpose(2, 0, 1) for f in files]
     return ArrayDataset(np.stack(xs), labels, len(classes), classes, "pixels", path)
@@ -347,16 +375,16 @@ def _latent_dirs(path):
     return f, l
 
 
-def _npy_header(f, fp):
+def _npy_header(f, fp, order=False):
     """(shape, dtype) of an open .npy file, checked against the file's size before anything
-    is allocated (a header may claim petabytes)."""
+    is allocated (a header may claim petabytes); with ``order``, (shape, dtype, fortran)."""
     fmt = np.lib.format
     try:
         version = fmt.read_magic(f)
         if version not in ((1, 0), (2, 0)):
             raise ValueError(f"unsupported .npy version {version}")
         read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, _, dtype = read(f)
+        shape, fortran, dtype = read(f)
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{fp}: cannot read .npy ({e})") from None
     need = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
@@ -364,7 +392,7 @@ def _npy_header(f, fp):
     if need > have:
         raise DataError(f"{fp}: header claims shape {shape} of {dtype} ({need} bytes) but "
                         f"the file holds {have} bytes (truncated or corrupt)")
-    return shape, dtype
+    return (shape, dtype, fortran) if order else (shape, dtype)
 
 
 def _load_npy(fp, kinds, what):
@@ -381,6 +409,31 @@ def _load_npy(fp, kinds, what):
         if isinstance(e, DataError):
             raise
         raise DataError(f"{fp}: cannot read .npy ({e})") from None
+
+
+def _latent_header(fp):
+    """The (k, C, H, W) shape of a features file from its header, checked as
+    :func:`_latent_pair` checks the array."""
+    try:
+        with open(fp, "rb") as f:
+            shape, dtype = _npy_header(f, fp)
+    except OSError as e:
+        raise DataError(f"{fp}: cannot read .npy ({e})") from None
+    if dtype.kind != "f":
+        raise DataError(f"{fp}: expected floating-point features, got dtype {dtype}")
+    if len(shape) not in (3, 4):
+        raise DataError(f"{fp}: expected features (C,H,W) or (k,C,H,W), got {shape}")
+    if shape[-1] != shape[-2]:
+        raise DataError(f"{fp}: expected square latents (H == W), got shape {shape[-3:]}")
+    return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+def _latent_labels(lp, num_classes):
+    """The labels (k,) int64 of one label file (a () file is one label), checked."""
+    y = np.atleast_1d(_load_npy(lp, "iu", "integer labels"))
+    if y.ndim != 1:
+        raise DataError(f"{lp}: expected labels () or (k,), got shape {y.shape}")
+    return _check_labels(y, lp, num_classes)
 
 
 def _latent_pair(fp, lp, num_classes):
@@ -400,17 +453,26 @@ def _latent_pair(fp, lp, num_classes):
     return x, _check_labels(y, lp, num_classes)
 
 
-def load_latents(path, num_classes=None):
+def load_latents(path, num_classes=None, shard=(0, 1), lazy=None):
     """fast-DiT latent features (already scaled by 0.18215) and labels, paired by file name.
     DataError for a missing folder, a file without its pair, mixed or non-square shapes, a
     label count that does not match the features, a label outside [0, num_classes) (or
-    beyond :data:`MAX_CLASSES`), a non-real or non-finite feature, or an unreadable file."""
+    beyond :data:`MAX_CLASSES`), a non-real or non-finite feature, or an unreadable file.
+
+    ``shard`` = (rank, world size). In memory (an :class:`ArrayDataset`) when ``lazy`` is
+    False, or when it is None, the world size is 1 and the feature files hold at most
+    :data:`LAZY_BYTES`; otherwise a :class:`LatentFolderDataset` that reads every label
+    file, checks now only the feature files i with i % W == rank, and reads features at
+    ``batch()``."""
     num_classes = _check_num_classes(num_classes)
+    rank, size = _check_shard(shard)
     fdir, ldir = _latent_dirs(path)
     fnames = sorted(n for n in os.listdir(fdir) if n.endswith(".npy"))
     lnames = set(n for n in os.listdir(ldir) if n.endswith(".npy"))
     if not fnames:
         raise DataError(f"{fdir}: no .npy feature files")
+    if _use_lazy(lazy, size, lambda: sum(os.path.getsize(os.path.join(fdir, n)) for n in fnames)):
+        return LatentFolderDataset(path, fdir, ldir, fnames, lnames, num_classes, shard)
     xs, ys, shape = [], [], None
     for name in fnames:
         fp, lp = os.path.join(fdir, name), os.path.join(ldir, name)
@@ -424,11 +486,166 @@ def load_latents(path, num_classes=None):
                             f"file's {shape} (mixed sizes)")
         xs.append(x)
         ys.append(y)
+    _no_extra_labels(ldir, lnames, fnames)
+    return ArrayDataset(np.concatenate(xs), np.concatenate(ys), num_classes, None, "latents", path)
+
+
+def _no_extra_labels(ldir, lnames, fnames):
     extra = lnames - set(fnames)
     if extra:
         raise DataError(f"{os.path.join(ldir, sorted(extra)[0])}: label file without features "
                         f"(label count mismatch: {len(lnames)} label files, {len(fnames)} features)")
-    return ArrayDataset(np.concatenate(xs), np.concatenate(ys), num_classes, None, "latents", path)
+
+
+# ---- data sets read per batch ----------------------------------------------------------------
+
+# Above this many bytes of samples (decoded images, or feature files) a loader of a world of
+# one rank reads per batch rather than holding the set in memory.
+LAZY_BYTES = 4 << 30
+
+
+def _check_shard(shard):
+    """(rank, size) of ``shard``: ints with 0 <= rank < size (ValueError otherwise)."""
+    try:
+        rank, size = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard: expected (rank, world size), got {shard!r}") from None
+    if not 0 <= rank < size:
+        raise ValueError(f"shard: expected 0 <= rank < world size, got {shard!r}")
+    return rank, size
+
+
+def _use_lazy(lazy, size, nbytes):
+    """Whether a loader reads per batch: ``lazy`` when given, else for several ranks or
+    more than :data:`LAZY_BYTES` (``nbytes()``, asked only for one rank)."""
+    if lazy is not None:
+        return bool(lazy)
+    return size > 1 or nbytes() > LAZY_BYTES
+
+
+class LazyDataset:
+    """A labelled data set whose samples stay in their files: :class:`ArrayDataset`'s
+    interface (len, channels, image_size, num_classes, class_names, kind, source, y,
+    ``batch(idx)``), with ``batch()`` opening, reading and closing the files of the
+    requested samples only (no file stays open or mapped). Labels are held whole.
+
+    Made by the loaders for a rank of a multi-rank run (``shard`` = (rank, W)) or for a
+    large set: file i was checked at construction when i % W == rank, so the W ranks
+    check every file once, before training. ``checked``: the indices of the files this
+    object checked. Values equal the in-memory loader's bit for bit."""
+
+    def __init__(self, shape, y, num_classes, class_names, kind, source, shard, nfiles):
+        _check_sample_shape(source, shape)
+        if y.shape[0] == 0:
+            raise DataError(f"{source}: no samples")
+        self.shape = tuple(int(v) for v in shape)
+        _set_labels(self, y, num_classes, class_names, kind, source)
+        rank, size = _check_shard(shard)
+        self.checked = range(rank, nfiles, size)
+
+    def __len__(self):
+        return self.y.shape[0]
+
+    @property
+    def channels(self):
+        return self.shape[0]
+
+    @property
+    def image_size(self):
+        return self.shape[1]
+
+    def batch(self, idx):
+        """(x float32 (B,C,H,W), y int64 (B,)) for the index array idx."""
+        rows = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        bad = (rows < -len(self)) | (rows >= len(self))
+        if bad.any():
+            raise IndexError(f"index {rows[bad][0]} is out of bounds for {len(self)} samples")
+        rows %= len(self)
+        x = np.empty((rows.size,) + self.shape, np.float32)
+        self._read(rows, x)
+        return x, self.y[rows]
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({len(self)} x {self.shape}, {self.num_classes} classes, "
+                f"kind={self.kind!r}, source={self.source!r}, read per batch)")
+
+
+class ImageFolderDataset(LazyDataset):
+    """An ImageNet-layout folder read per batch (see :func:`load_folder`)."""
+
+    def __init__(self, path, files, labels, classes, image_size, channels, shard=(0, 1)):
+        super().__init__((channels, image_size, image_size), labels, len(classes), classes,
+                         "pixels", path, shard, len(files))
+        self.files = files
+        for i in self.checked:
+            self._image(i)
+
+    def _image(self, i):
+        s, c = self.image_size, self.channels
+        return (read_image(os.path.join(self.source, self.files[i]), s, c)
+                .reshape(s, s, c).transpose(2, 0, 1))
+
+    def _read(self, rows, out):
+        for b, i in enumerate(rows):
+            out[b] = _unit_range(self._image(i))
+
+
+class LatentFolderDataset(LazyDataset):
+    """A fast-DiT latent folder read per batch (see :func:`load_latents`): every label file
+    read (they give each feature file's sample count), the feature files of this rank's
+    share read whole and checked as the in-memory loader checks them, the others' headers
+    read at ``batch()`` only."""
+
+    def __init__(self, path, fdir, ldir, fnames, lnames, num_classes=None, shard=(0, 1)):
+        for name in fnames:
+            if name not in lnames:
+                raise DataError(f"{os.path.join(fdir, name)}: no matching label file "
+                                f"{os.path.join(ldir, name)}")
+        _no_extra_labels(ldir, lnames, fnames)
+        self.features = [os.path.join(fdir, n) for n in fnames]
+        ys = [_latent_labels(os.path.join(ldir, n), num_classes) for n in fnames]
+        self.starts = np.cumsum([0] + [y.shape[0] for y in ys], dtype=np.int64)
+        first = _latent_header(self.features[0])
+        super().__init__(first[1:], np.concatenate(ys), num_classes, None, "latents", path,
+                         shard, len(fnames))
+        for i in self.checked:
+            x, _ = _latent_pair(self.features[i], os.path.join(ldir, fnames[i]), num_classes)
+            if x.shape[1:] != self.shape:
+                raise DataError(f"{self.features[i]}: features of shape {x.shape[1:]} differ "
+                                f"from the first file's {self.shape} (mixed sizes)")
+
+    def _read(self, rows, out):
+        files = np.searchsorted(self.starts, rows, side="right") - 1
+        for f in np.unique(files):
+            at = np.flatnonzero(files == f)
+            self._read_file(int(f), rows[at] - self.starts[f], out, at)
+
+    def _read_file(self, f, offsets, out, at):
+        """Samples ``offsets`` of feature file f into ``out[at]``, converted as
+        :func:`_real_values` converts (float32)."""
+        fp, k = self.features[f], int(self.starts[f + 1] - self.starts[f])
+        with open(fp, "rb") as fh:
+            shape, dtype, fortran = _npy_header(fh, fp, order=True)
+            if (dtype.kind != "f" or tuple(shape[-3:]) != self.shape
+                    or math.prod(shape[:-3]) != k):
+                raise DataError(f"{fp}: features of shape {shape} {dtype} changed since they "
+                                f"were checked (expected {k} x {self.shape} floats)")
+            with np.errstate(over="ignore"):  # as _real_values; checked values are finite
+                if fortran:  # samples are not contiguous: the whole file
+                    fh.seek(0)
+                    x = np.lib.format.read_array(fh, allow_pickle=False)
+                    out[at] = x.reshape((k,) + self.shape)[offsets].astype(np.float32)
+                    return
+                start, n = fh.tell(), math.prod(self.shape) * dtype.itemsize
+                for b, o in zip(at, offsets):
+                    fh.seek(start + int(o) * n)
+                    buf = fh.read(n)
+                    if len(buf) != n:
+                        raise DataError(f"{fp}: truncated since it was checked")
+                    out[b] = np.frombuffer(buf, dtype).reshape(self.shape).astype(np.float32)
 
 
 # ---- MNIST and CIFAR-10 -----------------------------------------------------------------
@@ -627,12 +844,14 @@ def parse_data_arg(args_list):
 
 
 def load_data(kind="builtin", path=None, image_size=32, num_classes=None, seed=0, n=10000,
-              channels=None):
+              channels=None, shard=(0, 1), lazy=None):
     """Load a training set by kind (:data:`DATA_KINDS`). ``path`` is required for all but
     builtin; ``n``/``seed`` only shape the built-in set; ``num_classes`` overrides the
     count inferred from the labels (latents, e.g. 1000 for ImageNet); ``channels`` (1 or
     3) converts image folders to grayscale or RGB (None: RGB); for the other kinds it
     must be None or their own count (mnist 1, builtin and cifar10 3, latents theirs).
+    ``shard`` (rank, world size) and ``lazy`` choose how folders and latents are read
+    (:func:`load_folder`, :func:`load_latents`); the other kinds are read whole.
     Settings are checked before any file is read (ValueError naming the setting)."""
     if kind not in DATA_KINDS:
         raise ValueError(f"data: {kind!r} is not a data kind; expected one of {_kinds_usage()}")
@@ -645,9 +864,9 @@ def load_data(kind="builtin", path=None, image_size=32, num_classes=None, seed=0
     if not path:
         raise ValueError(f"data: {kind} needs a path")
     if kind == "folder":
-        return load_folder(path, image_size, 3 if channels is None else channels)
+        return load_folder(path, image_size, 3 if channels is None else channels, shard, lazy)
     if kind == "latents":
-        return _same_channels(load_latents(path, num_classes), channels, kind)
+        return _same_channels(load_latents(path, num_classes, shard, lazy), channels, kind)
     if kind == "mnist":
         return _same_channels(load_mnist(path, image_size=image_size), channels, kind)
     return _same_channels(load_cifar10(path), channels, kind)

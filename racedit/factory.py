@@ -6,7 +6,8 @@ them here, so a checkpoint written by any of them loads the same way in all of t
 from .checkpoint import CheckpointError, load_checkpoint, set_thresholds, unpacked_params
 from .configs import TrainConfig
 from .cuda import require_cuda
-from .data import ArrayDataset, load_data
+from .data import ArrayDataset, LazyDataset, load_data
+from .distributed import world
 from .model import RaceDiT
 
 __all__ = ["DEVICES", "PRECISIONS", "check_device", "build_model",
@@ -76,15 +77,19 @@ def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
 
 def build_dataset(cfg, dataset=None):
     """The data set of TrainConfig ``cfg`` (``dataset``, or loaded as cfg says), checked
-    against the settings that describe it (num_classes, channels) and the batch size."""
+    against the settings that describe it (num_classes, channels) and the batch size.
+    Loaded on a rank of a multi-rank run, folders and latents are read per batch and this
+    rank checks its share of the files (racedit.data.load_data's ``shard``)."""
     if dataset is None:
         # channels None: the loader's own (RGB for images)
         extra = {} if cfg.channels is None else {"channels": cfg.channels}
+        w = world()
         dataset = load_data(cfg.data, cfg.data_path, image_size=cfg.image_size,
                             num_classes=cfg.num_classes, seed=cfg.seed, n=cfg.num_samples,
-                            **extra)
-    if not isinstance(dataset, ArrayDataset):
-        raise TypeError(f"dataset: expected a racedit.data.ArrayDataset, got {type(dataset).__name__}")
+                            shard=(w.rank, w.size), **extra)
+    if not isinstance(dataset, (ArrayDataset, LazyDataset)):
+        raise TypeError("dataset: expected a racedit.data.ArrayDataset or LazyDataset, got "
+                        f"{type(dataset).__name__}")
     for key in ("num_classes", "channels"):
         want = getattr(cfg, key)
         if want is not None and want != getattr(dataset, key):
