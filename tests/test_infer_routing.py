@@ -243,3 +243,43 @@ def test_old_scalar_checkpoint_loads_into_every_strategy(strategy):
         assert th.shape == (len(old), 0)
     x = np.zeros((2, m.in_channels, m.input_size, m.input_size), np.float32)
     assert np.isfinite(m.infer(x, [10, 900], [0, 1])).all()
+
+
+# ---- CUDA: the same thresholds and eval routing as the CPU (skipped without a GPU) --------
+
+HAVE_GPU = racedit.cuda_available()
+gpu = pytest.mark.skipif(not HAVE_GPU, reason="CUDA not available: no CUDA device or racedit "
+                         "built without CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_thresholds_and_eval_routing_match_cpu(strategy):
+    """Per-strategy thresholds learned on the device equal the CPU's to fp32 summation
+    noise; in eval the device routes as the CPU given the same thresholds (pairs may flip
+    only where a gate sits within noise of its threshold or K-th value), also in infer, and
+    one image alone as in the batch."""
+    a, g = model(strategy), model(strategy, device="cuda")
+    warm(a)
+    warm(g)
+    ta, tg = a.thresholds, g.thresholds
+    assert tg.shape == ta.shape == a.threshold_shape
+    np.testing.assert_allclose(tg, ta, rtol=1e-3, atol=1e-4)
+    g.thresholds = ta
+    np.testing.assert_array_equal(g.thresholds, ta)
+    a.eval()
+    g.eval()
+    x, t, y = batch(3, seed=80)
+    out_a, out_g = a.forward(x, t, y), g.forward(x, t, y)
+    flips = sum(int((ma != mg).sum()) for ma, mg in zip(a.routing_masks(), g.routing_masks()))
+    total = sum(m.size for m in a.routing_masks())
+    assert flips <= max(2, total // 500), f"{flips} of {total} pairs routed differently"
+    if flips == 0:
+        np.testing.assert_allclose(out_g, out_a, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(g.infer(x, t, y), out_g)
+    if strategy in EXACT:
+        np.testing.assert_array_equal(g.experts_per_token_by_sample(), np.full(3, g.config.k))
+    masks = g.routing_masks()
+    g.forward(x[1:2], t[1:2], y[1:2])
+    for mb, ma in zip(masks, g.routing_masks()):
+        assert np.array_equal(mb[1:2], ma), "image 1 routed differently alone on the GPU"
