@@ -264,6 +264,7 @@ class _Trainer:
     # checkpoints
     def save(self, path):
         m = self.m
+        ema_routing = self._ema_routing()
         log_bytes = self.log.sync() if self.log is not None else None
         opt = m.optimizer_state()
         tensors = {}
@@ -272,6 +273,8 @@ class _Trainer:
         tensors.update(pack_params(m, opt["m"], "opt.m."))
         tensors.update(pack_params(m, opt["v"], "opt.v."))
         tensors["thresholds"] = np.asarray(m.thresholds, np.float32)
+        if ema_routing is not None:
+            tensors["ema_thresholds"], meta_routing = ema_routing
         meta = {"step": self.step, "rng": rng_state(self.rng),
                 "config": dataclasses.asdict(self.cfg),
                 "model_config": dataclasses.asdict(m.config),
@@ -281,7 +284,32 @@ class _Trainer:
                 "run_dir": os.path.abspath(self.run_dir), "log_bytes": log_bytes,
                 "ept_window": self._ept.tolist(),
                 "device": self.device, "precision": self.precision}
+        if ema_routing is not None:
+            meta["ema_routing"] = meta_routing
         save_checkpoint(path, tensors, meta)
+
+    def _ema_routing(self):
+        """MoE models: the thresholds recalibrated on the EMA weights and the inference
+        experts per token over the sampler's grid (racedit.calibrate), logged as an
+        ``ema_routing`` event; deterministic in (seed, step), the model left as it was."""
+        if not self.is_moe:
+            return None
+        from .calibrate import ema_routing
+        from .diffusion import default_sampler, default_steps
+
+        cfg = self.cfg
+        sampler = cfg.sampler or default_sampler(self.obj.name)
+        steps = cfg.num_sampling_steps or default_steps(sampler)
+        th, summary = ema_routing(self.m, self.m.ema_buffer, self.obj, self.ds, sampler, steps,
+                                  seed=cfg.seed, step=self.step, batch=min(self.B, 64))
+        self.last_ema_routing = (th, summary)
+        if self.log is not None:
+            self.log.record({"event": "ema_routing", "step": self.step, **summary})
+            self.log.line(f"step {self.step}: EMA thresholds recalibrated; inference experts "
+                          f"per token over the {sampler} grid {summary['infer_experts_per_token']:.3f}"
+                          f" (live thresholds {summary['infer_experts_per_token_live_thresholds']:.3f},"
+                          f" k = {summary['k']})", echo=False)
+        return th, summary
 
     def restore(self, tensors, meta, path):
         m = self.m
@@ -504,8 +532,9 @@ def _finish(tr, job, records, log):
     if job.report and m.config.is_moe:
         from .report import routing_report
 
+        th, summary = getattr(tr, "last_ema_routing", (None, None))
         rep = routing_report(m, m.ema_buffer, tr.obj, tr.ds, records, run_dir, seed=cfg.seed,
-                             step=tr.step)
+                             step=tr.step, thresholds=th, ema_routing=summary)
         log.line(f"routing report {rep['json']} and {rep['png']}"
                  + (" (replacing the earlier report of this step)" if rep["replaced"] else ""))
     wall = time.time() - job.t_start
