@@ -290,8 +290,8 @@ class _Trainer:
 
     def _ema_routing(self):
         """MoE models: the thresholds recalibrated on the EMA weights and the inference
-        experts per token over the sampler's grid (racedit.calibrate), logged as an
-        ``ema_routing`` event; deterministic in (seed, step), the model left as it was."""
+        experts per token over the sampler's grid (racedit.calibrate), said in log.txt and
+        kept in the checkpoint; deterministic in (seed, step), the model left as it was."""
         if not self.is_moe:
             return None
         from .calibrate import ema_routing
@@ -302,13 +302,14 @@ class _Trainer:
         steps = cfg.num_sampling_steps or default_steps(sampler)
         th, summary = ema_routing(self.m, self.m.ema_buffer, self.obj, self.ds, sampler, steps,
                                   seed=cfg.seed, step=self.step, batch=min(self.B, 64))
+        summary["step"] = self.step
         self.last_ema_routing = (th, summary)
         if self.log is not None:
-            self.log.record({"event": "ema_routing", "step": self.step, **summary})
-            self.log.line(f"step {self.step}: EMA thresholds recalibrated; inference experts "
-                          f"per token over the {sampler} grid {summary['infer_experts_per_token']:.3f}"
-                          f" (live thresholds {summary['infer_experts_per_token_live_thresholds']:.3f},"
-                          f" k = {summary['k']})", echo=False)
+            self.log.line(f"EMA routing at step {self.step}: thresholds recalibrated on the EMA "
+                          f"weights; inference experts per token over the {sampler} grid "
+                          f"{summary['infer_experts_per_token']:.3f} (with the live thresholds "
+                          f"{summary['infer_experts_per_token_live_thresholds']:.3f}, "
+                          f"k = {summary['k']})", echo=False)
         return th, summary
 
     def restore(self, tensors, meta, path):
@@ -347,6 +348,8 @@ def _routing_record(m):
     for key in ("max_violation", "combination_usage", "dead_experts", "experts_per_token", "tau"):
         if stats and key in stats[0]:
             rec[key] = [_num(s[key]) for s in stats]
+    if "tau" in rec:  # NaN: no thresholds (token, expert, LE choice), JSON null
+        rec["tau"] = [None if v != v else v for v in rec["tau"]]
     return rec
 
 
@@ -801,10 +804,17 @@ def _sample_grid(tr, path, per_class, progress=False):
 
     ncls = min(tr.ds.num_classes, 10)
     labels = np.repeat(np.arange(ncls), per_class)
-    cfg = tr.cfg
-    x = generate(tr.m, tr.obj, labels, weights=tr.m.ema_buffer, cfg_scale=cfg.cfg_scale,
-                 sampler=cfg.sampler, num_steps=cfg.num_sampling_steps, seed=cfg.seed,
-                 clip_denoised=tr.ds.kind == "pixels", progress=progress)
+    cfg, m = tr.cfg, tr.m
+    live = m.thresholds
+    ema_th, summary = getattr(tr, "last_ema_routing", (None, None))
+    try:  # the thresholds recalibrated on the EMA weights when this step's checkpoint has them
+        if ema_th is not None and summary.get("step") == tr.step:
+            m.thresholds = ema_th
+        x = generate(m, tr.obj, labels, weights=m.ema_buffer, cfg_scale=cfg.cfg_scale,
+                     sampler=cfg.sampler, num_steps=cfg.num_sampling_steps, seed=cfg.seed,
+                     clip_denoised=tr.ds.kind == "pixels", progress=progress)
+    finally:
+        m.thresholds = live
     if tr.ds.kind == "pixels":
         save_grid(x, path, ncol=per_class)
     else:

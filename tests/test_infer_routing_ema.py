@@ -1,7 +1,7 @@
 """Thresholds that belong to the EMA weights (docs/method.md §3, racedit.calibrate): the
 recalibration a checkpoint write runs (deterministic, the model left as it was, saved as
 ``ema_thresholds`` and used when sampling with the EMA), the sampler's timestep grid it
-measures inference experts per token on, the log event and the routing report."""
+measures inference experts per token on, the log line and the routing report."""
 import io
 import json
 
@@ -138,9 +138,10 @@ def test_checkpoint_holds_ema_thresholds_and_resume_is_exact(runs):
     assert not np.array_equal(a["ema_thresholds"], a["thresholds"])
     r = meta["ema_routing"]
     assert r["k"] == 2 and r["passes"] >= 1 and 0 < r["infer_experts_per_token"] <= 4
-    events = [json.loads(line) for line in open(f"{full.run_dir}/log.jsonl")]
-    steps = [e["step"] for e in events if e.get("event") == "ema_routing"]
-    assert steps == [2, 4]
+    with open(f"{full.run_dir}/log.txt") as f:
+        said = [line for line in f if "EMA routing at step" in line]
+    assert [line.split("at step ")[1].split(":")[0] for line in said] == ["2", "4"]
+    assert f"grid {r['infer_experts_per_token']:.3f}" in said[1]
 
 
 def test_sampling_model_routes_with_the_ema_thresholds(runs):
