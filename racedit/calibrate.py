@@ -17,11 +17,33 @@ time, routed in eval mode. Eval routing does not depend on the rest
 of the batch (docs/method.md §3; ``eval_topk`` models excepted), so one batch holding the
 whole grid gives each image what a single-timestep batch would.
 """
+import contextlib
+
 import numpy as np
 
 from .sample import set_weights
 
-__all__ = ["recalibrate_thresholds", "inference_experts_per_token", "ema_routing"]
+__all__ = ["recalibrate_thresholds", "inference_experts_per_token", "ema_routing",
+           "routing_with"]
+
+
+@contextlib.contextmanager
+def routing_with(model, weights=None, thresholds=None, training=False):
+    """For the block: ``weights`` (flat float32; None: the model's own), ``thresholds``
+    (None: the model's own) and the mode; the model's weights, thresholds and mode are
+    restored after."""
+    saved_w, saved_th, was_training = model.param_buffer.copy(), model.thresholds, model.training
+    try:
+        if weights is not None:
+            set_weights(model, weights)
+        if thresholds is not None:
+            model.thresholds = thresholds
+        model.train(training)
+        yield model
+    finally:
+        set_weights(model, saved_w)
+        model.thresholds = saved_th
+        model.train(was_training)
 
 
 def _keyed_batch(dataset, obj, rng, n):
@@ -43,21 +65,14 @@ def recalibrate_thresholds(model, weights, obj, dataset, seed=0, step=0, passes=
     if not model.config.is_moe or int(np.prod(shape)) == 0:
         return np.zeros(shape, np.float32)
     rng = np.random.default_rng([int(seed), 11, int(step)])
-    saved_w, saved_th, was_training = model.param_buffer.copy(), model.thresholds, model.training
     nan = np.full(shape, np.nan, np.float32)
     acc = np.zeros(shape, np.float64)
-    try:
-        set_weights(model, weights)
-        model.train()
+    with routing_with(model, weights, training=True):
         for _ in range(int(passes)):
             x_t, tm, y = _keyed_batch(dataset, obj, rng, int(batch))
             model.thresholds = nan                 # forgotten: this batch's K-th values
             model.forward(x_t, tm, y)
             acc += model.thresholds
-    finally:
-        set_weights(model, saved_w)
-        model.thresholds = saved_th
-        model.train(was_training)
     return (acc / int(passes)).astype(np.float32)
 
 
@@ -75,21 +90,11 @@ def inference_experts_per_token(model, weights, thresholds, obj, dataset, sample
     x0, y = dataset.batch(np.sort(idx))
     x_t, _ = obj.make_batch(x0, t, rng.standard_normal(x0.shape, dtype=np.float32))
     tm = obj.model_time(t)
-    saved_w, saved_th, was_training = model.param_buffer.copy(), model.thresholds, model.training
     per = []
-    try:
-        if weights is not None:
-            set_weights(model, weights)
-        if thresholds is not None:
-            model.thresholds = thresholds
-        model.eval()
+    with routing_with(model, weights, thresholds):
         for i in range(0, len(t), int(batch)):
             model.forward(x_t[i:i + batch], tm[i:i + batch], y[i:i + batch])
             per.append(model.experts_per_token_by_sample())
-    finally:
-        set_weights(model, saved_w)
-        model.thresholds = saved_th
-        model.train(was_training)
     ept = np.concatenate(per).astype(np.float64)
     return {"t": tm.tolist(), "experts_per_token": ept.tolist(), "mean": float(ept.mean())}
 

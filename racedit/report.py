@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .sample import set_weights
+from .calibrate import routing_with
 
 __all__ = ["routing_report", "plot_routing_report", "report_path"]
 
@@ -53,15 +53,8 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
     idx = rng.permutation(len(dataset))[:batch]
     x0, y = dataset.batch(idx)
     centers = (np.arange(buckets) + 0.5) / buckets
-    saved, saved_th = model.param_buffer.copy(), model.thresholds
-    was_training = model.training
     ept, per_layer_ept, loads, norms = [], [], None, []
-    try:
-        if weights is not None:
-            set_weights(model, weights)
-        if thresholds is not None:
-            model.thresholds = thresholds
-        model.eval()
+    with routing_with(model, weights, thresholds):
         for frac in centers:
             t = _t_for_fraction(obj, frac, x0.shape[0])
             noise = rng.standard_normal(x0.shape, dtype=np.float32)
@@ -76,10 +69,6 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
                 "load" in stats[0] else None
             if ld is not None:
                 loads = ld if loads is None else loads + ld
-    finally:
-        set_weights(model, saved)
-        model.thresholds = saved_th
-        model.train(was_training)
     rep = {"model": model.config.name, "objective": obj.name,
            "t_bucket_centers": centers.tolist(),
            "eval": {"experts_per_token": ept, "experts_per_token_per_layer": per_layer_ept,
