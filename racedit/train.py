@@ -160,6 +160,7 @@ class _Trainer:
         self.is_moe = model.config.is_moe
         self.log = None  # a RunLog: synced before every checkpoint
         self._ept = np.zeros((2, NUM_T_BUCKETS))  # experts-per-token sums / counts since the last record
+        self.last_ema_routing = (None, None)  # thresholds recalibrated on the EMA, their summary
 
     # data order: a permutation per epoch, a pure function of (seed, epoch)
     def batch_indices(self, step):
@@ -535,7 +536,7 @@ def _finish(tr, job, records, log):
     if job.report and m.config.is_moe:
         from .report import routing_report
 
-        th, summary = getattr(tr, "last_ema_routing", (None, None))
+        th, summary = tr.last_ema_routing
         rep = routing_report(m, m.ema_buffer, tr.obj, tr.ds, records, run_dir, seed=cfg.seed,
                              step=tr.step, thresholds=th, ema_routing=summary)
         log.line(f"routing report {rep['json']} and {rep['png']}"
@@ -800,21 +801,18 @@ def _bar(progress, total, start):
 def _sample_grid(tr, path, per_class, progress=False):
     """Sample ``per_class`` images of each class (up to 10 classes) with the EMA weights
     and write a grid (one row per class)."""
+    from .calibrate import routing_with
     from .sample import generate, save_grid
 
     ncls = min(tr.ds.num_classes, 10)
     labels = np.repeat(np.arange(ncls), per_class)
     cfg, m = tr.cfg, tr.m
-    live = m.thresholds
-    ema_th, summary = getattr(tr, "last_ema_routing", (None, None))
-    try:  # the thresholds recalibrated on the EMA weights when this step's checkpoint has them
-        if ema_th is not None and summary.get("step") == tr.step:
-            m.thresholds = ema_th
+    th, summary = tr.last_ema_routing   # the EMA's thresholds when this step's checkpoint has them
+    th = th if summary is not None and summary["step"] == tr.step else None
+    with routing_with(m, thresholds=th, training=m.training):
         x = generate(m, tr.obj, labels, weights=m.ema_buffer, cfg_scale=cfg.cfg_scale,
                      sampler=cfg.sampler, num_steps=cfg.num_sampling_steps, seed=cfg.seed,
                      clip_denoised=tr.ds.kind == "pixels", progress=progress)
-    finally:
-        m.thresholds = live
     if tr.ds.kind == "pixels":
         save_grid(x, path, ncol=per_class)
     else:
