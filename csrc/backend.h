@@ -141,7 +141,8 @@ typedef struct rd_backend {
     rd_status (*moe_view)(void *st, rd_moe_view *out);
     /* out->load is host memory, out->plr_pred backend memory (or NULL). */
     rd_status (*moe_aux)(void *st, rd_moe_aux *out);
-    rd_status (*moe_set_threshold)(void *st, const float *tau /* host, NULL: forget */);
+    /* tau: n host floats, NULL: forget (moe.h's rd_moe_set_threshold). */
+    rd_status (*moe_set_threshold)(void *st, const float *tau, int64_t n);
     rd_status (*moe_copy_threshold)(void *dst, void *src);
 
     /* ---- optimiser (optim.h): AdamW fused with the EMA (ema NULL: none) ---- */

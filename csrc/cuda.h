@@ -109,8 +109,8 @@ const int64_t *rd_experts_cuda_counts(const rd_experts_cuda *ex);
 
 /* ---- the composite layer (moe.h's rd_moe_*) ---------------------------------------
  * Parameters and gradients are rd_moe_params whose pointers are DEVICE pointers (one
- * device buffer laid out by rd_moe_params_point). The threshold tau lives on the device
- * and is updated there: no host round trip for it. The aux losses (router similarity,
+ * device buffer laid out by rd_moe_params_point). The thresholds live on the device and
+ * are updated there: no host round trip for them. The aux losses (router similarity,
  * balance, PLR head; plr_target (N,plr_dim) is a DEVICE pointer) and the diagnostics are
  * those of rd_moe_forward / rd_moe_backward (moe_aux.c), computed on the device; the
  * forward still makes one synchronising read-back in all. */
@@ -125,7 +125,8 @@ rd_status rd_moe_backward_cuda(rd_moe_cuda_state *st, float *dx, const rd_moe_pa
                                const rd_moe_cfg *cfg, const rd_moe_params *p);
 /* What the last forward left in the state (moe.h's rd_moe_view): sizes, DEVICE pointers
  * (mask, G, R, h, valid until the next forward or free), the per-expert counts as a HOST
- * array, and tau/tau_b read back from the device (synchronises). */
+ * array, and the thresholds (into a host copy the view points to) and tau_b read back from
+ * the device (synchronises). */
 rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_view *out);
 /* Precision of the layer's expert GEMMs (rd_precision, default fp32); the router, gate
  * and routing stay fp32 (TF32 router GEMMs only under rd_cuda_set_tf32(1)), so the masks
@@ -136,10 +137,10 @@ int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st);
  * load is a HOST array (E) owned by the state, plr_pred a DEVICE pointer (N,plr_dim) or
  * NULL; tau / tau_b read back from the device (NaN when unset). Synchronises. */
 rd_status rd_moe_cuda_get_aux(rd_moe_cuda_state *st, rd_moe_aux *out);
-/* Set tau (host value; NaN -> RD_EINVAL) or forget it (NULL). */
-rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau);
-/* dst's tau := src's, a device-to-device copy queued on the stream (no sync), or none
- * when src has none. */
+/* Set the n thresholds (host values; NaN -> RD_EINVAL) or forget them (NULL). */
+rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau, int64_t n);
+/* dst's thresholds := src's, a device-to-device copy queued on the stream (no sync), or
+ * none when src has none. */
 rd_status rd_moe_cuda_copy_threshold(rd_moe_cuda_state *dst, const rd_moe_cuda_state *src);
 
 /* ---- DiT layers (layers.cu, attention.cu): the CPU's csrc/model.h ops on device pointers,

@@ -97,7 +97,7 @@ typedef struct {
     int64_t plr_dim;         /* width of the per-layer regularization head (0: none) */
     rd_strategy strategy;
     rd_gating gating;
-    float beta;              /* threshold EMA: tau <- beta*tau + (1-beta)*tau_b */
+    float beta;              /* threshold EMA: tau[g] <- beta*tau[g] + (1-beta)*kth[g] */
     int eval_topk;           /* 1: eval mode keeps batch top-K instead of G >= tau */
     float sim_weight;        /* lambda of router similarity (docs/method.md §5), 0: off */
     float balance_weight;    /* lambda of the balance loss, 0: off */
@@ -133,14 +133,18 @@ rd_status rd_moe_aux_weights_check(const rd_moe_cfg *cfg);
 rd_status rd_router_check(const char *fn, int64_t N, int64_t D, int64_t E);
 
 /* Opaque per-layer state: saved activations of the last forward, dispatch workspace
- * (grown on demand; nothing proportional to N*E*He), and the threshold tau. */
+ * (grown on demand; nothing proportional to N*E*He), and the thresholds tau (docs/method.md
+ * §3: rd_route_num_thresholds values, one per batch-spanning selection group). */
 typedef struct rd_moe_state rd_moe_state;
 rd_moe_state *rd_moe_state_new(void);
 void rd_moe_state_free(rd_moe_state *st);
 
-/* y (N,D) = MoE(x (N,D)), N = B*L. training: route by batch top-K and update tau;
- * else select G >= tau, or batch top-K (tau untouched) with cfg->eval_topk or while the
- * layer has no tau yet (never trained, nor set); token choice is always per-token top-k.
+/* y (N,D) = MoE(x (N,D)), N = B*L. training: route by batch top-K and update every
+ * threshold tau[g] from its group's K-th largest gate; eval: token, expert and LE choice
+ * keep their exact per-group top-K (batch-independent), BL / BE / race select
+ * G[b,l,e] >= tau[e] / tau[l] / tau[0], or the batch top-K (tau untouched) with
+ * cfg->eval_topk or while the layer has no tau yet (never trained, nor set). A tau of
+ * the wrong length for the strategy (BE: L changed) is RD_ESTATE.
  * plr_target (N,plr_dim, may be NULL): the regression target of the PLR head; with it
  * (and training) the PLR loss is computed and enters backward.
  * Aux losses and diagnostics of this forward are read with rd_moe_get_aux(). */
@@ -161,8 +165,10 @@ typedef struct {
     int64_t P;                   /* selected pairs of the last forward                */
     int have_forward;            /* 1 after a successful forward                      */
     int have_tau;                /* 1 once tau is set (first training forward / set)  */
-    float tau;                   /* the threshold (eval-mode selection G >= tau)      */
-    float tau_b;                 /* batch threshold of the last training forward      */
+    int64_t ntau;                /* number of thresholds (0 for token / expert / LE)  */
+    const float *taus;           /* (ntau) the thresholds, host memory                */
+    float tau;                   /* mean of the thresholds (NaN when ntau == 0)       */
+    float tau_b;                 /* mean K-th value of the last training forward      */
     const uint8_t *mask;         /* (N,E) 0/1 selection                               */
     const float *G;              /* (N,E) gates                                       */
     const float *R;              /* (N,E) router logits                               */
@@ -170,8 +176,9 @@ typedef struct {
     const int64_t *counts;       /* (E)   tokens per expert                           */
 } rd_moe_view;
 void rd_moe_state_view(const rd_moe_state *st, rd_moe_view *out);
-/* Set the threshold (tau != NULL; NaN -> RD_EINVAL) or forget it (tau == NULL: the next
- * training forward initialises it from its batch threshold). */
-rd_status rd_moe_set_threshold(rd_moe_state *st, const float *tau);
+/* Set the n thresholds (tau != NULL, n >= 0; NaN -> RD_EINVAL; whether n fits the
+ * strategy is checked by the next forward) or forget them (tau == NULL: the next training
+ * forward initialises them from its batch). */
+rd_status rd_moe_set_threshold(rd_moe_state *st, const float *tau, int64_t n);
 
 #endif

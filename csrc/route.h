@@ -28,6 +28,22 @@ rd_status rd_route_plan(int64_t *ngroups, int64_t *K, int64_t B, int64_t L, int6
 rd_status rd_route(uint8_t *mask, float *tau_b, const float *scores /* B,L,E */,
                    int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s);
 
+/* rd_route that also writes kth (ngroups, may be NULL) <- each group's K-th largest
+ * score (+inf where K == 0), the per-group batch thresholds. */
+rd_status rd_route_kth(uint8_t *mask, float *kth, float *tau_b, const float *scores,
+                       int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s);
+
+/* Thresholds of the eval-mode selection of strategy s (docs/method.md §3): E for BL, L for
+ * BE, 1 for race (rd_route_plan's groups); 0 for token, expert and LE choice, whose groups
+ * lie inside one image and keep their exact top-K at inference. */
+int64_t rd_route_num_thresholds(rd_strategy s, int64_t L, int64_t E);
+
+/* mask (B,L,E) <- scores[b,l,e] >= tau[g], g = e (BL), l (BE), 0 (race); tau holds
+ * rd_route_num_thresholds(s, L, E) values. RD_EINVAL for a strategy without thresholds,
+ * a NaN in tau or in scores. */
+rd_status rd_route_thresholds(uint8_t *mask, const float *scores, const float *tau,
+                              int64_t B, int64_t L, int64_t E, rd_strategy s);
+
 /* mask (n) <- scores >= tau, per pair (eval-mode selection). */
 rd_status rd_route_threshold(uint8_t *mask, const float *scores, int64_t n, float tau);
 

@@ -352,8 +352,8 @@ static rd_status cu_moe_view(void *st, rd_moe_view *out) {
 static rd_status cu_moe_aux(void *st, rd_moe_aux *out) {
     return rd_moe_cuda_get_aux((rd_moe_cuda_state *)st, out);
 }
-static rd_status cu_moe_set_threshold(void *st, const float *tau) {
-    return rd_moe_set_threshold_cuda((rd_moe_cuda_state *)st, tau);
+static rd_status cu_moe_set_threshold(void *st, const float *tau, int64_t n) {
+    return rd_moe_set_threshold_cuda((rd_moe_cuda_state *)st, tau, n);
 }
 static rd_status cu_moe_copy_threshold(void *dst, void *src) {
     return rd_moe_cuda_copy_threshold((rd_moe_cuda_state *)dst, (const rd_moe_cuda_state *)src);

@@ -12,10 +12,16 @@ typedef struct {
 void rd_route_ws_free(rd_route_ws *ws);
 
 /* rd_route_cuda without the read-back: atomicMin's the first NaN index into *nan_first
- * (device; the caller presets it to ~0ULL). tau_b is a device float (may be NULL). */
+ * (device; the caller presets it to ~0ULL). tau_b is a device float (may be NULL); every
+ * group's K-th value is left in ws->kth (ngroups device floats). */
 rd_status rd_route_launch(rd_route_ws *ws, uint8_t *mask, float *tau_b, const float *scores,
                           int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s,
                           unsigned long long *nan_first);
+/* rd_route_thresholds on the device: mask (B,L,E) = scores >= taus[g] (taus DEVICE,
+ * rd_route_num_thresholds values; g = e for BL, l for BE, 0 for race). */
+rd_status rd_route_thresholds_launch(uint8_t *mask, const float *scores, const float *taus,
+                                     int64_t B, int64_t L, int64_t E, rd_strategy s,
+                                     unsigned long long *nan_first);
 /* mask = scores >= tau, tau read from tau_dev when not NULL (else the host value). */
 rd_status rd_route_threshold_launch(uint8_t *mask, const float *scores, int64_t n,
                                     const float *tau_dev, float tau,

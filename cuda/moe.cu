@@ -1,12 +1,12 @@
 /* moe.cu — the MoE block of docs/method.md §2-§3 on the device, minus the experts
  * (experts.cu): the gate functions, the router MLP (cuBLAS GEMMs with fused bias + GELU_erf
- * kernels), and the composite layer router -> gate -> route / threshold -> experts with its
- * threshold tau, forward and backward, mirroring rd_moe_forward / rd_moe_backward of
+ * kernels), and the composite layer router -> gate -> route / thresholds -> experts with
+ * its thresholds tau (docs/method.md §3), forward and backward, mirroring rd_moe_forward / rd_moe_backward of
  * csrc/moe.h.
  *
  * The layer makes one synchronising device->host copy per forward (the experts' per-expert
  * counts, which carry the routing's NaN flag along; the aux terms' results ride on it, see
- * moe_aux.cu) and none in backward; tau is updated on the device. */
+ * moe_aux.cu) and none in backward; the thresholds are updated on the device. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -190,7 +190,10 @@ struct rd_moe_cuda_state {
     rd_dbuf hpre, h, dh;       /* (N,D) */
     rd_dbuf R, G, dG, dR;      /* (N,E) */
     rd_dbuf mask;              /* (N,E) uint8 */
-    rd_dbuf scal;              /* [0] tau, [1] tau_b (device floats) */
+    rd_dbuf taus;              /* (ntau) the thresholds (device) */
+    rd_dbuf scal;              /* [0] mean of the thresholds, [1] tau_b (device floats) */
+    int64_t ntau;              /* thresholds held */
+    float *taus_host;          /* (ntau) host copy the view points to */
     rd_dbuf nan;               /* first NaN index of the gate scores (device) */
     rd_route_ws rws;
     rd_experts_cuda *ex;
@@ -215,19 +218,57 @@ extern "C" void rd_moe_cuda_state_free(rd_moe_cuda_state *st) {
     if (!st) return;
     cudaStreamSynchronize(RD_STREAM);
     rd_dbuf *bufs[] = {&st->hpre, &st->h, &st->dh, &st->R, &st->G, &st->dG, &st->dR,
-                       &st->mask, &st->scal, &st->nan};
+                       &st->mask, &st->taus, &st->scal, &st->nan};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) rd_dbuf_free(bufs[i]);
     rd_route_ws_free(&st->rws);
     rd_experts_cuda_free(st->ex);
     rd_moe_aux_cuda_free(st->aux);
+    free(st->taus_host);
     free(st);
 }
 
-/* tau <- beta tau + (1 - beta) tau_b, or tau_b the first time; rounded op by op (no
- * FMA contraction) like the CPU's expression. */
-__global__ void tau_update_kernel(float *scal, float beta, int have_tau) {
-    float tau_b = scal[1];
-    scal[0] = have_tau ? __fadd_rn(__fmul_rn(beta, scal[0]), __fmul_rn(1.0f - beta, tau_b)) : tau_b;
+/* tau[g] <- beta tau[g] + (1 - beta) kth[g], or kth[g] the first time; rounded op by op
+ * (no FMA contraction) like the CPU's expression. */
+__global__ void tau_update_kernel(float *taus, const float *kth, int64_t n, float beta,
+                                  int have_tau) {
+    for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < n;
+         g += (int64_t)gridDim.x * blockDim.x)
+        taus[g] = have_tau ? __fadd_rn(__fmul_rn(beta, taus[g]), __fmul_rn(1.0f - beta, kth[g]))
+                           : kth[g];
+}
+
+/* scal[0] = mean of the thresholds, summed in double in order as on the CPU (NaN: none). */
+__global__ void tau_mean_of_kernel(float *scal, const float *taus, int64_t n) {
+    double sum = 0.0;
+    for (int64_t g = 0; g < n; g++) sum += taus[g];
+    scal[0] = n ? (float)(sum / (double)n) : __int_as_float(0x7fc00000);
+}
+
+/* The thresholds held must be the nt the strategy needs (BE: L must not change). */
+static rd_status check_ntau(const rd_moe_cuda_state *st, const rd_moe_cfg *c, int64_t L,
+                            int64_t nt) {
+    if (!st->have_tau || st->ntau == nt) return RD_OK;
+    return rd_fail(RD_ESTATE, "moe_forward_cuda: the layer holds %lld thresholds, strategy %s "
+                   "with L=%lld, E=%lld needs %lld (set matching thresholds or forget them)",
+                   (long long)st->ntau, rd_strategy_name(c->strategy), (long long)L,
+                   (long long)c->E, (long long)nt);
+}
+
+/* The training update of every threshold from the route's per-group K-th values. */
+static rd_status update_taus(rd_moe_cuda_state *st, const rd_moe_cfg *c, int64_t nt) {
+    float *taus, *scal = (float *)st->scal.p;
+    RD_TRY(DBUF(st->taus, float, nt, taus));
+    if (nt) {
+        unsigned blocks = (unsigned)rd_blocks(nt, MO_THREADS);
+        tau_update_kernel<<<blocks, MO_THREADS, 0, RD_STREAM>>>(taus, (const float *)st->rws.kth.p,
+                                                                nt, c->beta, st->have_tau);
+        CU_LAUNCHED("tau_update_kernel");
+    }
+    tau_mean_of_kernel<<<1, 1, 0, RD_STREAM>>>(scal, taus, nt);
+    CU_LAUNCHED("tau_mean_of_kernel");
+    st->ntau = nt;
+    st->have_tau = 1;
+    return RD_OK;
 }
 
 extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const float *x,
@@ -240,9 +281,12 @@ extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const 
         return rd_fail(RD_EINVAL, "moe_forward_cuda: expected B, L >= 1 and B*L <= %d, got B=%lld L=%lld",
                        INT32_MAX, (long long)B, (long long)L);
     int64_t N = B * L, D = cfg->D, E = cfg->E, He = cfg->He;
-    /* eval: G >= tau, or batch top-K (tau untouched) with eval_topk, for token choice, or
-     * while the layer has no tau yet (never trained, nor set), as on the CPU */
-    int topk = cfg->eval_topk || cfg->strategy == RD_ROUTE_TOKEN || !st->have_tau;
+    /* eval as on the CPU: exact top-K for token, expert and LE choice; G >= tau for BL,
+     * BE and race, or batch top-K (tau untouched) with eval_topk or while the layer has
+     * no tau yet (never trained, nor set) */
+    int64_t nt = rd_route_num_thresholds(cfg->strategy, L, E);
+    int topk = cfg->eval_topk || nt == 0 || !st->have_tau;
+    if (training || !topk) RD_TRY(check_ntau(st, cfg, L, nt));
     st->have_forward = 0;
     float *hpre, *h, *R, *G, *scal;
     uint8_t *mask;
@@ -263,7 +307,8 @@ extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const 
     else if (topk)
         RD_TRY(rd_route_launch(&st->rws, mask, NULL, G, B, L, E, cfg->k, cfg->strategy, nan));
     else
-        RD_TRY(rd_route_threshold_launch(mask, G, N * E, scal, 0.0f, nan));
+        RD_TRY(rd_route_thresholds_launch(mask, G, (const float *)st->taus.p, B, L, E,
+                                          cfg->strategy, nan));
     /* aux losses (training) and diagnostics: queued now, finished after the read-back */
     RD_TRY(rd_moe_aux_cuda_launch(st->aux, R, h, mask, plr_target, cfg, p, N, training));
     unsigned long long first_nan = ~0ULL;
@@ -273,11 +318,7 @@ extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const 
         return rd_fail(RD_EINVAL, "moe_forward_cuda: gate scores contain NaN at flat index %llu "
                        "(NaN or inf in x or the router parameters?)", first_nan);
     RD_TRY(rd_moe_aux_cuda_finish(st->aux));
-    if (training) {
-        tau_update_kernel<<<1, 1, 0, RD_STREAM>>>(scal, cfg->beta, st->have_tau);
-        CU_LAUNCHED("tau_update_kernel");
-        st->have_tau = 1;
-    }
+    if (training) RD_TRY(update_taus(st, cfg, nt));
     st->B = B; st->L = L; st->N = N; st->D = D; st->E = E; st->He = He;
     st->have_forward = 1;
     return RD_OK;
@@ -324,6 +365,16 @@ extern "C" int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st) {
     return st ? rd_experts_cuda_get_precision(st->ex) : 0;
 }
 
+/* The thresholds read back into the host copy (synchronises). */
+static rd_status download_taus(rd_moe_cuda_state *st) {
+    if (!st->have_tau || st->ntau == 0) return RD_OK;
+    float *h = (float *)realloc(st->taus_host, (size_t)st->ntau * sizeof(float));
+    if (!h) return rd_fail(RD_ENOMEM, "moe_cuda: out of memory for %lld thresholds",
+                           (long long)st->ntau);
+    st->taus_host = h;
+    return rd_cuda_d2h(h, st->taus.p, (size_t)st->ntau * sizeof(float));
+}
+
 extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_view *v) {
     memset(v, 0, sizeof *v);
     if (!st) return rd_fail(RD_EINVAL, "moe_cuda_state_view: NULL state");
@@ -335,6 +386,9 @@ extern "C" rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_view *
         if (st->have_tau) v->tau = s[0];
         if (st->have_forward) v->tau_b = s[1];
     }
+    RD_TRY(download_taus(st));
+    v->ntau = st->have_tau ? st->ntau : 0;
+    v->taus = st->taus_host;
     if (!st->have_forward) return RD_OK;
     v->have_forward = 1;
     v->B = st->B; v->L = st->L; v->N = st->N; v->D = st->D; v->E = st->E; v->He = st->He;
@@ -362,13 +416,23 @@ extern "C" rd_status rd_moe_cuda_get_aux(rd_moe_cuda_state *st, rd_moe_aux *out)
     return RD_OK;
 }
 
-extern "C" rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau) {
+extern "C" rd_status rd_moe_set_threshold_cuda(rd_moe_cuda_state *st, const float *tau,
+                                               int64_t n) {
     if (!st) return rd_fail(RD_EINVAL, "moe_set_threshold_cuda: NULL state");
     if (!tau) { st->have_tau = 0; return RD_OK; }
-    if (isnan(*tau)) return rd_fail(RD_EINVAL, "moe_set_threshold_cuda: tau is NaN");
-    float *scal;
+    if (n < 0) return rd_fail(RD_EINVAL, "moe_set_threshold_cuda: negative count n=%lld", (long long)n);
+    double sum = 0.0; /* the mean as tau_mean_of_kernel forms it */
+    for (int64_t g = 0; g < n; g++) {
+        if (isnan(tau[g]))
+            return rd_fail(RD_EINVAL, "moe_set_threshold_cuda: tau[%lld] is NaN", (long long)g);
+        sum += tau[g];
+    }
+    float *taus, *scal, mean = n ? (float)(sum / (double)n) : NAN;
+    RD_TRY(DBUF(st->taus, float, n, taus));
     RD_TRY(DBUF(st->scal, float, 2, scal));
-    RD_TRY(rd_cuda_h2d(scal, tau, sizeof(float)));
+    if (n) RD_TRY(rd_cuda_h2d(taus, tau, (size_t)n * sizeof(float)));
+    RD_TRY(rd_cuda_h2d(scal, &mean, sizeof(float)));
+    st->ntau = n;
     st->have_tau = 1;
     return RD_OK;
 }
@@ -378,8 +442,13 @@ extern "C" rd_status rd_moe_cuda_copy_threshold(rd_moe_cuda_state *dst,
     if (!dst || !src) return rd_fail(RD_EINVAL, "moe_cuda_copy_threshold: NULL state");
     dst->have_tau = src->have_tau;
     if (!src->have_tau) return RD_OK;
-    float *scal;
+    float *taus, *scal;
+    RD_TRY(DBUF(dst->taus, float, src->ntau, taus));
     RD_TRY(DBUF(dst->scal, float, 2, scal));
+    if (src->ntau)
+        CU_TRY(cudaMemcpyAsync(taus, src->taus.p, (size_t)src->ntau * sizeof(float),
+                               cudaMemcpyDeviceToDevice, RD_STREAM));
     CU_TRY(cudaMemcpyAsync(scal, src->scal.p, sizeof(float), cudaMemcpyDeviceToDevice, RD_STREAM));
+    dst->ntau = src->ntau;
     return RD_OK;
 }

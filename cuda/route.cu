@@ -235,7 +235,10 @@ __global__ void tau_mean_kernel(float *tau_b, const float *kth, int64_t ng) {
     }
 }
 
-__global__ void fill_float_kernel(float *p, float v) { *p = v; }
+__global__ void fill_float_kernel(float *p, int64_t n, float v) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) p[i] = v;
+}
 
 void rd_route_ws_free(rd_route_ws *ws) {
     rd_dbuf_free(&ws->hist);
@@ -253,10 +256,14 @@ rd_status rd_route_launch(rd_route_ws *ws, uint8_t *mask, float *tau_b, const fl
     if (total > INT32_MAX)
         return rd_fail(RD_EINVAL, "route_cuda: B*L*E = %lld exceeds %d", (long long)total, INT32_MAX);
     RD_TRY(rd_nan_scan_launch(nan_first, scores, total));
-    if (K == 0) {
+    if (K == 0) { /* nothing selected: every group's K-th value and tau_b are +inf */
+        float *kth;
+        RD_TRY(DBUF(ws->kth, float, ng, kth));
         CU_TRY(cudaMemsetAsync(mask, 0, (size_t)total, RD_STREAM));
+        fill_float_kernel<<<rd_blocks(ng, RT_THREADS), RT_THREADS, 0, RD_STREAM>>>(kth, ng, INFINITY);
+        CU_LAUNCHED("fill_float_kernel");
         if (tau_b) {
-            fill_float_kernel<<<1, 1, 0, RD_STREAM>>>(tau_b, INFINITY);
+            fill_float_kernel<<<1, 1, 0, RD_STREAM>>>(tau_b, 1, INFINITY);
             CU_LAUNCHED("fill_float_kernel");
         }
         return RD_OK;
@@ -340,6 +347,34 @@ rd_status rd_route_threshold_launch(uint8_t *mask, const float *scores, int64_t 
     if (blocks > 65535) blocks = 65535;
     threshold_kernel<<<(unsigned)blocks, RT_THREADS, 0, RD_STREAM>>>(mask, scores, n, tau_dev, tau);
     CU_LAUNCHED("threshold_kernel");
+    return RD_OK;
+}
+
+/* mode 0: one threshold (race), 1: per expert (BL), 2: per position (BE). */
+__global__ void thresholds_kernel(uint8_t *mask, const float *scores, const float *taus,
+                                  int64_t L, int64_t E, int64_t n, int mode) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t g = mode == 1 ? i % E : (mode == 2 ? (i / E) % L : 0);
+        mask[i] = scores[i] >= taus[g];
+    }
+}
+
+rd_status rd_route_thresholds_launch(uint8_t *mask, const float *scores, const float *taus,
+                                     int64_t B, int64_t L, int64_t E, rd_strategy s,
+                                     unsigned long long *nan_first) {
+    if (rd_route_num_thresholds(s, L, E) == 0)
+        return rd_fail(RD_EINVAL, "route_thresholds_cuda: strategy '%s' has no thresholds",
+                       rd_strategy_name(s));
+    int64_t n = B * L * E;
+    if (n <= 0) return RD_OK;
+    RD_TRY(rd_nan_scan_launch(nan_first, scores, n));
+    int64_t blocks = rd_blocks(n, RT_THREADS * 4);
+    if (blocks > 65535) blocks = 65535;
+    int mode = s == RD_ROUTE_BL ? 1 : (s == RD_ROUTE_BE ? 2 : 0);
+    thresholds_kernel<<<(unsigned)blocks, RT_THREADS, 0, RD_STREAM>>>(mask, scores, taus, L, E,
+                                                                      n, mode);
+    CU_LAUNCHED("thresholds_kernel");
     return RD_OK;
 }
 

@@ -2,8 +2,10 @@
 
 A checkpoint is one ``.safetensors`` file (the ``safetensors`` package's NumPy API) holding
 named float32/int arrays — for training: the model parameters ``model.<name>``, their EMA
-``ema.<name>``, the AdamW moments ``opt.m.<name>`` / ``opt.v.<name>`` and the per-layer
-routing thresholds ``thresholds`` — and, in the header metadata, one JSON document (key
+``ema.<name>``, the AdamW moments ``opt.m.<name>`` / ``opt.v.<name>`` and the routing
+thresholds ``thresholds`` (the model's ``threshold_shape``: one per layer for race, per
+layer and expert for BL, per layer and position for BE, none for the other strategies) —
+and, in the header metadata, one JSON document (key
 ``racedit``) with the step, the model/training config and the random generator state.
 :func:`pack_params` names the slices of a flat buffer laid out like a model's
 ``param_buffer`` (its ``layout``) and :func:`unpack_params` fills one back.
@@ -36,6 +38,8 @@ __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "rng_from_state",
            "unpacked_params", "set_thresholds"]
 
 FORMAT = "racedit-checkpoint/1"
+# The live weights' routing thresholds, and those recalibrated on the EMA weights.
+THRESHOLD_KEYS = ("thresholds", "ema_thresholds")
 # Flat-buffer views saved per parameter name: live weights, EMA, AdamW first / second moments.
 PARAM_FAMILIES = ("model.", "ema.", "opt.m.", "opt.v.")
 
@@ -156,7 +160,7 @@ def _read(path):
 
 
 def _is_param(key):
-    return key == "thresholds" or key.startswith(PARAM_FAMILIES)
+    return key in THRESHOLD_KEYS or key.startswith(PARAM_FAMILIES)
 
 
 def _check_values(path, key, a):
@@ -167,7 +171,7 @@ def _check_values(path, key, a):
     if a.dtype != np.float32:
         raise CheckpointError(f"{path}: tensor {key!r}: expected float32, got {a.dtype}")
     flat = a.reshape(-1)
-    bad = np.isinf(flat) if key == "thresholds" else ~np.isfinite(flat)
+    bad = np.isinf(flat) if key in THRESHOLD_KEYS else ~np.isfinite(flat)
     if bad.any():
         i = int(np.argmax(bad))
         raise CheckpointError(f"{path}: tensor {key!r} holds {flat[i]} at flat index {i} "
@@ -175,8 +179,9 @@ def _check_values(path, key, a):
     if key.startswith("opt.v.") and (flat < 0).any():
         raise CheckpointError(f"{path}: tensor {key!r}: AdamW second moments must be >= 0, "
                               f"got {flat.min()}")
-    if key == "thresholds" and a.ndim != 1:
-        raise CheckpointError(f"{path}: tensor 'thresholds': expected 1-D, got shape {a.shape}")
+    if key in THRESHOLD_KEYS and a.ndim not in (1, 2):
+        raise CheckpointError(f"{path}: tensor {key!r}: expected 1-D or 2-D, got shape "
+                              f"{a.shape}")
 
 
 def _check_families(path, tensors):
@@ -346,12 +351,17 @@ def unpacked_params(model, tensors, prefix, path):
     return buf
 
 
-def set_thresholds(m, tensors, path="checkpoint"):
-    """Restore the routing thresholds (NaN entries, saved before a layer's first training
-    forward, leave that layer to initialise its threshold from its next batch)."""
-    th = tensors.get("thresholds")
+def set_thresholds(m, tensors, path="checkpoint", key="thresholds"):
+    """Restore the routing thresholds (a NaN row, saved before a layer's first training
+    forward, leaves that layer to initialise its thresholds from its next batch).
+    Checkpoints from before per-strategy thresholds hold one scalar per layer, (layers,):
+    a race model takes it as it is, BL and BE models broadcast it over each layer's E or
+    L thresholds (the scalar was learned as the mean of the groups' K-th values, so it
+    starts every group there; training refines them), token, expert and LE models have
+    no threshold to set (exact top-K at inference)."""
+    th = tensors.get(key)
     if th is not None and th.size:
         try:
             m.thresholds = th
         except ValueError as e:  # one per MoE layer
-            raise CheckpointError(f"{path}: tensor 'thresholds' does not fit the model ({e})") from None
+            raise CheckpointError(f"{path}: tensor {key!r} does not fit the model ({e})") from None

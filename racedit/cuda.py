@@ -157,12 +157,25 @@ class MoEState:
 
     @property
     def threshold(self):
-        """tau (float) or None before the first training forward; settable (None forgets)."""
+        """The mean of the thresholds (race: tau itself; float) or None before the first
+        training forward and for strategies without thresholds; settable with one value
+        (None forgets)."""
         return _C.moe_get(self._cap, "threshold")
 
     @threshold.setter
     def threshold(self, tau):
         _C.moe_set_threshold(self._cap, None if tau is None else float(tau))
+
+    @property
+    def thresholds(self):
+        """All thresholds (float32 (n,): 1 for race, E for BL, L for BE, 0 for token,
+        expert and LE choice) or None before the first training forward; settable with
+        1-D values (None forgets)."""
+        return _C.moe_get(self._cap, "thresholds")
+
+    @thresholds.setter
+    def thresholds(self, tau):
+        _C.moe_set_threshold(self._cap, tau)
 
 
 def _flat(params, state):

@@ -218,6 +218,15 @@ class GaussianDiffusion:
         return GaussianDiffusion(betas=1.0 - ac / prev, learn_sigma=self.learn_sigma,
                                  variance=self.variance, timestep_map=self.timestep_map[use])
 
+    def sampler_times(self, sampler="ddpm", num_steps=250):
+        """The timesteps t (int64, of this process; ``model_time`` gives what the model is
+        fed) at which ``sample`` evaluates the model, in order: the respaced steps from the
+        noisiest down to 0 (the same for ddpm and ddim)."""
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler: ddpm models sample with {self.samplers}, got {sampler!r}")
+        use = space_timesteps(self.num_timesteps, num_steps)
+        return np.asarray(use[::-1], np.int64)
+
     def p_mean_variance(self, out, x_t, t, clip_denoised=False):
         """Mean, log-variance and predicted x0 of p(x_{t-1} | x_t) from the model output.
         out (B, C_out, H, W); t (B,) int64 index into this (possibly respaced) process."""
@@ -368,6 +377,20 @@ class RectifiedFlow:
     def time_grid(num_steps):
         """The num_steps+1 times 1 -> 0 the ODE solvers visit."""
         return np.linspace(1.0, 0.0, int(num_steps) + 1)
+
+    def sampler_times(self, sampler="euler", num_steps=50):
+        """The times t in [0, 1] at which ``sample`` evaluates the model, in order: every
+        grid time but the last (Euler), and with Heun also each corrector's t_next but 0."""
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler: flow models sample with {self.samplers}, got {sampler!r}")
+        if int(num_steps) < 1:
+            raise ValueError(f"num_sampling_steps: expected >= 1, got {num_steps}")
+        ts, out = self.time_grid(num_steps), []
+        for t, tn in zip(ts[:-1], ts[1:]):
+            out.append(t)
+            if sampler == "heun" and tn != 0.0:
+                out.append(tn)
+        return np.asarray(out, np.float64)
 
     @staticmethod
     def euler_step(v, x, t, t_next):

@@ -60,7 +60,8 @@ def load_params(m, tensors, prefix, path):
 def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
     """(model, meta) rebuilt from a training checkpoint (written on either device) on
     ``device``; the weights are the EMA's unless use_ema is False. The routing thresholds
-    are restored too. CheckpointError (naming the file) when its contents (checked by
+    are restored too: with the EMA weights those recalibrated on them (``ema_thresholds``,
+    checkpoints that have them), else the live ones. CheckpointError (naming the file) when its contents (checked by
     load_checkpoint) do not describe a model, or its tensors do not fit that model."""
     tensors, meta = load_checkpoint(path)
     check_device(device, precision)
@@ -71,7 +72,9 @@ def model_from_checkpoint(path, use_ema=True, device="cpu", precision="fp32"):
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: its config does not build a model ({e})") from None
     load_params(m, tensors, "ema." if use_ema else "model.", path)
-    set_thresholds(m, tensors, path)
+    set_thresholds(m, tensors, path)                   # both checked against the model
+    if use_ema and "ema_thresholds" in tensors:
+        set_thresholds(m, tensors, path, "ema_thresholds")
     return m, meta
 
 

@@ -103,10 +103,12 @@ class RaceDiT:
     unpatchify). Each aux loss of the model is the mean over its MoE layers, so every
     layer gets weight/depth; ``aux()`` reports the means, ``aux_loss()`` the weighted sum
     whose gradient ``backward()`` adds. Training mode routes by batch top-K and updates
-    each layer's threshold tau (EMA with ``beta``, initialised by the first batch); eval
-    mode selects G >= tau, falling back to batch top-K (nothing updated) in a layer that
-    has no tau yet (no training forward, no ``thresholds`` set); ``eval_topk=True``
-    keeps batch top-K always. Threads: OpenMP with a
+    each layer's thresholds (EMA with ``beta`` of each batch-spanning group's K-th value,
+    initialised by the first batch; see ``thresholds``). Eval mode (docs/method.md §3):
+    token, expert and LE choice keep their exact per-group top-K, BL / BE / race select
+    G >= tau_e / tau_l / tau, falling back to batch top-K (nothing updated) in a layer
+    that has no thresholds yet (no training forward, no ``thresholds`` set);
+    ``eval_topk=True`` keeps batch top-K always. Threads: OpenMP with a
     single-threaded BLAS, or the BLAS's own threads, as ``racedit._C.moe_threading()``
     says (process-wide; the model follows the MoE layer's mode).
 
@@ -344,8 +346,9 @@ class RaceDiT:
         return self
 
     def eval(self):
-        """Evaluation mode: no label dropout; each MoE block selects G >= its threshold
-        tau, or, while it has none (the model never ran a training forward and no
+        """Evaluation mode: no label dropout; each MoE block of token, expert or LE choice
+        keeps its exact per-group top-K, one of BL, BE or race selects G >= its
+        thresholds, or, while it has none (the model never ran a training forward and no
         ``thresholds`` were set, e.g. trained 0 steps), the training routing's batch top-K
         (nothing updated); with ``eval_topk`` always batch top-K."""
         return self.train(False)
@@ -366,8 +369,7 @@ class RaceDiT:
 
     def infer(self, x, t, y):
         """out (B, out_channels, H, W) float32: the eval-mode forward (no label dropout, the
-        MoE blocks select G >= tau, or batch top-K where a block has no threshold yet or
-        with eval_topk), bit for bit what ``forward`` returns after ``eval()``, whatever
+        MoE blocks route as in ``eval``), bit for bit what ``forward`` returns after ``eval()``, whatever
         the mode, but keeping nothing for a backward. Arguments and errors as
         :meth:`forward` (no plr_target).
 
@@ -480,8 +482,9 @@ class RaceDiT:
         """Per MoE layer diagnostics of the last forward: a list of dicts with ``load``
         (E,) int64 tokens per expert, ``dead_experts``, ``max_violation`` ((max - mean) /
         mean load), ``combination_usage`` (fraction of expert pairs holding 95 % of the
-        co-selections), ``experts_per_token`` (selected pairs / tokens), ``tau`` (NaN
-        before it is set), ``tau_b`` (batch threshold of the last training forward) and the
+        co-selections), ``experts_per_token`` (selected pairs / tokens), ``tau`` (the mean
+        of the layer's thresholds; NaN before they are set and for strategies without
+        any), ``tau_b`` (mean K-th value of the last training forward's groups) and the
         layer's unweighted ``plr``, ``sim``, ``balance`` losses (NaN if not computed).
         [] for a dense model or before any forward."""
         stats = []
@@ -507,21 +510,54 @@ class RaceDiT:
         return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
 
     @property
+    def threshold_shape(self):
+        """Shape of ``thresholds`` (docs/method.md §3): (num_moe_layers,) for race (one
+        scalar tau per layer), (num_moe_layers, E) for BL (one per expert),
+        (num_moe_layers, L) for BE (one per token position), (num_moe_layers, 0) for
+        token, expert and LE choice (exact top-K at inference, no threshold); (0,) for a
+        dense model."""
+        n = self.num_moe_layers
+        if n == 0 or self.routing == "race":
+            return (n,)
+        L = (self.input_size // self.config.patch) ** 2
+        return (n, {"bl": self.config.num_experts, "be": L}.get(self.routing, 0))
+
+    @property
     def thresholds(self):
-        """(num_moe_layers,) float32 thresholds tau of the MoE layers, NaN where not yet
-        set (before the first training forward). Settable with an array of that shape
-        (e.g. from a checkpoint); NaN entries forget the layer's threshold, so its next
-        training forward initialises it again."""
-        return np.array([_nan(_C.model_threshold(self._model, l))
-                         for l in range(self.num_moe_layers)], dtype=np.float32)
+        """float32 thresholds of the MoE layers, of shape ``threshold_shape``: each is the
+        EMA of its group's K-th largest gate in training, NaN (a layer's whole row) where
+        not yet set (before the first training forward). Settable with an array of that
+        shape (e.g. from a checkpoint); a NaN row forgets the layer's thresholds, so its
+        next training forward initialises them again. Also settable with one scalar per
+        layer, (num_moe_layers,), the format of checkpoints before per-strategy
+        thresholds: BL and BE broadcast it over the layer's E or L thresholds, token,
+        expert and LE choice have none to set (NaN or not, the layer keeps exact top-K)."""
+        shape = self.threshold_shape
+        width = shape[1] if len(shape) == 2 else 1
+        out = np.full((shape[0], width), np.nan, np.float32)
+        for l in range(shape[0]):
+            th = _C.model_threshold(self._model, l)
+            if th is not None and th.size == width:
+                out[l] = th
+        return out.reshape(shape)
 
     @thresholds.setter
     def thresholds(self, value):
         value = np.asarray(value, dtype=np.float32)
-        if value.shape != (self.num_moe_layers,):
-            raise ValueError(f"thresholds: expected shape ({self.num_moe_layers},), got {value.shape}")
-        for l, tau in enumerate(value):
-            _C.model_threshold(self._model, l, None if np.isnan(tau) else float(tau))
+        shape, n = self.threshold_shape, self.num_moe_layers
+        if value.shape == (n,) and shape != (n,):       # one scalar per layer: broadcast
+            value = np.repeat(value[:, None], shape[1], axis=1)
+        if value.shape != shape:
+            extra = f" or ({n},)" if shape != (n,) else ""
+            raise ValueError(f"thresholds: expected shape {shape}{extra}, got {value.shape}")
+        rows = value.reshape(n, -1) if n else value.reshape(0, 0)
+        for l, row in enumerate(rows):
+            nan = np.isnan(row)
+            if nan.any() and not nan.all():
+                raise ValueError(f"thresholds: layer {l} holds NaN in some entries only "
+                                 "(a whole NaN row forgets the layer's thresholds)")
+        for l, row in enumerate(rows):
+            _C.model_threshold(self._model, l, None if row.size and np.isnan(row).all() else row)
 
     def branch_norms(self):
         """What each block of the last forward added to the residual stream (docs/method.md §6, the

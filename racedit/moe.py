@@ -71,9 +71,10 @@ class MoE:
         hidden: expert hidden width He; default 4·dim/k (the "hidden split" that keeps the
             activated FLOPs of a dense 4·D MLP). When 4·dim is not a multiple of k (or
             k = 0), pass ``hidden=`` explicitly.
-        beta: threshold EMA factor in [0, 1): tau <- beta·tau + (1-beta)·tau_b each
-            training forward (tau = tau_b on the first).
-        eval_topk: in eval mode keep the batch top-K selection instead of ``G >= tau``.
+        beta: threshold EMA factor in [0, 1): tau <- beta·tau + (1-beta)·kth each
+            training forward, kth the K-th largest gate of each threshold's group
+            (tau = kth on the first); see ``threshold``.
+        eval_topk: in eval mode keep the batch top-K selection instead of the thresholds.
         plr_dim: width of the per-layer regularization head ``T = h plr_w + plr_b`` on the
             router hidden h (docs/method.md §4; p·p·C_out in a DiT); 0 (default) means no head.
         sim_weight: weight of the router-similarity loss (docs/method.md §5; the paper uses 0.01); 0 (default): off.
@@ -230,10 +231,11 @@ class MoE:
         return self
 
     def eval(self):
-        """Eval mode: selection ``G >= tau`` per pair; batch top-K (the training routing,
-        with nothing updated) with eval_topk, or while the layer has no threshold yet
-        (no training forward, ``threshold`` not set); token choice is always per-token
-        top-k. Returns self."""
+        """Eval mode (docs/method.md §3): token, expert and LE choice keep their exact
+        per-group top-K (their groups lie inside one image); BL, BE and race select
+        ``G >= tau`` per pair with the pair's threshold (``threshold``), or the batch top-K
+        (the training routing, with nothing updated) with eval_topk or while the layer has
+        no threshold yet (no training forward, ``threshold`` not set). Returns self."""
         return self.train(False)
 
     # ---- forward / backward -----------------------------------------------------
@@ -276,8 +278,9 @@ class MoE:
         - ``aux_loss``: their weighted sum (what ``backward`` differentiates besides dy);
         - ``max_violation``, ``combination_usage`` (coverage 0.95), ``dead_experts``,
           ``experts_per_token``, ``expert_load`` (int64 (E,)): of the selection;
-        - ``threshold``, ``batch_threshold``: tau and the last training tau_b (None
-          before the first training forward);
+        - ``threshold``, ``batch_threshold``: the mean of the thresholds (None before
+          the first training forward, and for token / expert / LE choice, which have
+          none) and the mean over groups of the last training batch's K-th values;
         - ``plr_pred``: the head's prediction T (B,L,plr_dim) float32 of a training
           forward with plr_dim > 0, else None;
         - ``training``: whether that forward was a training forward.
@@ -317,17 +320,42 @@ class MoE:
 
     @property
     def threshold(self):
-        """tau, the eval-mode selection threshold (float), or None before the first
-        training forward (eval mode then routes by batch top-K). Settable: a float (not
-        NaN), or None to forget it (the next training forward then starts it from its
-        batch threshold)."""
-        return _C.moe_get(self._state, "threshold")
+        """The eval-mode thresholds (docs/method.md §3), learned in training as the EMA of
+        the K-th largest gate of each batch-spanning group: for race the scalar tau
+        (float), for BL one per expert (float32 (E,)), for BE one per token position
+        (float32 (L,)); None before the first training forward (eval mode then routes by
+        batch top-K), and always for token, expert and LE choice, which keep their exact
+        top-K at inference. Settable: values of that shape without NaN (BE: L is checked
+        by the next forward), or None to forget them (the next training forward starts
+        them from its batch)."""
+        th = _C.moe_get(self._state, "thresholds")
+        if th is None or th.size == 0:
+            return None
+        return float(th[0]) if self.strategy == "race" else th
 
     @threshold.setter
     def threshold(self, tau):
-        if tau is not None and not isinstance(tau, (int, float, np.integer, np.floating)):
-            raise TypeError(f"threshold: expected a float or None, got {type(tau).__name__}")
-        _C.moe_set_threshold(self._state, None if tau is None else float(tau))
+        if tau is None:
+            _C.moe_set_threshold(self._state, None)
+            return
+        strategy, E = self.strategy, self.num_experts
+        if strategy == "race":
+            if not isinstance(tau, (int, float, np.integer, np.floating)):
+                raise TypeError(f"threshold: expected a float or None, got {type(tau).__name__}")
+            _C.moe_set_threshold(self._state, float(tau))
+            return
+        if strategy not in ("bl", "be"):
+            raise ValueError(f"threshold: strategy {strategy!r} keeps its exact top-K at "
+                             "inference and has no threshold (only None)")
+        try:
+            t = np.asarray(tau, np.float32)
+        except (TypeError, ValueError):
+            raise TypeError(f"threshold: expected a 1-D array of floats or None, got "
+                            f"{type(tau).__name__}") from None
+        want = "(E,) = ({},)".format(E) if strategy == "bl" else "(L,)"
+        if t.ndim != 1 or (strategy == "bl" and t.shape != (E,)) or t.size == 0:
+            raise ValueError(f"threshold: strategy {strategy!r} needs shape {want}, got {t.shape}")
+        _C.moe_set_threshold(self._state, t)
 
     # ---- copies ----------------------------------------------------------------------
     def __copy__(self):

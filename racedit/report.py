@@ -2,9 +2,12 @@
 experts a token gets at each diffusion timestep (the paper's Fig. 6: expert race gives more
 compute to the harder steps) and how the load spreads over experts, per layer.
 
-It is measured twice: at inference (EMA weights, eval-mode threshold routing, a fixed batch
-of training images noised to the centre of each timestep bucket) and from the training log
-(batch top-K routing, the last fifth of the steps). Written per checkpoint step as
+It is measured twice: at inference (EMA weights with the thresholds recalibrated on them,
+eval-mode routing, a fixed batch of training images noised to the centre of each timestep
+bucket) and from the training log (batch top-K routing, the last fifth of the steps). The
+summary ``experts_per_token`` holds both means side by side: inference over the sampler's
+own timestep grid (racedit.calibrate, with the recalibrated and with the live thresholds)
+and training. Written per checkpoint step as
 ``routing_report-<step:07d>.json`` and ``.png`` (matplotlib) in the run folder, so a later
 report never replaces an earlier one of another step.
 """
@@ -13,7 +16,7 @@ import os
 
 import numpy as np
 
-from .sample import set_weights
+from .calibrate import routing_with
 
 __all__ = ["routing_report", "plot_routing_report", "report_path"]
 
@@ -31,7 +34,7 @@ def report_path(run_dir, step, ext="json"):
 
 
 def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch=64,
-                   buckets=10, plot=True, step=None):
+                   buckets=10, plot=True, step=None, thresholds=None, ema_routing=None):
     """Measure and write the report of checkpoint step ``step`` (:func:`report_path`);
     returns its dict with the paths under "json"/"png" and "replaced": whether a report of
     that step was there before.
@@ -39,21 +42,19 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
     model: a MoE RaceDiT; weights: the flat buffer to evaluate (EMA) or None for the live
     weights; obj: the training objective; dataset: the training ArrayDataset; records: the
     training log up to ``step`` (list of dicts; those with "ept_by_t" are used); batch:
-    images per timestep bucket (>= 1). The model's weights and mode are restored
-    afterwards."""
+    images per timestep bucket (>= 1); thresholds: those to route with at inference (the
+    ones recalibrated on ``weights``) or None for the model's own; ema_routing: the
+    checkpoint's summary of racedit.calibrate.ema_routing (inference experts per token
+    over the sampler's grid), or None. The model's weights, thresholds and mode are
+    restored afterwards."""
     if isinstance(batch, bool) or int(batch) != batch or batch < 1:
         raise ValueError(f"batch: expected an integer >= 1, got {batch!r}")
     rng = np.random.default_rng([seed, 7])
     idx = rng.permutation(len(dataset))[:batch]
     x0, y = dataset.batch(idx)
     centers = (np.arange(buckets) + 0.5) / buckets
-    saved = model.param_buffer.copy()
-    was_training = model.training
     ept, per_layer_ept, loads, norms = [], [], None, []
-    try:
-        if weights is not None:
-            set_weights(model, weights)
-        model.eval()
+    with routing_with(model, weights, thresholds):
         for frac in centers:
             t = _t_for_fraction(obj, frac, x0.shape[0])
             noise = rng.standard_normal(x0.shape, dtype=np.float32)
@@ -68,9 +69,6 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
                 "load" in stats[0] else None
             if ld is not None:
                 loads = ld if loads is None else loads + ld
-    finally:
-        set_weights(model, saved)
-        model.train(was_training)
     rep = {"model": model.config.name, "objective": obj.name,
            "t_bucket_centers": centers.tolist(),
            "eval": {"experts_per_token": ept, "experts_per_token_per_layer": per_layer_ept,
@@ -97,6 +95,7 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
             rep["train"]["branch_norms"] = {
                 key: np.mean([r[key + "_norm"] for r in tail], axis=0).tolist()
                 for key in ("attn", "ffn")}
+    rep["experts_per_token"] = _summary(model, records, ema_routing, thresholds is not None)
     if step is not None:
         rep["step"] = int(step)
     rep["json"] = report_path(run_dir, step)
@@ -108,6 +107,24 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
         plot_routing_report(rep, rep["png"])
     rep["replaced"] = replaced
     return rep
+
+
+def _summary(model, records, ema_routing, recalibrated):
+    """Experts per token at inference and in training, side by side: k; the inference
+    mean over the sampler's grid with the thresholds recalibrated on the EMA weights and
+    with the live ones (from ``ema_routing``); the training mean over the logged steps
+    (batch top-K: k by construction, a check)."""
+    out = {"k": model.config.k, "thresholds": "recalibrated on the EMA weights"
+           if recalibrated else "live (learned on the live weights)"}
+    if ema_routing:
+        out["inference_sampler_grid"] = ema_routing.get("infer_experts_per_token")
+        out["inference_sampler_grid_live_thresholds"] = ema_routing.get(
+            "infer_experts_per_token_live_thresholds")
+        out["sampler"] = ema_routing.get("sampler")
+        out["num_steps"] = ema_routing.get("num_steps")
+    train = [np.mean(r["experts_per_token"]) for r in records if r.get("experts_per_token")]
+    out["training"] = float(np.mean(train)) if train else None
+    return out
 
 
 def plot_routing_report(rep, path=None):
@@ -131,10 +148,15 @@ def plot_routing_report(rep, path=None):
         fig = plt.figure(figsize=size)
     ax = fig.add_subplot(1, ncol, 1)
     c = np.asarray(rep["t_bucket_centers"])
-    ax.plot(c, ev["experts_per_token"], "o-", label="inference (threshold, EMA)")
+    sm = rep.get("experts_per_token", {})
+    grid = sm.get("inference_sampler_grid")
+    extra = f"; {sm.get('sampler')} grid mean {grid:.3f}" if grid is not None else ""
+    ax.plot(c, ev["experts_per_token"], "o-", label=f"inference (EMA{extra})")
     if "train" in rep:
         tr = np.array([np.nan if v is None else v for v in rep["train"]["experts_per_token"]])
-        ax.plot(c, tr, "s--", label="training (batch top-K)")
+        mean = sm.get("training")
+        ax.plot(c, tr, "s--", label="training (batch top-K" +
+                (f"; mean {mean:.3f})" if mean is not None else ")"))
     ax.axhline(ev["k"], color="gray", lw=0.8, ls=":", label=f"k = {ev['k']}")
     ax.set_xlabel("timestep t / T  (0 = clean, 1 = noise)")
     ax.set_ylabel("experts per token")

@@ -233,7 +233,10 @@ class RaceMoE(nn.Module):
     Parameters (named and shaped like ``racedit.MoE.params``): ``router_w`` (D,D),
     ``router_b`` (D), ``gate_w`` (D,E), ``gate_b`` (E), ``w1`` (E,D,He), ``b1`` (E,He),
     ``w2`` (E,He,D), ``b2`` (E,D), and with plr_dim > 0 ``plr_w`` (D,plr_dim), ``plr_b``.
-    Buffers: ``threshold`` (0-d float32, NaN until the first training forward sets it).
+    Buffers: ``threshold``, the eval-mode thresholds of :attr:`racedit.MoE.threshold`:
+    race 0-d, BL (E,), BE (L,) (empty until the first training forward gives L), token,
+    expert and LE choice empty (they keep their exact top-K at inference); NaN (race, BL)
+    or empty (BE) until the first training forward sets them.
 
     After each forward: ``aux_loss`` (0-d tensor in the graph: the weighted sum of the aux
     losses this forward computed; add it to your loss) and ``aux`` (a dict: ``sim_loss``,
@@ -266,7 +269,7 @@ class RaceMoE(nn.Module):
                       b1=(E, He), w2=(E, He, D), b2=(E, D), plr_w=(D, plr_dim), plr_b=(plr_dim,))
         for name in PARAM_NAMES + (("plr_w", "plr_b") if plr_dim else ()):
             self.register_parameter(name, nn.Parameter(torch.empty(shapes[name], device=device)))
-        self.register_buffer("threshold", torch.full((), float("nan"), device=device))
+        self.register_buffer("threshold", self._unset_threshold(device))
         self.aux, self.aux_loss = None, None
         self._states, self._flat, self._generation = {}, None, 0
         self.flatten_parameters()
@@ -287,7 +290,40 @@ class RaceMoE(nn.Module):
             self.w2.uniform_(-bound(4 * D, D), bound(4 * D, D))
             if self.plr_dim:
                 self.plr_w.uniform_(-bound(D, self.plr_dim), bound(D, self.plr_dim))
-            self.threshold.fill_(float("nan"))
+            self.threshold = self._unset_threshold(self.threshold.device)
+
+    def _unset_threshold(self, device):
+        """The threshold buffer before any training forward (see the class)."""
+        shape = {"race": (), "bl": (self.num_experts,)}.get(self.strategy, (0,))
+        return torch.full(shape, float("nan"), device=device)
+
+    def _threshold_value(self):
+        """The buffer as racedit.MoE.threshold takes it: None when unset, a float for race,
+        a float32 array for BL / BE."""
+        t = self.threshold.detach()
+        if t.numel() == 0 or bool(torch.isnan(t).any()):
+            return None
+        return float(t) if self.strategy == "race" else t.float().cpu().numpy()
+
+    def _set_threshold_value(self, tau):
+        """Set the buffer from racedit's value (None, a float or an array)."""
+        if tau is None:
+            self.threshold = self._unset_threshold(self.threshold.device)
+            return
+        t = torch.as_tensor(np.asarray(tau, np.float32), device=self.threshold.device)
+        if t.shape == self.threshold.shape:
+            with torch.no_grad():
+                self.threshold.copy_(t)
+        else:                                    # BE: the first L, or another sequence length
+            self.threshold = t.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # BE's buffer takes its length L from the state it loads
+        t = state_dict.get(prefix + "threshold")
+        if (self.strategy == "be" and isinstance(t, torch.Tensor) and t.ndim == 1
+                and t.shape != self.threshold.shape):
+            self.threshold = torch.empty_like(t, device=self.threshold.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, "
@@ -393,8 +429,7 @@ class RaceMoE(nn.Module):
         prec = self._precision(x)
         if _C.moe_precision(st) != prec:
             _C.moe_precision(st, prec)
-        tau = float(self.threshold)
-        _C.moe_set_threshold(st, None if tau != tau else tau)
+        _C.moe_set_threshold(st, self._threshold_value())
         return st
 
     def __getstate__(self):
@@ -427,9 +462,10 @@ def _race_forward(m, x, plr_target):
     params = [getattr(m, n) for n in PARAM_NAMES]
     y, R, h = _Layer.apply(x.contiguous(), m, aux_on, plr_on, *params)
     info = _C.moe_get(st, "aux")
-    if m.training:
-        with torch.no_grad():
-            m.threshold.fill_(info["threshold"])
+    if m.training and m.strategy in ("race", "bl", "be"):
+        th = _C.moe_get(st, "thresholds")
+        m._set_threshold_value(None if th is None or th.size == 0 else
+                               float(th[0]) if m.strategy == "race" else th)
     mask_np = m._last_mask                                             # (B,L,E) bool
     losses = _aux_losses(m, R, h, mask_np.reshape(B * L, -1), plr_target) if m.training else {}
     _record_aux(m, mask_np, losses, info)
@@ -481,8 +517,7 @@ def from_racedit(moe, device=None):
     with torch.no_grad():
         for name, arr in moe.params.items():
             getattr(m, name).copy_(torch.from_numpy(arr))
-        tau = moe.threshold
-        m.threshold.fill_(float("nan") if tau is None else tau)
+        m._set_threshold_value(moe.threshold)
     return m.train(moe.training)
 
 
@@ -494,8 +529,7 @@ def to_racedit(module, device="cpu"):
     moe = MoE(**module.racedit_settings(), device=device)
     for name, arr in moe.params.items():
         arr[...] = getattr(module, name).detach().float().cpu().numpy()
-    tau = float(module.threshold)
-    moe.threshold = None if tau != tau else tau
+    moe.threshold = module._threshold_value()
     return moe.train(module.training)
 
 
@@ -504,11 +538,12 @@ def to_racedit(module, device="cpu"):
 def dit_state_dict_to_torch(model):
     """RaceDiT ``model`` as the state dict of a torch DiT with facebookresearch/DiT's module
     names whose MoE blocks hold a :class:`RaceMoE` as ``blocks.<i>.moe`` (with ``plr_dim`` =
-    p·p·in_channels): every parameter as a float32 tensor (a copy), each MoE block's tau as
-    ``blocks.<i>.moe.threshold`` and DiT's fixed sin-cos ``pos_embed`` (1, L, D)."""
+    p·p·in_channels): every parameter as a float32 tensor (a copy), each MoE block's
+    thresholds as ``blocks.<i>.moe.threshold`` (its row of ``model.thresholds``: 0-d for
+    race) and DiT's fixed sin-cos ``pos_embed`` (1, L, D)."""
     state = {name: torch.from_numpy(arr) for name, arr in model.state_dict().items()}
     for i, tau in enumerate(model.thresholds):
-        state[f"blocks.{i}.moe.threshold"] = torch.tensor(float(tau))
+        state[f"blocks.{i}.moe.threshold"] = torch.tensor(np.array(tau, np.float32))
     g = model.input_size // model.config.patch
     state["pos_embed"] = torch.from_numpy(_C.dit_pos_embed(g, g, model.config.hidden)[None])
     return state
@@ -521,9 +556,17 @@ def load_torch_dit_state_dict(model, state):
     ValueError for missing / unexpected keys or shapes, as ``RaceDiT.load_state_dict``."""
     arrays = {name: t.detach().float().cpu().numpy() for name, t in state.items()}
     arrays.pop("pos_embed", None)
-    taus = [float(arrays.pop(f"blocks.{i}.moe.threshold", np.nan))
-            for i in range(model.num_moe_layers)]
+    shape = model.threshold_shape[1:]
+    taus = []
+    for i in range(model.num_moe_layers):
+        tau = arrays.pop(f"blocks.{i}.moe.threshold", None)
+        if tau is None or tau.size == 0 and shape != (0,):      # missing, or BE never trained
+            tau = np.full(shape, np.nan, np.float32)
+        if tau.shape != shape:
+            raise ValueError(f"state: blocks.{i}.moe.threshold: expected shape {shape}, "
+                             f"got {tau.shape}")
+        taus.append(tau)
     model.load_state_dict(arrays)
     if taus:
-        model.thresholds = np.array(taus, np.float32)
+        model.thresholds = np.stack(taus).reshape(model.threshold_shape)
     return model

@@ -163,6 +163,7 @@ class _Trainer:
         self.is_moe = model.config.is_moe
         self.log = None  # a RunLog: synced before every checkpoint
         self._ept = np.zeros((2, NUM_T_BUCKETS))  # experts-per-token sums / counts since the last record
+        self.last_ema_routing = (None, None)  # thresholds recalibrated on the EMA, their summary
 
     # data order: a permutation per epoch, a pure function of (seed, epoch)
     def batch_indices(self, step):
@@ -293,6 +294,7 @@ class _Trainer:
         layout = distributed.checkpoint_meta(self.world, self.cfg, rng_state(self.rng))
         if not self.world.is_root:
             return
+        ema_routing = self._ema_routing()
         log_bytes = self.log.sync() if self.log is not None else None
         opt = m.optimizer_state()
         tensors = {}
@@ -301,6 +303,8 @@ class _Trainer:
         tensors.update(pack_params(m, opt["m"], "opt.m."))
         tensors.update(pack_params(m, opt["v"], "opt.v."))
         tensors["thresholds"] = np.asarray(m.thresholds, np.float32)
+        if ema_routing is not None:
+            tensors["ema_thresholds"], meta_routing = ema_routing
         meta = {"step": self.step, "rng": rng_state(self.rng),
                 "config": dataclasses.asdict(self.cfg),
                 "model_config": dataclasses.asdict(m.config),
@@ -310,7 +314,33 @@ class _Trainer:
                 "run_dir": os.path.abspath(self.run_dir), "log_bytes": log_bytes,
                 "ept_window": self._ept.tolist(),
                 "device": self.device, "precision": self.precision, "distributed": layout}
+        if ema_routing is not None:
+            meta["ema_routing"] = meta_routing
         save_checkpoint(path, tensors, meta)
+
+    def _ema_routing(self):
+        """MoE models: the thresholds recalibrated on the EMA weights and the inference
+        experts per token over the sampler's grid (racedit.calibrate), said in log.txt and
+        kept in the checkpoint; deterministic in (seed, step), the model left as it was."""
+        if not self.is_moe:
+            return None
+        from .calibrate import ema_routing
+        from .diffusion import default_sampler, default_steps
+
+        cfg = self.cfg
+        sampler = cfg.sampler or default_sampler(self.obj.name)
+        steps = cfg.num_sampling_steps or default_steps(sampler)
+        th, summary = ema_routing(self.m, self.m.ema_buffer, self.obj, self.ds, sampler, steps,
+                                  seed=cfg.seed, step=self.step, batch=min(self.B, 64))
+        summary["step"] = self.step
+        self.last_ema_routing = (th, summary)
+        if self.log is not None:
+            self.log.line(f"EMA routing at step {self.step}: thresholds recalibrated on the EMA "
+                          f"weights; inference experts per token over the {sampler} grid "
+                          f"{summary['infer_experts_per_token']:.3f} (with the live thresholds "
+                          f"{summary['infer_experts_per_token_live_thresholds']:.3f}, "
+                          f"k = {summary['k']})", echo=False)
+        return th, summary
 
     def restore(self, tensors, meta, path):
         m = self.m
@@ -348,6 +378,8 @@ def _routing_record(m):
     for key in ("max_violation", "combination_usage", "dead_experts", "experts_per_token", "tau"):
         if stats and key in stats[0]:
             rec[key] = [_num(s[key]) for s in stats]
+    if "tau" in rec:  # NaN: no thresholds (token, expert, LE choice), JSON null
+        rec["tau"] = [None if v != v else v for v in rec["tau"]]
     return rec
 
 
@@ -553,8 +585,9 @@ def _finish(tr, job, records, log):
     if job.report and m.config.is_moe and root:
         from .report import routing_report
 
+        th, summary = tr.last_ema_routing
         rep = routing_report(m, m.ema_buffer, tr.obj, tr.ds, records, run_dir, seed=cfg.seed,
-                             step=tr.step)
+                             step=tr.step, thresholds=th, ema_routing=summary)
         log.line(f"routing report {rep['json']} and {rep['png']}"
                  + (" (replacing the earlier report of this step)" if rep["replaced"] else ""))
     wall = time.time() - job.t_start
@@ -818,14 +851,18 @@ def _bar(progress, total, start):
 def _sample_grid(tr, path, per_class, progress=False):
     """Sample ``per_class`` images of each class (up to 10 classes) with the EMA weights
     and write a grid (one row per class)."""
+    from .calibrate import routing_with
     from .sample import generate, save_grid
 
     ncls = min(tr.ds.num_classes, 10)
     labels = np.repeat(np.arange(ncls), per_class)
-    cfg = tr.cfg
-    x = generate(tr.m, tr.obj, labels, weights=tr.m.ema_buffer, cfg_scale=cfg.cfg_scale,
-                 sampler=cfg.sampler, num_steps=cfg.num_sampling_steps, seed=cfg.seed,
-                 clip_denoised=tr.ds.kind == "pixels", progress=progress)
+    cfg, m = tr.cfg, tr.m
+    th, summary = tr.last_ema_routing   # the EMA's thresholds when this step's checkpoint has them
+    th = th if summary is not None and summary["step"] == tr.step else None
+    with routing_with(m, thresholds=th, training=m.training):
+        x = generate(m, tr.obj, labels, weights=m.ema_buffer, cfg_scale=cfg.cfg_scale,
+                     sampler=cfg.sampler, num_steps=cfg.num_sampling_steps, seed=cfg.seed,
+                     clip_denoised=tr.ds.kind == "pixels", progress=progress)
     if tr.ds.kind == "pixels":
         save_grid(x, path, ncol=per_class)
     else:

@@ -466,6 +466,45 @@ static PyObject *tau_or_none(int have, float v) {
     return have ? PyFloat_FromDouble((double)v) : Py_NewRef(Py_None);
 }
 
+int rd_parse_thresholds(PyObject *o, const char *name, PyArrayObject **out) {
+    *out = NULL;
+    if (o == Py_None) return 0;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(o, NPY_FLOAT32, 0, 1,
+                                                        NPY_ARRAY_CARRAY | NPY_ARRAY_FORCECAST);
+    if (!a) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a number, a 1-D sequence of numbers or "
+                     "None, got %s", name, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (PyArray_NDIM(a) == 0) {
+        npy_intp one[1] = {1};
+        PyArray_Dims d = {one, 1};
+        PyArrayObject *r = (PyArrayObject *)PyArray_Newshape(a, &d, NPY_CORDER);
+        Py_DECREF(a);
+        if (!r) return -1;
+        a = r;
+    }
+    const float *v = (const float *)PyArray_DATA(a);
+    for (npy_intp i = 0; i < PyArray_SIZE(a); i++)
+        if (v[i] != v[i]) {
+            PyErr_Format(PyExc_ValueError, "%s: expected numbers or None, got nan at index %lld",
+                         name, (long long)i);
+            Py_DECREF(a);
+            return -1;
+        }
+    *out = a;
+    return 0;
+}
+
+PyObject *rd_thresholds_of(const rd_moe_view *v) {
+    if (!v->have_tau) Py_RETURN_NONE;
+    npy_intp n[1] = {(npy_intp)v->ntau};
+    PyArrayObject *a = rd_new_array(1, n, NPY_FLOAT32);
+    if (a && v->ntau) memcpy(PyArray_DATA(a), v->taus, (size_t)v->ntau * sizeof(float));
+    return (PyObject *)a;
+}
+
 static PyObject *int64_copy(const int64_t *src, int64_t n) {
     npy_intp s[1] = {(npy_intp)n};
     PyArrayObject *a = rd_new_array(1, s, NPY_INT64);
@@ -499,7 +538,7 @@ static PyObject *moe_aux_dict(const rd_backend *be, void *st) {
         dict_put(d, "combination_usage", PyFloat_FromDouble(a.combination_usage)) ||
         dict_put(d, "dead_experts", PyLong_FromLongLong((long long)a.dead_experts)) ||
         dict_put(d, "experts_per_token", PyFloat_FromDouble(a.experts_per_token)) ||
-        dict_put(d, "threshold", tau_or_none(v.have_tau, v.tau)) ||
+        dict_put(d, "threshold", tau_or_none(v.have_tau && v.ntau > 0, v.tau)) ||
         dict_put(d, "batch_threshold", tau_or_none(v.have_tau, v.tau_b)) ||
         dict_put(d, "training", PyBool_FromLong(a.training)) ||
         aux_arrays(d, be, &v, &a) < 0)
@@ -509,19 +548,21 @@ static PyObject *moe_aux_dict(const rd_backend *be, void *st) {
 
 PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name) {
     static const char *const known[] = {"threshold", "aux", "batch_threshold", "mask", "gates",
-                                        "logits", "hidden", "counts", "pairs"};
+                                        "logits", "hidden", "counts", "pairs", "thresholds"};
     int k = 0;
-    while (k < 9 && strcmp(name, known[k])) k++;
-    if (k == 9) {
-        PyErr_Format(PyExc_ValueError, "name: expected one of threshold, batch_threshold, mask, "
-                     "gates, logits, hidden, counts, pairs, aux; got '%s'", name);
+    while (k < 10 && strcmp(name, known[k])) k++;
+    if (k == 10) {
+        PyErr_Format(PyExc_ValueError, "name: expected one of threshold, thresholds, "
+                     "batch_threshold, mask, gates, logits, hidden, counts, pairs, aux; got '%s'",
+                     name);
         return NULL;
     }
     if (k == 1) return moe_aux_dict(be, st);
     rd_moe_view v;
     rd_status s = be->moe_view(st, &v);
     if (s) return rd_raise(s);
-    if (k == 0) return v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
+    if (k == 0) return tau_or_none(v.have_tau && v.ntau > 0, v.tau);
+    if (k == 9) return rd_thresholds_of(&v);
     if (!v.have_forward) Py_RETURN_NONE;
     npy_intp sE3[3] = {v.B, v.L, v.E}, sD3[3] = {v.B, v.L, v.D};
     switch (k) {

@@ -145,8 +145,14 @@ int rd_parse_moe_settings(PyObject *kw, rd_moe_cfg *c, int check);
 PyObject *rd_split_settings(PyObject *kw, PyObject **device, PyObject **precision);
 /* The settings of `c` as a dict with the keys rd_parse_moe_settings reads. */
 PyObject *rd_moe_settings_dict(const rd_moe_cfg *c);
-/* What the last forward of backend MoE state `st` left, by name: "threshold" (tau, None
- * when unset), "batch_threshold", "mask" (B,L,E) bool, "gates", "logits" (B,L,E), "hidden"
+/* Thresholds given from Python (`name` in messages): None -> *out = NULL; a number or a
+ * 1-D sequence of numbers without NaN -> a new float32 1-D array (a number: one value). */
+int rd_parse_thresholds(PyObject *o, const char *name, PyArrayObject **out);
+/* The thresholds of a view (host memory): None when unset, else a float32 (ntau,) copy. */
+PyObject *rd_thresholds_of(const rd_moe_view *v);
+/* What the last forward of backend MoE state `st` left, by name: "threshold" (the mean of
+ * the thresholds, None when unset or the strategy has none), "thresholds" (all of them,
+ * float32 (ntau,), None when unset), "batch_threshold", "mask" (B,L,E) bool, "gates", "logits" (B,L,E), "hidden"
  * (B,L,D), "counts" (E,) int64, "pairs" (None before a forward), or "aux": the aux losses and
  * diagnostics as a dict (None before a forward): sim_loss, balance_loss, plr_loss (None
  * when not computed), aux_loss, max_violation, combination_usage, dead_experts,

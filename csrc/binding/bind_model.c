@@ -468,26 +468,30 @@ static PyObject *py_model_moe_get(PyObject *self, PyObject *args) {
     return ret;
 }
 
-/* model_threshold(model, layer[, tau]) -> MoE block `layer`'s threshold (None when unset),
- * before setting it to tau (None: forget it) when given. */
+/* model_threshold(model, layer[, tau]) -> MoE block `layer`'s thresholds (float32 (ntau,),
+ * None when unset), before setting them to tau (a number or 1-D values; None: forget them)
+ * when given. */
 static PyObject *py_model_threshold(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap, *otau = NULL, *ret = NULL;
+    PyArrayObject *a = NULL;
     long long l;
     model_box *box;
     void *st;
-    double d = 0.0;
     if (!PyArg_ParseTuple(args, "OL|O", &cap, &l, &otau) ||
-        (otau && otau != Py_None && rd_parse_real(otau, "tau", &d) < 0) ||
-        get_layer(cap, l, &box, &st) < 0)
+        (otau && rd_parse_thresholds(otau, "tau", &a) < 0))
         return NULL;
+    if (get_layer(cap, l, &box, &st) < 0) { Py_XDECREF(a); return NULL; }
     const rd_backend *be = rd_model_backend(box->m);
     rd_moe_view v;
-    const float tau = (float)d;
     RUN(be->moe_view(st, &v));
-    if (otau) RUN(be->moe_set_threshold(st, otau == Py_None ? NULL : &tau));
-    ret = v.have_tau ? PyFloat_FromDouble(v.tau) : Py_NewRef(Py_None);
+    if (!(ret = rd_thresholds_of(&v))) goto done;
+    rd_status s = otau ? be->moe_set_threshold(st, a ? (const float *)PyArray_DATA(a) : NULL,
+                                               a ? (int64_t)PyArray_SIZE(a) : 0)
+                       : RD_OK;
+    if (s) { Py_CLEAR(ret); rd_raise(s); }
 done:
+    Py_XDECREF(a);
     rd_give(&box->busy);
     return ret;
 }
@@ -533,7 +537,7 @@ static PyMethodDef model_methods[] = {
      "model_moe_get(model, layer, name) -> a copy of what MoE block `layer`'s last forward "
      "left (the names of moe_get)"},
     {"model_threshold", py_model_threshold, METH_VARARGS,
-     "model_threshold(model, layer[, tau or None]) -> the threshold (None: unset), then set"},
+     "model_threshold(model, layer[, tau or None]) -> the thresholds (None: unset), then set"},
     {NULL, NULL, 0, NULL}};
 
 int rd_bind_model(PyObject *m) { return PyModule_AddFunctions(m, model_methods); }

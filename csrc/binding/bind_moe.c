@@ -600,20 +600,11 @@ static PyObject *py_moe_get(PyObject *self, PyObject *args) {
 }
 
 static PyObject *moe_set_threshold(moe_holder *hd, const void *arg) {
-    PyObject *otau = (PyObject *)arg;
-    rd_status s;
-    if (otau == Py_None) {
-        s = hd->be->moe_set_threshold(hd->st, NULL);
-    } else {
-        double d;
-        if (rd_parse_real(otau, "threshold", &d) < 0) return NULL;
-        if (isnan(d)) {
-            PyErr_SetString(PyExc_ValueError, "threshold: expected a number or None, got nan");
-            return NULL;
-        }
-        float f = (float)d;
-        s = hd->be->moe_set_threshold(hd->st, &f);
-    }
+    PyArrayObject *a;
+    if (rd_parse_thresholds((PyObject *)arg, "threshold", &a) < 0) return NULL;
+    rd_status s = hd->be->moe_set_threshold(hd->st, a ? (const float *)PyArray_DATA(a) : NULL,
+                                            a ? (int64_t)PyArray_SIZE(a) : 0);
+    Py_XDECREF(a);
     if (s) return rd_raise(s);
     Py_RETURN_NONE;
 }
@@ -686,7 +677,7 @@ static PyMethodDef moe_methods[] = {
      "moe_backward_ptr(state, dx, grads, dy, x, params): moe_backward on memory given by "
      "address; grads accumulate."},
     {"moe_get", py_moe_get, METH_VARARGS, "moe_get(state, name) -> a copy of what the last forward left."},
-    {"moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "moe_set_threshold(state, tau or None)."},
+    {"moe_set_threshold", py_moe_set_threshold, METH_VARARGS, "moe_set_threshold(state, tau (a number or 1-D values) or None)."},
     {"moe_precision", py_moe_precision, METH_VARARGS,
      "moe_precision(state, precision=None) -> the previous expert GEMM precision."},
     {"moe_device", py_moe_device, METH_O, "moe_device(state) -> the device name."},

@@ -399,8 +399,8 @@ static rd_status ck_moe_aux(void *p, rd_moe_aux *a) {
     return RD_OK;
 }
 
-static rd_status ck_moe_set_threshold(void *p, const float *tau) {
-    return CPU.moe_set_threshold(((ck_moe *)p)->st, tau);
+static rd_status ck_moe_set_threshold(void *p, const float *tau, int64_t n) {
+    return CPU.moe_set_threshold(((ck_moe *)p)->st, tau, n);
 }
 
 static rd_status ck_moe_copy_threshold(void *dst, void *src) {

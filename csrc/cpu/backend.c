@@ -235,14 +235,14 @@ static rd_status cpu_moe_view(void *st, rd_moe_view *out) {
 
 static rd_status cpu_moe_aux(void *st, rd_moe_aux *out) { return rd_moe_get_aux(st, out); }
 
-static rd_status cpu_moe_set_threshold(void *st, const float *tau) {
-    return rd_moe_set_threshold(st, tau);
+static rd_status cpu_moe_set_threshold(void *st, const float *tau, int64_t n) {
+    return rd_moe_set_threshold(st, tau, n);
 }
 
 static rd_status cpu_moe_copy_threshold(void *dst, void *src) {
     rd_moe_view v;
     rd_moe_state_view(src, &v);
-    return rd_moe_set_threshold(dst, v.have_tau ? &v.tau : NULL);
+    return rd_moe_set_threshold(dst, v.have_tau ? v.taus : NULL, v.ntau);
 }
 
 /* ---- optimiser ------------------------------------------------------------------------ */

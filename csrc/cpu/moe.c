@@ -1,6 +1,6 @@
 /* moe.c — the MoE block of docs/method.md §2-§3 minus the experts (experts.c): the gate
  * functions, the router MLP, and the composite layer router -> gate -> route -> experts ->
- * combine with its learnable threshold tau, forward and backward. The per-layer state keeps
+ * combine with its learnable thresholds tau, forward and backward. The per-layer state keeps
  * the saved activations of the last forward and grows its buffers on demand. */
 #include "../racedit.h"
 #include "moe_math.h"
@@ -235,7 +235,9 @@ rd_status rd_moe_cfg_check(const rd_moe_cfg *c) {
 struct rd_moe_state {
     int64_t B, L, N, D, E, He;  /* sizes of the last forward */
     int have_forward, have_tau;
-    float tau, tau_b;
+    float tau, tau_b;           /* mean of the thresholds, mean K-th value of the last batch */
+    int64_t ntau, cap_tau;      /* thresholds held, and room in taus and kth */
+    float *taus, *kth;          /* (ntau) thresholds; (ntau) the last batch's K-th values */
     int64_t cap_ND, cap_NE;     /* capacity (elements) of the (N,D) and (N,E) buffers */
     int64_t cap_dND, cap_dNE;   /* ... and of the backward's, grown by the first backward */
     float *hpre, *h, *dh;       /* (N,D) router pre-activation, hidden, backward scratch */
@@ -258,6 +260,7 @@ void rd_moe_state_free(rd_moe_state *st) {
     if (!st) return;
     free(st->hpre); free(st->h); free(st->dh);
     free(st->R); free(st->G); free(st->dG); free(st->dR); free(st->mask);
+    free(st->taus); free(st->kth);
     rd_experts_free(st->ex);
     rd_moe_aux_free(st->aux);
     free(st);
@@ -316,17 +319,61 @@ static rd_status reserve_backward(rd_moe_state *st) {
     return RD_OK;
 }
 
-/* The selection of docs/method.md §2-§3: batch top-K in training (recording tau_b), and in
- * eval either G >= tau per pair or, with eval_topk, without a threshold yet (a layer never
- * trained), and always for token choice (per token already), the same batch top-K, recording
- * nothing. */
+/* Room for n thresholds and K-th values; the thresholds held are kept. */
+static rd_status reserve_tau(rd_moe_state *st, int64_t n) {
+    if (n <= st->cap_tau) return RD_OK;
+    if (grow((void **)&st->taus, (size_t)n * sizeof(float)) ||
+        grow((void **)&st->kth, (size_t)n * sizeof(float)))
+        return rd_fail(RD_ENOMEM, "moe: out of memory for %lld thresholds", (long long)n);
+    st->cap_tau = n;
+    return RD_OK;
+}
+
+/* The thresholds held must be the nt the strategy needs at these sizes (BE: one per
+ * position, so L must not change). */
+static rd_status check_ntau(const rd_moe_state *st, const rd_moe_cfg *c, int64_t L, int64_t nt) {
+    if (!st->have_tau || st->ntau == nt) return RD_OK;
+    return rd_fail(RD_ESTATE, "the layer holds %lld thresholds, strategy %s with L=%lld, E=%lld "
+                   "needs %lld (set matching thresholds or forget them)", (long long)st->ntau,
+                   rd_strategy_name(c->strategy), (long long)L, (long long)c->E, (long long)nt);
+}
+
+/* The selection of docs/method.md §2-§3: batch top-K in training (recording each
+ * threshold group's K-th value in kth and their mean in tau_b); in eval, token, expert and
+ * LE choice keep their exact per-group top-K, BL / BE / race select G >= tau per pair, or,
+ * with eval_topk or without thresholds yet (a layer never trained), the same batch top-K,
+ * recording nothing. */
 static rd_status select_pairs(rd_moe_state *st, float *tau_b, const rd_moe_cfg *c, int64_t B,
                               int64_t L, int training) {
-    int64_t N = B * L, E = c->E;
-    if (training) return rd_route(st->mask, tau_b, st->G, B, L, E, c->k, c->strategy);
-    if (c->eval_topk || c->strategy == RD_ROUTE_TOKEN || !st->have_tau)
+    int64_t E = c->E, nt = rd_route_num_thresholds(c->strategy, L, E);
+    rd_status s;
+    if (training) {
+        if ((s = check_ntau(st, c, L, nt)) || (s = reserve_tau(st, nt))) return s;
+        return rd_route_kth(st->mask, nt ? st->kth : NULL, tau_b, st->G, B, L, E, c->k,
+                            c->strategy);
+    }
+    if (c->eval_topk || nt == 0 || !st->have_tau)
         return rd_route(st->mask, NULL, st->G, B, L, E, c->k, c->strategy);
-    return rd_route_threshold(st->mask, st->G, N * E, st->tau);
+    if ((s = check_ntau(st, c, L, nt))) return s;
+    return rd_route_thresholds(st->mask, st->G, st->taus, B, L, E, c->strategy);
+}
+
+/* Mean of the thresholds, a diagnostic (the scalar tau of race itself). */
+static float tau_mean(const float *taus, int64_t n) {
+    double sum = 0.0;
+    for (int64_t g = 0; g < n; g++) sum += taus[g];
+    return n ? (float)(sum / (double)n) : NAN;
+}
+
+/* tau[g] <- beta tau[g] + (1 - beta) kth[g]; the first batch sets tau = kth. */
+static void update_tau(rd_moe_state *st, const rd_moe_cfg *c, int64_t nt, float tau_b) {
+    for (int64_t g = 0; g < nt; g++)
+        st->taus[g] = st->have_tau ? c->beta * st->taus[g] + (1.0f - c->beta) * st->kth[g]
+                                   : st->kth[g];
+    st->ntau = nt;
+    st->tau_b = tau_b;
+    st->tau = tau_mean(st->taus, nt);
+    st->have_tau = 1;
 }
 
 static rd_status moe_forward(rd_moe_state *st, float *y, const float *x,
@@ -358,11 +405,7 @@ static rd_status moe_forward(rd_moe_state *st, float *y, const float *x,
     s = rd_experts_forward(st->ex, y, st->mask, st->G, x, p->p[RD_MOE_W1], p->p[RD_MOE_B1],
                            p->p[RD_MOE_W2], p->p[RD_MOE_B2], N, D, E, He);
     if (s) return s;
-    if (training && !isnan(tau_b)) {  /* tau <- beta tau + (1 - beta) tau_b; first: tau_b */
-        st->tau_b = tau_b;
-        st->tau = st->have_tau ? cfg->beta * st->tau + (1.0f - cfg->beta) * tau_b : tau_b;
-        st->have_tau = 1;
-    }
+    if (training) update_tau(st, cfg, rd_route_num_thresholds(cfg->strategy, L, E), tau_b);
     st->B = B; st->L = L; st->N = N; st->D = D; st->E = E; st->He = He;
     st->have_forward = 1;
     return RD_OK;
@@ -418,7 +461,9 @@ void rd_moe_state_view(const rd_moe_state *st, rd_moe_view *v) {
     memset(v, 0, sizeof *v);
     if (!st) return;
     v->have_tau = st->have_tau;
-    v->tau = st->tau;
+    v->ntau = st->have_tau ? st->ntau : 0;
+    v->taus = st->taus;
+    v->tau = st->have_tau ? st->tau : NAN;
     v->tau_b = st->tau_b;
     if (!st->have_forward) return;
     v->have_forward = 1;
@@ -436,11 +481,17 @@ rd_status rd_moe_get_aux(const rd_moe_state *st, rd_moe_aux *out) {
     return RD_OK;
 }
 
-rd_status rd_moe_set_threshold(rd_moe_state *st, const float *tau) {
+rd_status rd_moe_set_threshold(rd_moe_state *st, const float *tau, int64_t n) {
     if (!st) return rd_fail(RD_EINVAL, "moe_set_threshold: NULL state");
     if (!tau) { st->have_tau = 0; return RD_OK; }
-    if (isnan(*tau)) return rd_fail(RD_EINVAL, "moe_set_threshold: tau is NaN");
-    st->tau = *tau;
+    if (n < 0) return rd_fail(RD_EINVAL, "moe_set_threshold: negative count n=%lld", (long long)n);
+    for (int64_t g = 0; g < n; g++)
+        if (isnan(tau[g])) return rd_fail(RD_EINVAL, "moe_set_threshold: tau[%lld] is NaN", (long long)g);
+    rd_status s = reserve_tau(st, n);
+    if (s) return s;
+    if (n) memmove(st->taus, tau, (size_t)n * sizeof(float));
+    st->ntau = n;
+    st->tau = tau_mean(st->taus, n);
     st->have_tau = 1;
     return RD_OK;
 }

@@ -323,9 +323,9 @@ static rd_status check_nan(const char *op, const float *scores, int64_t n) {
 }
 
 /* tau_b: groups with K == 0 select nothing and define no threshold; K is the same for
- * every group, so then tau_b = +inf (no finite score passes it). */
-rd_status rd_route(uint8_t *mask, float *tau_b, const float *scores /* B,L,E */,
-                   int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s) {
+ * every group, so then tau_b = +inf (no finite score passes it), and so is every kth. */
+rd_status rd_route_kth(uint8_t *mask, float *kth_out, float *tau_b, const float *scores,
+                       int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s) {
     int64_t ng, K;
     rd_status st = rd_route_plan(&ng, &K, B, L, E, k, s);
     if (st != RD_OK) return st;
@@ -334,10 +334,11 @@ rd_status rd_route(uint8_t *mask, float *tau_b, const float *scores /* B,L,E */,
         if ((st = check_nan("route", scores, total)) != RD_OK) return st;
         memset(mask, 0, (size_t)total);
         if (tau_b) *tau_b = INFINITY;
+        for (int64_t g = 0; kth_out && g < ng; g++) kth_out[g] = INFINITY;
         return RD_OK;
     }
     int64_t gsize = total / ng;
-    float *kth = malloc((size_t)ng * sizeof *kth);
+    float *kth = kth_out ? kth_out : malloc((size_t)ng * sizeof *kth);
     if (!kth) return rd_fail(RD_ENOMEM, "route: out of memory for %lld group thresholds", (long long)ng);
     int nt = rd_num_threads(), bad = 0;
     uint32_t *buf = NULL;
@@ -377,7 +378,7 @@ done:
 #endif
     free(buf);
     if (bad) {
-        free(kth);
+        if (kth != kth_out) free(kth);
         return nan_error("route", scores, total);
     }
     if (tau_b) {
@@ -385,12 +386,54 @@ done:
         for (int64_t g = 0; g < ng; g++) sum += kth[g];
         *tau_b = (float)(sum / (double)ng);
     }
-    free(kth);
+    if (kth != kth_out) free(kth);
     return RD_OK;
 oom:
     free(buf);
-    free(kth);
+    if (kth != kth_out) free(kth);
     return rd_fail(RD_ENOMEM, "route: out of memory for %lld score keys", (long long)gsize);
+}
+
+rd_status rd_route(uint8_t *mask, float *tau_b, const float *scores /* B,L,E */,
+                   int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s) {
+    return rd_route_kth(mask, NULL, tau_b, scores, B, L, E, k, s);
+}
+
+int64_t rd_route_num_thresholds(rd_strategy s, int64_t L, int64_t E) {
+    switch (s) {
+    case RD_ROUTE_BL: return E;
+    case RD_ROUTE_BE: return L;
+    case RD_ROUTE_RACE: return 1;
+    default: return 0;
+    }
+}
+
+/* The groups of BL, BE and race are those of rd_route: the threshold of pair (b, l, e)
+ * is tau[e], tau[l] or tau[0]. */
+rd_status rd_route_thresholds(uint8_t *mask, const float *scores /* B,L,E */,
+                              const float *tau, int64_t B, int64_t L, int64_t E,
+                              rd_strategy s) {
+    int64_t nt = rd_route_num_thresholds(s, L, E);
+    if (nt == 0)
+        return rd_fail(RD_EINVAL, "route_thresholds: strategy '%s' has no thresholds (its "
+                       "groups lie inside one image: exact top-K)", rd_strategy_name(s));
+    for (int64_t g = 0; g < nt; g++)
+        if (isnan(tau[g]))
+            return rd_fail(RD_EINVAL, "route_thresholds: tau[%lld] is NaN", (long long)g);
+    rd_status st = check_nan("route_thresholds", scores, B * L * E);
+    if (st != RD_OK) return st;
+#pragma omp parallel for schedule(static) if (B * L * E > 65536)
+    for (int64_t t = 0; t < B * L; t++) {
+        const float *g = scores + t * E;
+        uint8_t *m = mask + t * E;
+        if (s == RD_ROUTE_BL)
+            for (int64_t e = 0; e < E; e++) m[e] = g[e] >= tau[e];
+        else {
+            float T = s == RD_ROUTE_BE ? tau[t % L] : tau[0];
+            for (int64_t e = 0; e < E; e++) m[e] = g[e] >= T;
+        }
+    }
+    return RD_OK;
 }
 
 rd_status rd_route_threshold(uint8_t *mask, const float *scores, int64_t n, float tau) {

@@ -122,15 +122,17 @@ def experts_backward(dy, x, mask, G, w1, b1, w2, b2):
 
 
 def moe_select(k, strategy="race", tau=None, eval_topk=False):
-    """The layer's selection rule as a function G (B,L,E) -> mask (B,L,E) bool: batch
-    top-K by racedit.ref.route (training, ``eval_topk``, token choice, or ``tau`` None),
-    else ``G >= tau`` per pair (eval mode)."""
-    from .route import route
+    """The layer's selection rule as a function G (B,L,E) -> mask (B,L,E) bool
+    (docs/method.md §3): the batch top-K by racedit.ref.route in training (``tau`` None),
+    with ``eval_topk``, and for token, expert and LE choice (exact per-group top-K at
+    inference too); else BL / BE / race select ``G >= tau[e] / tau[l] / tau`` per pair."""
+    from .route import num_thresholds, route, route_thresholds
 
     def select(G):
-        if tau is None or eval_topk or strategy == "token":
+        B, L, E = np.shape(G)
+        if tau is None or eval_topk or num_thresholds(strategy, L, E) == 0:
             return route(G, k, strategy)
-        return np.asarray(G) >= tau
+        return route_thresholds(G, tau, strategy)
     return select
 
 

@@ -140,7 +140,7 @@ def test_threshold_ema_in_training():
 
 # ---- racedit.MoE ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", ["race", "expert", "token"])
+@pytest.mark.parametrize("strategy", ["race", "expert", "token", "bl", "be"])
 def test_equal_to_racedit_moe_given_the_same_weights(strategy):
     moe = racedit.MoE(16, 4, 2, strategy=strategy, seed=5, sim_weight=0.01, balance_weight=0.1,
                       plr_dim=2, beta=0.9)
@@ -163,7 +163,11 @@ def test_equal_to_racedit_moe_given_the_same_weights(strategy):
         for name, g in moe.grads.items():
             assert_close(getattr(m, name).grad, g, name)
         assert m.aux_loss.item() == pytest.approx(moe.aux["aux_loss"], rel=1e-6)
-        assert float(m.threshold) == moe.threshold
+        if moe.threshold is None:                    # token / expert: exact top-K at eval
+            assert m.threshold.numel() == 0
+        else:                                        # race 0-d, BL (E,), BE (L,)
+            np.testing.assert_array_equal(m.threshold.numpy(),
+                                          np.asarray(moe.threshold, np.float32))
         for key in ("max_violation", "combination_usage", "experts_per_token", "dead_experts"):
             assert m.aux[key] == moe.aux[key], key
         with torch.no_grad():
@@ -171,8 +175,13 @@ def test_equal_to_racedit_moe_given_the_same_weights(strategy):
                 arr -= 0.1 * moe.grads[name]
                 getattr(m, name).sub_(0.1 * torch.from_numpy(moe.grads[name]))
     moe.eval(), m.eval()
-    x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 16)).astype(np.float32)   # BE: the trained positions
     np.testing.assert_array_equal(m(torch.from_numpy(x)).detach().numpy(), moe.forward(x))
+    back = to_racedit(m)
+    np.testing.assert_array_equal(np.asarray(back.threshold, np.float32) if
+                                  back.threshold is not None else [],
+                                  np.asarray(moe.threshold, np.float32) if
+                                  moe.threshold is not None else [])
 
 
 def test_from_racedit_and_to_racedit_round_trip():
@@ -367,3 +376,18 @@ def test_nan_router_scores_raise():
     x[0, 0, 0] = float("nan")
     with pytest.raises(ValueError):
         m(x)
+
+
+def test_be_threshold_buffer_takes_its_length_from_the_state():
+    """BE's buffer is empty until a training forward gives it L, and a state dict of
+    another module with L positions loads into a fresh one."""
+    m = RaceMoE(16, 4, 2, strategy="be")
+    assert m.threshold.shape == (0,)
+    m(torch.randn(2, 6, 16))
+    assert m.threshold.shape == (6,) and not torch.isnan(m.threshold).any()
+    fresh = RaceMoE(16, 4, 2, strategy="be")
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.threshold, m.threshold)
+    m.eval(), fresh.eval()
+    x = torch.randn(3, 6, 16)
+    assert torch.equal(m(x), fresh(x))

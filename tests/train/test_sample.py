@@ -76,13 +76,15 @@ def test_samples_do_not_depend_on_the_batch_size(which, sampler, flow_ckpt, ddpm
     labels = np.arange(7) % 10
     runs = [S.generate(m, obj, labels, sampler=sampler, num_steps=3, batch_size=b,
                        progress=False) for b in (None, 1, 3)]
+    # equal up to fp32 rounding: the DiT layers' per-image bits can depend on the batch
+    # size at the last ulp (the MoE routing and layer are batch-independent in eval)
     for r in runs[1:]:
-        np.testing.assert_array_equal(r, runs[0])
+        np.testing.assert_allclose(r, runs[0], rtol=0, atol=1e-5)
     # sample i is keyed (seed, i): a later call's sample 0 is the first one of this call
     one = S.generate(m, obj, labels[:1], sampler=sampler, num_steps=3, progress=False)
-    np.testing.assert_array_equal(one[0], runs[0][0])
+    np.testing.assert_allclose(one[0], runs[0][0], rtol=0, atol=1e-5)
     other = S.generate(m, obj, labels, sampler=sampler, num_steps=3, seed=1, progress=False)
-    assert not np.array_equal(other, runs[0])
+    assert np.abs(other - runs[0]).max() > 1e-3
 
 
 def test_default_batch_is_bounded(flow_ckpt, calls):

@@ -91,6 +91,7 @@ def test_sampling_and_report_use_the_ema(tmp_path):
     from racedit.sample import generate, sample
     obj = racedit.diffusion.make_objective("flow")
     labels = np.arange(3)
+    m.thresholds = load_checkpoint(res.checkpoint)[0]["ema_thresholds"]  # those of the EMA
     a = generate(m, obj, labels, weights=res.ema, num_steps=2, sampler="euler", progress=False)
     np.testing.assert_array_equal(m.param_buffer, live)  # live weights restored
     cpu, _ = model_from_checkpoint(res.checkpoint)
