@@ -373,11 +373,15 @@ def _sample_metrics(run, ckpt, budget):
     from .shapes_metric import shapes_judge
 
     s = SAMPLE_EVAL[budget]
-    m, ema, meta = load_eval_model(ckpt, eval_topk=run.eval_topk)
+    from .calibrate import routing_with
+
+    m, ema, ema_th, meta = load_eval_model(ckpt, eval_topk=run.eval_topk)
     labels = np.arange(s["num"]) % m.num_classes
-    x = generate(m, make_objective(meta["config"]["objective"]), labels, weights=ema,
-                 cfg_scale=s["cfg_scale"], sampler=s["sampler"], num_steps=s["steps"],
-                 seed=SAMPLE_SEED, clip_denoised=True, progress=False, batch_size=s["batch"])
+    with routing_with(m, thresholds=ema_th):      # the EMA weights route by their own
+        x = generate(m, make_objective(meta["config"]["objective"]), labels, weights=ema,
+                     cfg_scale=s["cfg_scale"], sampler=s["sampler"], num_steps=s["steps"],
+                     seed=SAMPLE_SEED, clip_denoised=True, progress=False,
+                     batch_size=s["batch"])
     return dict(shapes_judge(m.input_size).score(x, labels), settings=dict(s, seed=SAMPLE_SEED))
 
 

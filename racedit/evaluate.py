@@ -181,10 +181,12 @@ def evaluate(model, val, weights=None):
 
 
 def load_eval_model(path, eval_topk=False):
-    """(model, ema, meta) from a training checkpoint: a RaceDiT built as the run's config
-    says (``eval_topk`` as given: True keeps batch top-K routing in eval mode), holding the
-    live weights and routing thresholds; ``ema`` is the EMA buffer (float32, the model's
-    buffer layout). Raises FileNotFoundError / racedit.checkpoint.CheckpointError."""
+    """(model, ema, ema_thresholds, meta) from a training checkpoint: a RaceDiT built as
+    the run's config says (``eval_topk`` as given: True keeps batch top-K routing in eval
+    mode), holding the live weights and routing thresholds; ``ema`` is the EMA buffer
+    (float32, the model's buffer layout) and ``ema_thresholds`` the thresholds recalibrated
+    on it when the checkpoint was written (None in checkpoints from before they were kept).
+    Raises FileNotFoundError / racedit.checkpoint.CheckpointError."""
     from .configs import TrainConfig
     from .model import RaceDiT
 
@@ -207,15 +209,19 @@ def load_eval_model(path, eval_topk=False):
     th = tensors.get("thresholds")
     if th is not None and th.size:
         m.thresholds = th
-    return m, ema, meta
+    ema_th = tensors.get("ema_thresholds")
+    return m, ema, (ema_th if ema_th is not None and ema_th.size else None), meta
 
 
 def evaluate_checkpoint(path, val, eval_topk=False, raw=True):
     """Evaluate a training checkpoint on ``val``: {"ema": evaluate(...) with the EMA
     weights, "raw": ... with the live weights (only when ``raw``)}. Deterministic: the
     same checkpoint and validation set give the same numbers."""
-    m, ema, _ = load_eval_model(path, eval_topk=eval_topk)
-    res = {"ema": evaluate(m, val, weights=ema)}
+    from .calibrate import routing_with
+
+    m, ema, ema_th, _ = load_eval_model(path, eval_topk=eval_topk)
+    with routing_with(m, thresholds=ema_th):       # the EMA weights route by their own
+        res = {"ema": evaluate(m, val, weights=ema)}
     if raw:
         res["raw"] = evaluate(m, val)
     return res

@@ -73,7 +73,7 @@ def test_checkpoint_metric_is_deterministic(ckpt, data16):
 def test_loss_and_diagnostics_match_direct_computation(ckpt, data16):
     obj = make_objective("flow")
     val = validation_set(obj, data16, num_buckets=3, batch_size=18)   # one batch
-    m, ema, _ = load_eval_model(ckpt)
+    m, ema, _, _ = load_eval_model(ckpt)
     live = m.param_buffer.copy()
     res = evaluate(m, val, weights=ema)
     assert np.array_equal(m.param_buffer, live) and m.training  # restored
@@ -98,7 +98,7 @@ def test_loss_and_diagnostics_match_direct_computation(ckpt, data16):
 
 def test_topk_evaluation_keeps_k_on_average(ckpt, data16):
     val = validation_set(make_objective("flow"), data16, num_buckets=2, batch_size=12)
-    m, ema, _ = load_eval_model(ckpt, eval_topk=True)
+    m, ema, _, _ = load_eval_model(ckpt, eval_topk=True)
     res = evaluate(m, val, weights=ema)
     assert res["experts_per_token"] == pytest.approx(2.0)  # batch top-K: exactly k per token
 
@@ -137,3 +137,21 @@ def test_missing_checkpoint(tmp_path, data16):
     val = validation_set(make_objective("flow"), data16, num_buckets=2)
     with pytest.raises(FileNotFoundError):
         evaluate_checkpoint(str(tmp_path / "none.safetensors"), val)
+
+
+def test_ema_weights_are_evaluated_with_their_recalibrated_thresholds(ckpt, data16):
+    """The "ema" numbers route by the checkpoint's ema_thresholds (recalibrated on the EMA
+    weights when it was written), the "raw" ones by the live thresholds; both restored."""
+    from racedit.calibrate import routing_with
+
+    val = validation_set(make_objective("flow"), data16, num_buckets=2, batch_size=12)
+    m, ema, ema_th, _ = load_eval_model(ckpt)
+    assert ema_th is not None and ema_th.shape == m.thresholds.shape
+    assert not np.array_equal(ema_th, m.thresholds)
+    live_th = m.thresholds.copy()
+    with routing_with(m, thresholds=ema_th):
+        want = evaluate(m, val, weights=ema)
+    res = evaluate_checkpoint(ckpt, val)
+    assert res["ema"] == want
+    assert np.array_equal(m.thresholds, live_th)
+    assert res["raw"] == evaluate(m, val)
