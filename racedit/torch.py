@@ -91,11 +91,13 @@ class _Layer(torch.autograd.Function):
         m = ctx.m
         dy = torch.zeros_like(x) if dy is None else dy.to(torch.float32).contiguous()
         if ctx.gen == m._generation:  # the state still holds this forward
-            dx, grads = torch.empty_like(x), torch.zeros_like(m._flat)
+            dx, flat = torch.empty_like(x), _grad_scratch(m)
             with _racedit_stream(x):
-                _C.moe_backward_ptr(m._state(x), dx.data_ptr(), grads.data_ptr(), dy.data_ptr(),
+                _C.moe_backward_ptr(m._state(x), dx.data_ptr(), flat.data_ptr(), dy.data_ptr(),
                                     x.data_ptr(), m._flat.data_ptr())
-            grads = _split(grads, params)
+            grads = _split(flat, params)
+            if not x.is_cuda:  # autograd may keep what it is given: never the scratch itself
+                grads = [g.clone() for g in grads]
         else:
             dx, dR_gate, expert_grads = _experts_gate_backward(dy, x, ctx, params)
             dR = dR_gate if dR is None else dR_gate + dR
@@ -105,6 +107,23 @@ class _Layer(torch.autograd.Function):
             dx = dx + dxr.reshape(dx.shape)
             grads[:4] = [g + r for g, r in zip(grads[:4], router_grads)]
         return (dx, None, None, None, *grads)
+
+
+def _grad_scratch(m):
+    """A zeroed buffer shaped like the flat parameters for racedit's accumulating backward.
+    On the CPU it is kept by the module between backwards: a fresh zeroed allocation of
+    that size is mapped and faulted in page by page on every call (glibc maps blocks above
+    32 MB), which costs more than the layer's own backward at D = 384; zeroing a kept one
+    and copying out per-parameter gradients does not. On CUDA torch's caching allocator
+    already reuses the memory."""
+    if m._flat.is_cuda:
+        return torch.zeros_like(m._flat)
+    g = m.__dict__.get("_grad_buf")
+    if g is None or g.shape != m._flat.shape:
+        g = m.__dict__["_grad_buf"] = torch.zeros_like(m._flat)
+    else:
+        g.zero_()
+    return g
 
 
 @contextlib.contextmanager
@@ -437,6 +456,7 @@ class RaceMoE(nn.Module):
         use) and without what the last forward left (graph tensors cannot be copied)."""
         state = self.__dict__.copy()
         state.update(_states={}, aux=None, aux_loss=None, _last_mask=None)
+        state.pop("_grad_buf", None)
         return state
 
     # ---- racedit interop ----------------------------------------------------------------
