@@ -391,3 +391,22 @@ def test_be_threshold_buffer_takes_its_length_from_the_state():
     m.eval(), fresh.eval()
     x = torch.randn(3, 6, 16)
     assert torch.equal(m(x), fresh(x))
+
+
+def test_gradients_accumulate_over_backwards_without_aliasing():
+    """Two backwards without zero_grad add up (the module's kept gradient buffer is zeroed
+    per backward; what autograd keeps in .grad must not be that buffer)."""
+    torch.manual_seed(0)
+    m = RaceMoE(16, 4, 2, strategy="race")
+    xa, xb = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    alone = []
+    for x in (xa, xb):
+        m.zero_grad()
+        m(x).square().sum().backward()
+        alone.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    m.zero_grad()
+    m(xa).square().sum().backward()
+    m(xb).square().sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, alone[0][n] + alone[1][n], rtol=1e-5, atol=1e-6,
+                                   msg=n)
