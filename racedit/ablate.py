@@ -156,7 +156,7 @@ SAMPLE_EVAL = {
 }
 
 # every run's settings unless its study varies them
-_BASE = dict(routing="race", gating="identity", plr_weight=1.0, sim_weight=0.01,
+_BASE = dict(routing="race", gating="identity", plr_weight=0.01, sim_weight=0.01,
              balance_weight=0.0)
 # the paper's bare setting (Table 1, the first rows of Table 3)
 _BARE = dict(plr_weight=0.0, sim_weight=0.0)

@@ -75,7 +75,7 @@ def _add_train(sub):
                    help="learn the variance (ddpm; DiT's hybrid loss)")
     p.add_argument("--routing", choices=("race", "token", "expert", "bl", "be", "le"))
     p.add_argument("--gating", choices=("identity", "sigmoid", "softmax"))
-    p.add_argument("--plr-weight", type=float, help="per-layer regularization weight (1.0)")
+    p.add_argument("--plr-weight", type=float, help="per-layer regularization weight (0.01)")
     p.add_argument("--plr-over-layers", choices=PLR_OVER_LAYERS,
                    help="the layers' PLR losses: mean (plr weight / depth each; default) or sum")
     p.add_argument("--sim-weight", type=float, help="router similarity loss weight (0.01)")

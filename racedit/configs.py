@@ -169,7 +169,7 @@ class TrainConfig:
     learn_sigma: bool = False
     routing: str = "race"
     gating: str = "identity"
-    plr_weight: float = 1.0
+    plr_weight: float = 0.01
     plr_over_layers: str = "mean"
     sim_weight: float = 0.01
     balance_weight: float = 0.0
@@ -259,7 +259,7 @@ def _imagenet256(model):
         model=model, model_config=shape, data="latents", num_classes=1000,
         lr=1e-4, weight_decay=0.0, ema_decay=0.9999, class_dropout_prob=0.1,   # the paper's
         routing="race", gating="identity",                                      # the paper's
-        plr_weight=1.0, sim_weight=0.01, beta=0.99,                             # ours
+        plr_weight=0.01, sim_weight=0.01, beta=0.99,                            # ours
         objective="ddpm", learn_sigma=True,               # ours: DiT's eps + hybrid loss
         global_batch_size=256, steps=400000,              # ours: DiT's batch, its ablation length
         grad_clip=0.0, warmup_steps=0, hflip=False,       # ours: DiT's (flips: encode --hflip)

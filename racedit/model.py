@@ -44,7 +44,7 @@ class RaceDiT:
         True: out_channels = 2*in_channels (DiT's learned variance), else in_channels.
     routing : {"race", "token", "expert", "bl", "be", "le"}, default "race"
     gating : {"identity", "sigmoid", "softmax"}, default "identity"
-    plr_weight, sim_weight, balance_weight : float, defaults 1.0, 0.01, 0.0
+    plr_weight, sim_weight, balance_weight : float, defaults 0.01, 0.01, 0.0
         Weights of the per-layer regularization, router-similarity and balance losses,
         whose gradients backward() adds. routing, gating and these are ignored when dense.
     beta : float, default 0.99
@@ -145,7 +145,7 @@ class RaceDiT:
     """
 
     def __init__(self, config, input_size=32, in_channels=4, num_classes=10, seed=0,
-                 learn_sigma=False, routing="race", gating="identity", plr_weight=1.0,
+                 learn_sigma=False, routing="race", gating="identity", plr_weight=0.01,
                  sim_weight=0.01, balance_weight=0.0, beta=0.99, eval_topk=False,
                  class_dropout_prob=0.1, max_batch=None, device="cpu", dtype="fp32"):
         if dtype not in DTYPES:
