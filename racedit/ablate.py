@@ -77,7 +77,10 @@ built-in shapes; every value is in ``BUDGETS``):
 - ``large`` (a GPU): 12 / 384 / 6 / p2 (DiT-S width) on 32x32 (L = 256), 2in8 (balance
   4in32), 100000 steps of batch 128, 100000 training images, 1024 held-out images.
 
-All budgets train the ``flow`` objective with AdamW (lr 1e-3 toy/small, 3e-4 medium, 1e-4
+All budgets train the ``flow`` objective by default (``objective="ddpm"``, ``--objective
+ddpm``, trains DiT's eps objective instead: the direction of the allocation over timesteps
+depends on it; ddpm runs are sampled with DDIM at twice the steps, about the NFE of Heun's)
+with AdamW (lr 1e-3 toy/small, 3e-4 medium, 1e-4
 large), linear warm-up, gradient clipping at 1.0 and a weight EMA (0.9 toy, 0.99 small,
 0.999 medium, 0.9999 large). Scaling adds a second width, half the budget's. On a shared,
 loaded machine pass ``threads=1`` (``--threads 1``) or set ``OMP_NUM_THREADS=1``: at these
@@ -86,7 +89,8 @@ sizes OpenMP threads waiting on busy cores cost far more than they give. With
 held-out evaluation loads each checkpoint on the CPU, so the metric is computed the same
 way whatever the device.
 
-Output, in ``out`` (default ``results/ablate-<study>-<budget>``): ``study.json`` (the
+Output, in ``out`` (default ``results/ablate-<study>-<budget>``, with ``-ddpm`` appended for
+that objective): ``study.json`` (the
 settings; a folder made with other settings is refused), ``runs/<run>/seed<s>/`` with the
 training run folder (config, log.jsonl, checkpoint) and ``result.json`` — the run's
 metrics, written atomically last, so a restarted study skips runs that have one and
@@ -326,13 +330,13 @@ def _smooth(x, w):
     return (c[i] - c[lo]) / (i - lo)
 
 
-def _train_one(run, seed, b, budget, ds, rdir, device):
+def _train_one(run, seed, b, budget, ds, rdir, device, objective):
     from .train import train
 
     name, mc = _model_args(run, b, budget)
     s, steps = run.settings, _steps(run, b)
     res = train(name, model_config=mc, dataset=ds, image_size=b["image_size"],
-                num_samples=b["num_samples"], objective="flow", routing=s["routing"],
+                num_samples=b["num_samples"], objective=objective, routing=s["routing"],
                 gating=s["gating"], plr_weight=s["plr_weight"],
                 plr_over_layers=s.get("plr_over_layers", "mean"), sim_weight=s["sim_weight"],
                 balance_weight=s["balance_weight"], global_batch_size=b["batch"],
@@ -372,10 +376,10 @@ def _sample_metrics(run, ckpt, budget):
     from .sample import generate
     from .shapes_metric import shapes_judge
 
-    s = SAMPLE_EVAL[budget]
     from .calibrate import routing_with
 
     m, ema, ema_th, meta = load_eval_model(ckpt, eval_topk=run.eval_topk)
+    s = _sample_eval(budget, meta["config"]["objective"])
     labels = np.arange(s["num"]) % m.num_classes
     with routing_with(m, thresholds=ema_th):      # the EMA weights route by their own
         x = generate(m, make_objective(meta["config"]["objective"]), labels, weights=ema,
@@ -383,6 +387,15 @@ def _sample_metrics(run, ckpt, budget):
                      seed=SAMPLE_SEED, clip_denoised=True, progress=False,
                      batch_size=s["batch"])
     return dict(shapes_judge(m.input_size).score(x, labels), settings=dict(s, seed=SAMPLE_SEED))
+
+
+def _sample_eval(budget, objective):
+    """SAMPLE_EVAL[budget] for models of ``objective``: ddpm models take DDIM with twice
+    the steps (Heun's NFE is 2 steps - 1)."""
+    s = dict(SAMPLE_EVAL[budget])
+    if objective == "ddpm":
+        s.update(sampler="ddim", steps=2 * s["steps"])
+    return s
 
 
 def _mean_std(v):
@@ -554,7 +567,7 @@ def _plr_text(r):
     return "off" if w == 0 else f"λ {w:g} ({mode} over layers)"
 
 
-def _configuration(study, budget, runs):
+def _configuration(study, budget, runs, objective="flow"):
     """The study's configuration in words: what its runs share and what they vary."""
     b = BUDGETS[budget]
     L = (b["image_size"] // b["patch"]) ** 2
@@ -565,7 +578,7 @@ def _configuration(study, budget, runs):
              f"{_one_or_all(runs, lambda r: r.hidden)}, heads {b['heads']}, patch {b['patch']} "
              f"on {b['image_size']}x{b['image_size']} built-in shapes (L = {L}); experts "
              f"{experts}.",
-             f"Training: flow objective, steps {_one_or_all(runs, lambda r: _steps(r, b))}, "
+             f"Training: {objective} objective, steps {_one_or_all(runs, lambda r: _steps(r, b))}, "
              f"batch {b['batch']}, AdamW lr {b['lr']:g} with {b['warmup']} warm-up steps, "
              f"gradient clip {b['clip']:g}, weight EMA {b['ema']:g}."]
     if moe:
@@ -668,13 +681,14 @@ def _columns(study, metric, ref, refl, n_steps):
     return cols + _routing_columns()
 
 
-def _caption(budget, seeds, metric):
+def _caption(budget, seeds, metric, objective="flow"):
     parts = [f"Budget `{budget}`, seeds {seeds}."]
     if metric != "samples":
-        parts.append("Held-out diffusion loss (flow, velocity MSE; EMA weights, eval-mode "
+        what = "flow, velocity MSE" if objective == "flow" else "ddpm, noise MSE"
+        parts.append(f"Held-out diffusion loss ({what}; EMA weights, eval-mode "
                      "routing; same validation noise and timesteps for every run).")
     if metric != "loss":
-        s = SAMPLE_EVAL[budget]
+        s = _sample_eval(budget, objective)
         parts.append(f"Samples: {s['num']} per run (labels i % 10, seed {SAMPLE_SEED}, "
                      f"{s['sampler']} {s['steps']} steps, CFG {s['cfg_scale']:g}, EMA weights, "
                      "eval-mode routing) judged by racedit.shapes_metric: shapes-FD to "
@@ -683,13 +697,13 @@ def _caption(budget, seeds, metric):
     return " ".join(parts)
 
 
-def _table(study, budget, runs, agg, n_steps, metric="loss"):
+def _table(study, budget, runs, agg, n_steps, metric="loss", objective="flow"):
     A, ref = agg["runs"], agg["reference"]
     seeds = ",".join(map(str, agg["seeds"]))
     refl = "PLR off at the same depth" if study == "plr" else A[ref]["label"] if ref else None
     cols = _columns(study, metric, ref, refl, n_steps)
-    lines = [f"### {_TITLES[study]}", "", _caption(budget, seeds, metric), "",
-             _configuration(study, budget, runs), "",
+    lines = [f"### {_TITLES[study]}", "", _caption(budget, seeds, metric, objective), "",
+             _configuration(study, budget, runs, objective), "",
              "| " + ("Model" if study == "scaling" else "Run") + " | "
              + " | ".join(c[0] for c in cols) + " |",
              "|---|" + "|".join(c[1] for c in cols) + "|"]
@@ -828,8 +842,8 @@ def _plot_norms(runs, A, out):
     return path
 
 
-def _settings(study, budget, b, seeds, runs):
-    return {"study": study, "budget": budget, "budget_settings": b, "objective": "flow",
+def _settings(study, budget, b, seeds, runs, objective):
+    return {"study": study, "budget": budget, "budget_settings": b, "objective": objective,
             "train_data_seed": TRAIN_DATA_SEED, "val_data_seed": VAL_DATA_SEED,
             "val_noise_seed": VAL_NOISE_SEED, "num_buckets": NUM_BUCKETS,
             "runs": [_run_settings(r) for r in runs]}
@@ -855,7 +869,7 @@ def _check_device(device):
 
 
 def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=True,
-           stream=None, threads=None, metric="loss"):
+           stream=None, threads=None, metric="loss", objective="flow"):
     """Run (or finish) an ablation study and return an :class:`AblationResult`.
 
     study: one of :data:`STUDIES`; budget: a key of :data:`BUDGETS` ("toy", "small",
@@ -869,7 +883,7 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     metric: "loss" (the held-out loss), "samples" (the sample metric; see the module
     docstring) or "both" — which columns the tables show; "samples" and "both" also
     sample every run (the held-out evaluation runs in every case: it gives the routing
-    statistics).
+    statistics). objective: "flow" (default) or "ddpm", what every run trains.
 
     A folder with a ``result.json`` for a (run, seed) skips that run; a run folder without
     it (interrupted) is deleted and trained again. ValueError for an unknown study, budget
@@ -880,12 +894,15 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     b = _budget(budget)
     runs = study_runs(study, budget)
     _check_device(device)
+    if objective not in ("flow", "ddpm"):
+        raise ValueError(f"objective: expected 'flow' or 'ddpm', got {objective!r}")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct seed indices, got {seeds}")
-    out = os.path.abspath(out or os.path.join("results", f"ablate-{study}-{budget}"))
+    tail = "" if objective == "flow" else f"-{objective}"
+    out = os.path.abspath(out or os.path.join("results", f"ablate-{study}-{budget}{tail}"))
     os.makedirs(out, exist_ok=True)
-    settings = _settings(study, budget, b, seeds, runs)
+    settings = _settings(study, budget, b, seeds, runs, objective)
     sp = os.path.join(out, "study.json")
     if os.path.exists(sp):
         with open(sp) as f:
@@ -901,19 +918,19 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
 
     ds = load_builtin(n=b["num_samples"], seed=TRAIN_DATA_SEED, image_size=b["image_size"])
     vds = load_builtin(n=b["val_images"], seed=VAL_DATA_SEED, image_size=b["image_size"])
-    val = validation_set(make_objective("flow"), vds, NUM_BUCKETS, seed=VAL_NOISE_SEED,
+    val = validation_set(make_objective(objective), vds, NUM_BUCKETS, seed=VAL_NOISE_SEED,
                          batch_size=b["eval_batch"])
     with thread_limit(threads):
         results = _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress,
-                           stream, metric != "loss")
+                           stream, metric != "loss", objective)
     fps = {r["fingerprint"] for rs in results.values() for r in rs}
     if len(fps) != 1:
         raise RuntimeError(f"{out}: runs were evaluated on different validation sets")
     agg = _aggregate(study, runs, results, b)
-    table = _table(study, budget, runs, agg, b["steps"], metric)
+    table = _table(study, budget, runs, agg, b["steps"], metric, objective)
     plots = _plots(study, runs, results, agg, out, agg["smoothing_window"])
     summary = dict(settings, seeds=seeds, fingerprint=fps.pop(), aggregate=agg, metric=metric,
-                   sample_eval=dict(SAMPLE_EVAL[budget], seed=SAMPLE_SEED),
+                   sample_eval=dict(_sample_eval(budget, objective), seed=SAMPLE_SEED),
                    train_time_s=sum(r["wall_time"] for rs in results.values() for r in rs),
                    per_run={k: [{kk: vv for kk, vv in r.items() if kk != "train_curve"}
                                 for r in v] for k, v in results.items()},
@@ -926,7 +943,7 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
 
 
 def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stream,
-             samples=False):
+             samples=False, objective="flow"):
     """Train and evaluate every (run, seed) without a result.json, and with ``samples``
     judge by sampling every run whose record lacks it (or has other sample settings);
     {run: [records]}."""
@@ -944,11 +961,11 @@ def _run_all(study, runs, seeds, b, budget, ds, val, out, device, progress, stre
             if os.path.isdir(rdir):
                 shutil.rmtree(rdir)  # interrupted: start that run again
             os.makedirs(rdir)
-            res = _train_one(run, seed, b, budget, ds, rdir, device)
+            res = _train_one(run, seed, b, budget, ds, rdir, device, objective)
             rec = _run_metrics(run, seed, res, val, _steps(run, b))
             _atomic_json(marker, rec)  # the training is safe; samples may follow
             status = f"{res.wall_time:.0f} s"
-        want = dict(SAMPLE_EVAL[budget], seed=SAMPLE_SEED)
+        want = dict(_sample_eval(budget, objective), seed=SAMPLE_SEED)
         if samples and rec.get("samples", {}).get("settings") != want:
             rec["samples"] = _sample_metrics(run, rec["checkpoint"], budget)
             _atomic_json(marker, rec)

@@ -191,6 +191,9 @@ def _add_ablate(sub):
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl); 1 is "
                                                "fastest for toy/small on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="one line per run, no bar")
+    p.add_argument("--objective", default="flow", choices=("flow", "ddpm"),
+                   help="what every run trains: flow (velocity, default) or ddpm (DiT's eps); "
+                        "the output folder gets -ddpm appended")
     p.add_argument("--metric", default="loss", choices=METRICS,
                    help="how runs are judged: the held-out loss (default), samples (class "
                         "accuracy and shapes-FD of samples drawn with fixed seeds, labels, "
@@ -291,7 +294,7 @@ def _ablate(args, ap):
         ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     res = ablate(args.study, budget=args.budget, seeds=seeds, device=args.device,
                  out=args.out, progress=not args.no_progress, threads=args.threads,
-                 metric=args.metric)
+                 metric=args.metric, objective=args.objective)
     print(res.table)
     return 0
 

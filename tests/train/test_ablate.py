@@ -217,7 +217,8 @@ def test_study_json_of_other_studies_is_unchanged():
     # depth / steps / reference appear only in studies that set them, so folders of the
     # other studies made before they existed still resume
     for study in STUDIES:
-        s = ABLATE._settings(study, "toy", BUDGETS["toy"], [0], study_runs(study, "toy"))
+        s = ABLATE._settings(study, "toy", BUDGETS["toy"], [0], study_runs(study, "toy"), "flow")
+        assert s["objective"] == "flow"
         extra = {"depth", "steps", "reference"} if study == "plr" else set()
         assert all(set(r) == {"name", "label", "settings", "moe", "hidden", "eval_topk",
                               "group"} | extra for r in s["runs"])
@@ -295,3 +296,24 @@ def test_routing_notebook_runs(tmp_path, monkeypatch):
     assert sum("image/png" in o.get("data", {}) for o in outs) >= 2
     assert any("Expert race" in o.get("data", {}).get("text/markdown", "") for o in outs)
     assert os.listdir(tmp_path) == ["tmp"]  # nothing written next to the notebook
+
+
+def test_ddpm_objective(tmp_path, monkeypatch):
+    """objective="ddpm": every run trains DiT's eps objective, the held-out set is eps
+    MSE, samples come from DDIM, the table says so and the default folder is kept apart."""
+    monkeypatch.chdir(tmp_path)
+    res = ablate("balance", budget="toy", seeds=(0,), progress=False, threads=1,
+                 stream=open(os.devnull, "w"), metric="both", objective="ddpm")
+    assert res.out == str(tmp_path / "results" / "ablate-balance-toy-ddpm")
+    assert "Training: ddpm objective" in res.table and "ddpm, noise MSE" in res.table
+    assert res.summary["objective"] == "ddpm" and res.summary["sample_eval"]["sampler"] == "ddim"
+    for r in study_runs("balance", "toy"):
+        with open(os.path.join(res.out, "runs", r.name, "seed0", "result.json")) as f:
+            rec = json.load(f)
+        with open(os.path.join(rec["run_dir"], "config.json")) as f:
+            assert json.load(f)["objective"] == "ddpm"
+        assert rec["samples"]["settings"]["sampler"] == "ddim"
+    with pytest.raises(ValueError, match="other settings"):
+        ablate("balance", budget="toy", out=res.out, progress=False, objective="flow")
+    with pytest.raises(ValueError, match="objective: expected 'flow' or 'ddpm', got 'eps'"):
+        ablate("balance", budget="toy", out=str(tmp_path / "x"), progress=False, objective="eps")
