@@ -354,6 +354,59 @@ int rd_stage_end(rd_stage *s, rd_status st) {
     return st ? -1 : 0;
 }
 
+/* ---- one call's arrays ------------------------------------------------------------------ */
+
+PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out) {
+    if (!a) return NULL;
+    if (c->n == RD_STAGE_MAX) {
+        if (own) Py_DECREF(a);
+        PyErr_Format(PyExc_RuntimeError, "binding: more than %d arrays in one call", RD_STAGE_MAX);
+        return NULL;
+    }
+    c->a[c->n] = a, c->own[c->n] = (unsigned char)own, c->out[c->n] = (unsigned char)out;
+    c->dev[c->n++] = NULL;
+    return a;
+}
+
+PyArrayObject *rd_call_in(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                          const npy_intp *shape) {
+    return rd_call_add(c, rd_in_array(obj, name, typenum, ndim, shape), 1, 0);
+}
+
+PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                           const npy_intp *shape) {
+    return rd_call_add(c, rd_out_array(obj, name, typenum, ndim, shape), 0, 1);
+}
+
+PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
+    return rd_call_add(c, rd_new_array(ndim, shape, typenum), 1, 1);
+}
+
+int rd_call_stage(rd_call *c, const rd_backend *be) {
+    if (rd_stage_init(&c->sg, be) < 0) return -1;
+    for (int i = 0; i < c->n; i++)
+        c->dev[i] = c->out[i] ? rd_stage_out(&c->sg, c->a[i]) : rd_stage_in(&c->sg, c->a[i]);
+    return 0;
+}
+
+void *rd_call_dev(const rd_call *c, const PyArrayObject *a) {
+    for (int i = 0; a && i < c->n; i++)
+        if (c->a[i] == a) return c->dev[i];
+    return NULL;
+}
+
+void rd_call_end(rd_call *c) {
+    for (int i = 0; i < c->sg.n; i++) c->sg.be->free(c->sg.item[i].dev); /* staged, never run */
+    c->sg.n = 0;
+    for (int i = 0; i < c->n; i++)
+        if (c->own[i]) Py_DECREF(c->a[i]);
+    c->n = 0;
+    if (c->free_fn && c->free_arg) c->free_fn(c->free_arg);
+    c->free_arg = NULL;
+    if (c->busy) rd_give(c->busy);
+    c->busy = NULL;
+}
+
 /* ---- the MoE configuration ------------------------------------------------------------ */
 
 /* The int or float field of `c` named k, or NULL. */

@@ -133,6 +133,64 @@ int rd_stage_end(rd_stage *s, rd_status st);           /* 0, or -1 with the exce
         if (rd_stage_end(&(s), st_) < 0) goto done;              \
     } while (0)
 
+/* ---- one call's arrays -----------------------------------------------------------------
+ * A binding function registers every array of its call with one rd_call as it validates
+ * them: the inputs it converts (rd_call_in), the buffers the op writes in place
+ * (rd_call_out, borrowed), the outputs it makes (rd_call_new). RD_CALL_RUN stages them in
+ * the backend's memory in the order registered (outputs are downloaded after the op) and
+ * runs the op on their device pointers (rd_call_dev) with the GIL released; rd_call_end,
+ * at the function's one cleanup label, frees what the call holds: the references, a
+ * context (`free_fn(free_arg)`) and the claim on a stateful object (`busy`). Each
+ * rd_call_* returns NULL with the exception set, like the rd_* function it wraps. */
+typedef struct {
+    rd_stage sg;
+    int n;
+    PyArrayObject *a[RD_STAGE_MAX];
+    unsigned char out[RD_STAGE_MAX], own[RD_STAGE_MAX];
+    void *dev[RD_STAGE_MAX];
+    void (*free_fn)(void *);
+    void *free_arg;
+    rd_busy *busy;
+} rd_call;
+PyArrayObject *rd_call_in(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                          const npy_intp *shape);
+PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                           const npy_intp *shape);
+PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum);
+/* Register `a` (NULL passes through): `own` takes its reference, `out` downloads it. */
+PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out);
+int rd_call_stage(rd_call *c, const rd_backend *be);   /* rd_stage_init, then each array */
+void *rd_call_dev(const rd_call *c, const PyArrayObject *a); /* NULL array: NULL */
+void rd_call_end(rd_call *c);
+#define RD_CALL_RUN(c, be, call)                                  \
+    do {                                                          \
+        if (rd_call_stage(&(c), (be)) < 0) goto done;             \
+        RD_RUN_STAGED((c).sg, call);                              \
+    } while (0)
+/* The same steps, `goto done` with the exception on a failure; the shape is listed. */
+#define RD_IN(c, var, obj, name, type, nd, ...)                                    \
+    do {                                                                           \
+        npy_intp sh_[] = {__VA_ARGS__};                                            \
+        if (!((var) = rd_call_in(&(c), (obj), (name), (type), (nd), sh_))) goto done; \
+    } while (0)
+#define RD_OUT(c, var, obj, name, type, nd, ...)                                    \
+    do {                                                                            \
+        npy_intp sh_[] = {__VA_ARGS__};                                             \
+        if (!((var) = rd_call_out(&(c), (obj), (name), (type), (nd), sh_))) goto done; \
+    } while (0)
+#define RD_NEW(c, var, type, nd, ...)                                       \
+    do {                                                                    \
+        npy_intp sh_[] = {__VA_ARGS__};                                     \
+        if (!((var) = rd_call_new(&(c), (nd), sh_, (type)))) goto done;     \
+    } while (0)
+#define RD_DEV(c, a) rd_call_dev(&(c), (a))
+/* A status of the C core raised, then `goto done`. */
+#define RD_CHECK(call)                              \
+    do {                                            \
+        rd_status st_ = (call);                     \
+        if (st_) { rd_raise(st_); goto done; }      \
+    } while (0)
+
 /* ---- the MoE configuration and what a MoE layer's forward left ------------------------ */
 /* Set the fields of `c` named in the dict `kw` (dim, num_experts, expert_hidden, k,
  * plr_dim, strategy, gating, beta, eval_topk, sim_weight, balance_weight, plr_weight), then,
