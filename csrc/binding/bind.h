@@ -184,6 +184,14 @@ void rd_call_end(rd_call *c);
         if (!((var) = rd_call_new(&(c), (nd), sh_, (type)))) goto done;     \
     } while (0)
 #define RD_DEV(c, a) rd_call_dev(&(c), (a))
+/* `call` with the GIL released on host memory; a failure raises and jumps to done. */
+#define RD_RUN(call)                                \
+    do {                                            \
+        rd_status st_;                              \
+        Py_BEGIN_ALLOW_THREADS st_ = (call);        \
+        Py_END_ALLOW_THREADS                        \
+        if (st_) { rd_raise(st_); goto done; }      \
+    } while (0)
 /* A status of the C core raised, then `goto done`. */
 #define RD_CHECK(call)                              \
     do {                                            \
