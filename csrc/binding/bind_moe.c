@@ -429,7 +429,7 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
     Py_CLEAR(hd->x);
     rd_moe_params p;
     rd_moe_params_point(&p, DV(params), &hd->cfg);
-    RD_RUN_STAGED(c.sg, be->moe_forward(hd->st, DV(y), DV(x), &hd->cfg, &p, B, L, training,
+    RD_CALL_EXEC(c, be->moe_forward(hd->st, DV(y), DV(x), &hd->cfg, &p, B, L, training,
                                         DV(target)));
     hd->x = Py_NewRef((PyObject *)x);
     ret = Py_NewRef((PyObject *)y);
@@ -468,7 +468,7 @@ static PyObject *py_moe_backward(PyObject *self, PyObject *args, PyObject *kw) {
     rd_moe_params p, g;
     rd_moe_params_point(&p, DV(in[2]), &hd->cfg);
     rd_moe_params_point(&g, DV(grads), &hd->cfg); /* accumulates into them */
-    RD_RUN_STAGED(c.sg, be->moe_backward(hd->st, DV(dx), &g, DV(in[0]), DV(in[1]), &hd->cfg, &p));
+    RD_CALL_EXEC(c, be->moe_backward(hd->st, DV(dx), &g, DV(in[0]), DV(in[1]), &hd->cfg, &p));
     ret = Py_NewRef((PyObject *)dx);
 done:
     rd_call_end(&c);
