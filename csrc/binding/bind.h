@@ -218,6 +218,10 @@ PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name);
 PyObject *rd_download_array(const rd_backend *be, const void *src, int ndim,
                             const npy_intp *shape, int typenum);
 
+/* The Fortran sgemm of scipy.linalg.cython_blas.__pyx_capi__ (SciPy's supported Cython
+ * BLAS API: whatever BLAS SciPy ships), or NULL (an exception may be set). */
+void *rd_scipy_sgemm(void);
+
 /* Each area registers its functions on the module. */
 int rd_bind_route(PyObject *m);
 int rd_bind_moe(PyObject *m);

@@ -245,13 +245,8 @@ static PyObject *py_blas_thread_control(PyObject *self, PyObject *noargs) {
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
 static void find_blas_thread_control(void) {
-    PyObject *mod = PyImport_ImportModule("scipy.linalg.cython_blas"), *capi = NULL;
-    if (mod) capi = PyObject_GetAttrString(mod, "__pyx_capi__");
-    PyObject *cap = capi ? PyDict_GetItemString(capi, "sgemm") : NULL;
-    void *fn = cap && PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, PyCapsule_GetName(cap)) : NULL;
+    void *fn = rd_scipy_sgemm();
     PyErr_Clear();
-    Py_XDECREF(capi);
-    Py_XDECREF(mod);
     Dl_info info;
     if (!fn || !dladdr(fn, &info) || !info.dli_fname) return;
     void *lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
