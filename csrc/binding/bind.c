@@ -316,42 +316,78 @@ int rd_device_ready(const rd_backend *be) {
     return 0;
 }
 
-int rd_stage_init(rd_stage *s, const rd_backend *be) {
-    memset(s, 0, sizeof *s);
-    s->be = be;
-    return rd_device_ready(be);
-}
+/* ---- one call's arrays ------------------------------------------------------------------ */
 
-static void *stage(rd_stage *s, PyArrayObject *a, int out) {
+PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out) {
     if (!a) return NULL;
-    if (s->be->host_memory) return PyArray_DATA(a);
-    if (s->status) return NULL;
-    if (s->n == RD_STAGE_MAX) {
-        s->status = rd_fail(RD_EINVAL, "binding: more than %d staged arrays", RD_STAGE_MAX);
+    if (c->n == RD_CALL_MAX) {
+        if (own) Py_DECREF(a);
+        PyErr_Format(PyExc_RuntimeError, "binding: more than %d arrays in one call", RD_CALL_MAX);
         return NULL;
     }
-    void *dev = NULL;
-    const size_t bytes = (size_t)PyArray_NBYTES(a);
-    s->status = s->be->alloc(&dev, bytes);
-    if (!s->status) s->status = s->be->upload(dev, PyArray_DATA(a), bytes);
-    if (dev) s->item[s->n++] = (rd_stage_item){a, dev, out};
-    return s->status ? NULL : dev;
+    c->item[c->n++] = (rd_call_item){a, NULL, (unsigned char)own, (unsigned char)out, 0};
+    return a;
 }
 
-void *rd_stage_in(rd_stage *s, PyArrayObject *a) { return stage(s, a, 0); }
-void *rd_stage_out(rd_stage *s, PyArrayObject *a) { return stage(s, a, 1); }
+PyArrayObject *rd_call_in(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                          const npy_intp *shape) {
+    return rd_call_add(c, rd_in_array(obj, name, typenum, ndim, shape), 1, 0);
+}
 
-int rd_stage_end(rd_stage *s, rd_status st) {
-    if (!st) st = s->status;
-    for (int i = 0; i < s->n; i++) {
-        if (!st && s->item[i].out)
-            st = s->be->download(PyArray_DATA(s->item[i].a), s->item[i].dev,
-                                 (size_t)PyArray_NBYTES(s->item[i].a));
-        s->be->free(s->item[i].dev);
+PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                           const npy_intp *shape) {
+    return rd_call_add(c, rd_out_array(obj, name, typenum, ndim, shape), 0, 1);
+}
+
+PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
+    return rd_call_add(c, rd_new_array(ndim, shape, typenum), 1, 1);
+}
+
+int rd_call_stage(rd_call *c, const rd_backend *be) {
+    c->be = be;
+    c->status = RD_OK;
+    if (rd_device_ready(be) < 0) return -1;
+    for (int i = 0; i < c->n && !c->status; i++) {
+        rd_call_item *it = &c->item[i];
+        if (be->host_memory) { it->dev = PyArray_DATA(it->a); continue; }
+        const size_t bytes = (size_t)PyArray_NBYTES(it->a);
+        c->status = be->alloc(&it->dev, bytes);
+        it->copied = it->dev != NULL;
+        if (!c->status) c->status = be->upload(it->dev, PyArray_DATA(it->a), bytes);
     }
-    s->n = 0;
+    return 0;
+}
+
+void *rd_call_dev(const rd_call *c, const PyArrayObject *a) {
+    for (int i = 0; a && i < c->n; i++)
+        if (c->item[i].a == a) return c->item[i].dev;
+    return NULL;
+}
+
+int rd_call_finish(rd_call *c, rd_status st) {
+    if (!st) st = c->status;
+    for (int i = 0; i < c->n; i++) {
+        rd_call_item *it = &c->item[i];
+        if (!it->copied) continue;
+        if (!st && it->out)
+            st = c->be->download(PyArray_DATA(it->a), it->dev, (size_t)PyArray_NBYTES(it->a));
+        c->be->free(it->dev);
+        it->copied = 0;
+    }
     if (st) rd_raise(st);
     return st ? -1 : 0;
+}
+
+void rd_call_end(rd_call *c) {
+    for (int i = 0; i < c->n; i++) {
+        if (c->item[i].copied) c->be->free(c->item[i].dev); /* staged, never run */
+        if (c->item[i].own) Py_DECREF(c->item[i].a);
+    }
+    c->n = 0;
+    if (c->free_fn && c->free_arg) c->free_fn(c->free_arg);
+    c->free_arg = NULL;
+    if (c->busy) rd_give(c->busy);
+    c->busy = NULL;
 }
 
 /* ---- the MoE configuration ------------------------------------------------------------ */

@@ -95,42 +95,95 @@ int rd_parse_precision(PyObject *obj, const char *name, int *out);
  * The backend named by the keyword argument `device` ("cpu" when NULL): TypeError for a
  * non-str, ValueError for an unknown name, RuntimeError "CUDA not available: ..." for
  * "cuda" in a build without it. Whether a device is usable is checked later, by
- * rd_stage_init, so that bad arguments are reported first on any build. */
+ * rd_call_stage, so that bad arguments are reported first on any build. */
 int rd_parse_device(PyObject *obj, const rd_backend **out);
 /* RuntimeError "CUDA not available: ..." when be is CUDA's and no device is usable. */
 int rd_device_ready(const rd_backend *be);
 
-/* The arrays of one call in backend memory: on a host-memory backend (the CPU) the NumPy
- * data itself; elsewhere copies allocated and uploaded here (the GIL held), the outputs'
- * copies downloaded into their arrays by rd_stage_end, which frees every copy. A failed
- * upload is kept as the stage's status: the op is skipped and the failure raised by
- * rd_stage_end. Outputs start as their arrays' contents (zeros for new arrays). */
-#define RD_STAGE_MAX 24
+/* ---- one call's arrays -----------------------------------------------------------------
+ * A binding function registers every array of its call with one rd_call as it validates
+ * them: the inputs it converts (rd_call_in), the buffers the op writes in place
+ * (rd_call_out, borrowed), the outputs it makes (rd_call_new). Each rd_call_* returns NULL
+ * with the exception set, like the rd_* function it wraps. rd_call_stage puts them in the
+ * backend's memory in the order registered: on a host-memory backend (the CPU) the NumPy
+ * data itself; elsewhere copies allocated and uploaded (the GIL held), outputs starting as
+ * their arrays' contents (zeros for new arrays). A failed upload is kept as the call's
+ * status: the op is skipped and the failure raised by rd_call_finish, which downloads the
+ * outputs' copies into their arrays and frees every copy. rd_call_end, at the function's
+ * one cleanup label, frees what the call holds: the references, a context
+ * (`free_fn(free_arg)`) and the claim on a stateful object (`busy`). */
+#define RD_CALL_MAX 24
 typedef struct {
     PyArrayObject *a;
-    void *dev;
-    int out;
-} rd_stage_item;
+    void *dev;                      /* where the op sees it (rd_call_dev) */
+    unsigned char own, out, copied; /* a reference held; downloaded; dev is a copy */
+} rd_call_item;
 typedef struct {
     const rd_backend *be;
     rd_status status;
     int n;
-    rd_stage_item item[RD_STAGE_MAX];
-} rd_stage;
-int rd_stage_init(rd_stage *s, const rd_backend *be); /* rd_device_ready, then empty */
-void *rd_stage_in(rd_stage *s, PyArrayObject *a);      /* NULL array: NULL */
-void *rd_stage_out(rd_stage *s, PyArrayObject *a);
-int rd_stage_end(rd_stage *s, rd_status st);           /* 0, or -1 with the exception */
-/* `call` on the staged arrays with the GIL released, then rd_stage_end; goto done on a
- * failure (the exception set). */
-#define RD_RUN_STAGED(s, call)                                   \
+    rd_call_item item[RD_CALL_MAX];
+    void (*free_fn)(void *);
+    void *free_arg;
+    rd_busy *busy;
+} rd_call;
+PyArrayObject *rd_call_in(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                          const npy_intp *shape);
+PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
+                           const npy_intp *shape);
+PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum);
+/* Register `a` (NULL passes through): `own` takes its reference, `out` downloads it. */
+PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out);
+int rd_call_stage(rd_call *c, const rd_backend *be);   /* rd_device_ready, then each array */
+void *rd_call_dev(const rd_call *c, const PyArrayObject *a); /* NULL array: NULL */
+int rd_call_finish(rd_call *c, rd_status st);          /* 0, or -1 with the exception */
+void rd_call_end(rd_call *c);
+/* `call` on the staged arrays with the GIL released, then rd_call_finish; goto done on a
+ * failure (the exception set). RD_CALL_RUN stages first. */
+#define RD_CALL_EXEC(c, call)                                    \
     do {                                                         \
-        rd_status st_ = (s).status;                              \
+        rd_status st_ = (c).status;                              \
         if (!st_) {                                              \
             Py_BEGIN_ALLOW_THREADS st_ = (call);                 \
             Py_END_ALLOW_THREADS                                 \
         }                                                        \
-        if (rd_stage_end(&(s), st_) < 0) goto done;              \
+        if (rd_call_finish(&(c), st_) < 0) goto done;            \
+    } while (0)
+#define RD_CALL_RUN(c, be, call)                                  \
+    do {                                                          \
+        if (rd_call_stage(&(c), (be)) < 0) goto done;             \
+        RD_CALL_EXEC(c, call);                                    \
+    } while (0)
+/* The same steps, `goto done` with the exception on a failure; the shape is listed. */
+#define RD_IN(c, var, obj, name, type, nd, ...)                                    \
+    do {                                                                           \
+        npy_intp sh_[] = {__VA_ARGS__};                                            \
+        if (!((var) = rd_call_in(&(c), (obj), (name), (type), (nd), sh_))) goto done; \
+    } while (0)
+#define RD_OUT(c, var, obj, name, type, nd, ...)                                    \
+    do {                                                                            \
+        npy_intp sh_[] = {__VA_ARGS__};                                             \
+        if (!((var) = rd_call_out(&(c), (obj), (name), (type), (nd), sh_))) goto done; \
+    } while (0)
+#define RD_NEW(c, var, type, nd, ...)                                       \
+    do {                                                                    \
+        npy_intp sh_[] = {__VA_ARGS__};                                     \
+        if (!((var) = rd_call_new(&(c), (nd), sh_, (type)))) goto done;     \
+    } while (0)
+#define RD_DEV(c, a) rd_call_dev(&(c), (a))
+/* `call` with the GIL released on host memory; a failure raises and jumps to done. */
+#define RD_RUN(call)                                \
+    do {                                            \
+        rd_status st_;                              \
+        Py_BEGIN_ALLOW_THREADS st_ = (call);        \
+        Py_END_ALLOW_THREADS                        \
+        if (st_) { rd_raise(st_); goto done; }      \
+    } while (0)
+/* A status of the C core raised, then `goto done`. */
+#define RD_CHECK(call)                              \
+    do {                                            \
+        rd_status st_ = (call);                     \
+        if (st_) { rd_raise(st_); goto done; }      \
     } while (0)
 
 /* ---- the MoE configuration and what a MoE layer's forward left ------------------------ */
@@ -164,6 +217,10 @@ PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name);
 /* A copy of what the view's backend pointer `src` holds, as a new array. */
 PyObject *rd_download_array(const rd_backend *be, const void *src, int ndim,
                             const npy_intp *shape, int typenum);
+
+/* The Fortran sgemm of scipy.linalg.cython_blas.__pyx_capi__ (SciPy's supported Cython
+ * BLAS API: whatever BLAS SciPy ships), or NULL (an exception may be set). */
+void *rd_scipy_sgemm(void);
 
 /* Each area registers its functions on the module. */
 int rd_bind_route(PyObject *m);

@@ -8,30 +8,19 @@
 #define F32 NPY_FLOAT32
 #define I64 NPY_INT64
 
-/* Input array with the given shape (RD_ANY wildcards), or `goto done` with the exception. */
-#define IN(var, obj, name, type, nd, ...)                                     \
-    do {                                                                      \
-        npy_intp sh_[] = {__VA_ARGS__};                                       \
-        if (!((var) = rd_in_array((obj), (name), (type), (nd), sh_))) goto done; \
-    } while (0)
+/* The steps of bind.h on the function's rd_call `c`. */
+#define IN(...) RD_IN(c, __VA_ARGS__)
+#define NEW(var, nd, ...) RD_NEW(c, var, F32, nd, __VA_ARGS__)
+#define DV(a) RD_DEV(c, a)
 /* A checked size product (RD_SIZE), or `goto done` with its exception. */
 #define SIZE(var, what, ...)                                                 \
     do {                                                                     \
         rd_status sz_ = RD_SIZE(&(var), sizeof(float), (what), __VA_ARGS__); \
         if (sz_) { rd_raise(sz_); goto done; }                               \
     } while (0)
-#define NEW(var, nd, ...)                                              \
-    do {                                                               \
-        npy_intp sh_[] = {__VA_ARGS__};                                \
-        if (!((var) = rd_new_array((nd), sh_, F32))) goto done;        \
-    } while (0)
 #define DIM(a, i) ((int64_t)PyArray_DIM((a), (i)))
 #define KW (PyCFunction)(void (*)(void))
 #define ARGS METH_VARARGS | METH_KEYWORDS
-
-static void release(PyArrayObject **a, int n) {
-    for (int i = 0; i < n; i++) Py_XDECREF(a[i]);
-}
 
 static int positive(long long v, const char *name) {
     if (v >= 1) return 0;
@@ -48,43 +37,27 @@ static int parse_order(PyObject *obj, rd_patch_order *out) {
     return -1;
 }
 
-/* A backend context at `prec` for the ops that take one (linear, attention). */
-static int new_ctx(const rd_backend *be, int prec, void **ctx) {
-    rd_status s = be->ctx_new(ctx);
-    if (!s) s = be->set_precision(*ctx, prec);
-    if (s && *ctx) be->ctx_free(*ctx);
-    if (s) *ctx = NULL;
+/* A backend context at `prec` for the ops that take one (linear, attention), freed with
+ * the call `c`; first the device checked, as staging would. */
+static int new_ctx(rd_call *c, const rd_backend *be, int prec) {
+    if (rd_device_ready(be) < 0) return -1;
+    rd_status s = be->ctx_new(&c->free_arg);
+    c->free_fn = be->ctx_free;
+    if (!s) s = be->set_precision(c->free_arg, prec);
     return s ? (rd_raise(s), -1) : 0;
 }
 
 /* ---- patches and embeddings --------------------------------------------------------- */
-
-/* tok <- img (to_tok) or img <- tok on the device; a new reference to the output. */
-static PyObject *patch_run(const rd_backend *be, int to_tok, PyArrayObject *tok,
-                           PyArrayObject *img, int64_t B, int64_t C, int64_t H, int64_t W,
-                           int64_t p, rd_patch_order order) {
-    PyArrayObject *out = to_tok ? tok : img;
-    rd_stage sg;
-    if (B > 0) {
-        if (rd_stage_init(&sg, be) < 0) return NULL;
-        const float *in = rd_stage_in(&sg, to_tok ? img : tok);
-        float *o = rd_stage_out(&sg, out);
-        RD_RUN_STAGED(sg, to_tok ? be->patchify(o, in, B, C, H, W, p, order)
-                                 : be->unpatchify(o, in, B, C, H, W, p, order));
-    }
-    return Py_NewRef((PyObject *)out);
-done:
-    return NULL;
-}
 
 static PyObject *py_patchify(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kws[] = {"img", "p", "order", "device", NULL};
     PyObject *o, *ord = NULL, *odev = NULL, *ret = NULL;
     long long p;
-    PyArrayObject *img = NULL, *tok = NULL;
+    PyArrayObject *img, *tok;
     rd_patch_order order = RD_PATCH_IJC;
     const rd_backend *be;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OL|O$O", kws, &o, &p, &ord, &odev) ||
         rd_parse_device(odev, &be) < 0 || positive(p, "p") < 0 || (ord && parse_order(ord, &order) < 0))
         return NULL;
@@ -98,10 +71,10 @@ static PyObject *py_patchify(PyObject *self, PyObject *args, PyObject *kw) {
     int64_t ppc;
     SIZE(ppc, "tok: patch width p*p*C", p, p, C);
     NEW(tok, 3, B, (H / p) * (W / p), ppc);
-    ret = patch_run(be, 1, tok, img, B, C, H, W, p, order);
+    if (B > 0) RD_CALL_RUN(c, be, be->patchify(DV(tok), DV(img), B, C, H, W, p, order));
+    ret = Py_NewRef((PyObject *)tok);
 done:
-    Py_XDECREF(img);
-    Py_XDECREF(tok);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -110,9 +83,10 @@ static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kws[] = {"tok", "C", "H", "W", "p", "order", "device", NULL};
     PyObject *o, *ord = NULL, *odev = NULL, *ret = NULL;
     long long C, H, W, p;
-    PyArrayObject *tok = NULL, *img = NULL;
+    PyArrayObject *tok, *img;
     rd_patch_order order = RD_PATCH_IJC;
     const rd_backend *be;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OLLLL|O$O", kws, &o, &C, &H, &W, &p, &ord, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
@@ -128,10 +102,10 @@ static PyObject *py_unpatchify(PyObject *self, PyObject *args, PyObject *kw) {
     IN(tok, o, "tok", F32, 3, RD_ANY, L, ppc);
     const int64_t B = DIM(tok, 0);
     NEW(img, 4, B, C, H, W);
-    ret = patch_run(be, 0, tok, img, B, C, H, W, p, order);
+    if (B > 0) RD_CALL_RUN(c, be, be->unpatchify(DV(img), DV(tok), B, C, H, W, p, order));
+    ret = Py_NewRef((PyObject *)img);
 done:
-    Py_XDECREF(tok);
-    Py_XDECREF(img);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -140,7 +114,8 @@ static PyObject *py_pos_embed(PyObject *self, PyObject *args) {
     (void)self;
     long long gh, gw, D;
     PyObject *ret = NULL;
-    PyArrayObject *pe = NULL;
+    PyArrayObject *pe;
+    rd_call c = {0};
     if (!PyArg_ParseTuple(args, "LLL", &gh, &gw, &D)) return NULL;
     if (positive(gh, "gh") < 0 || positive(gw, "gw") < 0 || positive(D, "D") < 0) return NULL;
     if (D % 4) return PyErr_Format(PyExc_ValueError, "D: expected a multiple of 4, got %lld", D);
@@ -148,11 +123,10 @@ static PyObject *py_pos_embed(PyObject *self, PyObject *args) {
     SIZE(L, "pe: tokens gh*gw", gh, gw);
     SIZE(n, "pe (gh*gw, D)", L, D);
     NEW(pe, 2, L, D);
-    rd_status s = rd_pos_embed_2d((float *)PyArray_DATA(pe), gh, gw, D);
-    if (s) { rd_raise(s); goto done; }
+    RD_CHECK(rd_pos_embed_2d((float *)PyArray_DATA(pe), gh, gw, D));
     ret = Py_NewRef((PyObject *)pe);
 done:
-    Py_XDECREF(pe);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -162,9 +136,9 @@ static PyObject *py_timestep_embedding(PyObject *self, PyObject *args, PyObject 
     PyObject *o, *odev = NULL, *ret = NULL;
     long long F = RD_FREQ_DIM;
     float mp = RD_MAX_PERIOD;
-    PyArrayObject *t = NULL, *e = NULL;
+    PyArrayObject *t, *e;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Lf$O", kws, &o, &F, &mp, &odev) ||
         rd_parse_device(odev, &be) < 0 || positive(F, "dim") < 0)
         return NULL;
@@ -172,16 +146,10 @@ static PyObject *py_timestep_embedding(PyObject *self, PyObject *args, PyObject 
     if (!(mp > 0.0f)) return PyErr_Format(PyExc_ValueError, "max_period: expected > 0");
     IN(t, o, "t", F32, 1, RD_ANY);
     NEW(e, 2, DIM(t, 0), F);
-    if (DIM(t, 0) > 0) {
-        if (rd_stage_init(&sg, be) < 0) goto done;
-        const float *dt = rd_stage_in(&sg, t);
-        float *de = rd_stage_out(&sg, e);
-        RD_RUN_STAGED(sg, be->timestep_embedding(de, dt, DIM(t, 0), F, mp));
-    }
+    if (DIM(t, 0) > 0) RD_CALL_RUN(c, be, be->timestep_embedding(DV(e), DV(t), DIM(t, 0), F, mp));
     ret = Py_NewRef((PyObject *)e);
 done:
-    Py_XDECREF(t);
-    Py_XDECREF(e);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -191,27 +159,23 @@ static PyObject *py_linear_forward(PyObject *self, PyObject *args, PyObject *kw)
     (void)self;
     static char *kws[] = {"inp", "W", "b", "precision", "device", NULL};
     PyObject *oi, *ow, *ob = Py_None, *oprec = NULL, *odev = NULL, *ret = NULL;
-    PyArrayObject *a[3] = {0}, *out = NULL;
+    PyArrayObject *inp, *w, *b = NULL, *out;
     const rd_backend *be;
-    rd_stage sg;
-    void *ctx = NULL;
+    rd_call c = {0};
     int prec;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O$OO", kws, &oi, &ow, &ob, &oprec, &odev) ||
         rd_parse_device(odev, &be) < 0 || rd_parse_precision(oprec, "precision", &prec) < 0)
         return NULL;
-    IN(a[0], oi, "inp", F32, 2, RD_ANY, RD_ANY);
-    IN(a[1], ow, "W", F32, 2, RD_ANY, DIM(a[0], 1));
-    if (ob != Py_None) IN(a[2], ob, "b", F32, 1, DIM(a[1], 0));
-    NEW(out, 2, DIM(a[0], 0), DIM(a[1], 0));
-    if (rd_stage_init(&sg, be) < 0 || new_ctx(be, prec, &ctx) < 0) goto done;
-    const float *di = rd_stage_in(&sg, a[0]), *dw = rd_stage_in(&sg, a[1]), *db = rd_stage_in(&sg, a[2]);
-    float *dout = rd_stage_out(&sg, out);
-    RD_RUN_STAGED(sg, be->linear_forward(ctx, dout, di, dw, db, DIM(a[0], 0), DIM(a[0], 1), DIM(a[1], 0)));
+    IN(inp, oi, "inp", F32, 2, RD_ANY, RD_ANY);
+    IN(w, ow, "W", F32, 2, RD_ANY, DIM(inp, 1));
+    if (ob != Py_None) IN(b, ob, "b", F32, 1, DIM(w, 0));
+    NEW(out, 2, DIM(inp, 0), DIM(w, 0));
+    if (new_ctx(&c, be, prec) < 0) goto done;
+    RD_CALL_RUN(c, be, be->linear_forward(c.free_arg, DV(out), DV(inp), DV(w), DV(b), DIM(inp, 0),
+                                          DIM(inp, 1), DIM(w, 0)));
     ret = Py_NewRef((PyObject *)out);
 done:
-    if (ctx) be->ctx_free(ctx);
-    release(a, 3);
-    Py_XDECREF(out);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -220,37 +184,27 @@ static PyObject *py_linear_backward(PyObject *self, PyObject *args, PyObject *kw
     (void)self;
     static char *kws[] = {"dout", "inp", "W", "dW", "db", "precision", "device", NULL};
     PyObject *od, *oi, *ow, *odw, *odb = Py_None, *oprec = NULL, *odev = NULL, *ret = NULL;
-    PyArrayObject *a[3] = {0}, *dW, *db = NULL, *dinp = NULL;
+    PyArrayObject *dout, *inp, *w, *dW, *db = NULL, *dinp;
     const rd_backend *be;
-    rd_stage sg;
-    void *ctx = NULL;
+    rd_call c = {0};
     int prec;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|O$OO", kws, &od, &oi, &ow, &odw, &odb,
                                      &oprec, &odev) ||
         rd_parse_device(odev, &be) < 0 || rd_parse_precision(oprec, "precision", &prec) < 0)
         return NULL;
-    IN(a[0], od, "dout", F32, 2, RD_ANY, RD_ANY);
-    IN(a[1], oi, "inp", F32, 2, DIM(a[0], 0), RD_ANY);
-    IN(a[2], ow, "W", F32, 2, DIM(a[0], 1), DIM(a[1], 1));
-    const int64_t N = DIM(a[1], 0), IC = DIM(a[1], 1), OC = DIM(a[2], 0);
-    {
-        npy_intp s[] = {OC, IC};
-        if (!(dW = rd_out_array(odw, "dW", F32, 2, s))) goto done;
-    }
-    if (odb != Py_None) {
-        npy_intp s[] = {OC};
-        if (!(db = rd_out_array(odb, "db", F32, 1, s))) goto done;
-    }
+    IN(dout, od, "dout", F32, 2, RD_ANY, RD_ANY);
+    IN(inp, oi, "inp", F32, 2, DIM(dout, 0), RD_ANY);
+    IN(w, ow, "W", F32, 2, DIM(dout, 1), DIM(inp, 1));
+    const int64_t N = DIM(inp, 0), IC = DIM(inp, 1), OC = DIM(w, 0);
+    RD_OUT(c, dW, odw, "dW", F32, 2, OC, IC);
+    if (odb != Py_None) RD_OUT(c, db, odb, "db", F32, 1, OC);
     NEW(dinp, 2, N, IC);
-    if (rd_stage_init(&sg, be) < 0 || new_ctx(be, prec, &ctx) < 0) goto done;
-    const float *dd = rd_stage_in(&sg, a[0]), *di = rd_stage_in(&sg, a[1]), *dw = rd_stage_in(&sg, a[2]);
-    float *gi = rd_stage_out(&sg, dinp), *gw = rd_stage_out(&sg, dW), *gb = rd_stage_out(&sg, db);
-    RD_RUN_STAGED(sg, be->linear_backward(ctx, gi, gw, gb, dd, di, dw, N, IC, OC));
+    if (new_ctx(&c, be, prec) < 0) goto done;
+    RD_CALL_RUN(c, be, be->linear_backward(c.free_arg, DV(dinp), DV(dW), DV(db), DV(dout), DV(inp),
+                                           DV(w), N, IC, OC));
     ret = Py_NewRef((PyObject *)dinp);
 done:
-    if (ctx) be->ctx_free(ctx);
-    release(a, 3);
-    Py_XDECREF(dinp);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -260,24 +214,19 @@ static PyObject *py_layernorm_forward(PyObject *self, PyObject *args, PyObject *
     (void)self;
     static char *kws[] = {"inp", "device", NULL};
     PyObject *oi, *odev = NULL, *ret = NULL;
-    PyArrayObject *inp = NULL, *out = NULL, *rstd = NULL;
+    PyArrayObject *inp, *out, *rstd;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$O", kws, &oi, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
     IN(inp, oi, "inp", F32, 2, RD_ANY, RD_ANY);
     NEW(out, 2, DIM(inp, 0), DIM(inp, 1));
     NEW(rstd, 1, DIM(inp, 0));
-    if (rd_stage_init(&sg, be) < 0) goto done;
-    const float *di = rd_stage_in(&sg, inp);
-    float *dout = rd_stage_out(&sg, out), *dr = rd_stage_out(&sg, rstd);
-    RD_RUN_STAGED(sg, be->layernorm_forward(dout, dr, di, DIM(inp, 0), DIM(inp, 1)));
+    RD_CALL_RUN(c, be, be->layernorm_forward(DV(out), DV(rstd), DV(inp), DIM(inp, 0), DIM(inp, 1)));
     ret = Py_BuildValue("OO", out, rstd);
 done:
-    Py_XDECREF(inp);
-    Py_XDECREF(out);
-    Py_XDECREF(rstd);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -286,47 +235,44 @@ static PyObject *py_layernorm_backward(PyObject *self, PyObject *args, PyObject 
     (void)self;
     static char *kws[] = {"dout", "out", "rstd", "dinp_acc", "device", NULL};
     PyObject *od, *oo, *orr, *oa = Py_None, *odev = NULL, *ret = NULL;
-    PyArrayObject *a[4] = {0}, *dinp = NULL;
+    PyArrayObject *dout, *out, *rstd, *acc, *dinp;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O$O", kws, &od, &oo, &orr, &oa, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
-    IN(a[0], od, "dout", F32, 2, RD_ANY, RD_ANY);
-    const int64_t N = DIM(a[0], 0), D = DIM(a[0], 1);
-    IN(a[1], oo, "out", F32, 2, N, D);
-    IN(a[2], orr, "rstd", F32, 1, N);
+    IN(dout, od, "dout", F32, 2, RD_ANY, RD_ANY);
+    const int64_t N = DIM(dout, 0), D = DIM(dout, 1);
+    IN(out, oo, "out", F32, 2, N, D);
+    IN(rstd, orr, "rstd", F32, 1, N);
     if (oa != Py_None) {
-        IN(a[3], oa, "dinp_acc", F32, 2, N, D);
-        if (!(dinp = (PyArrayObject *)PyArray_NewCopy(a[3], NPY_CORDER))) goto done;
+        IN(acc, oa, "dinp_acc", F32, 2, N, D);
+        if (!(dinp = rd_call_add(&c, (PyArrayObject *)PyArray_NewCopy(acc, NPY_CORDER), 1, 1)))
+            goto done;
     } else {
         NEW(dinp, 2, N, D);
     }
-    if (rd_stage_init(&sg, be) < 0) goto done;
-    const float *dd = rd_stage_in(&sg, a[0]), *dout = rd_stage_in(&sg, a[1]), *dr = rd_stage_in(&sg, a[2]);
-    float *g = rd_stage_out(&sg, dinp);
-    RD_RUN_STAGED(sg, be->layernorm_backward(g, dd, dout, dr, N, D));
+    RD_CALL_RUN(c, be, be->layernorm_backward(DV(dinp), DV(dout), DV(out), DV(rstd), N, D));
     ret = Py_NewRef((PyObject *)dinp);
 done:
-    release(a, 4);
-    Py_XDECREF(dinp);
+    rd_call_end(&c);
     return ret;
 }
 
 /* ---- modulate and gated residual: x (B,L,D) and per-sample rows (B,S), S >= D (the rows of
  * a wider adaLN output; the first D columns are used, the gradients' others are 0) -------- */
 
-/* n3 arrays like the first (B,L,D), then nrows arrays (B,S) of one S >= D. */
-static int bld_inputs(PyObject **o, const char **names, PyArrayObject **in, int n3, int nrows,
-                      int64_t *z) {
+/* n3 arrays like the first (B,L,D), then nrows arrays (B,S) of one S >= D, into in[]. */
+static int bld_inputs(rd_call *c, PyObject **o, const char **names, PyArrayObject **in, int n3,
+                      int nrows, int64_t *z) {
     npy_intp s3[3] = {RD_ANY, RD_ANY, RD_ANY};
-    if (!(in[0] = rd_in_array(o[0], names[0], F32, 3, s3))) return -1;
+    if (!(in[0] = rd_call_in(c, o[0], names[0], F32, 3, s3))) return -1;
     for (int i = 1; i < n3; i++)
-        if (!(in[i] = rd_in_array(o[i], names[i], F32, 3, PyArray_DIMS(in[0])))) return -1;
+        if (!(in[i] = rd_call_in(c, o[i], names[i], F32, 3, PyArray_DIMS(in[0])))) return -1;
     z[0] = DIM(in[0], 0), z[1] = DIM(in[0], 1), z[2] = DIM(in[0], 2), z[3] = z[2];
     for (int i = n3; i < n3 + nrows; i++) {
         npy_intp sr[2] = {(npy_intp)z[0], i == n3 ? RD_ANY : (npy_intp)z[3]};
-        if (!(in[i] = rd_in_array(o[i], names[i], F32, 2, sr))) return -1;
+        if (!(in[i] = rd_call_in(c, o[i], names[i], F32, 2, sr))) return -1;
         z[3] = DIM(in[i], 1);
         if (z[3] < z[2]) {
             PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, S) with S >= D = %lld, got "
@@ -340,8 +286,11 @@ static int bld_inputs(PyObject **o, const char **names, PyArrayObject **in, int 
 
 typedef enum { MOD_F, MOD_B, GR_F, GR_B } bld_kind;
 
-static rd_status bld_run(const rd_backend *be, bld_kind k, float **o, const float **i,
-                         const int64_t *z) {
+static rd_status bld_run(const rd_backend *be, bld_kind k, const rd_call *c, PyArrayObject **in,
+                         PyArrayObject **out, const int64_t *z) {
+    float *o[3];
+    const float *i[3];
+    for (int j = 0; j < 3; j++) o[j] = rd_call_dev(c, out[j]), i[j] = rd_call_dev(c, in[j]);
     switch (k) {
     case MOD_F: return be->modulate_forward(o[0], i[0], i[1], i[2], z[0], z[1], z[2], z[3]);
     case MOD_B: return be->modulate_backward(o[0], o[1], o[2], i[0], i[1], i[2], z[0], z[1], z[2], z[3]);
@@ -355,28 +304,22 @@ static rd_status bld_run(const rd_backend *be, bld_kind k, float **o, const floa
 static PyObject *bld_op(PyObject *args, PyObject *kw, bld_kind k, char **kws, int n3,
                         int nrowsout) {
     PyObject *o[3], *odev = NULL, *ret = NULL;
-    PyArrayObject *in[3] = {0}, *out[3] = {0};
+    PyArrayObject *in[3], *out[3] = {0};
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     int64_t z[4];
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$O", kws, &o[0], &o[1], &o[2], &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
-    if (bld_inputs(o, (const char **)kws, in, n3, 3 - n3, z) < 0) goto done;
+    if (bld_inputs(&c, o, (const char **)kws, in, n3, 3 - n3, z) < 0) goto done;
     const int nout = 1 + nrowsout;
-    if (!(out[0] = rd_new_array(3, PyArray_DIMS(in[0]), F32))) goto done;
+    if (!(out[0] = rd_call_new(&c, 3, PyArray_DIMS(in[0]), F32))) goto done;
     for (int i = 1; i < nout; i++) NEW(out[i], 2, z[0], z[3]);
-    if (rd_stage_init(&sg, be) < 0) goto done;
-    const float *di[3];
-    float *dout[3];
-    for (int i = 0; i < 3; i++) di[i] = rd_stage_in(&sg, in[i]);
-    for (int i = 0; i < nout; i++) dout[i] = rd_stage_out(&sg, out[i]);
-    RD_RUN_STAGED(sg, bld_run(be, k, dout, di, z));
+    RD_CALL_RUN(c, be, bld_run(be, k, &c, in, out, z));
     ret = nout == 1 ? Py_NewRef((PyObject *)out[0])
                     : nout == 2 ? PyTuple_Pack(2, out[0], out[1]) : PyTuple_Pack(3, out[0], out[1], out[2]);
 done:
-    release(in, 3);
-    release(out, 3);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -421,10 +364,9 @@ static PyObject *attention_op(PyObject *args, PyObject *kw, int backward) {
     static char *kb[] = {"dout", "qkv", "att", "heads", "precision", "device", NULL};
     PyObject *od = NULL, *oq, *oa = NULL, *oprec = NULL, *odev = NULL, *ret = NULL;
     long long NH;
-    PyArrayObject *in[3] = {0}, *out[2] = {0};
+    PyArrayObject *qkv, *dout = NULL, *att = NULL, *out, *aux;
     const rd_backend *be;
-    rd_stage sg;
-    void *ctx = NULL;
+    rd_call c = {0};
     int prec;
     int ok = backward ? PyArg_ParseTupleAndKeywords(args, kw, "OOOL|$OO", kb, &od, &oq, &oa, &NH,
                                                     &oprec, &odev)
@@ -435,27 +377,27 @@ static PyObject *attention_op(PyObject *args, PyObject *kw, int backward) {
         PyErr_SetString(PyExc_ValueError, "precision: expected 'fp32' or 'bf16', got 'tf32'");
         return NULL;
     }
-    IN(in[0], oq, "qkv", F32, 3, RD_ANY, RD_ANY, RD_ANY);
-    if (check_heads(in[0], NH) < 0) goto done;
-    const int64_t B = DIM(in[0], 0), L = DIM(in[0], 1), D = DIM(in[0], 2) / 3;
+    IN(qkv, oq, "qkv", F32, 3, RD_ANY, RD_ANY, RD_ANY);
+    if (check_heads(qkv, NH) < 0) goto done;
+    const int64_t B = DIM(qkv, 0), L = DIM(qkv, 1), D = DIM(qkv, 2) / 3;
     if (backward) {
-        IN(in[1], od, "dout", F32, 3, B, L, D);
-        IN(in[2], oa, "att", F32, 4, B, NH, L, L);
-        NEW(out[0], 3, B, L, 3 * D);
+        IN(dout, od, "dout", F32, 3, B, L, D);
+        IN(att, oa, "att", F32, 4, B, NH, L, L);
+        NEW(out, 3, B, L, 3 * D);
     } else {
-        NEW(out[0], 3, B, L, D);
+        NEW(out, 3, B, L, D);
     }
-    NEW(out[1], 4, B, NH, L, L); /* att, or the backward's scratch */
-    if (rd_stage_init(&sg, be) < 0 || new_ctx(be, prec, &ctx) < 0) goto done;
-    const float *dq = rd_stage_in(&sg, in[0]), *dd = rd_stage_in(&sg, in[1]), *da = rd_stage_in(&sg, in[2]);
-    float *o0 = rd_stage_out(&sg, out[0]), *o1 = backward ? rd_stage_in(&sg, out[1]) : rd_stage_out(&sg, out[1]);
-    RD_RUN_STAGED(sg, backward ? be->attention_backward(ctx, o0, o1, dd, dq, da, B, L, D, NH)
-                               : be->attention_forward(ctx, o0, o1, dq, B, L, D, NH));
-    ret = backward ? Py_NewRef((PyObject *)out[0]) : PyTuple_Pack(2, out[0], out[1]);
+    /* att, or the backward's scratch (not downloaded) */
+    npy_intp sa[4] = {B, NH, L, L};
+    if (!(aux = rd_call_add(&c, rd_new_array(4, sa, F32), 1, !backward))) goto done;
+    if (new_ctx(&c, be, prec) < 0) goto done;
+    RD_CALL_RUN(c, be, backward ? be->attention_backward(c.free_arg, DV(out), DV(aux), DV(dout),
+                                                         DV(qkv), DV(att), B, L, D, NH)
+                                : be->attention_forward(c.free_arg, DV(out), DV(aux), DV(qkv), B,
+                                                        L, D, NH));
+    ret = backward ? Py_NewRef((PyObject *)out) : PyTuple_Pack(2, out, aux);
 done:
-    if (ctx) be->ctx_free(ctx);
-    release(in, 3);
-    release(out, 2);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -486,9 +428,9 @@ static PyObject *elementwise(PyObject *args, PyObject *kw, ew_kind k) {
     static char *kf[] = {"inp", "device", NULL}, *kb[] = {"dout", "inp", "device", NULL};
     const int bwd = k == SILU_B || k == GELU_B;
     PyObject *o1, *o2 = NULL, *odev = NULL, *ret = NULL;
-    PyArrayObject *a = NULL, *b = NULL, *out = NULL;
+    PyArrayObject *a, *b = NULL, *out;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     int ok = bwd ? PyArg_ParseTupleAndKeywords(args, kw, "OO|$O", kb, &o1, &o2, &odev)
                  : PyArg_ParseTupleAndKeywords(args, kw, "O|$O", kf, &o1, &odev);
     if (!ok || rd_parse_device(odev, &be) < 0) return NULL;
@@ -498,17 +440,13 @@ static PyObject *elementwise(PyObject *args, PyObject *kw, ew_kind k) {
         return NULL;
     }
     const int nd = PyArray_NDIM((PyArrayObject *)o1);
-    if (!(a = rd_in_array(o1, bwd ? "dout" : "inp", F32, nd, NULL))) goto done;
-    if (bwd && !(b = rd_in_array(o2, "inp", F32, nd, PyArray_DIMS(a)))) goto done;
-    if (!(out = rd_new_array(nd, PyArray_DIMS(a), F32)) || rd_stage_init(&sg, be) < 0) goto done;
-    const float *da = rd_stage_in(&sg, a), *db = rd_stage_in(&sg, b);
-    float *dout = rd_stage_out(&sg, out);
-    RD_RUN_STAGED(sg, ew_run(be, k, dout, da, db, (int64_t)PyArray_SIZE(a)));
+    if (!(a = rd_call_in(&c, o1, bwd ? "dout" : "inp", F32, nd, NULL))) goto done;
+    if (bwd && !(b = rd_call_in(&c, o2, "inp", F32, nd, PyArray_DIMS(a)))) goto done;
+    if (!(out = rd_call_new(&c, nd, PyArray_DIMS(a), F32))) goto done;
+    RD_CALL_RUN(c, be, ew_run(be, k, DV(out), DV(a), DV(b), (int64_t)PyArray_SIZE(a)));
     ret = Py_NewRef((PyObject *)out);
 done:
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    Py_XDECREF(out);
+    rd_call_end(&c);
     return ret;
 }
 static PyObject *py_silu_forward(PyObject *s, PyObject *a, PyObject *k) { (void)s; return elementwise(a, k, SILU_F); }
@@ -533,9 +471,9 @@ static PyObject *py_embedding_forward(PyObject *self, PyObject *args, PyObject *
     (void)self;
     static char *kws[] = {"y", "table", "device", NULL};
     PyObject *oy, *ot, *odev = NULL, *ret = NULL;
-    PyArrayObject *y = NULL, *tab = NULL, *out = NULL;
+    PyArrayObject *y, *tab, *out;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$O", kws, &oy, &ot, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
@@ -543,16 +481,11 @@ static PyObject *py_embedding_forward(PyObject *self, PyObject *args, PyObject *
     IN(tab, ot, "table", F32, 2, RD_ANY, RD_ANY);
     if (check_labels(y, DIM(tab, 0)) < 0) goto done;
     NEW(out, 2, DIM(y, 0), DIM(tab, 1));
-    if (rd_stage_init(&sg, be) < 0) goto done;
-    const int64_t *dy = rd_stage_in(&sg, y);
-    const float *dt = rd_stage_in(&sg, tab);
-    float *dout = rd_stage_out(&sg, out);
-    RD_RUN_STAGED(sg, be->embedding_forward(dout, dy, dt, DIM(y, 0), DIM(tab, 0), DIM(tab, 1)));
+    RD_CALL_RUN(c, be, be->embedding_forward(DV(out), DV(y), DV(tab), DIM(y, 0), DIM(tab, 0),
+                                             DIM(tab, 1)));
     ret = Py_NewRef((PyObject *)out);
 done:
-    Py_XDECREF(y);
-    Py_XDECREF(tab);
-    Py_XDECREF(out);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -561,24 +494,21 @@ static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject 
     (void)self;
     static char *kws[] = {"dout", "y", "dtable", "device", NULL};
     PyObject *od, *oy, *ot, *odev = NULL, *ret = NULL;
-    PyArrayObject *dout = NULL, *y = NULL, *dtab;
+    PyArrayObject *dout, *y, *dtab;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$O", kws, &od, &oy, &ot, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
     IN(y, oy, "y", I64, 1, RD_ANY);
-    if (!(dtab = rd_out_array(ot, "dtable", F32, 2, NULL))) goto done;
+    if (!(dtab = rd_call_out(&c, ot, "dtable", F32, 2, NULL))) goto done;
     IN(dout, od, "dout", F32, 2, DIM(y, 0), DIM(dtab, 1));
-    if (check_labels(y, DIM(dtab, 0)) < 0 || rd_stage_init(&sg, be) < 0) goto done;
-    const float *dd = rd_stage_in(&sg, dout);
-    const int64_t *dy = rd_stage_in(&sg, y);
-    float *dt = rd_stage_out(&sg, dtab);
-    RD_RUN_STAGED(sg, be->embedding_backward(dt, dd, dy, DIM(y, 0), DIM(dtab, 0), DIM(dtab, 1)));
+    if (check_labels(y, DIM(dtab, 0)) < 0) goto done;
+    RD_CALL_RUN(c, be, be->embedding_backward(DV(dtab), DV(dout), DV(y), DIM(y, 0), DIM(dtab, 0),
+                                              DIM(dtab, 1)));
     ret = Py_NewRef(Py_None);
 done:
-    Py_XDECREF(dout);
-    Py_XDECREF(y);
+    rd_call_end(&c);
     return ret;
 }
 

@@ -58,15 +58,6 @@ rd_model *rd_bind_take_model(PyObject *cap, rd_busy **busy) {
     return box->m;
 }
 
-/* `call` with the GIL released; a failure raises and jumps to done. */
-#define RUN(call)                              \
-    do {                                       \
-        rd_status st_;                         \
-        Py_BEGIN_ALLOW_THREADS st_ = (call);   \
-        Py_END_ALLOW_THREADS                   \
-        if (st_) { rd_raise(st_); goto done; } \
-    } while (0)
-
 /* model_new(depth, hidden, heads, patch, input_size, in_channels, out_channels, num_classes,
  * device='cpu', precision='fp32', **moe settings (rd_parse_moe_settings; num_experts=0:
  * dense blocks)) -> capsule. */
@@ -92,8 +83,8 @@ static PyObject *py_model_new(PyObject *self, PyObject *args, PyObject *kw) {
         rd_device_ready(be) < 0)
         goto done;
     if (!(box = PyMem_Calloc(1, sizeof *box))) { PyErr_NoMemory(); goto done; }
-    RUN(rd_model_new(&box->m, &cfg, be));
-    RUN(rd_model_set_precision(box->m, prec));
+    RD_RUN(rd_model_new(&box->m, &cfg, be));
+    RD_RUN(rd_model_set_precision(box->m, prec));
     if ((cap = PyCapsule_New(box, CAPSULE_NAME, capsule_free))) box = NULL;
 done:
     if (box) {
@@ -175,15 +166,14 @@ static PyObject *py_model_set_buffer(PyObject *self, PyObject *args) {
         return NULL;
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    npy_intp n[1] = {(npy_intp)rd_model_num_params(box->m)};
-    PyArrayObject *a = rd_in_array(ov, "values", F32, 1, n);
-    if (!a) goto done;
-    RUN(rd_model_backend(box->m)->upload(rd_model_buffer(box->m, which), PyArray_DATA(a),
-                                         (size_t)PyArray_NBYTES(a)));
+    rd_call c = {.busy = &box->busy};
+    PyArrayObject *a;
+    RD_IN(c, a, ov, "values", F32, 1, rd_model_num_params(box->m));
+    RD_RUN(rd_model_backend(box->m)->upload(rd_model_buffer(box->m, which), PyArray_DATA(a),
+                                            (size_t)PyArray_NBYTES(a)));
     ret = Py_NewRef(Py_None);
 done:
-    rd_give(&box->busy);
-    Py_XDECREF(a);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -193,7 +183,7 @@ static PyObject *py_model_zero_grad(PyObject *self, PyObject *cap) {
     model_box *box = take_box(cap);
     if (!box) return NULL;
     const size_t bytes = (size_t)rd_model_num_params(box->m) * sizeof(float);
-    RUN(rd_model_backend(box->m)->memset(rd_model_buffer(box->m, RD_BUF_GRADS), 0, bytes));
+    RD_RUN(rd_model_backend(box->m)->memset(rd_model_buffer(box->m, RD_BUF_GRADS), 0, bytes));
     ret = Py_NewRef(Py_None);
 done:
     rd_give(&box->busy);
@@ -229,7 +219,7 @@ static PyObject *py_model_reserve(PyObject *self, PyObject *args) {
     if (mb < 1) return PyErr_Format(PyExc_ValueError, "max_batch: expected >= 1, got %lld", mb);
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    RUN(rd_model_reserve(box->m, mb, fixed));
+    RD_RUN(rd_model_reserve(box->m, mb, fixed));
     ret = Py_NewRef(Py_None);
 done:
     rd_give(&box->busy);
@@ -237,22 +227,22 @@ done:
 }
 
 /* The inputs x (B,C,S,S) f32, t (B,) f32, y (B,) i64 and an optional (B,C,S,S) f32 `zname`
- * into a[0..3]; B >= 1. */
-static int model_inputs(const rd_model *m, PyObject *ox, PyObject *ot, PyObject *oy,
+ * into a[0..3], held by `c`; B >= 1. */
+static int model_inputs(rd_call *c, const rd_model *m, PyObject *ox, PyObject *ot, PyObject *oy,
                         PyObject *oz, const char *zname, PyArrayObject **a, int64_t *B) {
-    const rd_model_cfg *c = rd_model_config(m);
-    const npy_intp S = (npy_intp)c->input_size, C = (npy_intp)c->in_channels;
+    const rd_model_cfg *cfg = rd_model_config(m);
+    const npy_intp S = (npy_intp)cfg->input_size, C = (npy_intp)cfg->in_channels;
     npy_intp sx[4] = {RD_ANY, C, S, S};
-    if (!(a[0] = rd_in_array(ox, "x", F32, 4, sx))) return -1;
+    if (!(a[0] = rd_call_in(c, ox, "x", F32, 4, sx))) return -1;
     *B = PyArray_DIM(a[0], 0);
     if (*B < 1) {
         PyErr_SetString(PyExc_ValueError, "x: expected a batch of at least 1 image");
         return -1;
     }
     npy_intp sb[1] = {(npy_intp)*B}, sz[4] = {(npy_intp)*B, C, S, S};
-    if (!(a[1] = rd_in_array(ot, "t", F32, 1, sb))) return -1;
-    if (!(a[2] = rd_in_array(oy, "y", NPY_INT64, 1, sb))) return -1;
-    if (oz && oz != Py_None && !(a[3] = rd_in_array(oz, zname, F32, 4, sz))) return -1;
+    if (!(a[1] = rd_call_in(c, ot, "t", F32, 1, sb))) return -1;
+    if (!(a[2] = rd_call_in(c, oy, "y", NPY_INT64, 1, sb))) return -1;
+    if (oz && oz != Py_None && !(a[3] = rd_call_in(c, oz, zname, F32, 4, sz))) return -1;
     return 0;
 }
 
@@ -264,22 +254,20 @@ static int model_inputs(const rd_model *m, PyObject *ox, PyObject *ot, PyObject 
 static PyObject *model_run(PyObject *cap, PyObject *ox, PyObject *ot, PyObject *oy,
                            PyObject *oplr, int training, int infer) {
     PyObject *ret = NULL;
-    PyArrayObject *a[4] = {0}, *out = NULL;
+    PyArrayObject *a[4] = {0}, *out;
     int64_t B;
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    const rd_model_cfg *c = rd_model_config(box->m);
-    if (model_inputs(box->m, ox, ot, oy, oplr, "plr_target", a, &B) < 0) goto done;
-    npy_intp so[4] = {B, c->out_channels, c->input_size, c->input_size};
-    if (!(out = rd_new_array(4, so, F32))) goto done;
-    RUN(infer ? rd_model_infer(box->m, FP(out), FP(a[0]), FP(a[1]), IP(a[2]), B)
+    rd_call c = {.busy = &box->busy};
+    const rd_model_cfg *cfg = rd_model_config(box->m);
+    if (model_inputs(&c, box->m, ox, ot, oy, oplr, "plr_target", a, &B) < 0) goto done;
+    RD_NEW(c, out, F32, 4, B, cfg->out_channels, cfg->input_size, cfg->input_size);
+    RD_RUN(infer ? rd_model_infer(box->m, FP(out), FP(a[0]), FP(a[1]), IP(a[2]), B)
               : rd_model_forward(box->m, FP(out), FP(a[0]), FP(a[1]), IP(a[2]),
                                  a[3] ? FP(a[3]) : NULL, B, training));
     ret = Py_NewRef((PyObject *)out);
 done:
-    rd_give(&box->busy);
-    for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
-    Py_XDECREF(out);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -306,23 +294,22 @@ static PyObject *py_model_infer(PyObject *self, PyObject *args) {
 static PyObject *py_model_backward(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap, *od, *ret = NULL;
-    PyArrayObject *dout = NULL;
+    PyArrayObject *dout;
     if (!PyArg_ParseTuple(args, "OO", &cap, &od)) return NULL;
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    const rd_model_cfg *c = rd_model_config(box->m);
-    const int64_t B = rd_model_last_batch(box->m), S = c->input_size;
+    rd_call c = {.busy = &box->busy};
+    const rd_model_cfg *cfg = rd_model_config(box->m);
+    const int64_t B = rd_model_last_batch(box->m), S = cfg->input_size;
     if (B == 0) {
         PyErr_SetString(PyExc_RuntimeError, "backward called before forward");
         goto done;
     }
-    npy_intp sd[4] = {B, c->out_channels, S, S};
-    if (!(dout = rd_in_array(od, "dout", F32, 4, sd))) goto done;
-    RUN(rd_model_backward(box->m, FP(dout)));
+    RD_IN(c, dout, od, "dout", F32, 4, B, cfg->out_channels, S, S);
+    RD_RUN(rd_model_backward(box->m, FP(dout)));
     ret = Py_NewRef(Py_None);
 done:
-    rd_give(&box->busy);
-    Py_XDECREF(dout);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -357,12 +344,12 @@ static PyObject *py_model_train_step(PyObject *self, PyObject *args, PyObject *k
     }
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    if (model_inputs(box->m, ox, ot, oy, oz, "target", a, &B) < 0) goto done;
-    RUN(rd_model_train_step(box->m, &r, FP(a[0]), FP(a[1]), IP(a[2]), FP(a[3]), B, &o));
+    rd_call c = {.busy = &box->busy};
+    if (model_inputs(&c, box->m, ox, ot, oy, oz, "target", a, &B) < 0) goto done;
+    RD_RUN(rd_model_train_step(box->m, &r, FP(a[0]), FP(a[1]), IP(a[2]), FP(a[3]), B, &o));
     ret = step_result(&r, 1, o.max_grad_norm > 0.0);
 done:
-    rd_give(&box->busy);
-    for (int i = 0; i < 4; i++) Py_XDECREF(a[i]);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -380,7 +367,7 @@ static PyObject *py_model_optimizer_step(PyObject *self, PyObject *args, PyObjec
         return NULL;
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    RUN(rd_model_optimizer_step(box->m, &r, &o));
+    RD_RUN(rd_model_optimizer_step(box->m, &r, &o));
     ret = step_result(&r, 0, o.max_grad_norm > 0.0);
 done:
     rd_give(&box->busy);
@@ -398,7 +385,7 @@ static PyObject *py_model_step(PyObject *self, PyObject *args) {
     model_box *box = take_box(cap);
     if (!box) return NULL;
     const long long prev = (long long)rd_model_get_step(box->m);
-    if (os) RUN(rd_model_set_step(box->m, s));
+    if (os) RD_RUN(rd_model_set_step(box->m, s));
     ret = PyLong_FromLongLong(prev);
 done:
     rd_give(&box->busy);
@@ -415,7 +402,7 @@ static PyObject *py_model_precision(PyObject *self, PyObject *args) {
         return NULL;
     model_box *box = take_box(cap);
     if (!box) return NULL;
-    RUN(rd_model_set_precision(box->m, prec));
+    RD_RUN(rd_model_set_precision(box->m, prec));
     ret = Py_NewRef(Py_None);
 done:
     rd_give(&box->busy);
@@ -484,7 +471,7 @@ static PyObject *py_model_threshold(PyObject *self, PyObject *args) {
     if (get_layer(cap, l, &box, &st) < 0) { Py_XDECREF(a); return NULL; }
     const rd_backend *be = rd_model_backend(box->m);
     rd_moe_view v;
-    RUN(be->moe_view(st, &v));
+    RD_RUN(be->moe_view(st, &v));
     if (!(ret = rd_thresholds_of(&v))) goto done;
     rd_status s = otau ? be->moe_set_threshold(st, a ? (const float *)PyArray_DATA(a) : NULL,
                                                a ? (int64_t)PyArray_SIZE(a) : 0)

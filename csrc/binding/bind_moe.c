@@ -10,12 +10,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#define NIN 12 /* most input arrays one function converts */
-
-static void release(PyArrayObject **in, int n) {
-    for (int i = 0; i < n; i++) Py_XDECREF(in[i]);
-}
-
+#define F32 NPY_FLOAT32
+#define DV(a) RD_DEV(c, a)
 #define KW (PyCFunction)(void (*)(void))
 
 /* ---- gating ---------------------------------------------------------------- */
@@ -24,10 +20,10 @@ static void release(PyArrayObject **in, int n) {
 static PyObject *gate_op(PyObject *args, PyObject *kw, int backward) {
     static char *kf[] = {"R", "gating", "device", NULL}, *kb[] = {"dG", "G", "gating", "device", NULL};
     PyObject *o0, *o1 = NULL, *og = NULL, *odev = NULL, *ret = NULL;
-    PyArrayObject *in[2] = {0}, *out = NULL;
+    PyArrayObject *a, *b = NULL, *out;
     const rd_backend *be;
     rd_gating g = RD_GATE_IDENTITY;
-    rd_stage sg;
+    rd_call c = {0};
     int ok = backward ? PyArg_ParseTupleAndKeywords(args, kw, "OO|O$O:gate_backward", kb, &o0, &o1,
                                                     &og, &odev)
                       : PyArg_ParseTupleAndKeywords(args, kw, "O|O$O:gate_forward", kf, &o0, &og,
@@ -35,21 +31,19 @@ static PyObject *gate_op(PyObject *args, PyObject *kw, int backward) {
     if (!ok || rd_parse_device(odev, &be) < 0 || (og && rd_parse_gating(og, "gating", &g) < 0))
         return NULL;
     const char *name = backward ? "G" : "R";
-    if (!(in[0] = rd_in_array(backward ? o1 : o0, name, NPY_FLOAT32, 2, NULL))) goto done;
-    npy_intp N = PyArray_DIM(in[0], 0), E = PyArray_DIM(in[0], 1), sh[2] = {N, E};
+    if (!(a = rd_call_in(&c, backward ? o1 : o0, name, F32, 2, NULL))) goto done;
+    npy_intp N = PyArray_DIM(a, 0), E = PyArray_DIM(a, 1);
     if (E < 1) {
         PyErr_Format(PyExc_ValueError, "%s: expected E >= 1 columns, got shape (%zd, %zd)", name, N, E);
         goto done;
     }
-    if (backward && !(in[1] = rd_in_array(o0, "dG", NPY_FLOAT32, 2, sh))) goto done;
-    if (!(out = rd_new_array(2, sh, NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0) goto done;
-    const float *a = rd_stage_in(&sg, in[0]), *b = rd_stage_in(&sg, in[1]);
-    float *o = rd_stage_out(&sg, out);
-    RD_RUN_STAGED(sg, backward ? be->gate_backward(o, b, a, N, E, g) : be->gate_forward(o, a, N, E, g));
+    if (backward) RD_IN(c, b, o0, "dG", F32, 2, N, E);
+    RD_NEW(c, out, F32, 2, N, E);
+    RD_CALL_RUN(c, be, backward ? be->gate_backward(DV(out), DV(b), DV(a), N, E, g)
+                                : be->gate_forward(DV(out), DV(a), N, E, g));
     ret = Py_NewRef((PyObject *)out);
 done:
-    Py_XDECREF(out);
-    release(in, 2);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -59,20 +53,21 @@ static PyObject *py_gate_backward(PyObject *s, PyObject *a, PyObject *k) { (void
 /* ---- router ---------------------------------------------------------------- */
 
 /* x (N,D), Wr (D,D), br (D), Wg (D,E), bg (E): converts into in[0..4]; sets N, D, E. */
-static int router_inputs(PyArrayObject **in, PyObject *ox, PyObject *oWr, PyObject *obr,
-                         PyObject *oWg, PyObject *obg, npy_intp *N, npy_intp *D, npy_intp *E) {
-    if (!(in[0] = rd_in_array(ox, "x", NPY_FLOAT32, 2, NULL))) return -1;
+static int router_inputs(rd_call *c, PyArrayObject **in, PyObject *ox, PyObject *oWr,
+                         PyObject *obr, PyObject *oWg, PyObject *obg, npy_intp *N, npy_intp *D,
+                         npy_intp *E) {
+    if (!(in[0] = rd_call_in(c, ox, "x", F32, 2, NULL))) return -1;
     *N = PyArray_DIM(in[0], 0);
     *D = PyArray_DIM(in[0], 1);
     if (*D < 1) { PyErr_SetString(PyExc_ValueError, "x: expected D >= 1 columns, got 0"); return -1; }
     npy_intp sWr[2] = {*D, *D}, sbr[1] = {*D}, sWg[2] = {*D, RD_ANY};
-    if (!(in[1] = rd_in_array(oWr, "Wr", NPY_FLOAT32, 2, sWr))) return -1;
-    if (obr && !(in[2] = rd_in_array(obr, "br", NPY_FLOAT32, 1, sbr))) return -1;
-    if (!(in[3] = rd_in_array(oWg, "Wg", NPY_FLOAT32, 2, sWg))) return -1;
+    if (!(in[1] = rd_call_in(c, oWr, "Wr", F32, 2, sWr))) return -1;
+    if (obr && !(in[2] = rd_call_in(c, obr, "br", F32, 1, sbr))) return -1;
+    if (!(in[3] = rd_call_in(c, oWg, "Wg", F32, 2, sWg))) return -1;
     *E = PyArray_DIM(in[3], 1);
     if (*E < 1) { PyErr_SetString(PyExc_ValueError, "Wg: expected E >= 1 columns, got 0"); return -1; }
     npy_intp sbg[1] = {*E};
-    if (obg && !(in[4] = rd_in_array(obg, "bg", NPY_FLOAT32, 1, sbg))) return -1;
+    if (obg && !(in[4] = rd_call_in(c, obg, "bg", F32, 1, sbg))) return -1;
     return 0;
 }
 
@@ -80,27 +75,23 @@ static PyObject *py_router_forward(PyObject *self, PyObject *args, PyObject *kw)
     (void)self;
     static char *kws[] = {"x", "Wr", "br", "Wg", "bg", "device", NULL};
     PyObject *ox, *oWr, *obr, *oWg, *obg, *odev = NULL, *ret = NULL;
-    PyArrayObject *in[5] = {0}, *out[3] = {0};
+    PyArrayObject *in[5] = {0}, *hpre, *h, *R;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     npy_intp N, D, E;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|$O:router_forward", kws, &ox, &oWr, &obr,
                                      &oWg, &obg, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
-    if (router_inputs(in, ox, oWr, obr, oWg, obg, &N, &D, &E) < 0) goto done;
-    npy_intp sND[2] = {N, D}, sNE[2] = {N, E};
-    if (!(out[0] = rd_new_array(2, sND, NPY_FLOAT32)) || !(out[1] = rd_new_array(2, sND, NPY_FLOAT32)) ||
-        !(out[2] = rd_new_array(2, sNE, NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0)
-        goto done;
-    float *d[8];
-    for (int i = 0; i < 5; i++) d[i] = rd_stage_in(&sg, in[i]);
-    for (int i = 0; i < 3; i++) d[5 + i] = rd_stage_out(&sg, out[i]);
-    RD_RUN_STAGED(sg, be->router_forward(d[5], d[6], d[7], d[0], d[1], d[2], d[3], d[4], N, D, E));
-    ret = PyTuple_Pack(3, out[0], out[1], out[2]);
+    if (router_inputs(&c, in, ox, oWr, obr, oWg, obg, &N, &D, &E) < 0) goto done;
+    RD_NEW(c, hpre, F32, 2, N, D);
+    RD_NEW(c, h, F32, 2, N, D);
+    RD_NEW(c, R, F32, 2, N, E);
+    RD_CALL_RUN(c, be, be->router_forward(DV(hpre), DV(h), DV(R), DV(in[0]), DV(in[1]), DV(in[2]),
+                                          DV(in[3]), DV(in[4]), N, D, E));
+    ret = PyTuple_Pack(3, hpre, h, R);
 done:
-    release(out, 3);
-    release(in, 5);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -108,49 +99,46 @@ static PyObject *py_router_backward(PyObject *self, PyObject *args, PyObject *kw
     (void)self;
     static char *kws[] = {"dR", "hpre", "h", "x", "Wr", "Wg", "dh_extra", "device", NULL};
     PyObject *odR, *ohpre, *oh, *ox, *oWr, *oWg, *oextra = Py_None, *odev = NULL, *ret = NULL;
-    PyArrayObject *in[NIN] = {0}, *out[6] = {0};
+    PyArrayObject *in[5] = {0}, *dR, *hpre, *h, *extra = NULL, *g[6];
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     npy_intp N, D, E;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|O$O:router_backward", kws, &odR, &ohpre,
                                      &oh, &ox, &oWr, &oWg, &oextra, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
-    if (router_inputs(in, ox, oWr, NULL, oWg, NULL, &N, &D, &E) < 0) goto done;
-    npy_intp sNE[2] = {N, E}, sD[1] = {D}, sE[1] = {E}, sDE[2] = {D, E}, sND[2] = {N, D},
-             sDD[2] = {D, D};
-    if (!(in[5] = rd_in_array(odR, "dR", NPY_FLOAT32, 2, sNE))) goto done;
-    if (!(in[6] = rd_in_array(ohpre, "hpre", NPY_FLOAT32, 2, sND))) goto done;
-    if (!(in[7] = rd_in_array(oh, "h", NPY_FLOAT32, 2, sND))) goto done;
-    if (oextra != Py_None && !(in[8] = rd_in_array(oextra, "dh_extra", NPY_FLOAT32, 2, sND))) goto done;
-    if (!(out[0] = rd_new_array(2, sND, NPY_FLOAT32)) || !(out[1] = rd_new_array(2, sDD, NPY_FLOAT32)) ||
-        !(out[2] = rd_new_array(1, sD, NPY_FLOAT32)) || !(out[3] = rd_new_array(2, sDE, NPY_FLOAT32)) ||
-        !(out[4] = rd_new_array(1, sE, NPY_FLOAT32)) || !(out[5] = rd_new_array(2, sND, NPY_FLOAT32)) ||
-        rd_stage_init(&sg, be) < 0)
-        goto done;
-    float *d[NIN], *g[6];
-    for (int i = 0; i < 9; i++) d[i] = rd_stage_in(&sg, in[i]);
-    for (int i = 0; i < 6; i++) g[i] = rd_stage_out(&sg, out[i]);
-    /* outputs start at zero: the parameter grads accumulate, dx_acc too; g[5] is scratch */
-    RD_RUN_STAGED(sg, be->router_backward(g[0], g[1], g[2], g[3], g[4], g[5], d[5], d[8], d[6],
-                                          d[7], d[0], d[1], d[3], N, D, E));
-    ret = PyTuple_Pack(5, out[0], out[1], out[2], out[3], out[4]);
+    if (router_inputs(&c, in, ox, oWr, NULL, oWg, NULL, &N, &D, &E) < 0) goto done;
+    RD_IN(c, dR, odR, "dR", F32, 2, N, E);
+    RD_IN(c, hpre, ohpre, "hpre", F32, 2, N, D);
+    RD_IN(c, h, oh, "h", F32, 2, N, D);
+    if (oextra != Py_None) RD_IN(c, extra, oextra, "dh_extra", F32, 2, N, D);
+    /* dx, dWr, dbr, dWg, dbg, then scratch (N,D); they start at zero: the parameter grads
+     * accumulate, dx too */
+    RD_NEW(c, g[0], F32, 2, N, D);
+    RD_NEW(c, g[1], F32, 2, D, D);
+    RD_NEW(c, g[2], F32, 1, D);
+    RD_NEW(c, g[3], F32, 2, D, E);
+    RD_NEW(c, g[4], F32, 1, E);
+    RD_NEW(c, g[5], F32, 2, N, D);
+    RD_CALL_RUN(c, be, be->router_backward(DV(g[0]), DV(g[1]), DV(g[2]), DV(g[3]), DV(g[4]),
+                                           DV(g[5]), DV(dR), DV(extra), DV(hpre), DV(h), DV(in[0]),
+                                           DV(in[1]), DV(in[3]), N, D, E));
+    ret = PyTuple_Pack(5, g[0], g[1], g[2], g[3], g[4]);
 done:
-    release(out, 6);
-    release(in, NIN);
+    rd_call_end(&c);
     return ret;
 }
 
 /* ---- experts --------------------------------------------------------------- */
 
 /* x (N,D), mask (N,E) bool, G (N,E), w1 (E,D,He), b1 (E,He), w2 (E,He,D), b2 (E,D). */
-static int expert_inputs(PyArrayObject **in, PyObject **o, npy_intp *N, npy_intp *D,
+static int expert_inputs(rd_call *c, PyArrayObject **in, PyObject **o, npy_intp *N, npy_intp *D,
                          npy_intp *E, npy_intp *He) {
-    if (!(in[0] = rd_in_array(o[0], "x", NPY_FLOAT32, 2, NULL))) return -1;
+    if (!(in[0] = rd_call_in(c, o[0], "x", F32, 2, NULL))) return -1;
     *N = PyArray_DIM(in[0], 0);
     *D = PyArray_DIM(in[0], 1);
     npy_intp sw1[3] = {RD_ANY, *D, RD_ANY};
-    if (!(in[3] = rd_in_array(o[3], "w1", NPY_FLOAT32, 3, sw1))) return -1;
+    if (!(in[3] = rd_call_in(c, o[3], "w1", F32, 3, sw1))) return -1;
     *E = PyArray_DIM(in[3], 0);
     *He = PyArray_DIM(in[3], 2);
     if (*D < 1 || *E < 1 || *He < 1) {
@@ -159,17 +147,23 @@ static int expert_inputs(PyArrayObject **in, PyObject **o, npy_intp *N, npy_intp
         return -1;
     }
     npy_intp sNE[2] = {*N, *E}, sb1[2] = {*E, *He}, sw2[3] = {*E, *He, *D}, sb2[2] = {*E, *D};
-    if (!(in[1] = rd_in_array(o[1], "mask", NPY_BOOL, 2, sNE))) return -1;
-    if (!(in[2] = rd_in_array(o[2], "G", NPY_FLOAT32, 2, sNE))) return -1;
-    if (!(in[4] = rd_in_array(o[4], "b1", NPY_FLOAT32, 2, sb1))) return -1;
-    if (!(in[5] = rd_in_array(o[5], "w2", NPY_FLOAT32, 3, sw2))) return -1;
-    if (!(in[6] = rd_in_array(o[6], "b2", NPY_FLOAT32, 2, sb2))) return -1;
+    if (!(in[1] = rd_call_in(c, o[1], "mask", NPY_BOOL, 2, sNE))) return -1;
+    if (!(in[2] = rd_call_in(c, o[2], "G", F32, 2, sNE))) return -1;
+    if (!(in[4] = rd_call_in(c, o[4], "b1", F32, 2, sb1))) return -1;
+    if (!(in[5] = rd_call_in(c, o[5], "w2", F32, 3, sw2))) return -1;
+    if (!(in[6] = rd_call_in(c, o[6], "b2", F32, 2, sb2))) return -1;
     return 0;
 }
 
-/* The forward into g[0] and, with backward, the backward into g[1..6] (d: the inputs). */
-static rd_status experts_run(const rd_backend *be, void *ex, int backward, void **g, void **d,
-                             int64_t N, int64_t D, int64_t E, int64_t He) {
+/* The forward into g[0] and, with backward, the backward into g[1..6] (in: the inputs,
+ * in[7] dy), on the staged arrays of `c`. */
+static rd_status experts_run(const rd_backend *be, const rd_call *c, int backward,
+                             PyArrayObject **g_, PyArrayObject **in, int64_t N, int64_t D,
+                             int64_t E, int64_t He) {
+    void *d[8], *g[7];
+    for (int i = 0; i < 8; i++) d[i] = rd_call_dev(c, in[i]);
+    for (int i = 0; i < 7; i++) g[i] = rd_call_dev(c, g_[i]);
+    void *ex = c->free_arg;
     rd_status s = be->experts_forward(ex, g[0], d[1], d[2], d[0], d[3], d[4], d[5], d[6], N, D,
                                       E, He);
     if (s || !backward) return s;
@@ -185,8 +179,7 @@ static PyObject *experts_op(PyObject *args, PyObject *kw, int backward) {
     PyObject *o[8], *oprec = NULL, *odev = NULL, *ret = NULL;
     PyArrayObject *in[8] = {0}, *out[7] = {0};
     const rd_backend *be;
-    rd_stage sg;
-    void *ex = NULL;
+    rd_call c = {0};
     int prec;
     npy_intp N, D, E, He;
     int ok = backward ? PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO|O$O:experts_backward", kb,
@@ -197,29 +190,22 @@ static PyObject *experts_op(PyObject *args, PyObject *kw, int backward) {
                                                     &o[6], &oprec, &odev);
     if (!ok || rd_parse_device(odev, &be) < 0 || rd_parse_precision(oprec, "precision", &prec) < 0)
         return NULL;
-    if (expert_inputs(in, o, &N, &D, &E, &He) < 0) goto done;
-    npy_intp sND[2] = {N, D};
-    if (backward && !(in[7] = rd_in_array(o[7], "dy", NPY_FLOAT32, 2, sND))) goto done;
+    if (expert_inputs(&c, in, o, &N, &D, &E, &He) < 0) goto done;
+    if (backward) RD_IN(c, in[7], o[7], "dy", F32, 2, N, D);
     /* y, then (backward) dx like x, dG like G, the parameter grads like the parameters */
-    if (!(out[0] = rd_new_array(2, sND, NPY_FLOAT32))) goto done;
+    RD_NEW(c, out[0], F32, 2, N, D);
     for (int i = 1; backward && i < 7; i++) {
         PyArrayObject *like = in[i == 1 ? 0 : i];
-        if (!(out[i] = rd_new_array(PyArray_NDIM(like), PyArray_DIMS(like), NPY_FLOAT32))) goto done;
+        if (!(out[i] = rd_call_new(&c, PyArray_NDIM(like), PyArray_DIMS(like), F32))) goto done;
     }
-    rd_status st = be->experts_new(&ex);
-    if (!st) st = be->experts_set_precision(ex, prec);
-    if (st) { rd_raise(st); goto done; }
-    if (rd_stage_init(&sg, be) < 0) goto done;
-    void *d[8], *g[7];
-    for (int i = 0; i < 8; i++) d[i] = rd_stage_in(&sg, in[i]);
-    for (int i = 0; i < 7; i++) g[i] = rd_stage_out(&sg, out[i]);
-    RD_RUN_STAGED(sg, experts_run(be, ex, backward, g, d, N, D, E, He));
+    c.free_fn = be->experts_free;
+    RD_CHECK(be->experts_new(&c.free_arg));
+    RD_CHECK(be->experts_set_precision(c.free_arg, prec));
+    RD_CALL_RUN(c, be, experts_run(be, &c, backward, out, in, N, D, E, He));
     ret = backward ? PyTuple_Pack(6, out[1], out[2], out[3], out[4], out[5], out[6])
                    : Py_NewRef((PyObject *)out[0]);
 done:
-    if (ex) be->experts_free(ex);
-    release(out, 7);
-    release(in, 8);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -259,13 +245,8 @@ static PyObject *py_blas_thread_control(PyObject *self, PyObject *noargs) {
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
 static void find_blas_thread_control(void) {
-    PyObject *mod = PyImport_ImportModule("scipy.linalg.cython_blas"), *capi = NULL;
-    if (mod) capi = PyObject_GetAttrString(mod, "__pyx_capi__");
-    PyObject *cap = capi ? PyDict_GetItemString(capi, "sgemm") : NULL;
-    void *fn = cap && PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, PyCapsule_GetName(cap)) : NULL;
+    void *fn = rd_scipy_sgemm();
     PyErr_Clear();
-    Py_XDECREF(capi);
-    Py_XDECREF(mod);
     Dl_info info;
     if (!fn || !dladdr(fn, &info) || !info.dli_fname) return;
     void *lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
@@ -414,18 +395,18 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kws[] = {"state", "x", "params", "training", "plr_target", NULL};
     PyObject *cap, *ox, *op, *ot = Py_None, *ret = NULL;
     int training = 1;
-    PyArrayObject *in[3] = {0}, *y = NULL;
-    rd_stage sg;
+    PyArrayObject *x, *params, *target = NULL, *y;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pO:moe_forward", kws, &cap, &ox, &op, &training,
                                      &ot))
         return NULL;
     moe_holder *hd = take_holder(cap);
     if (!hd) return NULL;
+    c.busy = &hd->busy;
     const rd_backend *be = hd->be;
-    npy_intp sx[3] = {RD_ANY, RD_ANY, hd->cfg.D}, sp[1] = {total_params(&hd->cfg)};
-    if (!(in[0] = rd_in_array(ox, "x", NPY_FLOAT32, 3, sx))) goto done;
-    if (!(in[1] = rd_in_array(op, "params", NPY_FLOAT32, 1, sp))) goto done;
-    npy_intp B = PyArray_DIM(in[0], 0), L = PyArray_DIM(in[0], 1);
+    RD_IN(c, x, ox, "x", F32, 3, RD_ANY, RD_ANY, hd->cfg.D);
+    RD_IN(c, params, op, "params", F32, 1, total_params(&hd->cfg));
+    npy_intp B = PyArray_DIM(x, 0), L = PyArray_DIM(x, 1);
     if (B < 1 || L < 1) {
         PyErr_Format(PyExc_ValueError, "x: expected B, L >= 1, got shape (%zd, %zd, %zd)", B, L,
                      (npy_intp)hd->cfg.D);
@@ -436,23 +417,19 @@ static PyObject *py_moe_forward(PyObject *self, PyObject *args, PyObject *kw) {
             PyErr_SetString(PyExc_ValueError, "plr_target: given, but the layer has no PLR head (plr_dim=0)");
             goto done;
         }
-        npy_intp st3[3] = {B, L, hd->cfg.plr_dim};
-        if (!(in[2] = rd_in_array(ot, "plr_target", NPY_FLOAT32, 3, st3))) goto done;
+        RD_IN(c, target, ot, "plr_target", F32, 3, B, L, hd->cfg.plr_dim);
     }
-    if (!(y = rd_new_array(3, PyArray_DIMS(in[0]), NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0)
-        goto done;
+    RD_NEW(c, y, F32, 3, B, L, hd->cfg.D);
+    if (rd_call_stage(&c, be) < 0) goto done;
     Py_CLEAR(hd->x);
-    const float *dx = rd_stage_in(&sg, in[0]), *dt = rd_stage_in(&sg, in[2]);
     rd_moe_params p;
-    rd_moe_params_point(&p, rd_stage_in(&sg, in[1]), &hd->cfg);
-    float *dy = rd_stage_out(&sg, y);
-    RD_RUN_STAGED(sg, be->moe_forward(hd->st, dy, dx, &hd->cfg, &p, B, L, training, dt));
-    hd->x = Py_NewRef((PyObject *)in[0]);
+    rd_moe_params_point(&p, DV(params), &hd->cfg);
+    RD_CALL_EXEC(c, be->moe_forward(hd->st, DV(y), DV(x), &hd->cfg, &p, B, L, training,
+                                        DV(target)));
+    hd->x = Py_NewRef((PyObject *)x);
     ret = Py_NewRef((PyObject *)y);
 done:
-    Py_XDECREF(y);
-    release(in, 3);
-    rd_give(&hd->busy);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -461,39 +438,35 @@ static PyObject *py_moe_backward(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kws[] = {"state", "dy", "x", "params", "grads", NULL};
     PyObject *cap, *ody, *ox, *op, *og, *ret = NULL;
-    PyArrayObject *in[3] = {0}, *dx = NULL, *grads;
-    rd_stage sg;
+    PyArrayObject *in[3], *dx, *grads;
+    rd_call c = {0};
     rd_moe_view v;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:moe_backward", kws, &cap, &ody, &ox, &op, &og))
         return NULL;
     moe_holder *hd = take_holder(cap);
     if (!hd) return NULL;
+    c.busy = &hd->busy;
     const rd_backend *be = hd->be;
-    rd_status s = be->moe_view(hd->st, &v);
-    if (s) { rd_raise(s); goto done; }
+    RD_CHECK(be->moe_view(hd->st, &v));
     if (!v.have_forward || (ox == Py_None && !hd->x)) {
         PyErr_SetString(PyExc_RuntimeError, "moe_backward: no forward to differentiate (call forward first)");
         goto done;
     }
-    npy_intp sx[3] = {v.B, v.L, hd->cfg.D}, sp[1] = {total_params(&hd->cfg)};
-    if (!(in[0] = rd_in_array(ody, "dy", NPY_FLOAT32, 3, sx))) goto done;
-    if (!(in[1] = rd_in_array(ox == Py_None ? hd->x : ox, "x", NPY_FLOAT32, 3, sx))) goto done;
-    if (!(in[2] = rd_in_array(op, "params", NPY_FLOAT32, 1, sp))) goto done;
-    if (!(grads = rd_out_array(og, "grads", NPY_FLOAT32, 1, sp))) goto done;
+    RD_IN(c, in[0], ody, "dy", F32, 3, v.B, v.L, hd->cfg.D);
+    RD_IN(c, in[1], ox == Py_None ? hd->x : ox, "x", F32, 3, v.B, v.L, hd->cfg.D);
+    RD_IN(c, in[2], op, "params", F32, 1, total_params(&hd->cfg));
+    RD_OUT(c, grads, og, "grads", F32, 1, total_params(&hd->cfg));
     if (rd_check_disjoint(grads, "grads", in, 3, (const char *[]){"dy", "x", "params"}) < 0)
         goto done;
-    if (!(dx = rd_new_array(3, sx, NPY_FLOAT32)) || rd_stage_init(&sg, be) < 0) goto done;
-    const float *ddy = rd_stage_in(&sg, in[0]), *dxin = rd_stage_in(&sg, in[1]);
+    RD_NEW(c, dx, F32, 3, v.B, v.L, hd->cfg.D);
+    if (rd_call_stage(&c, be) < 0) goto done;
     rd_moe_params p, g;
-    rd_moe_params_point(&p, rd_stage_in(&sg, in[2]), &hd->cfg);
-    rd_moe_params_point(&g, rd_stage_out(&sg, grads), &hd->cfg); /* accumulates into them */
-    float *ddx = rd_stage_out(&sg, dx);
-    RD_RUN_STAGED(sg, be->moe_backward(hd->st, ddx, &g, ddy, dxin, &hd->cfg, &p));
+    rd_moe_params_point(&p, DV(in[2]), &hd->cfg);
+    rd_moe_params_point(&g, DV(grads), &hd->cfg); /* accumulates into them */
+    RD_CALL_EXEC(c, be->moe_backward(hd->st, DV(dx), &g, DV(in[0]), DV(in[1]), &hd->cfg, &p));
     ret = Py_NewRef((PyObject *)dx);
 done:
-    Py_XDECREF(dx);
-    release(in, 3);
-    rd_give(&hd->busy);
+    rd_call_end(&c);
     return ret;
 }
 

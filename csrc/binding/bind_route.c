@@ -8,34 +8,26 @@ static PyObject *py_route(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kws[] = {"scores", "k", "strategy", "device", NULL};
     PyObject *o_scores, *o_k, *o_strategy, *odev = NULL, *ret = NULL;
-    PyArrayObject *scores = NULL, *mask = NULL, *tau = NULL;
+    PyArrayObject *scores, *mask, *tau;
     const rd_backend *be;
     int64_t k, ng, K;
     rd_strategy s;
-    rd_stage sg;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|$O:route", kws, &o_scores, &o_k, &o_strategy,
                                      &odev) ||
         rd_parse_device(odev, &be) < 0 || rd_parse_int(o_k, "k", &k) < 0 ||
         rd_parse_strategy(o_strategy, "strategy", &s) < 0)
         return NULL;
-    if (!(scores = rd_in_array(o_scores, "scores", NPY_FLOAT32, 3, NULL))) goto done;
-    npy_intp *dims = PyArray_DIMS(scores), one[1] = {1};
-    const int64_t B = dims[0], L = dims[1], E = dims[2];
+    RD_IN(c, scores, o_scores, "scores", NPY_FLOAT32, 3, RD_ANY, RD_ANY, RD_ANY);
+    const int64_t B = PyArray_DIM(scores, 0), L = PyArray_DIM(scores, 1), E = PyArray_DIM(scores, 2);
     if (rd_check_route_args(B, L, E, k) < 0) goto done;
-    rd_status st = rd_route_plan(&ng, &K, B, L, E, k, s);
-    if (st != RD_OK) { rd_raise(st); goto done; }
-    if (!(mask = rd_new_array(3, dims, NPY_BOOL)) || !(tau = rd_new_array(1, one, NPY_FLOAT32)) ||
-        rd_stage_init(&sg, be) < 0)
-        goto done;
-    const float *ds = rd_stage_in(&sg, scores);
-    uint8_t *dm = rd_stage_out(&sg, mask);
-    float *dt = rd_stage_out(&sg, tau);
-    RD_RUN_STAGED(sg, be->route(dm, dt, ds, B, L, E, k, s));
+    RD_CHECK(rd_route_plan(&ng, &K, B, L, E, k, s));
+    RD_NEW(c, mask, NPY_BOOL, 3, B, L, E);
+    RD_NEW(c, tau, NPY_FLOAT32, 1, 1);
+    RD_CALL_RUN(c, be, be->route(RD_DEV(c, mask), RD_DEV(c, tau), RD_DEV(c, scores), B, L, E, k, s));
     ret = Py_BuildValue("Od", (PyObject *)mask, (double)*(float *)PyArray_DATA(tau));
 done:
-    Py_XDECREF(scores);
-    Py_XDECREF(mask);
-    Py_XDECREF(tau);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -44,24 +36,21 @@ static PyObject *py_route_threshold(PyObject *self, PyObject *args, PyObject *kw
     (void)self;
     static char *kws[] = {"scores", "tau", "device", NULL};
     PyObject *o_scores, *o_tau, *odev = NULL, *ret = NULL;
-    PyArrayObject *scores = NULL, *mask = NULL;
+    PyArrayObject *scores, *mask;
     const rd_backend *be;
     double tau;
-    rd_stage sg;
+    rd_call c = {0};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|$O:route_threshold", kws, &o_scores, &o_tau,
                                      &odev) ||
-        rd_parse_device(odev, &be) < 0 || rd_threshold_args(o_scores, o_tau, &scores, &tau) < 0)
-        return NULL;
-    if (!(mask = rd_new_array(PyArray_NDIM(scores), PyArray_DIMS(scores), NPY_BOOL)) ||
-        rd_stage_init(&sg, be) < 0)
+        rd_parse_device(odev, &be) < 0 || rd_threshold_args(o_scores, o_tau, &scores, &tau) < 0 ||
+        !rd_call_add(&c, scores, 1, 0) ||
+        !(mask = rd_call_new(&c, PyArray_NDIM(scores), PyArray_DIMS(scores), NPY_BOOL)))
         goto done;
-    const float *ds = rd_stage_in(&sg, scores);
-    uint8_t *dm = rd_stage_out(&sg, mask);
-    RD_RUN_STAGED(sg, be->route_threshold(dm, ds, (int64_t)PyArray_SIZE(scores), (float)tau));
+    RD_CALL_RUN(c, be, be->route_threshold(RD_DEV(c, mask), RD_DEV(c, scores),
+                                           (int64_t)PyArray_SIZE(scores), (float)tau));
     ret = Py_NewRef((PyObject *)mask);
 done:
-    Py_XDECREF(scores);
-    Py_XDECREF(mask);
+    rd_call_end(&c);
     return ret;
 }
 

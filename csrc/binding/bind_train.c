@@ -76,7 +76,6 @@ static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kw) {
     double lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0.0, grad_scale = 1.0, ema_decay = 0.9999;
     long long step;
     const rd_backend *be;
-    rd_stage sg;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO$dLdddddOdO", kwlist, &po, &go, &mo, &vo, &lr,
                                      &step, &beta1, &beta2, &eps, &wd, &grad_scale, &eo, &ema_decay,
                                      &odev) ||
@@ -107,14 +106,14 @@ static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_Format(PyExc_ValueError, "step: expected an int >= 1 (1-based), got %lld", step);
         return NULL;
     }
-    if (rd_stage_init(&sg, be) < 0) return NULL;
-    const float *dg = rd_stage_in(&sg, a[1]);
-    float *d[5];
-    for (int i = 0; i < 5; i++) d[i] = i == 1 ? NULL : rd_stage_out(&sg, a[i]);
-    RD_RUN_STAGED(sg, be->adamw_step(d[0], dg, d[2], d[3], d[4], (int64_t)n, lr, beta1, beta2,
-                                     eps, wd, (int64_t)step, grad_scale, ema_decay));
+    rd_call c = {0};
+    for (int i = 0; i < 5; i++) rd_call_add(&c, a[i], 0, i != 1);
+    RD_CALL_RUN(c, be, be->adamw_step(RD_DEV(c, a[0]), RD_DEV(c, a[1]), RD_DEV(c, a[2]),
+                                      RD_DEV(c, a[3]), RD_DEV(c, a[4]), (int64_t)n, lr, beta1,
+                                      beta2, eps, wd, (int64_t)step, grad_scale, ema_decay));
     ret = Py_NewRef(Py_None);
 done:
+    rd_call_end(&c);
     return ret;
 }
 
@@ -123,21 +122,19 @@ static PyObject *py_grad_norm(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"grads", "device", NULL};
     PyObject *go, *odev = NULL, *ret = NULL;
     const rd_backend *be;
-    rd_stage sg;
-    void *ctx = NULL;
+    rd_call c = {0};
     double out = 0.0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$O", kwlist, &go, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
-    PyArrayObject *g = in_buffer(go, "grads", RD_ANY);
-    if (!g || rd_stage_init(&sg, be) < 0) return NULL;
-    rd_status s = be->ctx_new(&ctx);
-    if (s) return rd_raise(s);
-    const float *dg = rd_stage_in(&sg, g);
-    RD_RUN_STAGED(sg, be->grad_norm(ctx, &out, dg, (int64_t)PyArray_DIM(g, 0)));
+    PyArrayObject *g = rd_call_add(&c, in_buffer(go, "grads", RD_ANY), 0, 0);
+    if (!g || rd_device_ready(be) < 0) return NULL;
+    c.free_fn = be->ctx_free;
+    RD_CHECK(be->ctx_new(&c.free_arg));
+    RD_CALL_RUN(c, be, be->grad_norm(c.free_arg, &out, RD_DEV(c, g), (int64_t)PyArray_DIM(g, 0)));
     ret = PyFloat_FromDouble(out);
 done:
-    be->ctx_free(ctx);
+    rd_call_end(&c);
     return ret;
 }
 
@@ -156,13 +153,11 @@ static PyObject *py_ema_update(PyObject *self, PyObject *args, PyObject *kw) {
     if (check_disjoint(all, names, 2) < 0) return NULL;
     if (!(decay >= 0 && decay <= 1))
         return (void)bad_value("decay", "a value in [0, 1]", decay), NULL;
-    rd_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = rd_ema_update((float *)PyArray_DATA(e), (const float *)PyArray_DATA(p),
-                      (int64_t)PyArray_DIM(e, 0), decay);
-    Py_END_ALLOW_THREADS
-    if (s != RD_OK) return rd_raise(s);
+    RD_RUN(rd_ema_update((float *)PyArray_DATA(e), (const float *)PyArray_DATA(p),
+                         (int64_t)PyArray_DIM(e, 0), decay));
     Py_RETURN_NONE;
+done:
+    return NULL;
 }
 
 static PyObject *py_nonfinite_index(PyObject *self, PyObject *args, PyObject *kw) {
@@ -170,17 +165,17 @@ static PyObject *py_nonfinite_index(PyObject *self, PyObject *args, PyObject *kw
     static char *kwlist[] = {"x", "device", NULL};
     PyObject *xo, *odev = NULL, *ret = NULL;
     const rd_backend *be;
-    rd_stage sg;
+    rd_call c = {0};
     int64_t idx = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$O", kwlist, &xo, &odev) ||
         rd_parse_device(odev, &be) < 0)
         return NULL;
-    PyArrayObject *x = in_buffer(xo, "x", RD_ANY);
-    if (!x || rd_stage_init(&sg, be) < 0) return NULL;
-    const float *dx = rd_stage_in(&sg, x);
-    RD_RUN_STAGED(sg, be->nonfinite_index(&idx, dx, (int64_t)PyArray_DIM(x, 0)));
+    PyArrayObject *x = rd_call_add(&c, in_buffer(xo, "x", RD_ANY), 0, 0);
+    if (!x) return NULL;
+    RD_CALL_RUN(c, be, be->nonfinite_index(&idx, RD_DEV(c, x), (int64_t)PyArray_DIM(x, 0)));
     ret = PyLong_FromLongLong((long long)idx);
 done:
+    rd_call_end(&c);
     return ret;
 }
 

@@ -11,23 +11,21 @@ const char *rd_cuda_runtime_version(void);
 int rd_bind_cuda(PyObject *m);
 #endif
 
-/* Take the Fortran sgemm from scipy.linalg.cython_blas.__pyx_capi__ (SciPy's supported
- * Cython BLAS API): whatever BLAS SciPy ships (OpenBLAS, MKL, Accelerate) is used. */
+void *rd_scipy_sgemm(void) {
+    PyObject *mod = PyImport_ImportModule("scipy.linalg.cython_blas"), *capi = NULL;
+    if (mod) capi = PyObject_GetAttrString(mod, "__pyx_capi__");
+    Py_XDECREF(mod);
+    PyObject *cap = capi ? PyDict_GetItemString(capi, "sgemm") : NULL; /* borrowed */
+    void *fn = cap && PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, PyCapsule_GetName(cap))
+                                                : NULL;
+    Py_XDECREF(capi);
+    return fn;
+}
+
 static int register_sgemm(void) {
-    PyObject *mod = PyImport_ImportModule("scipy.linalg.cython_blas");
-    if (!mod) return -1;
-    PyObject *capi = PyObject_GetAttrString(mod, "__pyx_capi__");
-    Py_DECREF(mod);
-    if (!capi) return -1;
-    PyObject *cap = PyDict_GetItemString(capi, "sgemm"); /* borrowed */
-    if (!cap || !PyCapsule_CheckExact(cap)) {
-        Py_DECREF(capi);
-        PyErr_SetString(PyExc_ImportError,
-                        "racedit: scipy.linalg.cython_blas has no 'sgemm' capsule");
-        return -1;
-    }
-    void *fn = PyCapsule_GetPointer(cap, PyCapsule_GetName(cap));
-    Py_DECREF(capi);
+    void *fn = rd_scipy_sgemm();
+    if (!fn && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ImportError, "racedit: scipy.linalg.cython_blas has no 'sgemm' capsule");
     if (!fn) return -1;
     rd_set_sgemm((rd_sgemm_fn)fn);
     return 0;

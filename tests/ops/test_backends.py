@@ -3,6 +3,8 @@ binding with ``device=``, the whole model and the MoE layer on the checking back
 (``device="check"``: the CPU kernels behind a guarded pool that refuses any pointer it did
 not hand out), all bit for bit the CPU's; the checker catching a host/device mix-up, an
 overrun and a leak; the ``device`` argument's errors; one aux dict shape."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -192,6 +194,34 @@ def test_one_aux_dict_for_the_layer_and_the_model():
     m.forward(rand(2, 4, 8, 8), [1, 2], [0, 1], plr_target=rand(2, 4, 8, 8))
     layer.forward(rand(2, 5, 8), plr_target=rand(2, 5, 3))
     assert set(_C.model_moe_get(m._model, 0, "aux")) == set(layer.aux)
+
+
+@pytest.mark.parametrize("name", sorted(op_cases()))
+def test_op_frees_its_copies(name):
+    """A call stages its arrays in the pool and frees every copy before it returns."""
+    f = op_cases()[name]
+    live = _C.check_pool()["live"]
+    f(CHECK)
+    assert _C.check_pool()["live"] == live
+
+
+def test_refused_op_frees_its_copies_and_references():
+    """A kernel's refusal after staging (NaN scores), a refusal while validating (a written
+    buffer of the wrong layout) and a success leave no copy in the pool and no reference
+    taken on an argument."""
+    scores = np.zeros((2, 4, 4), np.float32)
+    scores[1, 2, 3] = np.nan
+    x, W, dW = rand(3, 4), rand(4, 4, seed=1), np.zeros((4, 4), np.float32)
+    refs = [sys.getrefcount(a) for a in (scores, x, W, dW)]
+    live = _C.check_pool()["live"]
+    for _ in range(3):
+        with pytest.raises(ValueError, match="NaN"):
+            _C.route(scores, 1, "race", device=CHECK)
+        with pytest.raises(ValueError, match="dW"):
+            _C.dit_linear_backward(x, x, W, dW[:, :3], device=CHECK)
+        _C.dit_linear_backward(x, x, W, dW, device=CHECK)
+    assert _C.check_pool()["live"] == live
+    assert [sys.getrefcount(a) for a in (scores, x, W, dW)] == refs
 
 
 # ---- the checker itself --------------------------------------------------------------------
