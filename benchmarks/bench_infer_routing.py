@@ -7,7 +7,9 @@ them (what sampling uses), put in eval mode (each strategy's inference routing,
 docs/method.md §3) and run on batches of ``--images`` held-out images that share one
 timestep t. Prints, per strategy and over the study's seeds, experts per token at each t
 (mean over images and MoE layers), the mean over the t grid, and the largest deviation
-from k at a single t, each also as a percentage of k. Usage:
+from k at a single t, each also as a percentage of k; under it, what training's batch
+top-K gave at the same t (the run's log.jsonl, the last fifth of training, the bucket of
+width 0.1 that holds t), which threshold routing is meant to reproduce. Usage:
 
     python benchmarks/bench_infer_routing.py results/ablate-routing-small [--images 64]
 """
@@ -22,7 +24,7 @@ from racedit.data import load_builtin
 from racedit.diffusion import make_objective
 from racedit.evaluate import load_eval_model
 
-T_GRID = (0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.98)  # fraction of the noise range
+T_GRID = (0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)  # fraction of the noise range
 VAL_SEED = 1000003  # racedit.ablate's held-out images
 
 
@@ -42,6 +44,23 @@ def experts_by_t(ckpt, images, seed=0):
             m.forward(x_t, obj.model_time(t), y)
             out.append(float(np.mean(m.experts_per_token_by_sample())))
     return m.config.k, out
+
+
+def training_by_t(run_dir):
+    """Experts per token by timestep bucket (NUM_T_BUCKETS of racedit.train) of a run's
+    training batches over the last fifth of its log."""
+    from racedit.runs import read_log
+    from racedit.train import NUM_T_BUCKETS
+
+    recs = [r for r in read_log(os.path.join(run_dir, "log.jsonl")) if "ept_by_t" in r]
+    recs = recs[-max(1, len(recs) // 5):]
+    sums, cnt = np.zeros(NUM_T_BUCKETS), np.zeros(NUM_T_BUCKETS)
+    for r in recs:
+        for b, v in r["ept_by_t"].items():
+            sums[int(b)] += v
+            cnt[int(b)] += 1
+    by_bucket = sums / np.maximum(cnt, 1)
+    return [by_bucket[min(int(f * NUM_T_BUCKETS), NUM_T_BUCKETS - 1)] for f in T_GRID]
 
 
 def _t_at(obj, frac, n):
@@ -73,6 +92,10 @@ def main():
         print(f"| {run} | " + " | ".join(f"{v:.2f}" for v in e) +
               f" | {e.mean():.3f} ({100 * (e.mean() - k) / k:+.1f} %) | "
               f"{worst:.2f} ({100 * (worst - k) / k:+.1f} %) |", flush=True)
+        tr = np.mean([training_by_t(r["run_dir"]) for r in recs], axis=0)
+        print(f"| {run}, training | " + " | ".join(f"{v:.2f}" for v in tr) +
+              f" | {tr.mean():.3f} | largest gap to inference {np.abs(e - tr).max():.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
