@@ -50,3 +50,28 @@ def test_benchmark_native_layer_equals_racemoe(gating, monkeypatch):
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
     for name, p in race.named_parameters():
         torch.testing.assert_close(p.grad, getattr(native, name).grad, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_floor_products_are_the_layers(monkeypatch, capsys):
+    """The floor's products are the layer's: router (N,D)x(D,D), gate (N,D)x(D,E) and the
+    experts' two layers over N*k rows, each forward and both backward products; and a
+    benchmark row prints the ratio with its floor."""
+    bench = _load_bench(monkeypatch)
+    calls = []
+    real_mm = torch.mm
+
+    def mm(a, b, out=None):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real_mm(a, b, out=out)
+
+    step = bench.gemm_floor_step(2, 8, 16, 4, 2, 24, "cpu", False)
+    monkeypatch.setattr(torch, "mm", mm)
+    step()
+    N, D, E, K, He = 16, 16, 4, 32, 24
+    want = []
+    for m, kk, n in ((N, D, D), (N, D, E), (K, D, He), (K, He, D)):
+        want += [((m, kk), (kk, n)), ((m, n), (n, kk)), ((kk, m), (m, n))]
+    assert calls == want
+    monkeypatch.setattr(torch, "mm", real_mm)
+    ratio = bench.bench("tiny", 2, 8, 16, 4, 2, 2, "cpu", False, False)
+    assert ratio > 0 and " floor " in capsys.readouterr().out

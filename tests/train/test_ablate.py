@@ -317,3 +317,27 @@ def test_ddpm_objective(tmp_path, monkeypatch):
         ablate("balance", budget="toy", out=res.out, progress=False, objective="flow")
     with pytest.raises(ValueError, match="objective: expected 'flow' or 'ddpm', got 'eps'"):
         ablate("balance", budget="toy", out=str(tmp_path / "x"), progress=False, objective="eps")
+
+
+def test_inference_routing_benchmark(routing_toy, monkeypatch, capsys):
+    """benchmarks/bench_infer_routing.py on a finished routing study: one row per strategy
+    and one of training's beside it; token, expert and LE choice select exactly k at every
+    single timestep, and every value is a count of experts between 0 and E."""
+    import importlib.util
+
+    out, _, _ = routing_toy
+    path = os.path.join(ROOT, "benchmarks", "bench_infer_routing.py")
+    spec = importlib.util.spec_from_file_location("bench_infer_routing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["bench_infer_routing.py", out, "--images", "4"])
+    bench.main()
+    rows = {line.split("|")[1].strip(): [float(v.split()[0]) for v in line.split("|")[2:-3]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
+            and not line.startswith("| strategy")}
+    k, E = BUDGETS["toy"]["moe"]
+    for r in ("token", "expert", "bl", "be", "le", "race"):
+        assert len(rows[r]) == len(bench.T_GRID) and len(rows[r + ", training"]) == len(bench.T_GRID)
+        assert all(0 <= v <= E for v in rows[r] + rows[r + ", training"])
+    for r in ("token", "expert", "le"):
+        assert rows[r] == [float(k)] * len(bench.T_GRID)
