@@ -227,8 +227,8 @@ class TrainConfig:
 
 # Sizes between the configs table's T and S, for CPU-scale runs. "quick": a 4-block
 # RaceDiT (D=128, patch 4, 8 experts, 2 per token on average, 1.35M activated parameters)
-# trained with rectified flow for 4000 steps of 32 built-in shapes: 6 to 9 minutes on 2
-# cores (250-360 images/s, depending on the CPU), after which the sample grid shows the
+# trained with rectified flow for 4000 steps of 32 built-in shapes: 6 to 10 minutes on 2
+# cores (230-360 images/s, depending on the CPU), after which the sample grid shows the
 # classes. "tiny": seconds, for smoke tests and the notebook.
 PRESETS = {
     "quick": dict(
