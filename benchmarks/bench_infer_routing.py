@@ -19,27 +19,30 @@ import os
 
 import numpy as np
 
+from racedit.ablate import VAL_DATA_SEED
 from racedit.calibrate import routing_with
 from racedit.data import load_builtin
 from racedit.diffusion import make_objective
 from racedit.evaluate import load_eval_model
+from racedit.report import training_ept_by_t
+from racedit.runs import read_log
+from racedit.train import NUM_T_BUCKETS
 
 T_GRID = (0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)  # fraction of the noise range
-VAL_SEED = 1000003  # racedit.ablate's held-out images
 
 
 def experts_by_t(ckpt, images, seed=0):
     """(k, [experts per token at each t of T_GRID]) for one checkpoint."""
     m, ema, ema_th, meta = load_eval_model(ckpt)
     obj = make_objective(meta["config"]["objective"])
-    ds = load_builtin(n=images, seed=VAL_SEED, image_size=meta["data"]["image_size"])
+    ds = load_builtin(n=images, seed=VAL_DATA_SEED, image_size=meta["data"]["image_size"])
     x0, y = ds.batch(np.arange(images))
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(x0.shape, dtype=np.float32)
     out = []
     with routing_with(m, weights=ema, thresholds=ema_th):
         for frac in T_GRID:
-            t = _t_at(obj, frac, images)
+            t = obj.times_at_fraction(frac, images)
             x_t, _ = obj.make_batch(x0, t, noise)
             m.forward(x_t, obj.model_time(t), y)
             out.append(float(np.mean(m.experts_per_token_by_sample())))
@@ -47,28 +50,13 @@ def experts_by_t(ckpt, images, seed=0):
 
 
 def training_by_t(run_dir):
-    """Experts per token by timestep bucket (NUM_T_BUCKETS of racedit.train) of a run's
-    training batches over the last fifth of its log."""
-    from racedit.runs import read_log
-    from racedit.train import NUM_T_BUCKETS
-
-    recs = [r for r in read_log(os.path.join(run_dir, "log.jsonl")) if "ept_by_t" in r]
-    recs = recs[-max(1, len(recs) // 5):]
-    sums, cnt = np.zeros(NUM_T_BUCKETS), np.zeros(NUM_T_BUCKETS)
-    for r in recs:
-        for b, v in r["ept_by_t"].items():
-            sums[int(b)] += v
-            cnt[int(b)] += 1
-    by_bucket = sums / np.maximum(cnt, 1)
-    return [by_bucket[min(int(f * NUM_T_BUCKETS), NUM_T_BUCKETS - 1)] for f in T_GRID]
-
-
-def _t_at(obj, frac, n):
-    """n copies of the objective's timestep at fraction frac of its range (flow: t in
-    [0, 1]; ddpm: the integer step round(frac * (T - 1)))."""
-    if hasattr(obj, "num_timesteps"):
-        return np.full(n, int(round(frac * (obj.num_timesteps - 1))), np.int64)
-    return np.full(n, frac, np.float32)
+    """Training's experts per token (racedit.report.training_ept_by_t of the run's log) in
+    the bucket of each t of T_GRID; NaN where no training step reached it."""
+    by_t, _ = training_ept_by_t(read_log(os.path.join(run_dir, "log.jsonl")), NUM_T_BUCKETS)
+    if not by_t:
+        return [np.nan] * len(T_GRID)
+    return [np.nan if v is None else v for v in
+            (by_t[min(int(f * NUM_T_BUCKETS), NUM_T_BUCKETS - 1)] for f in T_GRID)]
 
 
 def main():
@@ -94,7 +82,7 @@ def main():
               f"{worst:.2f} ({100 * (worst - k) / k:+.1f} %) |", flush=True)
         tr = np.mean([training_by_t(r["run_dir"]) for r in recs], axis=0)
         print(f"| {run}, training | " + " | ".join(f"{v:.2f}" for v in tr) +
-              f" | {tr.mean():.3f} | largest gap to inference {np.abs(e - tr).max():.2f} |",
+              f" | {np.nanmean(tr):.3f} | largest gap to inference {np.nanmax(np.abs(e - tr)):.2f} |",
               flush=True)
 
 

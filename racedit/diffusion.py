@@ -136,6 +136,11 @@ class GaussianDiffusion:
         """t as a fraction of the process in [0, 1) (for bucketing diagnostics)."""
         return self.timestep_map[np.asarray(t, np.int64)] / 1000.0
 
+    def times_at_fraction(self, frac, n):
+        """n copies of the step at fraction ``frac`` in [0, 1] of the process, int64 (n,):
+        floor(frac T), at most T - 1 (time_fraction's inverse on the training process)."""
+        return np.full(n, min(int(frac * self.num_timesteps), self.num_timesteps - 1), np.int64)
+
     def loss(self, out, target, x0=None, x_t=None, t=None):
         """Loss, its components and d loss / d out (float32 like out).
 
@@ -359,6 +364,10 @@ class RectifiedFlow:
     def time_fraction(self, t):
         """t itself (in [0, 1])."""
         return np.asarray(t, np.float64)
+
+    def times_at_fraction(self, frac, n):
+        """n copies of t = ``frac``, float64 (n,)."""
+        return np.full(n, frac, np.float64)
 
     def loss(self, out, target, x0=None, x_t=None, t=None):
         """MSE of the velocity; returns (loss, {"mse": loss}, dout)."""

@@ -18,13 +18,7 @@ import numpy as np
 
 from .calibrate import routing_with
 
-__all__ = ["routing_report", "plot_routing_report", "report_path"]
-
-
-def _t_for_fraction(obj, frac, n):
-    if obj.name == "ddpm":
-        return np.full(n, min(int(frac * obj.num_timesteps), obj.num_timesteps - 1), np.int64)
-    return np.full(n, frac, np.float64)
+__all__ = ["routing_report", "plot_routing_report", "report_path", "training_ept_by_t"]
 
 
 def report_path(run_dir, step, ext="json"):
@@ -56,7 +50,7 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
     ept, per_layer_ept, loads, norms = [], [], None, []
     with routing_with(model, weights, thresholds):
         for frac in centers:
-            t = _t_for_fraction(obj, frac, x0.shape[0])
+            t = obj.times_at_fraction(frac, x0.shape[0])
             noise = rng.standard_normal(x0.shape, dtype=np.float32)
             x_t, _ = obj.make_batch(x0, t, noise)
             model.forward(x_t, obj.model_time(t), y)
@@ -81,16 +75,9 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
         rep["eval"]["load_share"] = share.tolist()
         rep["eval"]["max_violation"] = ((loads.max(1) - mean[:, 0]) / np.maximum(mean[:, 0], 1e-12)).tolist()
         rep["eval"]["dead_experts"] = (loads == 0).sum(1).tolist()
-    tail = [r for r in records[-max(1, len(records) // 5):] if "ept_by_t" in r]
+    by_t, tail = training_ept_by_t(records, buckets)
     if tail:
-        sums, cnt = np.zeros(buckets), np.zeros(buckets)
-        for r in tail:
-            for k, v in r["ept_by_t"].items():
-                sums[int(k)] += v
-                cnt[int(k)] += 1
-        rep["train"] = {"experts_per_token": [float(s / c) if c else None
-                                              for s, c in zip(sums, cnt)],
-                        "steps": [tail[0]["step"], tail[-1]["step"]]}
+        rep["train"] = {"experts_per_token": by_t, "steps": [tail[0]["step"], tail[-1]["step"]]}
         if "ffn_norm" in tail[0]:
             rep["train"]["branch_norms"] = {
                 key: np.mean([r[key + "_norm"] for r in tail], axis=0).tolist()
@@ -107,6 +94,22 @@ def routing_report(model, weights, obj, dataset, records, run_dir, seed=0, batch
         plot_routing_report(rep, rep["png"])
     rep["replaced"] = replaced
     return rep
+
+
+def training_ept_by_t(records, buckets=10):
+    """Training's experts per token by timestep bucket (``buckets`` of them, 0 = least
+    noise) over the last fifth of the log ``records``, from those that carry ``ept_by_t``:
+    (a list with None for buckets no step reached, the records used); ([], []) when none
+    carries it."""
+    tail = [r for r in records[-max(1, len(records) // 5):] if "ept_by_t" in r]
+    if not tail:
+        return [], []
+    sums, cnt = np.zeros(buckets), np.zeros(buckets)
+    for r in tail:
+        for k, v in r["ept_by_t"].items():
+            sums[int(k)] += v
+            cnt[int(k)] += 1
+    return [float(s / c) if c else None for s, c in zip(sums, cnt)], tail
 
 
 def _summary(model, records, ema_routing, recalibrated):

@@ -4,6 +4,7 @@ noise; identical validation inputs whatever the routing); a restarted study retr
 the runs without a finished marker; the CLI and the example notebook; bad arguments."""
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -315,14 +316,15 @@ def test_ddpm_objective(tmp_path, monkeypatch):
         assert rec["samples"]["settings"]["sampler"] == "ddim"
     with pytest.raises(ValueError, match="other settings"):
         ablate("balance", budget="toy", out=res.out, progress=False, objective="flow")
-    with pytest.raises(ValueError, match="objective: expected 'flow' or 'ddpm', got 'eps'"):
+    with pytest.raises(ValueError, match=r"objective: expected one of \('ddpm', 'flow'\), got 'eps'"):
         ablate("balance", budget="toy", out=str(tmp_path / "x"), progress=False, objective="eps")
 
 
 def test_inference_routing_benchmark(routing_toy, monkeypatch, capsys):
     """benchmarks/bench_infer_routing.py on a finished routing study: one row per strategy
     and one of training's beside it; token, expert and LE choice select exactly k at every
-    single timestep, and every value is a count of experts between 0 and E."""
+    single timestep, and every value is a count of experts between 0 and E (training's:
+    nan for a bucket the log's last fifth never reached, never a made-up 0)."""
     import importlib.util
 
     out, _, _ = routing_toy
@@ -338,6 +340,8 @@ def test_inference_routing_benchmark(routing_toy, monkeypatch, capsys):
     k, E = BUDGETS["toy"]["moe"]
     for r in ("token", "expert", "bl", "be", "le", "race"):
         assert len(rows[r]) == len(bench.T_GRID) and len(rows[r + ", training"]) == len(bench.T_GRID)
-        assert all(0 <= v <= E for v in rows[r] + rows[r + ", training"])
+        assert all(0 <= v <= E for v in rows[r])
+        trained = [v for v in rows[r + ", training"] if not math.isnan(v)]
+        assert trained and all(0 <= v <= E for v in trained)
     for r in ("token", "expert", "le"):
         assert rows[r] == [float(k)] * len(bench.T_GRID)

@@ -348,3 +348,17 @@ def test_bad_objective_and_sampler():
                                   sampler="ddim", num_steps=2, progress=False)
     with pytest.raises(ValueError, match="variance"):
         dd.GaussianDiffusion(variance="learned")
+
+
+@pytest.mark.parametrize("name", dd.OBJECTIVES)
+def test_times_at_fraction_inverts_time_fraction(name):
+    obj = dd.make_objective(name)
+    for frac in (0.0, 0.02, 0.5, 0.98, 1.0):
+        t = obj.times_at_fraction(frac, 3)
+        assert t.shape == (3,) and np.all(t == t[0])
+        got = obj.time_fraction(t)
+        if name == "flow":
+            assert np.all(got == frac)
+        else:  # the step floor(frac T), at most T - 1
+            assert t.dtype == np.int64 and t[0] == min(int(frac * 1000), 999)
+            assert np.all(got <= frac) and np.all(got > frac - 1e-3 - 1e-12)
