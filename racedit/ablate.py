@@ -78,9 +78,8 @@ built-in shapes; every value is in ``BUDGETS``):
   4in32), 100000 steps of batch 128, 100000 training images, 1024 held-out images.
 
 All budgets train the ``flow`` objective by default (``objective="ddpm"``, ``--objective
-ddpm``, trains DiT's eps objective instead: the direction of the allocation over timesteps
-depends on it; ddpm runs are sampled with DDIM at twice the steps, about the NFE of Heun's)
-with AdamW (lr 1e-3 toy/small, 3e-4 medium, 1e-4
+ddpm``, trains DiT's eps objective instead; ddpm runs are sampled with DDIM at twice the
+steps, about the NFE of Heun's) with AdamW (lr 1e-3 toy/small, 3e-4 medium, 1e-4
 large), linear warm-up, gradient clipping at 1.0 and a weight EMA (0.9 toy, 0.99 small,
 0.999 medium, 0.9999 large). Scaling adds a second width, half the budget's. On a shared,
 loaded machine pass ``threads=1`` (``--threads 1``) or set ``OMP_NUM_THREADS=1``: at these
@@ -894,8 +893,10 @@ def ablate(study, budget="small", seeds=(0,), device="cpu", out=None, progress=T
     b = _budget(budget)
     runs = study_runs(study, budget)
     _check_device(device)
-    if objective not in ("flow", "ddpm"):
-        raise ValueError(f"objective: expected 'flow' or 'ddpm', got {objective!r}")
+    from .diffusion import OBJECTIVES
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct seed indices, got {seeds}")

@@ -175,6 +175,7 @@ def _add_report(sub):
 
 def _add_ablate(sub):
     from .ablate import BUDGETS, METRICS, STUDIES, budgets_help
+    from .diffusion import OBJECTIVES
 
     p = sub.add_parser("ablate", help="run one of the paper's ablation studies",
                        description="Train every run of a study (paired: same data, seeds, "
@@ -191,7 +192,7 @@ def _add_ablate(sub):
     p.add_argument("--threads", type=int, help="limit OpenMP/BLAS threads (threadpoolctl); 1 is "
                                                "fastest for toy/small on a busy machine")
     p.add_argument("--no-progress", action="store_true", help="one line per run, no bar")
-    p.add_argument("--objective", default="flow", choices=("flow", "ddpm"),
+    p.add_argument("--objective", default="flow", choices=OBJECTIVES,
                    help="what every run trains: flow (velocity, default) or ddpm (DiT's eps); "
                         "the output folder gets -ddpm appended")
     p.add_argument("--metric", default="loss", choices=METRICS,
