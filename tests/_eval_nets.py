@@ -1,15 +1,19 @@
 """Randomly initialised stand-ins for the networks of the sample metrics, saved the way the
 real ones are distributed: torch-fidelity's Inception-v3 architecture as a state_dict file
 (what ``--inception`` loads) and a tiny diffusers AutoencoderKL as a ``save_pretrained``
-folder (what ``--vae`` loads). Each is built once per test session."""
+folder (what ``--vae`` loads). Each is built once per test session, in a folder that is
+removed when the session ends."""
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 from unittest import mock
 
 import numpy as np
 
 _ROOT = tempfile.mkdtemp(prefix="racedit-eval-nets-")
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
