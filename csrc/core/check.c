@@ -337,8 +337,14 @@ static rd_status ck_moe_set_precision(void *p, int prec) {
     return CPU.moe_set_precision(((ck_moe *)p)->st, prec);
 }
 
-static rd_status check_params(const char *op, const rd_moe_params *p) {
-    for (int i = 0; i < RD_MOE_NPARAM; i++) CK(op, p->p[i]);
+/* Each parameter of cfg's layer in backend memory; an empty one (plr_w and plr_b with
+ * plr_dim 0) points at the end of its buffer and is never read, so it is not checked. */
+static rd_status check_params(const char *op, const rd_moe_cfg *cfg, const rd_moe_params *p) {
+    int64_t sizes[RD_MOE_NPARAM];
+    if (!cfg) return RD_OK; /* the CPU layer refuses it */
+    rd_moe_param_sizes(sizes, cfg);
+    for (int i = 0; i < RD_MOE_NPARAM; i++)
+        if (sizes[i]) CK(op, p->p[i]);
     return RD_OK;
 }
 
@@ -346,15 +352,15 @@ static rd_status ck_moe_forward(void *p, float *y, const float *x, const rd_moe_
                                 const rd_moe_params *prm, int64_t B, int64_t L, int training,
                                 const float *plr_target) {
     CK("moe_forward", y, x, plr_target);
-    rd_status s = check_params("moe_forward", prm);
+    rd_status s = check_params("moe_forward", cfg, prm);
     return s ? s : CPU.moe_forward(((ck_moe *)p)->st, y, x, cfg, prm, B, L, training, plr_target);
 }
 
 static rd_status ck_moe_backward(void *p, float *dx, const rd_moe_params *grad, const float *dy,
                                  const float *x, const rd_moe_cfg *cfg, const rd_moe_params *prm) {
     CK("moe_backward", dx, dy, x);
-    rd_status s = check_params("moe_backward", grad);
-    if (!s) s = check_params("moe_backward", prm);
+    rd_status s = check_params("moe_backward", cfg, grad);
+    if (!s) s = check_params("moe_backward", cfg, prm);
     return s ? s : CPU.moe_backward(((ck_moe *)p)->st, dx, grad, dy, x, cfg, prm);
 }
 

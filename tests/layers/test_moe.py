@@ -487,16 +487,17 @@ def test_k_not_an_integer_for_the_strategy():
 
 
 # ---- the layer on another device against the CPU layer --------------------------------------
-def pair_on(device, strategy, seed, training=True, **kw):
+def pair_on(device, strategy, seed, training=True, plr_dim=3, **kw):
     """The CPU layer and one on ``device`` from the same seed (identical parameters), their
     outputs on one input (in eval after a training forward when not ``training``)."""
-    kw = dict(plr_dim=3, sim_weight=0.1, balance_weight=0.05, strategy=strategy, seed=seed, **kw)
+    kw = dict(plr_dim=plr_dim, sim_weight=0.1, balance_weight=0.05, strategy=strategy,
+              seed=seed, **kw)
     c, g = racedit.MoE(16, 4, 2, **kw), racedit.MoE(16, 4, 2, device=device, **kw)
     assert g.device == device and g.precision == "fp32"
     np.testing.assert_array_equal(g.param_buffer, c.param_buffer)
     rng = np.random.default_rng(seed + 10)
     x = rng.standard_normal((3, 8, 16)).astype(np.float32)
-    tgt = rng.standard_normal((3, 8, 3)).astype(np.float32)
+    tgt = rng.standard_normal((3, 8, plr_dim)).astype(np.float32) if plr_dim else None
     if not training:
         c.forward(x)
         g.forward(x)
@@ -511,12 +512,14 @@ def pair_on(device, strategy, seed, training=True, **kw):
 @pytest.mark.parametrize("device", on("check", "cuda"))
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("training", [True, False])
-def test_layer_on_a_device_matches_cpu(device, strategy, training):
+@pytest.mark.parametrize("plr_dim", [3, 0])
+def test_layer_on_a_device_matches_cpu(device, strategy, training, plr_dim):
     """The checking backend bit for bit; the GPU within fp32 tolerances (rtol 1e-3, atol
-    1e-4 * max(|ref|, 1e-3)) once its masks equal the CPU's for one of five seeds."""
+    1e-4 * max(|ref|, 1e-3)) once its masks equal the CPU's for one of five seeds. With and
+    without the PLR head (plr_dim 0: empty parameters at the end of the buffer)."""
     tol = dict(rtol=0, atol=0) if exact(device) else dict(rtol=1e-3, atol=1e-4, floor=1e-3)
     for seed in range(1 if exact(device) else 5):
-        c, g, yc, yg = pair_on(device, strategy, seed, training)
+        c, g, yc, yg = pair_on(device, strategy, seed, training, plr_dim)
         if np.array_equal(c.mask, g.mask):
             break
     else:
