@@ -125,6 +125,16 @@ typedef struct { float *p[RD_MOE_NPARAM]; } rd_moe_params;
 /* Point each entry into `buf` following the layout above. */
 void rd_moe_params_point(rd_moe_params *out, float *buf, const rd_moe_cfg *cfg);
 rd_status rd_moe_cfg_check(const rd_moe_cfg *cfg);
+/* The argument checks of a layer state's forward and backward and of its thresholds, for
+ * the CPU and CUDA layers alike (`fn` names the caller in the message): forward, cfg
+ * valid and B, L >= 1 with B*L within 32 bits; backward, cfg valid, a forward held
+ * (`have_forward`) and cfg's D, E, He those of that forward; thresholds, the `ntau` held
+ * (if any, `have_tau`) are the nt the strategy needs at L (RD_ESTATE otherwise). */
+rd_status rd_moe_forward_check(const char *fn, const rd_moe_cfg *cfg, int64_t B, int64_t L);
+rd_status rd_moe_backward_check(const char *fn, const rd_moe_cfg *cfg, int have_forward,
+                                int64_t D, int64_t E, int64_t He);
+rd_status rd_moe_ntau_check(const char *fn, const rd_moe_cfg *cfg, int have_tau, int64_t ntau,
+                            int64_t L, int64_t nt);
 /* The aux-loss weights of cfg, for the CPU and CUDA layers alike: sim_weight,
  * balance_weight and plr_weight finite and >= 0; sim / balance > 0 need E >= 2. */
 rd_status rd_moe_aux_weights_check(const rd_moe_cfg *cfg);

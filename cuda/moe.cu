@@ -244,16 +244,6 @@ __global__ void tau_mean_of_kernel(float *scal, const float *taus, int64_t n) {
     scal[0] = n ? (float)(sum / (double)n) : __int_as_float(0x7fc00000);
 }
 
-/* The thresholds held must be the nt the strategy needs (BE: L must not change). */
-static rd_status check_ntau(const rd_moe_cuda_state *st, const rd_moe_cfg *c, int64_t L,
-                            int64_t nt) {
-    if (!st->have_tau || st->ntau == nt) return RD_OK;
-    return rd_fail(RD_ESTATE, "moe_forward_cuda: the layer holds %lld thresholds, strategy %s "
-                   "with L=%lld, E=%lld needs %lld (set matching thresholds or forget them)",
-                   (long long)st->ntau, rd_strategy_name(c->strategy), (long long)L,
-                   (long long)c->E, (long long)nt);
-}
-
 /* The training update of every threshold from the route's per-group K-th values. */
 static rd_status update_taus(rd_moe_cuda_state *st, const rd_moe_cfg *c, int64_t nt) {
     float *taus, *scal = (float *)st->scal.p;
@@ -276,17 +266,15 @@ extern "C" rd_status rd_moe_forward_cuda(rd_moe_cuda_state *st, float *y, const 
                                          int64_t B, int64_t L, int training,
                                          const float *plr_target) {
     if (!st) return rd_fail(RD_EINVAL, "moe_forward_cuda: NULL state");
-    RD_TRY(rd_moe_cfg_check(cfg));
-    if (B <= 0 || L <= 0 || B * L > INT32_MAX)
-        return rd_fail(RD_EINVAL, "moe_forward_cuda: expected B, L >= 1 and B*L <= %d, got B=%lld L=%lld",
-                       INT32_MAX, (long long)B, (long long)L);
+    RD_TRY(rd_moe_forward_check("moe_forward_cuda", cfg, B, L));
     int64_t N = B * L, D = cfg->D, E = cfg->E, He = cfg->He;
     /* eval as on the CPU: exact top-K for token, expert and LE choice; G >= tau for BL,
      * BE and race, or batch top-K (tau untouched) with eval_topk or while the layer has
      * no tau yet (never trained, nor set) */
     int64_t nt = rd_route_num_thresholds(cfg->strategy, L, E);
     int topk = cfg->eval_topk || nt == 0 || !st->have_tau;
-    if (training || !topk) RD_TRY(check_ntau(st, cfg, L, nt));
+    if (training || !topk)  /* the thresholds held are those the strategy needs at L */
+        RD_TRY(rd_moe_ntau_check("moe_forward_cuda", cfg, st->have_tau, st->ntau, L, nt));
     st->have_forward = 0;
     float *hpre, *h, *R, *G, *scal;
     uint8_t *mask;
@@ -329,13 +317,8 @@ extern "C" rd_status rd_moe_backward_cuda(rd_moe_cuda_state *st, float *dx,
                                           const float *x, const rd_moe_cfg *cfg,
                                           const rd_moe_params *p) {
     if (!st) return rd_fail(RD_EINVAL, "moe_backward_cuda: NULL state");
-    RD_TRY(rd_moe_cfg_check(cfg));
-    if (!st->have_forward)
-        return rd_fail(RD_ESTATE, "moe_backward_cuda: no forward to differentiate (call forward first)");
-    if (cfg->D != st->D || cfg->E != st->E || cfg->He != st->He)
-        return rd_fail(RD_ESTATE, "moe_backward_cuda: config D=%lld E=%lld He=%lld differs from the "
-                       "last forward's D=%lld E=%lld He=%lld", (long long)cfg->D, (long long)cfg->E,
-                       (long long)cfg->He, (long long)st->D, (long long)st->E, (long long)st->He);
+    RD_TRY(rd_moe_backward_check("moe_backward_cuda", cfg, st->have_forward, st->D, st->E,
+                                 st->He));
     int64_t N = st->N, D = st->D, E = st->E, He = st->He;
     float *dh, *dG, *dR;
     RD_TRY(DBUF(st->dh, float, N * D, dh));

@@ -230,6 +230,38 @@ rd_status rd_moe_cfg_check(const rd_moe_cfg *c) {
     return RD_OK;
 }
 
+rd_status rd_moe_forward_check(const char *fn, const rd_moe_cfg *cfg, int64_t B, int64_t L) {
+    rd_status s = rd_moe_cfg_check(cfg);
+    if (s) return s;
+    if (B <= 0 || L <= 0 || B * L > INT_MAX)
+        return rd_fail(RD_EINVAL, "%s: expected B, L >= 1 and B*L <= %d, got B=%lld L=%lld", fn,
+                       INT_MAX, (long long)B, (long long)L);
+    return RD_OK;
+}
+
+rd_status rd_moe_backward_check(const char *fn, const rd_moe_cfg *cfg, int have_forward,
+                                int64_t D, int64_t E, int64_t He) {
+    rd_status s = rd_moe_cfg_check(cfg);
+    if (s) return s;
+    if (!have_forward)
+        return rd_fail(RD_ESTATE, "%s: no forward to differentiate (call forward first)", fn);
+    if (cfg->D != D || cfg->E != E || cfg->He != He)
+        return rd_fail(RD_ESTATE, "%s: config D=%lld E=%lld He=%lld differs from the last "
+                       "forward's D=%lld E=%lld He=%lld", fn, (long long)cfg->D,
+                       (long long)cfg->E, (long long)cfg->He, (long long)D, (long long)E,
+                       (long long)He);
+    return RD_OK;
+}
+
+rd_status rd_moe_ntau_check(const char *fn, const rd_moe_cfg *c, int have_tau, int64_t ntau,
+                            int64_t L, int64_t nt) {
+    if (!have_tau || ntau == nt) return RD_OK;
+    return rd_fail(RD_ESTATE, "%s: the layer holds %lld thresholds, strategy %s with L=%lld, "
+                   "E=%lld needs %lld (set matching thresholds or forget them)", fn,
+                   (long long)ntau, rd_strategy_name(c->strategy), (long long)L,
+                   (long long)c->E, (long long)nt);
+}
+
 /* ---- the composite layer ----------------------------------------------------- */
 
 struct rd_moe_state {
@@ -329,15 +361,6 @@ static rd_status reserve_tau(rd_moe_state *st, int64_t n) {
     return RD_OK;
 }
 
-/* The thresholds held must be the nt the strategy needs at these sizes (BE: one per
- * position, so L must not change). */
-static rd_status check_ntau(const rd_moe_state *st, const rd_moe_cfg *c, int64_t L, int64_t nt) {
-    if (!st->have_tau || st->ntau == nt) return RD_OK;
-    return rd_fail(RD_ESTATE, "the layer holds %lld thresholds, strategy %s with L=%lld, E=%lld "
-                   "needs %lld (set matching thresholds or forget them)", (long long)st->ntau,
-                   rd_strategy_name(c->strategy), (long long)L, (long long)c->E, (long long)nt);
-}
-
 /* The selection of docs/method.md §2-§3: batch top-K in training (recording each
  * threshold group's K-th value in kth and their mean in tau_b); in eval, token, expert and
  * LE choice keep their exact per-group top-K, BL / BE / race select G >= tau per pair, or,
@@ -348,13 +371,15 @@ static rd_status select_pairs(rd_moe_state *st, float *tau_b, const rd_moe_cfg *
     int64_t E = c->E, nt = rd_route_num_thresholds(c->strategy, L, E);
     rd_status s;
     if (training) {
-        if ((s = check_ntau(st, c, L, nt)) || (s = reserve_tau(st, nt))) return s;
+        if ((s = rd_moe_ntau_check("thresholds", c, st->have_tau, st->ntau, L, nt)) ||
+            (s = reserve_tau(st, nt)))
+            return s;
         return rd_route_kth(st->mask, nt ? st->kth : NULL, tau_b, st->G, B, L, E, c->k,
                             c->strategy);
     }
     if (c->eval_topk || nt == 0 || !st->have_tau)
         return rd_route(st->mask, NULL, st->G, B, L, E, c->k, c->strategy);
-    if ((s = check_ntau(st, c, L, nt))) return s;
+    if ((s = rd_moe_ntau_check("thresholds", c, st->have_tau, st->ntau, L, nt))) return s;
     return rd_route_thresholds(st->mask, st->G, st->taus, B, L, E, c->strategy);
 }
 
@@ -380,11 +405,8 @@ static rd_status moe_forward(rd_moe_state *st, float *y, const float *x,
                              const rd_moe_cfg *cfg, const rd_moe_params *p,
                              int64_t B, int64_t L, int training, const float *plr_target) {
     if (!st) return rd_fail(RD_EINVAL, "moe_forward: NULL state");
-    rd_status s = rd_moe_cfg_check(cfg);
+    rd_status s = rd_moe_forward_check("moe_forward", cfg, B, L);
     if (s) return s;
-    if (B <= 0 || L <= 0 || B * L > INT_MAX)
-        return rd_fail(RD_EINVAL, "moe_forward: expected B, L >= 1 and B*L <= %d, got B=%lld L=%lld",
-                       INT_MAX, (long long)B, (long long)L);
     int64_t N = B * L, D = cfg->D, E = cfg->E, He = cfg->He;
     st->have_forward = 0;
     if ((s = reserve(st, N, D, E))) return s;
@@ -415,14 +437,9 @@ static rd_status moe_backward(rd_moe_state *st, float *dx, const rd_moe_params *
                               const float *dy, const float *x,
                               const rd_moe_cfg *cfg, const rd_moe_params *p) {
     if (!st) return rd_fail(RD_EINVAL, "moe_backward: NULL state");
-    rd_status s = rd_moe_cfg_check(cfg);
+    rd_status s = rd_moe_backward_check("moe_backward", cfg, st->have_forward, st->D, st->E,
+                                        st->He);
     if (s) return s;
-    if (!st->have_forward)
-        return rd_fail(RD_ESTATE, "moe_backward: no forward to differentiate (call forward first)");
-    if (cfg->D != st->D || cfg->E != st->E || cfg->He != st->He)
-        return rd_fail(RD_ESTATE, "moe_backward: config D=%lld E=%lld He=%lld differs from the last "
-                       "forward's D=%lld E=%lld He=%lld", (long long)cfg->D, (long long)cfg->E,
-                       (long long)cfg->He, (long long)st->D, (long long)st->E, (long long)st->He);
     int64_t N = st->N, D = st->D, E = st->E, He = st->He;
     if ((s = reserve_backward(st))) return s;
     s = rd_experts_backward(st->ex, dx, st->dG, grad->p[RD_MOE_W1], grad->p[RD_MOE_B1],

@@ -14,6 +14,8 @@ from racedit import RaceDiT, ref
 from racedit.checkpoint import load_checkpoint, save_checkpoint, set_thresholds
 from racedit.factory import build_model
 
+from _numerics import on
+
 STRATEGIES = ["token", "expert", "bl", "be", "le", "race"]
 EXACT = ("token", "expert", "le")   # batch-independent groups: exact top-K at eval
 CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
@@ -107,14 +109,19 @@ def test_twin_thresholds_route_per_group():
     assert ref.threshold_update(None, kth, 0.9).tolist() == kth.tolist()
 
 
-def test_be_thresholds_of_another_length_are_refused():
-    """BE learns one threshold per position: another L at eval is an error, not a guess."""
-    m = layer("be")
+@pytest.mark.parametrize("device", on())
+def test_be_thresholds_of_another_length_are_refused(device):
+    """BE learns one threshold per position: another L is an error, not a guess, at eval
+    and in training (whose update would mix the positions), on every device."""
+    m = layer("be", device=device)
     m.forward(xs(2, 4, 1)[0])
     assert m.threshold.shape == (4,)
-    m.eval()
-    with pytest.raises(Exception, match="4 thresholds.*needs 5"):
+    with pytest.raises(RuntimeError, match="holds 4 thresholds, strategy be with L=5, E=4 needs 5"):
         m.forward(xs(2, 5, 1)[0])
+    m.eval()
+    with pytest.raises(RuntimeError, match="holds 4 thresholds, strategy be with L=5, E=4 needs 5"):
+        m.forward(xs(2, 5, 1)[0])
+    m.forward(xs(2, 4, 1)[0])                   # the layer still works at its own length
     with pytest.raises(ValueError, match=r"needs shape \(E,\) = \(4,\)"):
         layer("bl").threshold = [0.1, 0.2]
     with pytest.raises(ValueError, match="no threshold"):
