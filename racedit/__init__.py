@@ -90,7 +90,7 @@ def cuda_available():
 
 from . import configs, ops, ref  # noqa: E402
 from . import metrics, shapes_metric, vae  # noqa: E402,F401  (torch only when called)
-from .model import RaceDiT  # noqa: E402,F401
+from .model import DeviceArray, RaceDiT  # noqa: E402,F401
 from .moe import MoE  # noqa: E402,F401
 from .train import TrainConfig, train  # noqa: E402,F401
 from .sample import sample  # noqa: E402,F401  (the function; the module stays racedit.sample in sys.modules)

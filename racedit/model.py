@@ -13,11 +13,53 @@ from . import _C
 from .configs import count_params, get_config
 from .moe import GATINGS, STRATEGIES, check_loss_weight
 
-__all__ = ["RaceDiT", "DEVICES", "DTYPES"]
+__all__ = ["RaceDiT", "DeviceArray", "DEVICES", "DTYPES"]
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("fp32", "bf16")
 _PARAMS, _GRADS, _ADAM_M, _ADAM_V, _EMA = range(5)
+_BUFFERS = {"params": _PARAMS, "grads": _GRADS, "adam_m": _ADAM_M, "adam_v": _ADAM_V,
+            "ema": _EMA}
+
+
+class DeviceArray:
+    """One of a model's flat buffers in its device's memory, shared, not copied
+    (:meth:`RaceDiT.device_buffer`): ``(n,)`` float32 at address ``ptr``.
+
+    On CUDA it exposes ``__cuda_array_interface__`` (version 3), so ``torch.as_tensor(a,
+    device="cuda")``, ``cupy.asarray(a)`` or ``numba.cuda.as_cuda_array(a)`` wrap the
+    model's own memory: what they write, the model reads on its next call. Its ``stream``
+    is 1, the legacy default stream on which racedit queues all its CUDA work, so a
+    consumer orders its work after racedit's. It keeps its model alive, so the address
+    stays valid while it (or a consumer's view holding it) lives. ``interface`` is the same
+    dict on any device.
+    """
+
+    def __init__(self, owner, ptr, n, device):
+        self._owner, self.ptr, self.device = owner, int(ptr), device
+        self.shape, self.dtype = (int(n),), np.dtype(np.float32)
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def nbytes(self):
+        return self.shape[0] * self.dtype.itemsize
+
+    @property
+    def interface(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False),
+                "strides": None, "version": 3, "stream": 1}
+
+    @property
+    def __cuda_array_interface__(self):
+        if self.device != "cuda":
+            raise AttributeError(f"__cuda_array_interface__: this buffer is in the memory of "
+                                 f"the {self.device!r} backend, not CUDA memory")
+        return self.interface
+
+    def __repr__(self):
+        return f"DeviceArray(shape={self.shape}, dtype=float32, device={self.device!r}, ptr={self.ptr:#x})"
 
 
 def _xavier(rng, shape, fan_in, fan_out):
@@ -84,6 +126,8 @@ class RaceDiT:
     host COPY (writing into it changes nothing); ``set_param_buffer`` /
     ``set_ema_buffer`` / ``load_optimizer_state`` upload. Code written against the second
     contract (read the property, write with the setters) runs on either device.
+    ``device_buffer(which)`` shares a buffer without a copy on either device: the live view
+    on the CPU, a :class:`DeviceArray` with ``__cuda_array_interface__`` on CUDA.
 
     Initialisation (DiT's)
     ----------------------
@@ -219,6 +263,20 @@ class RaceDiT:
     def _named(self, flat):
         return {name: flat[off:off + int(np.prod(shape))].reshape(shape)
                 for name, off, shape in self.layout}
+
+    def device_buffer(self, which="params"):
+        """Buffer ``which`` ("params", "grads", "adam_m", "adam_v" or "ema") in the model's
+        own memory, not a copy: on the CPU its live NumPy view (as ``param_buffer``), on
+        another device a :class:`DeviceArray` (``__cuda_array_interface__`` on CUDA).
+        Writing through it changes the model as ``set_param_buffer`` would, without the
+        upload; the optimizer's steps and the EMA then start from what was written."""
+        if not isinstance(which, str) or which not in _BUFFERS:
+            raise ValueError(f"which: expected one of {', '.join(map(repr, _BUFFERS))}, "
+                             f"got {which!r}")
+        if self._live:
+            return self._live[_BUFFERS[which]]
+        return DeviceArray(self, _C.model_buffer_address(self._model, _BUFFERS[which]),
+                           self._n, self.device)
 
     @property
     def param_buffer(self):

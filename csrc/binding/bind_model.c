@@ -157,6 +157,18 @@ static PyObject *py_model_buffer(PyObject *self, PyObject *args) {
     return view;
 }
 
+/* model_buffer_address(model, which) -> the address of buffer `which` in the model's own
+ * memory (valid while the model lives; the buffers are allocated once, by model_new). */
+static PyObject *py_model_buffer_address(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap;
+    int which;
+    if (!PyArg_ParseTuple(args, "Oi:model_buffer_address", &cap, &which) || parse_which(which) < 0)
+        return NULL;
+    model_box *box = box_of(cap);
+    return box ? PyLong_FromVoidPtr(rd_model_buffer(box->m, which)) : NULL;
+}
+
 /* model_set_buffer(model, which, values (num_params,) float32): the buffer = values. */
 static PyObject *py_model_set_buffer(PyObject *self, PyObject *args) {
     (void)self;
@@ -495,6 +507,9 @@ static PyMethodDef model_methods[] = {
     {"model_buffer", py_model_buffer, METH_VARARGS,
      "model_buffer(model, which) -> buffer `which` (0 params, 1 grads, 2 adam_m, 3 adam_v, "
      "4 ema): a live view on the CPU, a copy elsewhere"},
+    {"model_buffer_address", py_model_buffer_address, METH_VARARGS,
+     "model_buffer_address(model, which) -> int: where buffer `which` lies in the model's "
+     "memory (valid while the model lives)"},
     {"model_set_buffer", py_model_set_buffer, METH_VARARGS,
      "model_set_buffer(model, which, values): buffer `which` = values"},
     {"model_zero_grad", py_model_zero_grad, METH_O, "model_zero_grad(model): gradients = 0"},

@@ -4,7 +4,8 @@ gradient (bit for bit on the checking backend; fp32 within tolerances on the GPU
 and MoE over several strategies and gatings, routing masks identical, aux losses and
 diagnostics; eval mode with the thresholds; a 20-step training loop (device step vs the CPU
 model with a NumPy AdamW) whose loss curves agree; the train step's clip / EMA / grads;
-bitwise run-to-run determinism and resume; bad input. bf16 models: tests/cuda."""
+bitwise run-to-run determinism and resume; bad input; device_buffer shares the model's
+memory (__cuda_array_interface__ on CUDA). bf16 models: tests/cuda."""
 import numpy as np
 import pytest
 from _model_pair import C, NCLS, S, batch, pair
@@ -333,3 +334,52 @@ def test_resume_from_saved_state_is_bitwise(device):
         assert a.dtype == "bf16"
     with pytest.raises(ValueError, match="dtype"):
         a.set_dtype("fp16")
+
+
+def _host_view(buf):
+    """A NumPy view of a DeviceArray of the checking backend (whose memory the host can
+    read): what a CUDA consumer of __cuda_array_interface__ would get on the GPU."""
+    import ctypes
+    return np.ctypeslib.as_array((ctypes.c_float * len(buf)).from_address(buf.ptr))
+
+
+@pytest.mark.parametrize("device", on("cpu", "check", "cuda"))
+def test_device_buffer_shares_the_model_memory(device):
+    """device_buffer(which): the live view on the CPU; elsewhere a DeviceArray at the
+    buffer's address (no copy): what is written through it, the model computes with, and
+    it keeps the model alive."""
+    m, _ = pair("RaceDiT-T/2-2in4", "cpu", seed=5)
+    g = RaceDiT("RaceDiT-T/2-2in4", input_size=S, in_channels=C, num_classes=NCLS,
+                device=device, class_dropout_prob=0.0)
+    x, t, y, _ = batch(3)
+    with pytest.raises(ValueError, match="which: expected one of 'params'.*got 'weights'"):
+        g.device_buffer("weights")
+    buf = g.device_buffer("params")
+    if device == "cpu":
+        assert isinstance(buf, np.ndarray) and np.shares_memory(buf, g.param_buffer)
+        buf[:] = m.param_buffer
+    else:
+        assert isinstance(buf, racedit.DeviceArray)
+        assert len(buf) == g.num_params() and buf.nbytes == 4 * g.num_params()
+        iface = buf.interface
+        assert iface == {"shape": (g.num_params(),), "typestr": "<f4",
+                         "data": (buf.ptr, False), "strides": None, "version": 3, "stream": 1}
+        assert hasattr(buf, "__cuda_array_interface__") == (device == "cuda")
+        ptrs = {g.device_buffer(w).ptr for w in ("params", "grads", "adam_m", "adam_v", "ema")}
+        assert len(ptrs) == 5 and buf.ptr in ptrs
+        if device == "check":
+            _host_view(buf)[:] = m.param_buffer
+        else:
+            torch = pytest.importorskip("torch")
+            if not torch.cuda.is_available():
+                pytest.skip("torch without CUDA")
+            view = torch.as_tensor(buf, device="cuda")
+            assert view.data_ptr() == buf.ptr
+            view.copy_(torch.from_numpy(m.param_buffer).cuda())
+    np.testing.assert_array_equal(g.param_buffer, m.param_buffer)
+    close(g.forward(x, t, y), m.forward(x, t, y), "out", device=device)
+    if device == "check":
+        del g
+        import gc
+        gc.collect()
+        np.testing.assert_array_equal(_host_view(buf), m.param_buffer)   # the model lives on
