@@ -132,7 +132,6 @@ rd_status rd_moe_cuda_state_view(rd_moe_cuda_state *st, rd_moe_view *out);
  * and routing stay fp32 (TF32 router GEMMs only under rd_cuda_set_tf32(1)), so the masks
  * do not depend on it. A change drops the last forward. RD_EINVAL for an unknown value. */
 rd_status rd_moe_cuda_set_precision(rd_moe_cuda_state *st, int prec);
-int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st);
 /* The aux losses and diagnostics of the last forward (zeros before any), as rd_moe_get_aux:
  * load is a HOST array (E) owned by the state, plr_pred a DEVICE pointer (N,plr_dim) or
  * NULL; tau / tau_b read back from the device (NaN when unset). Synchronises. */
@@ -202,7 +201,6 @@ rd_status rd_adamw_ema_step_cuda(float *params, const float *grads, float *m, fl
                                  float *ema, int64_t n, double lr, double beta1, double beta2,
                                  double eps, double weight_decay, int64_t step,
                                  double grad_scale, double ema_decay);
-rd_status rd_ema_update_cuda(float *ema, const float *params, int64_t n, double decay);
 /* *out_dev (a DEVICE double) = sqrt(sum grads^2): double sums over chunks of 8192 elements
  * added in order (deterministic; not bitwise the CPU's, whose chunks sum sequentially). */
 rd_status rd_grad_norm_cuda(double *out_dev, const float *grads, int64_t n);

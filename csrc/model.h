@@ -22,17 +22,13 @@
  * l = hi*(W/p) + wi, row-major over the patch grid (timm's PatchEmbed). */
 typedef enum { RD_PATCH_CIJ = 0, RD_PATCH_IJC = 1 } rd_patch_order;
 
-/* tok (B,L,p*p*C) <- img (B,C,H,W); H and W multiples of p. */
+/* tok (B,L,p*p*C) <- img (B,C,H,W); H and W multiples of p. Each is the other's inverse
+ * permutation, so the backward of one is the forward of the other. */
 rd_status rd_patchify_forward(float *tok, const float *img, int64_t B, int64_t C, int64_t H,
                               int64_t W, int64_t p, rd_patch_order order);
-/* dimg (B,C,H,W) = dtok (B,L,p*p*C) put back (the adjoint is the inverse permutation). */
-rd_status rd_patchify_backward(float *dimg, const float *dtok, int64_t B, int64_t C, int64_t H,
-                               int64_t W, int64_t p, rd_patch_order order);
-/* img (B,C,H,W) <- tok (B,L,p*p*C), and its backward (= patchify of dimg). */
+/* img (B,C,H,W) <- tok (B,L,p*p*C). */
 rd_status rd_unpatchify_forward(float *img, const float *tok, int64_t B, int64_t C, int64_t H,
                                 int64_t W, int64_t p, rd_patch_order order);
-rd_status rd_unpatchify_backward(float *dtok, const float *dimg, int64_t B, int64_t C,
-                                 int64_t H, int64_t W, int64_t p, rd_patch_order order);
 
 /* pe (gh*gw, D): DiT's fixed 2-D sin-cos embedding (MAE's get_2d_sincos_pos_embed):
  * token (r, s) gets [sin(s w), cos(s w), sin(r w), cos(r w)], w_k = 10000^(-k/(D/4)),

@@ -74,12 +74,6 @@ rd_status rd_matmul(float *C, int ldc, const float *A, int lda, int transA,
 /* Threads: number OpenMP will use (1 without OpenMP). */
 int rd_num_threads(void);
 
-/* ---- Elementwise helpers shared by several ops ------------------------------ */
-float rd_gelu_tanh(float x);
-float rd_gelu_tanh_grad(float x);   /* d/dx GELU_tanh(x) */
-float rd_gelu_erf(float x);
-float rd_gelu_erf_grad(float x);
-
 #include "route.h"
 #include "moe.h"
 #include "losses.h"

@@ -344,10 +344,6 @@ extern "C" rd_status rd_moe_cuda_set_precision(rd_moe_cuda_state *st, int prec) 
     return RD_OK;
 }
 
-extern "C" int rd_moe_cuda_get_precision(const rd_moe_cuda_state *st) {
-    return st ? rd_experts_cuda_get_precision(st->ex) : 0;
-}
-
 /* The thresholds read back into the host copy (synchronises). */
 static rd_status download_taus(rd_moe_cuda_state *st) {
     if (!st->have_tau || st->ntau == 0) return RD_OK;

@@ -56,23 +56,6 @@ extern "C" rd_status rd_adamw_ema_step_cuda(float *params, const float *grads, f
     return RD_OK;
 }
 
-__global__ void ema_kernel(float *ema, const float *p, float d, float w, int64_t n) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (int64_t)gridDim.x * blockDim.x)
-        ema[i] = __fadd_rn(__fmul_rn(ema[i], d), __fmul_rn(p[i], w));
-}
-
-extern "C" rd_status rd_ema_update_cuda(float *ema, const float *params, int64_t n, double decay) {
-    if (n < 0) return rd_fail(RD_EINVAL, "ema_update_cuda: n must be >= 0, got %lld", (long long)n);
-    if (!(decay >= 0.0 && decay <= 1.0))
-        return rd_fail(RD_EINVAL, "ema_update_cuda: decay must lie in [0, 1], got %g", decay);
-    if (n == 0) return RD_OK;
-    ema_kernel<<<rd_grid(n, OP_THREADS), OP_THREADS, 0, RD_STREAM>>>(ema, params, (float)decay,
-                                                                     (float)(1.0 - decay), n);
-    CU_LAUNCHED("ema_kernel");
-    return RD_OK;
-}
-
 /* part[c] = sum of grads[i]^2 (double) over chunk c of OP_NORM_CHUNK elements: one block
  * per chunk, a fixed-order tree. */
 __global__ void sumsq_chunks_kernel(double *part, const float *x, int64_t n) {

@@ -90,22 +90,3 @@ rd_status rd_matmul(float *C, int ldc, const float *A, int lda, int transA,
     return RD_OK;
 }
 
-/* GELU with the tanh approximation (the experts' nonlinearity, as DiT's MLP). */
-#define RD_SQRT_2_OVER_PI 0.7978845608028654f
-#define RD_GELU_C 0.044715f
-float rd_gelu_tanh(float x) {
-    float u = RD_SQRT_2_OVER_PI * (x + RD_GELU_C * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(u));
-}
-float rd_gelu_tanh_grad(float x) {
-    float u = RD_SQRT_2_OVER_PI * (x + RD_GELU_C * x * x * x);
-    float t = tanhf(u);
-    float du = RD_SQRT_2_OVER_PI * (1.0f + 3.0f * RD_GELU_C * x * x);
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-}
-/* Exact GELU (the router's nonlinearity). */
-float rd_gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f)); }
-float rd_gelu_erf_grad(float x) {
-    return 0.5f * (1.0f + erff(x * 0.7071067811865476f)) +
-           x * 0.3989422804014327f * expf(-0.5f * x * x);
-}

@@ -59,17 +59,9 @@ rd_status rd_patchify_forward(float *tok, const float *img, int64_t B, int64_t C
                               int64_t W, int64_t p, rd_patch_order order) {
     return patch_move(tok, (float *)img, 1, B, C, H, W, p, order, "patchify");
 }
-rd_status rd_patchify_backward(float *dimg, const float *dtok, int64_t B, int64_t C, int64_t H,
-                               int64_t W, int64_t p, rd_patch_order order) {
-    return patch_move((float *)dtok, dimg, 0, B, C, H, W, p, order, "patchify_backward");
-}
 rd_status rd_unpatchify_forward(float *img, const float *tok, int64_t B, int64_t C, int64_t H,
                                 int64_t W, int64_t p, rd_patch_order order) {
     return patch_move((float *)tok, img, 0, B, C, H, W, p, order, "unpatchify");
-}
-rd_status rd_unpatchify_backward(float *dtok, const float *dimg, int64_t B, int64_t C,
-                                 int64_t H, int64_t W, int64_t p, rd_patch_order order) {
-    return patch_move(dtok, (float *)dimg, 1, B, C, H, W, p, order, "unpatchify_backward");
 }
 
 /* ---- fixed embeddings ------------------------------------------------------------ */
