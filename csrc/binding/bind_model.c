@@ -120,12 +120,6 @@ static PyObject *py_model_num_params(PyObject *self, PyObject *cap) {
     return box ? PyLong_FromLongLong(rd_model_num_params(box->m)) : NULL;
 }
 
-static PyObject *py_model_device(PyObject *self, PyObject *cap) {
-    (void)self;
-    model_box *box = box_of(cap);
-    return box ? PyUnicode_FromString(rd_model_backend(box->m)->name) : NULL;
-}
-
 static int parse_which(int which) {
     if (which >= 0 && which < RD_MODEL_NBUF) return 0;
     PyErr_Format(PyExc_ValueError, "which: expected 0..%d (params, grads, adam_m, adam_v, ema), "
@@ -503,7 +497,6 @@ static PyMethodDef model_methods[] = {
      "sim_weight=0.01, balance_weight=0) -> capsule"},
     {"model_layout", py_model_layout, METH_O, "model_layout(model) -> [(name, offset, shape)]"},
     {"model_num_params", py_model_num_params, METH_O, "model_num_params(model) -> int"},
-    {"model_device", py_model_device, METH_O, "model_device(model) -> the device name"},
     {"model_buffer", py_model_buffer, METH_VARARGS,
      "model_buffer(model, which) -> buffer `which` (0 params, 1 grads, 2 adam_m, 3 adam_v, "
      "4 ema): a live view on the CPU, a copy elsewhere"},
