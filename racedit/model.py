@@ -275,8 +275,8 @@ class RaceDiT:
                              f"got {which!r}")
         if self._live:
             return self._live[_BUFFERS[which]]
-        return DeviceArray(self, _C.model_buffer_address(self._model, _BUFFERS[which]),
-                           self._n, self.device)
+        return DeviceArray(self, _C.model_buffer(self._model, _BUFFERS[which], True), self._n,
+                           self.device)
 
     @property
     def param_buffer(self):

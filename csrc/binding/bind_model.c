@@ -127,19 +127,23 @@ static int parse_which(int which) {
     return -1;
 }
 
-/* model_buffer(model, which) -> (num_params,) float32: on the CPU a live, writeable view of
- * the model's buffer (it keeps the model alive), elsewhere a copy. */
+/* model_buffer(model, which, address=False) -> (num_params,) float32: on the CPU a live,
+ * writeable view of the model's buffer (it keeps the model alive), elsewhere a copy; with
+ * `address`, the int address of the buffer in the model's own memory instead (valid while
+ * the model lives: the buffers are allocated once, by model_new). */
 static PyObject *py_model_buffer(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *cap;
-    int which;
-    if (!PyArg_ParseTuple(args, "Oi:model_buffer", &cap, &which) || parse_which(which) < 0)
+    int which, address = 0;
+    if (!PyArg_ParseTuple(args, "Oi|p:model_buffer", &cap, &which, &address) ||
+        parse_which(which) < 0)
         return NULL;
     model_box *box = box_of(cap);
     if (!box) return NULL;
     const rd_backend *be = rd_model_backend(box->m);
     npy_intp n[1] = {(npy_intp)rd_model_num_params(box->m)};
     float *buf = rd_model_buffer(box->m, which);
+    if (address) return PyLong_FromVoidPtr(buf);
     if (!be->host_memory) { /* a copy, taken while no other call works on the model */
         if (rd_take(&box->busy, "model") < 0) return NULL;
         PyObject *copy = rd_download_array(be, buf, 1, n, F32);
@@ -149,18 +153,6 @@ static PyObject *py_model_buffer(PyObject *self, PyObject *args) {
     PyObject *view = PyArray_SimpleNewFromData(1, n, F32, buf);
     if (view && PyArray_SetBaseObject((PyArrayObject *)view, Py_NewRef(cap)) < 0) Py_CLEAR(view);
     return view;
-}
-
-/* model_buffer_address(model, which) -> the address of buffer `which` in the model's own
- * memory (valid while the model lives; the buffers are allocated once, by model_new). */
-static PyObject *py_model_buffer_address(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *cap;
-    int which;
-    if (!PyArg_ParseTuple(args, "Oi:model_buffer_address", &cap, &which) || parse_which(which) < 0)
-        return NULL;
-    model_box *box = box_of(cap);
-    return box ? PyLong_FromVoidPtr(rd_model_buffer(box->m, which)) : NULL;
 }
 
 /* model_set_buffer(model, which, values (num_params,) float32): the buffer = values. */
@@ -498,11 +490,9 @@ static PyMethodDef model_methods[] = {
     {"model_layout", py_model_layout, METH_O, "model_layout(model) -> [(name, offset, shape)]"},
     {"model_num_params", py_model_num_params, METH_O, "model_num_params(model) -> int"},
     {"model_buffer", py_model_buffer, METH_VARARGS,
-     "model_buffer(model, which) -> buffer `which` (0 params, 1 grads, 2 adam_m, 3 adam_v, "
-     "4 ema): a live view on the CPU, a copy elsewhere"},
-    {"model_buffer_address", py_model_buffer_address, METH_VARARGS,
-     "model_buffer_address(model, which) -> int: where buffer `which` lies in the model's "
-     "memory (valid while the model lives)"},
+     "model_buffer(model, which, address=False) -> buffer `which` (0 params, 1 grads, "
+     "2 adam_m, 3 adam_v, 4 ema): a live view on the CPU, a copy elsewhere; with address, "
+     "its int address in the model's memory (valid while the model lives)"},
     {"model_set_buffer", py_model_set_buffer, METH_VARARGS,
      "model_set_buffer(model, which, values): buffer `which` = values"},
     {"model_zero_grad", py_model_zero_grad, METH_O, "model_zero_grad(model): gradients = 0"},

@@ -357,6 +357,7 @@ def test_device_buffer_shares_the_model_memory(device):
     buf = g.device_buffer("params")
     if device == "cpu":
         assert isinstance(buf, np.ndarray) and np.shares_memory(buf, g.param_buffer)
+        assert racedit._C.model_buffer(g._model, 0, True) == buf.ctypes.data
         buf[:] = m.param_buffer
     else:
         assert isinstance(buf, racedit.DeviceArray)
