@@ -350,6 +350,16 @@ int rd_call_stage(rd_call *c, const rd_backend *be) {
     for (int i = 0; i < c->n && !c->status; i++) {
         rd_call_item *it = &c->item[i];
         if (be->host_memory) { it->dev = PyArray_DATA(it->a); continue; }
+        /* an array registered twice (an input that is also written) has one copy, as it has
+         * one memory on the host: the op sees it wherever the array is passed
+         * (rd_call_dev finds the first entry), and that entry downloads it if either does */
+        int j = 0;
+        while (j < i && c->item[j].a != it->a) j++;
+        if (j < i) {
+            c->item[j].out |= it->out;
+            it->dev = c->item[j].dev;
+            continue;
+        }
         const size_t bytes = (size_t)PyArray_NBYTES(it->a);
         c->status = be->alloc(&it->dev, bytes);
         it->copied = it->dev != NULL;

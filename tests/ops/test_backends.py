@@ -224,6 +224,22 @@ def test_refused_op_frees_its_copies_and_references():
     assert [sys.getrefcount(a) for a in (scores, x, W, dW)] == refs
 
 
+def test_an_array_read_and_written_by_one_call_has_one_copy():
+    """The same array passed as an input and as a buffer the op writes (W as dW): one memory
+    on the CPU, so one copy on the device, and the write reaches the array as on the CPU;
+    nothing is left in the pool."""
+    dout, inp = rand(4, 3), rand(4, 3, seed=1)
+    results = {}
+    for device in ("cpu", CHECK):
+        W = rand(3, 3, seed=2)
+        refs, live = sys.getrefcount(W), _C.check_pool()["live"]
+        dinp = _C.dit_linear_backward(dout, inp, W, W, device=device)
+        assert sys.getrefcount(W) == refs and _C.check_pool()["live"] == live
+        results[device] = (dinp, W)
+    same(results[CHECK], results["cpu"])
+    np.testing.assert_allclose(results["cpu"][1], rand(3, 3, seed=2) + dout.T @ inp, rtol=1e-6)
+
+
 # ---- the checker itself --------------------------------------------------------------------
 def test_checker_refuses_mix_ups():
     assert "argument x is not memory of this backend" in _C.check_probe("host")
