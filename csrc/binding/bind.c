@@ -325,7 +325,7 @@ PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out) {
         PyErr_Format(PyExc_RuntimeError, "binding: more than %d arrays in one call", RD_CALL_MAX);
         return NULL;
     }
-    c->item[c->n++] = (rd_call_item){a, NULL, (unsigned char)own, (unsigned char)out, 0};
+    c->item[c->n++] = (rd_call_item){a, NULL, (unsigned char)own, (unsigned char)out, 0, 0};
     return a;
 }
 
@@ -341,6 +341,13 @@ PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int type
 
 PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
     return rd_call_add(c, rd_new_array(ndim, shape, typenum), 1, 1);
+}
+
+PyArrayObject *rd_call_scratch(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
+    PyArrayObject *e = (PyArrayObject *)PyArray_EMPTY(ndim, (npy_intp *)shape, typenum, 0);
+    PyArrayObject *a = rd_call_add(c, e, 1, 0);
+    if (a) c->item[c->n - 1].scratch = 1;
+    return a;
 }
 
 int rd_call_stage(rd_call *c, const rd_backend *be) {
@@ -363,7 +370,8 @@ int rd_call_stage(rd_call *c, const rd_backend *be) {
         const size_t bytes = (size_t)PyArray_NBYTES(it->a);
         c->status = be->alloc(&it->dev, bytes);
         it->copied = it->dev != NULL;
-        if (!c->status) c->status = be->upload(it->dev, PyArray_DATA(it->a), bytes);
+        if (!c->status && !it->scratch)
+            c->status = be->upload(it->dev, PyArray_DATA(it->a), bytes);
     }
     return 0;
 }

@@ -117,6 +117,7 @@ typedef struct {
     PyArrayObject *a;
     void *dev;                      /* where the op sees it (rd_call_dev) */
     unsigned char own, out, copied; /* a reference held; downloaded; dev is a copy */
+    unsigned char scratch;          /* op-only memory: never uploaded nor downloaded */
 } rd_call_item;
 typedef struct {
     const rd_backend *be;
@@ -132,6 +133,10 @@ PyArrayObject *rd_call_in(rd_call *c, PyObject *obj, const char *name, int typen
 PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
                            const npy_intp *shape);
 PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum);
+/* Scratch the op fully writes before it reads it, returned to nobody: an uninitialised
+ * host array on a host-memory backend, elsewhere backend memory with nothing uploaded or
+ * downloaded (the array only names it). */
+PyArrayObject *rd_call_scratch(rd_call *c, int ndim, const npy_intp *shape, int typenum);
 /* Register `a` (NULL passes through): `own` takes its reference, `out` downloads it. */
 PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out);
 int rd_call_stage(rd_call *c, const rd_backend *be);   /* rd_device_ready, then each array */

@@ -387,9 +387,10 @@ static PyObject *attention_op(PyObject *args, PyObject *kw, int backward) {
     } else {
         NEW(out, 3, B, L, D);
     }
-    /* att, or the backward's scratch (not downloaded) */
+    /* att, or the backward's scratch (assigned before it is read; backend memory only) */
     npy_intp sa[4] = {B, NH, L, L};
-    if (!(aux = rd_call_add(&c, rd_new_array(4, sa, F32), 1, !backward))) goto done;
+    if (!(aux = backward ? rd_call_scratch(&c, 4, sa, F32) : rd_call_new(&c, 4, sa, F32)))
+        goto done;
     if (new_ctx(&c, be, prec) < 0) goto done;
     RD_CALL_RUN(c, be, backward ? be->attention_backward(c.free_arg, DV(out), DV(aux), DV(dout),
                                                          DV(qkv), DV(att), B, L, D, NH)
