@@ -164,11 +164,13 @@ extern const rd_backend rd_backend_cuda;
  * without it (whether a device is usable is the caller's question: rd_cuda_device_count). */
 rd_status rd_backend_get(const char *name, const rd_backend **out);
 
-/* The checking backend's pool: live allocations and bytes, and the count and first message
+/* The checking backend's pool: live allocations and bytes, the count and first message
  * of the misuses it saw (pointers it did not hand out, guard bytes overwritten, a free of
- * an unknown pointer); reset clears the misuses. */
+ * an unknown pointer), and the uploads and downloads made (count, bytes); reset clears the
+ * misuses and the transfer counts. */
 typedef struct {
     int64_t live, bytes, errors;
+    int64_t uploads, upload_bytes, downloads, download_bytes;
     char first_error[256];
 } rd_check_report;
 void rd_check_pool_report(rd_check_report *out);

@@ -515,7 +515,9 @@ class RaceDiT:
         return [_C.model_moe_get(self._model, l, name) for l in range(self.num_moe_layers)]
 
     def _auxes(self):
-        return self._moe_get("aux")
+        """Per MoE layer the aux dict of its last forward without the PLR prediction (no
+        array crosses from the device), None before any."""
+        return self._moe_get("aux_stats")
 
     def aux(self):
         """Unweighted aux losses of the last forward, each the mean over MoE layers:

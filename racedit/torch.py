@@ -481,7 +481,7 @@ def _race_forward(m, x, plr_target):
     plr_on = m.training and m.plr_dim > 0
     params = [getattr(m, n) for n in PARAM_NAMES]
     y, R, h = _Layer.apply(x.contiguous(), m, aux_on, plr_on, *params)
-    info = _C.moe_get(st, "aux")
+    info = _C.moe_get(st, "aux_stats")  # the diagnostics; the PLR head is torch's here
     if m.training and m.strategy in ("race", "bl", "be"):
         th = _C.moe_get(st, "thresholds")
         m._set_threshold_value(None if th is None or th.size == 0 else

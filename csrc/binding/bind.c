@@ -340,13 +340,15 @@ PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int type
 }
 
 PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
-    return rd_call_add(c, rd_new_array(ndim, shape, typenum), 1, 1);
+    PyArrayObject *a = rd_call_add(c, rd_new_array(ndim, shape, typenum), 1, 1);
+    if (a) c->item[c->n - 1].init = 1;
+    return a;
 }
 
 PyArrayObject *rd_call_scratch(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
     PyArrayObject *e = (PyArrayObject *)PyArray_EMPTY(ndim, (npy_intp *)shape, typenum, 0);
     PyArrayObject *a = rd_call_add(c, e, 1, 0);
-    if (a) c->item[c->n - 1].scratch = 1;
+    if (a) c->item[c->n - 1].init = 2;
     return a;
 }
 
@@ -370,8 +372,10 @@ int rd_call_stage(rd_call *c, const rd_backend *be) {
         const size_t bytes = (size_t)PyArray_NBYTES(it->a);
         c->status = be->alloc(&it->dev, bytes);
         it->copied = it->dev != NULL;
-        if (!c->status && !it->scratch)
+        if (!c->status && it->init == 0)
             c->status = be->upload(it->dev, PyArray_DATA(it->a), bytes);
+        else if (!c->status && it->init == 1)
+            c->status = be->memset(it->dev, 0, bytes);
     }
     return 0;
 }
@@ -566,17 +570,19 @@ static PyObject *int64_copy(const int64_t *src, int64_t n) {
     return (PyObject *)a;
 }
 
-/* The entries that come from arrays: expert_load, plr_pred. */
+/* The entries that come from arrays: expert_load (host memory) and, with `pred`, plr_pred
+ * (the one download). */
 static int aux_arrays(PyObject *d, const rd_backend *be, const rd_moe_view *v,
-                      const rd_moe_aux *a) {
+                      const rd_moe_aux *a, int pred) {
     npy_intp sp[3] = {v->B, v->L, (npy_intp)a->plr_dim};
     if (dict_put(d, "expert_load", int64_copy(a->load, a->E)) < 0) return -1;
-    PyObject *pred = a->plr_pred ? rd_download_array(be, a->plr_pred, 3, sp, NPY_FLOAT32)
-                                 : Py_NewRef(Py_None);
-    return dict_put(d, "plr_pred", pred);
+    if (!pred) return 0;
+    PyObject *p = a->plr_pred ? rd_download_array(be, a->plr_pred, 3, sp, NPY_FLOAT32)
+                              : Py_NewRef(Py_None);
+    return dict_put(d, "plr_pred", p);
 }
 
-static PyObject *moe_aux_dict(const rd_backend *be, void *st) {
+static PyObject *moe_aux_dict(const rd_backend *be, void *st, int pred) {
     rd_moe_view v;
     rd_moe_aux a;
     rd_status s = be->moe_view(st, &v);
@@ -595,23 +601,24 @@ static PyObject *moe_aux_dict(const rd_backend *be, void *st) {
         dict_put(d, "threshold", tau_or_none(v.have_tau && v.ntau > 0, v.tau)) ||
         dict_put(d, "batch_threshold", tau_or_none(v.have_tau, v.tau_b)) ||
         dict_put(d, "training", PyBool_FromLong(a.training)) ||
-        aux_arrays(d, be, &v, &a) < 0)
+        aux_arrays(d, be, &v, &a, pred) < 0)
         Py_CLEAR(d);
     return d;
 }
 
 PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name) {
     static const char *const known[] = {"threshold", "aux", "batch_threshold", "mask", "gates",
-                                        "logits", "hidden", "counts", "pairs", "thresholds"};
+                                        "logits", "hidden", "counts", "pairs", "thresholds",
+                                        "aux_stats"};
     int k = 0;
-    while (k < 10 && strcmp(name, known[k])) k++;
-    if (k == 10) {
+    while (k < 11 && strcmp(name, known[k])) k++;
+    if (k == 11) {
         PyErr_Format(PyExc_ValueError, "name: expected one of threshold, thresholds, "
-                     "batch_threshold, mask, gates, logits, hidden, counts, pairs, aux; got '%s'",
-                     name);
+                     "batch_threshold, mask, gates, logits, hidden, counts, pairs, aux, "
+                     "aux_stats; got '%s'", name);
         return NULL;
     }
-    if (k == 1) return moe_aux_dict(be, st);
+    if (k == 1 || k == 10) return moe_aux_dict(be, st, k == 1);
     rd_moe_view v;
     rd_status s = be->moe_view(st, &v);
     if (s) return rd_raise(s);

@@ -107,9 +107,10 @@ int rd_device_ready(const rd_backend *be);
  * with the exception set, like the rd_* function it wraps. rd_call_stage puts them in the
  * backend's memory in the order registered: on a host-memory backend (the CPU) the NumPy
  * data itself; elsewhere copies allocated and uploaded (the GIL held), outputs starting as
- * their arrays' contents (zeros for new arrays). A failed upload is kept as the call's
- * status: the op is skipped and the failure raised by rd_call_finish, which downloads the
- * outputs' copies into their arrays and frees every copy. rd_call_end, at the function's
+ * their arrays' contents (new arrays as zeros set on the backend, not uploaded). A failed
+ * upload is kept as the call's status: the op is skipped and the failure raised by
+ * rd_call_finish, which downloads the outputs' copies into their arrays and frees every
+ * copy. rd_call_end, at the function's
  * one cleanup label, frees what the call holds: the references, a context
  * (`free_fn(free_arg)`) and the claim on a stateful object (`busy`). */
 #define RD_CALL_MAX 24
@@ -117,7 +118,8 @@ typedef struct {
     PyArrayObject *a;
     void *dev;                      /* where the op sees it (rd_call_dev) */
     unsigned char own, out, copied; /* a reference held; downloaded; dev is a copy */
-    unsigned char scratch;          /* op-only memory: never uploaded nor downloaded */
+    unsigned char init;             /* a copy starts as: 0 the array uploaded, 1 zeros set
+                                       on the backend (a new array), 2 as it is (scratch) */
 } rd_call_item;
 typedef struct {
     const rd_backend *be;
@@ -215,7 +217,8 @@ PyObject *rd_thresholds_of(const rd_moe_view *v);
  * diagnostics as a dict (None before a forward): sim_loss, balance_loss, plr_loss (None
  * when not computed), aux_loss, max_violation, combination_usage, dead_experts,
  * experts_per_token, expert_load (E,), threshold, batch_threshold (None before the first
- * training forward), plr_pred (B,L,plr_dim) or None, training. Copies. One set of names
+ * training forward), plr_pred (B,L,plr_dim) or None, training; "aux_stats": that dict
+ * without plr_pred, so nothing is downloaded (scalars only off the CPU). Copies. One set of names
  * and one dict shape for a MoE layer and a model's MoE blocks on every device;
  * ValueError for another name. */
 PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name);

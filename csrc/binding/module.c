@@ -72,7 +72,7 @@ static PyObject *py_cuda_device_count(PyObject *self, PyObject *noargs) {
 }
 
 /* check_pool() -> dict: the checking backend's pool (backend.h's rd_check_report);
- * check_pool(reset=True) also forgets the misuses seen so far. */
+ * check_pool(reset=True) also forgets the misuses and the transfers counted so far. */
 static PyObject *py_check_pool(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *kws[] = {"reset", NULL};
@@ -81,9 +81,11 @@ static PyObject *py_check_pool(PyObject *self, PyObject *args, PyObject *kw) {
     rd_check_report r;
     rd_check_pool_report(&r);
     if (reset) rd_check_pool_reset();
-    return Py_BuildValue("{s:L,s:L,s:L,s:s}", "live", (long long)r.live, "bytes",
-                         (long long)r.bytes, "errors", (long long)r.errors, "first_error",
-                         r.first_error);
+    return Py_BuildValue("{s:L,s:L,s:L,s:s,s:L,s:L,s:L,s:L}", "live", (long long)r.live,
+                         "bytes", (long long)r.bytes, "errors", (long long)r.errors,
+                         "first_error", r.first_error, "uploads", (long long)r.uploads,
+                         "upload_bytes", (long long)r.upload_bytes, "downloads",
+                         (long long)r.downloads, "download_bytes", (long long)r.download_bytes);
 }
 
 /* check_probe(kind) -> the message of the checking backend's refusal of a mix-up made on
@@ -112,7 +114,8 @@ static PyMethodDef core_methods[] = {
     {"check_probe", py_check_probe, METH_VARARGS,
      "check_probe(kind) -> the checking backend's message for a mix-up made on purpose."},
     {"check_pool", (PyCFunction)(void (*)(void))py_check_pool, METH_VARARGS | METH_KEYWORDS,
-     "check_pool(reset=False) -> the checking backend's pool: live allocations, bytes, errors."},
+     "check_pool(reset=False) -> the checking backend's pool: live allocations, bytes, errors, "
+     "uploads and downloads (count, bytes)."},
     {"build_info", py_build_info, METH_NOARGS, "What the C core was built with."},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "Number of CUDA devices usable by the compiled CUDA code (0 when none or not built)."},

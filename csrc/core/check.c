@@ -29,8 +29,17 @@ static struct {
     pthread_mutex_t mu;
     chunk *c;
     int64_t n, cap, bytes, errors;
+    int64_t uploads, upload_bytes, downloads, download_bytes; /* since the last reset */
     char first[256];
-} pool = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0, 0, 0, ""};
+} pool = {PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0, 0, 0, 0, 0, 0, 0, ""};
+
+/* One transfer counted (direction d: 0 upload, 1 download). */
+static void count(int d, size_t bytes) {
+    pthread_mutex_lock(&pool.mu);
+    if (d) { pool.downloads++; pool.download_bytes += (int64_t)bytes; }
+    else { pool.uploads++; pool.upload_bytes += (int64_t)bytes; }
+    pthread_mutex_unlock(&pool.mu);
+}
 
 /* Record a misuse (the first message is kept) and return it as RD_ESTATE. Called with the
  * pool's lock held. */
@@ -141,6 +150,7 @@ static rd_status ck_upload(void *dst, const void *host, size_t bytes) {
     CK("upload", dst);
     rd_status s = host_side("upload", host);
     if (!s && bytes) memcpy(dst, host, bytes);
+    if (!s) count(0, bytes);
     return s;
 }
 
@@ -148,6 +158,7 @@ static rd_status ck_download(void *host, const void *src, size_t bytes) {
     CK("download", src);
     rd_status s = host_side("download", host);
     if (!s && bytes) memcpy(host, src, bytes);
+    if (!s) count(1, bytes);
     return s;
 }
 
@@ -172,13 +183,17 @@ void rd_check_pool_report(rd_check_report *out) {
     out->live = pool.n;
     out->bytes = pool.bytes;
     out->errors = pool.errors;
+    out->uploads = pool.uploads;
+    out->upload_bytes = pool.upload_bytes;
+    out->downloads = pool.downloads;
+    out->download_bytes = pool.download_bytes;
     snprintf(out->first_error, sizeof out->first_error, "%s", pool.first);
     pthread_mutex_unlock(&pool.mu);
 }
 
 void rd_check_pool_reset(void) {
     pthread_mutex_lock(&pool.mu);
-    pool.errors = 0;
+    pool.errors = pool.uploads = pool.upload_bytes = pool.downloads = pool.download_bytes = 0;
     pool.first[0] = 0;
     pthread_mutex_unlock(&pool.mu);
 }
