@@ -108,6 +108,9 @@ typedef struct rd_backend {
     rd_status (*route)(uint8_t *mask, float *tau_b, const float *scores, int64_t B, int64_t L,
                        int64_t E, int64_t k, rd_strategy s);
     rd_status (*route_threshold)(uint8_t *mask, const float *scores, int64_t n, float tau);
+    /* counts (rows, host) <- the nonzero bytes of each row of mask (rows, cols). */
+    rd_status (*mask_row_counts)(int64_t *counts, const uint8_t *mask, int64_t rows,
+                                 int64_t cols);
     rd_status (*gate_forward)(float *G, const float *R, int64_t N, int64_t E, rd_gating g);
     rd_status (*gate_backward)(float *dR, const float *dG, const float *G, int64_t N, int64_t E,
                                rd_gating g);

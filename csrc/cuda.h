@@ -63,6 +63,9 @@ rd_status rd_route_cuda(uint8_t *mask, float *tau_b, const float *scores /* B,L,
                         int64_t B, int64_t L, int64_t E, int64_t k, rd_strategy s);
 /* mask (n) <- scores >= tau. Synchronises once (NaN check). */
 rd_status rd_route_threshold_cuda(uint8_t *mask, const float *scores, int64_t n, float tau);
+/* counts (rows, host) <- the nonzero bytes of each row of mask (rows, cols). Synchronises. */
+rd_status rd_mask_row_counts_cuda(int64_t *counts, const uint8_t *mask, int64_t rows,
+                                  int64_t cols);
 
 /* ---- gating and router MLP (moe.h) ------------------------------------------------ */
 rd_status rd_gate_forward_cuda(float *G, const float *R, int64_t N, int64_t E, rd_gating g);

@@ -47,4 +47,8 @@ rd_status rd_route_thresholds(uint8_t *mask, const float *scores, const float *t
 /* mask (n) <- scores >= tau, per pair (eval-mode selection). */
 rd_status rd_route_threshold(uint8_t *mask, const float *scores, int64_t n, float tau);
 
+/* counts (rows, host memory) <- the nonzero bytes of each row of mask (rows, cols): the
+ * pairs a selection gave each sample (rows B, cols L*E). */
+rd_status rd_mask_row_counts(int64_t *counts, const uint8_t *mask, int64_t rows, int64_t cols);
+
 #endif

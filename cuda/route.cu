@@ -378,6 +378,39 @@ rd_status rd_route_thresholds_launch(uint8_t *mask, const float *scores, const f
     return RD_OK;
 }
 
+/* counts[r] <- the nonzero bytes of row r of mask (rows, cols): one block per row. */
+__global__ void row_counts_kernel(unsigned long long *counts, const uint8_t *mask, int64_t cols) {
+    __shared__ int scratch[RT_THREADS / 32];
+    const uint8_t *row = mask + (int64_t)blockIdx.x * cols;
+    int c = 0;
+    for (int64_t j = threadIdx.x; j < cols; j += RT_THREADS) c += row[j] != 0;
+    c = block_sum(c, scratch);
+    if (threadIdx.x == 0) counts[blockIdx.x] = (unsigned long long)c;
+}
+
+extern "C" rd_status rd_mask_row_counts_cuda(int64_t *counts, const uint8_t *mask, int64_t rows,
+                                             int64_t cols) {
+    if (rows < 0 || cols < 0 || rows > INT32_MAX || cols > INT32_MAX)
+        return rd_fail(RD_EINVAL, "mask_row_counts_cuda: size %lld x %lld out of range",
+                       (long long)rows, (long long)cols);
+    if (rows == 0) return RD_OK;
+    rd_dbuf b = {};
+    unsigned long long *d;
+    rd_status st = DBUF(b, unsigned long long, rows, d);
+    if (st == RD_OK) {
+        row_counts_kernel<<<(unsigned)rows, RT_THREADS, 0, RD_STREAM>>>(d, mask, cols);
+        cudaError_t e = cudaGetLastError();
+        if (e == cudaSuccess)
+            e = cudaMemcpyAsync(counts, d, (size_t)rows * sizeof *d, cudaMemcpyDeviceToHost,
+                                RD_STREAM);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(RD_STREAM);
+        if (e != cudaSuccess)
+            st = rd_fail(RD_ECUDA, "mask_row_counts_cuda: %s", cudaGetErrorString(e));
+    }
+    rd_dbuf_free(&b);
+    return st;
+}
+
 extern "C" rd_status rd_route_threshold_cuda(uint8_t *mask, const float *scores, int64_t n,
                                              float tau) {
     if (isnan(tau)) return rd_fail(RD_EINVAL, "route_threshold: tau must not be NaN");

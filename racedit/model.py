@@ -562,12 +562,13 @@ class RaceDiT:
 
     def experts_per_token_by_sample(self):
         """(B,) float64: for each sample of the last forward, the mean over MoE layers of
-        its experts per token (zeros for a dense model)."""
-        masks = self.routing_masks()
-        if not masks:
+        its experts per token (zeros for a dense model). Counted where the masks are: B
+        numbers per layer leave the device."""
+        pairs = [p for p in self._moe_get("sample_pairs") if p is not None]
+        if not pairs:
             return np.zeros(self._batch()[1], dtype=np.float64)
-        L = masks[0].shape[1]
-        return np.mean([m.sum(axis=(1, 2)) / L for m in masks], axis=0)
+        L = (self.input_size // self.config.patch) ** 2
+        return np.mean([p / L for p in pairs], axis=0)
 
     @property
     def threshold_shape(self):

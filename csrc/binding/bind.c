@@ -609,13 +609,13 @@ static PyObject *moe_aux_dict(const rd_backend *be, void *st, int pred) {
 PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name) {
     static const char *const known[] = {"threshold", "aux", "batch_threshold", "mask", "gates",
                                         "logits", "hidden", "counts", "pairs", "thresholds",
-                                        "aux_stats"};
+                                        "aux_stats", "sample_pairs"};
     int k = 0;
-    while (k < 11 && strcmp(name, known[k])) k++;
-    if (k == 11) {
+    while (k < 12 && strcmp(name, known[k])) k++;
+    if (k == 12) {
         PyErr_Format(PyExc_ValueError, "name: expected one of threshold, thresholds, "
-                     "batch_threshold, mask, gates, logits, hidden, counts, pairs, aux, "
-                     "aux_stats; got '%s'", name);
+                     "batch_threshold, mask, gates, logits, hidden, counts, pairs, "
+                     "sample_pairs, aux, aux_stats; got '%s'", name);
         return NULL;
     }
     if (k == 1 || k == 10) return moe_aux_dict(be, st, k == 1);
@@ -633,6 +633,13 @@ PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name) {
     case 5: return rd_download_array(be, v.R, 3, sE3, NPY_FLOAT32);
     case 6: return rd_download_array(be, v.h, 3, sD3, NPY_FLOAT32);
     case 7: return int64_copy(v.counts, v.E);
+    case 11: {
+        npy_intp sB[1] = {v.B};
+        PyArrayObject *a = rd_new_array(1, sB, NPY_INT64);
+        s = a ? be->mask_row_counts((int64_t *)PyArray_DATA(a), v.mask, v.B, v.L * v.E) : RD_OK;
+        if (s) Py_CLEAR(a);
+        return s ? rd_raise(s) : (PyObject *)a;
+    }
     default: return PyLong_FromLongLong(v.P);
     }
 }

@@ -212,8 +212,10 @@ int rd_parse_thresholds(PyObject *o, const char *name, PyArrayObject **out);
 PyObject *rd_thresholds_of(const rd_moe_view *v);
 /* What the last forward of backend MoE state `st` left, by name: "threshold" (the mean of
  * the thresholds, None when unset or the strategy has none), "thresholds" (all of them,
- * float32 (ntau,), None when unset), "batch_threshold", "mask" (B,L,E) bool, "gates", "logits" (B,L,E), "hidden"
- * (B,L,D), "counts" (E,) int64, "pairs" (None before a forward), or "aux": the aux losses and
+ * float32 (ntau,), None when unset), "batch_threshold", "mask" (B,L,E) bool, "gates",
+ * "logits" (B,L,E), "hidden" (B,L,D), "counts" (E,) int64, "pairs" (None before a forward),
+ * "sample_pairs" (B,) int64, the pairs selected for each sample (counted where the mask
+ * lives: B numbers cross, not the mask), or "aux": the aux losses and
  * diagnostics as a dict (None before a forward): sim_loss, balance_loss, plr_loss (None
  * when not computed), aux_loss, max_violation, combination_usage, dead_experts,
  * experts_per_token, expert_load (E,), threshold, batch_threshold (None before the first

@@ -276,6 +276,8 @@ CHECKED(route, (uint8_t *mask, float *tau_b, const float *scores, int64_t B, int
         (mask, tau_b, scores, B, L, E, k, s), mask, tau_b, scores)
 CHECKED(route_threshold, (uint8_t *mask, const float *scores, int64_t n, float tau),
         (mask, scores, n, tau), mask, scores)
+CHECKED(mask_row_counts, (int64_t *counts, const uint8_t *mask, int64_t rows, int64_t cols),
+        (counts, mask, rows, cols), mask)
 CHECKED(gate_forward, (float *G, const float *R, int64_t N, int64_t E, rd_gating g),
         (G, R, N, E, g), G, R)
 CHECKED(gate_backward, (float *dR, const float *dG, const float *G, int64_t N, int64_t E,
@@ -446,6 +448,7 @@ const rd_backend rd_backend_check = {
     .embedding_forward = ck_embedding_forward, .embedding_backward = ck_embedding_backward,
     .add = ck_add, .mse = ck_mse, .gated_norm = ck_gated_norm,
     .route = ck_route, .route_threshold = ck_route_threshold,
+    .mask_row_counts = ck_mask_row_counts,
     .gate_forward = ck_gate_forward, .gate_backward = ck_gate_backward,
     .router_forward = ck_router_forward, .router_backward = ck_router_backward,
     .experts_new = ck_experts_new, .experts_free = ck_experts_free,

@@ -282,6 +282,7 @@ const rd_backend rd_backend_cpu = {
     .embedding_forward = rd_embedding_forward, .embedding_backward = rd_embedding_backward,
     .add = cpu_add, .mse = cpu_mse, .gated_norm = cpu_gated_norm,
     .route = rd_route, .route_threshold = rd_route_threshold,
+    .mask_row_counts = rd_mask_row_counts,
     .gate_forward = rd_gate_forward, .gate_backward = rd_gate_backward,
     .router_forward = rd_router_forward, .router_backward = rd_router_backward,
     .experts_new = cpu_experts_new, .experts_free = cpu_experts_free,

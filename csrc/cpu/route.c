@@ -445,3 +445,17 @@ rd_status rd_route_threshold(uint8_t *mask, const float *scores, int64_t n, floa
     for (int64_t i = 0; i < n; i++) mask[i] = scores[i] >= tau;
     return RD_OK;
 }
+
+rd_status rd_mask_row_counts(int64_t *counts, const uint8_t *mask, int64_t rows, int64_t cols) {
+    if (rows < 0 || cols < 0)
+        return rd_fail(RD_EINVAL, "mask_row_counts: negative size %lld x %lld", (long long)rows,
+                       (long long)cols);
+#pragma omp parallel for schedule(static) if (rows * cols > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *m = mask + r * cols;
+        int64_t c = 0;
+        for (int64_t j = 0; j < cols; j++) c += m[j] != 0;
+        counts[r] = c;
+    }
+    return RD_OK;
+}

@@ -224,7 +224,8 @@ def test_diagnostics_copy_only_what_they_need(device):
         get = lambda name: racedit._C.model_moe_get(g._model, layer, name)  # noqa: E731
         np.testing.assert_array_equal(get("mask"), mask)
         np.testing.assert_array_equal(get("counts"), mask.sum(axis=(0, 1)))
-        assert get("pairs") == int(mask.sum())
+        np.testing.assert_array_equal(get("sample_pairs"), mask.sum(axis=(1, 2)))
+        assert get("sample_pairs").dtype == np.int64 and get("pairs") == int(mask.sum())
     with pytest.raises(ValueError, match="name"):
         racedit._C.model_moe_get(g._model, 0, "arrays")
     if all(np.array_equal(a, b) for a, b in zip(m.routing_masks(), g.routing_masks())):

@@ -12,7 +12,7 @@ import pytest
 from _numerics import GATINGS, STRATEGIES, assert_close, exact, on, route_valid
 
 import racedit
-from racedit import ops, ref
+from racedit import _C, ops, ref
 
 NAMES = ["router_w", "router_b", "gate_w", "gate_b", "w1", "b1", "w2", "b2"]
 
@@ -565,3 +565,17 @@ def test_settable_weights_reach_the_device_and_bf16():
         g.precision = "fp8"
     with pytest.raises(TypeError, match="threshold"):
         g.threshold = "high"
+
+
+@pytest.mark.parametrize("device", on())
+@pytest.mark.parametrize("B,L,E", [(1, 1, 2), (3, 300, 8), (2, 37, 5)])
+def test_sample_pairs_count_each_samples_selection(device, B, L, E):
+    """moe_get "sample_pairs": the pairs the last forward selected for each sample, counted
+    where the mask lives (rows longer and shorter than a GPU block), as the mask says."""
+    layer = racedit.MoE(16, E, 2, strategy="race", device=device)
+    assert _C.moe_get(layer._state, "sample_pairs") is None          # before any forward
+    layer.forward(np.random.default_rng(B * L).standard_normal((B, L, 16)).astype(np.float32))
+    mask = _C.moe_get(layer._state, "mask")
+    got = _C.moe_get(layer._state, "sample_pairs")
+    assert got.dtype == np.int64 and got.shape == (B,)
+    np.testing.assert_array_equal(got, mask.sum(axis=(1, 2)))

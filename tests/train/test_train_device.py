@@ -50,6 +50,28 @@ def test_check_device_equals_cpu(tmp_path, kw):
     _same_tensors(dev.checkpoint, cpu.checkpoint)
 
 
+@pytest.mark.parametrize("kw,per_step", [
+    (dict(objective="flow"), ((4, 2 * 8 * 3 * 32 * 32 * 4 + 8 * 4 + 8 * 8), (0, 0))),
+    (dict(objective="ddpm", learn_sigma=True),   # the (B, 2C, H, W) output down, its dout up
+     ((5, 2 * 8 * 3 * 32 * 32 * 4 + 8 * 6 * 32 * 32 * 4 + 8 * 4 + 8 * 8),
+      (1, 8 * 6 * 32 * 32 * 4))),
+], ids=["fused", "host-loss"])
+def test_a_training_step_moves_only_its_batch(tmp_path, kw, per_step):
+    """Between its log records a MoE run moves, per step, its batch (x_t, t, y, the target)
+    up and nothing down on the fused step; on the host-loss path the output down and its
+    gradient up. The routing statistics kept every step (experts per token by timestep)
+    are counted on the device, not read back as masks."""
+    moved = []
+    for steps in (3, 7):
+        a = racedit._C.check_pool()
+        _run(tmp_path / str(steps), steps, device="check", log_every=100, **kw)
+        b = racedit._C.check_pool()
+        moved.append([b[k] - a[k] for k in ("uploads", "upload_bytes", "downloads",
+                                             "download_bytes")])
+    (up, up_bytes), (down, down_bytes) = per_step
+    assert [y - x for x, y in zip(*moved)] == [4 * up, 4 * up_bytes, 4 * down, 4 * down_bytes]
+
+
 def test_checkpoints_cross_devices(tmp_path):
     kw = dict(objective="flow", ckpt_every=3, grad_clip=1.0, warmup_steps=2)
     full = _run(tmp_path / "a", 6, device="check", **kw)
