@@ -212,11 +212,15 @@ for cfgname, size, ch, kw in (("RaceDiT-T/2-2in4", 6, 3, {}), ("DiT-T/2", 6, 3, 
     g.eval()
     g.forward(xx, tt, yy)
     g.branch_norms()
+    g.experts_per_token_by_sample()
     g.set_dtype("bf16")
     g.train()
     g.step(xx, tt, yy, xx)
 lay = racedit.MoE(16, 4, 2, plr_dim=3, sim_weight=0.1, device="cuda")
 lay.backward(lay.forward(x, plr_target=tgt))
+racedit._C.moe_get(lay._state, "sample_pairs")   # per-sample pair counts on the device
+lay.forward(rng.standard_normal((3, 300, 16)).astype(np.float32))
+racedit._C.moe_get(lay._state, "sample_pairs")
 print("memcheck script done")
 PYEOF
     echo "memcheck exit code ${PIPESTATUS[0]}"
