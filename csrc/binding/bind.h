@@ -110,9 +110,8 @@ int rd_device_ready(const rd_backend *be);
  * their arrays' contents (new arrays as zeros set on the backend, not uploaded). A failed
  * upload is kept as the call's status: the op is skipped and the failure raised by
  * rd_call_finish, which downloads the outputs' copies into their arrays and frees every
- * copy. rd_call_end, at the function's
- * one cleanup label, frees what the call holds: the references, a context
- * (`free_fn(free_arg)`) and the claim on a stateful object (`busy`). */
+ * copy. rd_call_end, at the function's one cleanup label, frees what the call holds: the
+ * references, a context (`free_fn(free_arg)`) and the claim on a stateful object (`busy`). */
 #define RD_CALL_MAX 24
 typedef struct {
     PyArrayObject *a;
@@ -220,8 +219,8 @@ PyObject *rd_thresholds_of(const rd_moe_view *v);
  * when not computed), aux_loss, max_violation, combination_usage, dead_experts,
  * experts_per_token, expert_load (E,), threshold, batch_threshold (None before the first
  * training forward), plr_pred (B,L,plr_dim) or None, training; "aux_stats": that dict
- * without plr_pred, so nothing is downloaded (scalars only off the CPU). Copies. One set of names
- * and one dict shape for a MoE layer and a model's MoE blocks on every device;
+ * without plr_pred, so nothing is downloaded (scalars only off the CPU). Copies. One set
+ * of names and one dict shape for a MoE layer and a model's MoE blocks on every device;
  * ValueError for another name. */
 PyObject *rd_moe_get(const rd_backend *be, void *st, const char *name);
 /* A copy of what the view's backend pointer `src` holds, as a new array. */
