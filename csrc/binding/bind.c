@@ -318,15 +318,20 @@ int rd_device_ready(const rd_backend *be) {
 
 /* ---- one call's arrays ------------------------------------------------------------------ */
 
-PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out) {
+static PyArrayObject *call_add(rd_call *c, PyArrayObject *a, int own, int out, int init) {
     if (!a) return NULL;
     if (c->n == RD_CALL_MAX) {
         if (own) Py_DECREF(a);
         PyErr_Format(PyExc_RuntimeError, "binding: more than %d arrays in one call", RD_CALL_MAX);
         return NULL;
     }
-    c->item[c->n++] = (rd_call_item){a, NULL, (unsigned char)own, (unsigned char)out, 0, 0};
+    c->item[c->n++] = (rd_call_item){a, NULL, (unsigned char)own, (unsigned char)out, 0,
+                                     (unsigned char)init};
     return a;
+}
+
+PyArrayObject *rd_call_add(rd_call *c, PyArrayObject *a, int own, int out) {
+    return call_add(c, a, own, out, RD_INIT_UPLOAD);
 }
 
 PyArrayObject *rd_call_in(rd_call *c, PyObject *obj, const char *name, int typenum, int ndim,
@@ -340,16 +345,12 @@ PyArrayObject *rd_call_out(rd_call *c, PyObject *obj, const char *name, int type
 }
 
 PyArrayObject *rd_call_new(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
-    PyArrayObject *a = rd_call_add(c, rd_new_array(ndim, shape, typenum), 1, 1);
-    if (a) c->item[c->n - 1].init = 1;
-    return a;
+    return call_add(c, rd_new_array(ndim, shape, typenum), 1, 1, RD_INIT_ZERO);
 }
 
 PyArrayObject *rd_call_scratch(rd_call *c, int ndim, const npy_intp *shape, int typenum) {
     PyArrayObject *e = (PyArrayObject *)PyArray_EMPTY(ndim, (npy_intp *)shape, typenum, 0);
-    PyArrayObject *a = rd_call_add(c, e, 1, 0);
-    if (a) c->item[c->n - 1].init = 2;
-    return a;
+    return call_add(c, e, 1, 0, RD_INIT_NONE);
 }
 
 int rd_call_stage(rd_call *c, const rd_backend *be) {
@@ -372,9 +373,9 @@ int rd_call_stage(rd_call *c, const rd_backend *be) {
         const size_t bytes = (size_t)PyArray_NBYTES(it->a);
         c->status = be->alloc(&it->dev, bytes);
         it->copied = it->dev != NULL;
-        if (!c->status && it->init == 0)
+        if (!c->status && it->init == RD_INIT_UPLOAD)
             c->status = be->upload(it->dev, PyArray_DATA(it->a), bytes);
-        else if (!c->status && it->init == 1)
+        else if (!c->status && it->init == RD_INIT_ZERO)
             c->status = be->memset(it->dev, 0, bytes);
     }
     return 0;

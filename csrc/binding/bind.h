@@ -117,9 +117,11 @@ typedef struct {
     PyArrayObject *a;
     void *dev;                      /* where the op sees it (rd_call_dev) */
     unsigned char own, out, copied; /* a reference held; downloaded; dev is a copy */
-    unsigned char init;             /* a copy starts as: 0 the array uploaded, 1 zeros set
-                                       on the backend (a new array), 2 as it is (scratch) */
+    unsigned char init;             /* how a copy starts (rd_call_init) */
 } rd_call_item;
+/* A copy starts as the array uploaded, as zeros set on the backend (a new array), or as
+ * it is (scratch the op writes before it reads). */
+enum rd_call_init { RD_INIT_UPLOAD = 0, RD_INIT_ZERO = 1, RD_INIT_NONE = 2 };
 typedef struct {
     const rd_backend *be;
     rd_status status;
