@@ -567,8 +567,7 @@ class RaceDiT:
         pairs = [p for p in self._moe_get("sample_pairs") if p is not None]
         if not pairs:
             return np.zeros(self._batch()[1], dtype=np.float64)
-        L = (self.input_size // self.config.patch) ** 2
-        return np.mean([p / L for p in pairs], axis=0)
+        return np.mean([p / self._grid ** 2 for p in pairs], axis=0)
 
     @property
     def threshold_shape(self):
@@ -580,8 +579,7 @@ class RaceDiT:
         n = self.num_moe_layers
         if n == 0 or self.routing == "race":
             return (n,)
-        L = (self.input_size // self.config.patch) ** 2
-        return (n, {"bl": self.config.num_experts, "be": L}.get(self.routing, 0))
+        return (n, {"bl": self.config.num_experts, "be": self._grid ** 2}.get(self.routing, 0))
 
     @property
     def thresholds(self):
@@ -630,6 +628,11 @@ class RaceDiT:
         return {"attn": a[:, 0].copy(), "ffn": a[:, 1].copy()}
 
     # ---- sizes ------------------------------------------------------------------------------
+    @property
+    def _grid(self):
+        """Patches per side of an image (its tokens: the square of it)."""
+        return self.input_size // self.config.patch
+
     def _batch(self):
         """(max_batch, batch of the last forward)."""
         return _C.model_batch(self._model)
@@ -672,8 +675,7 @@ class RaceDiT:
                 raise ValueError(f"load_dit_state_dict: {name}: expected shape {shape}, "
                                  f"got {v.shape}{hint}")
         if pe is not None:
-            g = self.input_size // self.config.patch
-            want = _C.dit_pos_embed(g, g, self.config.hidden)[None]
+            want = _C.dit_pos_embed(self._grid, self._grid, self.config.hidden)[None]
             pe = np.asarray(pe)
             if pe.shape != want.shape or not np.allclose(pe, want, atol=1e-4):
                 raise ValueError(f"load_dit_state_dict: pos_embed {pe.shape} is not the fixed "
