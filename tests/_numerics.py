@@ -21,6 +21,18 @@ def on(*devices):
             for d in devices or DEVICES]
 
 
+def moved(f):
+    """f()'s result and the transfers it made on the checking backend (its pool counts every
+    upload and download): (result, ((uploads, bytes up), (downloads, bytes down)))."""
+    from racedit import _C
+
+    a = _C.check_pool()
+    r = f()
+    b = _C.check_pool()
+    return r, tuple(tuple(b[k] - a[k] for k in pair) for pair in
+                    (("uploads", "upload_bytes"), ("downloads", "download_bytes")))
+
+
 def exact(device):
     """The checking backend runs the CPU kernels: compared with the CPU, bit for bit."""
     return device in ("cpu", "check")

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from _numerics import moved
 
 import racedit
 from racedit import _C, ops, optim
@@ -240,33 +241,23 @@ def test_an_array_read_and_written_by_one_call_has_one_copy():
     np.testing.assert_allclose(results["cpu"][1], rand(3, 3, seed=2) + dout.T @ inp, rtol=1e-6)
 
 
-def _moved(f):
-    """f's result and the transfers it made on the checking backend: (uploads, bytes up),
-    (downloads, bytes down)."""
-    a = _C.check_pool()
-    r = f()
-    b = _C.check_pool()
-    return r, tuple(tuple(b[k] - a[k] for k in pair) for pair in
-                    (("uploads", "upload_bytes"), ("downloads", "download_bytes")))
-
-
 def test_an_op_moves_only_its_arrays():
     """Staging uploads the inputs and the buffers an op accumulates into, downloads what it
     writes; a new output is zeroed on the backend (not uploaded) and the attention
     backward's scratch never crosses."""
     qkv, g = rand(2, 5, 12), rand(2, 5, 4, seed=1)
-    (out, att), moved = _moved(lambda: _C.dit_attention_forward(qkv, 2, device=CHECK))
-    assert moved == ((1, qkv.nbytes), (2, out.nbytes + att.nbytes))
-    dqkv, moved = _moved(lambda: _C.dit_attention_backward(g, qkv, att, 2, device=CHECK))
-    assert moved == ((3, g.nbytes + qkv.nbytes + att.nbytes), (1, dqkv.nbytes))
+    (out, att), traffic = moved(lambda: _C.dit_attention_forward(qkv, 2, device=CHECK))
+    assert traffic == ((1, qkv.nbytes), (2, out.nbytes + att.nbytes))
+    dqkv, traffic = moved(lambda: _C.dit_attention_backward(g, qkv, att, 2, device=CHECK))
+    assert traffic == ((3, g.nbytes + qkv.nbytes + att.nbytes), (1, dqkv.nbytes))
     same(dqkv, _C.dit_attention_backward(g, qkv, att, 2))
     x, W = rand(4, 3), rand(2, 3, seed=2)
     dout, dW, db = rand(4, 2, seed=3), np.ones_like(W), np.ones(2, np.float32)
-    dx, moved = _moved(lambda: _C.dit_linear_backward(dout, x, W, dW, db, device=CHECK))
+    dx, traffic = moved(lambda: _C.dit_linear_backward(dout, x, W, dW, db, device=CHECK))
     up = dout.nbytes + x.nbytes + W.nbytes + dW.nbytes + db.nbytes
-    assert moved == ((5, up), (3, dx.nbytes + dW.nbytes + db.nbytes))
-    _, moved = _moved(lambda: _C.dit_linear_backward(dout, x, W, W, device=CHECK))
-    assert moved == ((3, dout.nbytes + x.nbytes + W.nbytes), (2, dx.nbytes + W.nbytes))
+    assert traffic == ((5, up), (3, dx.nbytes + dW.nbytes + db.nbytes))
+    _, traffic = moved(lambda: _C.dit_linear_backward(dout, x, W, W, device=CHECK))
+    assert traffic == ((3, dout.nbytes + x.nbytes + W.nbytes), (2, dx.nbytes + W.nbytes))
 
 
 def test_a_training_step_moves_only_its_batch():
@@ -278,15 +269,15 @@ def test_a_training_step_moves_only_its_batch():
     t, y = np.float32([3, 700]), np.int64([0, 2])
     batch = x.nbytes + t.nbytes + y.nbytes
     for _ in range(2):
-        r, moved = _moved(lambda: m.step(x, t, y, tgt, max_grad_norm=1.0))
-        assert moved == ((4, batch + tgt.nbytes), (0, 0)) and np.isfinite(r["plr"])
-    _, moved = _moved(lambda: (m.aux(), m.aux_loss(), m.layer_stats()))
-    assert moved == ((0, 0), (0, 0))
-    out, moved = _moved(lambda: m.forward(x, t, y))
-    assert moved == ((3, batch), (1, out.nbytes))
+        r, traffic = moved(lambda: m.step(x, t, y, tgt, max_grad_norm=1.0))
+        assert traffic == ((4, batch + tgt.nbytes), (0, 0)) and np.isfinite(r["plr"])
+    _, traffic = moved(lambda: (m.aux(), m.aux_loss(), m.layer_stats()))
+    assert traffic == ((0, 0), (0, 0))
+    out, traffic = moved(lambda: m.forward(x, t, y))
+    assert traffic == ((3, batch), (1, out.nbytes))
     m.eval()
-    out, moved = _moved(lambda: m.infer(x, t, y))
-    assert moved == ((3, batch), (1, out.nbytes))
+    out, traffic = moved(lambda: m.infer(x, t, y))
+    assert traffic == ((3, batch), (1, out.nbytes))
 
 
 # ---- the checker itself --------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from _numerics import moved
 from _subproc import run_cli
 from test_train import TINY_DENSE, _run
 
@@ -61,15 +62,9 @@ def test_a_training_step_moves_only_its_batch(tmp_path, kw, per_step):
     up and nothing down on the fused step; on the host-loss path the output down and its
     gradient up. The routing statistics kept every step (experts per token by timestep)
     are counted on the device, not read back as masks."""
-    moved = []
-    for steps in (3, 7):
-        a = racedit._C.check_pool()
-        _run(tmp_path / str(steps), steps, device="check", log_every=100, **kw)
-        b = racedit._C.check_pool()
-        moved.append([b[k] - a[k] for k in ("uploads", "upload_bytes", "downloads",
-                                             "download_bytes")])
-    (up, up_bytes), (down, down_bytes) = per_step
-    assert [y - x for x, y in zip(*moved)] == [4 * up, 4 * up_bytes, 4 * down, 4 * down_bytes]
+    runs = [np.ravel(moved(lambda: _run(tmp_path / str(steps), steps, device="check",
+                                          log_every=100, **kw))[1]) for steps in (3, 7)]
+    assert (runs[1] - runs[0]).tolist() == (4 * np.ravel(per_step)).tolist()
 
 
 def test_checkpoints_cross_devices(tmp_path):
